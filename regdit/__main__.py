@@ -1,0 +1,3 @@
+from regdit.cli import main
+
+main()
