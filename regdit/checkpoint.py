@@ -1,0 +1,146 @@
+"""Checkpoints: the official format `{"model", "ema", "opt", "args", "steps"}` (args an argparse.Namespace), read
+without executing pickled code; atomic writes; strict loading with errors that name the wrong setting; and the
+`regdit export` command (EMA weights to safetensors + config JSON)."""
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from regdit import RegditError
+from regdit.models import MODEL_SIZES, SiT
+
+torch.serialization.add_safe_globals([argparse.Namespace])  # official checkpoints pickle their argparse args
+
+
+def load_checkpoint(path):
+    """Read a checkpoint with `weights_only=True`: a `.safetensors` export (its `config.json` beside it becomes
+    `model_config`), or a torch file (official or regdit training checkpoint, or a bare state dict)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RegditError(f"checkpoint {path} does not exist: pass the path of a .pt or .safetensors file")
+    try:
+        if path.suffix == ".safetensors":
+            config_path = path.with_name("config.json")
+            return {"ema": load_file(path), "model_config": json.loads(config_path.read_text())}
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated zip, bad pickle, foreign format: all unreadable for the user
+        raise RegditError(f"checkpoint {path} is unreadable ({type(error).__name__}: {str(error).splitlines()[0]}): "
+                          "the file is truncated or corrupt; copy it again or use an earlier checkpoint") from None
+    if isinstance(checkpoint, dict) and "ema" not in checkpoint and "model" not in checkpoint:
+        checkpoint = {"ema": checkpoint}  # a bare state dict, like some released weights
+    return checkpoint
+
+
+def save_checkpoint(obj, path):
+    """torch.save to a temp file in the same folder, fsync, then rename: a crash or a full disk never leaves a
+    half-written checkpoint in place of the previous one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _setting_hint(keys):
+    """The command-line setting most likely responsible for mismatched parameter names."""
+    if any(k.startswith(("cls_projectors2", "wg_norm", "final_layer.linear_cls")) for k in keys):
+        return "--cls / --projector-embed-dims (REG class token) or REPA vs REG weights"
+    if any(k.startswith("projectors.") for k in keys):
+        return "--projector-embed-dims / --enc-type (one projector per encoder)"
+    if any(k.startswith("pos_embed") for k in keys):
+        return "--resolution or the patch size in --model"
+    if any(".q_norm" in k or ".k_norm" in k for k in keys):
+        return "--qk-norm"
+    return "--model"
+
+
+def load_state_dict_checked(model, state_dict, source):
+    """`model.load_state_dict(state_dict, strict=True)` with a one-line error listing what does not fit."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
+    if missing or unexpected or mismatched:
+        parts = [f"{label} {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched))
+                 if keys]
+        if mismatched:
+            k = mismatched[0]
+            parts.append(f"({k}: checkpoint {tuple(state_dict[k].shape)}, model {tuple(expected[k].shape)})")
+        raise RegditError(f"{source} does not match the model: {'; '.join(parts)}; "
+                          f"check {_setting_hint(missing + unexpected + mismatched)}")
+    model.load_state_dict(state_dict, strict=True)
+
+
+def model_config_from_checkpoint(checkpoint, **overrides):
+    """SiT constructor settings (plus "name") of a checkpoint: regdit files store them; for official files they are
+    read off the weights' shapes and the saved args. `overrides` (e.g. encoder_depth from the command line) win."""
+    if "model_config" in checkpoint:
+        return {**checkpoint["model_config"], **overrides}
+    weights = checkpoint.get("ema", checkpoint.get("model"))
+    args = vars(checkpoint.get("args") or argparse.Namespace())
+    hidden_size, in_channels, patch_size, _ = weights["x_embedder.proj.weight"].shape
+    depth = 1 + max(int(k.split(".")[1]) for k in weights if k.startswith("blocks."))
+    size = next((s for s, (d, w, _) in MODEL_SIZES.items() if (d, w) == (depth, hidden_size)), None)
+    z_dims, k = [], 0
+    while f"projectors.{k}.4.weight" in weights:
+        z_dims.append(weights[f"projectors.{k}.4.weight"].shape[0])
+        k += 1
+    use_cls_token = "cls_projectors2.weight" in weights
+    num_tokens = weights["pos_embed"].shape[1] - int(use_cls_token)
+    config = dict(
+        name=args.get("model") if args.get("model") in (None, "custom") or size is None else f"SiT-{size}/{patch_size}",
+        input_size=int(num_tokens ** 0.5) * patch_size, patch_size=patch_size, in_channels=in_channels,
+        hidden_size=hidden_size, depth=depth,
+        num_heads=MODEL_SIZES[size][2] if size else args.get("num_heads"),
+        num_classes=weights["y_embedder.embedding_table.weight"].shape[0] - 1,
+        z_dims=z_dims, projector_dim=weights["projectors.0.0.weight"].shape[0] if z_dims else 2048,
+        encoder_depth=args.get("encoder_depth", 8), use_cls_token=use_cls_token,
+        qk_norm="blocks.0.attn.q_norm.weight" in weights)
+    config.update(overrides)
+    if config["num_heads"] is None:
+        raise RegditError("cannot tell the number of attention heads of this custom-size checkpoint: "
+                          "pass --model with a standard size")
+    return config
+
+
+def build_model_from_checkpoint(checkpoint, source, weights="ema", **overrides):
+    """A SiT with the checkpoint's `weights` ("ema" or "model") loaded strictly."""
+    config = model_config_from_checkpoint(checkpoint, **overrides)
+    config.pop("name", None)  # the full settings are stored, the name is for people
+    model = SiT(**config)
+    load_state_dict_checked(model, checkpoint[weights], source)
+    return model
+
+
+def export(checkpoint_path, output_dir, **overrides):
+    """EMA weights as `model.safetensors` + `config.json` (the SiT settings), the shareable form of a run."""
+    checkpoint = load_checkpoint(checkpoint_path)
+    config = model_config_from_checkpoint(checkpoint, **overrides)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    ema = {k: v.contiguous() for k, v in checkpoint["ema"].items()}
+    save_file(ema, output_dir / "model.safetensors", metadata={"format": "pt"})
+    (output_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return output_dir / "model.safetensors"
+
+
+def add_arguments(parser):
+    parser.add_argument("ckpt", help="a regdit or official training checkpoint (.pt)")
+    parser.add_argument("--output", required=True, help="folder for model.safetensors and config.json")
+    parser.add_argument("--num-heads", type=int, default=None,
+                        help="attention heads, only needed for custom model sizes (standard sizes know theirs)")
+
+
+def main(args):
+    overrides = {"num_heads": args.num_heads} if args.num_heads else {}
+    print(f"wrote {export(args.ckpt, args.output, **overrides)}")

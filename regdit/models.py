@@ -1,0 +1,299 @@
+"""SiT with REG: a diffusion transformer that denoises VAE latent patches and one entangled class token.
+
+Parameter names, shapes, initialisation and outputs mirror the official REG `models/sit.py` (itself REPA's SiT, built
+on DiT), so official checkpoints load with `strict=True`. One class covers the three methods as settings:
+REG (`use_cls_token=True`, the default), REPA (`use_cls_token=False`) and plain SiT (`z_dims=()`: no projectors).
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from regdit import RegditError
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+#################################################################################
+#               Embedding layers for timesteps, class labels and patches        #
+#################################################################################
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal embedding of t in [0, 1] (not scaled by 1000, unlike DiT), then a 2-layer MLP."""
+
+    def __init__(self, hidden_size, frequency_embedding_size=256):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        self.frequency_embedding_size = frequency_embedding_size
+
+    @staticmethod
+    def timestep_embedding(t, dim, max_period=10000):
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t[:, None].float() * freqs[None]
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, dim); dim is even here
+
+    def forward(self, t):
+        t_freq = self.timestep_embedding(t, self.frequency_embedding_size).to(self.mlp[0].weight.dtype)
+        return self.mlp(t_freq)
+
+
+class LabelEmbedder(nn.Module):
+    """Class embedding with a null class (index `num_classes`) for classifier-free guidance dropout."""
+
+    def __init__(self, num_classes, hidden_size, dropout_prob):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def forward(self, labels, train):
+        if train and self.dropout_prob > 0:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+            labels = torch.where(drop, self.num_classes, labels)
+        return self.embedding_table(labels)
+
+
+class PatchEmbed(nn.Module):
+    """(N, C, H, W) -> (N, T, D) with T = (H / p) * (W / p); the official code uses timm's PatchEmbed."""
+
+    def __init__(self, input_size, patch_size, in_channels, hidden_size):
+        super().__init__()
+        self.num_patches = (input_size // patch_size) ** 2
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+#################################################################################
+#                                 Core SiT block                                #
+#################################################################################
+
+class Attention(nn.Module):
+    """Multi-head self-attention with timm's parameter names (`qkv`, optional `q_norm`/`k_norm`, `proj`).
+
+    `fused_attn=True` uses `F.scaled_dot_product_attention` (flash / memory-efficient kernels on GPU); False is the
+    explicit softmax(q k^T / sqrt(d)) v of the reference implementation, kept for parity checks.
+    """
+
+    def __init__(self, dim, num_heads, qk_norm=False, fused_attn=True):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.fused_attn = fused_attn
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()  # timm's default norm layer
+        self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        N, T, D = x.shape
+        q, k, v = self.qkv(x).reshape(N, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3x (N, h, T, d)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v)
+        else:
+            attn = (q * self.head_dim ** -0.5) @ k.transpose(-2, -1)
+            x = attn.softmax(dim=-1) @ v
+        return self.proj(x.transpose(1, 2).reshape(N, T, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SiTBlock(nn.Module):
+    """Transformer block with adaLN-Zero conditioning (DiT): shift, scale and gate for attention and MLP from c."""
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, qk_norm=False, fused_attn=True):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm, fused_attn=fused_attn)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+
+    def forward(self, x, c):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN-modulated output layer: `linear` maps patch tokens to patches, `linear_cls` token 0 to the cls velocity."""
+
+    def __init__(self, hidden_size, patch_size, out_channels, cls_dim=None):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        if cls_dim is not None:
+            self.linear_cls = nn.Linear(hidden_size, cls_dim, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x, c, has_cls_token):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        x = modulate(self.norm_final(x), shift, scale)
+        if not has_cls_token:
+            return self.linear(x), None
+        return self.linear(x[:, 1:]), self.linear_cls(x[:, 0])
+
+
+def build_mlp(hidden_size, projector_dim, z_dim):
+    return nn.Sequential(nn.Linear(hidden_size, projector_dim), nn.SiLU(),
+                         nn.Linear(projector_dim, projector_dim), nn.SiLU(),
+                         nn.Linear(projector_dim, z_dim))
+
+
+#################################################################################
+#                                  SiT + REG                                    #
+#################################################################################
+
+class SiT(nn.Module):
+    """SiT diffusion transformer with REPA projectors and the REG entangled class token.
+
+    forward(x, t, y, cls_token) -> (velocity (N, C, H, W), zs [(N, T+1, z_dim_k)], cls_velocity (N, z_dims[0])).
+    REPA (`use_cls_token=False`) returns cls_velocity None and zs of T tokens; plain SiT (`z_dims=()`) returns zs [].
+    """
+
+    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
+                 mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, z_dims=(768,), projector_dim=2048,
+                 encoder_depth=8, qk_norm=False, fused_attn=True, use_cls_token=True, **unused_official_kwargs):
+        super().__init__()
+        # `unused_official_kwargs` absorbs official arguments without effect here (e.g. decoder_hidden_size, use_cfg,
+        # path_type), so an official `SiT(**kwargs)` call or a checkpoint's saved settings construct this model.
+        self.in_channels, self.out_channels = in_channels, in_channels
+        self.patch_size, self.num_heads = patch_size, num_heads
+        self.num_classes = num_classes
+        self.z_dims = list(z_dims)
+        self.encoder_depth = encoder_depth if self.z_dims else 0
+        self.use_cls_token = use_cls_token
+        if use_cls_token and not self.z_dims:
+            raise RegditError("the REG class token needs an encoder: give z_dims (the encoder widths) or use_cls_token=False")
+        if self.z_dims and not 1 <= encoder_depth <= depth:
+            raise RegditError(f"encoder_depth {encoder_depth} must be between 1 and the model depth {depth}")
+
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        num_tokens = self.x_embedder.num_patches + int(use_cls_token)
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, hidden_size), requires_grad=False)  # fixed sin-cos
+        self.blocks = nn.ModuleList([
+            SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm, fused_attn=fused_attn) for _ in range(depth)])
+        self.projectors = nn.ModuleList([build_mlp(hidden_size, projector_dim, z_dim) for z_dim in self.z_dims])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels,
+                                      cls_dim=self.z_dims[0] if use_cls_token else None)
+        if use_cls_token:  # the entangled class token enters through a linear map and a LayerNorm (token 0)
+            self.cls_projectors2 = nn.Linear(self.z_dims[0], hidden_size, bias=True)
+            self.wg_norm = nn.LayerNorm(hidden_size, elementwise_affine=True, eps=1e-6)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        def _basic_init(module):  # xavier-uniform Linear layers, zero biases (DiT)
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        self.apply(_basic_init)
+
+        grid_size = int(self.x_embedder.num_patches ** 0.5)
+        pos_embed = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid_size, extra_tokens=int(self.use_cls_token))
+        self.pos_embed.data.copy_(torch.from_numpy(pos_embed).float().unsqueeze(0))
+
+        w = self.x_embedder.proj.weight.data  # initialise the patch embedding like a Linear layer
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:  # adaLN-Zero: every block starts as the identity
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        zero_layers = [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
+        if self.use_cls_token:
+            zero_layers.append(self.final_layer.linear_cls)
+        for layer in zero_layers:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def unpatchify(self, x):
+        """(N, T, p*p*C) -> (N, C, H, W)."""
+        c, p = self.out_channels, self.patch_size
+        h = w = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
+
+    def forward(self, x, t, y, cls_token=None):
+        """x (N, C, H, W) noisy latents, t (N,) in [0, 1], y (N,) labels (num_classes = null), cls_token (N, z_dims[0])."""
+        x = self.x_embedder(x)  # (N, T, D)
+        if self.use_cls_token:
+            if cls_token is None:
+                raise ValueError("this REG model denoises a class token: pass cls_token (N, z_dims[0])")
+            cls_embed = self.wg_norm(self.cls_projectors2(cls_token))  # (N, D)
+            x = torch.cat([cls_embed.unsqueeze(1), x], dim=1)  # (N, T+1, D)
+        x = x + self.pos_embed
+        N, T, D = x.shape
+        c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
+        zs = []
+        for i, block in enumerate(self.blocks):
+            x = block(x, c)
+            if i + 1 == self.encoder_depth:  # REPA: align this layer's tokens with the encoder's features
+                zs = [projector(x.reshape(-1, D)).reshape(N, T, -1) for projector in self.projectors]
+        x, cls_velocity = self.final_layer(x, c, self.use_cls_token)
+        return self.unpatchify(x), zs, cls_velocity
+
+
+#################################################################################
+#                  Sine/cosine positional embedding (MAE)                       #
+#################################################################################
+
+def get_2d_sincos_pos_embed(embed_dim, grid_size, extra_tokens=0):
+    """(extra_tokens + grid_size**2, embed_dim); extra (class) token rows are zero."""
+    grid_h = np.arange(grid_size, dtype=np.float32)
+    grid_w = np.arange(grid_size, dtype=np.float32)
+    grid = np.stack(np.meshgrid(grid_w, grid_h), axis=0).reshape([2, 1, grid_size, grid_size])  # w goes first
+    emb_h = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid[0])
+    emb_w = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid[1])
+    pos_embed = np.concatenate([emb_h, emb_w], axis=1)
+    return np.concatenate([np.zeros([extra_tokens, embed_dim]), pos_embed], axis=0)
+
+
+def get_1d_sincos_pos_embed_from_grid(embed_dim, pos):
+    omega = 1.0 / 10000 ** (np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0))
+    out = np.einsum("m,d->md", pos.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+#################################################################################
+#                                  SiT configs                                  #
+#################################################################################
+
+MODEL_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}  # depth, width, heads
+
+
+def _config(size, patch_size):
+    depth, hidden_size, num_heads = MODEL_SIZES[size]
+    return lambda **kwargs: SiT(depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=patch_size,
+                                **kwargs)
+
+
+SiT_models = {f"SiT-{size}/{p}": _config(size, p) for size in MODEL_SIZES for p in (2, 4, 8)}
+
+
+def create_model(name, **kwargs):
+    """`SiT_models[name](**kwargs)` with a one-line error listing the valid names."""
+    if name not in SiT_models:
+        raise RegditError(f"unknown model {name!r}: use one of {', '.join(SiT_models)}")
+    return SiT_models[name](**kwargs)

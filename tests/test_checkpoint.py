@@ -1,0 +1,77 @@
+import json
+
+import pytest
+import torch
+
+from regdit import RegditError
+from regdit.checkpoint import (build_model_from_checkpoint, export, load_checkpoint, model_config_from_checkpoint,
+                               save_checkpoint)
+from regdit.cli import main as cli_main
+from conftest import FIXTURES
+
+
+def test_official_checkpoint_loads_with_weights_only(official_tiny):
+    _, io = official_tiny
+    checkpoint = load_checkpoint(FIXTURES / "official_tiny_a_ckpt.pt")
+    assert set(checkpoint) == {"model", "ema", "opt", "args", "steps"} and checkpoint["steps"] == 1
+    model = build_model_from_checkpoint(checkpoint, "fixture", num_heads=4).eval()
+    with torch.no_grad():
+        out = model(io["x"], io["t"], io["y"], cls_token=io["cls_token"])[0]
+    torch.testing.assert_close(out, io["out"], atol=1e-5, rtol=0)
+    assert model_config_from_checkpoint(checkpoint, num_heads=4)["encoder_depth"] == 2  # from the saved args
+
+
+def test_truncated_checkpoint_gives_one_line_error(tmp_path):
+    data = (FIXTURES / "official_tiny_a_ckpt.pt").read_bytes()
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(data[: len(data) // 2])
+    with pytest.raises(RegditError, match=r"broken.pt is unreadable .*truncated or corrupt") as error:
+        load_checkpoint(broken)
+    assert "\n" not in str(error.value)
+    with pytest.raises(RegditError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_pickled_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"ema": {}, "payload": object()}, path)  # not allow-listed: weights_only refuses it
+    with pytest.raises(RegditError, match="unreadable"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("override,hint", [({"z_dims": [16]}, "--projector-embed-dims"),
+                                           ({"use_cls_token": False}, "--cls"),
+                                           ({"depth": 3}, "--model"),
+                                           ({"qk_norm": True}, "--qk-norm")])
+def test_mismatched_settings_name_the_flag(official_tiny, override, hint):
+    checkpoint, _ = official_tiny
+    with pytest.raises(RegditError, match=hint) as error:
+        build_model_from_checkpoint(checkpoint, "ckpt.pt", num_heads=4, **override)
+    assert "ckpt.pt does not match the model" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_atomic_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "0001000.pt"
+    save_checkpoint({"ema": {}, "steps": 1}, path)
+
+    def disk_full(obj, f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        save_checkpoint({"ema": {}, "steps": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["steps"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["0001000.pt"]  # no temp file left behind
+
+
+def test_export_to_safetensors_round_trip(official_tiny, tmp_path):
+    checkpoint, io = official_tiny
+    cli_main(["export", str(FIXTURES / "official_tiny_a_ckpt.pt"), "--output", str(tmp_path / "export"),
+              "--num-heads", "4"])
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["z_dims"] == [32] and config["use_cls_token"] is True
+    exported = load_checkpoint(tmp_path / "export" / "model.safetensors")
+    model = build_model_from_checkpoint(exported, "export").eval()
+    for k, v in checkpoint["ema"].items():
+        assert torch.equal(model.state_dict()[k], v)

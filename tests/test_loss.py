@@ -1,0 +1,92 @@
+import pytest
+import torch
+
+from regdit.loss import REGLoss, path_coefficients, projection_loss, sample_time, total_loss
+from regdit.models import SiT
+
+
+def _official_terms(model, io, path_type, **kwargs):
+    with torch.no_grad():
+        return REGLoss(path_type, **kwargs)(model, io["x"], io["y"], io["loss_target_zs"], io["cls_token"],
+                                            time=io["loss_time"], noise=io["loss_noise"],
+                                            noise_cls=io["loss_noise_cls"])
+
+
+@pytest.fixture
+def official_model(official_tiny):
+    checkpoint, io = official_tiny
+    model = SiT(**io["config"]).eval()
+    model.load_state_dict(checkpoint["ema"])
+    return model, io
+
+
+def test_linear_path_loss_terms_match_official(official_model):
+    model, io = official_model
+    terms = _official_terms(model, io, "linear")
+    for name in ("denoise", "cls", "proj"):
+        torch.testing.assert_close(terms[name], io["linear"][name], atol=1e-5, rtol=0)
+
+
+def test_cosine_path_loss_terms_match_official(official_model):
+    model, io = official_model
+    terms = _official_terms(model, io, "cosine", official_cosine_cls_target=True)
+    for name in ("denoise", "cls", "proj"):
+        torch.testing.assert_close(terms[name], io["cosine"][name], atol=1e-5, rtol=0)
+    # the default is the per-sample class-token target of the paper, which the official broadcast differs from
+    default = _official_terms(model, io, "cosine")
+    torch.testing.assert_close(default["denoise"], io["cosine"]["denoise"], atol=1e-5, rtol=0)
+    alpha, sigma, d_alpha, d_sigma = (c[:, None] for c in path_coefficients(io["loss_time"], "cosine"))
+    with torch.no_grad():
+        cls_out = model(alpha[..., None, None] * io["x"] + sigma[..., None, None] * io["loss_noise"], io["loss_time"],
+                        io["y"], cls_token=alpha * io["cls_token"] + sigma * io["loss_noise_cls"])[2]
+    expected = ((cls_out - (d_alpha * io["cls_token"] + d_sigma * io["loss_noise_cls"])) ** 2).mean(dim=1)
+    torch.testing.assert_close(default["cls"], expected, atol=1e-6, rtol=0)
+    assert not torch.allclose(default["cls"], io["cosine"]["cls"])
+
+
+def test_total_loss_uses_the_official_coefficients():
+    terms = dict(denoise=torch.tensor([1.0, 3.0]), cls=torch.tensor([10.0, 30.0]), proj=torch.tensor(-0.5))
+    assert total_loss(terms).item() == pytest.approx(2.0 + 0.5 * -0.5 + 0.03 * 20.0)
+    assert total_loss({**terms, "cls": None}, proj_coeff=1.0).item() == pytest.approx(1.5)
+
+
+def test_path_coefficients_are_consistent_derivatives():
+    t = torch.linspace(0.05, 0.95, 7, dtype=torch.float64, requires_grad=True)
+    for path in ("linear", "cosine"):
+        alpha, sigma, d_alpha, d_sigma = path_coefficients(t, path)
+        assert torch.allclose(torch.autograd.grad(alpha.sum(), t, retain_graph=True)[0], d_alpha)
+        assert torch.allclose(torch.autograd.grad(sigma.sum(), t)[0], d_sigma)
+
+
+def test_time_sampling_distributions():
+    g = torch.Generator().manual_seed(0)
+    uniform = sample_time(100_000, "uniform", "linear", generator=g)
+    assert 0 <= uniform.min() and uniform.max() <= 1 and abs(uniform.mean() - 0.5) < 0.01
+    lognormal = sample_time(100_000, "lognormal", "linear", generator=g)
+    assert abs(lognormal.median() - 0.5) < 0.01  # s = exp(N(0,1)) has median 1 -> t = 1/2
+    cosine = sample_time(100_000, "lognormal", "cosine", generator=g)
+    assert abs(cosine.median() - 0.5) < 0.01  # 2/pi * atan(1) = 1/2
+    with pytest.raises(ValueError, match="weighting"):
+        sample_time(1, "beta", "linear")
+
+
+def test_projection_loss_is_float32_under_autocast_and_drops_cls_for_repa():
+    z = torch.randn(2, 5, 8)
+    assert projection_loss([z], [z.bfloat16()]).dtype == torch.float32
+    assert projection_loss([z], [z]).item() == pytest.approx(-1.0)
+    assert projection_loss([z], [-z[:, 1:]]).item() == pytest.approx(1.0)  # REPA: class token of the target dropped
+    two = projection_loss([z, z], [z, -z])
+    assert two.item() == pytest.approx(0.0, abs=1e-6)  # mean over encoders
+
+
+def test_loss_backpropagates_into_every_trainable_parameter():
+    torch.manual_seed(0)
+    model = SiT(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=4, z_dims=[16],
+                projector_dim=32, encoder_depth=1)
+    x, y, cls = torch.randn(4, 4, 8, 8), torch.randint(0, 4, (4,)), torch.randn(4, 16)
+    terms = REGLoss("linear", "lognormal")(model, x, y, [torch.randn(4, 17, 16)], cls)
+    total_loss(terms).backward()
+    # adaLN-Zero: only the zero-initialised output layers receive gradient at step 0 among the final layers
+    assert model.final_layer.linear.weight.grad.abs().sum() > 0
+    assert model.final_layer.linear_cls.weight.grad.abs().sum() > 0
+    assert model.projectors[0][0].weight.grad.abs().sum() > 0
