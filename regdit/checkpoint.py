@@ -81,6 +81,18 @@ def load_state_dict_checked(model, state_dict, source):
     model.load_state_dict(state_dict, strict=True)
 
 
+def convert_legacy_state_dict(state_dict, encoder_depth):
+    """`--legacy` (REPA's load_legacy_checkpoints): early checkpoints kept the blocks after the projection layer in
+    `decoder_blocks.i`; they are `blocks.{i + encoder_depth}` here."""
+    converted = {}
+    for key, value in state_dict.items():
+        parts = key.split(".")
+        if parts[0] == "decoder_blocks":
+            parts[:2] = ["blocks", str(int(parts[1]) + encoder_depth)]
+        converted[".".join(parts)] = value
+    return converted
+
+
 def model_config_from_checkpoint(checkpoint, **overrides):
     """SiT constructor settings (plus "name") of a checkpoint: regdit files store them; for official files they are
     read off the weights' shapes and the saved args. `overrides` (e.g. encoder_depth from the command line) win."""

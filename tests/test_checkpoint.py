@@ -75,3 +75,14 @@ def test_export_to_safetensors_round_trip(official_tiny, tmp_path):
     model = build_model_from_checkpoint(exported, "export").eval()
     for k, v in checkpoint["ema"].items():
         assert torch.equal(model.state_dict()[k], v)
+
+
+def test_legacy_decoder_blocks_are_renumbered(official_tiny):
+    checkpoint, _ = official_tiny
+    from regdit.checkpoint import convert_legacy_state_dict
+    legacy = {(f"decoder_blocks.{int(k.split('.')[1]) - 2}." + k.split(".", 2)[2]
+               if k.startswith("blocks.") and int(k.split(".")[1]) >= 2 else k): v for k, v in checkpoint["ema"].items()}
+    assert "decoder_blocks.0.attn.qkv.weight" in legacy
+    converted = convert_legacy_state_dict(legacy, encoder_depth=2)
+    assert converted.keys() == checkpoint["ema"].keys()
+    assert all(torch.equal(converted[k], v) for k, v in checkpoint["ema"].items())
