@@ -1,0 +1,72 @@
+"""The Stable Diffusion VAE (diffusers `AutoencoderKL`) that maps images to latents and back.
+
+`"none"` selects pixel space for small datasets: the "latent" is the image itself in [-1, 1] (3 channels, scale 1.0).
+"""
+import os
+
+import torch
+
+from regdit import RegditError
+
+VAE_ALIASES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
+LATENT_SCALE = 0.18215  # SD VAE latent scaling used by the official train.py and generate.py
+
+
+def resolve_vae_name(name_or_path):
+    """Alias -> Hub id; local folders -> absolute path; "none" and Hub ids unchanged."""
+    name = VAE_ALIASES.get(name_or_path, name_or_path)
+    return os.path.abspath(name) if os.path.isdir(name) else name
+
+
+def load_vae(name_or_path, device="cpu", dtype=torch.float32):
+    """An eval-mode `AutoencoderKL` from an alias ("ema", "mse"), a Hub id or a `save_pretrained` folder; None for "none".
+
+    Hub ids go through `from_pretrained`, so `HF_HUB_OFFLINE=1` with a filled cache works without the network.
+    """
+    if name_or_path == "none":
+        return None
+    name = resolve_vae_name(name_or_path)
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1 or os.path.exists(name)
+    if looks_local and not os.path.isdir(name):
+        raise RegditError(f"VAE folder {name} not found: pass a folder written by AutoencoderKL.save_pretrained, "
+                          f"a Hub id such as {VAE_ALIASES['mse']}, or one of {sorted(VAE_ALIASES)} or none")
+    from diffusers import AutoencoderKL  # imported here: pixel-space runs should not pay for diffusers
+
+    try:
+        vae = AutoencoderKL.from_pretrained(name, torch_dtype=dtype)
+    except OSError as error:  # diffusers reports missing files, offline mode and network failures as OSError
+        where = ("the folder lacks config.json or weights" if os.path.isdir(name)
+                 else "it is not in the Hugging Face cache and the Hub cannot be reached")
+        raise RegditError(f"cannot load VAE {name}: {where}; on a machine with network run "
+                          f"`hf download {name} --local-dir DIR` and pass --vae DIR "
+                          f"({type(error).__name__})") from error
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def latent_scale(vae):
+    return 1.0 if vae is None else LATENT_SCALE
+
+
+@torch.no_grad()
+def encode_moments(vae, images):
+    """uint8 (N, 3, H, W) images -> float32 posterior moments (N, 2C, h, w): C mean channels, then C std channels.
+
+    Mirrors the official preprocessing (EDM2's StabilityVAEEncoder): x / 127.5 - 1, then `latent_dist.mean` and
+    `latent_dist.std`. Pixel space (vae None): mean = the image in [-1, 1], std = 0. Runs on the VAE's device.
+    """
+    if vae is None:
+        mean = images.float() / 127.5 - 1
+        return torch.cat([mean, torch.zeros_like(mean)], dim=1)
+    x = images.to(vae.device, torch.float32) / 127.5 - 1
+    dist = vae.encode(x.to(vae.dtype)).latent_dist
+    return torch.cat([dist.mean, dist.std], dim=1).float()
+
+
+@torch.no_grad()
+def decode_latents(vae, latents):
+    """Scaled latents (N, C, h, w) -> uint8 images (N, H, W, 3) with the official generate.py mapping."""
+    if vae is None:
+        x = latents.float()
+    else:
+        x = vae.decode((latents / LATENT_SCALE).to(vae.device, vae.dtype)).sample.float()
+    return torch.clamp(127.5 * x + 128.0, 0, 255).permute(0, 2, 3, 1).to(torch.uint8)

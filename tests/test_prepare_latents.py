@@ -1,0 +1,199 @@
+"""`regdit prepare latents` and regdit.vae with a tiny random AutoencoderKL saved by save_pretrained."""
+import os
+import subprocess
+import sys
+
+import huggingface_hub.constants
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from diffusers import AutoencoderKL
+
+from regdit import RegditError, vae as vae_lib
+from regdit.data import MOMENTS, MOMENTS_FLIP, open_dataset
+from regdit.prepare import prepare_images, prepare_latents
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_vae():
+    torch.manual_seed(0)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8),
+                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                         layers_per_block=1, norm_num_groups=8, sample_size=32)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread, like the launched processes (OMP_NUM_THREADS=1): equal reduction order, so bitwise
+    equal moments, and no OpenMP spinning on a busy 2-core machine (100x slower tiny convolutions)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("vae")
+    tiny_vae().save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def images_dir(tmp_path_factory):
+    """13 prepared 32 px images in 3 classes (5, 4, 4)."""
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        os.makedirs(root / "raw" / f"class{c}")
+        for i in range(4 + (c == 0)):
+            PIL.Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(root / "raw" / f"class{c}" /
+                                                                                         f"{i}.png")
+    prepare_images(root / "raw", root / "images", 32, workers=0)
+    return str(root / "images")
+
+
+class Killed(Exception):
+    """Stands for the process being killed."""
+
+
+def read_chw(images_dir, index):
+    with PIL.Image.open(os.path.join(images_dir, f"00000/img{index:08d}.png")) as image:
+        return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+
+
+def test_load_vae_from_folder_and_hub_cache(vae_dir, tmp_path, monkeypatch):
+    reference = tiny_vae()
+    # A Hub id resolved from the local cache in offline mode: the same from_pretrained path as a real download.
+    snapshot = tmp_path / "models--regdit-test--tiny-vae" / "snapshots" / ("0" * 40)
+    reference.save_pretrained(snapshot)
+    (tmp_path / "models--regdit-test--tiny-vae" / "refs").mkdir()
+    (tmp_path / "models--regdit-test--tiny-vae" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    for name in (vae_dir, "regdit-test/tiny-vae"):
+        vae = vae_lib.load_vae(name)
+        assert not vae.training and all(torch.equal(a, b) for a, b in
+                                        zip(vae.state_dict().values(), reference.state_dict().values()))
+    with pytest.raises(RegditError, match="regdit-test/missing.*--vae DIR"):
+        vae_lib.load_vae("regdit-test/missing")
+    with pytest.raises(RegditError, match="not found.*save_pretrained"):
+        vae_lib.load_vae(str(tmp_path / "no-such-folder"))
+    assert vae_lib.load_vae("none") is None and vae_lib.resolve_vae_name("ema") == "stabilityai/sd-vae-ft-ema"
+
+
+def test_encode_and_decode_match_diffusers(vae_dir):
+    vae = vae_lib.load_vae(vae_dir)
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    moments = vae_lib.encode_moments(vae, images)
+    dist = tiny_vae().encode(images.float() / 127.5 - 1).latent_dist
+    assert moments.shape == (3, 8, 4, 4) and moments.dtype == torch.float32
+    torch.testing.assert_close(moments, torch.cat([dist.mean, dist.std], 1), rtol=0, atol=1e-6)
+
+    latents = torch.randn(2, 4, 4, 4)
+    decoded = vae_lib.decode_latents(vae, latents)
+    x = tiny_vae().decode(latents / 0.18215).sample
+    assert decoded.shape == (2, 32, 32, 3) and decoded.dtype == torch.uint8
+    assert torch.equal(decoded, torch.clamp(127.5 * x + 128.0, 0, 255).permute(0, 2, 3, 1).to(torch.uint8))
+
+
+def test_pixel_space_round_trips_exactly():
+    images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    moments = vae_lib.encode_moments(None, images)
+    assert moments.shape == (4, 6, 8, 8) and not moments[:, 3:].any() and vae_lib.latent_scale(None) == 1.0
+    assert torch.equal(vae_lib.decode_latents(None, moments[:, :3]), images.permute(0, 2, 3, 1))
+
+
+def test_regdit_layout_with_flips(images_dir, vae_dir, tmp_path):
+    prepare_latents(images_dir, tmp_path / "ds", vae=vae_dir, batch_size=5, flip=True, shard_size=8, workers=2)
+    ds = open_dataset(tmp_path / "ds", resolution=32)
+    assert (len(ds), ds.num_classes, ds.resolution, ds.latent_scale, ds.vae) == (13, 3, 32, 0.18215, vae_dir)
+    vae = vae_lib.load_vae(vae_dir)
+    moments, moments_flip = (np.load(tmp_path / "ds" / name) for name in (MOMENTS, MOMENTS_FLIP))
+    flips = []
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        for index in range(len(ds)):
+            image, m, label = ds[index]
+            flipped = torch.equal(m, torch.from_numpy(moments_flip[index]))
+            flips.append(flipped)
+            source = read_chw(images_dir, index)
+            assert torch.equal(image, source.flip(-1) if flipped else source)  # flipped consistently
+            assert flipped or torch.equal(m, torch.from_numpy(moments[index]))
+            assert label == (index >= 5) + (index >= 9)
+    assert 0.3 < np.mean(flips) < 0.7
+    sources = torch.stack([read_chw(images_dir, index) for index in range(4)])
+    torch.testing.assert_close(torch.from_numpy(moments_flip[:4]), vae_lib.encode_moments(vae, sources.flip(-1)),
+                               rtol=0, atol=1e-6)
+
+
+def test_official_layout_round_trip(images_dir, vae_dir, tmp_path):
+    prepare_latents(images_dir, tmp_path / "ours", vae=vae_dir, batch_size=4, shard_size=8, workers=0)
+    prepare_latents(images_dir, tmp_path / "official", vae=vae_dir, batch_size=4, shard_size=8, workers=0,
+                    layout="official")
+    npy = np.load(tmp_path / "official" / "vae-sd" / "00000" / "img-mean-std-00000012.npy")
+    assert npy.shape == (1, 8, 4, 4) and npy.dtype == np.float32  # what the official encoder writes
+    ours, official = open_dataset(tmp_path / "ours"), open_dataset(tmp_path / "official")
+    assert type(official).__name__ == "OfficialDataset" and (official.resolution, official.num_classes) == (32, 3)
+    assert len(ours) == len(official) == 13
+    for a, b in zip(ours, official):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] == b[2]
+    # The official code also finds the images in place: encoding DATA/imagenet_32_vae into DATA copies nothing.
+    os.rename(tmp_path / "official" / "imagenet_32_vae", tmp_path / "imagenet_32_vae")
+    os.makedirs(tmp_path / "inplace")
+    os.rename(tmp_path / "imagenet_32_vae", tmp_path / "inplace" / "imagenet_32_vae")
+    prepare_latents(tmp_path / "inplace" / "imagenet_32_vae", tmp_path / "inplace", vae=vae_dir, workers=0,
+                    layout="official")
+    assert len(open_dataset(tmp_path / "inplace")) == 13
+    with pytest.raises(RegditError, match="--layout official"):
+        prepare_latents(images_dir, tmp_path / "x", vae=vae_dir, flip=True, layout="official")
+
+
+def test_interrupted_encode_resumes_without_reencoding_finished_shards(images_dir, vae_dir, tmp_path, monkeypatch):
+    prepare_latents(images_dir, tmp_path / "full", vae=vae_dir, batch_size=2, shard_size=4, workers=0, flip=True)
+    encode, encoded, die_after = vae_lib.encode_moments, [], [4]  # the shape probe, shard 0, a batch of shard 1
+
+    def encode_then_die(vae, images):
+        if len(encoded) == die_after[0]:
+            raise Killed
+        encoded.append(len(images))
+        return encode(vae, images)
+
+    monkeypatch.setattr(vae_lib, "encode_moments", encode_then_die)
+    with pytest.raises(Killed):
+        prepare_latents(images_dir, tmp_path / "ds", vae=vae_dir, batch_size=2, shard_size=4, workers=0, flip=True)
+    done = sorted(os.listdir(tmp_path / "ds" / ".prepare-progress"))
+    assert done == ["settings.json", "shard-000000.done"]
+    with pytest.raises(RegditError, match="unfinished"):
+        open_dataset(tmp_path / "ds")
+    with pytest.raises(RegditError, match="other settings.*shard_size"):
+        prepare_latents(images_dir, tmp_path / "ds", vae=vae_dir, batch_size=2, shard_size=8, workers=0, flip=True)
+    encoded.clear()
+    die_after[0] = None
+    prepare_latents(images_dir, tmp_path / "ds", vae=vae_dir, batch_size=2, shard_size=4, workers=0, flip=True)
+    assert sum(encoded[1:]) == 2 * (13 - 4)  # shard 0 was not re-encoded (x2: the mirrored images)
+    for name in ("images.npy", "moments.npy", "moments_flip.npy", "labels.npy"):
+        assert np.array_equal(np.load(tmp_path / "ds" / name), np.load(tmp_path / "full" / name)), name
+    encoded.clear()
+    prepare_latents(images_dir, tmp_path / "ds", vae=vae_dir, batch_size=2, shard_size=4, workers=0, flip=True)
+    assert encoded == []  # a finished dataset is left alone
+
+
+def test_two_gloo_processes_give_the_same_moments_as_one(images_dir, vae_dir, tmp_path):
+    args = ["prepare", "latents", "--source", images_dir, "--vae", vae_dir, "--batch-size", "3", "--shard-size",
+            "3", "--workers", "0", "--flip"]
+    prepare_latents(images_dir, tmp_path / "one", vae=vae_dir, batch_size=3, shard_size=3, workers=0, flip=True)
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "regdit", *args, "--dest",
+                             str(tmp_path / "two")], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "encode (2 processes)" in result.stderr and "7/7" in result.stderr  # process 0: shards 0, 2, 4
+    for name in ("images.npy", "moments.npy", "moments_flip.npy", "labels.npy", "regdit.json"):
+        one, two = tmp_path / "one" / name, tmp_path / "two" / name
+        if name.endswith(".json"):
+            assert one.read_text() == two.read_text()
+        else:
+            assert np.array_equal(np.load(one), np.load(two)), name
