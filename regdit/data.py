@@ -179,10 +179,12 @@ class OfficialDataset(_Dataset):
     def _find_resolution(data_dir):
         found = sorted(int(m.group(1)) for n in os.listdir(data_dir)
                        if (m := re.fullmatch(official_images_dir(r"(\d+)"), n)))
-        if len(found) != 1:
-            raise RegditError(f"{data_dir}: found image folders for resolutions {found}; pass --resolution with one "
-                              f"of them" if found else f"{data_dir}: no {official_images_dir('R')} image folder; "
-                              f"put the images in {official_images_dir(256)} (`regdit prepare images`)")
+        if not found:
+            raise RegditError(f"{data_dir}: no {official_images_dir('R')} image folder beside {OFFICIAL_LATENTS}/; "
+                              f"put the images there (`regdit prepare images --dest "
+                              f"{os.path.join(data_dir, official_images_dir(256))}`)")
+        if len(found) > 1:
+            raise RegditError(f"{data_dir}: image folders for resolutions {found}; pass --resolution with one of them")
         return found[0]
 
     def _load_image(self, index):

@@ -13,6 +13,7 @@ import os
 import shutil
 import warnings
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import PIL.Image
@@ -186,9 +187,12 @@ def prepare_images(source, dest, resolution, transform="center-crop-dhariwal", w
     Returns {"images", "converted", "skipped" (names), "num_classes"}.
     """
     source, dest = os.path.abspath(source), os.path.abspath(dest)
-    if resolution < 1 or transform not in TRANSFORMS:
-        raise RegditError(f"--resolution {resolution} / --transform {transform}: use a positive size and one of "
-                          f"{list(TRANSFORMS)}")
+    if resolution < 1:
+        raise RegditError(f"--resolution {resolution}: use a positive image size such as 256")
+    if transform not in TRANSFORMS:
+        raise RegditError(f"--transform {transform}: use one of {list(TRANSFORMS)}")
+    if os.path.commonpath([source, dest]) == source:
+        raise RegditError(f"--dest {dest} lies inside --source {source}; write the images elsewhere")
     if os.path.isdir(source):
         names = list_files(source, image_extensions())
     elif zipfile.is_zipfile(source):
@@ -292,23 +296,25 @@ def read_image_folder(source):
     return names, labels, num_classes, resolution
 
 
-class _RowWriter:
-    """Writes rows of preallocated .npy files in place. Plain writes, not a shared memory map: processes on other
-    nodes of a network file system then never rewrite each other's pages."""
+class _RegditWriter:
+    """Fills the preallocated arrays of regdit's layout row by row. Plain writes, not a shared memory map: processes
+    on other nodes of a network file system then never rewrite each other's pages."""
 
-    def __init__(self, paths):
+    def __init__(self, out, flip):
         self.files = {}
-        for path in paths:
-            array = np.load(path, mmap_mode="r")
+        for name in (IMAGES, MOMENTS, MOMENTS_FLIP)[:2 + flip]:
+            array = np.load(os.path.join(out, name), mmap_mode="r")
             row_bytes = array.dtype.itemsize * int(np.prod(array.shape[1:]))
-            self.files[path] = (open(path, "r+b"), array.offset, row_bytes)
+            self.files[name] = (open(os.path.join(out, name), "r+b"), array.offset, row_bytes)
 
-    def write(self, path, start, rows):
-        f, offset, row_bytes = self.files[path]
-        f.seek(offset + start * row_bytes)
-        f.write(np.ascontiguousarray(rows).tobytes())
+    def write(self, indices, images, moments, moments_flip):
+        for name, rows in ((IMAGES, images), (MOMENTS, moments), (MOMENTS_FLIP, moments_flip)):
+            if name in self.files:
+                f, offset, row_bytes = self.files[name]
+                f.seek(offset + indices[0] * row_bytes)  # batches are runs of consecutive indices
+                f.write(np.ascontiguousarray(rows.numpy()).tobytes())
 
-    def sync(self):  # make the shard durable before its done-marker is written
+    def sync(self):  # the shard's rows must be on disk before its done-marker
         for f, _, _ in self.files.values():
             f.flush()
             os.fsync(f.fileno())
@@ -318,9 +324,40 @@ class _RowWriter:
             f.close()
 
 
+class _OfficialWriter:
+    """One (1, 2C, h, w) float32 .npy per image, named and shaped as the official dataset_tools.py encode saves a
+    batch of one, plus a copy of each image where the official reader looks for it (images_out, unless None)."""
+
+    def __init__(self, out, images_out, source, names):
+        self.out, self.images_out, self.source, self.names = out, images_out, source, names
+
+    def write(self, indices, images, moments, moments_flip):
+        for index, m in zip(indices, moments.numpy()):
+            path = os.path.join(self.out, official_latent_name(index))
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            np.save(path, m[None])
+            if self.images_out is not None:
+                image_path = os.path.join(self.images_out, self.names[index])
+                os.makedirs(os.path.dirname(image_path), exist_ok=True)
+                shutil.copyfile(os.path.join(self.source, self.names[index]), image_path)
+
+    def sync(self):  # many small files: a kill loses nothing written; an OS crash may need the run redone
+        pass
+
+    def close(self):
+        pass
+
+
+def shard_batches(num_images, shard_size, batch_size, shards):
+    """Batches of consecutive indices that never straddle a shard, so a shard is done with its last batch."""
+    return [list(range(start, min(start + batch_size, end)))
+            for s in shards for end in [min((s + 1) * shard_size, num_images)]
+            for start in range(s * shard_size, end, batch_size)]
+
+
 def prepare_latents(source, dest, vae="mse", batch_size=64, flip=False, layout="regdit", shard_size=1024,
                     workers=min(8, os.cpu_count())):
-    """Encode a `prepare images` folder to VAE posterior moments (float32 means then stds), with the images and labels.
+    """Encode a `prepare images` folder to VAE posterior moments (float32 means then stds), with images and labels.
 
     layout "regdit": DEST/{regdit.json, images.npy, moments.npy[, moments_flip.npy], labels.npy} (see regdit.data);
     layout "official": DEST/imagenet_{R}_vae/ (the images) + DEST/vae-sd/{...npy, dataset.json}.
@@ -342,26 +379,30 @@ def prepare_latents(source, dest, vae="mse", batch_size=64, flip=False, layout="
                 "vae": vae_lib.resolve_vae_name(vae), "flip": flip, "layout": layout, "shard_size": shard_size}
     out = dest if layout == "regdit" else os.path.join(dest, OFFICIAL_LATENTS)
     finished_path = os.path.join(out, META if layout == "regdit" else "dataset.json")
-    images_out = None if layout == "regdit" else os.path.join(dest, official_images_dir(resolution))
-    if images_out is not None and os.path.realpath(images_out) == os.path.realpath(source):
-        images_out = None  # the images are already where the official reader looks
-
     if claim_dest(out, settings, finished_path):  # every process checks before the main one writes anything
         if state.is_main_process:
             print(f"{dest}: already prepared with these settings")
         return dest
+    images_out = None if layout == "regdit" else os.path.join(dest, official_images_dir(resolution))
+    if images_out is not None and os.path.realpath(images_out) == os.path.realpath(source):
+        images_out = None  # the images are already where the official reader looks
+    elif images_out is not None and os.path.isdir(images_out) and not os.path.isdir(os.path.join(out, PROGRESS)):
+        raise RegditError(f"{images_out} already exists: pass it as --source, or delete it to copy {source} there")
+
     vae_model = vae_lib.load_vae(vae, state.device)
     moments_shape = tuple(vae_lib.encode_moments(vae_model, torch.zeros(1, 3, resolution, resolution,
                                                                         dtype=torch.uint8)).shape[1:])
-    arrays = {IMAGES: ((3, resolution, resolution), np.uint8), MOMENTS: (moments_shape, np.float32)}
-    if flip:
-        arrays[MOMENTS_FLIP] = arrays[MOMENTS]
+    if resolution % moments_shape[1]:
+        raise RegditError(f"{source}: {resolution} px images give a {moments_shape[1]}x{moments_shape[2]} latent "
+                          f"that does not tile them; prepare the images at a multiple of 8 px")
     state.wait_for_everyone()
     if state.is_main_process:
         start_progress(out, settings)
         if layout == "regdit":
-            for name, (shape, dtype) in arrays.items():
-                _preallocate(os.path.join(out, name), (len(names), *shape), dtype)
+            arrays = {IMAGES: ((3, resolution, resolution), np.uint8), MOMENTS: (moments_shape, np.float32),
+                      MOMENTS_FLIP: (moments_shape, np.float32)}
+            for name in list(arrays)[:2 + flip]:
+                _preallocate(os.path.join(out, name), (len(names), *arrays[name][0]), arrays[name][1])
             with open(os.path.join(out, LABELS + ".tmp"), "wb") as f:
                 np.save(f, np.array(labels, dtype=np.int64))
             os.replace(os.path.join(out, LABELS + ".tmp"), os.path.join(out, LABELS))
@@ -370,31 +411,29 @@ def prepare_latents(source, dest, vae="mse", batch_size=64, flip=False, layout="
     num_shards = -(-len(names) // shard_size)
     done_path = os.path.join(out, PROGRESS, "shard-{:06d}.done").format
     shards = [s for s in range(state.process_index, num_shards, state.num_processes) if not os.path.exists(done_path(s))]
-    batches = [list(range(start, min(start + batch_size, (s + 1) * shard_size, len(names))))
-               for s in shards for start in range(s * shard_size, min((s + 1) * shard_size, len(names)), batch_size)]
+    batches = shard_batches(len(names), shard_size, batch_size, shards)
     loader = torch.utils.data.DataLoader(SourceImages(source, names, resolution), batch_sampler=batches,
-                                         num_workers=workers)
-    writer = _RowWriter([os.path.join(out, name) for name in arrays]) if layout == "regdit" else None
-    progress = tqdm(total=sum(map(len, batches)), desc=f"encode ({state.num_processes} processes)", unit="img",
-                    disable=not state.is_main_process)
-    for indices, images in zip(batches, loader):
-        moments = vae_lib.encode_moments(vae_model, torch.cat([images, images.flip(-1)]) if flip else images).cpu()
-        moments, moments_flip = moments.chunk(2) if flip else (moments, None)
-        if layout == "regdit":
-            writer.write(os.path.join(out, IMAGES), indices[0], images.numpy())
-            writer.write(os.path.join(out, MOMENTS), indices[0], moments.numpy())
-            if flip:
-                writer.write(os.path.join(out, MOMENTS_FLIP), indices[0], moments_flip.numpy())
-        else:
-            _write_official(out, images_out, source, names, indices, moments.numpy())
-        if indices[-1] + 1 in (len(names), (indices[-1] // shard_size + 1) * shard_size):  # a shard is complete
-            if writer:
-                writer.sync()
+                                         num_workers=workers, pin_memory=state.device.type == "cuda")
+    writer = _RegditWriter(out, flip) if layout == "regdit" else _OfficialWriter(out, images_out, source, names)
+    processes = f"{state.num_processes} process{'es' * (state.num_processes > 1)}"
+    def save(indices, images, moments):
+        writer.write(indices, images, *(moments.chunk(2) if flip else (moments, None)))
+        if indices[-1] + 1 == min((indices[-1] // shard_size + 1) * shard_size, len(names)):  # shard complete
+            writer.sync()
             write_json(done_path(indices[-1] // shard_size), {})
         progress.update(len(indices))
-    progress.close()
-    if writer:
-        writer.close()
+
+    # One writer thread: batch k is written while batch k+1 is encoded (+10% images/s measured on an H200).
+    with tqdm(total=sum(map(len, batches)), desc=f"encode ({processes})", unit="img",
+              disable=not state.is_main_process) as progress, ThreadPoolExecutor(1) as io:
+        saved = io.submit(lambda: None)
+        for indices, images in zip(batches, loader):
+            moments = vae_lib.encode_moments(vae_model, torch.cat([images, images.flip(-1)]) if flip else images)
+            moments = moments.cpu()
+            saved.result()  # also raises the writer's errors here
+            saved = io.submit(save, indices, images, moments)
+        saved.result()
+    writer.close()
     state.wait_for_everyone()
 
     if state.is_main_process:
@@ -409,7 +448,7 @@ def prepare_latents(source, dest, vae="mse", batch_size=64, flip=False, layout="
         else:
             if images_out is not None:
                 shutil.copyfile(os.path.join(source, "dataset.json"), os.path.join(images_out, "dataset.json"))
-            write_json(finished_path, {"labels": [[_official_latent_name(i), label] for i, label in enumerate(labels)],
+            write_json(finished_path, {"labels": [[official_latent_name(i), label] for i, label in enumerate(labels)],
                                        "settings": settings})
         shutil.rmtree(os.path.join(out, PROGRESS))
         print(f"{dest}: {len(names)} images, moments {list(moments_shape)}{' (+ mirrored)' if flip else ''}, "
@@ -423,15 +462,5 @@ def _preallocate(path, shape, dtype):
         os.replace(path + ".tmp", path)
 
 
-def _official_latent_name(index):
+def official_latent_name(index):
     return f"{index:08d}"[:5] + f"/img-mean-std-{index:08d}.npy"  # the official dataset_tools.py encode naming
-
-
-def _write_official(out, images_out, source, names, indices, moments):
-    for index, m in zip(indices, moments):
-        path = os.path.join(out, _official_latent_name(index))
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        np.save(path, m[None])  # (1, 2C, h, w) float32, as the official encoder saves a batch of one
-        if images_out is not None:
-            os.makedirs(os.path.dirname(os.path.join(images_out, names[index])), exist_ok=True)
-            shutil.copyfile(os.path.join(source, names[index]), os.path.join(images_out, names[index]))

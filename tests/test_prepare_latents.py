@@ -8,6 +8,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from accelerate import PartialState
 from diffusers import AutoencoderKL
 
 from regdit import RegditError, vae as vae_lib
@@ -110,7 +111,7 @@ def test_regdit_layout_with_flips(images_dir, vae_dir, tmp_path):
     prepare_latents(images_dir, tmp_path / "ds", vae=vae_dir, batch_size=5, flip=True, shard_size=8, workers=2)
     ds = open_dataset(tmp_path / "ds", resolution=32)
     assert (len(ds), ds.num_classes, ds.resolution, ds.latent_scale, ds.vae) == (13, 3, 32, 0.18215, vae_dir)
-    vae = vae_lib.load_vae(vae_dir)
+    vae = vae_lib.load_vae(vae_dir, PartialState().device)
     moments, moments_flip = (np.load(tmp_path / "ds" / name) for name in (MOMENTS, MOMENTS_FLIP))
     flips = []
     for epoch in range(3):
@@ -124,9 +125,10 @@ def test_regdit_layout_with_flips(images_dir, vae_dir, tmp_path):
             assert flipped or torch.equal(m, torch.from_numpy(moments[index]))
             assert label == (index >= 5) + (index >= 9)
     assert 0.3 < np.mean(flips) < 0.7
-    sources = torch.stack([read_chw(images_dir, index) for index in range(4)])
-    torch.testing.assert_close(torch.from_numpy(moments_flip[:4]), vae_lib.encode_moments(vae, sources.flip(-1)),
-                               rtol=0, atol=1e-6)
+    # The first batch as prepare_latents encodes it: 5 images, then their mirror images (equal on any device).
+    sources = torch.stack([read_chw(images_dir, index) for index in range(5)])
+    expected = vae_lib.encode_moments(vae, torch.cat([sources, sources.flip(-1)])).cpu()
+    assert torch.equal(torch.from_numpy(moments_flip[:5]), expected[5:])
 
 
 def test_official_layout_round_trip(images_dir, vae_dir, tmp_path):
@@ -147,6 +149,9 @@ def test_official_layout_round_trip(images_dir, vae_dir, tmp_path):
     prepare_latents(tmp_path / "inplace" / "imagenet_32_vae", tmp_path / "inplace", vae=vae_dir, workers=0,
                     layout="official")
     assert len(open_dataset(tmp_path / "inplace")) == 13
+    os.makedirs(tmp_path / "taken" / "imagenet_32_vae")
+    with pytest.raises(RegditError, match="imagenet_32_vae already exists: pass it as --source"):
+        prepare_latents(images_dir, tmp_path / "taken", vae=vae_dir, layout="official")
     with pytest.raises(RegditError, match="--layout official"):
         prepare_latents(images_dir, tmp_path / "x", vae=vae_dir, flip=True, layout="official")
 
