@@ -1,0 +1,524 @@
+"""`regdit eval`: Inception Score, FID, sFID, precision and recall of a sample .npz against a reference .npz.
+
+A PyTorch port of the ADM evaluator (guided-diffusion/evaluations/evaluator.py) without TensorFlow. The network is
+torch-fidelity's port of the same 2015-12-05 Inception graph, TF1 bilinear resize included; the metrics mirror ADM:
+FID on pool_3, sFID on the first 7 channels of `mixed_6/conv` (= `Mixed_6d.branch1x1`), IS on the unbiased softmax,
+precision/recall with ADM's ManifoldEstimator (k = 3, squared distances in float16).
+"""
+import concurrent.futures
+import contextlib
+import json
+import os
+import warnings
+import zipfile
+
+import numpy as np
+import torch
+import torch_fidelity
+from PIL import Image
+from scipy import linalg, special
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+from tqdm import tqdm
+
+from regdit import RegditError
+
+INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_WEIGHTS_ENV = "REGDIT_INCEPTION_WEIGHTS"
+SPATIAL_LAYER = "Mixed_6d.branch1x1"  # ADM's "mixed_6/conv:0": the graph's mixed_3 is Mixed_6a, so mixed_6 is 6d
+SPATIAL_CHANNELS = 7  # ADM keeps spatial[..., :7]: 17 * 17 * 7 = 2023 features
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+NEIGHBOURHOOD = 3  # ADM's nhood_sizes=(3,): k-th nearest neighbour, the point itself being neighbour 0
+MIN_IMAGES = NEIGHBOURHOOD + 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Images
+
+
+class NpzImages:
+    """The `arr_0` images (uint8, N x H x W x 3) of an .npz, checked, then read slice by slice from the archive.
+
+    Like ADM's NpzArrayReader this never holds the whole array: 50k samples at 512 px are 39 GB. Slices are read
+    in increasing order through one open member, so compressed archives are decompressed once, not per slice.
+    """
+
+    def __init__(self, path, num_images=None):
+        self.path = path
+        try:
+            self._zip = zipfile.ZipFile(path)
+        except FileNotFoundError:
+            raise RegditError(f"{path}: no such file; pass an .npz of images (arr_0 = uint8 N x H x W x 3)") from None
+        except (zipfile.BadZipFile, OSError) as error:
+            raise RegditError(f"{path} is not a readable .npz ({error}); save images with numpy.savez(path, "
+                              f"arr_0=images)") from None
+        if "arr_0.npy" not in self._zip.namelist():
+            keys = ", ".join(name.removesuffix(".npy") for name in self._zip.namelist()) or "none"
+            self._zip.close()
+            raise RegditError(f"{path} has no arr_0 (keys: {keys}); save images with numpy.savez(path, arr_0=images)")
+        self._file = self._zip.open("arr_0.npy")
+        try:
+            shape = self._read_header(num_images)
+        except BaseException:
+            self.close()
+            raise
+        self.shape = (shape[0] if num_images is None else num_images, *shape[1:])
+        self._image_bytes = int(np.prod(shape[1:]))
+
+    def _read_header(self, num_images):
+        try:
+            version = np.lib.format.read_magic(self._file)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran_order, dtype = read_header(self._file)
+        except ValueError as error:
+            raise RegditError(f"{self.path}: arr_0 is not a readable .npy array ({error}); write the .npz "
+                              f"again") from None
+        self._data_offset = self._file.tell()
+        if dtype != np.uint8:
+            raise RegditError(f"{self.path}: arr_0 has dtype {dtype}, expected uint8 pixels 0..255; convert the "
+                              f"images with .clip(0, 255).astype(numpy.uint8)")
+        if len(shape) != 4 or shape[3] != 3:
+            layout = "; transpose NCHW to NHWC" if len(shape) == 4 and shape[1] == 3 else ""
+            raise RegditError(f"{self.path}: arr_0 has shape {shape}, expected N x H x W x 3 RGB images{layout}")
+        if fortran_order:
+            raise RegditError(f"{self.path}: arr_0 is stored in Fortran order; re-save it as numpy.ascontiguousarray")
+        if num_images is not None and num_images > shape[0]:
+            raise RegditError(f"{self.path} holds {shape[0]} images, fewer than the {num_images} asked for; sample "
+                              f"more or lower --num-samples")
+        return shape
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, index):
+        start, stop, step = index.indices(len(self))
+        if step != 1:
+            raise ValueError("NpzImages supports contiguous slices only")
+        images = np.empty((max(stop - start, 0), *self.shape[1:]), np.uint8)
+        self._file.seek(self._data_offset + start * self._image_bytes)
+        if self._file.readinto(images.data) != images.nbytes:
+            raise RegditError(f"{self.path}: arr_0 is truncated (ends before image {stop}); write the .npz again")
+        return images
+
+    def __array__(self, dtype=None, copy=None):
+        return self[:] if dtype is None else self[:].astype(dtype)
+
+    def close(self):
+        self._file.close()
+        self._zip.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+def load_npz_images(path, num_images=None):
+    """Open the `arr_0` images of an ADM-style .npz (checked: uint8, N x H x W x 3, at least `num_images` images).
+
+    Returns an array-like (`len`, `.shape`, contiguous slices -> uint8 arrays, `numpy.asarray` for all of it) that
+    reads from disk on demand; use it as a context manager to close the file.
+    """
+    return NpzImages(path, num_images)
+
+
+class ImageFolder:
+    """Same-sized RGB images under a folder (recursive, sorted by relative path) as an array-like like NpzImages."""
+
+    def __init__(self, root, num_images=None):
+        self.paths = sorted(os.path.join(folder, name) for folder, _, names in os.walk(root) for name in names
+                            if name.lower().endswith(IMAGE_SUFFIXES))
+        if not self.paths:
+            raise RegditError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) found; pass a folder of images or an "
+                              f".npz")
+        if num_images is not None and num_images > len(self.paths):
+            raise RegditError(f"{root} holds {len(self.paths)} images, fewer than the {num_images} asked for; lower "
+                              f"--num-samples")
+        self.paths = self.paths[:num_images]
+        with Image.open(self.paths[0]) as first:
+            self.shape = (len(self.paths), first.height, first.width, 3)
+        # PIL decodes outside the GIL, so a few threads keep the Inception network fed.
+        self._pool = concurrent.futures.ThreadPoolExecutor(min(16, os.cpu_count() or 1))
+
+    def _read(self, path):
+        try:
+            with Image.open(path) as image:
+                if image.mode != "RGB":
+                    raise RegditError(f"{path} is {image.mode}, not RGB; convert the folder with `regdit prepare "
+                                      f"images`")
+                pixels = np.asarray(image)
+        except OSError as error:  # PIL's unreadable or truncated image
+            raise RegditError(f"{path} is not a readable image ({error}); remove or replace it") from None
+        if pixels.shape != self.shape[1:]:
+            raise RegditError(f"{path} is {pixels.shape[1]}x{pixels.shape[0]}, the first image is "
+                              f"{self.shape[2]}x{self.shape[1]}; bring the folder to one size with `regdit prepare "
+                              f"images`")
+        return pixels
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, index):
+        return np.stack(list(self._pool.map(self._read, self.paths[index])))
+
+    def close(self):
+        self._pool.shutdown()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+def open_images(source, num_images=None):
+    """A folder of images or an .npz with `arr_0`, as a NpzImages/ImageFolder array-like."""
+    return ImageFolder(source, num_images) if os.path.isdir(source) else NpzImages(source, num_images)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inception
+
+
+def default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def inception_weights_path(weights_path=None):
+    """`weights_path`, else $REGDIT_INCEPTION_WEIGHTS, else torch-fidelity's download cache (torch hub checkpoints)."""
+    path = (weights_path or os.environ.get(INCEPTION_WEIGHTS_ENV)
+            or os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_WEIGHTS_FILE))
+    if not os.path.isfile(path):
+        raise RegditError(f"Inception weights not found at {path}: download {INCEPTION_WEIGHTS_FILE} from "
+                          f"{URL_INCEPTION_V3} and pass --inception-weights PATH (or set {INCEPTION_WEIGHTS_ENV})")
+    return path
+
+
+def load_inception(weights_path=None, device=None):
+    """torch-fidelity's TF-exact Inception-v3 with its weights read from a local file (see inception_weights_path)."""
+    path = inception_weights_path(weights_path)
+    # torch-fidelity unpickles the file without restrictions; load it once with weights_only so no code runs.
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load raises pickle, zip and runtime errors alike
+        raise RegditError(f"{path} is not a loadable Inception state dict ({type(error).__name__}); download "
+                          f"{URL_INCEPTION_V3} again") from None
+    try:
+        model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                            feature_extractor_weights_path=path)
+    except RuntimeError as error:
+        raise RegditError(f"{path} does not hold torch-fidelity's Inception-v3 weights "
+                          f"({str(error).splitlines()[0]}); download {URL_INCEPTION_V3}") from None
+    return model.to(device or default_device())
+
+
+def save_random_inception_weights(path, seed=0):
+    """Random Inception-v3 weights in torch-fidelity's layout (for tests and the demo; nothing is downloaded).
+
+    torchvision's Inception3 (no aux head, 1008 classes) has exactly torch-fidelity's parameter names and shapes.
+    He-normal convolutions keep activations of order one, since batch norm holds identity statistics in eval mode.
+    """
+    import torchvision  # a dependency of torch-fidelity; only needed here
+
+    torch.manual_seed(seed)
+    model = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=False)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    torch.nn.init.normal_(model.fc.weight, std=model.fc.in_features ** -0.5)
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@contextlib.contextmanager
+def exact_float32():
+    """TF32 off for matmuls and cuDNN convolutions, as the ADM evaluator computes in full float32."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def compute_activations(images_nhwc_uint8, model, batch_size=64, desc="inception"):
+    """Inception features of uint8 N x H x W x 3 images (an array, NpzImages or ImageFolder), in batches.
+
+    Returns float32 arrays: `pool` (N, 2048) pool_3, `spatial` (N, 2023) the first 7 channels of Mixed_6d.branch1x1
+    flattened in H, W, C order (ADM's `spatial[..., :7].reshape(N, -1)` on NHWC), `logits` (N, 1008) without bias.
+    """
+    device = next(model.parameters()).device
+    spatial = []
+    hook = model.get_submodule(SPATIAL_LAYER).register_forward_hook(
+        lambda module, inputs, output: spatial.append(
+            output[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1).float().cpu()))
+    pool, logits = [], []
+    try:
+        with exact_float32(), torch.inference_mode():
+            for start in tqdm(range(0, len(images_nhwc_uint8), batch_size), desc=desc, unit="batch"):
+                batch = torch.from_numpy(np.asarray(images_nhwc_uint8[start:start + batch_size]))
+                batch_pool, batch_logits = model(batch.to(device).permute(0, 3, 1, 2))
+                pool.append(batch_pool.cpu())
+                logits.append(batch_logits.cpu())
+    finally:
+        hook.remove()
+    return {"pool": torch.cat(pool).numpy(), "spatial": torch.cat(spatial).numpy(),
+            "logits": torch.cat(logits).numpy()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def fid_statistics(activations):
+    """ADM's compute_statistics: mean and covariance (rows are samples), in float64."""
+    activations = np.asarray(activations, np.float64)
+    return np.mean(activations, axis=0), np.cov(activations, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """ADM's FIDStatistics.frechet_distance: |mu1 - mu2|^2 + tr(s1 + s2 - 2 sqrt(s1 s2)).
+
+    sqrtm of a singular product can fail (non-finite): retry with eps * I added to both covariances. A complex
+    root is accepted when its diagonal is real to 1e-3, as in ADM.
+    """
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    diff = mu1 - mu2
+    with warnings.catch_warnings():  # ADM's disp=False (removed from scipy): no warning, the finiteness check decides
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(sigma1.dot(sigma2))
+        if not np.isfinite(covmean).all():
+            warnings.warn(f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates")
+            offset = np.eye(sigma1.shape[0]) * eps
+            covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise RegditError(f"Frechet distance: sqrtm of the covariance product has an imaginary component "
+                              f"{np.max(np.abs(covmean.imag)):.3g}; evaluate more samples")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def inception_score(probs, split_size=5000):
+    """ADM's compute_inception_score: exp(E KL(p(y|x) || p(y))) on contiguous splits (no shuffle), averaged."""
+    scores = []
+    for start in range(0, len(probs), split_size):
+        part = probs[start:start + split_size]
+        kl = part * (np.log(part) - np.log(np.expand_dims(np.mean(part, 0), 0)))
+        scores.append(np.exp(np.mean(np.sum(kl, 1))))
+    return float(np.mean(scores))
+
+
+class ManifoldEstimator:
+    """ADM's ManifoldEstimator (improved precision and recall, Kynkaanniemi et al. 2019) in torch.
+
+    Each point's manifold radius is the squared distance to its k-th nearest neighbour (the point itself is
+    neighbour 0). Distances are ADM's DistanceBlock: |u|^2 - 2 u.v + |v|^2 clamped at 0, in float16, recomputed in
+    float32 for a block where any float16 value is not finite; blocks of 10000 x 10000 as in ADM.
+    """
+
+    def __init__(self, row_batch_size=10000, col_batch_size=10000, nhood_sizes=(NEIGHBOURHOOD,), device=None):
+        self.row_batch_size = row_batch_size
+        self.col_batch_size = col_batch_size
+        self.nhood_sizes = list(nhood_sizes)
+        self.device = torch.device(device or default_device())
+
+    @staticmethod
+    def _squared_distances(u, v):
+        norm_u = u.square().sum(1, keepdim=True)  # float16 sums accumulate in float32 and round once (as TF)
+        norm_v = v.square().sum(1)[None]
+        uv = (u.float() @ v.float().T).to(u.dtype)  # float16 inputs, float32 accumulation, like a TF fp16 matmul
+        return (norm_u - 2 * uv + norm_v).clamp_min(0)
+
+    def pairwise_distances(self, u, v):
+        """Squared euclidean distances (float32) between the rows of u and v (float32 tensors)."""
+        with exact_float32():
+            distances = self._squared_distances(u.half(), v.half())
+            if torch.isfinite(distances).all():
+                return distances.float()
+            return self._squared_distances(u, v)
+
+    def _tensor(self, array):
+        return torch.as_tensor(np.asarray(array, np.float32), device=self.device)
+
+    def manifold_radii(self, features):
+        """(N, len(nhood_sizes)) float32 radii: the k-th smallest squared distance of each row to all rows."""
+        features = self._tensor(features)
+        radii = []
+        for start in range(0, len(features), self.row_batch_size):
+            rows = features[start:start + self.row_batch_size]
+            distances = torch.cat([self.pairwise_distances(rows, features[col:col + self.col_batch_size])
+                                   for col in range(0, len(features), self.col_batch_size)], dim=1)
+            nearest = distances.topk(max(self.nhood_sizes) + 1, dim=1, largest=False).values  # ascending
+            radii.append(nearest[:, self.nhood_sizes])
+        return torch.cat(radii).cpu().numpy()
+
+    def evaluate_pr(self, features_1, radii_1, features_2, radii_2):
+        """(precision, recall) per neighbourhood size, set 1 being the reference and set 2 the samples.
+
+        Precision: fraction of set 2 within (<=) the radius of some point of set 1; recall: the converse.
+        """
+        features_1, radii_1 = self._tensor(features_1), self._tensor(radii_1)
+        features_2, radii_2 = self._tensor(features_2), self._tensor(radii_2)
+        status_1 = torch.zeros(len(features_1), radii_2.shape[1], dtype=torch.bool, device=self.device)
+        status_2 = torch.zeros(len(features_2), radii_1.shape[1], dtype=torch.bool, device=self.device)
+        for start_1 in range(0, len(features_1), self.row_batch_size):
+            end_1 = start_1 + self.row_batch_size
+            for start_2 in range(0, len(features_2), self.col_batch_size):
+                end_2 = start_2 + self.col_batch_size
+                distances = self.pairwise_distances(features_1[start_1:end_1], features_2[start_2:end_2])[..., None]
+                status_1[start_1:end_1] |= (distances <= radii_2[None, start_2:end_2]).any(1)
+                status_2[start_2:end_2] |= (distances <= radii_1[start_1:end_1, None]).any(0)
+        return status_2.double().mean(0).cpu().numpy(), status_1.double().mean(0).cpu().numpy()
+
+    def precision_recall(self, ref_features, sample_features):
+        """ADM's Evaluator.compute_prec_recall: (precision, recall) of the first neighbourhood size."""
+        precision, recall = self.evaluate_pr(ref_features, self.manifold_radii(ref_features),
+                                             sample_features, self.manifold_radii(sample_features))
+        return float(precision[0]), float(recall[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def read_reference_statistics(path):
+    """ADM's read_statistics: (mu, sigma), (mu_s, sigma_s) from the npz when it has `mu`, else None."""
+    with np.load(path) as npz:
+        if "mu" not in npz.files:
+            return None
+        missing = [key for key in ("sigma", "mu_s", "sigma_s") if key not in npz.files]
+        if missing:
+            raise RegditError(f"{path} has mu but no {', '.join(missing)}; rebuild it with `regdit eval --make-ref`")
+        stats = [np.asarray(npz[key], np.float64) for key in ("mu", "sigma", "mu_s", "sigma_s")]
+    for (mu, sigma), dims, name in zip((stats[:2], stats[2:]), (2048, 2023), ("mu, sigma", "mu_s, sigma_s")):
+        if mu.shape != (dims,) or sigma.shape != (dims, dims):
+            raise RegditError(f"{path}: {name} have shapes {mu.shape}, {sigma.shape}, expected ({dims},), "
+                              f"({dims}, {dims}); rebuild it with `regdit eval --make-ref`")
+    return tuple(stats[:2]), tuple(stats[2:])
+
+
+def _check_count(path, count):
+    if count < MIN_IMAGES:
+        raise RegditError(f"{path} holds {count} images; the metrics need at least {MIN_IMAGES} (covariances, "
+                          f"{NEIGHBOURHOOD}rd nearest neighbours)")
+
+
+def evaluate(ref_npz, sample_npz, inception_weights=None, batch_size=64, num_samples=None, device=None):
+    """IS, FID, sFID, precision and recall of `sample_npz` (`arr_0`; the first `num_samples` if given) against
+    `ref_npz` (`arr_0` plus optional `mu, sigma, mu_s, sigma_s`), as ADM's evaluator computes them."""
+    device = device or default_device()
+    with load_npz_images(ref_npz) as ref_images, load_npz_images(sample_npz, num_samples) as sample_images:
+        _check_count(ref_npz, len(ref_images))
+        _check_count(sample_npz, len(sample_images))
+        weights = inception_weights_path(inception_weights)
+        model = load_inception(weights, device)
+        ref = compute_activations(ref_images, model, batch_size, desc="reference")
+        sample = compute_activations(sample_images, model, batch_size, desc="samples")
+    ref_stats = read_reference_statistics(ref_npz)
+    ref_stats_source = "npz" if ref_stats else "arr_0"
+    ref_stats = ref_stats or (fid_statistics(ref["pool"]), fid_statistics(ref["spatial"]))
+    precision, recall = ManifoldEstimator(device=device).precision_recall(ref["pool"], sample["pool"])
+    return {
+        "inception_score": inception_score(special.softmax(sample["logits"], axis=1)),
+        "fid": frechet_distance(*fid_statistics(sample["pool"]), *ref_stats[0]),
+        "sfid": frechet_distance(*fid_statistics(sample["spatial"]), *ref_stats[1]),
+        "precision": precision,
+        "recall": recall,
+        "settings": {
+            "ref_batch": os.path.abspath(ref_npz), "sample_batch": os.path.abspath(sample_npz),
+            "num_ref": len(ref["pool"]), "num_samples": len(sample["pool"]),
+            "ref_statistics_from": ref_stats_source, "batch_size": batch_size,
+            "inception_weights": os.path.abspath(weights),
+            "device": str(device), "torch": torch.__version__, "torch_fidelity": torch_fidelity.__version__,
+        },
+    }
+
+
+def make_reference(source, output, inception_weights=None, batch_size=64, num_images=None, ref_images=10000,
+                   device=None):
+    """Write an ADM-style reference batch: `mu, sigma` (pool_3) and `mu_s, sigma_s` (spatial) over every image of
+    `source` (a folder or an .npz; the first `num_images` if given), and `arr_0` = `ref_images` of them, evenly
+    spaced (ADM's reference batches likewise pair full-dataset statistics with 10k images for recall)."""
+    with open_images(source, num_images) as images:
+        _check_count(source, len(images))
+        model = load_inception(inception_weights, device)
+        activations = compute_activations(images, model, batch_size, desc="reference")
+        keep = np.unique(np.linspace(0, len(images) - 1, min(ref_images, len(images))).round().astype(int))
+        arr_0 = np.stack([images[index:index + 1][0] for index in keep])
+    (mu, sigma), (mu_s, sigma_s) = fid_statistics(activations["pool"]), fid_statistics(activations["spatial"])
+    with _atomic_write(output) as file:
+        np.savez(file, arr_0=arr_0, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+    return {"reference": os.path.abspath(output), "source": os.path.abspath(source),
+            "images_in_statistics": len(activations["pool"]), "images_in_arr_0": len(arr_0)}
+
+
+@contextlib.contextmanager
+def _atomic_write(path):
+    """Write to a temporary file beside `path`, then rename: an existing file survives a failed write."""
+    temporary = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(temporary, "wb") as file:
+            yield file
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+METRIC_NAMES = {"inception_score": "Inception Score", "fid": "FID", "sfid": "sFID", "precision": "Precision",
+                "recall": "Recall"}
+
+
+def add_arguments(parser):
+    parser.add_argument("--ref_batch", "--ref-batch", dest="ref_batch", metavar="REF.npz",
+                        help="reference batch: arr_0 uint8 NHWC images, optionally mu/sigma/mu_s/sigma_s")
+    parser.add_argument("--sample_batch", "--sample-batch", dest="sample_batch", metavar="SAMPLES.npz",
+                        help="samples to evaluate: arr_0 uint8 NHWC images (as written by `regdit sample`)")
+    parser.add_argument("--make-ref", metavar="IMAGES_DIR_OR_NPZ",
+                        help="instead of evaluating, build a reference .npz (written to --output) from these images")
+    parser.add_argument("--ref-images", type=int, default=10000,
+                        help="with --make-ref: images kept in arr_0 for recall (the statistics use all images)")
+    parser.add_argument("--inception-weights", metavar="PATH",
+                        help=f"{INCEPTION_WEIGHTS_FILE} (from {URL_INCEPTION_V3}); default: ${INCEPTION_WEIGHTS_ENV}, "
+                             f"else torch-fidelity's download cache")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per Inception forward")
+    parser.add_argument("--num-samples", type=int, help="evaluate exactly the first N images (default: all)")
+    parser.add_argument("--output", metavar="PATH",
+                        help="metrics JSON (default: SAMPLES.metrics.json beside the samples); with --make-ref the "
+                             "reference .npz to write")
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+
+
+def main(args):
+    for flag, value in (("--batch-size", args.batch_size), ("--num-samples", args.num_samples),
+                        ("--ref-images", args.ref_images)):
+        if value is not None and value < 1:
+            raise RegditError(f"{flag} must be a positive integer, got {value}")
+    if args.make_ref:
+        if args.ref_batch or args.sample_batch:
+            raise RegditError("--make-ref builds a reference and evaluates nothing: drop --ref_batch/--sample_batch")
+        if not args.output:
+            raise RegditError(f"--make-ref {args.make_ref} needs --output REF.npz (the reference file to write)")
+        summary = make_reference(args.make_ref, args.output, args.inception_weights, args.batch_size,
+                                 args.num_samples, args.ref_images, args.device)
+        print(f"wrote {summary['reference']}: statistics of {summary['images_in_statistics']} images, "
+              f"arr_0 of {summary['images_in_arr_0']}")
+        return
+    if not (args.ref_batch and args.sample_batch):
+        raise RegditError("regdit eval needs --ref_batch REF.npz and --sample_batch SAMPLES.npz (or --make-ref "
+                          "IMAGES --output REF.npz to build a reference)")
+    results = evaluate(args.ref_batch, args.sample_batch, args.inception_weights, args.batch_size,
+                       args.num_samples, args.device)
+    output = args.output or os.path.splitext(args.sample_batch)[0] + ".metrics.json"
+    print(f"{'metric':<16} {'value':>10}")
+    for key, name in METRIC_NAMES.items():
+        print(f"{name:<16} {results[key]:>10.4f}")
+    with _atomic_write(output) as file:
+        file.write(json.dumps(results, indent=2).encode())
+    print(f"wrote {output}")
