@@ -55,7 +55,12 @@ def read_json(path, fix):
 
 
 def open_dataset(data_dir, resolution=None, seed=0):
-    """Open and validate a prepared dataset, detecting regdit's layout or the official one."""
+    """Open and validate a prepared dataset, detecting regdit's layout or the official one.
+
+    Items are (uint8 image (3, R, R), float32 moments (2C, h, w), int label). Attributes: num_classes, resolution,
+    latent_scale, vae (name or path used to encode; "none" for pixel space, None if unknown), moments_shape,
+    has_flip, labels (numpy int64); set_epoch(epoch) reseeds the flips.
+    """
     data_dir = os.fspath(data_dir)
     if os.path.isfile(os.path.join(data_dir, META)):
         return RegditDataset(data_dir, resolution, seed)
@@ -99,12 +104,16 @@ class RegditDataset(_Dataset):
         if meta.get("format") != FORMAT:
             raise RegditError(f"{meta_path}: format {meta.get('format')!r} is not {FORMAT!r}; rerun "
                               f"`regdit prepare latents` with this regdit version")
-        n, self.resolution, self.num_classes = meta["num_images"], meta["resolution"], meta["num_classes"]
-        self.vae, self.latent_scale, self.has_flip = meta["vae"], meta["latent_scale"], meta["flip"]
+        try:
+            n, self.resolution, self.num_classes = meta["num_images"], meta["resolution"], meta["num_classes"]
+            self.vae, self.latent_scale, self.has_flip = meta["vae"], meta["latent_scale"], meta["flip"]
+            self.moments_shape = tuple(meta["moments_shape"])
+        except KeyError as key:
+            raise RegditError(f"{meta_path}: no {key} entry; rerun `regdit prepare latents`") from None
         if resolution is not None and resolution != self.resolution:
             raise RegditError(f"{meta_path}: dataset resolution is {self.resolution}, not {resolution}; pass "
                               f"--resolution {self.resolution} or prepare the data at {resolution}")
-        channels, h, w = meta["moments_shape"]
+        channels, h, w = self.moments_shape
         expected = {IMAGES: ((n, 3, self.resolution, self.resolution), np.uint8),
                     MOMENTS: ((n, channels, h, w), np.float32), LABELS: ((n,), np.int64)}
         if self.has_flip:
@@ -149,7 +158,7 @@ class OfficialDataset(_Dataset):
 
     def __init__(self, data_dir, resolution=None):
         super().__init__(seed=0)
-        self.has_flip, self.vae, self.latent_scale = False, None, LATENT_SCALE
+        self.data_dir, self.has_flip, self.vae, self.latent_scale = data_dir, False, None, LATENT_SCALE
         self.resolution = resolution if resolution is not None else self._find_resolution(data_dir)
         self.images_dir = os.path.join(data_dir, official_images_dir(self.resolution))
         self.latents_dir = os.path.join(data_dir, OFFICIAL_LATENTS)

@@ -52,6 +52,7 @@ def flips(dataset, epochs, num_workers):
 def test_pixel_space_items(pixel_dataset):
     ds = open_dataset(pixel_dataset, resolution=16)
     assert (len(ds), ds.num_classes, ds.resolution, ds.latent_scale, ds.vae) == (12, 2, 16, 1.0, "none")
+    assert ds.moments_shape == (6, 16, 16) and ds.has_flip
     for epoch in range(2):
         ds.set_epoch(epoch)
         for index in range(len(ds)):
@@ -113,6 +114,7 @@ def test_official_layout_reads_and_validates(tmp_path):
     root = write_official(tmp_path / "ok")
     ds = open_dataset(root)
     assert (len(ds), ds.resolution, ds.num_classes, ds.latent_scale, ds.vae) == (4, 32, 3, 0.18215, None)
+    assert ds.moments_shape == (8, 4, 4) and not ds.has_flip
     image, moments, label = ds[3]
     assert image.shape == (3, 32, 32) and moments.shape == (8, 4, 4) and label == 0
     with PIL.Image.open(root / "imagenet_32_vae" / "00000" / "img00000003.png") as f:

@@ -186,6 +186,7 @@ def test_interrupted_encode_resumes_without_reencoding_finished_shards(images_di
     assert encoded == []  # a finished dataset is left alone
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU processes (gloo); on a GPU the reference run uses CUDA")
 def test_two_gloo_processes_give_the_same_moments_as_one(images_dir, vae_dir, tmp_path):
     args = ["prepare", "latents", "--source", images_dir, "--vae", vae_dir, "--batch-size", "3", "--shard-size",
             "3", "--workers", "0", "--flip"]
