@@ -5,3 +5,12 @@ __version__ = "0.1.0"
 
 class RegditError(ValueError):
     """Bad input or settings. The command line prints it as one line (it should name the file and the fix)."""
+
+
+def cpu_launch():
+    """True for a launch of several processes (torchrun, accelerate launch) on a machine without GPUs: accelerate
+    then needs `cpu=True` to start its gloo process group, else every process believes it runs alone."""
+    import os
+
+    import torch
+    return int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.cuda.is_available()

@@ -20,21 +20,35 @@ COMMANDS = {  # name -> (module, one-line help)
 
 
 def build_parser(command=None):
-    parser = argparse.ArgumentParser(prog="regdit", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="regdit", description=__doc__.splitlines()[0], allow_abbrev=False)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
-        sub = subparsers.add_parser(name, help=help_text, description=help_text,
+        sub = subparsers.add_parser(name, help=help_text, description=help_text, allow_abbrev=False,  # no guessing
                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         if command in (None, name):
             importlib.import_module(module_name).add_arguments(sub)
+            parser.command_parser = sub
     return parser
+
+
+def parse_args(argv):
+    """Parse; a command whose module has `parser_defaults(args)` (presets, YAML files) gets a second parse with
+    those as defaults, so that explicit flags win."""
+    command = next((a for a in argv if a in COMMANDS), None)
+    parser = build_parser(command)
+    args = parser.parse_args(argv)
+    module = importlib.import_module(COMMANDS[args.command][0])
+    if hasattr(module, "parser_defaults"):
+        parser.command_parser.set_defaults(**module.parser_defaults(args))
+        args = parser.parse_args(argv)
+    return module, args
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    command = next((a for a in argv if a in COMMANDS), None)
-    args = build_parser(command).parse_args(argv)
     try:
-        importlib.import_module(COMMANDS[args.command][0]).main(args)
+        module, args = parse_args(argv)
+        module.main(args)
     except (RegditError, FileNotFoundError) as error:
-        sys.exit(f"regdit {args.command}: error: {error}")
+        command = next((a for a in argv if a in COMMANDS), "")
+        sys.exit(f"regdit {command}: error: {error}")

@@ -48,9 +48,11 @@ class REGLoss:
     weighting: str = "uniform"
     official_cosine_cls_target: bool = False
 
-    def __call__(self, model, x, y, target_zs=(), cls_token=None, time=None, noise=None, noise_cls=None):
+    def __call__(self, model, x, y, target_zs=(), cls_token=None, time=None, noise=None, noise_cls=None,
+                 **model_kwargs):
         """x (N, C, H, W) clean latents, y (N,) labels, target_zs [(N, 1+T', D_k)] encoder features,
-        cls_token (N, D_0) clean class token. Returns dict(denoise (N,), cls (N,) or None, proj scalar)."""
+        cls_token (N, D_0) clean class token; model_kwargs go to the model (e.g. force_drop_ids).
+        Returns dict(denoise (N,), cls (N,) or None, proj scalar)."""
         n = x.shape[0]
         time = sample_time(n, self.weighting, self.path_type, x.device) if time is None else time
         noise = torch.randn_like(x) if noise is None else noise
@@ -66,7 +68,7 @@ class REGLoss:
             if self.official_cosine_cls_target and self.path_type == "cosine":
                 cls_target = d_alpha * cls_token + d_sigma * noise_cls  # (N, 1, N, D), see the class docstring
 
-        velocity, zs, cls_velocity = model(x_t, time.to(x.dtype), y, cls_token=cls_t)
+        velocity, zs, cls_velocity = model(x_t, time.to(x.dtype), y, cls_token=cls_t, **model_kwargs)
         denoise = mean_flat((velocity.float() - target.float()) ** 2)
         cls = mean_flat((cls_velocity.float() - cls_target.float()) ** 2) if cls_token is not None else None
         return dict(denoise=denoise, cls=cls, proj=projection_loss(target_zs, zs))

@@ -52,10 +52,12 @@ class LabelEmbedder(nn.Module):
         self.num_classes = num_classes
         self.dropout_prob = dropout_prob
 
-    def forward(self, labels, train):
-        if train and self.dropout_prob > 0:
-            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
-            labels = torch.where(drop, self.num_classes, labels)
+    def forward(self, labels, train, force_drop_ids=None):
+        """force_drop_ids (N,) bool: the caller decides which labels to drop (DiT), e.g. from its own generator."""
+        if force_drop_ids is None and train and self.dropout_prob > 0:
+            force_drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        if force_drop_ids is not None:
+            labels = torch.where(force_drop_ids, self.num_classes, labels)
         return self.embedding_table(labels)
 
 
@@ -235,8 +237,9 @@ class SiT(nn.Module):
         x = x.reshape(x.shape[0], h, w, p, p, c)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
 
-    def forward(self, x, t, y, cls_token=None):
-        """x (N, C, H, W) noisy latents, t (N,) in [0, 1], y (N,) labels (num_classes = null), cls_token (N, z_dims[0])."""
+    def forward(self, x, t, y, cls_token=None, force_drop_ids=None):
+        """x (N, C, H, W) noisy latents, t (N,) in [0, 1], y (N,) labels (num_classes = null), cls_token (N, z_dims[0]);
+        force_drop_ids (N,) bool replaces the random label dropout of training mode (deterministic training)."""
         x = self.x_embedder(x)  # (N, T, D)
         if self.use_cls_token:
             if cls_token is None:
@@ -245,7 +248,7 @@ class SiT(nn.Module):
             x = torch.cat([cls_embed.unsqueeze(1), x], dim=1)  # (N, T+1, D)
         x = x + self.pos_embed
         N, T, D = x.shape
-        c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
+        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
         zs = []
         for i, block in enumerate(self.blocks):
             x = block(x, c)
@@ -285,8 +288,9 @@ MODEL_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL":
 
 def _config(size, patch_size):
     depth, hidden_size, num_heads = MODEL_SIZES[size]
-    return lambda **kwargs: SiT(depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=patch_size,
-                                **kwargs)
+    # keyword arguments override the size (small experiments: e.g. depth=2, hidden_size=64)
+    return lambda **kwargs: SiT(**{**dict(depth=depth, hidden_size=hidden_size, num_heads=num_heads,
+                                          patch_size=patch_size), **kwargs})
 
 
 SiT_models = {f"SiT-{size}/{p}": _config(size, p) for size in MODEL_SIZES for p in (2, 4, 8)}

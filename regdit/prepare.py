@@ -20,7 +20,7 @@ import PIL.Image
 import torch
 from tqdm import tqdm
 
-from regdit import RegditError
+from regdit import RegditError, cpu_launch
 from regdit import vae as vae_lib
 from regdit.data import (FORMAT, IMAGES, LABELS, META, MOMENTS, MOMENTS_FLIP, OFFICIAL_LATENTS, PROGRESS,
                          image_extensions, list_files, official_images_dir, read_json)
@@ -29,7 +29,7 @@ from regdit.data import (FORMAT, IMAGES, LABELS, META, MOMENTS, MOMENTS_FLIP, OF
 def add_arguments(parser):
     commands = parser.add_subparsers(dest="prepare_command", required=True)
     formatter = argparse.ArgumentDefaultsHelpFormatter
-    images = commands.add_parser("images", formatter_class=formatter,
+    images = commands.add_parser("images", formatter_class=formatter, allow_abbrev=False,
                                  help="raw image folder/zip -> square RGB PNGs + dataset.json labels")
     images.add_argument("--source", required=True,
                         help="folder or .zip of images; labels from its dataset.json, else from the sorted top-level "
@@ -42,7 +42,7 @@ def add_arguments(parser):
     images.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding processes (0: in-process)")
     images.add_argument("--strict", action="store_true", help="fail on the first unreadable image instead of "
                                                               "skipping it")
-    latents = commands.add_parser("latents", formatter_class=formatter,
+    latents = commands.add_parser("latents", formatter_class=formatter, allow_abbrev=False,
                                   help="images -> VAE posterior moments (batched, multi-GPU, resumable)")
     latents.add_argument("--source", required=True, help="folder written by `regdit prepare images` (or the "
                                                          "official dataset_tools.py convert)")
@@ -367,7 +367,7 @@ def prepare_latents(source, dest, vae="mse", batch_size=64, flip=False, layout="
     from accelerate import PartialState
 
     # accelerate picks gloo only when told the processes use the CPU: say so when launched without CUDA.
-    state = PartialState(cpu=int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.cuda.is_available())
+    state = PartialState(cpu=cpu_launch())
     source, dest = os.path.abspath(source), os.path.abspath(dest)
     if layout not in ("regdit", "official"):
         raise RegditError(f"--layout {layout}: use regdit or official")

@@ -97,3 +97,13 @@ def test_model_names_and_errors():
         create_model("SiT-S/2", encoder_depth=13)
     with pytest.raises(ValueError, match="cls_token"):
         SiT(**TINY)(torch.randn(1, 4, 8, 8), torch.rand(1), torch.tensor([0]))
+
+
+def test_forced_label_drop_replaces_random_dropout():
+    model = SiT(**TINY).train()
+    x, t, cls = torch.randn(3, 4, 8, 8), torch.rand(3), torch.randn(3, 32)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    forced = model(x, t, torch.tensor([1, 2, 3]), cls_token=cls, force_drop_ids=torch.tensor([True, False, True]))[0]
+    manual = model.eval()(x, t, torch.tensor([10, 2, 10]), cls_token=cls)[0]
+    torch.testing.assert_close(forced, manual)

@@ -1,0 +1,227 @@
+import dataclasses
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from regdit import RegditError
+from regdit.checkpoint import load_checkpoint
+from regdit.cli import main as cli_main
+from regdit.config import PRESETS
+from regdit.data import open_dataset
+from regdit.encoders import load_encoders, save_random_encoder
+from regdit.loss import path_coefficients
+from regdit.prepare import prepare_images, prepare_latents
+from regdit import train as train_module
+from regdit.train import ShardedBatchSampler, TrainConfig, build_model, step_randomness, train
+from conftest import FIXTURES
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """32 px images of 4 classes in pixel space (with mirrored copies) and a tiny random DINOv2-B-shaped encoder
+    whose 28 px input (224 * 32 // 256) gives 4x4 patches of 7 px, matching a patch-8 SiT on 32x32."""
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    for c in range(4):
+        (root / "raw" / f"class{c}").mkdir(parents=True)
+        for i in range(8):
+            image = (rng.random((32, 32, 3)) * 60 + c * 60).astype(np.uint8)
+            Image.fromarray(image).save(root / "raw" / f"class{c}" / f"{i}.png")
+    prepare_images(root / "raw", root / "images", 32, workers=0)
+    prepare_latents(root / "images", root / "data", vae="none", batch_size=16, flip=True, workers=0)
+    save_random_encoder("dinov2-vit-b", root / "encoder", patch_size=7)
+    return root
+
+
+def tiny_config(root, **overrides):
+    settings = dict(data_dir=str(root / "data"), resolution=32, model="SiT-S/8", depth=2, hidden_size=64,
+                    num_heads=2, encoder_depth=1, projector_dim=64, enc_path=str(root / "encoder"), num_classes=4,
+                    batch_size=8, max_train_steps=6, log_every=2, checkpointing_steps=3, sampling_steps=0,
+                    num_workers=0, output_dir=str(root / "exps"), exp_name="run")
+    return TrainConfig(**{**settings, **overrides})
+
+
+def assert_states_equal(a, b, exact=True):
+    for key in ("model", "ema"):
+        for name, value in a[key].items():
+            if exact:
+                assert torch.equal(value, b[key][name]), f"{key}.{name} differs"
+            else:
+                torch.testing.assert_close(value, b[key][name], atol=2e-5, rtol=1e-4, msg=f"{key}.{name}")
+
+
+def test_one_step_equals_hand_computed_loss_adamw_and_ema(tiny_data):
+    config = tiny_config(tiny_data, max_train_steps=1, exp_name="one_step", learning_rate=1e-3, ema_decay=0.9)
+    result = train(config)
+
+    # the same step by hand: initial weights, first batch, the step's random draws
+    dataset = open_dataset(config.data_dir, 32, seed=config.seed)
+    encoder = load_encoders(config.enc_type, 32, config.enc_path)[0]
+    torch.manual_seed(config.seed)
+    model, _ = build_model(config, 3, 32, [encoder.embed_dim])
+    initial = {k: v.clone() for k, v in model.named_parameters()}
+    indices = next(iter(ShardedBatchSampler(len(dataset), 8, 0, 1, config.seed, epoch=0)))
+    images, moments, labels = (torch.stack([torch.as_tensor(dataset[i][j]) for i in indices]) for j in range(3))
+    draws = step_randomness(config, 0, 8, (3, 32, 32), encoder.embed_dim, torch.device("cpu"))
+    mean, std = moments.chunk(2, dim=1)
+    x = mean + std * draws["posterior"]  # pixel space: scale 1
+    cls_token, dense = encoder(images)
+    alpha, sigma, d_alpha, d_sigma = (c.view(-1, 1) for c in path_coefficients(draws["time"], "linear"))
+    x_t = alpha[..., None, None] * x + sigma[..., None, None] * draws["noise"]
+    cls_t = alpha * cls_token + sigma * draws["noise_cls"]
+    y = torch.where(draws["drop"], 4, labels)
+    model.train()
+    v, zs, cls_v = model(x_t, draws["time"], y, cls_token=cls_t, force_drop_ids=torch.zeros(8, dtype=torch.bool))
+    denoise = ((v - (d_alpha[..., None, None] * x + d_sigma[..., None, None] * draws["noise"])) ** 2).mean()
+    cls_loss = ((cls_v - (d_alpha * cls_token + d_sigma * draws["noise_cls"])) ** 2).mean()
+    proj = -F.cosine_similarity(zs[0], dense, dim=-1).mean()
+    (denoise + 0.5 * proj + 0.03 * cls_loss).backward()
+    grads = {k: p.grad for k, p in model.named_parameters() if p.grad is not None}
+    norm = torch.sqrt(sum((g ** 2).sum() for g in grads.values()))
+    clip = min(1.0, 1.0 / (norm.item() + 1e-6))
+    trained = dict(result["model"].named_parameters())
+    ema = dict(result["ema"].named_parameters())
+    for name, p0 in initial.items():
+        if name not in grads:
+            torch.testing.assert_close(trained[name], p0)
+            continue
+        g = grads[name] * clip
+        # AdamW step 1: m_hat = g, v_hat = g^2, so the update is lr * g / (|g| + eps); weight decay 0
+        expected = p0 - 1e-3 * g / (g.abs() + 1e-8)
+        torch.testing.assert_close(trained[name], expected, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(ema[name], 0.9 * p0 + 0.1 * expected, atol=1e-6, rtol=1e-5)
+    assert result["metrics"][-1]["loss_final"] == pytest.approx((denoise + 0.5 * proj + 0.03 * cls_loss).item(),
+                                                                rel=1e-5)
+
+
+def test_killed_run_resumes_bitwise(tiny_data, monkeypatch):
+    reference = train(tiny_config(tiny_data, exp_name="uninterrupted"))
+    crashing = tiny_config(tiny_data, exp_name="killed")
+    calls = {"n": 0}
+    real_update = train_module.update_ema
+
+    def crash_at_step_5(*args):
+        calls["n"] += 1
+        if calls["n"] == 5:  # mid-epoch, two steps after the checkpoint of step 3
+            raise KeyboardInterrupt
+        real_update(*args)
+    monkeypatch.setattr(train_module, "update_ema", crash_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train(crashing)
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tiny_data / "exps" / "killed" / "checkpoints").iterdir()) == ["0000003.pt"]
+    resumed = train(crashing)  # the same command again
+    assert resumed["steps"] == 6
+    final, expected = (load_checkpoint(r["checkpoint"]) for r in (resumed, reference))
+    assert_states_equal(final, expected, exact=True)
+    for a, b in zip(final["opt"]["state"].values(), expected["opt"]["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_processes_equal_one_with_twice_the_batch(tiny_data):
+    single = train(tiny_config(tiny_data, exp_name="single", max_train_steps=3))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "regdit", "train",
+               "--data-dir", str(tiny_data / "data"), "--resolution", "32", "--model", "SiT-S/8", "--depth", "2",
+               "--hidden-size", "64", "--num-heads", "2", "--encoder-depth", "1", "--projector-dim", "64",
+               "--enc-path", str(tiny_data / "encoder"), "--num-classes", "4", "--batch-size", "8",
+               "--max-train-steps", "3", "--log-every", "2", "--checkpointing-steps", "3", "--sampling-steps", "0",
+               "--num-workers", "0", "--output-dir", str(tiny_data / "exps"), "--exp-name", "double"]
+    subprocess.run(command, check=True, env=env, capture_output=True)
+    double = load_checkpoint(tiny_data / "exps" / "double" / "checkpoints" / "0000003.pt")
+    assert_states_equal(double, load_checkpoint(single["checkpoint"]), exact=False)
+
+
+def test_official_checkpoint_resumes_training(tmp_path, official_tiny):
+    """The official tiny checkpoint (8x8x4 latents, z_dims [32]) continues training from its step."""
+    from diffusers import AutoencoderKL
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8),
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        layers_per_block=1, norm_num_groups=8, sample_size=64)
+    vae.save_pretrained(tmp_path / "vae")
+    rng = np.random.default_rng(0)
+    for c in range(10):
+        (tmp_path / "raw" / f"c{c}").mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "raw" / f"c{c}" / "0.png")
+    prepare_images(tmp_path / "raw", tmp_path / "images", 64, workers=0)
+    prepare_latents(tmp_path / "images", tmp_path / "data", vae=str(tmp_path / "vae"), batch_size=10, workers=0)
+    # DINOv2 at 64 px sees 56 px: patch 14 gives the 4x4 grid of the SiT's 8x8 latents with patch 2
+    save_random_encoder("dinov2-vit-b", tmp_path / "encoder", patch_size=14, embed_dim=32)
+    checkpoints = tmp_path / "exps" / "official" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "0000001.pt").write_bytes((FIXTURES / "official_tiny_a_ckpt.pt").read_bytes())
+    config = TrainConfig(data_dir=str(tmp_path / "data"), resolution=64, model="SiT-S/2", depth=4, hidden_size=64,
+                         num_heads=4, encoder_depth=2, projector_dim=128, enc_path=str(tmp_path / "encoder"),
+                         num_classes=10, batch_size=5, max_train_steps=3, log_every=1, checkpointing_steps=3,
+                         sampling_steps=0, num_workers=0, output_dir=str(tmp_path / "exps"), exp_name="official",
+                         resume_step=1)
+    result = train(config)
+    assert result["steps"] == 3 and [m["step"] for m in result["metrics"]] == [2, 3]
+    official = load_checkpoint(checkpoints / "0000001.pt")
+    resumed = load_checkpoint(checkpoints / "0000003.pt")
+    assert not torch.equal(resumed["model"]["blocks.0.attn.qkv.weight"], official["model"]["blocks.0.attn.qkv.weight"])
+    assert resumed["opt"]["state"][1]["step"].item() == 3  # the official AdamW state was continued
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_data, monkeypatch):
+    real_total = train_module.total_loss
+    monkeypatch.setattr(train_module, "total_loss",
+                        lambda terms, *a: real_total(terms, *a) * (float("nan") if terms["denoise"].sum() < 0 else 1))
+    config = tiny_config(tiny_data, exp_name="nan", max_train_steps=3, checkpointing_steps=1, log_every=1)
+    train(config)
+    monkeypatch.setattr(train_module, "total_loss", lambda terms, *a: real_total(terms, *a) * float("nan"))
+    with pytest.raises(RegditError, match="non-finite loss or gradient before step 4.*last good checkpoint"):
+        train(dataclasses.replace(config, max_train_steps=5))
+    checkpoints = sorted(p.name for p in (tiny_data / "exps" / "nan" / "checkpoints").iterdir())
+    assert checkpoints == ["0000001.pt", "0000002.pt", "0000003.pt"]
+
+
+def test_sample_grid_and_metrics_are_written(tiny_data):
+    result = train(tiny_config(tiny_data, exp_name="grid", max_train_steps=2, sampling_steps=2))
+    grid = Image.open(result["exp_dir"] / "samples" / "0000002.png")
+    assert grid.size == (4 * 32, 4 * 32)
+    lines = (result["exp_dir"] / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and all(k in lines[0] for k in ("loss_final", "proj_loss", "loss_mean_cls", "grad_norm"))
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--batch-size", "7", "--gradient-accumulation-steps", "2"], "must be divisible"),
+    (["--model", "SiT-S/4"], "gives 1\\+16 tokens .* the SiT has 1\\+64"),
+])
+def test_bad_settings_fail_before_training(tiny_data, flags, message, capsys):
+    base = ["train", "--data-dir", str(tiny_data / "data"), "--resolution", "32", "--model", "SiT-S/8", "--depth",
+            "2", "--hidden-size", "64", "--num-heads", "2", "--encoder-depth", "1", "--enc-path",
+            str(tiny_data / "encoder"), "--num-classes", "4", "--batch-size", "8", "--num-workers", "0",
+            "--max-train-steps", "1", "--output-dir", str(tiny_data / "exps"), "--exp-name", "bad"]
+    with pytest.raises(SystemExit) as error:
+        cli_main(base + flags)
+    assert "regdit train: error:" in str(error.value)
+    import re
+    assert re.search(message, str(error.value))
+
+
+def test_unknown_flag_is_an_error(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--learning-rat", "1e-4"])
+    assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_yaml_config_and_preset_precedence(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(train_module, "train", lambda config: seen.setdefault("config", config))
+    (tmp_path / "c.yaml").write_text("learning-rate: 2.0e-4\nbatch_size: 64\n")
+    cli_main(["train", "--preset", "reg-sit-b2-dinov2b", "--config", str(tmp_path / "c.yaml"), "--batch-size", "32"])
+    config = seen["config"]
+    assert config.model == "SiT-B/2" and config.encoder_depth == 4  # preset
+    assert config.learning_rate == 2e-4  # YAML over preset and default
+    assert config.batch_size == 32  # explicit flag over YAML
+    (tmp_path / "bad.yaml").write_text("learning_rat: 1\n")
+    with pytest.raises(SystemExit, match="unknown settings learning_rat"):
+        cli_main(["train", "--config", str(tmp_path / "bad.yaml")])
+    assert set(PRESETS) >= {"reg-sit-xl2-dinov2b", "reg-sit-b2-dinov2b", "repa-sit-xl2-dinov2b", "sit-xl2"}
