@@ -1,0 +1,152 @@
+"""Sampling speed: images/s of an official-style loop (generate.py: eager float32, one global noise stream per batch)
+against regdit's `sample_batch` (per-sample seeds) in float32, with bf16 autocast, and with bf16 + torch.compile, for
+the published REG guidance (cfg 2.3, cls-cfg 2.3, interval [0, 0.85]) with the 250-step SDE and a 50-step Heun ODE.
+Random weights: speed does not depend on them. TFLOP/s counts the model's FLOPs (torch's FlopCounterMode) only.
+
+    python benchmarks/bench_sample.py --model SiT-XL/2 --device cuda --batch-size 32 --decode
+    python benchmarks/bench_sample.py --tiny            # a tiny model on the CPU, seconds
+"""
+import argparse
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from regdit.models import SiT, create_model
+from regdit.sample import sample_batch
+from regdit.samplers import euler_maruyama_sampler, euler_sampler
+from regdit.vae import decode_latents
+
+GUIDANCE = dict(cfg_scale=2.3, cls_cfg_scale=2.3, guidance_low=0.0, guidance_high=0.85, path_type="linear")
+MODES = {"SDE 250": dict(mode="sde", num_steps=250, heun=False), "ODE Heun 50": dict(mode="ode", num_steps=50, heun=True)}
+
+
+def official_batch(model, vae, batch_size, mode, num_steps, heun):
+    """The body of the official generate.py loop: batch noise and labels from the global RNG, eager float32."""
+    device, size = model.pos_embed.device, int(model.x_embedder.num_patches ** 0.5) * model.patch_size
+    z = torch.randn(batch_size, model.in_channels, size, size, device=device)
+    y = torch.randint(0, model.num_classes, (batch_size,), device=device)
+    cls_z = torch.randn(batch_size, model.z_dims[0], device=device)
+    if mode == "sde":
+        x = euler_maruyama_sampler(model, z, cls_z, y, num_steps=num_steps, **GUIDANCE)
+    else:
+        x = euler_sampler(model, z, cls_z, y, num_steps=num_steps, heun=heun, **GUIDANCE)
+    return decode_latents(vae, x.float()).cpu().numpy()
+
+
+class RowCounter(torch.nn.Module):
+    """A stand-in model that counts the rows it is called on: model evaluations per image, guidance included."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.num_classes, self.rows = model.num_classes, 0
+
+    def forward(self, x, t, y, cls_token=None):
+        self.rows += x.shape[0]
+        return torch.zeros_like(x), [], torch.zeros_like(cls_token)
+
+
+def evaluations_per_image(model, mode, num_steps, heun):
+    counter = RowCounter(model)
+    x, cls, y = torch.zeros(1, 1, 1, 1), torch.zeros(1, 1), torch.zeros(1, dtype=torch.long)
+    if mode == "sde":
+        euler_maruyama_sampler(counter, x, cls, y, num_steps=num_steps, **GUIDANCE)
+    else:
+        euler_sampler(counter, x, cls, y, num_steps=num_steps, heun=heun, **GUIDANCE)
+    return counter.rows
+
+
+def model_flops(model):
+    """FLOPs of one model evaluation of one image."""
+    device, size = model.pos_embed.device, int(model.x_embedder.num_patches ** 0.5) * model.patch_size
+    x, t = torch.zeros(1, model.in_channels, size, size, device=device), torch.zeros(1, device=device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x, t, torch.zeros(1, dtype=torch.long, device=device), cls_token=torch.zeros(1, model.z_dims[0],
+                                                                                            device=device))
+    return counter.get_total_flops()
+
+
+def images_per_second(run, batch_size, num_steps, device, repeats):
+    """Time `repeats` full batches after a 2-step warm-up batch (compilation, autotuning, allocator)."""
+    run(2)
+    torch.cuda.synchronize() if device.type == "cuda" else None
+    start = time.perf_counter()
+    for _ in range(repeats):
+        run(num_steps)
+    torch.cuda.synchronize() if device.type == "cuda" else None
+    return batch_size * repeats / (time.perf_counter() - start)
+
+
+def build(args, device):
+    if args.tiny:
+        model = SiT(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10,
+                    z_dims=[16], projector_dim=32, encoder_depth=1)
+    else:
+        model = create_model(args.model, input_size=args.resolution // 8, num_classes=1000, z_dims=[768],
+                             encoder_depth=8)
+    vae = None
+    if args.decode:
+        from diffusers import AutoencoderKL
+        vae = (AutoencoderKL(block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+                             up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=8)
+               if args.tiny else  # the sd-vae-ft-ema architecture
+               AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                             up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2))
+        vae = vae.to(device).eval()
+    return model.to(device).eval(), vae
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default="SiT-XL/2", help="model size and patch")
+    parser.add_argument("--resolution", type=int, default=256, help="image resolution (latents are 1/8)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per batch (guided steps double it)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed batches per row")
+    parser.add_argument("--decode", action="store_true", help="include the VAE decode (random sd-vae-ft-ema weights)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="include the torch.compile row (unset: not with --tiny, where compiling takes longest)")
+    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                        help="TF32 matmuls for float32 (the official generate.py default)")
+    parser.add_argument("--tiny", action="store_true", help="a tiny model (32 px) on the CPU with batch 8")
+    args = parser.parse_args()
+    if args.tiny:
+        args.device, args.batch_size, args.model, args.resolution = "cpu", 8, "tiny SiT", 32
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    torch.manual_seed(0)
+    model, vae = build(args, device)
+    compiled = torch.compile(model) if args.compile or (args.compile is None and not args.tiny) else None
+    flops = model_flops(model)
+
+    variants = {
+        "official-style eager fp32": lambda setting, steps: official_batch(
+            model, vae, args.batch_size, setting["mode"], steps, setting["heun"]),
+        "regdit fp32": lambda setting, steps: sample_batch(
+            model, vae, range(args.batch_size), **{**setting, "num_steps": steps}, **GUIDANCE),
+        "regdit bf16": lambda setting, steps: sample_batch(
+            model, vae, range(args.batch_size), **{**setting, "num_steps": steps}, mixed_precision="bf16", **GUIDANCE),
+    }
+    if compiled is not None:
+        variants["regdit bf16 + compile"] = lambda setting, steps: sample_batch(
+            compiled, vae, range(args.batch_size), **{**setting, "num_steps": steps}, mixed_precision="bf16",
+            **GUIDANCE)
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"{args.model} at {args.resolution} px, batch {args.batch_size}, {'with' if vae else 'without'} VAE decode, "
+          f"TF32 {'on' if args.tf32 else 'off'}, {name}, torch {torch.__version__}")
+    print(f"{'variant':28s} {'mode':12s} {'images/s':>10s} {'TFLOP/s':>9s} {'speed-up':>9s}")
+    for mode_name, setting in MODES.items():
+        evaluations = evaluations_per_image(model, **setting)
+        baseline = None
+        for variant, run in variants.items():
+            rate = images_per_second(lambda steps: run(setting, steps), args.batch_size, setting["num_steps"], device,
+                                     args.repeats)
+            baseline = baseline or rate
+            print(f"{variant:28s} {mode_name:12s} {rate:10.3g} {rate * evaluations * flops / 1e12:9.3g} "
+                  f"{rate / baseline:8.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()

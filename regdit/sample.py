@@ -1,0 +1,317 @@
+"""`regdit sample`: class-conditional samples as `%06d.png` files and an ADM `.npz`, like the official generate.py,
+deterministic per sample index, resumable, on one or many processes (`accelerate launch` / `torchrun`).
+
+Seeds. Sample index i has its own random stream, `torch.Generator(device).manual_seed(global_seed * 2**32 + i)`,
+which draws, in this order: the label (uniform over the classes like the official code, or i % num_classes with
+--balanced), the initial latents (C, h, w), the class token (cls,), then the SDE noise of every step. An image is
+therefore a function of its index and the settings, not of the number of processes or of the batch it is drawn in.
+Batches are chunks of --per-proc-batch-size consecutive indices, handed round-robin to the processes, so runs with
+the same batch size sample the very same batches and give bitwise-equal images for any number of processes.
+A different batch size changes only the float rounding of the batched matrix products (BLAS kernels depend on the
+matrix size), which can move a rare pixel by one level.
+
+Files. SAMPLE_DIR/RUN/%06d.png by global index, RUN/labels.npy, RUN/sample_settings.json (every setting), then
+SAMPLE_DIR/RUN.npz with `arr_0` (uint8 N x H x W x 3, the ADM format) and `labels` (int64 N). RUN is derived from the
+settings in the official style (`SiT-XL-2-last-size-256-vae-ema-cfg-2.3-...-seed-0-sde-250`).
+
+Resume. Every file is written to a temp file and renamed, so a file that exists is complete. A chunk with a missing
+PNG is sampled again whole, which reproduces its finished images bitwise, and only its missing PNGs are written.
+"""
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+from accelerate import PartialState
+from tqdm import tqdm
+
+from regdit import RegditError, __version__
+from regdit.checkpoint import convert_legacy_state_dict, load_checkpoint, load_state_dict_checked
+from regdit.models import MODEL_SIZES, SiT, SiT_models, create_model
+from regdit.samplers import euler_maruyama_sampler, euler_sampler
+from regdit.vae import decode_latents, load_vae, resolve_vae_name
+
+SETTINGS, LABELS = "sample_settings.json", "labels.npy"
+AUTOCAST_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Settings that may change when a run is resumed: they do not decide which image an index gets (the batch size only
+# at float-rounding level).
+RESUMABLE = ("num_fid_samples", "per_proc_batch_size", "num_processes", "compile", "regdit_version",
+             "torch_version")
+
+
+def vae_geometry(vae):
+    """(latent channels, downsampling factor) of a diffusers AutoencoderKL; pixel space (None) is (3, 1)."""
+    if vae is None:
+        return 3, 1
+    return vae.config.latent_channels, 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def build_model(checkpoint, source, vae, model_name=None, resolution=None, num_classes=None,
+                projector_embed_dims=None, encoder_depth=None, cls=None, qk_norm=None, fused_attn=True, legacy=False):
+    """The SiT of a checkpoint's EMA weights, loaded strictly. Each setting comes from its flag if given, else from
+    the checkpoint's stored config (regdit checkpoints and exports), else from the official generate.py defaults
+    (official checkpoints: generate.py builds the model from its flags alone)."""
+    weights = checkpoint["ema"]
+    channels, downsampling = vae_geometry(vae)
+    config = dict(checkpoint.get("model_config") or dict(
+        name="SiT-XL/2", input_size=256 // downsampling, in_channels=channels, num_classes=1000, z_dims=[768],
+        encoder_depth=8, qk_norm=False, use_cls_token="cls_projectors2.weight" in weights))  # REPA has no class token
+    flags = dict(input_size=resolution // downsampling if resolution else None, num_classes=num_classes,
+                 z_dims=[int(d) for d in projector_embed_dims.split(",")] if projector_embed_dims else None,
+                 encoder_depth=encoder_depth, qk_norm=qk_norm)
+    config.update({k: v for k, v in flags.items() if v is not None}, fused_attn=fused_attn)
+    name = config.pop("name", None)
+    if model_name is not None:  # the name fixes the architecture: forget the stored one
+        name = model_name
+        for key in ("depth", "hidden_size", "num_heads", "patch_size"):
+            config.pop(key, None)
+    model = SiT(**config) if "depth" in config else create_model(name, **config)
+    if legacy:
+        weights = convert_legacy_state_dict(weights, config["encoder_depth"])
+    load_state_dict_checked(model, weights, source)
+    if cls is not None and not model.use_cls_token:
+        raise RegditError(f"--cls {cls}: {source} has no class token (REPA/SiT weights); drop --cls")
+    if cls is not None and cls != model.z_dims[0]:
+        raise RegditError(f"--cls {cls} is not the class-token width {model.z_dims[0]} of {source}; "
+                          f"pass --cls {model.z_dims[0]}")
+    return model
+
+
+def model_label(model):
+    """`SiT-XL/2` for standard sizes, else `SiT-custom/p`."""
+    size = next((s for s, (d, w, _) in MODEL_SIZES.items() if (d, w) == (len(model.blocks), model.pos_embed.shape[-1])),
+                "custom")
+    return f"SiT-{size}/{model.patch_size}"
+
+
+def sample_generators(indices, global_seed, device):
+    return [torch.Generator(device).manual_seed(global_seed * 2**32 + i) for i in indices]
+
+
+def draw_labels(generators, indices, num_classes, balanced):
+    """The first draw of each sample's stream: a uniform label (official), or index % num_classes when balanced."""
+    if balanced:
+        return torch.tensor([i % num_classes for i in indices], device=generators[0].device)
+    return torch.stack([torch.randint(num_classes, (), generator=g, device=g.device) for g in generators])
+
+
+def write_atomic(path, write):
+    """`write(file)` into a temp file beside `path`, then rename: an interrupted run never leaves a partial file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def png_path(folder, index):
+    return folder / f"{index:06d}.png"
+
+
+def check_resumable(folder, settings):
+    """A run folder may only be continued with the settings that made its samples."""
+    path = folder / SETTINGS
+    if not path.is_file():
+        return
+    previous, current = json.loads(path.read_text()), json.loads(json.dumps(settings))
+    changed = [k for k in current if k not in RESUMABLE and previous.get(k) != current[k]]
+    if changed:
+        k = changed[0]
+        raise RegditError(f"{folder} holds samples made with other settings ({k} {previous.get(k)!r} there, "
+                          f"{current[k]!r} now): pass another --sample-dir, or delete that folder to start over")
+
+
+def pack_npz(folder, num_samples, npz_path):
+    """The PNGs 0..num_samples-1 and their labels as an ADM .npz: `arr_0` uint8 (N, H, W, 3), `labels` int64 (N,)."""
+    missing = [i for i in range(num_samples) if not png_path(folder, i).is_file()]
+    if missing:
+        raise RegditError(f"{folder} has {num_samples - len(missing)} of the {num_samples} samples asked for "
+                          f"(missing {png_path(folder, missing[0]).name} and {len(missing) - 1} more): "
+                          "run the same command again to sample the rest")
+    images = None
+    for i in tqdm(range(num_samples), desc="packing", unit="image", dynamic_ncols=True):
+        with PIL.Image.open(png_path(folder, i)) as image:
+            image = np.asarray(image.convert("RGB"))
+        if images is None:  # filled in place: 50k images at 256 px are 9.8 GB, held once
+            images = np.empty((num_samples, *image.shape), dtype=np.uint8)
+        images[i] = image
+    labels = np.load(folder / LABELS)[:num_samples].astype(np.int64)
+    write_atomic(npz_path, lambda f: np.savez(f, arr_0=images, labels=labels))
+
+
+def load_model_and_vae(model, vae, device, **model_flags):
+    """(model in eval mode on the device, VAE module or None, VAE name, checkpoint path or None, stored settings).
+
+    `model`: a SiT, or the path of an official or regdit `.pt` (its EMA weights) or a `.safetensors` export, built
+    by `build_model` with `model_flags`. `vae`: ema, mse, a Hub id, a `save_pretrained` folder or none; unset: the
+    checkpoint's, else ema (official). The stored settings hold the training path type when the checkpoint has one.
+    """
+    ckpt, stored = None, {}
+    if not isinstance(model, torch.nn.Module):
+        ckpt = Path(model)
+        checkpoint = load_checkpoint(ckpt)
+        # regdit checkpoints record the dataset's VAE; official and regdit ones the training path in their args
+        stored = dict(vae=checkpoint.get("latents", {}).get("vae"),
+                      path_type=getattr(checkpoint.get("args"), "path_type", None))
+    elif model_flags:
+        raise TypeError(f"{sorted(model_flags)} only apply when `model` is a checkpoint path")
+    vae = vae or stored.get("vae") or "ema"
+    with PartialState().main_process_first():  # one process fills the Hub cache, the others then read it
+        vae_model = load_vae(vae, device)
+    if ckpt is not None:
+        model = build_model(checkpoint, ckpt, vae_model, **model_flags)
+    channels, _ = vae_geometry(vae_model)
+    if model.in_channels != channels:
+        raise RegditError(f"the model denoises {model.in_channels}-channel latents but --vae {vae} gives {channels}: "
+                          "pass the VAE the model was trained with (none for pixel space)")
+    return model.eval().to(device), vae_model, vae, ckpt, stored
+
+
+@torch.no_grad()
+def sample_batch(model, vae, indices, global_seed=0, balanced=False, mode="sde", num_steps=250, heun=False,
+                 mixed_precision="no", **guidance):
+    """uint8 images (N, H, W, 3) of the sample indices, each drawn from its own stream (see the module docstring).
+    `guidance`: cfg_scale, cls_cfg_scale, guidance_low, guidance_high, path_type of the samplers."""
+    device = model.pos_embed.device
+    size = int(model.x_embedder.num_patches ** 0.5) * model.patch_size
+    generators = sample_generators(indices, global_seed, device)
+    y = draw_labels(generators, indices, model.num_classes, balanced)
+    x = torch.stack([torch.randn(model.in_channels, size, size, generator=g, device=device) for g in generators])
+    cls = (torch.stack([torch.randn(model.z_dims[0], generator=g, device=device) for g in generators])
+           if model.use_cls_token else None)
+    with torch.autocast(device.type, dtype=AUTOCAST_DTYPES[mixed_precision], enabled=mixed_precision != "no"):
+        if mode == "sde":
+            x = euler_maruyama_sampler(model, x, cls, y, num_steps=num_steps, generator=generators, **guidance)
+        else:
+            x = euler_sampler(model, x, cls, y, num_steps=num_steps, heun=heun, **guidance)
+    return decode_latents(vae, x.float()).cpu().numpy()  # float32 latents to the VAE, as generate.py
+
+
+def sample(model, sample_dir="samples", vae=None, num_samples=50_000, batch_size=32, mode="sde", num_steps=None,
+           heun=False, cfg_scale=1.0, cls_cfg_scale=0.0, guidance_low=0.0, guidance_high=1.0, path_type=None,
+           global_seed=0, balanced=False, mixed_precision="no", tf32=True, compile=False, **model_flags):
+    """Sample `num_samples` images into SAMPLE_DIR/RUN/ and pack them into SAMPLE_DIR/RUN.npz (the main process
+    writes it); returns the .npz path. `model`, `vae` and `model_flags`: see `load_model_and_vae` (a model object
+    is put in eval mode and moved to the device). `num_steps`: unset, 250 for the SDE and 50 for the ODE.
+    `path_type`: unset, the checkpoint's, else linear. `tf32` sets torch's global TF32 matmul switch, as generate.py
+    does. The other arguments are the command-line flags.
+    """
+    if heun and mode != "ode":
+        raise RegditError("--heun applies to --mode ode only (the SDE sampler is Euler-Maruyama)")
+    if cfg_scale < 1.0:
+        raise RegditError(f"--cfg-scale {cfg_scale} is below 1: pass 1 for no guidance or a larger scale")
+    if num_samples < 1 or batch_size < 1:
+        raise RegditError(f"--num-fid-samples {num_samples} and --per-proc-batch-size {batch_size} must be positive")
+    num_steps = num_steps or (250 if mode == "sde" else 50)
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    # several processes without a GPU (torchrun on CPU): accelerate picks gloo only when told to use the CPU
+    state = PartialState(cpu=int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.cuda.is_available())
+    model, vae_model, vae, ckpt, stored = load_model_and_vae(model, vae, state.device, **model_flags)
+    path_type = path_type or stored.get("path_type") or "linear"
+    channels, downsampling = vae_geometry(vae_model)
+    latent_size = int(model.x_embedder.num_patches ** 0.5) * model.patch_size
+    settings = dict(
+        ckpt=str(ckpt.resolve()) if ckpt else None, model=model_label(model), num_classes=model.num_classes,
+        latent_shape=[channels, latent_size, latent_size], cls_dim=model.z_dims[0] if model.use_cls_token else None,
+        vae=resolve_vae_name(vae), resolution=latent_size * downsampling, mode=mode, num_steps=num_steps, heun=heun,
+        cfg_scale=cfg_scale, cls_cfg_scale=cls_cfg_scale, guidance_low=guidance_low, guidance_high=guidance_high,
+        path_type=path_type, global_seed=global_seed, sample_seed="global_seed * 2**32 + index", balanced=balanced,
+        mixed_precision=mixed_precision, tf32=tf32, device=state.device.type, num_fid_samples=num_samples,
+        per_proc_batch_size=batch_size, num_processes=state.num_processes, compile=compile,
+        regdit_version=__version__, torch_version=torch.__version__)
+    run_name = (f"{settings['model'].replace('/', '-')}-{ckpt.stem if ckpt else 'model'}-size-{settings['resolution']}"
+                f"-vae-{Path(vae).name}-cfg-{float(cfg_scale)}-cls-cfg-{float(cls_cfg_scale)}"
+                f"-interval-{float(guidance_low)}-{float(guidance_high)}-seed-{global_seed}-{mode}-{num_steps}"
+                + "-heun" * heun + "-balanced" * balanced + f"-{mixed_precision}" * (mixed_precision != "no"))
+    folder = Path(sample_dir) / run_name
+    npz_path = folder.parent / f"{folder.name}.npz"
+
+    check_resumable(folder, settings)  # on every process, so that all of them stop together
+    if state.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(folder / SETTINGS, lambda f: f.write(json.dumps(settings, indent=2).encode() + b"\n"))
+        # a label is the first draw of its index's stream: all of them up front, for packing and for resumed runs
+        labels = draw_labels(sample_generators(range(num_samples), global_seed, state.device), range(num_samples),
+                             model.num_classes, balanced)
+        write_atomic(folder / LABELS, lambda f: np.save(f, labels.cpu().numpy().astype(np.int64)))
+    state.wait_for_everyone()
+    chunks = [range(start, min(start + batch_size, num_samples)) for start in range(0, num_samples, batch_size)]
+    pending = [chunk for chunk in chunks if not all(png_path(folder, i).is_file() for i in chunk)]
+    state.wait_for_everyone()  # all processes listed the same finished chunks before any writes new ones
+    state.print(f"{folder}: {num_samples - sum(map(len, pending))} of {num_samples} samples done, "
+                f"sampling {sum(map(len, pending))} on {state.num_processes} process(es)")
+
+    net = torch.compile(model) if compile else model
+    for chunk in tqdm(pending[state.process_index::state.num_processes], desc="sampling", unit="batch",
+                      disable=not state.is_main_process, dynamic_ncols=True):
+        images = sample_batch(net, vae_model, chunk, global_seed, balanced, mode, num_steps, heun, mixed_precision,
+                              cfg_scale=cfg_scale, cls_cfg_scale=cls_cfg_scale, guidance_low=guidance_low,
+                              guidance_high=guidance_high, path_type=path_type)
+        for i, image in zip(chunk, images):
+            if not png_path(folder, i).is_file():
+                write_atomic(png_path(folder, i), lambda f: PIL.Image.fromarray(image).save(f, format="PNG"))
+    state.wait_for_everyone()
+    if state.is_main_process:  # no barrier after packing: it can outlast the collective timeout (10 min on NCCL)
+        pack_npz(folder, num_samples, npz_path)
+    return npz_path
+
+
+def add_arguments(parser):
+    parser.add_argument("--ckpt", required=True,
+                        help="checkpoint: official or regdit .pt (EMA weights are used) or a .safetensors export")
+    group = parser.add_argument_group("model", "unset flags take the checkpoint's stored config (regdit checkpoints "
+                                      "and exports), else the official default in brackets")
+    group.add_argument("--model", default=None, choices=sorted(SiT_models), metavar="NAME",
+                       help=f"model size and patch, one of {', '.join(SiT_models)} [SiT-XL/2]")
+    group.add_argument("--resolution", type=int, default=None, help="image resolution [256]")
+    group.add_argument("--num-classes", type=int, default=None, help="number of classes [1000]")
+    group.add_argument("--projector-embed-dims", default=None, help="encoder widths, comma-separated [768]")
+    group.add_argument("--encoder-depth", type=int, default=None, help="block of the projection layer [8]")
+    group.add_argument("--cls", type=int, default=None, help="width of the entangled class token: the first "
+                       "projector width [768]; REPA/SiT checkpoints have none")
+    group.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=None, help="per-head q/k LayerNorm [off]")
+    group.add_argument("--fused-attn", action=argparse.BooleanOptionalAction, default=True,
+                       help="attention through F.scaled_dot_product_attention")
+    group.add_argument("--legacy", action=argparse.BooleanOptionalAction, default=False,
+                       help="early REPA checkpoints: rename decoder_blocks.i to blocks.{i + encoder depth}")
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--vae", default=None, help="ema, mse, a Hub id, a save_pretrained folder, or none for pixel "
+                       "space; unset: the checkpoint's VAE, else ema")
+    group.add_argument("--mode", default="sde", choices=["sde", "ode"],
+                       help="sde: the official Euler-Maruyama sampler; ode: Euler (or --heun) on the velocity")
+    group.add_argument("--num-steps", type=int, default=None, help="sampling steps; unset: 250 for sde, 50 for ode")
+    group.add_argument("--heun", action=argparse.BooleanOptionalAction, default=False, help="Heun steps for --mode ode")
+    group.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
+    group.add_argument("--cls-cfg-scale", type=float, default=0.0,
+                       help="guidance scale of the class token (0: its conditional drift)")
+    group.add_argument("--guidance-low", type=float, default=0.0, help="guidance only for t >= this")
+    group.add_argument("--guidance-high", type=float, default=1.0, help="guidance only for t <= this")
+    group.add_argument("--path-type", default=None, choices=["linear", "cosine"],
+                       help="interpolation path; unset: the checkpoint's training setting, else linear")
+    group.add_argument("--global-seed", type=int, default=0, help="seed; sample i uses global_seed * 2**32 + i")
+    group.add_argument("--balanced", action=argparse.BooleanOptionalAction, default=False,
+                       help="label i %% num_classes (equal counts) instead of uniform random labels")
+    group = parser.add_argument_group("output and speed")
+    group.add_argument("--num-fid-samples", type=int, default=50_000, help="number of samples")
+    group.add_argument("--per-proc-batch-size", type=int, default=32, help="batch size of each process")
+    group.add_argument("--sample-dir", default="samples", help="parent folder of the run folder and its .npz")
+    group.add_argument("--mixed-precision", default="no", choices=list(AUTOCAST_DTYPES),
+                       help="autocast of the model call (no: float32, as the official code)")
+    group.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                       help="TF32 matmuls on the GPU for float32 (the official default; --no-tf32: full float32)")
+    group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
+
+
+def main(args):
+    model_flags = dict(model_name=args.model, resolution=args.resolution, num_classes=args.num_classes,
+                       projector_embed_dims=args.projector_embed_dims, encoder_depth=args.encoder_depth, cls=args.cls,
+                       qk_norm=args.qk_norm, fused_attn=args.fused_attn, legacy=args.legacy)
+    npz_path = sample(args.ckpt, sample_dir=args.sample_dir, vae=args.vae, num_samples=args.num_fid_samples,
+                      batch_size=args.per_proc_batch_size, mode=args.mode, num_steps=args.num_steps, heun=args.heun,
+                      cfg_scale=args.cfg_scale, cls_cfg_scale=args.cls_cfg_scale, guidance_low=args.guidance_low,
+                      guidance_high=args.guidance_high, path_type=args.path_type, global_seed=args.global_seed,
+                      balanced=args.balanced, mixed_precision=args.mixed_precision, tf32=args.tf32, compile=args.compile,
+                      **model_flags)
+    PartialState().print(f"wrote {npz_path}")

@@ -1,0 +1,176 @@
+import argparse
+import functools
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import regdit.models
+import regdit.sample
+from regdit import RegditError
+from regdit.checkpoint import export
+from regdit.cli import main as cli_main
+from regdit.models import SiT
+from regdit.sample import pack_npz, sample
+
+TINY = dict(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10,
+            z_dims=[16], projector_dim=32, encoder_depth=1)
+GUIDED = dict(num_steps=6, cfg_scale=2.0, cls_cfg_scale=2.0, guidance_low=0.0, guidance_high=0.7)
+
+
+def tiny_model(**overrides):
+    """A tiny SiT whose weights are all perturbed, so that no output layer is zero and images depend on the noise."""
+    torch.manual_seed(0)
+    model = SiT(**{**TINY, **overrides})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny random VAE (save_pretrained), an official-format checkpoint of a tiny REG SiT and its safetensors export."""
+    from diffusers import AutoencoderKL
+    root = tmp_path_factory.mktemp("sample")
+    torch.manual_seed(0)
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8),
+                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                  layers_per_block=1, norm_num_groups=8, sample_size=32).save_pretrained(root / "vae")
+    weights = tiny_model().state_dict()
+    args = argparse.Namespace(model="custom", encoder_depth=1, path_type="linear", cls=0.03)
+    torch.save({"model": weights, "ema": weights, "opt": {}, "args": args, "steps": 1}, root / "last.pt")
+    export(root / "last.pt", root / "export", num_heads=2)
+    return dict(vae=str(root / "vae"), official=root / "last.pt", export=root / "export" / "model.safetensors")
+
+
+@pytest.fixture
+def one_thread():
+    """torchrun gives each process one thread: the single-process reference uses one too (same BLAS row blocking)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def load(npz_path):
+    with np.load(npz_path) as npz:
+        return npz["arr_0"], npz["labels"]
+
+
+def test_npz_format_and_images_independent_of_batch_size(files, tmp_path):
+    npz_path = sample(files["export"], tmp_path / "a", vae=files["vae"], num_samples=6, batch_size=6, **GUIDED)
+    images, labels = load(npz_path)
+    assert images.dtype == np.uint8 and images.shape == (6, 32, 32, 3)  # ADM: arr_0 uint8 NHWC
+    assert labels.dtype == np.int64 and labels.shape == (6,) and labels.min() >= 0 and labels.max() < 10
+    folder = npz_path.parent / npz_path.stem
+    assert sorted(p.name for p in folder.glob("*.png")) == [f"{i:06d}.png" for i in range(6)]
+    assert np.array_equal(np.load(folder / "labels.npy"), labels)
+    settings = json.loads((folder / "sample_settings.json").read_text())
+    assert settings["ckpt"] == str(files["export"]) and settings["cfg_scale"] == 2.0 and settings["vae"] == files["vae"]
+    assert settings["latent_shape"] == [4, 4, 4] and settings["cls_dim"] == 16 and settings["num_steps"] == 6
+    assert np.abs(images[0].astype(int) - images[1]).mean() > 5  # each index has its own noise
+
+    other, other_labels = load(sample(files["export"], tmp_path / "b", vae=files["vae"], num_samples=6, batch_size=4,
+                                      **GUIDED))
+    # Batches of 4 + 2 instead of 6: the batched matrix products round differently, which may move a rare pixel
+    # by one level; any seeding that depended on the batch would change whole images.
+    assert np.array_equal(other_labels, labels)
+    difference = np.abs(other.astype(int) - images)
+    assert difference.max() <= 1 and (difference > 0).mean() < 1e-3
+
+
+def test_same_images_with_one_and_two_processes(files, tmp_path, one_thread):
+    settings = ["--vae", files["vae"], "--num-fid-samples", "6", "--per-proc-batch-size", "2", "--num-steps", "6",
+                "--cfg-scale", "2.0", "--cls-cfg-scale", "2.0", "--guidance-high", "0.7"]
+    single = sample(files["export"], tmp_path / "one", vae=files["vae"], num_samples=6, batch_size=2, **GUIDED)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "regdit",
+                          "sample", "--ckpt", str(files["export"]), "--sample-dir", str(tmp_path / "two"), *settings],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    two = tmp_path / "two" / single.name
+    assert f"wrote {two}" in run.stdout
+    assert json.loads((two.with_name(two.stem) / "sample_settings.json").read_text())["num_processes"] == 2
+    for a, b in zip(load(single), load(two)):
+        assert np.array_equal(a, b)
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_interruption_gives_the_same_npz(files, tmp_path, monkeypatch):
+    run = dict(vae=files["vae"], num_samples=8, batch_size=2, **GUIDED)
+    reference = load(sample(files["export"], tmp_path / "reference", **run))
+
+    calls, sampler = [], regdit.sample.euler_maruyama_sampler
+
+    def recorded(*args, kill_at=None, **kwargs):
+        calls.append(args[1].shape[0])  # the batch size
+        if len(calls) == kill_at:
+            raise Killed
+        return sampler(*args, **kwargs)
+    monkeypatch.setattr(regdit.sample, "euler_maruyama_sampler", functools.partial(recorded, kill_at=3))
+    with pytest.raises(Killed):
+        sample(files["export"], tmp_path / "resumed", **run)
+    folder = next((tmp_path / "resumed").iterdir())
+    assert sorted(p.name for p in folder.glob("*.png")) == [f"{i:06d}.png" for i in range(4)]
+    (folder / "000003.png").unlink()  # as if killed while saving the second batch
+    with pytest.raises(RegditError, match=r"has 3 of the 8 samples asked for \(missing 000003.png and 4 more\)"):
+        pack_npz(folder, 8, tmp_path / "partial.npz")
+
+    calls.clear()
+    monkeypatch.setattr(regdit.sample, "euler_maruyama_sampler", recorded)
+    resumed = load(sample(files["export"], tmp_path / "resumed", **run))
+    assert calls == [2, 2, 2]  # the unfinished batch [2, 3] again, then [4, 5] and [6, 7]; [0, 1] is not redone
+    for a, b in zip(reference, resumed):
+        assert np.array_equal(a, b)
+
+    with pytest.raises(RegditError, match=r"holds samples made with other settings \(path_type 'linear' there"):
+        sample(files["export"], tmp_path / "resumed", path_type="cosine", **run)
+
+
+def test_official_checkpoint_from_flags_samples_like_its_export(files, tmp_path, monkeypatch):
+    # official checkpoints are built from the flags (generate.py); a tiny size stands in for SiT-XL/2
+    monkeypatch.setitem(regdit.models.SiT_models, "SiT-T/2",
+                        lambda **kw: SiT(depth=2, hidden_size=32, num_heads=2, patch_size=2, projector_dim=32, **kw))
+    run = dict(vae=files["vae"], num_samples=2, batch_size=2, mode="ode", heun=True, num_steps=3)
+    official = sample(files["official"], tmp_path, model_name="SiT-T/2", resolution=32, num_classes=10,
+                      projector_embed_dims="16", encoder_depth=1, cls=16, **run)
+    exported = sample(files["export"], tmp_path, **run)
+    assert official.name.startswith("SiT-custom-2-last-size-32-vae-vae-cfg-1.0")
+    for a, b in zip(load(official), load(exported)):
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--projector-embed-dims", "8"], r"model.safetensors does not match the model: .*check .*--projector-embed-dims"),
+    (["--resolution", "64"], r"does not match the model: .*check --resolution"),
+    (["--cls", "8"], r"--cls 8 is not the class-token width 16 of .*model.safetensors; pass --cls 16"),
+    (["--vae", "none"], r"denoises 4-channel latents but --vae none gives 3: pass the VAE the model was trained with"),
+])
+def test_checkpoint_that_does_not_match_the_flags(files, tmp_path, flags, message):
+    argv = ["sample", "--ckpt", str(files["export"]), "--vae", files["vae"], "--sample-dir", str(tmp_path), *flags]
+    with pytest.raises(SystemExit) as error:
+        cli_main(argv)
+    assert "\n" not in str(error.value)
+    assert re.search(message, str(error.value)), error.value
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_pixel_space_repa_model_object_with_balanced_labels(tmp_path):
+    # the demo's setting: a model object, no VAE (3-channel 8 px "latents" are the images), REPA (no class token)
+    model = tiny_model(input_size=8, in_channels=3, use_cls_token=False).train()
+    npz_path = sample(model, tmp_path, vae="none", num_samples=12, batch_size=5, balanced=True, mode="ode",
+                      num_steps=4, cfg_scale=1.5, mixed_precision="bf16")
+    images, labels = load(npz_path)
+    assert not model.training
+    assert images.shape == (12, 8, 8, 3) and labels.tolist() == [i % 10 for i in range(12)]
+    assert npz_path.name == "SiT-custom-2-model-size-8-vae-none-cfg-1.5-cls-cfg-0.0-interval-0.0-1.0-seed-0-ode-4-balanced-bf16.npz"
+    assert images.std() > 10
