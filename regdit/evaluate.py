@@ -485,14 +485,15 @@ def add_arguments(parser):
     parser.add_argument("--ref-images", type=int, default=10000,
                         help="with --make-ref: images kept in arr_0 for recall (the statistics use all images)")
     parser.add_argument("--inception-weights", metavar="PATH",
-                        help=f"{INCEPTION_WEIGHTS_FILE} (from {URL_INCEPTION_V3}); default: ${INCEPTION_WEIGHTS_ENV}, "
+                        help=f"{INCEPTION_WEIGHTS_FILE} (from {URL_INCEPTION_V3}); None: ${INCEPTION_WEIGHTS_ENV}, "
                              f"else torch-fidelity's download cache")
     parser.add_argument("--batch-size", type=int, default=64, help="images per Inception forward")
-    parser.add_argument("--num-samples", type=int, help="evaluate exactly the first N images (default: all)")
+    parser.add_argument("--num-samples", type=int,
+                        help="evaluate exactly the first N samples (--make-ref: the first N images); None: all")
     parser.add_argument("--output", metavar="PATH",
-                        help="metrics JSON (default: SAMPLES.metrics.json beside the samples); with --make-ref the "
+                        help="metrics JSON; None: SAMPLES.metrics.json beside the samples. With --make-ref: the "
                              "reference .npz to write")
-    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--device", help="torch device; None: cuda if available, else cpu")
 
 
 def main(args):
