@@ -22,9 +22,10 @@ def load_checkpoint(path):
     if not path.is_file():
         raise RegditError(f"checkpoint {path} does not exist: pass the path of a .pt or .safetensors file")
     try:
-        if path.suffix == ".safetensors":
-            config_path = path.with_name("config.json")
-            return {"ema": load_file(path), "model_config": json.loads(config_path.read_text())}
+        if path.suffix == ".safetensors":  # an export: settings in config.json beside it
+            config = json.loads(path.with_name("config.json").read_text())
+            return {"ema": load_file(path), "model_config": config["model"], "latents": config.get("latents") or {},
+                    "args": argparse.Namespace(path_type=config.get("path_type"))}
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zip, bad pickle, foreign format: all unreadable for the user
         raise RegditError(f"checkpoint {path} is unreadable ({type(error).__name__}: {str(error).splitlines()[0]}): "
@@ -60,6 +61,8 @@ def _setting_hint(keys):
         return "--resolution or the patch size in --model"
     if any(".q_norm" in k or ".k_norm" in k for k in keys):
         return "--qk-norm"
+    if any(k.startswith("y_embedder") for k in keys):
+        return "--num-classes"
     return "--model"
 
 
@@ -142,7 +145,9 @@ def export(checkpoint_path, output_dir, **overrides):
     output_dir.mkdir(parents=True, exist_ok=True)
     ema = {k: v.contiguous() for k, v in checkpoint["ema"].items()}
     save_file(ema, output_dir / "model.safetensors", metadata={"format": "pt"})
-    (output_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    settings = dict(model=config, latents=checkpoint.get("latents"),  # the VAE and latent scale of regdit runs
+                    path_type=getattr(checkpoint.get("args"), "path_type", None))
+    (output_dir / "config.json").write_text(json.dumps(settings, indent=2) + "\n")
     return output_dir / "model.safetensors"
 
 

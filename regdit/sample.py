@@ -28,7 +28,7 @@ import torch
 from accelerate import PartialState
 from tqdm import tqdm
 
-from regdit import RegditError, __version__
+from regdit import RegditError, __version__, cpu_launch
 from regdit.checkpoint import convert_legacy_state_dict, load_checkpoint, load_state_dict_checked
 from regdit.models import MODEL_SIZES, SiT, SiT_models, create_model
 from regdit.samplers import euler_maruyama_sampler, euler_sampler
@@ -206,8 +206,7 @@ def sample(model, sample_dir="samples", vae=None, num_samples=50_000, batch_size
         raise RegditError(f"--num-fid-samples {num_samples} and --per-proc-batch-size {batch_size} must be positive")
     num_steps = num_steps or (250 if mode == "sde" else 50)
     torch.backends.cuda.matmul.allow_tf32 = tf32
-    # several processes without a GPU (torchrun on CPU): accelerate picks gloo only when told to use the CPU
-    state = PartialState(cpu=int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.cuda.is_available())
+    state = PartialState(cpu=cpu_launch())
     model, vae_model, vae, ckpt, stored = load_model_and_vae(model, vae, state.device, **model_flags)
     path_type = path_type or stored.get("path_type") or "linear"
     channels, downsampling = vae_geometry(vae_model)

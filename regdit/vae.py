@@ -65,9 +65,9 @@ def encode_moments(vae, images):
 
 @torch.no_grad()
 def decode_latents(vae, latents):
-    """Scaled latents (N, C, h, w) -> uint8 images (N, H, W, 3) with the official generate.py mapping."""
-    if vae is None:
-        x = latents.float()
-    else:
-        x = vae.decode((latents / LATENT_SCALE).to(vae.device, vae.dtype)).sample.float()
-    return torch.clamp(127.5 * x + 128.0, 0, 255).permute(0, 2, 3, 1).to(torch.uint8)
+    """Scaled latents (N, C, h, w) -> uint8 images (N, H, W, 3)."""
+    if vae is None:  # pixel space (regdit's own setting): the exact inverse of encode_moments, rounded
+        return torch.clamp(((latents.float() + 1) * 127.5).round(), 0, 255).permute(0, 2, 3, 1).to(torch.uint8)
+    x = vae.decode((latents / LATENT_SCALE).to(vae.device, vae.dtype)).sample.float()
+    # official generate.py: x = (x + 1) / 2, then clamp(255 * x, 0, 255) truncated to uint8
+    return torch.clamp(255.0 * ((x + 1) / 2), 0, 255).permute(0, 2, 3, 1).to(torch.uint8)

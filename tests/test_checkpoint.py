@@ -42,7 +42,8 @@ def test_pickled_code_is_refused(tmp_path):
 @pytest.mark.parametrize("override,hint", [({"z_dims": [16]}, "--projector-embed-dims"),
                                            ({"use_cls_token": False}, "--cls"),
                                            ({"depth": 3}, "--model"),
-                                           ({"qk_norm": True}, "--qk-norm")])
+                                           ({"qk_norm": True}, "--qk-norm"),
+                                           ({"num_classes": 20}, "--num-classes")])
 def test_mismatched_settings_name_the_flag(official_tiny, override, hint):
     checkpoint, _ = official_tiny
     with pytest.raises(RegditError, match=hint) as error:
@@ -70,7 +71,8 @@ def test_export_to_safetensors_round_trip(official_tiny, tmp_path):
     cli_main(["export", str(FIXTURES / "official_tiny_a_ckpt.pt"), "--output", str(tmp_path / "export"),
               "--num-heads", "4"])
     config = json.loads((tmp_path / "export" / "config.json").read_text())
-    assert config["z_dims"] == [32] and config["use_cls_token"] is True
+    assert config["model"]["z_dims"] == [32] and config["model"]["use_cls_token"] is True
+    assert config["path_type"] == "linear"  # from the official args, for sampling
     exported = load_checkpoint(tmp_path / "export" / "model.safetensors")
     model = build_model_from_checkpoint(exported, "export").eval()
     for k, v in checkpoint["ema"].items():

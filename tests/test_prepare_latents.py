@@ -95,9 +95,10 @@ def test_encode_and_decode_match_diffusers(vae_dir):
 
     latents = torch.randn(2, 4, 4, 4)
     decoded = vae_lib.decode_latents(vae, latents)
-    x = tiny_vae().decode(latents / 0.18215).sample
+    with torch.no_grad():  # the official generate.py mapping, on the loaded VAE's own decode
+        x = vae.decode(latents / 0.18215).sample
     assert decoded.shape == (2, 32, 32, 3) and decoded.dtype == torch.uint8
-    assert torch.equal(decoded, torch.clamp(127.5 * x + 128.0, 0, 255).permute(0, 2, 3, 1).to(torch.uint8))
+    assert torch.equal(decoded, torch.clamp(255.0 * ((x + 1) / 2), 0, 255).permute(0, 2, 3, 1).to(torch.uint8))
 
 
 def test_pixel_space_round_trips_exactly():
