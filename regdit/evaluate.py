@@ -341,7 +341,7 @@ class ManifoldEstimator:
             return self._squared_distances(u, v)
 
     def _tensor(self, array):
-        return torch.as_tensor(np.asarray(array, np.float32), device=self.device)
+        return torch.as_tensor(np.ascontiguousarray(array, np.float32), device=self.device)
 
     def manifold_radii(self, features):
         """(N, len(nhood_sizes)) float32 radii: the k-th smallest squared distance of each row to all rows."""

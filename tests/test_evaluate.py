@@ -282,6 +282,7 @@ def test_precision_recall_direction_and_third_neighbour_radii():
     # precision: 3 of 5 samples lie inside the reference manifold, 7 exactly on the radius of 4 (<=); recall:
     # the first sample's radius (29.5^2) covers every reference point
     assert estimator.precision_recall(ref, samples) == (0.6, 1.0)
+    assert estimator.precision_recall(ref[::-1], samples[::-1]) == (0.6, 1.0)  # order-free; any numpy strides
 
 
 # ---- the command ------------------------------------------------------------------------------------------------
