@@ -142,7 +142,7 @@ def main():
     baseline = {}
     for model_name, variant, n, ips, gflops, mfu in rows:
         baseline.setdefault(model_name, ips)
-        print(f"{model_name:<10} {variant:<16} {n:>5} {ips:>10.1f} {gflops:>10.1f} {mfu:>6.1%} "
+        print(f"{model_name:<10} {variant:<16} {n:>5} {ips:>10.1f} {gflops:>10.3g} {mfu:>6.1%} "
               f"{ips / baseline[model_name]:>7.2f}x")
 
 
