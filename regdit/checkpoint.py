@@ -3,13 +3,12 @@ without executing pickled code; atomic writes; strict loading with errors that n
 `regdit export` command (EMA weights to safetensors + config JSON)."""
 import argparse
 import json
-import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from regdit import RegditError
+from regdit import RegditError, atomic_write
 from regdit.models import MODEL_SIZES, SiT
 
 torch.serialization.add_safe_globals([argparse.Namespace])  # official checkpoints pickle their argparse args
@@ -36,19 +35,10 @@ def load_checkpoint(path):
 
 
 def save_checkpoint(obj, path):
-    """torch.save to a temp file in the same folder, fsync, then rename: a crash or a full disk never leaves a
-    half-written checkpoint in place of the previous one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """torch.save through `atomic_write`: the previous checkpoint survives a crash or a full disk."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as f:
+        torch.save(obj, f)
 
 
 def _setting_hint(keys):

@@ -20,7 +20,7 @@ from scipy import linalg, special
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from tqdm import tqdm
 
-from regdit import RegditError
+from regdit import RegditError, atomic_write
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_ENV = "REGDIT_INCEPTION_WEIGHTS"
@@ -449,23 +449,10 @@ def make_reference(source, output, inception_weights=None, batch_size=64, num_im
         keep = np.unique(np.linspace(0, len(images) - 1, min(ref_images, len(images))).round().astype(int))
         arr_0 = np.stack([images[index:index + 1][0] for index in keep])
     (mu, sigma), (mu_s, sigma_s) = fid_statistics(activations["pool"]), fid_statistics(activations["spatial"])
-    with _atomic_write(output) as file:
+    with atomic_write(output) as file:
         np.savez(file, arr_0=arr_0, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
     return {"reference": os.path.abspath(output), "source": os.path.abspath(source),
             "images_in_statistics": len(activations["pool"]), "images_in_arr_0": len(arr_0)}
-
-
-@contextlib.contextmanager
-def _atomic_write(path):
-    """Write to a temporary file beside `path`, then rename: an existing file survives a failed write."""
-    temporary = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(temporary, "wb") as file:
-            yield file
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -520,6 +507,6 @@ def main(args):
     print(f"{'metric':<16} {'value':>10}")
     for key, name in METRIC_NAMES.items():
         print(f"{name:<16} {results[key]:>10.4f}")
-    with _atomic_write(output) as file:
+    with atomic_write(output) as file:
         file.write(json.dumps(results, indent=2).encode())
     print(f"wrote {output}")

@@ -19,7 +19,6 @@ PNG is sampled again whole, which reproduces its finished images bitwise, and on
 """
 import argparse
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,7 @@ import torch
 from accelerate import PartialState
 from tqdm import tqdm
 
-from regdit import RegditError, __version__, cpu_launch
+from regdit import RegditError, __version__, atomic_write, cpu_launch
 from regdit.checkpoint import convert_legacy_state_dict, load_checkpoint, load_state_dict_checked
 from regdit.models import MODEL_SIZES, SiT, SiT_models, create_model
 from regdit.samplers import euler_maruyama_sampler, euler_sampler
@@ -98,14 +97,6 @@ def draw_labels(generators, indices, num_classes, balanced):
     return torch.stack([torch.randint(num_classes, (), generator=g, device=g.device) for g in generators])
 
 
-def write_atomic(path, write):
-    """`write(file)` into a temp file beside `path`, then rename: an interrupted run never leaves a partial file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
-
-
 def png_path(folder, index):
     return folder / f"{index:06d}.png"
 
@@ -138,7 +129,8 @@ def pack_npz(folder, num_samples, npz_path):
             images = np.empty((num_samples, *image.shape), dtype=np.uint8)
         images[i] = image
     labels = np.load(folder / LABELS)[:num_samples].astype(np.int64)
-    write_atomic(npz_path, lambda f: np.savez(f, arr_0=images, labels=labels))
+    with atomic_write(npz_path) as f:
+        np.savez(f, arr_0=images, labels=labels)
 
 
 def load_model_and_vae(model, vae, device, **model_flags):
@@ -230,11 +222,13 @@ def sample(model, sample_dir="samples", vae=None, num_samples=50_000, batch_size
     check_resumable(folder, settings)  # on every process, so that all of them stop together
     if state.is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
-        write_atomic(folder / SETTINGS, lambda f: f.write(json.dumps(settings, indent=2).encode() + b"\n"))
+        with atomic_write(folder / SETTINGS, "w") as f:
+            f.write(json.dumps(settings, indent=2) + "\n")
         # a label is the first draw of its index's stream: all of them up front, for packing and for resumed runs
         labels = draw_labels(sample_generators(range(num_samples), global_seed, state.device), range(num_samples),
                              model.num_classes, balanced)
-        write_atomic(folder / LABELS, lambda f: np.save(f, labels.cpu().numpy().astype(np.int64)))
+        with atomic_write(folder / LABELS) as f:
+            np.save(f, labels.cpu().numpy().astype(np.int64))
     state.wait_for_everyone()
     chunks = [range(start, min(start + batch_size, num_samples)) for start in range(0, num_samples, batch_size)]
     pending = [chunk for chunk in chunks if not all(png_path(folder, i).is_file() for i in chunk)]
@@ -250,7 +244,8 @@ def sample(model, sample_dir="samples", vae=None, num_samples=50_000, batch_size
                               guidance_high=guidance_high, path_type=path_type)
         for i, image in zip(chunk, images):
             if not png_path(folder, i).is_file():
-                write_atomic(png_path(folder, i), lambda f: PIL.Image.fromarray(image).save(f, format="PNG"))
+                with atomic_write(png_path(folder, i), sync=False) as f:
+                    PIL.Image.fromarray(image).save(f, format="PNG")
     state.wait_for_everyone()
     if state.is_main_process:  # no barrier after packing: it can outlast the collective timeout (10 min on NCCL)
         pack_npz(folder, num_samples, npz_path)

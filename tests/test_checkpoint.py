@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from regdit import RegditError
-from regdit.checkpoint import (build_model_from_checkpoint, export, load_checkpoint, model_config_from_checkpoint,
+from regdit.checkpoint import (build_model_from_checkpoint, load_checkpoint, model_config_from_checkpoint,
                                save_checkpoint)
 from regdit.cli import main as cli_main
 from conftest import FIXTURES

@@ -6,7 +6,6 @@ import pytest
 import safetensors.torch
 import timm
 import torch
-import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from timm.layers import resample_abs_pos_embed
 from torch import nn

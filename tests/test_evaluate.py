@@ -1,5 +1,5 @@
 """ADM-evaluator semantics of `regdit eval`, on random Inception weights saved to a file and loaded by path."""
-import argparse
+import datetime
 import json
 
 import numpy as np
@@ -91,7 +91,7 @@ def test_missing_inception_weights_say_where_to_get_them(tmp_path, monkeypatch):
 
 
 def test_weights_that_are_not_an_inception_state_dict_are_refused(tmp_path):
-    torch.save({"config": argparse.Namespace(a=1)}, tmp_path / "pickled.pth")  # needs unpickling code
+    torch.save({"config": datetime.date(2015, 12, 5)}, tmp_path / "pickled.pth")  # needs unpickling code
     with pytest.raises(RegditError, match="not a loadable Inception state dict"):
         load_inception(tmp_path / "pickled.pth", device="cpu")
     torch.save({"fc.weight": torch.zeros(3)}, tmp_path / "other.pth")
