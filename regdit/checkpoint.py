@@ -11,7 +11,6 @@ from safetensors.torch import load_file, save_file
 from regdit import RegditError, atomic_write
 from regdit.models import MODEL_SIZES, SiT
 
-torch.serialization.add_safe_globals([argparse.Namespace])  # official checkpoints pickle their argparse args
 
 
 def load_checkpoint(path):
@@ -25,7 +24,9 @@ def load_checkpoint(path):
             config = json.loads(path.with_name("config.json").read_text())
             return {"ema": load_file(path), "model_config": config["model"], "latents": config.get("latents") or {},
                     "args": argparse.Namespace(path_type=config.get("path_type"))}
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        # official checkpoints pickle their argparse args; allowed per call (libraries may reset the global list)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zip, bad pickle, foreign format: all unreadable for the user
         raise RegditError(f"checkpoint {path} is unreadable ({type(error).__name__}: {str(error).splitlines()[0]}): "
                           "the file is truncated or corrupt; copy it again or use an earlier checkpoint") from None

@@ -1,10 +1,11 @@
 """`regdit train`: the official REG train.py semantics (DESIGN 4.3, 4.4) with accelerate, made fast, deterministic
 and resumable.
 
-Determinism: every random draw of a step (posterior sample, time, noise, class-token noise, label dropout) comes from a
-generator seeded by (seed, micro-step) that draws the *global* batch, of which each process takes its slice; the data
-order is a per-epoch permutation of (seed, epoch). So a run's randomness is a function of its step alone: resuming
-needs only the weights, the optimizer state and the step, and N processes with batch B train like one with N * B.
+Determinism: every random draw of an optimizer step (posterior sample, time, noise, class-token noise, label dropout)
+comes from a generator seeded by (seed, step) that draws the whole batch of the step, of which each process and each
+accumulation micro-batch takes its slice; the data order is a per-epoch permutation of (seed, epoch). So a run's
+randomness is a function of its step alone: resuming needs only the weights, the optimizer state and the step, and
+N processes x A accumulation steps x batch B train like one process with batch N * A * B.
 """
 import copy
 import dataclasses
@@ -106,27 +107,33 @@ def main(args):
 
 
 class ShardedBatchSampler(torch.utils.data.Sampler):
-    """Global batches of a per-epoch permutation; process `rank` takes its contiguous slice of each. Starts at
-    global batch `start` (resume)."""
+    """The batches of optimizer steps are consecutive slices of a per-epoch permutation; micro-batch m of process r
+    takes slice m * num_processes + r of its step's batch. Starts at step `start` of the epoch (resume)."""
 
-    def __init__(self, num_samples, local_batch, rank, num_processes, seed, epoch, start=0):
-        self.num_batches = num_samples // (local_batch * num_processes)  # drop the last incomplete batch
-        self.local_batch, self.rank, self.global_batch = local_batch, rank, local_batch * num_processes
+    def __init__(self, num_samples, batch_size, local_batch, rank, num_processes, seed, epoch, start=0):
+        self.num_steps = num_samples // batch_size  # drop the last incomplete batch
+        self.batch_size, self.local_batch, self.rank, self.num_processes = batch_size, local_batch, rank, num_processes
         self.order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed + epoch))
         self.start = start
 
     def __iter__(self):
-        for b in range(self.start, self.num_batches):
-            first = b * self.global_batch + self.rank * self.local_batch
-            yield self.order[first:first + self.local_batch].tolist()
+        for step in range(self.start, self.num_steps):
+            for micro in range(self.batch_size // (self.local_batch * self.num_processes)):
+                first = step * self.batch_size + local_slice(micro, self.rank, self.num_processes, self.local_batch)
+                yield self.order[first:first + self.local_batch].tolist()
 
     def __len__(self):
-        return self.num_batches - self.start
+        return (self.num_steps - self.start) * self.batch_size // (self.local_batch * self.num_processes)
 
 
-def step_randomness(config, micro_step, global_batch, latent_shape, cls_dim, device):
-    """All random draws of one micro-step for the global batch, from a generator seeded by (seed, micro_step)."""
-    seed = int(np.random.SeedSequence([config.seed, micro_step]).generate_state(1)[0])
+def local_slice(micro, rank, num_processes, local_batch):
+    """Offset of a process's micro-batch within its optimizer step's batch."""
+    return (micro * num_processes + rank) * local_batch
+
+
+def step_randomness(config, step, global_batch, latent_shape, cls_dim, device):
+    """All random draws of one optimizer step for its whole batch, from a generator seeded by (seed, step)."""
+    seed = int(np.random.SeedSequence([config.seed, step]).generate_state(1)[0])
     g = torch.Generator(device).manual_seed(seed)
     draws = dict(posterior=torch.randn(global_batch, *latent_shape, generator=g, device=device),
                  time=sample_time(global_batch, config.weighting, config.path_type, device, g),
@@ -191,12 +198,11 @@ def train(config: TrainConfig):
         raise RegditError(f"--batch-size {config.batch_size} must be divisible by processes x accumulation steps "
                           f"({micro_batches})")
     local_batch = config.batch_size // micro_batches
-    global_micro_batch = local_batch * world
 
     dataset = open_dataset(config.data_dir, config.resolution, seed=config.seed)
-    if len(dataset) < global_micro_batch:
+    if len(dataset) < config.batch_size:
         raise RegditError(f"{config.data_dir} has {len(dataset)} samples, fewer than one batch of "
-                          f"{global_micro_batch}: lower --batch-size")
+                          f"{config.batch_size}: lower --batch-size")
     _, moments, _ = dataset[0]
     latent_channels, latent_size = moments.shape[0] // 2, moments.shape[-1]
 
@@ -259,25 +265,29 @@ def train(config: TrainConfig):
         accelerator.wait_for_everyone()
 
     latent_shape = (latent_channels, latent_size, latent_size)
-    micro_steps_per_epoch = len(dataset) // global_micro_batch
-    micro_step = step * config.gradient_accumulation_steps
-    metric_sums = torch.zeros(len(LOGGED_METRICS), device=device)
+    steps_per_epoch = len(dataset) // config.batch_size
+    loss_sums = torch.zeros(len(LOGGED_METRICS) - 1, device=device)  # summed over micro-batches
+    grad_norm_sum = torch.zeros((), device=device)  # summed over optimizer steps
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-    logged, log_start, micro_since_log, grad_norm = [], time.perf_counter(), 0, torch.zeros((), device=device)
+    logged, log_start, micro_since_log, steps_since_log = [], time.perf_counter(), 0, 0
     metrics_file = exp_dir / "metrics.jsonl"
     progress = tqdm(total=config.max_train_steps, initial=step, disable=not accelerator.is_main_process,
                     desc="train", unit="step", dynamic_ncols=True)
     model.train()
-    while step < config.max_train_steps and micro_step // micro_steps_per_epoch < config.epochs:
-        epoch, start = divmod(micro_step, micro_steps_per_epoch)
+    while step < config.max_train_steps and step // steps_per_epoch < config.epochs:
+        epoch, start = divmod(step, steps_per_epoch)
         dataset.set_epoch(epoch)
-        sampler = ShardedBatchSampler(len(dataset), local_batch, rank, world, config.seed, epoch, start)
+        sampler = ShardedBatchSampler(len(dataset), config.batch_size, local_batch, rank, world, config.seed, epoch,
+                                      start)
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=config.num_workers,
                                              pin_memory=device.type == "cuda")
-        for images, moments, labels in loader:
+        for micro, (images, moments, labels) in enumerate(loader):
             images, moments, labels = (t.to(device, non_blocking=True) for t in (images, moments, labels))
-            draws = step_randomness(config, micro_step, global_micro_batch, latent_shape, cls_dim, device)
-            draws = {k: v[rank * local_batch:(rank + 1) * local_batch] for k, v in draws.items()}
+            micro %= config.gradient_accumulation_steps
+            if micro == 0:
+                step_draws = step_randomness(config, step, config.batch_size, latent_shape, cls_dim, device)
+            first = local_slice(micro, rank, world, local_batch)
+            draws = {k: v[first:first + local_batch] for k, v in step_draws.items()}
             with torch.no_grad():
                 mean, std = moments.chunk(2, dim=1)
                 x = (mean + std * draws["posterior"]) * dataset.latent_scale  # a fresh posterior sample each step
@@ -299,36 +309,39 @@ def train(config: TrainConfig):
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            micro_step += 1
             micro_since_log += 1
             cls_mean = terms["cls"].mean() * config.cls if terms["cls"] is not None else torch.zeros((), device=device)
-            metric_sums += torch.stack([loss.detach(), terms["denoise"].detach().mean(),
-                                        terms["proj"].detach().to(device), cls_mean.detach(), grad_norm.detach()])
+            loss_sums += torch.stack([loss.detach(), terms["denoise"].detach().mean(),
+                                      terms["proj"].detach().to(device), cls_mean.detach()])
             nonfinite |= ~torch.isfinite(loss.detach())
-            if mixed_precision != "fp16":  # under fp16 the grad scaler skips overflowing steps by design
-                nonfinite |= ~torch.isfinite(grad_norm)
             if not accelerator.sync_gradients:
                 continue
+            grad_norm_sum += grad_norm.detach()
+            if mixed_precision != "fp16":  # under fp16 the grad scaler skips overflowing steps by design
+                nonfinite |= ~torch.isfinite(grad_norm)
             update_ema(ema_params, model_params, config.ema_decay)
             step += 1
+            steps_since_log += 1
             progress.update(1)
 
             if step % config.log_every == 0 or step == config.max_train_steps:
                 if accelerator.gather(nonfinite[None]).any():  # the one host sync per logging interval
                     raise RegditError(f"non-finite loss or gradient before step {step}: stopping; the last good "
                                       f"checkpoint in {checkpoint_dir} is kept (try a lower --learning-rate or bf16)")
-                values = (accelerator.reduce(metric_sums, "mean") / micro_since_log).tolist()
+                sums = accelerator.reduce(torch.cat([loss_sums / micro_since_log, grad_norm_sum[None] / steps_since_log]),
+                                          "mean")
                 elapsed = time.perf_counter() - log_start
-                metrics = dict(zip(LOGGED_METRICS, values), step=step,
-                               images_per_sec=micro_since_log * global_micro_batch / elapsed)
+                metrics = dict(zip(LOGGED_METRICS, sums.tolist()), step=step,
+                               images_per_sec=steps_since_log * config.batch_size / elapsed)
                 logged.append(metrics)
                 if accelerator.is_main_process:
                     with open(metrics_file, "a") as f:
                         f.write(json.dumps(metrics) + "\n")
                     accelerator.log(metrics, step=step)
                     progress.set_postfix(loss=f"{metrics['loss_final']:.4f}", img_s=f"{metrics['images_per_sec']:.1f}")
-                metric_sums.zero_()
-                log_start, micro_since_log = time.perf_counter(), 0
+                loss_sums.zero_()
+                grad_norm_sum.zero_()
+                log_start, micro_since_log, steps_since_log = time.perf_counter(), 0, 0
             pause = time.perf_counter()  # checkpoints and previews do not count against images/s
             if step % config.checkpointing_steps == 0 or step == config.max_train_steps:
                 save(step)

@@ -21,6 +21,11 @@ def test_official_checkpoint_loads_with_weights_only(official_tiny):
     assert model_config_from_checkpoint(checkpoint, num_heads=4)["encoder_depth"] == 2  # from the saved args
 
 
+def test_official_checkpoint_loads_after_a_library_resets_the_allow_list(official_tiny):
+    torch.serialization.clear_safe_globals()  # accelerate's `load` does this as a side effect
+    assert load_checkpoint(FIXTURES / "official_tiny_a_ckpt.pt")["steps"] == 1
+
+
 def test_truncated_checkpoint_gives_one_line_error(tmp_path):
     data = (FIXTURES / "official_tiny_a_ckpt.pt").read_bytes()
     broken = tmp_path / "broken.pt"

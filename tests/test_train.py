@@ -66,7 +66,7 @@ def test_one_step_equals_hand_computed_loss_adamw_and_ema(tiny_data):
     torch.manual_seed(config.seed)
     model, _ = build_model(config, 3, 32, [encoder.embed_dim])
     initial = {k: v.clone() for k, v in model.named_parameters()}
-    indices = next(iter(ShardedBatchSampler(len(dataset), 8, 0, 1, config.seed, epoch=0)))
+    indices = next(iter(ShardedBatchSampler(len(dataset), 8, 8, 0, 1, config.seed, epoch=0)))
     images, moments, labels = (torch.stack([torch.as_tensor(dataset[i][j]) for i in indices]) for j in range(3))
     draws = step_randomness(config, 0, 8, (3, 32, 32), encoder.embed_dim, torch.device("cpu"))
     mean, std = moments.chunk(2, dim=1)
@@ -136,6 +136,13 @@ def test_two_processes_equal_one_with_twice_the_batch(tiny_data):
     subprocess.run(command, check=True, env=env, capture_output=True)
     double = load_checkpoint(tiny_data / "exps" / "double" / "checkpoints" / "0000003.pt")
     assert_states_equal(double, load_checkpoint(single["checkpoint"]), exact=False)
+
+
+def test_gradient_accumulation_equals_the_full_batch(tiny_data):
+    full = train(tiny_config(tiny_data, exp_name="full", max_train_steps=3))
+    accumulated = train(tiny_config(tiny_data, exp_name="accumulated", max_train_steps=3,
+                                    gradient_accumulation_steps=2))
+    assert_states_equal(load_checkpoint(accumulated["checkpoint"]), load_checkpoint(full["checkpoint"]), exact=False)
 
 
 def test_official_checkpoint_resumes_training(tmp_path, official_tiny):
