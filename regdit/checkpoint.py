@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from regdit import RegditError, atomic_write
 from regdit.models import MODEL_SIZES, SiT
@@ -131,14 +131,19 @@ def build_model_from_checkpoint(checkpoint, source, weights="ema", **overrides):
 def export(checkpoint_path, output_dir, **overrides):
     """EMA weights as `model.safetensors` + `config.json` (the SiT settings), the shareable form of a run."""
     checkpoint = load_checkpoint(checkpoint_path)
+    if "ema" not in checkpoint:
+        raise RegditError(f"{checkpoint_path} has no EMA weights (keys {', '.join(checkpoint)}): export a training "
+                          "checkpoint")
     config = model_config_from_checkpoint(checkpoint, **overrides)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     ema = {k: v.contiguous() for k, v in checkpoint["ema"].items()}
-    save_file(ema, output_dir / "model.safetensors", metadata={"format": "pt"})
     settings = dict(model=config, latents=checkpoint.get("latents"),  # the VAE and latent scale of regdit runs
                     path_type=getattr(checkpoint.get("args"), "path_type", None))
-    (output_dir / "config.json").write_text(json.dumps(settings, indent=2) + "\n")
+    with atomic_write(output_dir / "config.json", "w") as f:
+        f.write(json.dumps(settings, indent=2) + "\n")
+    with atomic_write(output_dir / "model.safetensors") as f:
+        f.write(save(ema, metadata={"format": "pt"}))
     return output_dir / "model.safetensors"
 
 

@@ -32,14 +32,14 @@ def build_parser(command=None):
 
 
 def parse_args(argv):
-    """Parse; a command whose module has `parser_defaults(args)` (presets, YAML files) gets a second parse with
-    those as defaults, so that explicit flags win."""
+    """Parse; a command whose module has `parser_defaults(args, parser)` (presets, YAML files) gets a second parse
+    with those as defaults, so that explicit flags win."""
     command = next((a for a in argv if a in COMMANDS), None)
     parser = build_parser(command)
     args = parser.parse_args(argv)
     module = importlib.import_module(COMMANDS[args.command][0])
     if hasattr(module, "parser_defaults"):
-        parser.command_parser.set_defaults(**module.parser_defaults(args))
+        parser.command_parser.set_defaults(**module.parser_defaults(args, parser.command_parser))
         args = parser.parse_args(argv)
     return module, args
 

@@ -42,7 +42,15 @@ def add_dataclass_arguments(parser, config_class):
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="a named recipe of the paper")
 
 
-def preset_and_yaml_defaults(args, config_class):
+def check_choices(parser, values, source):
+    """argparse checks `choices` of command-line values only: check preset and YAML values too."""
+    for action in parser._actions:
+        if action.dest in values and action.choices is not None and values[action.dest] not in action.choices:
+            raise RegditError(f"{source}: {action.dest} {values[action.dest]!r} is not one of "
+                              f"{', '.join(map(str, action.choices))}")
+
+
+def preset_and_yaml_defaults(args, config_class, parser):
     """Flag defaults from `--preset` and `--config FILE.yaml`, to be applied before the final parse so that
     explicit flags still win."""
     names = {f.name for f in dataclasses.fields(config_class)}
@@ -50,7 +58,10 @@ def preset_and_yaml_defaults(args, config_class):
     if args.config is not None:
         if not args.config.is_file():
             raise RegditError(f"config file {args.config} does not exist: pass a YAML file of flag values")
-        values = yaml.safe_load(args.config.read_text()) or {}
+        try:
+            values = yaml.safe_load(args.config.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise RegditError(f"config file {args.config} is not valid YAML ({' '.join(str(error).split())})") from None
         if not isinstance(values, dict):
             raise RegditError(f"config file {args.config} must be a mapping of flag names to values")
         values = {k.replace("-", "_"): v for k, v in values.items()}
@@ -58,6 +69,7 @@ def preset_and_yaml_defaults(args, config_class):
         if unknown:
             raise RegditError(f"config file {args.config} has unknown settings {', '.join(unknown)}: "
                               "see `regdit train --help` for the valid names")
+        check_choices(parser, values, f"config file {args.config}")
         defaults.update(values)
     return defaults
 

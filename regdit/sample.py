@@ -201,6 +201,9 @@ def sample(model, sample_dir="samples", vae=None, num_samples=50_000, batch_size
     state = PartialState(cpu=cpu_launch())
     model, vae_model, vae, ckpt, stored = load_model_and_vae(model, vae, state.device, **model_flags)
     path_type = path_type or stored.get("path_type") or "linear"
+    if cfg_scale > 1 and model.y_embedder.dropout_prob == 0:
+        raise RegditError("this model was trained without label dropout (--cfg-prob 0), so it has no null class for "
+                          "guidance: pass --cfg-scale 1")
     channels, downsampling = vae_geometry(vae_model)
     latent_size = int(model.x_embedder.num_patches ** 0.5) * model.patch_size
     settings = dict(

@@ -30,6 +30,9 @@ from regdit.loss import REGLoss, sample_time, total_loss
 from regdit.models import SiT_models, create_model
 
 LOGGED_METRICS = ("loss_final", "loss_mean", "proj_loss", "loss_mean_cls", "grad_norm")  # official names
+# Settings a resumed run may change: they do not alter what is trained (paths, logging, length, speed).
+RESUMABLE = {"output_dir", "logging_dir", "report_to", "log_every", "sampling_steps", "checkpointing_steps",
+             "resume_step", "max_train_steps", "epochs", "data_dir", "num_workers", "vae", "enc_path", "compile"}
 
 
 @dataclass
@@ -98,8 +101,8 @@ def add_arguments(parser):
     add_dataclass_arguments(parser, TrainConfig)
 
 
-def parser_defaults(args):
-    return preset_and_yaml_defaults(args, TrainConfig)
+def parser_defaults(args, parser):
+    return preset_and_yaml_defaults(args, TrainConfig, parser)
 
 
 def main(args):
@@ -168,6 +171,17 @@ def build_model(config, latent_channels, latent_size, z_dims):
     return model, model_config
 
 
+def check_resumable(checkpoint, config, path):
+    """A rerun resumes the run it finds: refuse when it was started with settings that change what is trained."""
+    saved = checkpoint.get("config")  # official checkpoints have none: their args are the user's to match
+    changed = [k for k, v in dataclasses.asdict(config).items()
+               if saved is not None and k not in RESUMABLE and k in saved and saved[k] != v]
+    if changed:
+        k = changed[0]
+        raise RegditError(f"{path} was trained with --{k.replace('_', '-')} {saved[k]}, not {getattr(config, k)}: "
+                          f"pass the same settings to resume, or a new --exp-name to start another run")
+
+
 def find_resume_checkpoint(checkpoint_dir, resume_step):
     if resume_step:
         path = checkpoint_dir / f"{resume_step:07d}.pt"
@@ -203,6 +217,9 @@ def train(config: TrainConfig):
     if len(dataset) < config.batch_size:
         raise RegditError(f"{config.data_dir} has {len(dataset)} samples, fewer than one batch of "
                           f"{config.batch_size}: lower --batch-size")
+    if dataset.num_classes > config.num_classes:
+        raise RegditError(f"{config.data_dir} has {dataset.num_classes} classes but --num-classes is "
+                          f"{config.num_classes}: pass --num-classes {dataset.num_classes}")
     _, moments, _ = dataset[0]
     latent_channels, latent_size = moments.shape[0] // 2, moments.shape[-1]
 
@@ -225,6 +242,7 @@ def train(config: TrainConfig):
     resume_path = find_resume_checkpoint(checkpoint_dir, config.resume_step)
     if resume_path is not None:
         checkpoint = load_checkpoint(resume_path)
+        check_resumable(checkpoint, config, resume_path)
         load_state_dict_checked(model, checkpoint["model"], resume_path)
         load_state_dict_checked(ema, checkpoint["ema"], resume_path)
         optimizer.load_state_dict(checkpoint["opt"])
@@ -252,9 +270,10 @@ def train(config: TrainConfig):
 
     def save(step):
         """Checkpoint with the official keys plus what exact resume and sampling need."""
+        finite = torch.stack([torch.isfinite(p).all() for p in raw_model.parameters()]).all()
+        if not accelerator.gather(finite[None]).all():  # every process stops, not only the one that saves
+            raise RegditError(f"non-finite weights at step {step}: not saving; the last good checkpoint is kept")
         if accelerator.is_main_process:
-            if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
-                raise RegditError(f"non-finite weights at step {step}: not saving; the last good checkpoint is kept")
             state = dict(model=raw_model.state_dict(), ema=ema.state_dict(), opt=optimizer.state_dict(),
                          args=Namespace(**dataclasses.asdict(config)), steps=step, model_config=model_config,
                          latents=dict(vae=dataset.vae, scale=dataset.latent_scale, resolution=dataset.resolution),
@@ -370,13 +389,14 @@ class SamplePreview:
         vae_name = config.vae or dataset.vae or "mse"
         self.vae = load_vae(vae_name, device=device)
         self.path_type = config.path_type
+        self.guidance = config.cfg_prob > 0  # without label dropout the model has no null class to guide with
 
     def save(self, ema, path):
         from PIL import Image
         from regdit.samplers import euler_sampler
         from regdit.vae import decode_latents
-        latents = euler_sampler(ema, self.noise, self.cls_noise, self.labels, num_steps=50, cfg_scale=4.0,
-                                path_type=self.path_type)
+        latents = euler_sampler(ema, self.noise, self.cls_noise, self.labels, num_steps=50,
+                                cfg_scale=4.0 if self.guidance else 1.0, path_type=self.path_type)
         images = decode_latents(self.vae, latents.float()).cpu().numpy()  # (N, H, W, 3) uint8
         n, h, w, _ = images.shape
         columns = math.ceil(math.sqrt(n))

@@ -232,3 +232,28 @@ def test_yaml_config_and_preset_precedence(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="unknown settings learning_rat"):
         cli_main(["train", "--config", str(tmp_path / "bad.yaml")])
     assert set(PRESETS) >= {"reg-sit-xl2-dinov2b", "reg-sit-b2-dinov2b", "repa-sit-xl2-dinov2b", "sit-xl2"}
+
+
+def test_rerun_with_other_settings_refuses_to_resume(tiny_data):
+    train(tiny_config(tiny_data, exp_name="settings", max_train_steps=2, checkpointing_steps=2))
+    with pytest.raises(RegditError, match="trained with --learning-rate 0.0001, not 0.01.*new --exp-name"):
+        train(tiny_config(tiny_data, exp_name="settings", max_train_steps=4, learning_rate=1e-2))
+    assert train(tiny_config(tiny_data, exp_name="settings", max_train_steps=3, log_every=1))["steps"] == 3
+
+
+def test_fewer_classes_than_the_dataset_is_an_error(tiny_data):
+    with pytest.raises(RegditError, match="has 4 classes but --num-classes is 3: pass --num-classes 4"):
+        train(tiny_config(tiny_data, exp_name="classes", num_classes=3))
+
+
+def test_no_label_dropout_previews_without_guidance(tiny_data):
+    result = train(tiny_config(tiny_data, exp_name="no_cfg", cfg_prob=0.0, max_train_steps=2, sampling_steps=2))
+    assert (result["exp_dir"] / "samples" / "0000002.png").is_file()
+
+
+@pytest.mark.parametrize("text,message", [("path-type: cosin\n", "path_type 'cosin' is not one of linear, cosine"),
+                                          ("method: [reg\n", "is not valid YAML")])
+def test_bad_yaml_values_are_one_line_errors(tmp_path, text, message):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(SystemExit, match=message):
+        cli_main(["train", "--config", str(tmp_path / "c.yaml")])
