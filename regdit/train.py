@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import ProjectConfiguration, is_tensorboard_available, is_wandb_available
 from tqdm import tqdm
 
 from regdit import RegditError, cpu_launch
@@ -41,7 +41,8 @@ class TrainConfig:
     output_dir: str = flag("exps", "folder of experiments")
     exp_name: str = flag("reg", "experiment name: OUTPUT_DIR/EXP_NAME holds checkpoints, metrics and samples")
     logging_dir: str = flag("logs", "tracker folder inside the experiment (tensorboard)")
-    report_to: str = flag("none", "accelerate tracker: tensorboard, wandb or none (metrics.jsonl is always written)")
+    report_to: str = flag("none", "accelerate tracker (metrics.jsonl is always written)",
+                          choices=["none", "tensorboard", "wandb"])
     log_every: int = flag(100, "average and log the metrics every N steps (the only host synchronisation)")
     sampling_steps: int = flag(10000, "save a grid of EMA samples every N steps (0: never)")
     checkpointing_steps: int = flag(10000, "save a checkpoint every N steps")
@@ -199,6 +200,10 @@ def train(config: TrainConfig):
     from regdit.encoders import check_encoders, load_encoders
 
     mixed_precision = config.mixed_precision or ("bf16" if torch.cuda.is_available() else "no")
+    tracker_installed = dict(tensorboard=is_tensorboard_available, wandb=is_wandb_available)
+    if config.report_to != "none" and not tracker_installed[config.report_to]():
+        raise RegditError(f"--report-to {config.report_to}: {config.report_to} is not installed; "
+                          f"pip install -e '.[tracking]', or pass --report-to none")
     exp_dir = Path(config.output_dir) / config.exp_name
     accelerator = Accelerator(
         cpu=cpu_launch(), gradient_accumulation_steps=config.gradient_accumulation_steps, mixed_precision=mixed_precision,

@@ -257,3 +257,14 @@ def test_bad_yaml_values_are_one_line_errors(tmp_path, text, message):
     (tmp_path / "c.yaml").write_text(text)
     with pytest.raises(SystemExit, match=message):
         cli_main(["train", "--config", str(tmp_path / "c.yaml")])
+
+
+def test_tracker_must_be_installed(tiny_data):
+    from accelerate.utils import is_tensorboard_available
+    config = tiny_config(tiny_data, exp_name="tracked", max_train_steps=1, report_to="tensorboard")
+    if not is_tensorboard_available():
+        with pytest.raises(RegditError, match="tensorboard is not installed; pip install -e '.\\[tracking\\]'"):
+            train(config)
+    else:
+        train(config)
+        assert list((tiny_data / "exps" / "tracked" / "logs").rglob("events.out.tfevents.*"))
