@@ -10,6 +10,7 @@ Variants:
   official  fp16 autocast + GradScaler, foreach AdamW, per-parameter EMA loop, loss/grad-norm `.item()` every step
   regdit    bf16 autocast, fused AdamW, foreach EMA, no host synchronisation
   +compile  regdit with torch.compile of the SiT
+  +checkpointing  regdit with activation checkpointing of every block (memory for speed)
 MFU = (3 x SiT forward FLOPs + encoder forward FLOPs, counted by torch.utils.flop_counter) x images/s / peak.
 """
 import argparse
@@ -34,6 +35,7 @@ def make_step(variant, model, encoder, batch, device):
     scaler = torch.amp.GradScaler(device.type, enabled=official)
     ema = copy.deepcopy(model).requires_grad_(False)
     ema_params, params = list(ema.parameters()), list(model.parameters())
+    model.grad_checkpointing = variant.endswith("checkpointing")
     forward = torch.compile(model) if variant.endswith("compile") else model
     loss_fn = REGLoss("linear", "uniform")
     images, moments, labels = batch
@@ -90,11 +92,13 @@ def main():
     parser.add_argument("--steps", type=int, default=20, help="timed steps (after warm-up)")
     parser.add_argument("--variants", default="official,regdit")
     parser.add_argument("--compile", action="store_true", help="also time regdit+compile")
+    parser.add_argument("--grad-checkpointing", action="store_true", help="also time regdit+checkpointing")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke mode: tiny SiT and encoder, seconds")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    variants = args.variants.split(",") + (["regdit+compile"] if args.compile else [])
+    variants = (args.variants.split(",") + (["regdit+compile"] if args.compile else [])
+                + (["regdit+checkpointing"] if args.grad_checkpointing else []))
     resolution, latent, tiny = (32, 4, dict(depth=2, hidden_size=64, num_heads=2, projector_dim=64)) if args.tiny \
         else (256, 32, {})
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
@@ -138,11 +142,11 @@ def main():
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     print(f"\ndevice: {name}, torch {torch.__version__}, batch {args.batch_size}, {args.steps} timed steps")
-    print(f"{'model':<10} {'variant':<16} {'batch':>5} {'images/s':>10} {'GFLOP/img':>10} {'MFU':>6} {'speedup':>8}")
+    print(f"{'model':<10} {'variant':<22} {'batch':>5} {'images/s':>10} {'GFLOP/img':>10} {'MFU':>6} {'speedup':>8}")
     baseline = {}
     for model_name, variant, n, ips, gflops, mfu in rows:
         baseline.setdefault(model_name, ips)
-        print(f"{model_name:<10} {variant:<16} {n:>5} {ips:>10.1f} {gflops:>10.3g} {mfu:>6.1%} "
+        print(f"{model_name:<10} {variant:<22} {n:>5} {ips:>10.1f} {gflops:>10.3g} {mfu:>6.1%} "
               f"{ips / baseline[model_name]:>7.2f}x")
 
 

@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -172,7 +173,8 @@ class SiT(nn.Module):
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, z_dims=(768,), projector_dim=2048,
-                 encoder_depth=8, qk_norm=False, fused_attn=True, use_cls_token=True, **unused_official_kwargs):
+                 encoder_depth=8, qk_norm=False, fused_attn=True, use_cls_token=True, grad_checkpointing=False,
+                 **unused_official_kwargs):
         super().__init__()
         # `unused_official_kwargs` absorbs official arguments without effect here (e.g. decoder_hidden_size, use_cfg,
         # path_type), so an official `SiT(**kwargs)` call or a checkpoint's saved settings construct this model.
@@ -182,6 +184,7 @@ class SiT(nn.Module):
         self.z_dims = list(z_dims)
         self.encoder_depth = encoder_depth if self.z_dims else 0
         self.use_cls_token = use_cls_token
+        self.grad_checkpointing = grad_checkpointing  # recompute block activations in backward: less memory
         if use_cls_token and not self.z_dims:
             raise RegditError("the REG class token needs an encoder: give z_dims (the encoder widths) or use_cls_token=False")
         if self.z_dims and not 1 <= encoder_depth <= depth:
@@ -251,7 +254,10 @@ class SiT(nn.Module):
         c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
         zs = []
         for i, block in enumerate(self.blocks):
-            x = block(x, c)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False)
+            else:
+                x = block(x, c)
             if i + 1 == self.encoder_depth:  # REPA: align this layer's tokens with the encoder's features
                 zs = [projector(x.reshape(-1, D)).reshape(N, T, -1) for projector in self.projectors]
         x, cls_velocity = self.final_layer(x, c, self.use_cls_token)

@@ -32,7 +32,8 @@ from regdit.models import SiT_models, create_model
 LOGGED_METRICS = ("loss_final", "loss_mean", "proj_loss", "loss_mean_cls", "grad_norm")  # official names
 # Settings a resumed run may change: they do not alter what is trained (paths, logging, length, speed).
 RESUMABLE = {"output_dir", "logging_dir", "report_to", "log_every", "sampling_steps", "checkpointing_steps",
-             "resume_step", "max_train_steps", "epochs", "data_dir", "num_workers", "vae", "enc_path", "compile"}
+             "resume_step", "max_train_steps", "epochs", "data_dir", "num_workers", "vae", "enc_path", "compile",
+             "grad_checkpointing"}
 
 
 @dataclass
@@ -74,6 +75,7 @@ class TrainConfig:
                                 choices=["no", "fp16", "bf16"])
     allow_tf32: bool = flag(False, "TF32 matmuls for the float32 parts")
     compile: bool = flag(False, "torch.compile the model")
+    grad_checkpointing: bool = flag(False, "recompute each block's activations in the backward pass (less memory)")
     # optimisation
     epochs: int = flag(1400, "stop after this many epochs")
     max_train_steps: int = flag(400000, "stop after this many optimizer steps")
@@ -164,7 +166,7 @@ def build_model(config, latent_channels, latent_size, z_dims):
                   class_dropout_prob=config.cfg_prob, z_dims=z_dims, projector_dim=config.projector_dim,
                   encoder_depth=config.encoder_depth, qk_norm=config.qk_norm, fused_attn=config.fused_attn,
                   use_cls_token=config.method == "reg")
-    model = create_model(name, **kwargs, **overrides)
+    model = create_model(name, **kwargs, **overrides, grad_checkpointing=config.grad_checkpointing)
     # everything needed to rebuild the model without the training flags (sampling, export)
     model_config = dict(name=name, patch_size=model.patch_size, depth=len(model.blocks),
                         hidden_size=model.pos_embed.shape[-1], num_heads=model.num_heads, **kwargs)

@@ -107,3 +107,19 @@ def test_forced_label_drop_replaces_random_dropout():
     forced = model(x, t, torch.tensor([1, 2, 3]), cls_token=cls, force_drop_ids=torch.tensor([True, False, True]))[0]
     manual = model.eval()(x, t, torch.tensor([10, 2, 10]), cls_token=cls)[0]
     torch.testing.assert_close(forced, manual)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    plain = SiT(**TINY)
+    for p in plain.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    checkpointed = SiT(**TINY, grad_checkpointing=True)
+    checkpointed.load_state_dict(plain.state_dict())
+    x, t, y, cls = torch.randn(3, 4, 8, 8), torch.rand(3), torch.tensor([0, 5, 10]), torch.randn(3, 32)
+    for model in (plain, checkpointed):
+        out, zs, cls_out = model(x, t, y, cls_token=cls, force_drop_ids=torch.zeros(3, dtype=torch.bool))
+        (out.square().mean() + zs[0].mean() + cls_out.square().mean()).backward()
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, msg=name)
