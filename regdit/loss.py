@@ -71,7 +71,9 @@ class REGLoss:
         velocity, zs, cls_velocity = model(x_t, time.to(x.dtype), y, cls_token=cls_t, **model_kwargs)
         denoise = mean_flat((velocity.float() - target.float()) ** 2)
         cls = mean_flat((cls_velocity.float() - cls_target.float()) ** 2) if cls_token is not None else None
-        return dict(denoise=denoise, cls=cls, proj=projection_loss(target_zs, zs))
+        # plain SiT has no projector: a zero on the model's device (a CPU zero would cost a copy every step)
+        proj = projection_loss(target_zs, zs) if zs else denoise.new_zeros(())
+        return dict(denoise=denoise, cls=cls, proj=proj)
 
 
 def projection_loss(target_zs, zs):
@@ -80,8 +82,6 @@ def projection_loss(target_zs, zs):
     A REPA model (no class slot) is aligned with the encoder's patch tokens only, so the target's class token is
     dropped when the model has one token fewer.
     """
-    if not zs:
-        return torch.zeros(())
     losses = []
     for z, z_tilde in zip(target_zs, zs):
         if z.shape[1] == z_tilde.shape[1] + 1:

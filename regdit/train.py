@@ -338,7 +338,7 @@ def train(config: TrainConfig):
             micro_since_log += 1
             cls_mean = terms["cls"].mean() * config.cls if terms["cls"] is not None else torch.zeros((), device=device)
             loss_sums += torch.stack([loss.detach(), terms["denoise"].detach().mean(),
-                                      terms["proj"].detach().to(device), cls_mean.detach()])
+                                      terms["proj"].detach(), cls_mean.detach()])
             nonfinite |= ~torch.isfinite(loss.detach())
             if not accelerator.sync_gradients:
                 continue

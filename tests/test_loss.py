@@ -90,3 +90,10 @@ def test_loss_backpropagates_into_every_trainable_parameter():
     assert model.final_layer.linear.weight.grad.abs().sum() > 0
     assert model.final_layer.linear_cls.weight.grad.abs().sum() > 0
     assert model.projectors[0][0].weight.grad.abs().sum() > 0
+
+
+def test_plain_sit_has_a_zero_projection_term():
+    model = SiT(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=4, z_dims=[],
+                use_cls_token=False)
+    terms = REGLoss()(model, torch.randn(2, 4, 8, 8), torch.tensor([0, 1]))
+    assert terms["proj"].item() == 0 and terms["proj"].device == terms["denoise"].device and terms["cls"] is None

@@ -268,3 +268,12 @@ def test_tracker_must_be_installed(tiny_data):
     else:
         train(config)
         assert list((tiny_data / "exps" / "tracked" / "logs").rglob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("method", ["repa", "sit"])
+def test_baselines_train_from_the_same_code(tiny_data, method):
+    result = train(tiny_config(tiny_data, exp_name=method, method=method, max_train_steps=2, log_every=1))
+    names = result["model"].state_dict().keys()
+    assert "cls_projectors2.weight" not in names and ("projectors.0.0.weight" in names) == (method == "repa")
+    assert result["metrics"][-1]["loss_mean_cls"] == 0 and np.isfinite(result["metrics"][-1]["loss_final"])
+    assert (result["metrics"][-1]["proj_loss"] == 0) == (method == "sit")
