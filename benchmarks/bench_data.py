@@ -9,7 +9,6 @@ dataset_tools.py encode: one image at a time decoded, encoded and saved as its o
 """
 import argparse
 import os
-import sys
 import tempfile
 import time
 
@@ -18,10 +17,9 @@ import PIL.Image
 import torch
 from diffusers import AutoencoderKL
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from regdit.data import open_dataset  # noqa: E402
-from regdit.prepare import prepare_images, prepare_latents  # noqa: E402
-from regdit.vae import encode_moments, load_vae  # noqa: E402
+from regdit.data import open_dataset
+from regdit.prepare import prepare_images, prepare_latents
+from regdit.vae import encode_moments, load_vae
 
 SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)  # sd-vae-ft-mse
 TINY_VAE = dict(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=8)

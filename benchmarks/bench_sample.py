@@ -1,7 +1,7 @@
 """Sampling speed: images/s of an official-style loop (generate.py: eager float32, one global noise stream per batch)
 against regdit's `sample_batch` (per-sample seeds) in float32, with bf16 autocast, and with bf16 + torch.compile, for
 the published REG guidance (cfg 2.3, cls-cfg 2.3, interval [0, 0.85]) with the 250-step SDE and a 50-step Heun ODE.
-Random weights: speed does not depend on them. TFLOP/s counts the model's FLOPs (torch's FlopCounterMode) only.
+Random weights: speed does not depend on them. TFLOP/s counts the model's FLOPs (the analytic `SiT.flops`) only.
 
     python benchmarks/bench_sample.py --model SiT-XL/2 --device cuda --batch-size 32 --decode
     python benchmarks/bench_sample.py --tiny            # a tiny model on the CPU, seconds
@@ -10,7 +10,6 @@ import argparse
 import time
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from regdit.models import SiT, create_model
 from regdit.sample import sample_batch
@@ -54,16 +53,6 @@ def evaluations_per_image(model, mode, num_steps, heun):
     else:
         euler_sampler(counter, x, cls, y, num_steps=num_steps, heun=heun, **GUIDANCE)
     return counter.rows
-
-
-def model_flops(model):
-    """FLOPs of one model evaluation of one image."""
-    device, size = model.pos_embed.device, int(model.x_embedder.num_patches ** 0.5) * model.patch_size
-    x, t = torch.zeros(1, model.in_channels, size, size, device=device), torch.zeros(1, device=device)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x, t, torch.zeros(1, dtype=torch.long, device=device), cls_token=torch.zeros(1, model.z_dims[0],
-                                                                                            device=device))
-    return counter.get_total_flops()
 
 
 def images_per_second(run, batch_size, num_steps, device, repeats):
@@ -118,7 +107,7 @@ def main():
     torch.manual_seed(0)
     model, vae = build(args, device)
     compiled = torch.compile(model) if args.compile or (args.compile is None and not args.tiny) else None
-    flops = model_flops(model)
+    flops = model.flops()
 
     variants = {
         "official-style eager fp32": lambda setting, steps: official_batch(

@@ -1,17 +1,17 @@
-"""Training throughput (images/s) and model FLOP utilisation of one REG training step, regdit vs an official-style
-baseline on the same device. Prints one table.
+"""Training throughput (images/s), model FLOP utilisation and peak memory of one REG training step, regdit against
+an official-style baseline on the same device. Prints one table.
 
     python benchmarks/bench_train.py --tiny                      # CPU, seconds
-    python benchmarks/bench_train.py --models SiT-B/2,SiT-L/2,SiT-XL/2 --batch-size 64 --compile
+    python benchmarks/bench_train.py --models SiT-B/2,SiT-L/2,SiT-XL/2 --batch-size 64
 
-A step = frozen DINOv2-B forward on 256 px images + SiT forward/backward of the REG loss + clip + AdamW + EMA, on
-random weights and random data already on the device (the data loader is measured by bench_data.py).
-Variants:
+A step = frozen DINOv2-B forward on 256 px images (regdit's Encoder) + SiT forward/backward of the REG loss + clip +
+AdamW + EMA, on random weights and random data already on the device (the data loader is measured by bench_data.py).
+Variants, one per table row (`--variants`, comma-separated):
   official  fp16 autocast + GradScaler, foreach AdamW, per-parameter EMA loop, loss/grad-norm `.item()` every step
-  regdit    bf16 autocast, fused AdamW, foreach EMA, no host synchronisation
-  +compile  regdit with torch.compile of the SiT
-  +checkpointing  regdit with activation checkpointing of every block (memory for speed)
-MFU = (3 x SiT forward FLOPs + encoder forward FLOPs, counted by torch.utils.flop_counter) x images/s / peak.
+  regdit    bf16 autocast, fused AdamW, foreach EMA, no host synchronisation; options appended with `+`:
+            +compile (torch.compile the SiT), +checkpointing (activation checkpointing of every block),
+            +fp16 (fp16 autocast + GradScaler instead of bf16), +foreach (foreach instead of fused AdamW)
+MFU = (3 x SiT forward FLOPs + encoder forward FLOPs, the analytic `SiT.flops` / `Encoder.flops`) x images/s / peak.
 """
 import argparse
 import copy
@@ -19,24 +19,38 @@ import time
 
 import timm
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
+from regdit.encoders import ENCODER_TYPES, Encoder, encoder_input_size
 from regdit.loss import REGLoss, total_loss
-from regdit.models import SiT_models
+from regdit.models import create_model
 from regdit.train import update_ema
 
-PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense, from the datasheets
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense bf16/fp16, from the datasheets
+OPTIONS = {"compile", "checkpointing", "fp16", "foreach"}
+
+
+def variant_list(text):
+    """Comma-separated variants, each checked: `official`, or `regdit` with any `+option`s."""
+    for variant in text.split(","):
+        base, *options = variant.split("+")
+        if base not in ("official", "regdit") or not set(options) <= OPTIONS or (base == "official" and options):
+            raise argparse.ArgumentTypeError(f"unknown variant {variant!r}: official, or regdit with any of "
+                                             f"+{', +'.join(sorted(OPTIONS))}")
+    return text.split(",")
 
 
 def make_step(variant, model, encoder, batch, device):
-    official = variant == "official"
-    dtype = torch.float16 if official else torch.bfloat16
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=not official)
-    scaler = torch.amp.GradScaler(device.type, enabled=official)
+    """One optimizer step of `variant` on a fixed batch, as a closure."""
+    base, *options = variant.split("+")
+    official = base == "official"
+    dtype = torch.float16 if official or "fp16" in options else torch.bfloat16
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0,
+                                  fused=not official and "foreach" not in options, foreach=official or None)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     ema = copy.deepcopy(model).requires_grad_(False)
     ema_params, params = list(ema.parameters()), list(model.parameters())
-    model.grad_checkpointing = variant.endswith("checkpointing")
-    forward = torch.compile(model) if variant.endswith("compile") else model
+    model.grad_checkpointing = "checkpointing" in options
+    forward = torch.compile(model) if "compile" in options else model
     loss_fn = REGLoss("linear", "uniform")
     images, moments, labels = batch
 
@@ -63,91 +77,76 @@ def make_step(variant, model, encoder, batch, device):
     return step
 
 
-class DINOv2(torch.nn.Module):
-    """DINOv2-B/14 shape with random weights, REG preprocessing (normalise, bicubic resize to 224)."""
-
-    def __init__(self, size):
-        super().__init__()
-        self.model = timm.create_model("vit_base_patch14_dinov2", img_size=size, num_classes=0).eval()
-        self.size = size
-
-    def forward(self, images):
-        x = images / 255.0
-        x = (x - x.new_tensor([0.485, 0.456, 0.406])[:, None, None]) / x.new_tensor([0.229, 0.224, 0.225])[:, None, None]
-        x = torch.nn.functional.interpolate(x, self.size, mode="bicubic")
-        tokens = self.model.forward_features(x)
-        return tokens[:, 0], torch.cat([tokens[:, :1], tokens[:, self.model.num_prefix_tokens:]], dim=1)
+def dinov2_b(resolution, tiny, device):
+    """DINOv2-B/14 with random weights behind regdit's Encoder (REG preprocessing); a 1-block width-32 one if tiny."""
+    spec, size = ENCODER_TYPES["dinov2-vit-b"], encoder_input_size("dinov2-vit-b", resolution)
+    shape = dict(patch_size=7, embed_dim=32, depth=1, num_heads=2) if tiny else {}
+    vit = timm.create_model(spec.arch, img_size=size, num_classes=0, **spec.model_args, **shape)
+    return Encoder("dinov2-vit-b", vit, resolution).to(device)
 
 
-def count_flops(module, *args, **kwargs):
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        module(*args, **kwargs)
-    return counter.get_total_flops()
+def timed(step, steps, warmup, device):
+    """Seconds of `steps` steps after `warmup` untimed ones (compilation, autotuning, allocator)."""
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="SiT-B/2,SiT-XL/2")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--models", default="SiT-B/2,SiT-L/2,SiT-XL/2", help="comma-separated SiT names")
     parser.add_argument("--batch-size", type=int, default=64, help="images per step")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (after warm-up)")
-    parser.add_argument("--variants", default="official,regdit")
-    parser.add_argument("--compile", action="store_true", help="also time regdit+compile")
-    parser.add_argument("--grad-checkpointing", action="store_true", help="also time regdit+checkpointing")
-    parser.add_argument("--tiny", action="store_true", help="CPU smoke mode: tiny SiT and encoder, seconds")
+    parser.add_argument("--variants", type=variant_list, default="official,regdit,regdit+compile",
+                        help="comma-separated table rows; the first is the speed-up baseline")
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke mode: tiny SiT and encoder at 32 px, seconds")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    variants = (args.variants.split(",") + (["regdit+compile"] if args.compile else [])
-                + (["regdit+checkpointing"] if args.grad_checkpointing else []))
-    resolution, latent, tiny = (32, 4, dict(depth=2, hidden_size=64, num_heads=2, projector_dim=64)) if args.tiny \
-        else (256, 32, {})
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    resolution = 32 if args.tiny else 256
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-    encoder = DINOv2(224 * resolution // 256).to(device)
-    if args.tiny:
-        encoder.model = timm.create_model("vit_small_patch14_dinov2", img_size=28, patch_size=7, embed_dim=32,
-                                          depth=1, num_heads=2, num_classes=0).eval().to(device)
-    encoder.requires_grad_(False)
-    z_dim = encoder.model.embed_dim
+    encoder = dinov2_b(resolution, args.tiny, device)
     rows = []
     for model_name in ["SiT-S/8"] if args.tiny else args.models.split(","):
-        n = args.batch_size
+        n, (channels, size) = args.batch_size, (3, 32) if args.tiny else (4, resolution // 8)  # tiny: pixel space
+        tiny = dict(depth=2, hidden_size=64, num_heads=2, projector_dim=64, encoder_depth=1) if args.tiny else {}
+        base = create_model(model_name, input_size=size, in_channels=channels, z_dims=[encoder.embed_dim], **tiny)
+        base.to(device)
         batch = (torch.randint(0, 256, (n, 3, resolution, resolution), device=device, dtype=torch.uint8),
-                 torch.randn(n, 8, latent, latent, device=device), torch.randint(0, 1000, (n,), device=device))
-        if args.tiny:
-            batch = (batch[0], torch.randn(n, 6, 32, 32, device=device), batch[2])
-        in_channels = batch[1].shape[1] // 2
-        base = SiT_models[model_name](input_size=batch[1].shape[-1], in_channels=in_channels, z_dims=[z_dim],
-                                      encoder_depth=1 if args.tiny else 8, **tiny).to(device)
-        sit_flops = count_flops(base, torch.randn(1, in_channels, *batch[1].shape[-2:], device=device),
-                                torch.rand(1, device=device), torch.zeros(1, dtype=torch.long, device=device),
-                                cls_token=torch.randn(1, z_dim, device=device))
-        flops_per_image = 3 * sit_flops + count_flops(encoder, batch[0][:1])
-        for variant in variants:
+                 torch.randn(n, 2 * channels, size, size, device=device), torch.randint(0, 1000, (n,), device=device))
+        flops_per_image = 3 * base.flops() + encoder.flops()
+        for variant in args.variants:
             model = copy.deepcopy(base).train()
             step = make_step(variant, model, encoder, batch, device)
-            for _ in range(3 if not variant.endswith("compile") else 5):  # warm-up (and compilation)
-                step()
             if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            images_per_sec = n * args.steps / (time.perf_counter() - start)
-            mfu = flops_per_image * images_per_sec / (peak * 1e12) if peak else float("nan")
-            rows.append((model_name, variant, n, images_per_sec, flops_per_image / 1e9, mfu))
+                torch.cuda.reset_peak_memory_stats()
+            seconds = timed(step, args.steps, 5 if "compile" in variant else 3, device)
+            memory = f"{torch.cuda.max_memory_allocated() / 2 ** 30:.1f}" if device.type == "cuda" else "-"
+            rows.append((model_name, variant, n * args.steps / seconds, flops_per_image, memory))
             del model, step
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    print(f"\ndevice: {name}, torch {torch.__version__}, batch {args.batch_size}, {args.steps} timed steps")
-    print(f"{'model':<10} {'variant':<22} {'batch':>5} {'images/s':>10} {'GFLOP/img':>10} {'MFU':>6} {'speedup':>8}")
+
+    print(f"\ndevice: {name}, torch {torch.__version__}, batch {args.batch_size}, {args.steps} timed steps, "
+          f"{resolution} px")
+    print(f"{'model':<10} {'variant':<28} {'images/s':>9} {'speed-up':>8} {'GFLOP/img':>10} {'TFLOP/s':>8} {'MFU':>6} "
+          f"{'peak GiB':>8}")
     baseline = {}
-    for model_name, variant, n, ips, gflops, mfu in rows:
-        baseline.setdefault(model_name, ips)
-        print(f"{model_name:<10} {variant:<22} {n:>5} {ips:>10.1f} {gflops:>10.3g} {mfu:>6.1%} "
-              f"{ips / baseline[model_name]:>7.2f}x")
+    for model_name, variant, rate, flops, memory in rows:
+        baseline.setdefault(model_name, rate)
+        tflops = rate * flops / 1e12
+        mfu = f"{tflops / peak:.1%}" if peak else "-"
+        print(f"{model_name:<10} {variant:<28} {rate:>9.1f} {rate / baseline[model_name]:>7.2f}x {flops / 1e9:>10.4g} "
+              f"{tflops:>8.3g} {mfu:>6} {memory:>8}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from torch import nn
 from torchvision.transforms.functional import normalize
 
 from regdit import RegditError
+from regdit.models import attention_flops, matmul_flops
 
 ENV_PATH = "REGDIT_ENCODER_PATH"
 RESIZED_FAMILIES = ("dinov2", "clip", "jepa")  # resized to 224 * R // 256 px; MAE and MoCo-v3 take R px
@@ -106,6 +107,14 @@ class Encoder(nn.Module):
 
     def train(self, mode=True):
         return super().train(False)  # a frozen target: `model.train()` on a parent must not switch it
+
+    def flops(self):
+        """Analytic forward FLOPs of one image (matmuls, 2 per multiply-add), as `SiT.flops`."""
+        patches = self.model.patch_embed.num_patches
+        tokens = patches + self.model.num_prefix_tokens
+        return matmul_flops(self.model.patch_embed, patches) + sum(
+            matmul_flops(b.attn, tokens) + matmul_flops(b.mlp, tokens) + attention_flops(tokens, self.embed_dim)
+            for b in self.model.blocks)
 
     def preprocess(self, images):
         return preprocess_raw_image(images, self.name)

@@ -154,6 +154,17 @@ class FinalLayer(nn.Module):
         return self.linear(x[:, 1:]), self.linear_cls(x[:, 0])
 
 
+def matmul_flops(module, rows):
+    """FLOPs (2 per multiply-add) of every Linear and Conv2d weight in `module` applied to `rows` tokens (a conv to
+    `rows` patches), the count torch.utils.flop_counter gives for these layers."""
+    return 2 * rows * sum(m.weight.numel() for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+
+
+def attention_flops(tokens, width):
+    """FLOPs of softmax(q k^T) v over all heads: scores and weighted values, 2 T^2 D each."""
+    return 4 * tokens ** 2 * width
+
+
 def build_mlp(hidden_size, projector_dim, z_dim):
     return nn.Sequential(nn.Linear(hidden_size, projector_dim), nn.SiLU(),
                          nn.Linear(projector_dim, projector_dim), nn.SiLU(),
@@ -232,6 +243,18 @@ class SiT(nn.Module):
         for layer in zero_layers:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+
+    def flops(self):
+        """Analytic forward FLOPs of one image (matmuls, 2 per multiply-add); a training step costs 3x this."""
+        tokens, width = self.pos_embed.shape[1:]
+        patches = self.x_embedder.num_patches
+        per_sample = [self.t_embedder, self.final_layer.adaLN_modulation] + [b.adaLN_modulation for b in self.blocks]
+        if self.use_cls_token:
+            per_sample += [self.cls_projectors2, self.final_layer.linear_cls]
+        return (sum(matmul_flops(m, 1) for m in per_sample) + matmul_flops(self.x_embedder, patches)
+                + matmul_flops(self.final_layer.linear, patches) + matmul_flops(self.projectors, tokens)
+                + sum(matmul_flops(b.attn, tokens) + matmul_flops(b.mlp, tokens) + attention_flops(tokens, width)
+                      for b in self.blocks))
 
     def unpatchify(self, x):
         """(N, T, p*p*C) -> (N, C, H, W)."""

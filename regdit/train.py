@@ -291,6 +291,8 @@ def train(config: TrainConfig):
         accelerator.wait_for_everyone()
 
     latent_shape = (latent_channels, latent_size, latent_size)
+    # model FLOPs of one training image (forward + backward of the SiT, the frozen encoders' forward): the MFU numerator
+    flops_per_image = 3 * raw_model.flops() + sum(encoder.flops() for encoder in encoders)
     steps_per_epoch = len(dataset) // config.batch_size
     loss_sums = torch.zeros(len(LOGGED_METRICS) - 1, device=device)  # summed over micro-batches
     grad_norm_sum = torch.zeros((), device=device)  # summed over optimizer steps
@@ -357,8 +359,9 @@ def train(config: TrainConfig):
                 sums = accelerator.reduce(torch.cat([loss_sums / micro_since_log, grad_norm_sum[None] / steps_since_log]),
                                           "mean")
                 elapsed = time.perf_counter() - log_start
-                metrics = dict(zip(LOGGED_METRICS, sums.tolist()), step=step,
-                               images_per_sec=steps_since_log * config.batch_size / elapsed)
+                images_per_sec = steps_since_log * config.batch_size / elapsed
+                metrics = dict(zip(LOGGED_METRICS, sums.tolist()), step=step, images_per_sec=images_per_sec,
+                               tflops_per_process=images_per_sec * flops_per_image / world / 1e12)
                 logged.append(metrics)
                 if accelerator.is_main_process:
                     with open(metrics_file, "a") as f:

@@ -9,6 +9,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from timm.layers import resample_abs_pos_embed
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision.transforms import Normalize
 
 from regdit import RegditError
@@ -119,6 +120,16 @@ def test_tiny_encoder_outputs(tiny, offline, name):
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the training autocast reaches the encoder's matmuls
         autocast_dense = encoder(images(3, 32))[1]
     assert not torch.equal(autocast_dense, dense) and torch.allclose(autocast_dense.float(), dense, atol=0.2)
+
+
+@pytest.mark.parametrize("name", ["dinov2reg-vit-s", "jepa-vit-h"])  # with registers; without a class token
+def test_analytic_flops_equal_the_counted_flops(tiny, offline, name):
+    encoder, = load_encoders(name, 32, enc_path=str(tiny[name]))
+    for block in encoder.model.blocks:
+        block.attn.fused_attn = False  # torch's counter sees explicit attention on every device
+    with FlopCounterMode(display=False) as counter:
+        encoder(images(1, 32))
+    assert encoder.flops() == counter.get_total_flops()
 
 
 @pytest.mark.parametrize("resolution, grid", [(32, 4), (256, 32), (512, 64)])

@@ -97,3 +97,32 @@ def test_plain_sit_has_a_zero_projection_term():
                 use_cls_token=False)
     terms = REGLoss()(model, torch.randn(2, 4, 8, 8), torch.tensor([0, 1]))
     assert terms["proj"].item() == 0 and terms["proj"].device == terms["denoise"].device and terms["cls"] is None
+
+
+def test_compiled_and_bf16_training_steps_match_float32():
+    """The speed-ups keep the results: torch.compile within float32 rounding, bf16 autocast within bf16 tolerance."""
+    torch.manual_seed(0)
+    model = SiT(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=2, num_classes=4, z_dims=[16],
+                projector_dim=32, encoder_depth=1)
+    with torch.no_grad():  # leave adaLN-Zero's identity start so that every layer shapes the result
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x, y, cls, zs = torch.randn(4, 4, 8, 8), torch.randint(0, 4, (4,)), torch.randn(4, 16), [torch.randn(4, 17, 16)]
+    draws = dict(time=torch.rand(4), noise=torch.randn(4, 4, 8, 8), noise_cls=torch.randn(4, 16),
+                 force_drop_ids=torch.tensor([False, True, False, False]))  # no random label dropout
+
+    def loss_and_grads(forward, dtype=None):
+        model.zero_grad()
+        with torch.autocast("cpu", torch.bfloat16, enabled=dtype is not None):
+            loss = total_loss(REGLoss()(forward, x, y, zs, cls, **draws))
+        loss.backward()
+        return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+    loss, grads = loss_and_grads(model)
+    compiled_loss, compiled_grads = loss_and_grads(torch.compile(model))
+    torch.testing.assert_close(compiled_loss, loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(compiled_grads, grads, rtol=1e-4, atol=1e-5)
+    bf16_loss, bf16_grads = loss_and_grads(model, torch.bfloat16)
+    torch.testing.assert_close(bf16_loss, loss, rtol=2e-2, atol=0)
+    assert torch.nn.functional.cosine_similarity(bf16_grads, grads, dim=0) > 0.99
+    assert not torch.equal(bf16_grads, grads)  # autocast did reach the matmuls

@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from regdit import RegditError
 from regdit.models import SiT, SiT_models, create_model, get_2d_sincos_pos_embed
@@ -123,3 +124,20 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
         if a.grad is not None:
             torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+def counted_flops(model, *args, **kwargs):
+    """FLOPs torch's counter sees in one forward pass of explicit-softmax attention (it cannot see into every fused
+    SDPA kernel: on the CPU it counts none of the attention)."""
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(*args, **kwargs)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("settings", [{}, dict(use_cls_token=False), dict(z_dims=[], use_cls_token=False),
+                                      dict(z_dims=[32, 16], mlp_ratio=2.0, patch_size=4)])
+def test_analytic_flops_equal_the_counted_flops(settings):
+    model = SiT(**{**TINY, "fused_attn": False, **settings}).eval()
+    cls_token = torch.randn(1, model.z_dims[0]) if model.use_cls_token else None
+    assert model.flops() == counted_flops(model, torch.randn(1, 4, 8, 8), torch.rand(1), torch.tensor([1]),
+                                          cls_token=cls_token)

@@ -195,6 +195,10 @@ def test_sample_grid_and_metrics_are_written(tiny_data):
     assert grid.size == (4 * 32, 4 * 32)
     lines = (result["exp_dir"] / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 1 and all(k in lines[0] for k in ("loss_final", "proj_loss", "loss_mean_cls", "grad_norm"))
+    metrics, = result["metrics"]
+    encoder, = load_encoders("dinov2-vit-b", 32, str(tiny_data / "encoder"))
+    flops_per_image = 3 * result["model"].flops() + encoder.flops()
+    assert metrics["tflops_per_process"] == pytest.approx(metrics["images_per_sec"] * flops_per_image / 1e12)
 
 
 @pytest.mark.parametrize("flags,message", [
