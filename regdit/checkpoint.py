@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from regdit import RegditError, atomic_write
-from regdit.models import MODEL_SIZES, SiT
+from regdit.models import MODEL_SIZES, SiT, model_arguments
 
 
 
@@ -87,13 +87,26 @@ def convert_legacy_state_dict(state_dict, encoder_depth):
     return converted
 
 
-def model_config_from_checkpoint(checkpoint, **overrides):
+def model_config_from_checkpoint(checkpoint, state_dict=None, model_name=None, **overrides):
     """SiT constructor settings (plus "name") of a checkpoint: regdit files store them; for official files they are
-    read off the weights' shapes and the saved args. `overrides` (e.g. encoder_depth from the command line) win."""
+    read off the weights' shapes (`state_dict`, default its EMA weights) and the saved args. `model_name` (its size
+    and patch, e.g. "SiT-XL/2") and `overrides` (SiT arguments, e.g. encoder_depth from the command line) win."""
     if "model_config" in checkpoint:
-        return {**checkpoint["model_config"], **overrides}
-    weights = checkpoint.get("ema", checkpoint.get("model"))
-    args = vars(checkpoint.get("args") or argparse.Namespace())
+        config = dict(checkpoint["model_config"])
+    else:
+        config = _inferred_config(state_dict or checkpoint.get("ema", checkpoint.get("model")),
+                                  vars(checkpoint.get("args") or argparse.Namespace()))
+    if model_name is not None:
+        config.update(model_arguments(model_name), name=model_name)
+    config.update(overrides)
+    if config["num_heads"] is None:
+        raise RegditError("cannot tell the number of attention heads of this custom-size checkpoint: "
+                          "pass --model with a standard size")
+    return config
+
+
+def _inferred_config(weights, args):
+    """The settings of official weights: sizes from the parameter shapes, encoder_depth from the saved args."""
     hidden_size, in_channels, patch_size, _ = weights["x_embedder.proj.weight"].shape
     depth = 1 + max(int(k.split(".")[1]) for k in weights if k.startswith("blocks."))
     size = next((s for s, (d, w, _) in MODEL_SIZES.items() if (d, w) == (depth, hidden_size)), None)
@@ -103,7 +116,7 @@ def model_config_from_checkpoint(checkpoint, **overrides):
         k += 1
     use_cls_token = "cls_projectors2.weight" in weights
     num_tokens = weights["pos_embed"].shape[1] - int(use_cls_token)
-    config = dict(
+    return dict(
         name=args.get("model") if args.get("model") in (None, "custom") or size is None else f"SiT-{size}/{patch_size}",
         input_size=int(num_tokens ** 0.5) * patch_size, patch_size=patch_size, in_channels=in_channels,
         hidden_size=hidden_size, depth=depth,
@@ -112,19 +125,20 @@ def model_config_from_checkpoint(checkpoint, **overrides):
         z_dims=z_dims, projector_dim=weights["projectors.0.0.weight"].shape[0] if z_dims else 2048,
         encoder_depth=args.get("encoder_depth", 8), use_cls_token=use_cls_token,
         qk_norm="blocks.0.attn.q_norm.weight" in weights)
-    config.update(overrides)
-    if config["num_heads"] is None:
-        raise RegditError("cannot tell the number of attention heads of this custom-size checkpoint: "
-                          "pass --model with a standard size")
-    return config
 
 
-def build_model_from_checkpoint(checkpoint, source, weights="ema", **overrides):
-    """A SiT with the checkpoint's `weights` ("ema" or "model") loaded strictly."""
-    config = model_config_from_checkpoint(checkpoint, **overrides)
+def build_model_from_checkpoint(checkpoint, source, weights="ema", model_name=None, legacy=False, **overrides):
+    """A SiT with the checkpoint's `weights` ("ema" or "model") loaded strictly, its settings from
+    `model_config_from_checkpoint`. `legacy` renumbers official `decoder_blocks` weights first (`--legacy`)."""
+    state_dict = checkpoint[weights]
+    if legacy:
+        args = vars(checkpoint.get("args") or argparse.Namespace())
+        state_dict = convert_legacy_state_dict(state_dict, overrides.get("encoder_depth",
+                                                                          args.get("encoder_depth", 8)))
+    config = model_config_from_checkpoint(checkpoint, state_dict, model_name, **overrides)
     config.pop("name", None)  # the full settings are stored, the name is for people
     model = SiT(**config)
-    load_state_dict_checked(model, checkpoint[weights], source)
+    load_state_dict_checked(model, state_dict, source)
     return model
 
 

@@ -4,6 +4,7 @@ Parameter names, shapes, initialisation and outputs mirror the official REG `mod
 on DiT), so official checkpoints load with `strict=True`. One class covers the three methods as settings:
 REG (`use_cls_token=True`, the default), REPA (`use_cls_token=False`) and plain SiT (`z_dims=()`: no projectors).
 """
+import functools
 import math
 
 import numpy as np
@@ -315,18 +316,20 @@ def get_1d_sincos_pos_embed_from_grid(embed_dim, pos):
 MODEL_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}  # depth, width, heads
 
 
-def _config(size, patch_size):
-    depth, hidden_size, num_heads = MODEL_SIZES[size]
-    # keyword arguments override the size (small experiments: e.g. depth=2, hidden_size=64)
-    return lambda **kwargs: SiT(**{**dict(depth=depth, hidden_size=hidden_size, num_heads=num_heads,
-                                          patch_size=patch_size), **kwargs})
+# keyword arguments override the size (small experiments: e.g. SiT_models["SiT-B/2"](depth=2, hidden_size=64))
+SiT_models = {f"SiT-{size}/{p}": functools.partial(SiT, depth=depth, hidden_size=hidden_size, num_heads=num_heads,
+                                                    patch_size=p)
+              for size, (depth, hidden_size, num_heads) in MODEL_SIZES.items() for p in (2, 4, 8)}
 
 
-SiT_models = {f"SiT-{size}/{p}": _config(size, p) for size in MODEL_SIZES for p in (2, 4, 8)}
+def model_arguments(name):
+    """The SiT arguments a model name fixes (depth, hidden_size, num_heads, patch_size), with a one-line error
+    listing the valid names."""
+    if name not in SiT_models:
+        raise RegditError(f"unknown model {name!r}: use one of {', '.join(SiT_models)}")
+    return SiT_models[name].keywords
 
 
 def create_model(name, **kwargs):
-    """`SiT_models[name](**kwargs)` with a one-line error listing the valid names."""
-    if name not in SiT_models:
-        raise RegditError(f"unknown model {name!r}: use one of {', '.join(SiT_models)}")
-    return SiT_models[name](**kwargs)
+    """`SiT_models[name](**kwargs)`, checking the name."""
+    return SiT(**{**model_arguments(name), **kwargs})

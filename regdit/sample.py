@@ -28,8 +28,8 @@ from accelerate import PartialState
 from tqdm import tqdm
 
 from regdit import RegditError, __version__, atomic_write, cpu_launch
-from regdit.checkpoint import convert_legacy_state_dict, load_checkpoint, load_state_dict_checked
-from regdit.models import MODEL_SIZES, SiT, SiT_models, create_model
+from regdit.checkpoint import build_model_from_checkpoint, load_checkpoint
+from regdit.models import MODEL_SIZES, SiT_models
 from regdit.samplers import euler_maruyama_sampler, euler_sampler
 from regdit.vae import decode_latents, load_vae, resolve_vae_name
 
@@ -50,27 +50,14 @@ def vae_geometry(vae):
 
 def build_model(checkpoint, source, vae, model_name=None, resolution=None, num_classes=None,
                 projector_embed_dims=None, encoder_depth=None, cls=None, qk_norm=None, fused_attn=True, legacy=False):
-    """The SiT of a checkpoint's EMA weights, loaded strictly. Each setting comes from its flag if given, else from
-    the checkpoint's stored config (regdit checkpoints and exports), else from the official generate.py defaults
-    (official checkpoints: generate.py builds the model from its flags alone)."""
-    weights = checkpoint["ema"]
-    channels, downsampling = vae_geometry(vae)
-    config = dict(checkpoint.get("model_config") or dict(
-        name="SiT-XL/2", input_size=256 // downsampling, in_channels=channels, num_classes=1000, z_dims=[768],
-        encoder_depth=8, qk_norm=False, use_cls_token="cls_projectors2.weight" in weights))  # REPA has no class token
+    """The SiT of a checkpoint's EMA weights, loaded strictly. Each setting comes from its generate.py flag if given,
+    else from the checkpoint (`build_model_from_checkpoint`: stored settings, or those its weights tell)."""
+    _, downsampling = vae_geometry(vae)
     flags = dict(input_size=resolution // downsampling if resolution else None, num_classes=num_classes,
                  z_dims=[int(d) for d in projector_embed_dims.split(",")] if projector_embed_dims else None,
                  encoder_depth=encoder_depth, qk_norm=qk_norm)
-    config.update({k: v for k, v in flags.items() if v is not None}, fused_attn=fused_attn)
-    name = config.pop("name", None)
-    if model_name is not None:  # the name fixes the architecture: forget the stored one
-        name = model_name
-        for key in ("depth", "hidden_size", "num_heads", "patch_size"):
-            config.pop(key, None)
-    model = SiT(**config) if "depth" in config else create_model(name, **config)
-    if legacy:
-        weights = convert_legacy_state_dict(weights, config["encoder_depth"])
-    load_state_dict_checked(model, weights, source)
+    model = build_model_from_checkpoint(checkpoint, source, model_name=model_name, legacy=legacy, fused_attn=fused_attn,
+                                        **{k: v for k, v in flags.items() if v is not None})
     if cls is not None and not model.use_cls_token:
         raise RegditError(f"--cls {cls}: {source} has no class token (REPA/SiT weights); drop --cls")
     if cls is not None and cls != model.z_dims[0]:
@@ -258,17 +245,18 @@ def sample(model, sample_dir="samples", vae=None, num_samples=50_000, batch_size
 def add_arguments(parser):
     parser.add_argument("--ckpt", required=True,
                         help="checkpoint: official or regdit .pt (EMA weights are used) or a .safetensors export")
-    group = parser.add_argument_group("model", "unset flags take the checkpoint's stored config (regdit checkpoints "
-                                      "and exports), else the official default in brackets")
+    group = parser.add_argument_group("model", "unset flags take the checkpoint's settings: stored in regdit "
+                                      "checkpoints and exports, read off the weights of official ones")
     group.add_argument("--model", default=None, choices=sorted(SiT_models), metavar="NAME",
-                       help=f"model size and patch, one of {', '.join(SiT_models)} [SiT-XL/2]")
-    group.add_argument("--resolution", type=int, default=None, help="image resolution [256]")
-    group.add_argument("--num-classes", type=int, default=None, help="number of classes [1000]")
-    group.add_argument("--projector-embed-dims", default=None, help="encoder widths, comma-separated [768]")
-    group.add_argument("--encoder-depth", type=int, default=None, help="block of the projection layer [8]")
-    group.add_argument("--cls", type=int, default=None, help="width of the entangled class token: the first "
-                       "projector width [768]; REPA/SiT checkpoints have none")
-    group.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=None, help="per-head q/k LayerNorm [off]")
+                       help=f"model size and patch, one of {', '.join(SiT_models)}")
+    group.add_argument("--resolution", type=int, default=None, help="image resolution")
+    group.add_argument("--num-classes", type=int, default=None, help="number of classes")
+    group.add_argument("--projector-embed-dims", default=None, help="encoder widths, comma-separated")
+    group.add_argument("--encoder-depth", type=int, default=None,
+                       help="block of the projection layer (official checkpoints: their saved args, else 8)")
+    group.add_argument("--cls", type=int, default=None, help="width of the entangled class token, checked against "
+                       "the checkpoint's; REPA/SiT checkpoints have none")
+    group.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=None, help="per-head q/k LayerNorm")
     group.add_argument("--fused-attn", action=argparse.BooleanOptionalAction, default=True,
                        help="attention through F.scaled_dot_product_attention")
     group.add_argument("--legacy", action=argparse.BooleanOptionalAction, default=False,

@@ -139,7 +139,7 @@ def test_resume_after_interruption_gives_the_same_npz(files, tmp_path, monkeypat
 def test_official_checkpoint_from_flags_samples_like_its_export(files, tmp_path, monkeypatch):
     # official checkpoints are built from the flags (generate.py); a tiny size stands in for SiT-XL/2
     monkeypatch.setitem(regdit.models.SiT_models, "SiT-T/2",
-                        lambda **kw: SiT(depth=2, hidden_size=32, num_heads=2, patch_size=2, projector_dim=32, **kw))
+                        functools.partial(SiT, depth=2, hidden_size=32, num_heads=2, patch_size=2, projector_dim=32))
     run = dict(vae=files["vae"], num_samples=2, batch_size=2, mode="ode", heun=True, num_steps=3)
     official = sample(files["official"], tmp_path, model_name="SiT-T/2", resolution=32, num_classes=10,
                       projector_embed_dims="16", encoder_depth=1, cls=16, **run)
@@ -147,6 +147,20 @@ def test_official_checkpoint_from_flags_samples_like_its_export(files, tmp_path,
     assert official.name.startswith("SiT-custom-2-last-size-32-vae-vae-cfg-1.0")
     for a, b in zip(load(official), load(exported)):
         assert np.array_equal(a, b)
+
+
+def test_official_checkpoint_of_a_standard_size_needs_no_model_flags(files, tmp_path):
+    # a REG SiT-S/2 with 2 encoders; generate.py would need --model, --projector-embed-dims, --encoder-depth, ...
+    torch.manual_seed(0)
+    model = regdit.models.SiT_models["SiT-S/2"](input_size=4, num_classes=10, z_dims=[16, 8], projector_dim=32,
+                                                encoder_depth=3)
+    args = argparse.Namespace(model="SiT-S/2", encoder_depth=3, path_type="linear")
+    torch.save({"ema": model.state_dict(), "args": args, "steps": 1}, tmp_path / "s2.pt")
+    built, vae, *_ = regdit.sample.load_model_and_vae(tmp_path / "s2.pt", files["vae"], "cpu")
+    assert (len(built.blocks), built.num_heads, built.z_dims, built.encoder_depth) == (12, 6, [16, 8], 3)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in built.state_dict().items())
+    with pytest.raises(RegditError, match="cannot tell the number of attention heads .* pass --model"):
+        regdit.sample.load_model_and_vae(files["official"], files["vae"], "cpu")  # a custom size
 
 
 @pytest.mark.parametrize("flags,message", [
