@@ -10,7 +10,8 @@ Variants, one per table row (`--variants`, comma-separated):
   official  fp16 autocast + GradScaler, foreach AdamW, per-parameter EMA loop, loss/grad-norm `.item()` every step
   regdit    bf16 autocast, fused AdamW, foreach EMA, no host synchronisation; options appended with `+`:
             +compile (torch.compile the SiT), +checkpointing (activation checkpointing of every block),
-            +fp16 (fp16 autocast + GradScaler instead of bf16), +foreach (foreach instead of fused AdamW)
+            +fp16 (fp16 autocast + GradScaler instead of bf16), +foreach (foreach instead of fused AdamW; with
+            +fp16 the GradScaler then reads its overflow flag on the host every step, as in the official step)
 MFU = (3 x SiT forward FLOPs + encoder forward FLOPs, the analytic `SiT.flops` / `Encoder.flops`) x images/s / peak.
 """
 import argparse
@@ -25,7 +26,8 @@ from regdit.loss import REGLoss, total_loss
 from regdit.models import create_model
 from regdit.train import update_ema
 
-PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}  # dense bf16/fp16, from the datasheets
+# dense bf16/fp16 TFLOP/s from the datasheets, the first name contained in the device's name counts (SXM: plain "H100")
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
 OPTIONS = {"compile", "checkpointing", "fp16", "foreach"}
 
 
@@ -45,7 +47,8 @@ def make_step(variant, model, encoder, batch, device):
     official = base == "official"
     dtype = torch.float16 if official or "fp16" in options else torch.bfloat16
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0,
-                                  fused=not official and "foreach" not in options, foreach=official or None)
+                                  fused=not official and "foreach" not in options,
+                                  foreach=official or "foreach" in options or None)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     ema = copy.deepcopy(model).requires_grad_(False)
     ema_params, params = list(ema.parameters()), list(model.parameters())
@@ -115,38 +118,32 @@ def main():
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     encoder = dinov2_b(resolution, args.tiny, device)
-    rows = []
+    print(f"device: {name}, torch {torch.__version__}, batch {args.batch_size}, {args.steps} timed steps, "
+          f"{resolution} px")
+    print(f"{'model':<10} {'variant':<28} {'images/s':>9} {'speed-up':>8} {'GFLOP/img':>10} {'TFLOP/s':>8} {'MFU':>6} "
+          f"{'peak GiB':>8}", flush=True)
     for model_name in ["SiT-S/8"] if args.tiny else args.models.split(","):
         n, (channels, size) = args.batch_size, (3, 32) if args.tiny else (4, resolution // 8)  # tiny: pixel space
         tiny = dict(depth=2, hidden_size=64, num_heads=2, projector_dim=64, encoder_depth=1) if args.tiny else {}
         base = create_model(model_name, input_size=size, in_channels=channels, z_dims=[encoder.embed_dim], **tiny)
-        base.to(device)
         batch = (torch.randint(0, 256, (n, 3, resolution, resolution), device=device, dtype=torch.uint8),
                  torch.randn(n, 2 * channels, size, size, device=device), torch.randint(0, 1000, (n,), device=device))
-        flops_per_image = 3 * base.flops() + encoder.flops()
-        for variant in args.variants:
-            model = copy.deepcopy(base).train()
+        flops = 3 * base.flops() + encoder.flops()
+        baseline = None
+        for variant in args.variants:  # each row is printed when measured: a timeout keeps the rows before it
+            model = copy.deepcopy(base).to(device).train()  # `base` stays on the CPU: not in the peak memory
             step = make_step(variant, model, encoder, batch, device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            seconds = timed(step, args.steps, 5 if "compile" in variant else 3, device)
+            rate = n * args.steps / timed(step, args.steps, 5 if "compile" in variant else 3, device)
             memory = f"{torch.cuda.max_memory_allocated() / 2 ** 30:.1f}" if device.type == "cuda" else "-"
-            rows.append((model_name, variant, n * args.steps / seconds, flops_per_image, memory))
+            baseline, tflops = baseline or rate, rate * flops / 1e12
+            mfu = f"{tflops / peak:.1%}" if peak else "-"
+            print(f"{model_name:<10} {variant:<28} {rate:>9.1f} {rate / baseline:>7.2f}x {flops / 1e9:>10.4g} "
+                  f"{tflops:>8.3g} {mfu:>6} {memory:>8}", flush=True)
             del model, step
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-
-    print(f"\ndevice: {name}, torch {torch.__version__}, batch {args.batch_size}, {args.steps} timed steps, "
-          f"{resolution} px")
-    print(f"{'model':<10} {'variant':<28} {'images/s':>9} {'speed-up':>8} {'GFLOP/img':>10} {'TFLOP/s':>8} {'MFU':>6} "
-          f"{'peak GiB':>8}")
-    baseline = {}
-    for model_name, variant, rate, flops, memory in rows:
-        baseline.setdefault(model_name, rate)
-        tflops = rate * flops / 1e12
-        mfu = f"{tflops / peak:.1%}" if peak else "-"
-        print(f"{model_name:<10} {variant:<28} {rate:>9.1f} {rate / baseline[model_name]:>7.2f}x {flops / 1e9:>10.4g} "
-              f"{tflops:>8.3g} {mfu:>6} {memory:>8}")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,8 @@ def save_checkpoint(obj, path):
 
 def _setting_hint(keys):
     """The command-line setting most likely responsible for mismatched parameter names."""
+    if any(k.startswith("decoder_blocks.") for k in keys):
+        return "--legacy (early REPA layout)"
     if any(k.startswith(("cls_projectors2", "wg_norm", "final_layer.linear_cls")) for k in keys):
         return "--cls / --projector-embed-dims (REG class token) or REPA vs REG weights"
     if any(k.startswith("projectors.") for k in keys):
@@ -107,6 +109,8 @@ def model_config_from_checkpoint(checkpoint, state_dict=None, model_name=None, *
 
 def _inferred_config(weights, args):
     """The settings of official weights: sizes from the parameter shapes, encoder_depth from the saved args."""
+    if any(k.startswith("decoder_blocks.") for k in weights):
+        raise RegditError("these weights have the early REPA layout (decoder_blocks): pass --legacy")
     hidden_size, in_channels, patch_size, _ = weights["x_embedder.proj.weight"].shape
     depth = 1 + max(int(k.split(".")[1]) for k in weights if k.startswith("blocks."))
     size = next((s for s, (d, w, _) in MODEL_SIZES.items() if (d, w) == (depth, hidden_size)), None)

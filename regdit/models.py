@@ -323,13 +323,13 @@ SiT_models = {f"SiT-{size}/{p}": functools.partial(SiT, depth=depth, hidden_size
 
 
 def model_arguments(name):
-    """The SiT arguments a model name fixes (depth, hidden_size, num_heads, patch_size), with a one-line error
-    listing the valid names."""
+    """The SiT arguments a model name fixes (its size and patch), with a one-line error listing the valid names."""
     if name not in SiT_models:
         raise RegditError(f"unknown model {name!r}: use one of {', '.join(SiT_models)}")
-    return SiT_models[name].keywords
+    return dict(SiT_models[name].keywords)
 
 
 def create_model(name, **kwargs):
     """`SiT_models[name](**kwargs)`, checking the name."""
-    return SiT(**{**model_arguments(name), **kwargs})
+    model_arguments(name)
+    return SiT_models[name](**kwargs)

@@ -1,4 +1,5 @@
 """The benchmark scripts' CPU modes run and print their tables (speed is measured there, never asserted here)."""
+import os
 import re
 import subprocess
 import sys
@@ -25,7 +26,7 @@ NUMBER = r"\s+\d+(\.\d+)?"
 ])
 def test_cpu_mode_prints_its_table(script, flags, rows):
     result = subprocess.run([sys.executable, str(BENCHMARKS / script), *flags], capture_output=True, text=True,
-                            timeout=300, env={"CUDA_VISIBLE_DEVICES": "", "PATH": ""})
+                            timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert result.returncode == 0, result.stderr[-2000:]
     for row in rows:
         assert re.search(row, result.stdout), f"no row {row!r} in:\n{result.stdout}"

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from regdit import RegditError
-from regdit.checkpoint import (build_model_from_checkpoint, load_checkpoint, model_config_from_checkpoint,
-                               save_checkpoint)
+from regdit.checkpoint import (build_model_from_checkpoint, load_checkpoint, load_state_dict_checked,
+                               model_config_from_checkpoint, save_checkpoint)
 from regdit.cli import main as cli_main
 from conftest import FIXTURES
 
@@ -93,3 +93,10 @@ def test_legacy_decoder_blocks_are_renumbered(official_tiny):
     converted = convert_legacy_state_dict(legacy, encoder_depth=2)
     assert converted.keys() == checkpoint["ema"].keys()
     assert all(torch.equal(converted[k], v) for k, v in checkpoint["ema"].items())
+    legacy_checkpoint = {**checkpoint, "ema": legacy}  # the saved args give encoder_depth 2
+    model = build_model_from_checkpoint(legacy_checkpoint, "old.pt", num_heads=4, legacy=True)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in checkpoint["ema"].items())
+    with pytest.raises(RegditError, match="early REPA layout \\(decoder_blocks\\): pass --legacy"):
+        build_model_from_checkpoint(legacy_checkpoint, "old.pt", num_heads=4)
+    with pytest.raises(RegditError, match="old.pt does not match the model: .*check --legacy"):
+        load_state_dict_checked(model, legacy, "old.pt")
