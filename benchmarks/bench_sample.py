@@ -22,7 +22,7 @@ MODES = {"SDE 250": dict(mode="sde", num_steps=250, heun=False), "ODE Heun 50": 
 
 def official_batch(model, vae, batch_size, mode, num_steps, heun):
     """The body of the official generate.py loop: batch noise and labels from the global RNG, eager float32."""
-    device, size = model.pos_embed.device, int(model.x_embedder.num_patches ** 0.5) * model.patch_size
+    device, size = model.pos_embed.device, model.input_size
     z = torch.randn(batch_size, model.in_channels, size, size, device=device)
     y = torch.randint(0, model.num_classes, (batch_size,), device=device)
     cls_z = torch.randn(batch_size, model.z_dims[0], device=device)

@@ -17,6 +17,10 @@ def load_checkpoint(path):
     """Read a checkpoint with `weights_only=True`: a `.safetensors` export (its `config.json` beside it becomes
     `model_config`), or a torch file (official or regdit training checkpoint, or a bare state dict)."""
     path = Path(path)
+    if path.is_dir():
+        found = sorted(path.glob("model.safetensors")) or sorted(path.glob("checkpoints/*.pt"))[-1:]
+        raise RegditError(f"checkpoint {path} is a folder: pass " + (f"{found[0]}" if found else
+                          "a training checkpoint (EXP/checkpoints/NNNNNNN.pt) or an export (DIR/model.safetensors)"))
     if not path.is_file():
         raise RegditError(f"checkpoint {path} does not exist: pass the path of a .pt or .safetensors file")
     try:
@@ -28,8 +32,9 @@ def load_checkpoint(path):
         with torch.serialization.safe_globals([argparse.Namespace]):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zip, bad pickle, foreign format: all unreadable for the user
-        raise RegditError(f"checkpoint {path} is unreadable ({type(error).__name__}: {str(error).splitlines()[0]}): "
-                          "the file is truncated or corrupt; copy it again or use an earlier checkpoint") from None
+        raise RegditError(f"checkpoint {path} is unreadable ({type(error).__name__}: {str(error).splitlines()[0][:120]}): "
+                          "pass a training checkpoint (.pt) or an export (.safetensors); if it is one, it is truncated "
+                          "or corrupt: copy it again or use an earlier checkpoint") from None
     if isinstance(checkpoint, dict) and "ema" not in checkpoint and "model" not in checkpoint:
         checkpoint = {"ema": checkpoint}  # a bare state dict, like some released weights
     return checkpoint
@@ -44,16 +49,18 @@ def save_checkpoint(obj, path):
 
 def _setting_hint(keys):
     """The command-line setting most likely responsible for mismatched parameter names."""
+    if any(".q_norm" in k or ".k_norm" in k for k in keys):
+        return "--qk-norm"
     if any(k.startswith("decoder_blocks.") for k in keys):
         return "--legacy (early REPA layout)"
+    if any(k.startswith(("x_embedder", "t_embedder", "blocks.")) for k in keys):  # depth, width or patch size
+        return "--model"
     if any(k.startswith(("cls_projectors2", "wg_norm", "final_layer.linear_cls")) for k in keys):
         return "--cls / --projector-embed-dims (REG class token) or REPA vs REG weights"
     if any(k.startswith("projectors.") for k in keys):
         return "--projector-embed-dims / --enc-type (one projector per encoder)"
     if any(k.startswith("pos_embed") for k in keys):
         return "--resolution or the patch size in --model"
-    if any(".q_norm" in k or ".k_norm" in k for k in keys):
-        return "--qk-norm"
     if any(k.startswith("y_embedder") for k in keys):
         return "--num-classes"
     return "--model"
@@ -131,9 +138,11 @@ def _inferred_config(weights, args):
         qk_norm="blocks.0.attn.q_norm.weight" in weights)
 
 
-def build_model_from_checkpoint(checkpoint, source, weights="ema", model_name=None, legacy=False, **overrides):
+def build_model_from_checkpoint(checkpoint, source="checkpoint", weights="ema", model_name=None, legacy=False,
+                                **overrides):
     """A SiT with the checkpoint's `weights` ("ema" or "model") loaded strictly, its settings from
-    `model_config_from_checkpoint`. `legacy` renumbers official `decoder_blocks` weights first (`--legacy`)."""
+    `model_config_from_checkpoint`; `source` names the checkpoint in errors. `legacy` renumbers official
+    `decoder_blocks` weights first (`--legacy`)."""
     state_dict = checkpoint[weights]
     if legacy:
         args = vars(checkpoint.get("args") or argparse.Namespace())

@@ -42,19 +42,35 @@ def add_dataclass_arguments(parser, config_class):
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="a named recipe of the paper")
 
 
-def check_choices(parser, values, source):
-    """argparse checks `choices` of command-line values only: check preset and YAML values too."""
+def checked_values(parser, values, source):
+    """argparse converts and checks command-line values only: do the same for preset and YAML values (a YAML file
+    written by a run, unset settings as null, reads back as it was written)."""
+    checked = dict(values)
     for action in parser._actions:
-        if action.dest in values and action.choices is not None and values[action.dest] not in action.choices:
-            raise RegditError(f"{source}: {action.dest} {values[action.dest]!r} is not one of "
-                              f"{', '.join(map(str, action.choices))}")
+        if action.dest not in values or values[action.dest] is None and action.default is None:
+            continue
+        value = values[action.dest]
+        if isinstance(action, argparse.BooleanOptionalAction):
+            if not isinstance(value, bool):
+                raise RegditError(f"{source}: {action.dest} {value!r} is not true or false")
+            continue
+        if value is False and action.choices and "no" in action.choices:
+            value = "no"  # YAML 1.1 reads an unquoted `no` as false
+        try:
+            value = action.type(str(value)) if action.type else value  # str(): YAML's 3.5 is not an int
+        except (TypeError, ValueError):
+            raise RegditError(f"{source}: {action.dest} {value!r} is not a valid {action.type.__name__}") from None
+        if action.choices is not None and value not in action.choices:
+            raise RegditError(f"{source}: {action.dest} {value!r} is not one of {', '.join(map(str, action.choices))}")
+        checked[action.dest] = value
+    return checked
 
 
 def preset_and_yaml_defaults(args, config_class, parser):
     """Flag defaults from `--preset` and `--config FILE.yaml`, to be applied before the final parse so that
     explicit flags still win."""
     names = {f.name for f in dataclasses.fields(config_class)}
-    defaults = dict(PRESETS[args.preset]) if args.preset else {}
+    defaults = checked_values(parser, PRESETS[args.preset], f"preset {args.preset}") if args.preset else {}
     if args.config is not None:
         if not args.config.is_file():
             raise RegditError(f"config file {args.config} does not exist: pass a YAML file of flag values")
@@ -69,8 +85,7 @@ def preset_and_yaml_defaults(args, config_class, parser):
         if unknown:
             raise RegditError(f"config file {args.config} has unknown settings {', '.join(unknown)}: "
                               "see `regdit train --help` for the valid names")
-        check_choices(parser, values, f"config file {args.config}")
-        defaults.update(values)
+        defaults.update(checked_values(parser, values, f"config file {args.config}"))
     return defaults
 
 

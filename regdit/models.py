@@ -190,7 +190,7 @@ class SiT(nn.Module):
         super().__init__()
         # `unused_official_kwargs` absorbs official arguments without effect here (e.g. decoder_hidden_size, use_cfg,
         # path_type), so an official `SiT(**kwargs)` call or a checkpoint's saved settings construct this model.
-        self.in_channels, self.out_channels = in_channels, in_channels
+        self.input_size, self.in_channels, self.out_channels = input_size, in_channels, in_channels
         self.patch_size, self.num_heads = patch_size, num_heads
         self.num_classes = num_classes
         self.z_dims = list(z_dims)
@@ -327,6 +327,13 @@ def model_arguments(name):
     if name not in SiT_models:
         raise RegditError(f"unknown model {name!r}: use one of {', '.join(SiT_models)}")
     return dict(SiT_models[name].keywords)
+
+
+def model_label(model):
+    """`SiT-XL/2` for a standard size, else `SiT-custom/p`."""
+    size = next((s for s, (d, w, _) in MODEL_SIZES.items() if (d, w) == (len(model.blocks), model.pos_embed.shape[-1])),
+                "custom")
+    return f"SiT-{size}/{model.patch_size}"
 
 
 def create_model(name, **kwargs):

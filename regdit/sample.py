@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from regdit import RegditError, __version__, atomic_write, cpu_launch
 from regdit.checkpoint import build_model_from_checkpoint, load_checkpoint
-from regdit.models import MODEL_SIZES, SiT_models
+from regdit.models import SiT_models, model_label
 from regdit.samplers import euler_maruyama_sampler, euler_sampler
 from regdit.vae import decode_latents, load_vae, resolve_vae_name
 
@@ -64,13 +64,6 @@ def build_model(checkpoint, source, vae, model_name=None, resolution=None, num_c
         raise RegditError(f"--cls {cls} is not the class-token width {model.z_dims[0]} of {source}; "
                           f"pass --cls {model.z_dims[0]}")
     return model
-
-
-def model_label(model):
-    """`SiT-XL/2` for standard sizes, else `SiT-custom/p`."""
-    size = next((s for s, (d, w, _) in MODEL_SIZES.items() if (d, w) == (len(model.blocks), model.pos_embed.shape[-1])),
-                "custom")
-    return f"SiT-{size}/{model.patch_size}"
 
 
 def sample_generators(indices, global_seed, device):
@@ -125,7 +118,7 @@ def load_model_and_vae(model, vae, device, **model_flags):
 
     `model`: a SiT, or the path of an official or regdit `.pt` (its EMA weights) or a `.safetensors` export, built
     by `build_model` with `model_flags`. `vae`: ema, mse, a Hub id, a `save_pretrained` folder or none; unset: the
-    checkpoint's, else ema (official). The stored settings hold the training path type when the checkpoint has one.
+    checkpoint's, else none for a 3-channel (pixel-space) model, else ema (official). The stored settings hold the training path type when the checkpoint has one.
     """
     ckpt, stored = None, {}
     if not isinstance(model, torch.nn.Module):
@@ -134,9 +127,14 @@ def load_model_and_vae(model, vae, device, **model_flags):
         # regdit checkpoints record the dataset's VAE; official and regdit ones the training path in their args
         stored = dict(vae=checkpoint.get("latents", {}).get("vae"),
                       path_type=getattr(checkpoint.get("args"), "path_type", None))
+        in_channels = checkpoint["ema"]["x_embedder.proj.weight"].shape[1]
     elif model_flags:
         raise TypeError(f"{sorted(model_flags)} only apply when `model` is a checkpoint path")
-    vae = vae or stored.get("vae") or "ema"
+    else:
+        in_channels = model.in_channels
+    if stored.get("vae") == "none" and vae not in (None, "none"):  # refused before a VAE download
+        raise RegditError(f"{ckpt} was trained in pixel space: pass --vae none (or leave --vae unset)")
+    vae = vae or stored.get("vae") or ("none" if in_channels == 3 else "ema")  # 3 channels: RGB pixels
     with PartialState().main_process_first():  # one process fills the Hub cache, the others then read it
         vae_model = load_vae(vae, device)
     if ckpt is not None:
@@ -154,7 +152,7 @@ def sample_batch(model, vae, indices, global_seed=0, balanced=False, mode="sde",
     """uint8 images (N, H, W, 3) of the sample indices, each drawn from its own stream (see the module docstring).
     `guidance`: cfg_scale, cls_cfg_scale, guidance_low, guidance_high, path_type of the samplers."""
     device = model.pos_embed.device
-    size = int(model.x_embedder.num_patches ** 0.5) * model.patch_size
+    size = model.input_size
     generators = sample_generators(indices, global_seed, device)
     y = draw_labels(generators, indices, model.num_classes, balanced)
     x = torch.stack([torch.randn(model.in_channels, size, size, generator=g, device=device) for g in generators])
@@ -192,7 +190,7 @@ def sample(model, sample_dir="samples", vae=None, num_samples=50_000, batch_size
         raise RegditError("this model was trained without label dropout (--cfg-prob 0), so it has no null class for "
                           "guidance: pass --cfg-scale 1")
     channels, downsampling = vae_geometry(vae_model)
-    latent_size = int(model.x_embedder.num_patches ** 0.5) * model.patch_size
+    latent_size = model.input_size
     settings = dict(
         ckpt=str(ckpt.resolve()) if ckpt else None, model=model_label(model), num_classes=model.num_classes,
         latent_shape=[channels, latent_size, latent_size], cls_dim=model.z_dims[0] if model.use_cls_token else None,
@@ -263,7 +261,7 @@ def add_arguments(parser):
                        help="early REPA checkpoints: rename decoder_blocks.i to blocks.{i + encoder depth}")
     group = parser.add_argument_group("sampling")
     group.add_argument("--vae", default=None, help="ema, mse, a Hub id, a save_pretrained folder, or none for pixel "
-                       "space; unset: the checkpoint's VAE, else ema")
+                       "space; unset: the checkpoint's VAE, else none for 3-channel (pixel) models, else ema")
     group.add_argument("--mode", default="sde", choices=["sde", "ode"],
                        help="sde: the official Euler-Maruyama sampler; ode: Euler (or --heun) on the velocity")
     group.add_argument("--num-steps", type=int, default=None, help="sampling steps; unset: 250 for sde, 50 for ode")

@@ -27,7 +27,7 @@ from regdit import RegditError, cpu_launch
 from regdit.checkpoint import load_checkpoint, load_state_dict_checked, save_checkpoint
 from regdit.config import add_dataclass_arguments, config_from_args, flag, preset_and_yaml_defaults
 from regdit.loss import REGLoss, sample_time, total_loss
-from regdit.models import SiT_models, create_model
+from regdit.models import SiT_models, create_model, model_label
 
 LOGGED_METRICS = ("loss_final", "loss_mean", "proj_loss", "loss_mean_cls", "grad_norm")  # official names
 # Settings a resumed run may change: they do not alter what is trained (paths, logging, length, speed).
@@ -161,14 +161,13 @@ def update_ema(ema_params, params, decay):
 
 def build_model(config, latent_channels, latent_size, z_dims):
     overrides = {k: getattr(config, k) for k in ("depth", "hidden_size", "num_heads") if getattr(config, k)}
-    name = config.model
     kwargs = dict(input_size=latent_size, in_channels=latent_channels, num_classes=config.num_classes,
                   class_dropout_prob=config.cfg_prob, z_dims=z_dims, projector_dim=config.projector_dim,
                   encoder_depth=config.encoder_depth, qk_norm=config.qk_norm, fused_attn=config.fused_attn,
                   use_cls_token=config.method == "reg")
-    model = create_model(name, **kwargs, **overrides, grad_checkpointing=config.grad_checkpointing)
+    model = create_model(config.model, **kwargs, **overrides, grad_checkpointing=config.grad_checkpointing)
     # everything needed to rebuild the model without the training flags (sampling, export)
-    model_config = dict(name=name, patch_size=model.patch_size, depth=len(model.blocks),
+    model_config = dict(name=model_label(model), patch_size=model.patch_size, depth=len(model.blocks),
                         hidden_size=model.pos_embed.shape[-1], num_heads=model.num_heads, **kwargs)
     model_config.pop("fused_attn")
     return model, model_config
@@ -270,7 +269,7 @@ def train(config: TrainConfig):
         exp_dir.mkdir(parents=True, exist_ok=True)
         (exp_dir / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
         accelerator.init_trackers(config.exp_name, config={k: str(v) for k, v in dataclasses.asdict(config).items()})
-        print(f"{raw_model.__class__.__name__} {config.model} ({sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M "
+        print(f"{model_label(raw_model)} ({sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M "
               f"parameters), {len(dataset)} samples, {world} process(es) x batch {local_batch} x "
               f"{config.gradient_accumulation_steps} accumulation, mixed precision {mixed_precision}"
               + (f", resumed from {resume_path}" if resume_path else ""))

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -35,6 +36,10 @@ def test_truncated_checkpoint_gives_one_line_error(tmp_path):
     assert "\n" not in str(error.value)
     with pytest.raises(RegditError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "0000100.pt").write_bytes(data)
+    with pytest.raises(RegditError, match=r"run is a folder: pass .*run/checkpoints/0000100.pt$"):
+        load_checkpoint(tmp_path / "run")
 
 
 def test_pickled_code_is_refused(tmp_path):
@@ -44,14 +49,17 @@ def test_pickled_code_is_refused(tmp_path):
         load_checkpoint(path)
 
 
-@pytest.mark.parametrize("override,hint", [({"z_dims": [16]}, "--projector-embed-dims"),
+@pytest.mark.parametrize("override,hint", [({"z_dims": [16]}, "--cls / --projector-embed-dims"),
                                            ({"use_cls_token": False}, "--cls"),
                                            ({"depth": 3}, "--model"),
+                                           ({"hidden_size": 32}, "--model"),
+                                           ({"patch_size": 4}, "--model"),
+                                           ({"input_size": 16}, "--resolution"),
                                            ({"qk_norm": True}, "--qk-norm"),
                                            ({"num_classes": 20}, "--num-classes")])
 def test_mismatched_settings_name_the_flag(official_tiny, override, hint):
     checkpoint, _ = official_tiny
-    with pytest.raises(RegditError, match=hint) as error:
+    with pytest.raises(RegditError, match=f"check {re.escape(hint)}") as error:
         build_model_from_checkpoint(checkpoint, "ckpt.pt", num_heads=4, **override)
     assert "ckpt.pt does not match the model" in str(error.value) and "\n" not in str(error.value)
 

@@ -179,12 +179,22 @@ def test_checkpoint_that_does_not_match_the_flags(files, tmp_path, flags, messag
 
 
 def test_pixel_space_repa_model_object_with_balanced_labels(tmp_path):
-    # the demo's setting: a model object, no VAE (3-channel 8 px "latents" are the images), REPA (no class token)
+    # the demo's setting: a model object, no VAE (3-channel 8 px "latents" are the images: --vae unset means none),
+    # REPA (no class token)
     model = tiny_model(input_size=8, in_channels=3, use_cls_token=False).train()
-    npz_path = sample(model, tmp_path, vae="none", num_samples=12, batch_size=5, balanced=True, mode="ode",
+    npz_path = sample(model, tmp_path, num_samples=12, batch_size=5, balanced=True, mode="ode",
                       num_steps=4, cfg_scale=1.5, mixed_precision="bf16")
     images, labels = load(npz_path)
     assert not model.training
     assert images.shape == (12, 8, 8, 3) and labels.tolist() == [i % 10 for i in range(12)]
     assert npz_path.name == "SiT-custom-2-model-size-8-vae-none-cfg-1.5-cls-cfg-0.0-interval-0.0-1.0-seed-0-ode-4-balanced-bf16.npz"
     assert images.std() > 10
+
+
+def test_pixel_space_checkpoint_refuses_a_vae_before_loading_it(tmp_path):
+    model = tiny_model(input_size=8, in_channels=3, use_cls_token=False)
+    config = {**TINY, "input_size": 8, "in_channels": 3, "use_cls_token": False}
+    torch.save({"ema": model.state_dict(), "model_config": config, "latents": {"vae": "none"}}, tmp_path / "pixel.pt")
+    with pytest.raises(SystemExit, match=r"pixel.pt was trained in pixel space: pass --vae none"):
+        cli_main(["sample", "--ckpt", str(tmp_path / "pixel.pt"), "--vae", "stabilityai/no-such-vae",
+                  "--sample-dir", str(tmp_path)])

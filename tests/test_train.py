@@ -217,10 +217,26 @@ def test_bad_settings_fail_before_training(tiny_data, flags, message, capsys):
     assert re.search(message, str(error.value))
 
 
-def test_unknown_flag_is_an_error(capsys):
+@pytest.mark.parametrize("argv,message", [
+    (["--learning-rat", "1e-4"], "unrecognized arguments: --learning-rat (did you mean --learning-rate?) 1e-4"),
+    (["--model", "SiT-Q/2"], "argument --model: invalid choice: 'SiT-Q/2'"),
+])
+def test_bad_flags_are_one_line_errors(argv, message, capsys):
     with pytest.raises(SystemExit):
-        cli_main(["train", "--learning-rat", "1e-4"])
-    assert "unrecognized arguments" in capsys.readouterr().err
+        cli_main(["train", *argv])
+    err = capsys.readouterr().err
+    assert err.startswith(f"regdit train: error: {message}") and err.endswith(" (see regdit train --help)\n")
+    assert err.count("\n") == 1, err
+
+
+def test_interrupt_is_one_line(monkeypatch, capsys):
+    def interrupted(config):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train_module, "train", interrupted)
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["train"])
+    assert exit_.value.code == 130
+    assert capsys.readouterr().err == "\nregdit train: interrupted (rerun the same command to continue)\n"
 
 
 def test_yaml_config_and_preset_precedence(tmp_path, monkeypatch):
@@ -255,8 +271,24 @@ def test_no_label_dropout_previews_without_guidance(tiny_data):
     assert (result["exp_dir"] / "samples" / "0000002.png").is_file()
 
 
+def test_a_runs_config_yaml_is_a_valid_config(tiny_data, monkeypatch):
+    result = train(tiny_config(tiny_data, exp_name="yaml", max_train_steps=1))
+    written = result["exp_dir"] / "config.yaml"
+    assert "mixed_precision: null" in written.read_text()  # unset settings are written as null
+    seen = {}
+    monkeypatch.setattr(train_module, "train", lambda config: seen.update(config=config))
+    cli_main(["train", "--config", str(written)])
+    assert seen["config"] == tiny_config(tiny_data, exp_name="yaml", max_train_steps=1)
+    (tiny_data / "hand.yaml").write_text("mixed-precision: no\nbatch-size: '16'\nlearning-rate: 1e-4\n")
+    cli_main(["train", "--config", str(tiny_data / "hand.yaml")])
+    assert (seen["config"].mixed_precision, seen["config"].batch_size) == ("no", 16)  # YAML 1.1: no is false
+
+
 @pytest.mark.parametrize("text,message", [("path-type: cosin\n", "path_type 'cosin' is not one of linear, cosine"),
-                                          ("method: [reg\n", "is not valid YAML")])
+                                          ("method: [reg\n", "is not valid YAML"),
+                                          ("batch_size: abc\n", "c.yaml: batch_size 'abc' is not a valid int"),
+                                          ("batch_size: 3.5\n", "c.yaml: batch_size 3.5 is not a valid int"),
+                                          ("compile: maybe\n", "c.yaml: compile 'maybe' is not true or false")])
 def test_bad_yaml_values_are_one_line_errors(tmp_path, text, message):
     (tmp_path / "c.yaml").write_text(text)
     with pytest.raises(SystemExit, match=message):
