@@ -29,8 +29,10 @@ class Parser(argparse.ArgumentParser):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # a flag whose help explains its unset default says it once
-        return action.help if "(default" in (action.help or "") else super()._get_help_string(action)
+    def _get_help_string(self, action):  # no "(default: None)" on required flags or twice on explained defaults
+        if action.required or action.default is None or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def build_parser(command=None):

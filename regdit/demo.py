@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from regdit import RegditError
+
 CLASSES = ["red circle", "green square", "blue triangle", "yellow cross", "magenta ring", "cyan stripes",
            "orange bars", "white diamond", "purple checkers", "lime dots"]
 COLOURS = [(230, 40, 40), (40, 200, 60), (50, 90, 240), (240, 220, 40), (230, 50, 230), (40, 220, 230),
@@ -102,9 +104,14 @@ def run_demo(output="regdit-demo", images_per_class=100, steps=2000, batch_size=
     from regdit.evaluate import evaluate, make_reference, save_random_inception_weights
     from regdit.prepare import prepare_images, prepare_latents
     from regdit.sample import sample
-    from regdit.train import TrainConfig, train
+    from regdit.train import TrainConfig, find_resume_checkpoint, train
 
     out = Path(output)
+    # A rerun resumes the training run in OUTPUT; one already past --steps would not train and pass for a --steps run.
+    latest = find_resume_checkpoint(out / "train" / "checkpoints", 0)
+    if latest is not None and int(latest.stem) > steps:
+        raise RegditError(f"{out} holds a demo trained for {int(latest.stem)} steps, more than --steps {steps}: "
+                          f"pass --steps {int(latest.stem)} to reuse it, or a new --output")
     out.mkdir(parents=True, exist_ok=True)
     timings, started = {}, time.perf_counter()
 
@@ -129,7 +136,11 @@ def run_demo(output="regdit-demo", images_per_class=100, steps=2000, batch_size=
         num_classes=len(CLASSES), batch_size=batch_size, max_train_steps=steps, learning_rate=1e-3, ema_decay=0.995,
         log_every=max(steps // 40, 1), checkpointing_steps=steps, sampling_steps=0, num_workers=0, seed=seed)
     result = train(config)
-    metrics = result["metrics"]
+    # The whole run's curve: result["metrics"] holds only the steps trained now, none when a rerun finds the run
+    # done. A step logged twice (a killed run redone from its last checkpoint) keeps its latest entry.
+    lines = (result["exp_dir"] / "metrics.jsonl").read_text().splitlines()
+    logged = {m["step"]: m for m in map(json.loads, lines) if m["step"] <= result["steps"]}
+    metrics = [logged[step] for step in sorted(logged)]
     loss_curve(metrics, out / "loss_curve.png")
     lap("train")
 

@@ -9,6 +9,7 @@ import concurrent.futures
 import contextlib
 import json
 import os
+import sys
 import warnings
 import zipfile
 
@@ -29,6 +30,7 @@ SPATIAL_CHANNELS = 7  # ADM keeps spatial[..., :7]: 17 * 17 * 7 = 2023 features
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 NEIGHBOURHOOD = 3  # ADM's nhood_sizes=(3,): k-th nearest neighbour, the point itself being neighbour 0
 MIN_IMAGES = NEIGHBOURHOOD + 1
+POOL_FEATURES = 2048  # FID's covariances are 2048 x 2048: fewer images make them rank-deficient
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -52,9 +54,12 @@ class NpzImages:
             raise RegditError(f"{path} is not a readable .npz ({error}); save images with numpy.savez(path, "
                               f"arr_0=images)") from None
         if "arr_0.npy" not in self._zip.namelist():
-            keys = ", ".join(name.removesuffix(".npy") for name in self._zip.namelist()) or "none"
+            keys = [name.removesuffix(".npy") for name in self._zip.namelist()]
             self._zip.close()
-            raise RegditError(f"{path} has no arr_0 (keys: {keys}); save images with numpy.savez(path, arr_0=images)")
+            # Any zip opens here (a torch .pt has hundreds of members): a few keys identify it.
+            listed = ", ".join(keys[:3]) + (f", ... ({len(keys)} in all)" if len(keys) > 3 else "")
+            raise RegditError(f"{path} has no arr_0 (keys: {listed or 'none'}); expected an ADM-style .npz with "
+                              f"arr_0 = uint8 N x H x W x 3 images, as numpy.savez(path, arr_0=images) writes")
         self._file = self._zip.open("arr_0.npy")
         try:
             shape = self._read_header(num_images)
@@ -417,6 +422,12 @@ def evaluate(ref_npz, sample_npz, inception_weights=None, batch_size=64, num_sam
         model = load_inception(weights, device)
         ref = compute_activations(ref_images, model, batch_size, desc="reference")
         sample = compute_activations(sample_images, model, batch_size, desc="samples")
+    few = [f"{path} ({count})" for path, count in ((ref_npz, len(ref["pool"])), (sample_npz, len(sample["pool"])))
+           if count < POOL_FEATURES]
+    if few:
+        print(f"warning: fewer than {POOL_FEATURES} images (the Inception feature size) in {' and '.join(few)}: FID "
+              f"is rank-deficient and strongly biased; these metrics are not comparable to 50k-sample numbers",
+              file=sys.stderr)
     ref_stats = read_reference_statistics(ref_npz)
     ref_stats_source = "npz" if ref_stats else "arr_0"
     ref_stats = ref_stats or (fid_statistics(ref["pool"]), fid_statistics(ref["spatial"]))

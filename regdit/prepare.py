@@ -4,13 +4,12 @@ Both steps are resumable: finished work is recorded atomically (a file is writte
 renamed), so rerunning the same command after a kill continues where it stopped. `prepare latents` runs on every
 process of `accelerate launch` / `torchrun`, each encoding its own shards.
 """
-import argparse
 import functools
 import json
 import multiprocessing
 import os
 import shutil
-import warnings
+import sys
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
@@ -27,7 +26,7 @@ from regdit.data import (FORMAT, IMAGES, LABELS, META, MOMENTS, MOMENTS_FLIP, OF
 
 def add_arguments(parser):
     commands = parser.add_subparsers(dest="prepare_command", required=True)
-    formatter = argparse.ArgumentDefaultsHelpFormatter
+    from regdit.cli import HelpFormatter as formatter  # imported here: the CLI imports this module
     images = commands.add_parser("images", formatter_class=formatter, allow_abbrev=False,
                                  help="raw image folder/zip -> square RGB PNGs + dataset.json labels")
     images.add_argument("--source", required=True,
@@ -180,7 +179,7 @@ def prepare_images(source, dest, resolution, transform="center-crop-dhariwal", w
     """Crop and resize every image of a folder or zip to resolution^2 RGB PNGs with a dataset.json of labels.
 
     Output names follow the source's sorted order, `{i:08d}[:5]/img{i:08d}.png`, like the official converter;
-    unreadable images are skipped with a warning (their index stays unused) or, with strict, raise.
+    unreadable images are skipped with a line on stderr (their index stays unused) or, with strict, raise.
     Returns {"images", "converted", "skipped" (names), "num_classes"}.
     """
     source, dest = os.path.abspath(source), os.path.abspath(dest)
@@ -214,7 +213,8 @@ def prepare_images(source, dest, resolution, transform="center-crop-dhariwal", w
                 raise RegditError(f"{source}/{names[index]}: unreadable image ({error}); remove or replace it, or "
                                   f"drop --strict to skip it")
             if error:
-                warnings.warn(f"skipping unreadable image {source}/{names[index]} ({error})", stacklevel=2)
+                # tqdm.write keeps the progress bar below the line
+                tqdm.write(f"skipping unreadable image {source}/{names[index]} ({error})", file=sys.stderr)
                 skipped.append(names[index])
     if len(skipped) == len(names):
         raise RegditError(f"{source}: none of the {len(names)} images could be read; check the files")

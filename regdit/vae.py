@@ -3,6 +3,7 @@
 `"none"` selects pixel space for small datasets: the "latent" is the image itself in [-1, 1] (3 channels, scale 1.0).
 """
 import os
+import warnings
 
 import torch
 
@@ -33,7 +34,10 @@ def load_vae(name_or_path, device="cpu", dtype=torch.float32):
     from diffusers import AutoencoderKL  # imported here: pixel-space runs should not pay for diffusers
 
     try:
-        vae = AutoencoderKL.from_pretrained(name, torch_dtype=dtype)
+        # diffusers passes huggingface_hub a deprecated argument on every Hub load: its warning is not the user's.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated")
+            vae = AutoencoderKL.from_pretrained(name, torch_dtype=dtype)
     except OSError as error:  # diffusers reports missing files, offline mode and network failures as OSError
         where = ("the folder lacks config.json or weights" if os.path.isdir(name)
                  else "it is not in the Hugging Face cache and the Hub cannot be reached")

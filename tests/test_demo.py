@@ -2,16 +2,21 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
+from regdit import evaluate
 from regdit.cli import main as cli_main
 from regdit.demo import CLASSES, draw_shape
 
 
-def test_shortened_demo_runs_end_to_end(tmp_path, capsys):
+SHORT_DEMO = ["--images-per-class", "6", "--steps", "40", "--samples-per-class", "2", "--sampling-steps", "10",
+              "--eval-images", "20"]
+
+
+def test_shortened_demo_runs_end_to_end(tmp_path, capsys, monkeypatch):
     out = tmp_path / "demo"
-    cli_main(["demo", "--output", str(out), "--images-per-class", "6", "--steps", "40", "--samples-per-class", "2",
-              "--sampling-steps", "10", "--eval-images", "20"])
+    cli_main(["demo", "--output", str(out), *SHORT_DEMO])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 40 and summary["final_loss"] < summary["first_loss"]
     for key in ("samples_grid", "loss_curve", "checkpoint", "samples_npz"):
@@ -22,6 +27,20 @@ def test_shortened_demo_runs_end_to_end(tmp_path, capsys):
     assert all(np.isfinite(v) for v in summary["metrics_random_inception"].values())
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed[-1].startswith("summary: ") and "random weights" in "\n".join(printed)
+
+    # A rerun finds the run finished: it trains nothing and reuses the run's loss curve (its metrics.jsonl).
+    # Its evaluation, most of a CPU demo's time, is stubbed out: it has nothing to do with resuming.
+    monkeypatch.setattr(evaluate, "make_reference", lambda *args, **kwargs: None)
+    monkeypatch.setattr(evaluate, "evaluate", lambda *args, **kwargs: {"fid": 0.0})
+    cli_main(["demo", "--output", str(out), *SHORT_DEMO])
+    rerun = json.loads((out / "summary.json").read_text())
+    assert {k: rerun[k] for k in ("steps", "first_loss", "final_loss", "checkpoint")} == {
+        k: summary[k] for k in ("steps", "first_loss", "final_loss", "checkpoint")}
+    for argv, message in ((["--steps", "20"], "trained for 40 steps, more than --steps 20"),
+                          (["--batch-size", "16"], "was trained with --batch-size 32, not 16")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(["demo", "--output", str(out), *SHORT_DEMO, *argv])
+        assert message in str(exit_info.value) and "\n" not in str(exit_info.value)
 
 
 def test_demo_classes_differ_in_colour_and_shape():

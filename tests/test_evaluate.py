@@ -53,6 +53,15 @@ def test_bad_npz_gives_one_line_error_naming_the_file(tmp_path, arrays, message)
     assert message in str(error.value) and str(path) in str(error.value) and "\n" not in str(error.value)
 
 
+def test_zip_without_arr_0_lists_a_few_keys_and_what_is_expected(tmp_path):
+    torch.save({str(index): torch.zeros(1) for index in range(100)}, tmp_path / "some.pt")  # a zip of 100+ members
+    with pytest.raises(RegditError) as error:
+        load_npz_images(tmp_path / "some.pt")
+    message = str(error.value)
+    assert "some.pt has no arr_0 (keys: " in message and "in all)" in message and "archive/data/99" not in message
+    assert "ADM-style .npz with arr_0 = uint8 N x H x W x 3" in message and "\n" not in message
+
+
 def test_missing_or_foreign_npz_file(tmp_path):
     with pytest.raises(RegditError, match="no such file"):
         load_npz_images(tmp_path / "absent.npz")
@@ -310,7 +319,10 @@ def test_make_ref_then_eval_reads_reference_statistics_and_writes_table_and_json
     np.savez(tmp_path / "samples.npz", arr_0=images, labels=np.arange(6))
     cli.main(["eval", "--ref-batch", str(tmp_path / "shifted.npz"), "--sample_batch", str(tmp_path / "samples.npz"),
               "--num-samples", "5", "--inception-weights", weights, "--device", "cpu"])
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    warnings = [line for line in err.splitlines() if "warning:" in line]  # FID from 4 and 5 images: one line
+    assert len(warnings) == 1 and "shifted.npz (4) and " in warnings[0] and "samples.npz (5)" in warnings[0]
+    assert "not comparable to 50k-sample numbers" in warnings[0]
     results = json.loads((tmp_path / "samples.metrics.json").read_text())
     assert results["fid"] == pytest.approx(np.sum(shift ** 2) + np.trace(reference["sigma"]), rel=1e-6)
     assert results["sfid"] == pytest.approx(np.sum(shift_s ** 2) + np.trace(reference["sigma_s"]), rel=1e-6)

@@ -59,7 +59,7 @@ def test_plain_center_crop_takes_the_centred_square():
     np.testing.assert_array_equal(center_crop(image, 40), np.array(image)[:, 10:50])  # no resize at 40
 
 
-def test_modes_unreadable_files_and_labels(tmp_path):
+def test_modes_unreadable_files_and_labels(tmp_path, capsys):
     rng = np.random.default_rng(1)
     src = tmp_path / "src"
     write_class_folders(src, rng)
@@ -72,9 +72,11 @@ def test_modes_unreadable_files_and_labels(tmp_path):
     random_image(rng, 60, 60).save(jpeg, format="jpeg")
     (src / "n10" / "truncated.jpg").write_bytes(jpeg.getvalue()[:300])
 
-    with pytest.warns(UserWarning, match="unreadable image"):
-        summary = prepare_images(src, tmp_path / "out", 32, workers=2)
+    summary = prepare_images(src, tmp_path / "out", 32, workers=2)
     assert sorted(summary["skipped"]) == ["n02/garbage.png", "n10/truncated.jpg"]
+    err = capsys.readouterr().err
+    assert sorted(line.split("\r")[-1].split(" (")[0] for line in err.splitlines() if "unreadable" in line) == [
+        f"skipping unreadable image {src}/{name}" for name in summary["skipped"]]  # one line each, no source code
     assert summary["images"] == 9 + len(odd) and summary["num_classes"] == 3
 
     meta = json.loads((tmp_path / "out" / "dataset.json").read_text())

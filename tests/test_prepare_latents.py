@@ -65,7 +65,7 @@ def read_chw(images_dir, index):
         return torch.from_numpy(np.array(image)).permute(2, 0, 1)
 
 
-def test_load_vae_from_folder_and_hub_cache(vae_dir, tmp_path, monkeypatch):
+def test_load_vae_from_folder_and_hub_cache(vae_dir, tmp_path, monkeypatch, recwarn):
     reference = tiny_vae()
     # A Hub id resolved from the local cache in offline mode: the same from_pretrained path as a real download.
     snapshot = tmp_path / "models--regdit-test--tiny-vae" / "snapshots" / ("0" * 40)
@@ -78,6 +78,7 @@ def test_load_vae_from_folder_and_hub_cache(vae_dir, tmp_path, monkeypatch):
         vae = vae_lib.load_vae(name)
         assert not vae.training and all(torch.equal(a, b) for a, b in
                                         zip(vae.state_dict().values(), reference.state_dict().values()))
+    assert not [w for w in recwarn if "local_dir_use_symlinks" in str(w.message)]  # diffusers' call, not the user's
     with pytest.raises(RegditError, match="regdit-test/missing.*--vae DIR"):
         vae_lib.load_vae("regdit-test/missing")
     with pytest.raises(RegditError, match="not found.*save_pretrained"):
