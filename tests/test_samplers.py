@@ -119,3 +119,22 @@ def test_per_sample_generators_make_noise_independent_of_the_batch():
     halves = torch.cat([euler_maruyama_sampler(model, x[:3], cls[:3], y[:3], num_steps=20, generator=gens(range(3))),
                         euler_maruyama_sampler(model, x[3:], cls[3:], y[3:], num_steps=20, generator=gens(range(3, 6)))])
     torch.testing.assert_close(full, halves)
+
+
+def test_bf16_sampling_stays_within_bf16_tolerance_of_float32():
+    """The model call under bf16 autocast (`--mixed-precision bf16`) moves the samples by bf16 rounding only: the
+    state stays float64, so the errors of 50 steps do not compound."""
+    from regdit.models import SiT
+    torch.manual_seed(0)
+    model = SiT(input_size=4, patch_size=2, hidden_size=64, depth=2, num_heads=2, num_classes=10, z_dims=[8],
+                projector_dim=32, encoder_depth=1).eval()
+    with torch.no_grad():  # leave adaLN-Zero's identity start: a zero model samples nothing
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x, cls, y = torch.randn(16, 4, 4, 4), torch.randn(16, 8), torch.arange(16) % 10
+    run = lambda: euler_sampler(model, x, cls, y, num_steps=50, heun=True, cfg_scale=2.0, cls_cfg_scale=2.0)
+    exact = run()
+    with torch.autocast("cpu", torch.bfloat16):
+        fast = run()
+    assert fast.dtype == torch.float64 and not torch.equal(fast, exact)
+    assert (fast - exact).abs().max() < 0.01 * exact.std()  # measured: 0.004 of a std 1.1, samples 1.1 from the noise
