@@ -152,10 +152,10 @@ def sample_batch(model, vae, indices, global_seed=0, balanced=False, mode="sde",
     """uint8 images (N, H, W, 3) of the sample indices, each drawn from its own stream (see the module docstring).
     `guidance`: cfg_scale, cls_cfg_scale, guidance_low, guidance_high, path_type of the samplers."""
     device = model.pos_embed.device
-    size = model.input_size
     generators = sample_generators(indices, global_seed, device)
     y = draw_labels(generators, indices, model.num_classes, balanced)
-    x = torch.stack([torch.randn(model.in_channels, size, size, generator=g, device=device) for g in generators])
+    x = torch.stack([torch.randn(model.in_channels, model.input_size, model.input_size, generator=g, device=device)
+                     for g in generators])
     cls = (torch.stack([torch.randn(model.z_dims[0], generator=g, device=device) for g in generators])
            if model.use_cls_token else None)
     with torch.autocast(device.type, dtype=AUTOCAST_DTYPES[mixed_precision], enabled=mixed_precision != "no"):
