@@ -5,8 +5,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from regdit import RegditError
-from regdit.models import SiT, SiT_models, create_model, get_2d_sincos_pos_embed
-from conftest import REFERENCE
+from regdit.models import (OFFICIAL_ONLY_ARGUMENTS, SiT, SiT_models, SiTConfig, create_model, create_sit,
+                           get_2d_sincos_pos_embed)
+from conftest import FIXTURES
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=4, num_heads=4, num_classes=10,
             z_dims=[32], projector_dim=128, encoder_depth=2)
@@ -14,7 +15,7 @@ TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=4, 
 
 def test_official_checkpoint_reproduces_official_outputs(official_tiny):
     checkpoint, io = official_tiny
-    model = SiT(**io["config"]).eval()
+    model = create_sit(**io["config"]).eval()
     model.load_state_dict(checkpoint["ema"], strict=True)
     with torch.no_grad():
         out, zs, cls_out = model(io["x"], io["t"], io["y"], cls_token=io["cls_token"])
@@ -25,7 +26,7 @@ def test_official_checkpoint_reproduces_official_outputs(official_tiny):
 
 
 def test_sit_xl2_state_dict_equals_official_list():
-    reference = json.loads((REFERENCE / "official_sit_xl2_state_dict.json").read_text())
+    reference = json.loads((FIXTURES / "official_sit_xl2_state_dict.json").read_text())
     with torch.device("meta"):  # shapes only: no 675M-parameter allocation
         model = SiT_models["SiT-XL/2"](z_dims=[768], encoder_depth=8, input_size=32, num_classes=1000)
     ours = [{"name": k, "shape": list(v.shape)} for k, v in model.state_dict().items()]
@@ -34,7 +35,8 @@ def test_sit_xl2_state_dict_equals_official_list():
 
 def test_sdpa_and_explicit_softmax_attention_agree():
     torch.manual_seed(0)
-    fused, explicit = SiT(**TINY, qk_norm=True), SiT(**TINY, qk_norm=True, fused_attn=False)
+    config = SiTConfig(**TINY, qk_norm=True)
+    fused, explicit = SiT(config), SiT(config, fused_attn=False)
     for p in fused.parameters():  # leave the zero-initialised layers non-zero so attention matters
         torch.nn.init.normal_(p, std=0.1)
     explicit.load_state_dict(fused.state_dict())
@@ -44,7 +46,7 @@ def test_sdpa_and_explicit_softmax_attention_agree():
 
 
 def test_initialisation_is_adaln_zero_and_outputs_start_at_zero():
-    model = SiT(**TINY)
+    model = SiT(SiTConfig(**TINY))
     for block in model.blocks:
         assert block.adaLN_modulation[-1].weight.abs().sum() == 0
     out, zs, cls_out = model(torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2]), cls_token=torch.randn(2, 32))
@@ -67,21 +69,21 @@ def test_pos_embed_matches_mae_formula():
 
 
 def test_repa_and_sit_baselines_are_settings_of_the_same_class():
-    repa = SiT(**TINY, use_cls_token=False)
+    repa = SiT(SiTConfig(**TINY, use_cls_token=False))
     names = repa.state_dict().keys()
     assert repa.pos_embed.shape == (1, 16, 64)
     assert not any(k.startswith(("cls_projectors2", "wg_norm", "final_layer.linear_cls")) for k in names)
     out, zs, cls_out = repa(torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 10]))
     assert out.shape == (2, 4, 8, 8) and zs[0].shape == (2, 16, 32) and cls_out is None
 
-    sit = SiT(**{**TINY, "z_dims": []}, use_cls_token=False)
+    sit = SiT(SiTConfig(**{**TINY, "z_dims": []}, use_cls_token=False))
     assert not any(k.startswith("projectors") for k in sit.state_dict())
     out, zs, cls_out = sit(torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 10]))
     assert zs == [] and cls_out is None
 
 
 def test_label_dropout_uses_the_null_class_only_in_training():
-    model = SiT(**{**TINY, "class_dropout_prob": 1.0})
+    model = SiT(SiTConfig(**{**TINY, "class_dropout_prob": 1.0}))
     labels = torch.tensor([1, 2, 3])
     emb = model.y_embedder
     torch.testing.assert_close(emb(labels, train=True), emb.embedding_table.weight[[10, 10, 10]])
@@ -97,11 +99,25 @@ def test_model_names_and_errors():
     with pytest.raises(RegditError, match="encoder_depth 13"):
         create_model("SiT-S/2", encoder_depth=13)
     with pytest.raises(ValueError, match="cls_token"):
-        SiT(**TINY)(torch.randn(1, 4, 8, 8), torch.rand(1), torch.tensor([0]))
+        SiT(SiTConfig(**TINY))(torch.randn(1, 4, 8, 8), torch.rand(1), torch.tensor([0]))
+
+
+def test_config_round_trips_and_drops_only_the_listed_official_arguments():
+    config = SiTConfig(**TINY)
+    assert SiTConfig.from_dict(config.to_dict()) == config and config.to_dict()["z_dims"] == [32]
+    assert SiTConfig(**{**TINY, "depth": 28, "hidden_size": 1152}).label == "SiT-XL/2" and config.label == "SiT-custom/2"
+    official = dict(path_type="linear", decoder_hidden_size=64, use_cfg=True, cls_token_dim=32, fused_attn=False)
+    assert set(official) - {"fused_attn"} == set(OFFICIAL_ONLY_ARGUMENTS)
+    model = SiT_models["SiT-S/2"](**{**TINY, **official})  # an official `SiT_models[name](**kwargs)` call
+    assert model.config == config and not model.blocks[0].attn.fused_attn
+    with pytest.raises(TypeError, match="unexpected keyword argument 'encoder_dept'"):
+        SiT_models["SiT-S/2"](encoder_dept=4)  # a misspelt keyword is an error
+    with pytest.raises(RegditError, match="ckpt.pt: unknown model settings decoder_depth"):
+        SiTConfig.from_dict({**TINY, "decoder_depth": 2}, "ckpt.pt")
 
 
 def test_forced_label_drop_replaces_random_dropout():
-    model = SiT(**TINY).train()
+    model = SiT(SiTConfig(**TINY)).train()
     x, t, cls = torch.randn(3, 4, 8, 8), torch.rand(3), torch.randn(3, 32)
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.1)
@@ -112,10 +128,10 @@ def test_forced_label_drop_replaces_random_dropout():
 
 def test_gradient_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
-    plain = SiT(**TINY)
+    plain = SiT(SiTConfig(**TINY))
     for p in plain.parameters():
         torch.nn.init.normal_(p, std=0.1)
-    checkpointed = SiT(**TINY, grad_checkpointing=True)
+    checkpointed = SiT(SiTConfig(**TINY), grad_checkpointing=True)
     checkpointed.load_state_dict(plain.state_dict())
     x, t, y, cls = torch.randn(3, 4, 8, 8), torch.rand(3), torch.tensor([0, 5, 10]), torch.randn(3, 32)
     for model in (plain, checkpointed):
@@ -137,7 +153,7 @@ def counted_flops(model, *args, **kwargs):
 @pytest.mark.parametrize("settings", [{}, dict(use_cls_token=False), dict(z_dims=[], use_cls_token=False),
                                       dict(z_dims=[32, 16], mlp_ratio=2.0, patch_size=4)])
 def test_analytic_flops_equal_the_counted_flops(settings):
-    model = SiT(**{**TINY, "fused_attn": False, **settings}).eval()
+    model = SiT(SiTConfig(**{**TINY, **settings}), fused_attn=False).eval()
     cls_token = torch.randn(1, model.z_dims[0]) if model.use_cls_token else None
     assert model.flops() == counted_flops(model, torch.randn(1, 4, 8, 8), torch.rand(1), torch.tensor([1]),
                                           cls_token=cls_token)
