@@ -18,7 +18,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from regdit.data import open_dataset
-from regdit.prepare import prepare_images, prepare_latents
+from regdit.prepare import PrepareImagesConfig, PrepareLatentsConfig, prepare_images, prepare_latents
 from regdit.vae import encode_moments, load_vae
 
 SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)  # sd-vae-ft-mse
@@ -92,8 +92,9 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         write_raw_images(os.path.join(tmp, "raw"), args.num_images, np.random.default_rng(0))
-        rate = timed(lambda: prepare_images(os.path.join(tmp, "raw"), os.path.join(tmp, "images"), args.resolution,
-                                            workers=args.workers), args.num_images, torch.device("cpu"))
+        config = PrepareImagesConfig(source=os.path.join(tmp, "raw"), dest=os.path.join(tmp, "images"),
+                                     resolution=args.resolution, workers=args.workers)
+        rate = timed(lambda: prepare_images(config), args.num_images, torch.device("cpu"))
         rows.append((f"prepare images ({args.workers} processes)", rate))
 
         vae_path = args.vae
@@ -119,9 +120,9 @@ def main():
         for layout in ("regdit", "official"):
             for flip in (False, True) if layout == "regdit" else (False,):
                 dest = os.path.join(tmp, f"{layout}{'-flip' * flip}")
-                rate = timed(lambda: prepare_latents(os.path.join(tmp, "images"), dest, vae=vae_path, flip=flip,
-                                                     batch_size=args.batch_size, layout=layout, workers=args.workers),
-                             len(images), device)
+                config = PrepareLatentsConfig(source=os.path.join(tmp, "images"), dest=dest, vae=vae_path, flip=flip,
+                                              batch_size=args.batch_size, layout=layout, workers=args.workers)
+                rate = timed(lambda: prepare_latents(config), len(images), device)
                 rows.append((f"prepare latents, {layout} layout{', --flip' if flip else ''}", rate))
         for name in ("regdit-flip", "official"):
             dataset = open_dataset(os.path.join(tmp, name))

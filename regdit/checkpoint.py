@@ -3,14 +3,15 @@ without executing pickled code; atomic writes; strict loading with errors that n
 `regdit export` command (EMA weights to safetensors + config JSON)."""
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save
 
 from regdit import RegditError, atomic_write
-from regdit.models import MODEL_SIZES, SiT, model_arguments
-
+from regdit.config import flag
+from regdit.models import MODEL_SIZES, SiT, SiTConfig, model_arguments
 
 
 def load_checkpoint(path):
@@ -96,22 +97,23 @@ def convert_legacy_state_dict(state_dict, encoder_depth):
     return converted
 
 
-def model_config_from_checkpoint(checkpoint, state_dict=None, model_name=None, **overrides):
-    """SiT constructor settings (plus "name") of a checkpoint: regdit files store them; for official files they are
-    read off the weights' shapes (`state_dict`, default its EMA weights) and the saved args. `model_name` (its size
-    and patch, e.g. "SiT-XL/2") and `overrides` (SiT arguments, e.g. encoder_depth from the command line) win."""
+def model_config_from_checkpoint(checkpoint, state_dict=None, model_name=None, source="checkpoint", **overrides):
+    """The SiTConfig of a checkpoint: regdit files store it; for official files it is read off the weights' shapes
+    (`state_dict`, default its EMA weights) and the saved args. `model_name` (its size and patch, e.g. "SiT-XL/2")
+    and `overrides` (SiTConfig fields, e.g. encoder_depth from the command line) win."""
     if "model_config" in checkpoint:
-        config = dict(checkpoint["model_config"])
+        values = dict(checkpoint["model_config"])
     else:
-        config = _inferred_config(state_dict or checkpoint.get("ema", checkpoint.get("model")),
+        values = _inferred_config(state_dict or checkpoint.get("ema", checkpoint.get("model")),
                                   vars(checkpoint.get("args") or argparse.Namespace()))
+    values.pop("name", None)  # a label stored by earlier versions
     if model_name is not None:
-        config.update(model_arguments(model_name), name=model_name)
-    config.update(overrides)
-    if config["num_heads"] is None:
-        raise RegditError("cannot tell the number of attention heads of this custom-size checkpoint: "
+        values.update(model_arguments(model_name))
+    values.update(overrides)
+    if values.get("num_heads") is None:
+        raise RegditError(f"cannot tell the number of attention heads of {source}, a custom-size checkpoint: "
                           "pass --model with a standard size")
-    return config
+    return SiTConfig.from_dict(values, source)
 
 
 def _inferred_config(weights, args):
@@ -128,10 +130,8 @@ def _inferred_config(weights, args):
     use_cls_token = "cls_projectors2.weight" in weights
     num_tokens = weights["pos_embed"].shape[1] - int(use_cls_token)
     return dict(
-        name=args.get("model") if args.get("model") in (None, "custom") or size is None else f"SiT-{size}/{patch_size}",
         input_size=int(num_tokens ** 0.5) * patch_size, patch_size=patch_size, in_channels=in_channels,
-        hidden_size=hidden_size, depth=depth,
-        num_heads=MODEL_SIZES[size][2] if size else args.get("num_heads"),
+        hidden_size=hidden_size, depth=depth, num_heads=MODEL_SIZES[size][2] if size else args.get("num_heads"),
         num_classes=weights["y_embedder.embedding_table.weight"].shape[0] - 1,
         z_dims=z_dims, projector_dim=weights["projectors.0.0.weight"].shape[0] if z_dims else 2048,
         encoder_depth=args.get("encoder_depth", 8), use_cls_token=use_cls_token,
@@ -139,8 +139,8 @@ def _inferred_config(weights, args):
 
 
 def build_model_from_checkpoint(checkpoint, source="checkpoint", weights="ema", model_name=None, legacy=False,
-                                **overrides):
-    """A SiT with the checkpoint's `weights` ("ema" or "model") loaded strictly, its settings from
+                                fused_attn=True, **overrides):
+    """`SiT(config)` with the checkpoint's `weights` ("ema" or "model") loaded strictly, the config from
     `model_config_from_checkpoint`; `source` names the checkpoint in errors. `legacy` renumbers official
     `decoder_blocks` weights first (`--legacy`)."""
     state_dict = checkpoint[weights]
@@ -148,39 +148,37 @@ def build_model_from_checkpoint(checkpoint, source="checkpoint", weights="ema", 
         args = vars(checkpoint.get("args") or argparse.Namespace())
         state_dict = convert_legacy_state_dict(state_dict, overrides.get("encoder_depth",
                                                                           args.get("encoder_depth", 8)))
-    config = model_config_from_checkpoint(checkpoint, state_dict, model_name, **overrides)
-    config.pop("name", None)  # the full settings are stored, the name is for people
-    model = SiT(**config)
+    config = model_config_from_checkpoint(checkpoint, state_dict, model_name, source, **overrides)
+    model = SiT(config, fused_attn=fused_attn)
     load_state_dict_checked(model, state_dict, source)
     return model
 
 
-def export(checkpoint_path, output_dir, **overrides):
-    """EMA weights as `model.safetensors` + `config.json` (the SiT settings), the shareable form of a run."""
-    checkpoint = load_checkpoint(checkpoint_path)
+@dataclass
+class ExportConfig:
+    ckpt: str | None = flag(None, "a regdit or official training checkpoint (.pt)", positional=True, required=True)
+    output: str | None = flag(None, "folder for model.safetensors and config.json", required=True)
+    num_heads: int | None = flag(None, "attention heads, only needed for custom model sizes (standard sizes know "
+                                       "theirs)")
+
+
+def export(config: ExportConfig):
+    """EMA weights as `model.safetensors` + `config.json` (the SiTConfig, latents, path type), the shareable form
+    of a run. Returns the path of the weights."""
+    checkpoint = load_checkpoint(config.ckpt)
     if "ema" not in checkpoint:
-        raise RegditError(f"{checkpoint_path} has no EMA weights (keys {', '.join(checkpoint)}): export a training "
+        raise RegditError(f"{config.ckpt} has no EMA weights (keys {', '.join(checkpoint)}): export a training "
                           "checkpoint")
-    config = model_config_from_checkpoint(checkpoint, **overrides)
-    output_dir = Path(output_dir)
+    overrides = {"num_heads": config.num_heads} if config.num_heads else {}
+    model_config = model_config_from_checkpoint(checkpoint, source=config.ckpt, **overrides)
+    output_dir = Path(config.output)
     output_dir.mkdir(parents=True, exist_ok=True)
     ema = {k: v.contiguous() for k, v in checkpoint["ema"].items()}
-    settings = dict(model=config, latents=checkpoint.get("latents"),  # the VAE and latent scale of regdit runs
+    settings = dict(model=model_config.to_dict(), latents=checkpoint.get("latents"),  # regdit runs' VAE and scale
                     path_type=getattr(checkpoint.get("args"), "path_type", None))
     with atomic_write(output_dir / "config.json", "w") as f:
         f.write(json.dumps(settings, indent=2) + "\n")
     with atomic_write(output_dir / "model.safetensors") as f:
         f.write(save(ema, metadata={"format": "pt"}))
+    print(f"wrote {output_dir / 'model.safetensors'}")
     return output_dir / "model.safetensors"
-
-
-def add_arguments(parser):
-    parser.add_argument("ckpt", help="a regdit or official training checkpoint (.pt)")
-    parser.add_argument("--output", required=True, help="folder for model.safetensors and config.json")
-    parser.add_argument("--num-heads", type=int, default=None,
-                        help="attention heads, only needed for custom model sizes (standard sizes know theirs)")
-
-
-def main(args):
-    overrides = {"num_heads": args.num_heads} if args.num_heads else {}
-    print(f"wrote {export(args.ckpt, args.output, **overrides)}")

@@ -1,7 +1,8 @@
 """The `regdit` command line: one subcommand per pipeline stage.
 
-Each stage lives in its own module exposing `add_arguments(parser)` and `main(args)`; modules are imported only
-when their subcommand runs (or `--help` is asked for), so `regdit --help` stays fast.
+Each command is a config dataclass and a function that takes it (`train(TrainConfig)`); the flags are the dataclass
+fields (`regdit.config`). Modules are imported only when their command runs (or `--help` is asked for), so
+`regdit --help` stays fast.
 """
 import argparse
 import difflib
@@ -9,16 +10,24 @@ import importlib
 import sys
 
 from regdit import RegditError
+from regdit.config import add_dataclass_arguments, config_from_args, missing_required, preset_and_yaml_defaults
 
-COMMANDS = {  # name -> (module, one-line help)
-    "prepare": ("regdit.prepare", "prepare images (crop, labels) or VAE latents for training"),
-    "train": ("regdit.train", "train a SiT/REPA/REG model with accelerate"),
-    "sample": ("regdit.sample", "generate class-conditional samples to PNGs and an ADM .npz"),
-    "eval": ("regdit.evaluate", "IS / FID / sFID / precision / recall of a sample .npz (ADM evaluator)"),
-    "export": ("regdit.checkpoint", "export a checkpoint's EMA weights to safetensors + config JSON"),
-    "demo": ("regdit.demo", "the whole pipeline on a tiny built-in dataset, on CPU, in minutes"),
+COMMANDS = {  # name -> (module, config class, function, one-line help)
+    "prepare images": ("regdit.prepare", "PrepareImagesConfig", "prepare_images",
+                       "raw image folder/zip -> square RGB PNGs + dataset.json labels"),
+    "prepare latents": ("regdit.prepare", "PrepareLatentsConfig", "prepare_latents",
+                        "images -> VAE posterior moments (batched, multi-GPU, resumable)"),
+    "train": ("regdit.train", "TrainConfig", "train", "train a SiT/REPA/REG model with accelerate"),
+    "sample": ("regdit.sample", "SampleConfig", "sample",
+               "generate class-conditional samples to PNGs and an ADM .npz"),
+    "eval": ("regdit.evaluate", "EvalConfig", "run_eval",
+             "IS / FID / sFID / precision / recall of a sample .npz (ADM evaluator)"),
+    "export": ("regdit.checkpoint", "ExportConfig", "export",
+               "export a checkpoint's EMA weights to safetensors + config JSON"),
+    "demo": ("regdit.demo", "DemoConfig", "run_demo", "the whole pipeline on a tiny built-in dataset, on CPU, in minutes"),
 }
-RESUMABLE_COMMANDS = ("prepare", "train", "sample", "demo")  # a rerun continues from the files already written
+GROUPS = {"prepare": "prepare images (crop, labels) or VAE latents for training"}
+RESUMABLE_COMMANDS = ("prepare images", "prepare latents", "train", "sample", "demo")  # a rerun continues
 
 
 class Parser(argparse.ArgumentParser):
@@ -35,14 +44,25 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def build_parser(command=None):
+def command_of(argv):
+    """The command named in argv ("train", "prepare latents"), "" if none."""
+    words = [a for a in argv if not a.startswith("-")][:2]
+    return next((name for name in (" ".join(words), words[0] if words else "") if name in COMMANDS), "")
+
+
+def build_parser(command):
+    """The parser of all commands; only `command`'s module is imported and its flags added (`.command_parser`)."""
     parser = Parser(prog="regdit", description=__doc__.splitlines()[0], allow_abbrev=False)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, (module_name, help_text) in COMMANDS.items():
-        sub = subparsers.add_parser(name, help=help_text, description=help_text, allow_abbrev=False,  # no guessing
-                                    formatter_class=HelpFormatter)
-        if command in (None, name):
-            importlib.import_module(module_name).add_arguments(sub)
+    groups = {name: subparsers.add_parser(name, help=help, description=help, allow_abbrev=False)
+                    .add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
+              for name, help in GROUPS.items()}
+    for name, (module_name, config_name, _, help_text) in COMMANDS.items():
+        group, _, sub_name = name.rpartition(" ")
+        sub = (groups[group] if group else subparsers).add_parser(
+            sub_name, help=help_text, description=help_text, allow_abbrev=False, formatter_class=HelpFormatter)
+        if name == command:
+            add_dataclass_arguments(sub, getattr(importlib.import_module(module_name), config_name))
             parser.command_parser = sub
     return parser
 
@@ -58,25 +78,31 @@ def _parse(parser, argv):
     return args
 
 
-def parse_args(argv):
-    """Parse; a command whose module has `parser_defaults(args, parser)` (presets, YAML files) gets a second parse
-    with those as defaults, so that explicit flags win."""
-    command = next((a for a in argv if a in COMMANDS), None)
+def parse_config(argv):
+    """(command, its module, its config): flags over `--config FILE.yaml` over `--preset` over the defaults."""
+    command = command_of(argv)
     parser = build_parser(command)
-    args = _parse(parser, argv)
-    module = importlib.import_module(COMMANDS[args.command][0])
-    if hasattr(module, "parser_defaults"):
-        parser.command_parser.set_defaults(**module.parser_defaults(args, parser.command_parser))
+    args = _parse(parser, argv)  # without a valid command this prints the usage and exits
+    module_name, config_name, _, _ = COMMANDS[command]
+    module = importlib.import_module(module_name)
+    config_class = getattr(module, config_name)
+    defaults = preset_and_yaml_defaults(args, config_class, parser.command_parser, command)
+    if defaults:
+        parser.command_parser.set_defaults(**defaults)
         args = _parse(parser, argv)
-    return module, args
+    config = config_from_args(args, config_class)
+    missing = missing_required(config)
+    if missing:
+        parser.command_parser.error(f"the following arguments are required: {', '.join(missing)}")
+    return command, module, config
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    command = next((a for a in argv if a in COMMANDS), "")
+    command = command_of(argv)
     try:
-        module, args = parse_args(argv)
-        module.main(args)
+        command, module, config = parse_config(argv)
+        getattr(module, COMMANDS[command][2])(config)
     except (RegditError, FileNotFoundError) as error:
         sys.exit(f"regdit {command}: error: {error}")
     except KeyboardInterrupt:  # every finished file is complete (atomic writes): nothing to clean up

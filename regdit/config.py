@@ -1,45 +1,55 @@
-"""One configuration path: a dataclass defines the settings; command-line flags, an optional YAML file
-(`--config FILE.yaml`) and named presets (`--preset NAME`) fill it. Precedence: explicit flag > YAML > preset > default.
+"""One configuration path for every command: a dataclass declares the settings (type from the annotation, default and
+help from `flag`); command-line flags, an optional YAML file (`--config FILE.yaml`) and, for commands whose config
+has `PRESETS`, a named recipe (`--preset NAME`) fill it. Precedence: explicit flag > YAML > preset > default.
 """
 import argparse
 import dataclasses
+import types
+import typing
 from pathlib import Path
 
 import yaml
 
 from regdit import RegditError
 
-# The paper's recipes (REG, arXiv 2507.01467, and its baselines), as flag values.
-PRESETS = {
-    "reg-sit-xl2-dinov2b": dict(model="SiT-XL/2", method="reg", enc_type="dinov2-vit-b", encoder_depth=8,
-                                proj_coeff=0.5, cls=0.03, batch_size=256, max_train_steps=4_000_000),
-    "reg-sit-l2-dinov2b": dict(model="SiT-L/2", method="reg", enc_type="dinov2-vit-b", encoder_depth=8,
-                               proj_coeff=0.5, cls=0.03, batch_size=256, max_train_steps=400_000),
-    "reg-sit-b2-dinov2b": dict(model="SiT-B/2", method="reg", enc_type="dinov2-vit-b", encoder_depth=4,
-                               proj_coeff=0.5, cls=0.03, batch_size=256, max_train_steps=400_000),
-    "repa-sit-xl2-dinov2b": dict(model="SiT-XL/2", method="repa", enc_type="dinov2-vit-b", encoder_depth=8,
-                                 proj_coeff=0.5, batch_size=256, max_train_steps=4_000_000),
-    "sit-xl2": dict(model="SiT-XL/2", method="sit", proj_coeff=0.0, batch_size=256, max_train_steps=7_000_000),
-}
+
+def flag(default, help, *, aliases=(), positional=False, required=False, **argparse_kwargs):
+    """A dataclass field that is also the command-line flag `--field-name` (or a positional argument).
+
+    `aliases`: further spellings (the official `--ref_batch`). `required`: must be given by a flag or the YAML file
+    (its default is then None). Other keywords go to `argparse.add_argument` (choices, metavar, action)."""
+    metadata = dict(help=help, aliases=list(aliases), positional=positional, required=required, **argparse_kwargs)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
-def flag(default, help, **argparse_kwargs):
-    """A dataclass field that is also a command-line flag `--field-name`. The flag's type is the default's type
-    (booleans get `--x/--no-x`); fields defaulting to None pass `type=`."""
-    return dataclasses.field(default=default, metadata=dict(help=help, **argparse_kwargs))
+def field_type(config_class, name):
+    """The flag's value type from the field's annotation; `int | None` gives int."""
+    hint = typing.get_type_hints(config_class)[name]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
 
 
 def add_dataclass_arguments(parser, config_class):
+    """One argparse argument per field of `config_class`, then `--config` and (with `PRESETS`) `--preset`."""
     for field in dataclasses.fields(config_class):
-        kwargs = dict(field.metadata)
-        names = [f"--{field.name.replace('_', '-')}"] + kwargs.pop("aliases", [])
-        if isinstance(field.default, bool):
-            kwargs["action"] = argparse.BooleanOptionalAction
+        kwargs = {k: v for k, v in field.metadata.items() if k not in ("aliases", "positional", "required")}
+        if field.metadata.get("required"):
+            kwargs["help"] += " (required)"
+        value_type = field_type(config_class, field.name)
+        if value_type is bool:
+            kwargs.setdefault("action", argparse.BooleanOptionalAction)
+        elif "action" not in kwargs:
+            kwargs.setdefault("type", value_type)
+        if field.metadata.get("positional"):
+            parser.add_argument(field.name, nargs="?", default=field.default, **kwargs)
         else:
-            kwargs.setdefault("type", type(field.default))
-        parser.add_argument(*names, dest=field.name, default=field.default, **kwargs)
-    parser.add_argument("--config", type=Path, default=None, help="YAML file of flag values (names with - or _)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="a named recipe of the paper")
+            names = [f"--{field.name.replace('_', '-')}", *field.metadata.get("aliases", [])]
+            parser.add_argument(*names, dest=field.name, default=field.default, **kwargs)
+    parser.add_argument("--config", type=Path, default=None, help="YAML file of settings (names with - or _)")
+    presets = getattr(config_class, "PRESETS", None)
+    if presets:
+        parser.add_argument("--preset", choices=sorted(presets), default=None, help="a named recipe of the paper")
 
 
 def checked_values(parser, values, source):
@@ -66,28 +76,46 @@ def checked_values(parser, values, source):
     return checked
 
 
-def preset_and_yaml_defaults(args, config_class, parser):
-    """Flag defaults from `--preset` and `--config FILE.yaml`, to be applied before the final parse so that
-    explicit flags still win."""
-    names = {f.name for f in dataclasses.fields(config_class)}
-    defaults = checked_values(parser, PRESETS[args.preset], f"preset {args.preset}") if args.preset else {}
+def read_yaml_config(path, config_class, command):
+    """The settings of a `--config` file, names with - or _, unknown names refused."""
+    if not path.is_file():
+        raise RegditError(f"config file {path} does not exist: pass a YAML file of settings")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise RegditError(f"config file {path} is not valid YAML ({' '.join(str(error).split())})") from None
+    if not isinstance(values, dict):
+        raise RegditError(f"config file {path} must be a mapping of setting names to values")
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(config_class)})
+    if unknown:
+        raise RegditError(f"config file {path} has unknown settings {', '.join(unknown)}: "
+                          f"see `regdit {command} --help` for the valid names")
+    return values
+
+
+def preset_and_yaml_defaults(args, config_class, parser, command):
+    """Defaults from `--preset` and `--config FILE.yaml`, applied before the final parse so that flags still win."""
+    defaults = {}
+    if getattr(args, "preset", None):
+        defaults = checked_values(parser, config_class.PRESETS[args.preset], f"preset {args.preset}")
     if args.config is not None:
-        if not args.config.is_file():
-            raise RegditError(f"config file {args.config} does not exist: pass a YAML file of flag values")
-        try:
-            values = yaml.safe_load(args.config.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise RegditError(f"config file {args.config} is not valid YAML ({' '.join(str(error).split())})") from None
-        if not isinstance(values, dict):
-            raise RegditError(f"config file {args.config} must be a mapping of flag names to values")
-        values = {k.replace("-", "_"): v for k, v in values.items()}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise RegditError(f"config file {args.config} has unknown settings {', '.join(unknown)}: "
-                              "see `regdit train --help` for the valid names")
+        values = read_yaml_config(args.config, config_class, command)
         defaults.update(checked_values(parser, values, f"config file {args.config}"))
     return defaults
 
 
 def config_from_args(args, config_class):
     return config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)})
+
+
+def missing_required(config):
+    """The flags of required settings that neither the command line nor the YAML file gave."""
+    return [f"--{f.name.replace('_', '-')}" if not f.metadata.get("positional") else f.name.upper()
+            for f in dataclasses.fields(config) if f.metadata.get("required") and getattr(config, f.name) is None]
+
+
+def changed_setting(previous, current, may_change):
+    """The first setting, other than those in `may_change`, whose value in a run's saved settings `previous`
+    differs from `current` (both dicts); None when a rerun may continue that run."""
+    return next((k for k in current if k not in may_change and k in previous and previous[k] != current[k]), None)

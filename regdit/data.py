@@ -1,6 +1,7 @@
-"""Training datasets: (uint8 image, VAE posterior moments, label) triples, in regdit's layout or the official one.
+"""Dataset layouts: how (uint8 image, VAE posterior moments, label) triples are stored, each layout a reader (the
+training Dataset) and a writer (used by `regdit prepare latents`), registered together in LAYOUTS.
 
-regdit's layout (written by `regdit prepare latents`) is a folder of memory-mapped arrays, read without decoding:
+regdit's layout is a folder of memory-mapped arrays, read without decoding:
 
     regdit.json        metadata, written last: its presence marks a finished dataset
     images.npy         uint8 (N, 3, R, R)
@@ -14,15 +15,18 @@ images and latents paired by sorted relative path.
 import json
 import os
 import re
+import shutil
+from typing import NamedTuple
 
 import numpy as np
-import PIL.Image
 import torch
 
-from regdit import RegditError
+from regdit import RegditError, atomic_write
+from regdit.images import image_extensions, list_files, read_image
 from regdit.vae import LATENT_SCALE
 
-META, IMAGES, MOMENTS, MOMENTS_FLIP, LABELS = "regdit.json", "images.npy", "moments.npy", "moments_flip.npy", "labels.npy"
+META, IMAGES, MOMENTS, MOMENTS_FLIP = "regdit.json", "images.npy", "moments.npy", "moments_flip.npy"
+LABELS = "labels.npy"
 FORMAT = "regdit-dataset-v1"
 PROGRESS = ".prepare-progress"  # folder of an unfinished `regdit prepare latents`
 OFFICIAL_LATENTS = "vae-sd"
@@ -32,18 +36,8 @@ def official_images_dir(resolution):
     return f"imagenet_{resolution}_vae"  # the official name at 256, generalised to other resolutions
 
 
-def list_files(root, extensions):
-    """Sorted '/'-separated paths relative to root of the files with these extensions, like the official reader."""
-    found = []
-    for folder, _, names in os.walk(root):
-        found += [os.path.relpath(os.path.join(folder, n), root).replace(os.sep, "/") for n in names
-                  if os.path.splitext(n)[1].lower() in extensions]
-    return sorted(found)
-
-
-def image_extensions():
-    PIL.Image.init()
-    return set(PIL.Image.EXTENSION)
+def official_latent_name(index):
+    return f"{index:08d}"[:5] + f"/img-mean-std-{index:08d}.npy"  # the official dataset_tools.py encode naming
 
 
 def read_json(path, fix):
@@ -54,18 +48,22 @@ def read_json(path, fix):
         raise RegditError(f"{path}: cannot read ({error.__class__.__name__}: {error}); {fix}") from error
 
 
+def write_json(path, obj):
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f)
+
+
 def open_dataset(data_dir, resolution=None, seed=0):
-    """Open and validate a prepared dataset, detecting regdit's layout or the official one.
+    """Open and validate a prepared dataset with the reader of the first layout of LAYOUTS found in `data_dir`.
 
     Items are (uint8 image (3, R, R), float32 moments (2C, h, w), int label). Attributes: num_classes, resolution,
     latent_scale, vae (name or path used to encode; "none" for pixel space, None if unknown), moments_shape,
     has_flip, labels (numpy int64); set_epoch(epoch) reseeds the flips.
     """
     data_dir = os.fspath(data_dir)
-    if os.path.isfile(os.path.join(data_dir, META)):
-        return RegditDataset(data_dir, resolution, seed)
-    if os.path.isdir(os.path.join(data_dir, OFFICIAL_LATENTS)):
-        return OfficialDataset(data_dir, resolution)
+    for layout in LAYOUTS.values():
+        if layout.reader.detect(data_dir):
+            return layout.reader(data_dir, resolution, seed)
     if os.path.isdir(os.path.join(data_dir, PROGRESS)):
         raise RegditError(f"{data_dir}: unfinished `regdit prepare latents` (no {META} yet); rerun the same command "
                           f"to finish it")
@@ -76,7 +74,13 @@ def open_dataset(data_dir, resolution=None, seed=0):
                       f"`regdit prepare images` then `regdit prepare latents` to create a dataset")
 
 
+# ------------------------------------------------------------------------------------------------ readers
+
+
 class _Dataset(torch.utils.data.Dataset):
+    """A layout's reader: `detect(data_dir)` says whether a folder holds the layout; `Reader(data_dir, resolution,
+    seed)` validates it and has the items and attributes listed in open_dataset."""
+
     def __init__(self, seed):
         self.seed = seed
         # Shared memory, so that DataLoader workers (persistent ones too) see set_epoch() made in the main process.
@@ -95,6 +99,10 @@ class _Dataset(torch.utils.data.Dataset):
 
 class RegditDataset(_Dataset):
     """regdit's memory-mapped layout (module docstring); mirrored moments, when present, give random flips."""
+
+    @staticmethod
+    def detect(data_dir):
+        return os.path.isfile(os.path.join(data_dir, META))
 
     def __init__(self, data_dir, resolution=None, seed=0):
         super().__init__(seed)
@@ -156,8 +164,12 @@ class RegditDataset(_Dataset):
 class OfficialDataset(_Dataset):
     """The official layout: PNG images and one moments .npy per image, paired by sorted path (no flips)."""
 
-    def __init__(self, data_dir, resolution=None):
-        super().__init__(seed=0)
+    @staticmethod
+    def detect(data_dir):
+        return os.path.isdir(os.path.join(data_dir, OFFICIAL_LATENTS))
+
+    def __init__(self, data_dir, resolution=None, seed=0):
+        super().__init__(seed)
         self.data_dir, self.has_flip, self.vae, self.latent_scale = data_dir, False, None, LATENT_SCALE
         self.resolution = resolution if resolution is not None else self._find_resolution(data_dir)
         self.images_dir = os.path.join(data_dir, official_images_dir(self.resolution))
@@ -198,12 +210,9 @@ class OfficialDataset(_Dataset):
 
     def _load_image(self, index):
         path = os.path.join(self.images_dir, self.image_files[index])
-        if path.endswith(".npy"):
-            image = np.load(path).reshape(-1, self.resolution, self.resolution)
-        else:
-            with PIL.Image.open(path) as f:
-                image = np.array(f)
-            image = image.reshape(*image.shape[:2], -1).transpose(2, 0, 1)
+        if not path.endswith(".npy"):
+            return read_image(path, (self.resolution, self.resolution, 3)).transpose(2, 0, 1)
+        image = np.load(path).reshape(-1, self.resolution, self.resolution)
         if image.shape != (3, self.resolution, self.resolution) or image.dtype != np.uint8:
             raise RegditError(f"{path}: {image.dtype} image of shape {list(image.shape)} (CHW), expected uint8 "
                               f"[3, {self.resolution}, {self.resolution}]; reconvert it with `regdit prepare images`")
@@ -223,3 +232,137 @@ class OfficialDataset(_Dataset):
     def __getitem__(self, index):
         image, moments = self._load_image(index), self._load_moments(index)
         return torch.from_numpy(image.copy()), torch.from_numpy(moments), int(self.labels[index])
+
+
+# ------------------------------------------------------------------------------------------------ writers
+
+
+class _Writer:
+    """A layout's writer, as `regdit prepare latents` calls it, in this order:
+
+    Writer(dest, flip, vae)   refuses settings the layout cannot store; sets `out` (the folder that holds the
+                              .prepare-progress folder) and `finished_path` (written last: marks a finished dataset)
+    claim(source, names, resolution)   every process, after the settings check and before anything is written
+    start(labels, resolution, moments_shape)   the main process: create what all processes then fill
+    open()                    every process, after start
+    write(indices, images, moments, moments_flip)   a batch of consecutive indices (moments_flip None without flip)
+    sync()                    the written rows must reach the disk (before a shard's done-marker)
+    close()
+    finish(settings, labels, num_classes, latent_scale, moments_shape)   the main process, after every shard
+    The steps a layout does not need do nothing here.
+    """
+
+    def claim(self, source, names, resolution):
+        pass
+
+    def start(self, labels, resolution, moments_shape):
+        pass
+
+    def open(self):
+        pass
+
+    def sync(self):
+        pass
+
+    def close(self):
+        pass
+
+
+class RegditWriter(_Writer):
+    """Fills the preallocated arrays of regdit's layout row by row. Plain writes, not a shared memory map: processes
+    on other nodes of a network file system then never rewrite each other's pages."""
+
+    def __init__(self, dest, flip, vae):
+        self.out, self.finished_path, self.flip = dest, os.path.join(dest, META), flip
+        self.arrays = (IMAGES, MOMENTS, MOMENTS_FLIP)[:2 + flip]
+        self.files = {}
+
+    def start(self, labels, resolution, moments_shape):
+        shapes = {IMAGES: ((3, resolution, resolution), np.uint8), MOMENTS: (moments_shape, np.float32),
+                  MOMENTS_FLIP: (moments_shape, np.float32)}
+        for name in self.arrays:
+            _preallocate(os.path.join(self.out, name), (len(labels), *shapes[name][0]), shapes[name][1])
+        with atomic_write(os.path.join(self.out, LABELS)) as f:
+            np.save(f, np.array(labels, dtype=np.int64))
+
+    def open(self):
+        for name in self.arrays:
+            array = np.load(os.path.join(self.out, name), mmap_mode="r")
+            row_bytes = array.dtype.itemsize * int(np.prod(array.shape[1:]))
+            self.files[name] = (open(os.path.join(self.out, name), "r+b"), array.offset, row_bytes)
+
+    def write(self, indices, images, moments, moments_flip):
+        for name, rows in ((IMAGES, images), (MOMENTS, moments), (MOMENTS_FLIP, moments_flip)):
+            if name in self.files:
+                f, offset, row_bytes = self.files[name]
+                f.seek(offset + indices[0] * row_bytes)  # batches are runs of consecutive indices
+                f.write(np.ascontiguousarray(rows.numpy()).tobytes())
+
+    def sync(self):
+        for f, _, _ in self.files.values():
+            f.flush()
+            os.fsync(f.fileno())
+
+    def close(self):
+        for f, _, _ in self.files.values():
+            f.close()
+
+    def finish(self, settings, labels, num_classes, latent_scale, moments_shape):
+        write_json(self.finished_path, {"format": FORMAT, "num_images": len(labels),
+                                        "resolution": settings["resolution"], "num_classes": num_classes,
+                                        "vae": settings["vae"], "latent_scale": latent_scale,
+                                        "moments_shape": list(moments_shape), "flip": self.flip, "settings": settings})
+
+
+def _preallocate(path, shape, dtype):
+    if not os.path.exists(path):  # the file is sparse until the shards fill it
+        np.lib.format.open_memmap(path + ".tmp", mode="w+", dtype=dtype, shape=shape)
+        os.replace(path + ".tmp", path)
+
+
+class OfficialWriter(_Writer):
+    """One (1, 2C, h, w) float32 .npy per image, named and shaped as the official dataset_tools.py encode saves a
+    batch of one, plus a copy of each image where the official reader looks for it (unless it is the source).
+    Many small files are not synced: a kill loses nothing written; an OS crash may need the run redone."""
+
+    def __init__(self, dest, flip, vae):
+        if flip or vae == "none":
+            raise RegditError("--layout official stores SD-VAE moments without mirrored copies: drop --flip and "
+                              "--vae none, or use --layout regdit")
+        self.dest, self.out = dest, os.path.join(dest, OFFICIAL_LATENTS)
+        self.finished_path = os.path.join(self.out, "dataset.json")
+
+    def claim(self, source, names, resolution):
+        self.source, self.names = source, names
+        self.images_out = os.path.join(self.dest, official_images_dir(resolution))
+        if os.path.realpath(self.images_out) == os.path.realpath(source):
+            self.images_out = None  # the images are already where the official reader looks
+        elif os.path.isdir(self.images_out) and not os.path.isdir(os.path.join(self.out, PROGRESS)):
+            raise RegditError(f"{self.images_out} already exists: pass it as --source, or delete it to copy {source} "
+                              f"there")
+
+    def write(self, indices, images, moments, moments_flip):
+        for index, m in zip(indices, moments.numpy()):
+            path = os.path.join(self.out, official_latent_name(index))
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            np.save(path, m[None])
+            if self.images_out is not None:
+                image_path = os.path.join(self.images_out, self.names[index])
+                os.makedirs(os.path.dirname(image_path), exist_ok=True)
+                shutil.copyfile(os.path.join(self.source, self.names[index]), image_path)
+
+    def finish(self, settings, labels, num_classes, latent_scale, moments_shape):
+        if self.images_out is not None:
+            shutil.copyfile(os.path.join(self.source, "dataset.json"), os.path.join(self.images_out, "dataset.json"))
+        write_json(self.finished_path, {"labels": [[official_latent_name(i), label] for i, label in enumerate(labels)],
+                                        "settings": settings})
+
+
+class Layout(NamedTuple):
+    reader: type
+    writer: type
+
+
+# `prepare latents --layout NAME` writes with LAYOUTS[NAME].writer; open_dataset reads with the first reader that
+# detects its layout. A new layout is one reader, one writer and one entry here.
+LAYOUTS = {"regdit": Layout(RegditDataset, RegditWriter), "official": Layout(OfficialDataset, OfficialWriter)}

@@ -1,31 +1,11 @@
-"""The REG training objective (official `loss.py`, DESIGN 4.3): velocity matching on the image latents and on the
-entangled class token along the same interpolation path, plus the REPA projection loss."""
-import math
+"""The REG training objective (official `loss.py` and `train.py`): velocity matching on the image latents and on the
+entangled class token along the same interpolation path, plus the REPA projection loss, weighted into one scalar."""
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-
-def path_coefficients(t, path_type):
-    """alpha_t, sigma_t and their time derivatives of x_t = alpha_t x + sigma_t eps (same shape as t)."""
-    if path_type == "linear":
-        return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
-    if path_type == "cosine":
-        half_pi = math.pi / 2
-        return (torch.cos(half_pi * t), torch.sin(half_pi * t),
-                -half_pi * torch.sin(half_pi * t), half_pi * torch.cos(half_pi * t))
-    raise ValueError(f"unknown path type {path_type!r}: use 'linear' or 'cosine'")
-
-
-def sample_time(n, weighting, path_type, device=None, generator=None):
-    """t ~ U(0, 1) ("uniform"), or "lognormal": s = exp(N(0, 1)) mapped to (0, 1) by the path (official)."""
-    if weighting == "uniform":
-        return torch.rand(n, device=device, generator=generator)
-    if weighting == "lognormal":
-        s = torch.randn(n, device=device, generator=generator).exp()
-        return s / (1 + s) if path_type == "linear" else 2 / math.pi * torch.atan(s)
-    raise ValueError(f"unknown weighting {weighting!r}: use 'uniform' or 'lognormal'")
+from regdit.interpolants import path_coefficients, sample_time
 
 
 def mean_flat(x):
@@ -34,27 +14,43 @@ def mean_flat(x):
 
 @dataclass
 class REGLoss:
-    """Per-sample loss terms of one batch. Only v-prediction exists in the official code.
+    """loss = mean(denoise) + proj_coeff * proj + cls_coeff * mean(cls), as the official train.py sums it.
 
-    `time`, `noise`, `noise_cls` may be given (tests, exact replays); otherwise they are drawn here, in the order
-    t, image noise, class-token noise.
+    Only v-prediction exists in the official code. `time`, `noise`, `noise_cls` may be given (training draws them per
+    step for exact resume, tests replay them); otherwise they are drawn here, in the order t, image noise, class-token
+    noise.
 
     `official_cosine_cls_target`: the official loss.py multiplies the (N, 1, 1, 1) cosine-path derivatives with the
     (N, D) class token, so each sample's class-token target broadcasts to (N, 1, N, D) and mixes every sample's
-    token. The default is the per-sample formula of the paper (DESIGN 4.3); True replays official cosine runs exactly.
-    (On the linear path the derivatives are constants and both agree.)
+    token. The default is the per-sample formula of the paper; True replays official cosine runs exactly. (On the
+    linear path the derivatives are constants and both agree.)
     """
     path_type: str = "linear"
     weighting: str = "uniform"
+    proj_coeff: float = 0.5
+    cls_coeff: float = 0.03
     official_cosine_cls_target: bool = False
 
-    def __call__(self, model, x, y, target_zs=(), cls_token=None, time=None, noise=None, noise_cls=None,
-                 **model_kwargs):
-        """x (N, C, H, W) clean latents, y (N,) labels, target_zs [(N, 1+T', D_k)] encoder features,
-        cls_token (N, D_0) clean class token; model_kwargs go to the model (e.g. force_drop_ids).
+    def sample_time(self, n, device=None, generator=None):
+        return sample_time(n, self.weighting, self.path_type, device, generator)
+
+    def __call__(self, model, x, y, target_zs=(), cls_token=None, **kwargs):
+        """(loss, logs): the scalar to minimise and a dict of detached scalars with the official names
+        `loss_final, loss_mean, proj_loss, loss_mean_cls` (the last is weighted by cls_coeff, 0 without a class
+        token). Arguments as `terms`."""
+        terms = self.terms(model, x, y, target_zs, cls_token, **kwargs)
+        denoise = terms["denoise"].mean()
+        cls = self.cls_coeff * terms["cls"].mean() if terms["cls"] is not None else torch.zeros_like(denoise)
+        loss = denoise + self.proj_coeff * terms["proj"] + cls
+        logs = dict(loss_final=loss, loss_mean=denoise, proj_loss=terms["proj"], loss_mean_cls=cls)
+        return loss, {name: value.detach() for name, value in logs.items()}
+
+    def terms(self, model, x, y, target_zs=(), cls_token=None, time=None, noise=None, noise_cls=None, **model_kwargs):
+        """Per-sample terms: x (N, C, H, W) clean latents, y (N,) labels, target_zs [(N, 1+T', D_k)] encoder
+        features, cls_token (N, D_0) clean class token; model_kwargs go to the model (e.g. force_drop_ids).
         Returns dict(denoise (N,), cls (N,) or None, proj scalar)."""
         n = x.shape[0]
-        time = sample_time(n, self.weighting, self.path_type, x.device) if time is None else time
+        time = self.sample_time(n, x.device) if time is None else time
         noise = torch.randn_like(x) if noise is None else noise
         alpha, sigma, d_alpha, d_sigma = (c.to(x.dtype).view(n, 1, 1, 1)
                                           for c in path_coefficients(time.to(x.device), self.path_type))
@@ -89,11 +85,3 @@ def projection_loss(target_zs, zs):
         cos = (F.normalize(z.float(), dim=-1) * F.normalize(z_tilde.float(), dim=-1)).sum(dim=-1)
         losses.append(-cos.mean())
     return torch.stack(losses).mean()
-
-
-def total_loss(terms, proj_coeff=0.5, cls_coeff=0.03):
-    """Official train.py: loss = mean(denoise) + proj_coeff * proj + cls_coeff * mean(cls)."""
-    loss = terms["denoise"].mean() + proj_coeff * terms["proj"]
-    if terms["cls"] is not None:
-        loss = loss + cls_coeff * terms["cls"].mean()
-    return loss

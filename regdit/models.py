@@ -4,6 +4,7 @@ Parameter names, shapes, initialisation and outputs mirror the official REG `mod
 on DiT), so official checkpoints load with `strict=True`. One class covers the three methods as settings:
 REG (`use_cls_token=True`, the default), REPA (`use_cls_token=False`) and plain SiT (`z_dims=()`: no projectors).
 """
+import dataclasses
 import functools
 import math
 
@@ -176,43 +177,86 @@ def build_mlp(hidden_size, projector_dim, z_dim):
 #                                  SiT + REG                                    #
 #################################################################################
 
+@dataclasses.dataclass(frozen=True)
+class SiTConfig:
+    """The architecture of a SiT: all that rebuilds it. Every checkpoint and export stores it as a dict (`to_dict`).
+
+    REG is `use_cls_token=True`; REPA is `use_cls_token=False`; plain SiT is also `z_dims=()` (no projectors).
+    """
+    input_size: int = 32  # latent side: image side / VAE downsampling
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    class_dropout_prob: float = 0.1  # > 0 adds the null class (index num_classes) for classifier-free guidance
+    num_classes: int = 1000
+    z_dims: tuple = (768,)  # widths of the aligned encoders; z_dims[0] is the entangled class token's width
+    projector_dim: int = 2048
+    encoder_depth: int = 8  # the block (1-based) whose tokens the projectors align with the encoders
+    qk_norm: bool = False
+    use_cls_token: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "z_dims", tuple(int(d) for d in self.z_dims))
+        if self.use_cls_token and not self.z_dims:
+            raise RegditError("the REG class token needs an encoder: give z_dims (the encoder widths) or "
+                              "use_cls_token=False")
+        if self.z_dims and not 1 <= self.encoder_depth <= self.depth:
+            raise RegditError(f"encoder_depth {self.encoder_depth} must be between 1 and the model depth {self.depth}")
+
+    @classmethod
+    def from_dict(cls, values, source="model config"):
+        """The stored dict back as a config; an unknown name is a one-line error (`name`, the label stored by
+        earlier versions, is dropped)."""
+        values = {k: v for k, v in values.items() if k != "name"}
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise RegditError(f"{source}: unknown model settings {', '.join(unknown)}; it was written by another "
+                              "program or a newer regdit")
+        return cls(**values)
+
+    def to_dict(self):
+        return {**dataclasses.asdict(self), "z_dims": list(self.z_dims)}
+
+    @property
+    def label(self):
+        """`SiT-XL/2` for a standard size, else `SiT-custom/2`."""
+        size = next((s for s, (d, w, _) in MODEL_SIZES.items() if (d, w) == (self.depth, self.hidden_size)), "custom")
+        return f"SiT-{size}/{self.patch_size}"
+
+
 class SiT(nn.Module):
     """SiT diffusion transformer with REPA projectors and the REG entangled class token.
 
     forward(x, t, y, cls_token) -> (velocity (N, C, H, W), zs [(N, T+1, z_dim_k)], cls_velocity (N, z_dims[0])).
     REPA (`use_cls_token=False`) returns cls_velocity None and zs of T tokens; plain SiT (`z_dims=()`) returns zs [].
+    `fused_attn` and `grad_checkpointing` choose how it runs, not what it computes, so they are not in the config.
     """
 
-    def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
-                 mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, z_dims=(768,), projector_dim=2048,
-                 encoder_depth=8, qk_norm=False, fused_attn=True, use_cls_token=True, grad_checkpointing=False,
-                 **unused_official_kwargs):
+    def __init__(self, config: SiTConfig, fused_attn=True, grad_checkpointing=False):
         super().__init__()
-        # `unused_official_kwargs` absorbs official arguments without effect here (e.g. decoder_hidden_size, use_cfg,
-        # path_type), so an official `SiT(**kwargs)` call or a checkpoint's saved settings construct this model.
-        self.input_size, self.in_channels, self.out_channels = input_size, in_channels, in_channels
-        self.patch_size, self.num_heads = patch_size, num_heads
-        self.num_classes = num_classes
-        self.z_dims = list(z_dims)
-        self.encoder_depth = encoder_depth if self.z_dims else 0
-        self.use_cls_token = use_cls_token
+        self.config = config
+        self.input_size, self.in_channels, self.out_channels = config.input_size, config.in_channels, config.in_channels
+        self.patch_size, self.num_heads, self.num_classes = config.patch_size, config.num_heads, config.num_classes
+        self.z_dims = list(config.z_dims)
+        self.encoder_depth = config.encoder_depth if self.z_dims else 0
+        self.use_cls_token = config.use_cls_token
         self.grad_checkpointing = grad_checkpointing  # recompute block activations in backward: less memory
-        if use_cls_token and not self.z_dims:
-            raise RegditError("the REG class token needs an encoder: give z_dims (the encoder widths) or use_cls_token=False")
-        if self.z_dims and not 1 <= encoder_depth <= depth:
-            raise RegditError(f"encoder_depth {encoder_depth} must be between 1 and the model depth {depth}")
+        hidden_size = config.hidden_size
 
-        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+        self.x_embedder = PatchEmbed(config.input_size, config.patch_size, config.in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        num_tokens = self.x_embedder.num_patches + int(use_cls_token)
+        self.y_embedder = LabelEmbedder(config.num_classes, hidden_size, config.class_dropout_prob)
+        num_tokens = self.x_embedder.num_patches + int(self.use_cls_token)
         self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, hidden_size), requires_grad=False)  # fixed sin-cos
-        self.blocks = nn.ModuleList([
-            SiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm=qk_norm, fused_attn=fused_attn) for _ in range(depth)])
-        self.projectors = nn.ModuleList([build_mlp(hidden_size, projector_dim, z_dim) for z_dim in self.z_dims])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels,
-                                      cls_dim=self.z_dims[0] if use_cls_token else None)
-        if use_cls_token:  # the entangled class token enters through a linear map and a LayerNorm (token 0)
+        self.blocks = nn.ModuleList([SiTBlock(hidden_size, config.num_heads, config.mlp_ratio, qk_norm=config.qk_norm,
+                                              fused_attn=fused_attn) for _ in range(config.depth)])
+        self.projectors = nn.ModuleList([build_mlp(hidden_size, config.projector_dim, z_dim) for z_dim in self.z_dims])
+        self.final_layer = FinalLayer(hidden_size, config.patch_size, self.out_channels,
+                                      cls_dim=self.z_dims[0] if self.use_cls_token else None)
+        if self.use_cls_token:  # the entangled class token enters through a linear map and a LayerNorm (token 0)
             self.cls_projectors2 = nn.Linear(self.z_dims[0], hidden_size, bias=True)
             self.wg_norm = nn.LayerNorm(hidden_size, elementwise_affine=True, eps=1e-6)
         self.initialize_weights()
@@ -314,26 +358,29 @@ def get_1d_sincos_pos_embed_from_grid(embed_dim, pos):
 #################################################################################
 
 MODEL_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}  # depth, width, heads
+# Arguments of the official SiT that have no effect here: the path lives in the loss and the samplers, the final
+# layer's width is always hidden_size, guidance is the samplers' and the class-token width is z_dims[0].
+OFFICIAL_ONLY_ARGUMENTS = ("path_type", "decoder_hidden_size", "use_cfg", "cls_token_dim")
+
+
+def create_sit(fused_attn=True, grad_checkpointing=False, **arguments):
+    """`SiT(SiTConfig(**arguments))` for the official keyword call: OFFICIAL_ONLY_ARGUMENTS are dropped, any other
+    unknown keyword is an error."""
+    config = SiTConfig(**{k: v for k, v in arguments.items() if k not in OFFICIAL_ONLY_ARGUMENTS})
+    return SiT(config, fused_attn=fused_attn, grad_checkpointing=grad_checkpointing)
 
 
 # keyword arguments override the size (small experiments: e.g. SiT_models["SiT-B/2"](depth=2, hidden_size=64))
-SiT_models = {f"SiT-{size}/{p}": functools.partial(SiT, depth=depth, hidden_size=hidden_size, num_heads=num_heads,
-                                                    patch_size=p)
+SiT_models = {f"SiT-{size}/{p}": functools.partial(create_sit, depth=depth, hidden_size=hidden_size,
+                                                    num_heads=num_heads, patch_size=p)
               for size, (depth, hidden_size, num_heads) in MODEL_SIZES.items() for p in (2, 4, 8)}
 
 
 def model_arguments(name):
-    """The SiT arguments a model name fixes (its size and patch), with a one-line error listing the valid names."""
+    """The SiTConfig fields a model name fixes (its size and patch), with a one-line error listing the valid names."""
     if name not in SiT_models:
         raise RegditError(f"unknown model {name!r}: use one of {', '.join(SiT_models)}")
     return dict(SiT_models[name].keywords)
-
-
-def model_label(model):
-    """`SiT-XL/2` for a standard size, else `SiT-custom/p`."""
-    size = next((s for s, (d, w, _) in MODEL_SIZES.items() if (d, w) == (len(model.blocks), model.pos_embed.shape[-1])),
-                "custom")
-    return f"SiT-{size}/{model.patch_size}"
 
 
 def create_model(name, **kwargs):

@@ -1,72 +1,69 @@
 """`regdit prepare images|latents`: raw images -> square RGB PNGs + labels -> VAE posterior moments.
 
-Both steps are resumable: finished work is recorded atomically (a file is written under a temporary name, then
-renamed), so rerunning the same command after a kill continues where it stopped. `prepare latents` runs on every
-process of `accelerate launch` / `torchrun`, each encoding its own shards.
+Both steps check every setting before they create anything (`validate()` of their config), and are resumable:
+finished work is recorded atomically (a file is written under a temporary name, then renamed), so rerunning the same
+command after a kill, or after a full disk, continues where it stopped. `prepare latents` runs on every process of
+`accelerate launch` / `torchrun`, each encoding its own shards.
 """
+import contextlib
+import errno
 import functools
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import sys
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 from tqdm import tqdm
 
 from regdit import RegditError, atomic_write, cpu_launch
 from regdit import vae as vae_lib
-from regdit.data import (FORMAT, IMAGES, LABELS, META, MOMENTS, MOMENTS_FLIP, OFFICIAL_LATENTS, PROGRESS,
-                         image_extensions, list_files, official_images_dir, read_json)
+from regdit.config import flag
+from regdit.data import LAYOUTS, PROGRESS, read_json, write_json
+from regdit.images import image_extensions, list_files, read_image
+
+# ------------------------------------------------------------------------------------------------ pixels and crops
+
+UNREADABLE = (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError)  # how PIL reports a bad file
+# The white level of each high-bit-depth mode PIL's convert("RGB") would clip at 255; the first that holds every
+# value of an image wins (see to_rgb).
+WHITE_LEVELS = {"I;16": (65535,), "I": (65535,), "F": (1, 255)}
 
 
-def add_arguments(parser):
-    commands = parser.add_subparsers(dest="prepare_command", required=True)
-    from regdit.cli import HelpFormatter as formatter  # imported here: the CLI imports this module
-    images = commands.add_parser("images", formatter_class=formatter, allow_abbrev=False,
-                                 help="raw image folder/zip -> square RGB PNGs + dataset.json labels")
-    images.add_argument("--source", required=True,
-                        help="folder or .zip of images; labels from its dataset.json, else from the sorted top-level "
-                             "folder names (ImageNet synset folders give the standard 0..999)")
-    images.add_argument("--dest", required=True, help="output folder")
-    images.add_argument("--resolution", type=int, default=256, help="side of the square output images")
-    images.add_argument("--transform", choices=list(TRANSFORMS), default="center-crop-dhariwal",
-                        help="center-crop-dhariwal: ADM's crop (the official setting); center-crop: largest centred "
-                             "square, LANCZOS resize")
-    images.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding processes (0: in-process)")
-    images.add_argument("--strict", action="store_true", help="fail on the first unreadable image instead of "
-                                                              "skipping it")
-    latents = commands.add_parser("latents", formatter_class=formatter, allow_abbrev=False,
-                                  help="images -> VAE posterior moments (batched, multi-GPU, resumable)")
-    latents.add_argument("--source", required=True, help="folder written by `regdit prepare images` (or the "
-                                                         "official dataset_tools.py convert)")
-    latents.add_argument("--dest", required=True, help="dataset folder to write")
-    latents.add_argument("--vae", default="mse", help="ema, mse, a Hub id, a save_pretrained folder, or none "
-                                                      "(pixel space)")
-    latents.add_argument("--batch-size", type=int, default=64, help="images per encoder call and process")
-    latents.add_argument("--flip", action="store_true", help="also store the moments of the mirrored images "
-                                                             "(random flips in training)")
-    latents.add_argument("--layout", choices=["regdit", "official"], default="regdit",
-                         help="regdit: memory-mapped arrays in DEST; official: DEST/imagenet_{R}_vae + DEST/vae-sd")
-    latents.add_argument("--shard-size", type=int, default=1024, help="images per resumable unit of work")
-    latents.add_argument("--workers", type=int, default=min(8, os.cpu_count()), help="PNG decoding workers per "
-                                                                                      "process (0: in-process)")
+def to_rgb(image):
+    """`image` upright and 8-bit RGB, as an image viewer shows it.
 
+    The EXIF orientation is applied first (cameras store portraits as rotated landscapes plus a tag; the official
+    converter ignores the tag, so the few tagged ImageNet JPEGs crop differently here). High-bit-depth grayscale is
+    scaled, not clipped by convert("RGB") (which turns a 16-bit PNG almost white and a [0, 1] float TIFF black):
+    - 16-bit integer (I;16, I;16B, I;16L, ...): value / 257, so 0..65535 spans 0..255 (a 16-bit copy of 8-bit data,
+      v * 257, gives v back);
+    - 32-bit integer (I): the same when every value lies in 0..65535 (16-bit data, as some readers load it), else
+      the image's min..max spans 0..255;
+    - 32-bit float (F): value * 255 when every value lies in [0, 1]; the value itself in [0, 255] (PIL's scale for
+      8-bit data made float); else min..max spans 0..255.
+    NaN and infinite floats become black. Every other mode (palette, RGBA, LA, CMYK, 8-bit grayscale...) goes through
+    convert("RGB") like the official converter.
+    """
+    PIL.ImageOps.exif_transpose(image, in_place=True)
+    white_levels = WHITE_LEVELS.get(image.mode[:4])
+    if white_levels is None:
+        return image.convert("RGB")
+    pixels = np.asarray(image, dtype=np.float32)  # float32 holds every 16-bit value exactly
+    finite = np.isfinite(pixels)
+    lo, hi = (pixels[finite].min(), pixels[finite].max()) if finite.any() else (0, 0)
+    black, white = next(((0, w) for w in white_levels if lo >= 0 and hi <= w), (lo, hi))
+    gray = np.where(finite, (pixels - black) * (255 / (white - black) if white > black else 0), 0)
+    return PIL.Image.fromarray(np.rint(gray).astype(np.uint8)).convert("RGB")
 
-def main(args):
-    if args.prepare_command == "images":
-        prepare_images(args.source, args.dest, args.resolution, args.transform, workers=args.workers,
-                       strict=args.strict)
-    else:
-        prepare_latents(args.source, args.dest, vae=args.vae, batch_size=args.batch_size, flip=args.flip,
-                        layout=args.layout, shard_size=args.shard_size, workers=args.workers)
-
-
-# ------------------------------------------------------------------------------------------------ crops
 
 
 def center_crop_dhariwal(image, resolution):
@@ -94,11 +91,6 @@ TRANSFORMS = {"center-crop-dhariwal": center_crop_dhariwal, "center-crop": cente
 # ------------------------------------------------------------------------------------------------ resumable output
 
 
-def write_json(path, obj):
-    with atomic_write(path, "w") as f:
-        json.dump(obj, f)
-
-
 def claim_dest(out, settings, finished_path):
     """Check that `out` is new or holds a run with the same settings; True when that run has finished."""
     settings_path = os.path.join(out, PROGRESS, "settings.json")
@@ -115,6 +107,48 @@ def claim_dest(out, settings, finished_path):
         changed = sorted(k for k in settings if (previous or {}).get(k) != settings[k])
         raise RegditError(f"{out} holds a run with other settings ({', '.join(changed) or 'unknown'}); {fix}")
     return not os.path.isfile(settings_path)
+
+
+@contextlib.contextmanager
+def writing(dest):
+    """Turn an OS error while writing under `dest` (full disk, read-only or foreign folder) into one line naming the
+    file and the fix. Every finished file was written atomically and is kept, so the same command resumes."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            fix = "free space on the disk, then rerun the same command to continue"
+        elif error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            fix = "make it writable and rerun the same command, or choose a writable --dest"
+        else:
+            fix = "fix the cause, then rerun the same command to continue"
+        # A write to an open file (f.write, fsync) names no file: the destination then stands for it.
+        raise RegditError(f"cannot write {error.filename or dest} ({error.strerror or error}); {fix}") from None
+
+
+def check_at_least(config, name, minimum):
+    value = getattr(config, name)
+    if value < minimum:
+        raise RegditError(f"--{name.replace('_', '-')} {value}: must be at least {minimum}")
+
+
+def check_choice(config, name, choices):
+    value = getattr(config, name)
+    if value not in choices:
+        raise RegditError(f"--{name.replace('_', '-')} {value}: must be one of {', '.join(choices)}")
+
+
+def check_paths(source, dest, accepted):
+    """--source must exist and be accepted ("folder" or "folder or .zip"); --dest must be a folder or not exist yet,
+    and lie outside --source (its files would become source images)."""
+    if not os.path.exists(source):
+        raise RegditError(f"--source {source}: does not exist; pass a {accepted} of images")
+    if not os.path.isdir(source) and not ("zip" in accepted and zipfile.is_zipfile(source)):
+        raise RegditError(f"--source {source}: is not a {accepted}; pass a {accepted} of images")
+    if os.path.commonpath([source, dest]) == source:
+        raise RegditError(f"--dest {dest}: is --source or lies inside it; choose a --dest outside {source}")
+    if os.path.exists(dest) and not os.path.isdir(dest):
+        raise RegditError(f"--dest {dest}: is a file; pass a new folder (or the folder of an earlier run to resume)")
 
 
 def start_progress(out, settings):
@@ -164,8 +198,8 @@ def _convert(job):
     index, source, name, out_path, resolution, transform = job
     try:
         with _open_source(source, name) as f, PIL.Image.open(f) as image:
-            image = image.convert("RGB")  # grayscale, RGBA, palette, CMYK... as the official convert does
-    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
+            image = to_rgb(image)
+    except UNREADABLE as error:
         return index, f"{type(error).__name__}: {error}"
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
     # Uncompressed PNG like the official converter: larger files, but decoding is cheap.
@@ -174,58 +208,108 @@ def _convert(job):
     return index, None
 
 
-def prepare_images(source, dest, resolution, transform="center-crop-dhariwal", workers=os.cpu_count(),
-                   strict=False):
+TEMP_FILE = re.compile(r"\..+\.tmp\d+")  # regdit.atomic_write's `.NAME.tmpPID`
+
+
+def _is_complete(job):
+    """(path, whether the PNG there is a whole resolution^2 RGB image). Runs in the worker processes."""
+    path, resolution = job
+    try:
+        with PIL.Image.open(path) as image:  # an empty file fails here
+            complete = image.mode == "RGB" and image.size == (resolution, resolution)
+            image.verify()  # every chunk's CRC, up to IEND: catches a truncated or damaged file
+    except UNREADABLE:
+        return path, False
+    return path, complete
+
+
+def finished_images(dest, resolution, pool):
+    """The output names (`image_name`) an earlier run finished. Removes the temporary files of killed writes, and
+    the PNGs that are not whole images (a write killed on a file system without atomic rename, or damage after
+    it) so that they are converted again."""
+    pngs = []
+    for folder, _, files in os.walk(dest):
+        for name in files:
+            if TEMP_FILE.fullmatch(name):
+                os.remove(os.path.join(folder, name))
+            elif name.endswith(".png"):
+                pngs.append((os.path.join(folder, name), resolution))
+    finished = set()
+    for path, complete in pool.imap_unordered(_is_complete, pngs, chunksize=64):
+        if complete:
+            finished.add(os.path.relpath(path, dest).replace(os.sep, "/"))
+        else:
+            os.remove(path)
+    return finished
+
+
+@dataclass
+class PrepareImagesConfig:
+    source: str | None = flag(None, "folder or .zip of images; labels from its dataset.json, else from the sorted "
+                                    "top-level folder names (ImageNet synset folders give the standard 0..999)",
+                              required=True)
+    dest: str | None = flag(None, "output folder", required=True)
+    resolution: int = flag(256, "side of the square output images")
+    transform: str = flag("center-crop-dhariwal", "center-crop-dhariwal: ADM's crop (the official setting); "
+                                                  "center-crop: largest centred square, LANCZOS resize",
+                          choices=list(TRANSFORMS))
+    workers: int = flag(os.cpu_count(), "decoding processes (0: in-process)")
+    strict: bool = flag(False, "fail on the first unreadable image instead of skipping it")
+
+    def validate(self):
+        """One-line errors for settings that cannot work, before anything is read or written. Any image size
+        works here (pixel-space models); SD-VAE latents need a multiple of 8, which `prepare latents` checks."""
+        check_at_least(self, "resolution", 1)
+        check_choice(self, "transform", list(TRANSFORMS))
+        check_at_least(self, "workers", 0)
+        check_paths(os.path.abspath(self.source), os.path.abspath(self.dest), "folder or .zip")
+
+
+def prepare_images(config: PrepareImagesConfig):
     """Crop and resize every image of a folder or zip to resolution^2 RGB PNGs with a dataset.json of labels.
 
     Output names follow the source's sorted order, `{i:08d}[:5]/img{i:08d}.png`, like the official converter;
     unreadable images are skipped with a line on stderr (their index stays unused) or, with strict, raise.
     Returns {"images", "converted", "skipped" (names), "num_classes"}.
     """
-    source, dest = os.path.abspath(source), os.path.abspath(dest)
-    if resolution < 1:
-        raise RegditError(f"--resolution {resolution}: use a positive image size such as 256")
-    if transform not in TRANSFORMS:
-        raise RegditError(f"--transform {transform}: use one of {list(TRANSFORMS)}")
-    if os.path.commonpath([source, dest]) == source:
-        raise RegditError(f"--dest {dest} lies inside --source {source}; write the images elsewhere")
+    config.validate()
+    source, dest = os.path.abspath(config.source), os.path.abspath(config.dest)
+    resolution, transform = config.resolution, config.transform
     if os.path.isdir(source):
-        names = list_files(source, image_extensions())
-    elif zipfile.is_zipfile(source):
-        names = sorted(n for n in _open_zip(source).namelist() if os.path.splitext(n)[1].lower() in image_extensions())
+        names = list_files(source)
     else:
-        raise RegditError(f"{source} is neither a folder nor a zip file; pass the image folder or .zip as --source")
+        names = sorted(n for n in _open_zip(source).namelist() if os.path.splitext(n)[1].lower() in image_extensions())
     if not names:
         raise RegditError(f"{source} contains no images ({', '.join(sorted(image_extensions())[:6])}, ...)")
     labels, classes = source_labels(source, names)
     settings = {"source": source, "resolution": resolution, "transform": transform}
     claim_dest(dest, settings, os.path.join(dest, "dataset.json"))
-    start_progress(dest, settings)
 
-    done = set(list_files(dest, {".png"}))
-    jobs = [(i, source, n, os.path.join(dest, image_name(i)), resolution, transform)
-            for i, n in enumerate(names) if image_name(i) not in done]
     skipped = []
-    with multiprocessing.Pool(workers) if workers else _InProcess() as pool:
+    with multiprocessing.Pool(config.workers) if config.workers else _InProcess() as pool, writing(dest):
+        start_progress(dest, settings)
+        done = finished_images(dest, resolution, pool)
+        jobs = [(i, source, n, os.path.join(dest, image_name(i)), resolution, transform)
+                for i, n in enumerate(names) if image_name(i) not in done]
         for index, error in tqdm(pool.imap_unordered(_convert, jobs, chunksize=16), total=len(jobs),
                                  desc="prepare images", unit="img"):
-            if error and strict:
+            if error and config.strict:
                 raise RegditError(f"{source}/{names[index]}: unreadable image ({error}); remove or replace it, or "
                                   f"drop --strict to skip it")
             if error:
                 # tqdm.write keeps the progress bar below the line
                 tqdm.write(f"skipping unreadable image {source}/{names[index]} ({error})", file=sys.stderr)
                 skipped.append(names[index])
-    if len(skipped) == len(names):
-        raise RegditError(f"{source}: none of the {len(names)} images could be read; check the files")
+        if len(skipped) == len(names):
+            raise RegditError(f"{source}: none of the {len(names)} images could be read; check the files")
 
-    skipped_set = set(skipped)
-    kept = [i for i, n in enumerate(names) if n not in skipped_set]
-    num_classes = len(classes) if classes else max(labels) + 1
-    write_json(os.path.join(dest, "dataset.json"),
-               {"labels": [[image_name(i), labels[i]] for i in kept], "classes": classes, "skipped": sorted(skipped),
-                "settings": settings})
-    shutil.rmtree(os.path.join(dest, PROGRESS))
+        skipped_set = set(skipped)
+        kept = [i for i, n in enumerate(names) if n not in skipped_set]
+        num_classes = len(classes) if classes else max(labels) + 1
+        write_json(os.path.join(dest, "dataset.json"),
+                   {"labels": [[image_name(i), labels[i]] for i in kept], "classes": classes,
+                    "skipped": sorted(skipped), "settings": settings})
+        shutil.rmtree(os.path.join(dest, PROGRESS))
     summary = {"images": len(kept), "converted": len(jobs) - len(skipped), "skipped": sorted(skipped),
                "num_classes": num_classes}
     print(f"{dest}: {summary['images']} images of {resolution}x{resolution} in {num_classes} classes "
@@ -261,14 +345,8 @@ class SourceImages(torch.utils.data.Dataset):
         return len(self.names)
 
     def __getitem__(self, index):
-        path = os.path.join(self.root, self.names[index])
-        with PIL.Image.open(path) as image:
-            array = np.array(image)
-        if array.shape != (self.resolution, self.resolution, 3) or array.dtype != np.uint8:
-            raise RegditError(f"{path}: {array.dtype} image of shape {list(array.shape)}, expected uint8 "
-                              f"[{self.resolution}, {self.resolution}, 3] like the first image; convert the folder "
-                              f"with `regdit prepare images`")
-        return torch.from_numpy(array).permute(2, 0, 1)
+        pixels = read_image(os.path.join(self.root, self.names[index]), (self.resolution, self.resolution, 3))
+        return torch.from_numpy(pixels.copy()).permute(2, 0, 1)  # copy: PIL's pixels are read-only
 
 
 def read_image_folder(source):
@@ -279,7 +357,7 @@ def read_image_folder(source):
     if meta.get("labels") is None:
         raise RegditError(f"{meta_path}: missing or without labels; {fix}")
     labels = dict(meta["labels"])
-    names = list_files(source, image_extensions())
+    names = list_files(source)
     missing = [n for n in names if n not in labels]
     if not names or missing:
         raise RegditError(f"{meta_path}: {len(missing)} of {len(names)} images have no label (first: "
@@ -293,58 +371,6 @@ def read_image_folder(source):
     return names, labels, num_classes, resolution
 
 
-class _RegditWriter:
-    """Fills the preallocated arrays of regdit's layout row by row. Plain writes, not a shared memory map: processes
-    on other nodes of a network file system then never rewrite each other's pages."""
-
-    def __init__(self, out, flip):
-        self.files = {}
-        for name in (IMAGES, MOMENTS, MOMENTS_FLIP)[:2 + flip]:
-            array = np.load(os.path.join(out, name), mmap_mode="r")
-            row_bytes = array.dtype.itemsize * int(np.prod(array.shape[1:]))
-            self.files[name] = (open(os.path.join(out, name), "r+b"), array.offset, row_bytes)
-
-    def write(self, indices, images, moments, moments_flip):
-        for name, rows in ((IMAGES, images), (MOMENTS, moments), (MOMENTS_FLIP, moments_flip)):
-            if name in self.files:
-                f, offset, row_bytes = self.files[name]
-                f.seek(offset + indices[0] * row_bytes)  # batches are runs of consecutive indices
-                f.write(np.ascontiguousarray(rows.numpy()).tobytes())
-
-    def sync(self):  # the shard's rows must be on disk before its done-marker
-        for f, _, _ in self.files.values():
-            f.flush()
-            os.fsync(f.fileno())
-
-    def close(self):
-        for f, _, _ in self.files.values():
-            f.close()
-
-
-class _OfficialWriter:
-    """One (1, 2C, h, w) float32 .npy per image, named and shaped as the official dataset_tools.py encode saves a
-    batch of one, plus a copy of each image where the official reader looks for it (images_out, unless None)."""
-
-    def __init__(self, out, images_out, source, names):
-        self.out, self.images_out, self.source, self.names = out, images_out, source, names
-
-    def write(self, indices, images, moments, moments_flip):
-        for index, m in zip(indices, moments.numpy()):
-            path = os.path.join(self.out, official_latent_name(index))
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            np.save(path, m[None])
-            if self.images_out is not None:
-                image_path = os.path.join(self.images_out, self.names[index])
-                os.makedirs(os.path.dirname(image_path), exist_ok=True)
-                shutil.copyfile(os.path.join(self.source, self.names[index]), image_path)
-
-    def sync(self):  # many small files: a kill loses nothing written; an OS crash may need the run redone
-        pass
-
-    def close(self):
-        pass
-
-
 def shard_batches(num_images, shard_size, batch_size, shards):
     """Batches of consecutive indices that never straddle a shard, so a shard is done with its last batch."""
     return [list(range(start, min(start + batch_size, end)))
@@ -352,41 +378,57 @@ def shard_batches(num_images, shard_size, batch_size, shards):
             for start in range(s * shard_size, end, batch_size)]
 
 
-def prepare_latents(source, dest, vae="mse", batch_size=64, flip=False, layout="regdit", shard_size=1024,
-                    workers=min(8, os.cpu_count())):
+@dataclass
+class PrepareLatentsConfig:
+    source: str | None = flag(None, "folder written by `regdit prepare images` (or the official dataset_tools.py "
+                                    "convert)", required=True)
+    dest: str | None = flag(None, "dataset folder to write", required=True)
+    vae: str = flag("mse", "ema, mse, a Hub id, a save_pretrained folder, or none (pixel space)")
+    batch_size: int = flag(64, "images per encoder call and process")
+    flip: bool = flag(False, "also store the moments of the mirrored images (random flips in training)")
+    layout: str = flag("regdit", "regdit: memory-mapped arrays in DEST; official: DEST/imagenet_{R}_vae + "
+                                 "DEST/vae-sd", choices=list(LAYOUTS))
+    shard_size: int = flag(1024, "images per resumable unit of work")
+    workers: int = flag(min(8, os.cpu_count()), "PNG decoding workers per process (0: in-process)")
+
+    def validate(self):
+        """One-line errors for settings that cannot work, before anything is read or written; the layout's writer
+        then refuses what its files cannot store, and the VAE the image sizes its latents cannot tile."""
+        check_at_least(self, "batch_size", 1)
+        check_at_least(self, "shard_size", 1)
+        check_at_least(self, "workers", 0)
+        check_choice(self, "layout", list(LAYOUTS))
+        check_paths(os.path.abspath(self.source), os.path.abspath(self.dest), "folder")
+
+
+def prepare_latents(config: PrepareLatentsConfig):
     """Encode a `prepare images` folder to VAE posterior moments (float32 means then stds), with images and labels.
 
-    layout "regdit": DEST/{regdit.json, images.npy, moments.npy[, moments_flip.npy], labels.npy} (see regdit.data);
-    layout "official": DEST/imagenet_{R}_vae/ (the images) + DEST/vae-sd/{...npy, dataset.json}.
+    The layout's writer (regdit.data.LAYOUTS) decides the files: "regdit": DEST/{regdit.json, images.npy,
+    moments.npy[, moments_flip.npy], labels.npy}; "official": DEST/imagenet_{R}_vae/ (the images) +
+    DEST/vae-sd/{...npy, dataset.json}.
     Every process of an accelerate/torchrun launch encodes the shards of `shard_size` images with
     shard % num_processes == process index; finished shards are skipped on a rerun. Returns dest.
     """
+    config.validate()
     from accelerate import PartialState
 
     # accelerate picks gloo only when told the processes use the CPU: say so when launched without CUDA.
     state = PartialState(cpu=cpu_launch())
-    source, dest = os.path.abspath(source), os.path.abspath(dest)
-    if layout not in ("regdit", "official"):
-        raise RegditError(f"--layout {layout}: use regdit or official")
-    if layout == "official" and (flip or vae == "none"):
-        raise RegditError("--layout official stores SD-VAE moments without mirrored copies: drop --flip and "
-                          "--vae none, or use --layout regdit")
+    source, dest = os.path.abspath(config.source), os.path.abspath(config.dest)
+    flip, shard_size = config.flip, config.shard_size
+    writer = LAYOUTS[config.layout].writer(dest, flip, config.vae)
     names, labels, num_classes, resolution = read_image_folder(source)
     settings = {"source": source, "num_images": len(names), "resolution": resolution,
-                "vae": vae_lib.resolve_vae_name(vae), "flip": flip, "layout": layout, "shard_size": shard_size}
-    out = dest if layout == "regdit" else os.path.join(dest, OFFICIAL_LATENTS)
-    finished_path = os.path.join(out, META if layout == "regdit" else "dataset.json")
-    if claim_dest(out, settings, finished_path):  # every process checks before the main one writes anything
+                "vae": vae_lib.resolve_vae_name(config.vae), "flip": flip, "layout": config.layout,
+                "shard_size": shard_size}
+    if claim_dest(writer.out, settings, writer.finished_path):  # every process checks before the main one writes
         if state.is_main_process:
             print(f"{dest}: already prepared with these settings")
         return dest
-    images_out = None if layout == "regdit" else os.path.join(dest, official_images_dir(resolution))
-    if images_out is not None and os.path.realpath(images_out) == os.path.realpath(source):
-        images_out = None  # the images are already where the official reader looks
-    elif images_out is not None and os.path.isdir(images_out) and not os.path.isdir(os.path.join(out, PROGRESS)):
-        raise RegditError(f"{images_out} already exists: pass it as --source, or delete it to copy {source} there")
+    writer.claim(source, names, resolution)
 
-    vae_model = vae_lib.load_vae(vae, state.device)
+    vae_model = vae_lib.load_vae(config.vae, state.device)
     moments_shape = tuple(vae_lib.encode_moments(vae_model, torch.zeros(1, 3, resolution, resolution,
                                                                         dtype=torch.uint8)).shape[1:])
     if resolution % moments_shape[1]:
@@ -394,23 +436,18 @@ def prepare_latents(source, dest, vae="mse", batch_size=64, flip=False, layout="
                           f"that does not tile them; prepare the images at a multiple of 8 px")
     state.wait_for_everyone()
     if state.is_main_process:
-        start_progress(out, settings)
-        if layout == "regdit":
-            arrays = {IMAGES: ((3, resolution, resolution), np.uint8), MOMENTS: (moments_shape, np.float32),
-                      MOMENTS_FLIP: (moments_shape, np.float32)}
-            for name in list(arrays)[:2 + flip]:
-                _preallocate(os.path.join(out, name), (len(names), *arrays[name][0]), arrays[name][1])
-            with atomic_write(os.path.join(out, LABELS)) as f:
-                np.save(f, np.array(labels, dtype=np.int64))
+        start_progress(writer.out, settings)
+        writer.start(labels, resolution, moments_shape)
     state.wait_for_everyone()
 
     num_shards = -(-len(names) // shard_size)
-    done_path = os.path.join(out, PROGRESS, "shard-{:06d}.done").format
-    shards = [s for s in range(state.process_index, num_shards, state.num_processes) if not os.path.exists(done_path(s))]
-    batches = shard_batches(len(names), shard_size, batch_size, shards)
+    done_path = os.path.join(writer.out, PROGRESS, "shard-{:06d}.done").format
+    shards = [s for s in range(state.process_index, num_shards, state.num_processes)
+              if not os.path.exists(done_path(s))]
+    batches = shard_batches(len(names), shard_size, config.batch_size, shards)
     loader = torch.utils.data.DataLoader(SourceImages(source, names, resolution), batch_sampler=batches,
-                                         num_workers=workers, pin_memory=state.device.type == "cuda")
-    writer = _RegditWriter(out, flip) if layout == "regdit" else _OfficialWriter(out, images_out, source, names)
+                                         num_workers=config.workers, pin_memory=state.device.type == "cuda")
+    writer.open()
     processes = f"{state.num_processes} process{'es' * (state.num_processes > 1)}"
     def save(indices, images, moments):
         writer.write(indices, images, *(moments.chunk(2) if flip else (moments, None)))
@@ -435,28 +472,9 @@ def prepare_latents(source, dest, vae="mse", batch_size=64, flip=False, layout="
     if state.is_main_process:
         missing = [s for s in range(num_shards) if not os.path.exists(done_path(s))]
         if missing:
-            raise RegditError(f"{out}: shards {missing[:5]} were not encoded; rerun the same command")
-        if layout == "regdit":
-            write_json(finished_path, {"format": FORMAT, "num_images": len(names), "resolution": resolution,
-                                       "num_classes": num_classes, "vae": settings["vae"],
-                                       "latent_scale": vae_lib.latent_scale(vae_model),
-                                       "moments_shape": list(moments_shape), "flip": flip, "settings": settings})
-        else:
-            if images_out is not None:
-                shutil.copyfile(os.path.join(source, "dataset.json"), os.path.join(images_out, "dataset.json"))
-            write_json(finished_path, {"labels": [[official_latent_name(i), label] for i, label in enumerate(labels)],
-                                       "settings": settings})
-        shutil.rmtree(os.path.join(out, PROGRESS))
+            raise RegditError(f"{writer.out}: shards {missing[:5]} were not encoded; rerun the same command")
+        writer.finish(settings, labels, num_classes, vae_lib.latent_scale(vae_model), moments_shape)
+        shutil.rmtree(os.path.join(writer.out, PROGRESS))
         print(f"{dest}: {len(names)} images, moments {list(moments_shape)}{' (+ mirrored)' if flip else ''}, "
-              f"{num_classes} classes, {layout} layout")
+              f"{num_classes} classes, {config.layout} layout")
     return dest
-
-
-def _preallocate(path, shape, dtype):
-    if not os.path.exists(path):  # the file is sparse until the shards fill it
-        np.lib.format.open_memmap(path + ".tmp", mode="w+", dtype=dtype, shape=shape)
-        os.replace(path + ".tmp", path)
-
-
-def official_latent_name(index):
-    return f"{index:08d}"[:5] + f"/img-mean-std-{index:08d}.npy"  # the official dataset_tools.py encode naming

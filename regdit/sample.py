@@ -18,7 +18,9 @@ Resume. Every file is written to a temp file and renamed, so a file that exists 
 PNG is sampled again whole, which reproduces its finished images bitwise, and only its missing PNGs are written.
 """
 import argparse
+import inspect
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +31,11 @@ from tqdm import tqdm
 
 from regdit import RegditError, __version__, atomic_write, cpu_launch
 from regdit.checkpoint import build_model_from_checkpoint, load_checkpoint
-from regdit.models import SiT_models, model_label
-from regdit.samplers import euler_maruyama_sampler, euler_sampler
+from regdit.config import changed_setting, flag
+from regdit.images import read_image
+from regdit.interpolants import PATH_TYPES
+from regdit.models import SiT_models
+from regdit.samplers import SAMPLERS
 from regdit.vae import decode_latents, load_vae, resolve_vae_name
 
 SETTINGS, LABELS = "sample_settings.json", "labels.npy"
@@ -48,16 +53,18 @@ def vae_geometry(vae):
     return vae.config.latent_channels, 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def build_model(checkpoint, source, vae, model_name=None, resolution=None, num_classes=None,
-                projector_embed_dims=None, encoder_depth=None, cls=None, qk_norm=None, fused_attn=True, legacy=False):
-    """The SiT of a checkpoint's EMA weights, loaded strictly. Each setting comes from its generate.py flag if given,
-    else from the checkpoint (`build_model_from_checkpoint`: stored settings, or those its weights tell)."""
+def build_model(checkpoint, source, vae, config):
+    """The SiT of a checkpoint's EMA weights, loaded strictly. Each setting comes from its generate.py flag in the
+    SampleConfig if given, else from the checkpoint (stored settings, or those its weights tell)."""
     _, downsampling = vae_geometry(vae)
-    flags = dict(input_size=resolution // downsampling if resolution else None, num_classes=num_classes,
-                 z_dims=[int(d) for d in projector_embed_dims.split(",")] if projector_embed_dims else None,
-                 encoder_depth=encoder_depth, qk_norm=qk_norm)
-    model = build_model_from_checkpoint(checkpoint, source, model_name=model_name, legacy=legacy, fused_attn=fused_attn,
-                                        **{k: v for k, v in flags.items() if v is not None})
+    overrides = dict(input_size=config.resolution // downsampling if config.resolution else None,
+                     num_classes=config.num_classes, encoder_depth=config.encoder_depth, qk_norm=config.qk_norm,
+                     z_dims=[int(d) for d in config.projector_embed_dims.split(",")]
+                     if config.projector_embed_dims else None)
+    model = build_model_from_checkpoint(checkpoint, source, model_name=config.model, legacy=config.legacy,
+                                        fused_attn=config.fused_attn,
+                                        **{k: v for k, v in overrides.items() if v is not None})
+    cls = config.cls
     if cls is not None and not model.use_cls_token:
         raise RegditError(f"--cls {cls}: {source} has no class token (REPA/SiT weights); drop --cls")
     if cls is not None and cls != model.z_dims[0]:
@@ -87,11 +94,11 @@ def check_resumable(folder, settings):
     if not path.is_file():
         return
     previous, current = json.loads(path.read_text()), json.loads(json.dumps(settings))
-    changed = [k for k in current if k not in RESUMABLE and previous.get(k) != current[k]]
+    changed = changed_setting(previous, current, RESUMABLE)
     if changed:
-        k = changed[0]
-        raise RegditError(f"{folder} holds samples made with other settings ({k} {previous.get(k)!r} there, "
-                          f"{current[k]!r} now): pass another --sample-dir, or delete that folder to start over")
+        raise RegditError(f"{folder} holds samples made with other settings ({changed} {previous.get(changed)!r} "
+                          f"there, {current[changed]!r} now): pass another --sample-dir, or delete that folder to "
+                          "start over")
 
 
 def pack_npz(folder, num_samples, npz_path):
@@ -103,8 +110,7 @@ def pack_npz(folder, num_samples, npz_path):
                           "run the same command again to sample the rest")
     images = None
     for i in tqdm(range(num_samples), desc="packing", unit="image", dynamic_ncols=True):
-        with PIL.Image.open(png_path(folder, i)) as image:
-            image = np.asarray(image.convert("RGB"))
+        image = read_image(png_path(folder, i), None if images is None else images.shape[1:])
         if images is None:  # filled in place: 50k images at 256 px are 9.8 GB, held once
             images = np.empty((num_samples, *image.shape), dtype=np.uint8)
         images[i] = image
@@ -113,23 +119,22 @@ def pack_npz(folder, num_samples, npz_path):
         np.savez(f, arr_0=images, labels=labels)
 
 
-def load_model_and_vae(model, vae, device, **model_flags):
+def load_model_and_vae(config, device, model=None):
     """(model in eval mode on the device, VAE module or None, VAE name, checkpoint path or None, stored settings).
 
-    `model`: a SiT, or the path of an official or regdit `.pt` (its EMA weights) or a `.safetensors` export, built
-    by `build_model` with `model_flags`. `vae`: ema, mse, a Hub id, a `save_pretrained` folder or none; unset: the
-    checkpoint's, else none for a 3-channel (pixel-space) model, else ema (official). The stored settings hold the training path type when the checkpoint has one.
+    `model`: a SiT, else the checkpoint `config.ckpt` (an official or regdit `.pt`, its EMA weights, or a
+    `.safetensors` export) built by `build_model`. The VAE: `config.vae` (ema, mse, a Hub id, a `save_pretrained`
+    folder or none); unset: the checkpoint's, else none for a 3-channel (pixel-space) model, else ema (official).
+    The stored settings hold the training path type when the checkpoint has one.
     """
-    ckpt, stored = None, {}
-    if not isinstance(model, torch.nn.Module):
-        ckpt = Path(model)
+    ckpt, stored, vae = None, {}, config.vae
+    if model is None:
+        ckpt = Path(config.ckpt)
         checkpoint = load_checkpoint(ckpt)
         # regdit checkpoints record the dataset's VAE; official and regdit ones the training path in their args
         stored = dict(vae=checkpoint.get("latents", {}).get("vae"),
                       path_type=getattr(checkpoint.get("args"), "path_type", None))
         in_channels = checkpoint["ema"]["x_embedder.proj.weight"].shape[1]
-    elif model_flags:
-        raise TypeError(f"{sorted(model_flags)} only apply when `model` is a checkpoint path")
     else:
         in_channels = model.in_channels
     if stored.get("vae") == "none" and vae not in (None, "none"):  # refused before a VAE download
@@ -138,7 +143,7 @@ def load_model_and_vae(model, vae, device, **model_flags):
     with PartialState().main_process_first():  # one process fills the Hub cache, the others then read it
         vae_model = load_vae(vae, device)
     if ckpt is not None:
-        model = build_model(checkpoint, ckpt, vae_model, **model_flags)
+        model = build_model(checkpoint, ckpt, vae_model, config)
     channels, _ = vae_geometry(vae_model)
     if model.in_channels != channels:
         raise RegditError(f"the model denoises {model.in_channels}-channel latents but --vae {vae} gives {channels}: "
@@ -147,10 +152,10 @@ def load_model_and_vae(model, vae, device, **model_flags):
 
 
 @torch.no_grad()
-def sample_batch(model, vae, indices, global_seed=0, balanced=False, mode="sde", num_steps=250, heun=False,
+def sample_batch(model, vae, indices, global_seed=0, balanced=False, sampler="sde", num_steps=250,
                  mixed_precision="no", **guidance):
-    """uint8 images (N, H, W, 3) of the sample indices, each drawn from its own stream (see the module docstring).
-    `guidance`: cfg_scale, cls_cfg_scale, guidance_low, guidance_high, path_type of the samplers."""
+    """uint8 images (N, H, W, 3) of the sample indices, each drawn from its own stream (see the module docstring),
+    with SAMPLERS[sampler]. `guidance`: cfg_scale, cls_cfg_scale, guidance_low, guidance_high, path_type."""
     device = model.pos_embed.device
     generators = sample_generators(indices, global_seed, device)
     y = draw_labels(generators, indices, model.num_classes, balanced)
@@ -159,52 +164,98 @@ def sample_batch(model, vae, indices, global_seed=0, balanced=False, mode="sde",
     cls = (torch.stack([torch.randn(model.z_dims[0], generator=g, device=device) for g in generators])
            if model.use_cls_token else None)
     with torch.autocast(device.type, dtype=AUTOCAST_DTYPES[mixed_precision], enabled=mixed_precision != "no"):
-        if mode == "sde":
-            x = euler_maruyama_sampler(model, x, cls, y, num_steps=num_steps, generator=generators, **guidance)
-        else:
-            x = euler_sampler(model, x, cls, y, num_steps=num_steps, heun=heun, **guidance)
+        x = SAMPLERS[sampler](model, x, cls, y, num_steps=num_steps, generator=generators, **guidance)
     return decode_latents(vae, x.float()).cpu().numpy()  # float32 latents to the VAE, as generate.py
 
 
-def sample(model, sample_dir="samples", vae=None, num_samples=50_000, batch_size=32, mode="sde", num_steps=None,
-           heun=False, cfg_scale=1.0, cls_cfg_scale=0.0, guidance_low=0.0, guidance_high=1.0, path_type=None,
-           global_seed=0, balanced=False, mixed_precision="no", tf32=True, compile=False, **model_flags):
-    """Sample `num_samples` images into SAMPLE_DIR/RUN/ and pack them into SAMPLE_DIR/RUN.npz (the main process
-    writes it); returns the .npz path. `model`, `vae` and `model_flags`: see `load_model_and_vae` (a model object
-    is put in eval mode and moved to the device). `num_steps`: unset, 250 for the SDE and 50 for the ODE.
-    `path_type`: unset, the checkpoint's, else linear. `tf32` sets torch's global TF32 matmul switch, as generate.py
-    does. The other arguments are the command-line flags.
+@dataclass
+class SampleConfig:
+    """The official generate.py flags. Model flags left unset take the checkpoint's settings: stored in regdit
+    checkpoints and exports, read off the weights of official ones."""
+    ckpt: str | None = flag(None, "checkpoint: official or regdit .pt (EMA weights are used) or a .safetensors export",
+                            required=True)
+    # model
+    model: str | None = flag(None, f"model size and patch, one of {', '.join(SiT_models)}",
+                             choices=sorted(SiT_models), metavar="NAME")
+    resolution: int | None = flag(None, "image resolution")
+    num_classes: int | None = flag(None, "number of classes")
+    projector_embed_dims: str | None = flag(None, "encoder widths, comma-separated")
+    encoder_depth: int | None = flag(None, "block of the projection layer (official checkpoints: their saved args, "
+                                           "else 8)")
+    cls: int | None = flag(None, "width of the entangled class token, checked against the checkpoint's; REPA/SiT "
+                                 "checkpoints have none")
+    qk_norm: bool | None = flag(None, "per-head q/k LayerNorm", action=argparse.BooleanOptionalAction)
+    fused_attn: bool = flag(True, "attention through F.scaled_dot_product_attention")
+    legacy: bool = flag(False, "early REPA checkpoints: rename decoder_blocks.i to blocks.{i + encoder depth}")
+    # sampling
+    vae: str | None = flag(None, "ema, mse, a Hub id, a save_pretrained folder, or none for pixel space; unset: the "
+                                 "checkpoint's VAE, else none for 3-channel (pixel) models, else ema")
+    mode: str = flag("sde", "sde: the official Euler-Maruyama sampler; ode: Euler (or --heun) on the velocity",
+                     choices=["sde", "ode"])
+    num_steps: int | None = flag(None, "sampling steps; unset: 250 for sde, 50 for ode")
+    heun: bool = flag(False, "Heun steps for --mode ode")
+    cfg_scale: float = flag(1.0, "classifier-free guidance scale (1: none)")
+    cls_cfg_scale: float = flag(0.0, "guidance scale of the class token (0: its conditional drift)")
+    guidance_low: float = flag(0.0, "guidance only for t >= this")
+    guidance_high: float = flag(1.0, "guidance only for t <= this")
+    path_type: str | None = flag(None, "interpolation path; unset: the checkpoint's training setting, else linear",
+                                 choices=list(PATH_TYPES))
+    global_seed: int = flag(0, "seed; sample i uses global_seed * 2**32 + i")
+    balanced: bool = flag(False, "label i %% num_classes (equal counts) instead of uniform random labels")
+    # output and speed
+    num_fid_samples: int = flag(50_000, "number of samples")
+    per_proc_batch_size: int = flag(32, "batch size of each process")
+    sample_dir: str = flag("samples", "parent folder of the run folder and its .npz")
+    mixed_precision: str = flag("no", "autocast of the model call (no: float32, as the official code)",
+                                choices=list(AUTOCAST_DTYPES))
+    tf32: bool = flag(True, "TF32 matmuls on the GPU for float32 (the official default; --no-tf32: full float32)")
+    compile: bool = flag(False, "torch.compile the model")
+
+    @property
+    def sampler(self):
+        """The SAMPLERS entry: the official --mode, with --heun for Heun steps on the ODE."""
+        return "heun" if self.heun else self.mode
+
+
+def sample(config: SampleConfig, model=None):
+    """Sample `num_fid_samples` images into SAMPLE_DIR/RUN/ and pack them into SAMPLE_DIR/RUN.npz (the main process
+    writes it); returns the .npz path. `model`: a SiT to sample instead of `config.ckpt` (put in eval mode and
+    moved to the device). `tf32` sets torch's global TF32 matmul switch, as generate.py does.
     """
-    if heun and mode != "ode":
+    if config.heun and config.mode != "ode":
         raise RegditError("--heun applies to --mode ode only (the SDE sampler is Euler-Maruyama)")
-    if cfg_scale < 1.0:
-        raise RegditError(f"--cfg-scale {cfg_scale} is below 1: pass 1 for no guidance or a larger scale")
+    if config.cfg_scale < 1.0:
+        raise RegditError(f"--cfg-scale {config.cfg_scale} is below 1: pass 1 for no guidance or a larger scale")
+    num_samples, batch_size = config.num_fid_samples, config.per_proc_batch_size
     if num_samples < 1 or batch_size < 1:
         raise RegditError(f"--num-fid-samples {num_samples} and --per-proc-batch-size {batch_size} must be positive")
-    num_steps = num_steps or (250 if mode == "sde" else 50)
-    torch.backends.cuda.matmul.allow_tf32 = tf32
+    sampler = SAMPLERS[config.sampler]
+    num_steps = config.num_steps or inspect.signature(sampler).parameters["num_steps"].default
+    torch.backends.cuda.matmul.allow_tf32 = config.tf32
     state = PartialState(cpu=cpu_launch())
-    model, vae_model, vae, ckpt, stored = load_model_and_vae(model, vae, state.device, **model_flags)
-    path_type = path_type or stored.get("path_type") or "linear"
-    if cfg_scale > 1 and model.y_embedder.dropout_prob == 0:
+    model, vae_model, vae, ckpt, stored = load_model_and_vae(config, state.device, model)
+    path_type = config.path_type or stored.get("path_type") or "linear"
+    if config.cfg_scale > 1 and model.y_embedder.dropout_prob == 0:
         raise RegditError("this model was trained without label dropout (--cfg-prob 0), so it has no null class for "
                           "guidance: pass --cfg-scale 1")
     channels, downsampling = vae_geometry(vae_model)
     latent_size = model.input_size
+    guidance = dict(cfg_scale=config.cfg_scale, cls_cfg_scale=config.cls_cfg_scale, guidance_low=config.guidance_low,
+                    guidance_high=config.guidance_high, path_type=path_type)
     settings = dict(
-        ckpt=str(ckpt.resolve()) if ckpt else None, model=model_label(model), num_classes=model.num_classes,
+        ckpt=str(ckpt.resolve()) if ckpt else None, model=model.config.label, num_classes=model.num_classes,
         latent_shape=[channels, latent_size, latent_size], cls_dim=model.z_dims[0] if model.use_cls_token else None,
-        vae=resolve_vae_name(vae), resolution=latent_size * downsampling, mode=mode, num_steps=num_steps, heun=heun,
-        cfg_scale=cfg_scale, cls_cfg_scale=cls_cfg_scale, guidance_low=guidance_low, guidance_high=guidance_high,
-        path_type=path_type, global_seed=global_seed, sample_seed="global_seed * 2**32 + index", balanced=balanced,
-        mixed_precision=mixed_precision, tf32=tf32, device=state.device.type, num_fid_samples=num_samples,
-        per_proc_batch_size=batch_size, num_processes=state.num_processes, compile=compile,
-        regdit_version=__version__, torch_version=torch.__version__)
+        vae=resolve_vae_name(vae), resolution=latent_size * downsampling, mode=config.mode, num_steps=num_steps,
+        heun=config.heun, **guidance, global_seed=config.global_seed, sample_seed="global_seed * 2**32 + index",
+        balanced=config.balanced, mixed_precision=config.mixed_precision, tf32=config.tf32, device=state.device.type,
+        num_fid_samples=num_samples, per_proc_batch_size=batch_size, num_processes=state.num_processes,
+        compile=config.compile, regdit_version=__version__, torch_version=torch.__version__)
     run_name = (f"{settings['model'].replace('/', '-')}-{ckpt.stem if ckpt else 'model'}-size-{settings['resolution']}"
-                f"-vae-{Path(vae).name}-cfg-{float(cfg_scale)}-cls-cfg-{float(cls_cfg_scale)}"
-                f"-interval-{float(guidance_low)}-{float(guidance_high)}-seed-{global_seed}-{mode}-{num_steps}"
-                + "-heun" * heun + "-balanced" * balanced + f"-{mixed_precision}" * (mixed_precision != "no"))
-    folder = Path(sample_dir) / run_name
+                f"-vae-{Path(vae).name}-cfg-{float(config.cfg_scale)}-cls-cfg-{float(config.cls_cfg_scale)}"
+                f"-interval-{float(config.guidance_low)}-{float(config.guidance_high)}-seed-{config.global_seed}"
+                f"-{config.mode}-{num_steps}" + "-heun" * config.heun + "-balanced" * config.balanced
+                + f"-{config.mixed_precision}" * (config.mixed_precision != "no"))
+    folder = Path(config.sample_dir) / run_name
     npz_path = folder.parent / f"{folder.name}.npz"
 
     check_resumable(folder, settings)  # on every process, so that all of them stop together
@@ -213,8 +264,8 @@ def sample(model, sample_dir="samples", vae=None, num_samples=50_000, batch_size
         with atomic_write(folder / SETTINGS, "w") as f:
             f.write(json.dumps(settings, indent=2) + "\n")
         # a label is the first draw of its index's stream: all of them up front, for packing and for resumed runs
-        labels = draw_labels(sample_generators(range(num_samples), global_seed, state.device), range(num_samples),
-                             model.num_classes, balanced)
+        labels = draw_labels(sample_generators(range(num_samples), config.global_seed, state.device),
+                             range(num_samples), model.num_classes, config.balanced)
         with atomic_write(folder / LABELS) as f:
             np.save(f, labels.cpu().numpy().astype(np.int64))
     state.wait_for_everyone()
@@ -224,12 +275,11 @@ def sample(model, sample_dir="samples", vae=None, num_samples=50_000, batch_size
     state.print(f"{folder}: {num_samples - sum(map(len, pending))} of {num_samples} samples done, "
                 f"sampling {sum(map(len, pending))} on {state.num_processes} process(es)")
 
-    net = torch.compile(model) if compile else model
+    net = torch.compile(model) if config.compile else model
     for chunk in tqdm(pending[state.process_index::state.num_processes], desc="sampling", unit="batch",
                       disable=not state.is_main_process, dynamic_ncols=True):
-        images = sample_batch(net, vae_model, chunk, global_seed, balanced, mode, num_steps, heun, mixed_precision,
-                              cfg_scale=cfg_scale, cls_cfg_scale=cls_cfg_scale, guidance_low=guidance_low,
-                              guidance_high=guidance_high, path_type=path_type)
+        images = sample_batch(net, vae_model, chunk, config.global_seed, config.balanced, config.sampler, num_steps,
+                              config.mixed_precision, **guidance)
         for i, image in zip(chunk, images):
             if not png_path(folder, i).is_file():
                 with atomic_write(png_path(folder, i), sync=False) as f:
@@ -237,64 +287,5 @@ def sample(model, sample_dir="samples", vae=None, num_samples=50_000, batch_size
     state.wait_for_everyone()
     if state.is_main_process:  # no barrier after packing: it can outlast the collective timeout (10 min on NCCL)
         pack_npz(folder, num_samples, npz_path)
+    state.print(f"wrote {npz_path}")
     return npz_path
-
-
-def add_arguments(parser):
-    parser.add_argument("--ckpt", required=True,
-                        help="checkpoint: official or regdit .pt (EMA weights are used) or a .safetensors export")
-    group = parser.add_argument_group("model", "unset flags take the checkpoint's settings: stored in regdit "
-                                      "checkpoints and exports, read off the weights of official ones")
-    group.add_argument("--model", default=None, choices=sorted(SiT_models), metavar="NAME",
-                       help=f"model size and patch, one of {', '.join(SiT_models)}")
-    group.add_argument("--resolution", type=int, default=None, help="image resolution")
-    group.add_argument("--num-classes", type=int, default=None, help="number of classes")
-    group.add_argument("--projector-embed-dims", default=None, help="encoder widths, comma-separated")
-    group.add_argument("--encoder-depth", type=int, default=None,
-                       help="block of the projection layer (official checkpoints: their saved args, else 8)")
-    group.add_argument("--cls", type=int, default=None, help="width of the entangled class token, checked against "
-                       "the checkpoint's; REPA/SiT checkpoints have none")
-    group.add_argument("--qk-norm", action=argparse.BooleanOptionalAction, default=None, help="per-head q/k LayerNorm")
-    group.add_argument("--fused-attn", action=argparse.BooleanOptionalAction, default=True,
-                       help="attention through F.scaled_dot_product_attention")
-    group.add_argument("--legacy", action=argparse.BooleanOptionalAction, default=False,
-                       help="early REPA checkpoints: rename decoder_blocks.i to blocks.{i + encoder depth}")
-    group = parser.add_argument_group("sampling")
-    group.add_argument("--vae", default=None, help="ema, mse, a Hub id, a save_pretrained folder, or none for pixel "
-                       "space; unset: the checkpoint's VAE, else none for 3-channel (pixel) models, else ema")
-    group.add_argument("--mode", default="sde", choices=["sde", "ode"],
-                       help="sde: the official Euler-Maruyama sampler; ode: Euler (or --heun) on the velocity")
-    group.add_argument("--num-steps", type=int, default=None, help="sampling steps; unset: 250 for sde, 50 for ode")
-    group.add_argument("--heun", action=argparse.BooleanOptionalAction, default=False, help="Heun steps for --mode ode")
-    group.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
-    group.add_argument("--cls-cfg-scale", type=float, default=0.0,
-                       help="guidance scale of the class token (0: its conditional drift)")
-    group.add_argument("--guidance-low", type=float, default=0.0, help="guidance only for t >= this")
-    group.add_argument("--guidance-high", type=float, default=1.0, help="guidance only for t <= this")
-    group.add_argument("--path-type", default=None, choices=["linear", "cosine"],
-                       help="interpolation path; unset: the checkpoint's training setting, else linear")
-    group.add_argument("--global-seed", type=int, default=0, help="seed; sample i uses global_seed * 2**32 + i")
-    group.add_argument("--balanced", action=argparse.BooleanOptionalAction, default=False,
-                       help="label i %% num_classes (equal counts) instead of uniform random labels")
-    group = parser.add_argument_group("output and speed")
-    group.add_argument("--num-fid-samples", type=int, default=50_000, help="number of samples")
-    group.add_argument("--per-proc-batch-size", type=int, default=32, help="batch size of each process")
-    group.add_argument("--sample-dir", default="samples", help="parent folder of the run folder and its .npz")
-    group.add_argument("--mixed-precision", default="no", choices=list(AUTOCAST_DTYPES),
-                       help="autocast of the model call (no: float32, as the official code)")
-    group.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
-                       help="TF32 matmuls on the GPU for float32 (the official default; --no-tf32: full float32)")
-    group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
-
-
-def main(args):
-    model_flags = dict(model_name=args.model, resolution=args.resolution, num_classes=args.num_classes,
-                       projector_embed_dims=args.projector_embed_dims, encoder_depth=args.encoder_depth, cls=args.cls,
-                       qk_norm=args.qk_norm, fused_attn=args.fused_attn, legacy=args.legacy)
-    npz_path = sample(args.ckpt, sample_dir=args.sample_dir, vae=args.vae, num_samples=args.num_fid_samples,
-                      batch_size=args.per_proc_batch_size, mode=args.mode, num_steps=args.num_steps, heun=args.heun,
-                      cfg_scale=args.cfg_scale, cls_cfg_scale=args.cls_cfg_scale, guidance_low=args.guidance_low,
-                      guidance_high=args.guidance_high, path_type=args.path_type, global_seed=args.global_seed,
-                      balanced=args.balanced, mixed_precision=args.mixed_precision, tf32=args.tf32, compile=args.compile,
-                      **model_flags)
-    PartialState().print(f"wrote {npz_path}")

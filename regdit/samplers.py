@@ -1,15 +1,21 @@
-"""Samplers for SiT/REPA/REG models: the official Euler-Maruyama SDE sampler (DESIGN 4.5) and an Euler/Heun ODE
-sampler (DESIGN 4.6), as plain functions.
+"""Samplers for SiT/REPA/REG models as plain functions of one signature, in the table SAMPLERS: the official
+Euler-Maruyama SDE sampler ("sde") and Euler ("ode") / Heun ("heun") steps on the probability-flow ODE.
 
 Both integrate from t = 1 (noise) to t = 0 (data) with the state in float64 and the model called in the latents'
 dtype, like the official `samplers.py`. REG models denoise the image latents and the class token together; pass
 `cls_latents=None` for REPA and SiT models. Classifier-free guidance doubles the batch with the null label only
 inside the guidance interval [guidance_low, guidance_high]; the class token has its own scale (`cls_cfg_scale`,
 0 keeps its conditional drift, as in the official code).
+
+Every sampler is `sampler(model, latents, cls_latents, y, num_steps, cfg_scale, cls_cfg_scale, guidance_low,
+guidance_high, path_type, generator)` and returns the float64 image latents; a new sampler is one function and one
+entry in SAMPLERS.
 """
+import functools
+
 import torch
 
-from regdit.loss import path_coefficients
+from regdit.interpolants import score_from_velocity
 
 
 def randn_like(x, generator=None):
@@ -18,13 +24,6 @@ def randn_like(x, generator=None):
     if isinstance(generator, (list, tuple)):
         return torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype, device=x.device) for g in generator])
     return torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-
-
-def score_from_velocity(v, x, t, path_type):
-    """Score of x_t from the velocity (official get_score_from_velocity): (a/a' v - x) / (sigma^2 - a/a' sigma' sigma)."""
-    alpha, sigma, d_alpha, d_sigma = path_coefficients(t, path_type)
-    reverse_alpha_ratio = alpha / d_alpha
-    return (reverse_alpha_ratio * v - x) / (sigma ** 2 - reverse_alpha_ratio * d_sigma * sigma)
 
 
 def _velocity(model, x, cls_x, y, t, guided, dtype):
@@ -82,10 +81,11 @@ def euler_maruyama_sampler(model, latents, cls_latents, y, num_steps=250, cfg_sc
 
 
 @torch.no_grad()
-def euler_sampler(model, latents, cls_latents, y, num_steps=50, heun=False, cfg_scale=1.0, cls_cfg_scale=0.0,
-                  guidance_low=0.0, guidance_high=1.0, path_type="linear"):
+def euler_sampler(model, latents, cls_latents, y, num_steps=50, cfg_scale=1.0, cls_cfg_scale=0.0, guidance_low=0.0,
+                  guidance_high=1.0, path_type="linear", generator=None, heun=False):
     """Probability-flow ODE dx = v dt with Euler (or Heun, no correction on the last step) on t = linspace(1, 0, N+1),
-    guidance on the velocities. `path_type` is accepted for symmetry: the velocity already encodes the path."""
+    guidance on the velocities. `path_type` and `generator` are accepted for the common signature: the velocity
+    already encodes the path, and the ODE draws no noise."""
     dtype = latents.dtype
     t_steps = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
     x = latents.to(torch.float64)
@@ -107,3 +107,10 @@ def euler_sampler(model, latents, cls_latents, y, num_steps=50, heun=False, cfg_
             cls_next = cls_x + dt * (0.5 * cls_d + 0.5 * cls_d_next) if cls_x is not None else None
         x, cls_x = x_next, cls_next
     return x
+
+
+SAMPLERS = {  # name -> sampler; its num_steps default is the name's default number of steps
+    "sde": euler_maruyama_sampler,
+    "ode": euler_sampler,
+    "heun": functools.partial(euler_sampler, heun=True),
+}

@@ -19,7 +19,7 @@ def test_official_checkpoint_loads_with_weights_only(official_tiny):
     with torch.no_grad():
         out = model(io["x"], io["t"], io["y"], cls_token=io["cls_token"])[0]
     torch.testing.assert_close(out, io["out"], atol=1e-5, rtol=0)
-    assert model_config_from_checkpoint(checkpoint, num_heads=4)["encoder_depth"] == 2  # from the saved args
+    assert model_config_from_checkpoint(checkpoint, num_heads=4).encoder_depth == 2  # from the saved args
 
 
 def test_official_checkpoint_loads_after_a_library_resets_the_allow_list(official_tiny):

@@ -9,7 +9,7 @@ import torch
 
 from regdit import RegditError
 from regdit.data import IMAGES, LABELS, META, MOMENTS, MOMENTS_FLIP, open_dataset
-from regdit.prepare import prepare_images, prepare_latents
+from regdit.prepare import PrepareImagesConfig, PrepareLatentsConfig, prepare_images, prepare_latents
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +22,9 @@ def pixel_dataset(tmp_path_factory):
         for i in range(6):
             PIL.Image.fromarray(rng.integers(0, 256, (16, 20, 3), dtype=np.uint8)).save(root / "raw" / f"c{c}" /
                                                                                          f"{i}.png")
-    prepare_images(root / "raw", root / "images", 16, workers=0)
-    return prepare_latents(root / "images", root / "ds", vae="none", flip=True, shard_size=5, workers=0)
+    prepare_images(PrepareImagesConfig(source=root / "raw", dest=root / "images", resolution=16, workers=0))
+    return prepare_latents(PrepareLatentsConfig(source=root / "images", dest=root / "ds", vae="none", flip=True,
+                                                shard_size=5, workers=0))
 
 
 def copy_dataset(src, dst):
@@ -139,6 +140,6 @@ def test_official_layout_reads_and_validates(tmp_path):
     fails(root, r"img-mean-std-00000003.npy: float32 moments of shape \[8, 8, 8\], expected float32 \[2C, 4, 4\]")
     root = write_official(tmp_path / "gray")
     PIL.Image.new("L", (32, 32)).save(root / "imagenet_32_vae" / "00000" / "img00000000.png")
-    fails(root, r"img00000000.png: uint8 image of shape \[1, 32, 32\]")
+    fails(root, "img00000000.png is L, not 8-bit RGB")
     write_official(tmp_path / "gray", resolution=64)
     fails(tmp_path / "gray", r"resolutions \[32, 64\]; pass --resolution")

@@ -1,21 +1,22 @@
 import pytest
 import torch
 
-from regdit.loss import REGLoss, path_coefficients, projection_loss, sample_time, total_loss
-from regdit.models import SiT
+from regdit.interpolants import path_coefficients, sample_time
+from regdit.loss import REGLoss, projection_loss
+from regdit.models import SiT, SiTConfig, create_sit
 
 
 def _official_terms(model, io, path_type, **kwargs):
     with torch.no_grad():
-        return REGLoss(path_type, **kwargs)(model, io["x"], io["y"], io["loss_target_zs"], io["cls_token"],
-                                            time=io["loss_time"], noise=io["loss_noise"],
-                                            noise_cls=io["loss_noise_cls"])
+        return REGLoss(path_type, **kwargs).terms(model, io["x"], io["y"], io["loss_target_zs"], io["cls_token"],
+                                                  time=io["loss_time"], noise=io["loss_noise"],
+                                                  noise_cls=io["loss_noise_cls"])
 
 
 @pytest.fixture
 def official_model(official_tiny):
     checkpoint, io = official_tiny
-    model = SiT(**io["config"]).eval()
+    model = create_sit(**io["config"]).eval()
     model.load_state_dict(checkpoint["ema"])
     return model, io
 
@@ -44,10 +45,17 @@ def test_cosine_path_loss_terms_match_official(official_model):
     assert not torch.allclose(default["cls"], io["cosine"]["cls"])
 
 
-def test_total_loss_uses_the_official_coefficients():
+def test_total_loss_uses_the_official_coefficients(monkeypatch):
     terms = dict(denoise=torch.tensor([1.0, 3.0]), cls=torch.tensor([10.0, 30.0]), proj=torch.tensor(-0.5))
-    assert total_loss(terms).item() == pytest.approx(2.0 + 0.5 * -0.5 + 0.03 * 20.0)
-    assert total_loss({**terms, "cls": None}, proj_coeff=1.0).item() == pytest.approx(1.5)
+    monkeypatch.setattr(REGLoss, "terms", lambda self, *args, **kwargs: terms)
+    loss, logs = REGLoss()(None, None, None)
+    assert loss.item() == pytest.approx(2.0 + 0.5 * -0.5 + 0.03 * 20.0)
+    expected = dict(loss_final=loss.item(), loss_mean=2.0, proj_loss=-0.5, loss_mean_cls=0.03 * 20.0)
+    assert {k: v.item() for k, v in logs.items()} == pytest.approx(expected)
+    assert not any(v.requires_grad for v in logs.values())
+    monkeypatch.setattr(REGLoss, "terms", lambda self, *args, **kwargs: {**terms, "cls": None})
+    loss, logs = REGLoss(proj_coeff=1.0)(None, None, None)
+    assert loss.item() == pytest.approx(1.5) and logs["loss_mean_cls"].item() == 0
 
 
 def test_path_coefficients_are_consistent_derivatives():
@@ -81,11 +89,11 @@ def test_projection_loss_is_float32_under_autocast_and_drops_cls_for_repa():
 
 def test_loss_backpropagates_into_every_trainable_parameter():
     torch.manual_seed(0)
-    model = SiT(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=4, z_dims=[16],
-                projector_dim=32, encoder_depth=1)
+    model = SiT(SiTConfig(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=4,
+                          z_dims=[16], projector_dim=32, encoder_depth=1))
     x, y, cls = torch.randn(4, 4, 8, 8), torch.randint(0, 4, (4,)), torch.randn(4, 16)
-    terms = REGLoss("linear", "lognormal")(model, x, y, [torch.randn(4, 17, 16)], cls)
-    total_loss(terms).backward()
+    loss, _ = REGLoss("linear", "lognormal")(model, x, y, [torch.randn(4, 17, 16)], cls)
+    loss.backward()
     # adaLN-Zero: only the zero-initialised output layers receive gradient at step 0 among the final layers
     assert model.final_layer.linear.weight.grad.abs().sum() > 0
     assert model.final_layer.linear_cls.weight.grad.abs().sum() > 0
@@ -93,17 +101,17 @@ def test_loss_backpropagates_into_every_trainable_parameter():
 
 
 def test_plain_sit_has_a_zero_projection_term():
-    model = SiT(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=4, z_dims=[],
-                use_cls_token=False)
-    terms = REGLoss()(model, torch.randn(2, 4, 8, 8), torch.tensor([0, 1]))
+    model = SiT(SiTConfig(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=4, z_dims=[],
+                          use_cls_token=False))
+    terms = REGLoss().terms(model, torch.randn(2, 4, 8, 8), torch.tensor([0, 1]))
     assert terms["proj"].item() == 0 and terms["proj"].device == terms["denoise"].device and terms["cls"] is None
 
 
 def test_compiled_and_bf16_training_steps_match_float32():
     """The speed-ups keep the results: torch.compile within float32 rounding, bf16 autocast within bf16 tolerance."""
     torch.manual_seed(0)
-    model = SiT(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=2, num_classes=4, z_dims=[16],
-                projector_dim=32, encoder_depth=1)
+    model = SiT(SiTConfig(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=2, num_classes=4,
+                          z_dims=[16], projector_dim=32, encoder_depth=1))
     with torch.no_grad():  # leave adaLN-Zero's identity start so that every layer shapes the result
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -114,7 +122,7 @@ def test_compiled_and_bf16_training_steps_match_float32():
     def loss_and_grads(forward, dtype=None):
         model.zero_grad()
         with torch.autocast("cpu", torch.bfloat16, enabled=dtype is not None):
-            loss = total_loss(REGLoss()(forward, x, y, zs, cls, **draws))
+            loss, _ = REGLoss()(forward, x, y, zs, cls, **draws)
         loss.backward()
         return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 

@@ -9,7 +9,7 @@ import PIL.Image
 import pytest
 
 from regdit import RegditError, prepare
-from regdit.prepare import center_crop, center_crop_dhariwal, prepare_images
+from regdit.prepare import PrepareImagesConfig, center_crop, center_crop_dhariwal, prepare_images
 
 
 class Killed(Exception):
@@ -72,7 +72,7 @@ def test_modes_unreadable_files_and_labels(tmp_path, capsys):
     random_image(rng, 60, 60).save(jpeg, format="jpeg")
     (src / "n10" / "truncated.jpg").write_bytes(jpeg.getvalue()[:300])
 
-    summary = prepare_images(src, tmp_path / "out", 32, workers=2)
+    summary = prepare_images(PrepareImagesConfig(source=src, dest=tmp_path / "out", resolution=32, workers=2))
     assert sorted(summary["skipped"]) == ["n02/garbage.png", "n10/truncated.jpg"]
     err = capsys.readouterr().err
     assert sorted(line.split("\r")[-1].split(" (")[0] for line in err.splitlines() if "unreadable" in line) == [
@@ -100,7 +100,7 @@ def test_strict_fails_naming_the_file(tmp_path):
     write_class_folders(src, np.random.default_rng(2), per_class=1)
     (src / "n01" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
     with pytest.raises(RegditError, match="n01/broken.jpg.*--strict"):
-        prepare_images(src, tmp_path / "out", 16, workers=0, strict=True)
+        prepare_images(PrepareImagesConfig(source=src, dest=tmp_path / "out", resolution=16, workers=0, strict=True))
 
 
 def test_zip_source_with_dataset_json_labels(tmp_path):
@@ -112,7 +112,7 @@ def test_zip_source_with_dataset_json_labels(tmp_path):
             random_image(rng, 30 + i, 40).save(data, format="png")
             z.writestr(f"img{i}.png", data.getvalue())
         z.writestr("dataset.json", json.dumps({"labels": [[f"img{i}.png", 7 - i] for i in range(4)]}))
-    summary = prepare_images(archive, tmp_path / "out", 16, workers=2)
+    summary = prepare_images(PrepareImagesConfig(source=archive, dest=tmp_path / "out", resolution=16, workers=2))
     labels = json.loads((tmp_path / "out" / "dataset.json").read_text())["labels"]
     assert summary["num_classes"] == 8 and [label for _, label in labels] == [7, 6, 5, 4]
 
@@ -130,15 +130,15 @@ def test_rerun_after_a_kill_continues_where_it_stopped(tmp_path, monkeypatch):
 
     monkeypatch.setattr(prepare, "_convert", killed_after_four)
     with pytest.raises(Killed):
-        prepare_images(src, out, 24, workers=0)
+        prepare_images(PrepareImagesConfig(source=src, dest=out, resolution=24, workers=0))
     assert not (out / "dataset.json").exists()
     first = {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
     assert len(first) == 4
 
     monkeypatch.setattr(prepare, "_convert", convert)
     with pytest.raises(RegditError, match="other settings.*resolution"):
-        prepare_images(src, out, 32, workers=0)
-    summary = prepare_images(src, out, 24, workers=0)
+        prepare_images(PrepareImagesConfig(source=src, dest=out, resolution=32, workers=0))
+    summary = prepare_images(PrepareImagesConfig(source=src, dest=out, resolution=24, workers=0))
     assert summary["converted"] == 5 and summary["images"] == 9
     assert all(p.stat().st_mtime_ns == t for p, t in first.items())  # finished images were not redone
 
@@ -148,4 +148,4 @@ def test_refuses_a_foreign_non_empty_dest(tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("keep me")
     with pytest.raises(RegditError, match="not empty"):
-        prepare_images(tmp_path / "src", tmp_path / "out", 16, workers=0)
+        prepare_images(PrepareImagesConfig(source=tmp_path / "src", dest=tmp_path / "out", resolution=16, workers=0))

@@ -11,9 +11,10 @@ import torch
 from accelerate import PartialState
 from diffusers import AutoencoderKL
 
-from regdit import RegditError, vae as vae_lib
-from regdit.data import MOMENTS, MOMENTS_FLIP, open_dataset
-from regdit.prepare import prepare_images, prepare_latents
+from regdit import RegditError
+from regdit import vae as vae_lib
+from regdit.data import LAYOUTS, MOMENTS, MOMENTS_FLIP, open_dataset
+from regdit.prepare import PrepareImagesConfig, PrepareLatentsConfig, prepare_images, prepare_latents
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,7 +53,7 @@ def images_dir(tmp_path_factory):
         for i in range(4 + (c == 0)):
             PIL.Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(root / "raw" / f"class{c}" /
                                                                                          f"{i}.png")
-    prepare_images(root / "raw", root / "images", 32, workers=0)
+    prepare_images(PrepareImagesConfig(source=root / "raw", dest=root / "images", resolution=32, workers=0))
     return str(root / "images")
 
 
@@ -110,7 +111,8 @@ def test_pixel_space_round_trips_exactly():
 
 
 def test_regdit_layout_with_flips(images_dir, vae_dir, tmp_path):
-    prepare_latents(images_dir, tmp_path / "ds", vae=vae_dir, batch_size=5, flip=True, shard_size=8, workers=2)
+    prepare_latents(PrepareLatentsConfig(source=images_dir, dest=tmp_path / "ds", vae=vae_dir, batch_size=5,
+                                         flip=True, shard_size=8, workers=2))
     ds = open_dataset(tmp_path / "ds", resolution=32)
     assert (len(ds), ds.num_classes, ds.resolution, ds.latent_scale, ds.vae) == (13, 3, 32, 0.18215, vae_dir)
     vae = vae_lib.load_vae(vae_dir, PartialState().device)
@@ -134,9 +136,10 @@ def test_regdit_layout_with_flips(images_dir, vae_dir, tmp_path):
 
 
 def test_official_layout_round_trip(images_dir, vae_dir, tmp_path):
-    prepare_latents(images_dir, tmp_path / "ours", vae=vae_dir, batch_size=4, shard_size=8, workers=0)
-    prepare_latents(images_dir, tmp_path / "official", vae=vae_dir, batch_size=4, shard_size=8, workers=0,
-                    layout="official")
+    prepare_latents(PrepareLatentsConfig(source=images_dir, dest=tmp_path / "ours", vae=vae_dir, batch_size=4,
+                                         shard_size=8, workers=0))
+    prepare_latents(PrepareLatentsConfig(source=images_dir, dest=tmp_path / "official", vae=vae_dir, batch_size=4,
+                                         shard_size=8, workers=0, layout="official"))
     npy = np.load(tmp_path / "official" / "vae-sd" / "00000" / "img-mean-std-00000012.npy")
     assert npy.shape == (1, 8, 4, 4) and npy.dtype == np.float32  # what the official encoder writes
     ours, official = open_dataset(tmp_path / "ours"), open_dataset(tmp_path / "official")
@@ -148,18 +151,37 @@ def test_official_layout_round_trip(images_dir, vae_dir, tmp_path):
     os.rename(tmp_path / "official" / "imagenet_32_vae", tmp_path / "imagenet_32_vae")
     os.makedirs(tmp_path / "inplace")
     os.rename(tmp_path / "imagenet_32_vae", tmp_path / "inplace" / "imagenet_32_vae")
-    prepare_latents(tmp_path / "inplace" / "imagenet_32_vae", tmp_path / "inplace", vae=vae_dir, workers=0,
-                    layout="official")
+    prepare_latents(PrepareLatentsConfig(source=tmp_path / "inplace" / "imagenet_32_vae", dest=tmp_path / "inplace",
+                                         vae=vae_dir, workers=0, layout="official"))
     assert len(open_dataset(tmp_path / "inplace")) == 13
     os.makedirs(tmp_path / "taken" / "imagenet_32_vae")
     with pytest.raises(RegditError, match="imagenet_32_vae already exists: pass it as --source"):
-        prepare_latents(images_dir, tmp_path / "taken", vae=vae_dir, layout="official")
+        prepare_latents(PrepareLatentsConfig(source=images_dir, dest=tmp_path / "taken", vae=vae_dir,
+                                             layout="official"))
     with pytest.raises(RegditError, match="--layout official"):
-        prepare_latents(images_dir, tmp_path / "x", vae=vae_dir, flip=True, layout="official")
+        prepare_latents(PrepareLatentsConfig(source=images_dir, dest=tmp_path / "x", vae=vae_dir, flip=True,
+                                             layout="official"))
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_every_layout_round_trips_through_its_writer_and_reader(layout, images_dir, vae_dir, tmp_path):
+    """LAYOUTS is the plug point: prepare_latents writes with an entry's writer, open_dataset finds its reader."""
+    prepare_latents(PrepareLatentsConfig(source=images_dir, dest=tmp_path / layout, vae=vae_dir, layout=layout,
+                                         workers=0))
+    ds = open_dataset(tmp_path / layout)
+    assert [name for name, entry in LAYOUTS.items() if entry.reader.detect(tmp_path / layout)] == [layout]
+    assert type(ds) is LAYOUTS[layout].reader and (len(ds), ds.resolution, ds.num_classes) == (13, 32, 3)
+    assert (ds.moments_shape, ds.has_flip, ds.latent_scale) == ((8, 4, 4), False, 0.18215)
+    sources = torch.stack([read_chw(images_dir, index) for index in range(13)])
+    expected = vae_lib.encode_moments(vae_lib.load_vae(vae_dir), sources)  # one batch, as prepare_latents encodes
+    for index, (image, moments, label) in enumerate(ds):
+        assert torch.equal(image, sources[index]) and torch.equal(moments, expected[index])
+        assert label == (index >= 5) + (index >= 9)
 
 
 def test_interrupted_encode_resumes_without_reencoding_finished_shards(images_dir, vae_dir, tmp_path, monkeypatch):
-    prepare_latents(images_dir, tmp_path / "full", vae=vae_dir, batch_size=2, shard_size=4, workers=0, flip=True)
+    prepare_latents(PrepareLatentsConfig(source=images_dir, dest=tmp_path / "full", vae=vae_dir, batch_size=2,
+                                         shard_size=4, workers=0, flip=True))
     encode, encoded, die_after = vae_lib.encode_moments, [], [4]  # the shape probe, shard 0, a batch of shard 1
 
     def encode_then_die(vae, images):
@@ -170,21 +192,25 @@ def test_interrupted_encode_resumes_without_reencoding_finished_shards(images_di
 
     monkeypatch.setattr(vae_lib, "encode_moments", encode_then_die)
     with pytest.raises(Killed):
-        prepare_latents(images_dir, tmp_path / "ds", vae=vae_dir, batch_size=2, shard_size=4, workers=0, flip=True)
+        prepare_latents(PrepareLatentsConfig(source=images_dir, dest=tmp_path / "ds", vae=vae_dir, batch_size=2,
+                                             shard_size=4, workers=0, flip=True))
     done = sorted(os.listdir(tmp_path / "ds" / ".prepare-progress"))
     assert done == ["settings.json", "shard-000000.done"]
     with pytest.raises(RegditError, match="unfinished"):
         open_dataset(tmp_path / "ds")
     with pytest.raises(RegditError, match="other settings.*shard_size"):
-        prepare_latents(images_dir, tmp_path / "ds", vae=vae_dir, batch_size=2, shard_size=8, workers=0, flip=True)
+        prepare_latents(PrepareLatentsConfig(source=images_dir, dest=tmp_path / "ds", vae=vae_dir, batch_size=2,
+                                             shard_size=8, workers=0, flip=True))
     encoded.clear()
     die_after[0] = None
-    prepare_latents(images_dir, tmp_path / "ds", vae=vae_dir, batch_size=2, shard_size=4, workers=0, flip=True)
+    prepare_latents(PrepareLatentsConfig(source=images_dir, dest=tmp_path / "ds", vae=vae_dir, batch_size=2,
+                                         shard_size=4, workers=0, flip=True))
     assert sum(encoded[1:]) == 2 * (13 - 4)  # shard 0 was not re-encoded (x2: the mirrored images)
     for name in ("images.npy", "moments.npy", "moments_flip.npy", "labels.npy"):
         assert np.array_equal(np.load(tmp_path / "ds" / name), np.load(tmp_path / "full" / name)), name
     encoded.clear()
-    prepare_latents(images_dir, tmp_path / "ds", vae=vae_dir, batch_size=2, shard_size=4, workers=0, flip=True)
+    prepare_latents(PrepareLatentsConfig(source=images_dir, dest=tmp_path / "ds", vae=vae_dir, batch_size=2,
+                                         shard_size=4, workers=0, flip=True))
     assert encoded == []  # a finished dataset is left alone
 
 
@@ -192,7 +218,8 @@ def test_interrupted_encode_resumes_without_reencoding_finished_shards(images_di
 def test_two_gloo_processes_give_the_same_moments_as_one(images_dir, vae_dir, tmp_path):
     args = ["prepare", "latents", "--source", images_dir, "--vae", vae_dir, "--batch-size", "3", "--shard-size",
             "3", "--workers", "0", "--flip"]
-    prepare_latents(images_dir, tmp_path / "one", vae=vae_dir, batch_size=3, shard_size=3, workers=0, flip=True)
+    prepare_latents(PrepareLatentsConfig(source=images_dir, dest=tmp_path / "one", vae=vae_dir, batch_size=3,
+                                         shard_size=3, workers=0, flip=True))
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "regdit", *args, "--dest",

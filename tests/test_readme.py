@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from regdit.models import SiT
+from regdit.models import SiT, SiTConfig
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -13,7 +13,7 @@ def test_python_api_example_runs(tmp_path, monkeypatch):
     code = re.search(r"## Python API.*?```python\n(.*?)```", README.read_text(), re.S).group(1)
     config = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=10,
                   z_dims=[16], projector_dim=32, encoder_depth=1)
-    torch.save({"ema": SiT(**config).state_dict(), "model_config": config, "latents": {"vae": "none"}},
+    torch.save({"ema": SiT(SiTConfig(**config)).state_dict(), "model_config": config, "latents": {"vae": "none"}},
                tmp_path / "tiny.pt")
     code, replaced = re.subn(r'ckpt = ".*?"', 'ckpt = "tiny.pt"', code)
     assert replaced == 1

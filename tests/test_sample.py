@@ -13,10 +13,11 @@ import torch
 import regdit.models
 import regdit.sample
 from regdit import RegditError
-from regdit.checkpoint import export
+from regdit.checkpoint import ExportConfig, export
 from regdit.cli import main as cli_main
-from regdit.models import SiT
-from regdit.sample import pack_npz, sample
+from regdit.models import SiT, SiTConfig, create_sit
+from regdit.sample import SampleConfig, pack_npz
+from regdit.samplers import SAMPLERS
 
 TINY = dict(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10,
             z_dims=[16], projector_dim=32, encoder_depth=1)
@@ -26,7 +27,7 @@ GUIDED = dict(num_steps=6, cfg_scale=2.0, cls_cfg_scale=2.0, guidance_low=0.0, g
 def tiny_model(**overrides):
     """A tiny SiT whose weights are all perturbed, so that no output layer is zero and images depend on the noise."""
     torch.manual_seed(0)
-    model = SiT(**{**TINY, **overrides})
+    model = SiT(SiTConfig(**{**TINY, **overrides}))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -45,7 +46,7 @@ def files(tmp_path_factory):
     weights = tiny_model().state_dict()
     args = argparse.Namespace(model="custom", encoder_depth=1, path_type="linear", cls=0.03)
     torch.save({"model": weights, "ema": weights, "opt": {}, "args": args, "steps": 1}, root / "last.pt")
-    export(root / "last.pt", root / "export", num_heads=2)
+    export(ExportConfig(ckpt=str(root / "last.pt"), output=str(root / "export"), num_heads=2))
     return dict(vae=str(root / "vae"), official=root / "last.pt", export=root / "export" / "model.safetensors")
 
 
@@ -56,6 +57,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def sample(ckpt, sample_dir, num_samples, batch_size, **settings):
+    """`regdit sample` from Python: `ckpt` a checkpoint path or a SiT object."""
+    model = ckpt if isinstance(ckpt, torch.nn.Module) else None
+    config = SampleConfig(ckpt=None if model else str(ckpt), sample_dir=str(sample_dir), num_fid_samples=num_samples,
+                          per_proc_batch_size=batch_size, **settings)
+    return regdit.sample.sample(config, model)
 
 
 def load(npz_path):
@@ -109,14 +118,14 @@ def test_resume_after_interruption_gives_the_same_npz(files, tmp_path, monkeypat
     run = dict(vae=files["vae"], num_samples=8, batch_size=2, **GUIDED)
     reference = load(sample(files["export"], tmp_path / "reference", **run))
 
-    calls, sampler = [], regdit.sample.euler_maruyama_sampler
+    calls, sampler = [], SAMPLERS["sde"]
 
     def recorded(*args, kill_at=None, **kwargs):
         calls.append(args[1].shape[0])  # the batch size
         if len(calls) == kill_at:
             raise Killed
         return sampler(*args, **kwargs)
-    monkeypatch.setattr(regdit.sample, "euler_maruyama_sampler", functools.partial(recorded, kill_at=3))
+    monkeypatch.setitem(SAMPLERS, "sde", functools.partial(recorded, kill_at=3))
     with pytest.raises(Killed):
         sample(files["export"], tmp_path / "resumed", **run)
     folder = next((tmp_path / "resumed").iterdir())
@@ -126,7 +135,7 @@ def test_resume_after_interruption_gives_the_same_npz(files, tmp_path, monkeypat
         pack_npz(folder, 8, tmp_path / "partial.npz")
 
     calls.clear()
-    monkeypatch.setattr(regdit.sample, "euler_maruyama_sampler", recorded)
+    monkeypatch.setitem(SAMPLERS, "sde", recorded)
     resumed = load(sample(files["export"], tmp_path / "resumed", **run))
     assert calls == [2, 2, 2]  # the unfinished batch [2, 3] again, then [4, 5] and [6, 7]; [0, 1] is not redone
     for a, b in zip(reference, resumed):
@@ -139,9 +148,10 @@ def test_resume_after_interruption_gives_the_same_npz(files, tmp_path, monkeypat
 def test_official_checkpoint_from_flags_samples_like_its_export(files, tmp_path, monkeypatch):
     # official checkpoints are built from the flags (generate.py); a tiny size stands in for SiT-XL/2
     monkeypatch.setitem(regdit.models.SiT_models, "SiT-T/2",
-                        functools.partial(SiT, depth=2, hidden_size=32, num_heads=2, patch_size=2, projector_dim=32))
+                        functools.partial(create_sit, depth=2, hidden_size=32, num_heads=2, patch_size=2,
+                                          projector_dim=32))
     run = dict(vae=files["vae"], num_samples=2, batch_size=2, mode="ode", heun=True, num_steps=3)
-    official = sample(files["official"], tmp_path, model_name="SiT-T/2", resolution=32, num_classes=10,
+    official = sample(files["official"], tmp_path, model="SiT-T/2", resolution=32, num_classes=10,
                       projector_embed_dims="16", encoder_depth=1, cls=16, **run)
     exported = sample(files["export"], tmp_path, **run)
     assert official.name.startswith("SiT-custom-2-last-size-32-vae-vae-cfg-1.0")
@@ -156,11 +166,11 @@ def test_official_checkpoint_of_a_standard_size_needs_no_model_flags(files, tmp_
                                                 encoder_depth=3)
     args = argparse.Namespace(model="SiT-S/2", encoder_depth=3, path_type="linear")
     torch.save({"ema": model.state_dict(), "args": args, "steps": 1}, tmp_path / "s2.pt")
-    built, vae, *_ = regdit.sample.load_model_and_vae(tmp_path / "s2.pt", files["vae"], "cpu")
+    built, vae, *_ = regdit.sample.load_model_and_vae(SampleConfig(ckpt=tmp_path / "s2.pt", vae=files["vae"]), "cpu")
     assert (len(built.blocks), built.num_heads, built.z_dims, built.encoder_depth) == (12, 6, [16, 8], 3)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in built.state_dict().items())
     with pytest.raises(RegditError, match="cannot tell the number of attention heads .* pass --model"):
-        regdit.sample.load_model_and_vae(files["official"], files["vae"], "cpu")  # a custom size
+        regdit.sample.load_model_and_vae(SampleConfig(ckpt=files["official"], vae=files["vae"]), "cpu")  # custom size
 
 
 @pytest.mark.parametrize("flags,message", [

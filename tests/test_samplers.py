@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from regdit.loss import path_coefficients
-from regdit.samplers import euler_maruyama_sampler, euler_sampler, randn_like
+from regdit.interpolants import path_coefficients
+from regdit.samplers import SAMPLERS, euler_maruyama_sampler, euler_sampler, randn_like
 
 
 class GaussianVelocity(torch.nn.Module):
@@ -54,6 +54,17 @@ def test_ode_sampler_returns_the_data_distribution(heun, steps):
     out = euler_sampler(model, x, cls, y, num_steps=steps, heun=heun)
     assert abs(out.mean().item() - 1.5) < 0.02 and abs(out.std().item() - 0.5) < 0.02
     assert len(model.calls) == (2 * steps - 1 if heun else steps)  # Heun: no correction on the last step
+
+
+@pytest.mark.parametrize("name,steps", [("sde", 100), ("ode", 50), ("heun", 20)])
+def test_every_registered_sampler_takes_the_common_signature(name, steps):
+    assert set(SAMPLERS) == {"sde", "ode", "heun"}
+    model = GaussianVelocity("cosine")
+    x, cls, y = _noise()
+    out = SAMPLERS[name](model, x, cls, y, num_steps=steps, cfg_scale=1.0, cls_cfg_scale=0.0, guidance_low=0.0,
+                         guidance_high=1.0, path_type="cosine", generator=torch.Generator().manual_seed(1))
+    assert abs(out.mean().item() - 1.5) < 0.03 and abs(out.std().item() - 0.5) < 0.03
+    assert len(model.calls) == (2 * steps - 1 if name == "heun" else steps)
 
 
 def test_ode_transports_the_class_token_too():
@@ -124,10 +135,10 @@ def test_per_sample_generators_make_noise_independent_of_the_batch():
 def test_bf16_sampling_stays_within_bf16_tolerance_of_float32():
     """The model call under bf16 autocast (`--mixed-precision bf16`) moves the samples by bf16 rounding only: the
     state stays float64, so the errors of 50 steps do not compound."""
-    from regdit.models import SiT
+    from regdit.models import SiT, SiTConfig
     torch.manual_seed(0)
-    model = SiT(input_size=4, patch_size=2, hidden_size=64, depth=2, num_heads=2, num_classes=10, z_dims=[8],
-                projector_dim=32, encoder_depth=1).eval()
+    model = SiT(SiTConfig(input_size=4, patch_size=2, hidden_size=64, depth=2, num_heads=2, num_classes=10,
+                          z_dims=[8], projector_dim=32, encoder_depth=1)).eval()
     with torch.no_grad():  # leave adaLN-Zero's identity start: a zero model samples nothing
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))

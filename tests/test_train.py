@@ -12,13 +12,14 @@ from PIL import Image
 from regdit import RegditError
 from regdit.checkpoint import load_checkpoint
 from regdit.cli import main as cli_main
-from regdit.config import PRESETS
 from regdit.data import open_dataset
 from regdit.encoders import load_encoders, save_random_encoder
-from regdit.loss import path_coefficients
-from regdit.prepare import prepare_images, prepare_latents
+from regdit.interpolants import path_coefficients
+from regdit.loss import REGLoss
+from regdit.models import SiT
+from regdit.prepare import PrepareImagesConfig, PrepareLatentsConfig, prepare_images, prepare_latents
 from regdit import train as train_module
-from regdit.train import ShardedBatchSampler, TrainConfig, build_model, step_randomness, train
+from regdit.train import ShardedBatchSampler, TrainConfig, sit_config, step_randomness, train
 from conftest import FIXTURES
 
 
@@ -33,8 +34,9 @@ def tiny_data(tmp_path_factory):
         for i in range(8):
             image = (rng.random((32, 32, 3)) * 60 + c * 60).astype(np.uint8)
             Image.fromarray(image).save(root / "raw" / f"class{c}" / f"{i}.png")
-    prepare_images(root / "raw", root / "images", 32, workers=0)
-    prepare_latents(root / "images", root / "data", vae="none", batch_size=16, flip=True, workers=0)
+    prepare_images(PrepareImagesConfig(source=str(root / "raw"), dest=str(root / "images"), resolution=32, workers=0))
+    prepare_latents(PrepareLatentsConfig(source=str(root / "images"), dest=str(root / "data"), vae="none",
+                                         batch_size=16, flip=True, workers=0))
     save_random_encoder("dinov2-vit-b", root / "encoder", patch_size=7)
     return root
 
@@ -64,7 +66,7 @@ def test_one_step_equals_hand_computed_loss_adamw_and_ema(tiny_data):
     dataset = open_dataset(config.data_dir, 32, seed=config.seed)
     encoder = load_encoders(config.enc_type, 32, config.enc_path)[0]
     torch.manual_seed(config.seed)
-    model, _ = build_model(config, 3, 32, [encoder.embed_dim])
+    model = SiT(sit_config(config, 3, 32, [encoder.embed_dim]))
     initial = {k: v.clone() for k, v in model.named_parameters()}
     indices = next(iter(ShardedBatchSampler(len(dataset), 8, 8, 0, 1, config.seed, epoch=0)))
     images, moments, labels = (torch.stack([torch.as_tensor(dataset[i][j]) for i in indices]) for j in range(3))
@@ -156,8 +158,10 @@ def test_official_checkpoint_resumes_training(tmp_path, official_tiny):
     for c in range(10):
         (tmp_path / "raw" / f"c{c}").mkdir(parents=True)
         Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "raw" / f"c{c}" / "0.png")
-    prepare_images(tmp_path / "raw", tmp_path / "images", 64, workers=0)
-    prepare_latents(tmp_path / "images", tmp_path / "data", vae=str(tmp_path / "vae"), batch_size=10, workers=0)
+    prepare_images(PrepareImagesConfig(source=str(tmp_path / "raw"), dest=str(tmp_path / "images"), resolution=64,
+                                       workers=0))
+    prepare_latents(PrepareLatentsConfig(source=str(tmp_path / "images"), dest=str(tmp_path / "data"),
+                                         vae=str(tmp_path / "vae"), batch_size=10, workers=0))
     # DINOv2 at 64 px sees 56 px: patch 14 gives the 4x4 grid of the SiT's 8x8 latents with patch 2
     save_random_encoder("dinov2-vit-b", tmp_path / "encoder", patch_size=14, embed_dim=32)
     checkpoints = tmp_path / "exps" / "official" / "checkpoints"
@@ -177,12 +181,14 @@ def test_official_checkpoint_resumes_training(tmp_path, official_tiny):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_data, monkeypatch):
-    real_total = train_module.total_loss
-    monkeypatch.setattr(train_module, "total_loss",
-                        lambda terms, *a: real_total(terms, *a) * (float("nan") if terms["denoise"].sum() < 0 else 1))
+    real_loss = REGLoss.__call__
+
+    def nan_loss(self, *args, **kwargs):
+        loss, logs = real_loss(self, *args, **kwargs)
+        return loss * float("nan"), {**logs, "loss_final": logs["loss_final"] * float("nan")}
     config = tiny_config(tiny_data, exp_name="nan", max_train_steps=3, checkpointing_steps=1, log_every=1)
     train(config)
-    monkeypatch.setattr(train_module, "total_loss", lambda terms, *a: real_total(terms, *a) * float("nan"))
+    monkeypatch.setattr(REGLoss, "__call__", nan_loss)
     with pytest.raises(RegditError, match="non-finite loss or gradient before step 4.*last good checkpoint"):
         train(dataclasses.replace(config, max_train_steps=5))
     checkpoints = sorted(p.name for p in (tiny_data / "exps" / "nan" / "checkpoints").iterdir())
@@ -251,7 +257,7 @@ def test_yaml_config_and_preset_precedence(tmp_path, monkeypatch):
     (tmp_path / "bad.yaml").write_text("learning_rat: 1\n")
     with pytest.raises(SystemExit, match="unknown settings learning_rat"):
         cli_main(["train", "--config", str(tmp_path / "bad.yaml")])
-    assert set(PRESETS) >= {"reg-sit-xl2-dinov2b", "reg-sit-b2-dinov2b", "repa-sit-xl2-dinov2b", "sit-xl2"}
+    assert set(TrainConfig.PRESETS) >= {"reg-sit-xl2-dinov2b", "reg-sit-b2-dinov2b", "repa-sit-xl2-dinov2b", "sit-xl2"}
 
 
 def test_rerun_with_other_settings_refuses_to_resume(tiny_data):

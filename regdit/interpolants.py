@@ -1,0 +1,37 @@
+"""The interpolation paths x_t = alpha_t x + sigma_t eps between data (t = 0) and noise (t = 1), shared by the loss
+(training targets) and the samplers (score from velocity), and the training-time distribution of t."""
+import math
+
+import torch
+
+PATH_TYPES = ("linear", "cosine")
+WEIGHTINGS = ("uniform", "lognormal")
+
+
+def path_coefficients(t, path_type):
+    """alpha_t, sigma_t and their time derivatives (same shape as t): linear (1 - t, t) or cosine
+    (cos(pi t / 2), sin(pi t / 2)), the official paths."""
+    if path_type == "linear":
+        return 1 - t, t, -torch.ones_like(t), torch.ones_like(t)
+    if path_type == "cosine":
+        half_pi = math.pi / 2
+        return (torch.cos(half_pi * t), torch.sin(half_pi * t),
+                -half_pi * torch.sin(half_pi * t), half_pi * torch.cos(half_pi * t))
+    raise ValueError(f"unknown path type {path_type!r}: use one of {', '.join(PATH_TYPES)}")
+
+
+def sample_time(n, weighting, path_type, device=None, generator=None):
+    """t ~ U(0, 1) ("uniform"), or "lognormal": s = exp(N(0, 1)) mapped to (0, 1) by the path (official)."""
+    if weighting == "uniform":
+        return torch.rand(n, device=device, generator=generator)
+    if weighting == "lognormal":
+        s = torch.randn(n, device=device, generator=generator).exp()
+        return s / (1 + s) if path_type == "linear" else 2 / math.pi * torch.atan(s)
+    raise ValueError(f"unknown weighting {weighting!r}: use one of {', '.join(WEIGHTINGS)}")
+
+
+def score_from_velocity(v, x, t, path_type):
+    """Score of x_t from the velocity (official get_score_from_velocity): (a/a' v - x) / (sigma^2 - a/a' sigma' sigma)."""
+    alpha, sigma, d_alpha, d_sigma = path_coefficients(t, path_type)
+    reverse_alpha_ratio = alpha / d_alpha
+    return (reverse_alpha_ratio * v - x) / (sigma ** 2 - reverse_alpha_ratio * d_sigma * sigma)
