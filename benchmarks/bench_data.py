@@ -56,7 +56,7 @@ def loader_rate(dataset, batch_size, workers, epochs=2):
     start, count = time.perf_counter(), 0
     for epoch in range(epochs):
         dataset.set_epoch(epoch)
-        for images, moments, labels in loader:
+        for _, _, labels in loader:
             count += len(labels)
     return count / (time.perf_counter() - start)
 

@@ -11,25 +11,22 @@ import time
 
 import torch
 
-from regdit.models import SiT, create_model
+from regdit.models import SiT, SiTConfig, create_model
 from regdit.sample import sample_batch
-from regdit.samplers import euler_maruyama_sampler, euler_sampler
+from regdit.samplers import SAMPLERS
 from regdit.vae import decode_latents
 
 GUIDANCE = dict(cfg_scale=2.3, cls_cfg_scale=2.3, guidance_low=0.0, guidance_high=0.85, path_type="linear")
-MODES = {"SDE 250": dict(mode="sde", num_steps=250, heun=False), "ODE Heun 50": dict(mode="ode", num_steps=50, heun=True)}
+MODES = {"SDE 250": dict(sampler="sde", num_steps=250), "ODE Heun 50": dict(sampler="heun", num_steps=50)}
 
 
-def official_batch(model, vae, batch_size, mode, num_steps, heun):
+def official_batch(model, vae, batch_size, sampler, num_steps):
     """The body of the official generate.py loop: batch noise and labels from the global RNG, eager float32."""
     device, size = model.pos_embed.device, model.input_size
     z = torch.randn(batch_size, model.in_channels, size, size, device=device)
     y = torch.randint(0, model.num_classes, (batch_size,), device=device)
     cls_z = torch.randn(batch_size, model.z_dims[0], device=device)
-    if mode == "sde":
-        x = euler_maruyama_sampler(model, z, cls_z, y, num_steps=num_steps, **GUIDANCE)
-    else:
-        x = euler_sampler(model, z, cls_z, y, num_steps=num_steps, heun=heun, **GUIDANCE)
+    x = SAMPLERS[sampler](model, z, cls_z, y, num_steps=num_steps, **GUIDANCE)
     return decode_latents(vae, x.float()).cpu().numpy()
 
 
@@ -45,13 +42,10 @@ class RowCounter(torch.nn.Module):
         return torch.zeros_like(x), [], torch.zeros_like(cls_token)
 
 
-def evaluations_per_image(model, mode, num_steps, heun):
+def evaluations_per_image(model, sampler, num_steps):
     counter = RowCounter(model)
     x, cls, y = torch.zeros(1, 1, 1, 1), torch.zeros(1, 1), torch.zeros(1, dtype=torch.long)
-    if mode == "sde":
-        euler_maruyama_sampler(counter, x, cls, y, num_steps=num_steps, **GUIDANCE)
-    else:
-        euler_sampler(counter, x, cls, y, num_steps=num_steps, heun=heun, **GUIDANCE)
+    SAMPLERS[sampler](counter, x, cls, y, num_steps=num_steps, **GUIDANCE)
     return counter.rows
 
 
@@ -68,8 +62,8 @@ def images_per_second(run, batch_size, num_steps, device, repeats):
 
 def build(args, device):
     if args.tiny:
-        model = SiT(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10,
-                    z_dims=[16], projector_dim=32, encoder_depth=1)
+        model = SiT(SiTConfig(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
+                              num_classes=10, z_dims=[16], projector_dim=32, encoder_depth=1))
     else:
         model = create_model(args.model, input_size=args.resolution // 8, num_classes=1000, z_dims=[768],
                              encoder_depth=8)
@@ -111,7 +105,7 @@ def main():
 
     variants = {
         "official-style eager fp32": lambda setting, steps: official_batch(
-            model, vae, args.batch_size, setting["mode"], steps, setting["heun"]),
+            model, vae, args.batch_size, setting["sampler"], steps),
         "regdit fp32": lambda setting, steps: sample_batch(
             model, vae, range(args.batch_size), **{**setting, "num_steps": steps}, **GUIDANCE),
         "regdit bf16": lambda setting, steps: sample_batch(

@@ -22,7 +22,7 @@ import timm
 import torch
 
 from regdit.encoders import ENCODER_TYPES, Encoder, encoder_input_size
-from regdit.loss import REGLoss, total_loss
+from regdit.loss import REGLoss
 from regdit.models import create_model
 from regdit.train import update_ema
 
@@ -63,7 +63,7 @@ def make_step(variant, model, encoder, batch, device):
             mean, std = moments.chunk(2, dim=1)
             x = (mean + std * torch.randn_like(mean)) * 0.18215
         with torch.autocast(device.type, dtype):
-            loss = total_loss(loss_fn(forward, x, labels, [dense], cls_token.float()))
+            loss, _ = loss_fn(forward, x, labels, [dense], cls_token.float())
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -33,7 +33,8 @@ def load_checkpoint(path):
         with torch.serialization.safe_globals([argparse.Namespace]):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zip, bad pickle, foreign format: all unreadable for the user
-        raise RegditError(f"checkpoint {path} is unreadable ({type(error).__name__}: {str(error).splitlines()[0][:120]}): "
+        reason = (str(error).splitlines() or [""])[0][:120]  # some errors have an empty message
+        raise RegditError(f"checkpoint {path} is unreadable ({type(error).__name__}: {reason}): "
                           "pass a training checkpoint (.pt) or an export (.safetensors); if it is one, it is truncated "
                           "or corrupt: copy it again or use an earlier checkpoint") from None
     if isinstance(checkpoint, dict) and "ema" not in checkpoint and "model" not in checkpoint:

@@ -24,7 +24,8 @@ COMMANDS = {  # name -> (module, config class, function, one-line help)
              "IS / FID / sFID / precision / recall of a sample .npz (ADM evaluator)"),
     "export": ("regdit.checkpoint", "ExportConfig", "export",
                "export a checkpoint's EMA weights to safetensors + config JSON"),
-    "demo": ("regdit.demo", "DemoConfig", "run_demo", "the whole pipeline on a tiny built-in dataset, on CPU, in minutes"),
+    "demo": ("regdit.demo", "DemoConfig", "run_demo",
+             "the whole pipeline on a tiny built-in dataset, on CPU, in minutes"),
 }
 GROUPS = {"prepare": "prepare images (crop, labels) or VAE latents for training"}
 RESUMABLE_COMMANDS = ("prepare images", "prepare latents", "train", "sample", "demo")  # a rerun continues

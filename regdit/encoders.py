@@ -1,4 +1,4 @@
-"""Frozen representation encoders: REPA's alignment targets and REG's entangled class token (DESIGN 4.2).
+"""Frozen representation encoders: REPA's alignment targets and REG's entangled class token.
 
 Every encoder is a timm VisionTransformer, the ViT code whose `resample_abs_pos_embed` the official code used.
 Weights come from the Hugging Face Hub (`timm/<arch>.<tag>`, offline from the cache with HF_HUB_OFFLINE=1) or from a
@@ -59,9 +59,10 @@ ENCODER_TYPES = {  # the official --enc-type names
     "mae-vit-l": EncoderSpec("mae", "vit_large_patch16_224", 1024, "mae"),
     "mae-vit-h": EncoderSpec("mae", "vit_huge_patch14_224", 1280, "mae"),
     # MoCo-v3's ViT-S has 12 heads, not timm's 6 (moco-v3 vits.py)
-    "mocov3-vit-s": EncoderSpec("mocov3", "vit_small_patch16_224", 384, url=f"{_MOCOV3}/vit-s-300ep/vit-s-300ep.pth.tar",
-                                model_args=dict(num_heads=12)),
-    "mocov3-vit-b": EncoderSpec("mocov3", "vit_base_patch16_224", 768, url=f"{_MOCOV3}/vit-b-300ep/vit-b-300ep.pth.tar"),
+    "mocov3-vit-s": EncoderSpec("mocov3", "vit_small_patch16_224", 384,
+                                url=f"{_MOCOV3}/vit-s-300ep/vit-s-300ep.pth.tar", model_args=dict(num_heads=12)),
+    "mocov3-vit-b": EncoderSpec("mocov3", "vit_base_patch16_224", 768,
+                                url=f"{_MOCOV3}/vit-b-300ep/vit-b-300ep.pth.tar"),
     "mocov3-vit-l": EncoderSpec("mocov3", "vit_large_patch16_224", 1024),
     "jepa-vit-h": EncoderSpec("jepa", "vit_huge_patch14_gap_224", 1280,
                               url="https://dl.fbaipublicfiles.com/ijepa/IN1K-vit.h.14-300e.pth.tar"),

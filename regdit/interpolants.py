@@ -31,7 +31,8 @@ def sample_time(n, weighting, path_type, device=None, generator=None):
 
 
 def score_from_velocity(v, x, t, path_type):
-    """Score of x_t from the velocity (official get_score_from_velocity): (a/a' v - x) / (sigma^2 - a/a' sigma' sigma)."""
+    """Score of x_t from the velocity (official get_score_from_velocity):
+    (a/a' v - x) / (sigma^2 - a/a' sigma' sigma)."""
     alpha, sigma, d_alpha, d_sigma = path_coefficients(t, path_type)
     reverse_alpha_ratio = alpha / d_alpha
     return (reverse_alpha_ratio * v - x) / (sigma ** 2 - reverse_alpha_ratio * d_sigma * sigma)

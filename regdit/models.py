@@ -10,9 +10,9 @@ import math
 
 import numpy as np
 import torch
-import torch.utils.checkpoint
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from regdit import RegditError
 

@@ -28,7 +28,8 @@ def randn_like(x, generator=None):
 
 def _velocity(model, x, cls_x, y, t, guided, dtype):
     """One model call at time t (a float64 scalar tensor), on the doubled batch [y, null] when guided.
-    Returns the float64 model inputs and velocities: x_in, v, cls_in, cls_v (the cls ones None without a class token)."""
+    Returns the float64 model inputs and velocities: x_in, v, cls_in, cls_v (the cls ones None without a class
+    token)."""
     if guided:
         x, y = torch.cat([x, x]), torch.cat([y, torch.full_like(y, model.num_classes)])
         cls_x = torch.cat([cls_x, cls_x]) if cls_x is not None else None
@@ -56,7 +57,8 @@ def euler_maruyama_sampler(model, latents, cls_latents, y, num_steps=250, cfg_sc
     """Official REG SDE sampler: dx = [v - w/2 * score] dt + sqrt(w) dW with w = 2t on t = linspace(1, 0.04, N),
     then one noiseless step from 0.04 to 0. Returns the image latents (float64)."""
     dtype = latents.dtype
-    t_steps = torch.cat([torch.linspace(1.0, 0.04, num_steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+    t_steps = torch.cat([torch.linspace(1.0, 0.04, num_steps, dtype=torch.float64),
+                         torch.zeros(1, dtype=torch.float64)])
     x = latents.to(torch.float64)
     cls_x = cls_latents.to(torch.float64) if cls_latents is not None else None
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
@@ -68,7 +70,8 @@ def euler_maruyama_sampler(model, latents, cls_latents, y, num_steps=250, cfg_sc
         guided = cfg_scale > 1.0 and guidance_low <= t_cur <= guidance_high
         x_in, v, cls_in, cls_v = _velocity(model, x, cls_x, y, t_cur, guided, dtype)
         d = v - 0.5 * diffusion * score_from_velocity(v, x_in, t_cur, path_type)
-        cls_d = cls_v - 0.5 * diffusion * score_from_velocity(cls_v, cls_in, t_cur, path_type) if cls_x is not None else None
+        cls_d = (cls_v - 0.5 * diffusion * score_from_velocity(cls_v, cls_in, t_cur, path_type)
+                 if cls_x is not None else None)
         d, cls_d = _guide(d, cls_d, guided, cfg_scale, cls_cfg_scale)
         x = x + d * dt
         if stochastic:

@@ -20,7 +20,8 @@ def resolve_vae_name(name_or_path):
 
 
 def load_vae(name_or_path, device="cpu", dtype=torch.float32):
-    """An eval-mode `AutoencoderKL` from an alias ("ema", "mse"), a Hub id or a `save_pretrained` folder; None for "none".
+    """An eval-mode `AutoencoderKL` from an alias ("ema", "mse"), a Hub id or a `save_pretrained` folder; None for
+    "none".
 
     Hub ids go through `from_pretrained`, so `HF_HUB_OFFLINE=1` with a filled cache works without the network.
     """

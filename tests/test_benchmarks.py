@@ -13,7 +13,8 @@ NUMBER = r"\s+\d+(\.\d+)?"
 
 @pytest.mark.parametrize("script, flags, rows", [
     ("bench_train.py", ["--tiny", "--steps", "1", "--variants", "official,regdit,regdit+checkpointing+fp16+foreach"],
-     [rf"SiT-S/8\s+{variant}{NUMBER}\s+\S+x" for variant in ("official", "regdit", r"regdit\+checkpointing\+fp16\+foreach")]),
+     [rf"SiT-S/8\s+{variant}{NUMBER}\s+\S+x"
+      for variant in ("official", "regdit", r"regdit\+checkpointing\+fp16\+foreach")]),
     ("bench_sample.py", ["--tiny"],
      [rf"{variant}\s+{mode}{NUMBER}" for variant in ("official-style eager fp32", "regdit fp32", "regdit bf16")
       for mode in ("SDE 250", "ODE Heun 50")]),

@@ -3,12 +3,17 @@ import re
 
 import pytest
 import torch
+from conftest import FIXTURES
 
 from regdit import RegditError
-from regdit.checkpoint import (build_model_from_checkpoint, load_checkpoint, load_state_dict_checked,
-                               model_config_from_checkpoint, save_checkpoint)
+from regdit.checkpoint import (
+    build_model_from_checkpoint,
+    load_checkpoint,
+    load_state_dict_checked,
+    model_config_from_checkpoint,
+    save_checkpoint,
+)
 from regdit.cli import main as cli_main
-from conftest import FIXTURES
 
 
 def test_official_checkpoint_loads_with_weights_only(official_tiny):
@@ -96,7 +101,8 @@ def test_legacy_decoder_blocks_are_renumbered(official_tiny):
     checkpoint, _ = official_tiny
     from regdit.checkpoint import convert_legacy_state_dict
     legacy = {(f"decoder_blocks.{int(k.split('.')[1]) - 2}." + k.split(".", 2)[2]
-               if k.startswith("blocks.") and int(k.split(".")[1]) >= 2 else k): v for k, v in checkpoint["ema"].items()}
+               if k.startswith("blocks.") and int(k.split(".")[1]) >= 2 else k): v
+              for k, v in checkpoint["ema"].items()}
     assert "decoder_blocks.0.attn.qkv.weight" in legacy
     converted = convert_legacy_state_dict(legacy, encoder_depth=2)
     assert converted.keys() == checkpoint["ema"].keys()

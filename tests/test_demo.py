@@ -9,7 +9,6 @@ from regdit import evaluate
 from regdit.cli import main as cli_main
 from regdit.demo import CLASSES, draw_shape
 
-
 SHORT_DEMO = ["--images-per-class", "6", "--steps", "40", "--samples-per-class", "2", "--sampling-steps", "10",
               "--eval-images", "20"]
 

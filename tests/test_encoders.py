@@ -13,8 +13,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.transforms import Normalize
 
 from regdit import RegditError
-from regdit.encoders import (ENCODER_TYPES, check_encoders, encoder_input_size, load_encoders,
-                             preprocess_raw_image, save_random_encoder)
+from regdit.encoders import (
+    ENCODER_TYPES,
+    check_encoders,
+    encoder_input_size,
+    load_encoders,
+    preprocess_raw_image,
+    save_random_encoder,
+)
 
 TINY = {  # one name per family; patch sizes giving 4x4 patches at R = 32 (28 px input when resized, else 32 px)
     "dinov2-vit-b": 7, "dinov2reg-vit-s": 7, "clip-vit-L": 7, "mae-vit-l": 8, "mocov3-vit-s": 8, "jepa-vit-h": 7}
@@ -190,7 +196,8 @@ def test_mocov3_checkpoint(tmp_path, offline):
     """MoCo-v3's own checkpoint layout (ViT under module.base_encoder, projection head, momentum encoder)."""
     vit = random_state("vit_small_patch16_224", num_heads=12)
     head = {"head.0.weight": torch.randn(4096, 384)}
-    state = {f"module.{part}.{k}": v for part in ("base_encoder", "momentum_encoder") for k, v in {**vit, **head}.items()}
+    state = {f"module.{part}.{k}": v for part in ("base_encoder", "momentum_encoder")
+             for k, v in {**vit, **head}.items()}
     torch.save({"state_dict": state, "epoch": 300}, tmp_path / "vit-s-300ep.pth.tar")
     encoder, = load_encoders("mocov3-vit-s", 32, enc_path=str(tmp_path / "vit-s-300ep.pth.tar"))
     assert encoder.num_tokens == 1 + 4 and encoder.model.blocks[0].attn.num_heads == 12

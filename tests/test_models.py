@@ -2,12 +2,19 @@ import json
 
 import pytest
 import torch
+from conftest import FIXTURES
 from torch.utils.flop_counter import FlopCounterMode
 
 from regdit import RegditError
-from regdit.models import (OFFICIAL_ONLY_ARGUMENTS, SiT, SiT_models, SiTConfig, create_model, create_sit,
-                           get_2d_sincos_pos_embed)
-from conftest import FIXTURES
+from regdit.models import (
+    OFFICIAL_ONLY_ARGUMENTS,
+    SiT,
+    SiT_models,
+    SiTConfig,
+    create_model,
+    create_sit,
+    get_2d_sincos_pos_embed,
+)
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=4, num_heads=4, num_classes=10,
             z_dims=[32], projector_dim=128, encoder_depth=2)
@@ -105,7 +112,8 @@ def test_model_names_and_errors():
 def test_config_round_trips_and_drops_only_the_listed_official_arguments():
     config = SiTConfig(**TINY)
     assert SiTConfig.from_dict(config.to_dict()) == config and config.to_dict()["z_dims"] == [32]
-    assert SiTConfig(**{**TINY, "depth": 28, "hidden_size": 1152}).label == "SiT-XL/2" and config.label == "SiT-custom/2"
+    assert SiTConfig(**{**TINY, "depth": 28, "hidden_size": 1152}).label == "SiT-XL/2"
+    assert config.label == "SiT-custom/2"
     official = dict(path_type="linear", decoder_hidden_size=64, use_cfg=True, cls_token_dim=32, fused_attn=False)
     assert set(official) - {"fused_attn"} == set(OFFICIAL_ONLY_ARGUMENTS)
     model = SiT_models["SiT-S/2"](**{**TINY, **official})  # an official `SiT_models[name](**kwargs)` call

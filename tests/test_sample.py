@@ -36,7 +36,8 @@ def tiny_model(**overrides):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """A tiny random VAE (save_pretrained), an official-format checkpoint of a tiny REG SiT and its safetensors export."""
+    """A tiny random VAE (save_pretrained), an official-format checkpoint of a tiny REG SiT and its safetensors
+    export."""
     from diffusers import AutoencoderKL
     root = tmp_path_factory.mktemp("sample")
     torch.manual_seed(0)
@@ -197,7 +198,8 @@ def test_pixel_space_repa_model_object_with_balanced_labels(tmp_path):
     images, labels = load(npz_path)
     assert not model.training
     assert images.shape == (12, 8, 8, 3) and labels.tolist() == [i % 10 for i in range(12)]
-    assert npz_path.name == "SiT-custom-2-model-size-8-vae-none-cfg-1.5-cls-cfg-0.0-interval-0.0-1.0-seed-0-ode-4-balanced-bf16.npz"
+    assert npz_path.name == ("SiT-custom-2-model-size-8-vae-none-cfg-1.5-cls-cfg-0.0-interval-0.0-1.0-seed-0-ode-4-"
+                             "balanced-bf16.npz")
     assert images.std() > 10
 
 

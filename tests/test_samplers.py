@@ -128,7 +128,8 @@ def test_per_sample_generators_make_noise_independent_of_the_batch():
     gens = lambda ids: [torch.Generator().manual_seed(i) for i in ids]
     full = euler_maruyama_sampler(model, x, cls, y, num_steps=20, generator=gens(range(6)))
     halves = torch.cat([euler_maruyama_sampler(model, x[:3], cls[:3], y[:3], num_steps=20, generator=gens(range(3))),
-                        euler_maruyama_sampler(model, x[3:], cls[3:], y[3:], num_steps=20, generator=gens(range(3, 6)))])
+                        euler_maruyama_sampler(model, x[3:], cls[3:], y[3:], num_steps=20,
+                                               generator=gens(range(3, 6)))])
     torch.testing.assert_close(full, halves)
 
 

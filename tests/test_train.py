@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import FIXTURES
 from PIL import Image
 
 from regdit import RegditError
+from regdit import train as train_module
 from regdit.checkpoint import load_checkpoint
 from regdit.cli import main as cli_main
 from regdit.data import open_dataset
@@ -18,9 +20,7 @@ from regdit.interpolants import path_coefficients
 from regdit.loss import REGLoss
 from regdit.models import SiT
 from regdit.prepare import PrepareImagesConfig, PrepareLatentsConfig, prepare_images, prepare_latents
-from regdit import train as train_module
 from regdit.train import ShardedBatchSampler, TrainConfig, sit_config, step_randomness, train
-from conftest import FIXTURES
 
 
 @pytest.fixture(scope="module")
