@@ -1,5 +1,6 @@
 """regdit: REG (Representation Entanglement for Generation) for SiT diffusion transformers."""
 import contextlib
+import errno
 import os
 from pathlib import Path
 
@@ -17,13 +18,16 @@ def cpu_launch():
     return int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.cuda.is_available()
 
 
+TEMP_SUFFIX = ".tmp"  # atomic_write's temp files are .NAME.tmpPID
+
+
 @contextlib.contextmanager
 def atomic_write(path, mode="wb", sync=True):
     """Open a temp file beside `path` for writing, then rename it over `path`: an interrupted run, a crash or a full
     disk never leaves a half-written file in place of the previous one. `sync` also fsyncs before the rename, so the
     file survives a machine crash (checkpoints); per-image files skip it for speed."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{TEMP_SUFFIX}{os.getpid()}")
     try:
         with open(tmp, mode) as f:
             yield f
@@ -33,3 +37,54 @@ def atomic_write(path, mode="wb", sync=True):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_temp_files(folder):
+    """Delete the temp files that killed writes left under `folder` (`.NAME.tmpPID`); call it holding the folder's
+    lock, when no other writer can be mid-write. Returns how many were removed."""
+    leftovers = [p for p in Path(folder).rglob(f".*{TEMP_SUFFIX}*")
+                 if p.is_file() and p.name.rpartition(TEMP_SUFFIX)[2].isdigit()]
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    return len(leftovers)
+
+
+def check_writable(path, flag):
+    """One line naming `flag` when the folder `path` (to be created or filled) cannot be written, before any work."""
+    path = Path(path).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise RegditError(f"{flag} {path}: {existing} is a file, not a folder; pass a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RegditError(f"{flag} {path}: {existing} is not writable (read-only or no permission); pass a writable "
+                          "folder")
+
+
+WRITE_ERROR_FIXES = {  # OS errors a user fixes, not bugs: one line instead of a traceback
+    errno.ENOSPC: "free space on the disk, then rerun the same command to continue",
+    errno.EDQUOT: "free space on the disk, then rerun the same command to continue",
+    errno.EROFS: "make it writable and rerun the same command, or choose a writable output folder",
+    errno.EACCES: "make it writable and rerun the same command, or choose a writable output folder",
+    errno.EPERM: "make it writable and rerun the same command, or choose a writable output folder",
+}
+
+
+def describe_os_error(error):
+    """One line for an OS error the user can fix (a missing path, a full disk, a read-only or foreign folder), else
+    None (a bug: keep the traceback). Every finished file was written atomically, so the same command resumes."""
+    where = error.filename or "a file"
+    if error.errno == errno.ENOENT:
+        return f"{where}: no such file or folder; check the path"
+    fix = WRITE_ERROR_FIXES.get(error.errno)
+    return fix and f"cannot write {where} ({error.strerror or os.strerror(error.errno)}); {fix}"
+
+
+@contextlib.contextmanager
+def writing_into(folder):
+    """Name `folder` in OS errors that name no file (a failed write or fsync of an open file), so that the one-line
+    message says where."""
+    try:
+        yield
+    except OSError as error:
+        error.filename = error.filename or str(folder)
+        raise

@@ -9,7 +9,7 @@ import difflib
 import importlib
 import sys
 
-from regdit import RegditError
+from regdit import RegditError, describe_os_error
 from regdit.config import add_dataclass_arguments, config_from_args, missing_required, preset_and_yaml_defaults
 
 COMMANDS = {  # name -> (module, config class, function, one-line help)
@@ -104,8 +104,12 @@ def main(argv=None):
     try:
         command, module, config = parse_config(argv)
         getattr(module, COMMANDS[command][2])(config)
-    except (RegditError, FileNotFoundError) as error:
+    except RegditError as error:
         sys.exit(f"regdit {command}: error: {error}")
+    except OSError as error:  # a full disk, a read-only folder, a missing file: the user's to fix, said in one line
+        if describe_os_error(error) is None:
+            raise
+        sys.exit(f"regdit {command}: error: {describe_os_error(error)}")
     except KeyboardInterrupt:  # every finished file is complete (atomic writes): nothing to clean up
         resumes = " (rerun the same command to continue)" if command in RESUMABLE_COMMANDS else ""
         print(f"\nregdit {command}: interrupted{resumes}", file=sys.stderr)

@@ -12,14 +12,51 @@ import yaml
 
 from regdit import RegditError
 
+RANGE_KEYS = ("at_least", "above", "at_most", "below")
+NOT_FOR_ARGPARSE = ("aliases", "positional", "required", *RANGE_KEYS)
 
-def flag(default, help, *, aliases=(), positional=False, required=False, **argparse_kwargs):
+
+def flag(default, help, *, aliases=(), positional=False, required=False, at_least=None, above=None, at_most=None,
+         below=None, **argparse_kwargs):
     """A dataclass field that is also the command-line flag `--field-name` (or a positional argument).
 
     `aliases`: further spellings (the official `--ref_batch`). `required`: must be given by a flag or the YAML file
-    (its default is then None). Other keywords go to `argparse.add_argument` (choices, metavar, action)."""
-    metadata = dict(help=help, aliases=list(aliases), positional=positional, required=required, **argparse_kwargs)
+    (its default is then None). `at_least`, `above`, `at_most`, `below`: the accepted range, checked when a `Settings`
+    config is made. Other keywords go to `argparse.add_argument` (choices, metavar, action)."""
+    metadata = dict(help=help, aliases=list(aliases), positional=positional, required=required, at_least=at_least,
+                    above=above, at_most=at_most, below=below, **argparse_kwargs)
     return dataclasses.field(default=default, metadata=metadata)
+
+
+def flag_name(field):
+    return field.name.upper() if field.metadata.get("positional") else f"--{field.name.replace('_', '-')}"
+
+
+class Settings:
+    """Base of the command configs: every field's declared range is checked when a config is made (from flags, YAML
+    or Python), so a bad setting is one line naming the flag, its value and the accepted range before any file is
+    touched. `check()` adds the rules that relate several settings."""
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value, bounds = getattr(self, field.name), {k: field.metadata.get(k) for k in RANGE_KEYS}
+            if value is None or all(bound is None for bound in bounds.values()):
+                continue
+            if (bounds["at_least"] is not None and value < bounds["at_least"]
+                    or bounds["above"] is not None and value <= bounds["above"]
+                    or bounds["at_most"] is not None and value > bounds["at_most"]
+                    or bounds["below"] is not None and value >= bounds["below"]):
+                accepted = " and ".join(f"{key.replace('_', ' ')} {bound}" for key, bound in bounds.items()
+                                        if bound is not None)
+                raise RegditError(f"{flag_name(field)} {value}: must be {accepted}")
+        for field in dataclasses.fields(self):  # argparse checks choices on the command line, this everywhere
+            choices, value = field.metadata.get("choices"), getattr(self, field.name)
+            if choices is not None and value is not None and value not in choices:
+                raise RegditError(f"{flag_name(field)} {value}: must be one of {', '.join(map(str, choices))}")
+        self.check()
+
+    def check(self):
+        """Rules between settings; raise RegditError naming the flags."""
 
 
 def field_type(config_class, name):
@@ -33,7 +70,7 @@ def field_type(config_class, name):
 def add_dataclass_arguments(parser, config_class):
     """One argparse argument per field of `config_class`, then `--config` and (with `PRESETS`) `--preset`."""
     for field in dataclasses.fields(config_class):
-        kwargs = {k: v for k, v in field.metadata.items() if k not in ("aliases", "positional", "required")}
+        kwargs = {k: v for k, v in field.metadata.items() if k not in NOT_FOR_ARGPARSE}
         if field.metadata.get("required"):
             kwargs["help"] += " (required)"
         value_type = field_type(config_class, field.name)
@@ -111,8 +148,8 @@ def config_from_args(args, config_class):
 
 def missing_required(config):
     """The flags of required settings that neither the command line nor the YAML file gave."""
-    return [f"--{f.name.replace('_', '-')}" if not f.metadata.get("positional") else f.name.upper()
-            for f in dataclasses.fields(config) if f.metadata.get("required") and getattr(config, f.name) is None]
+    return [flag_name(f) for f in dataclasses.fields(config)
+            if f.metadata.get("required") and getattr(config, f.name) is None]
 
 
 def changed_setting(previous, current, may_change):

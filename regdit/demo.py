@@ -16,7 +16,7 @@ from PIL import Image
 from torchvision.utils import save_image
 
 from regdit import RegditError, atomic_write
-from regdit.config import flag
+from regdit.config import Settings, flag
 
 CLASSES = ["red circle", "green square", "blue triangle", "yellow cross", "magenta ring", "cyan stripes",
            "orange bars", "white diamond", "purple checkers", "lime dots"]
@@ -82,15 +82,15 @@ def loss_curve(metrics, path):
 
 
 @dataclass
-class DemoConfig:
+class DemoConfig(Settings):
     output: str = flag("regdit-demo", "folder for every output of the demo")
-    images_per_class: int = flag(100, "training images drawn per class")
-    steps: int = flag(2000, "training steps")
-    batch_size: int = flag(32, "training batch size")
-    samples_per_class: int = flag(10, "samples per class (grid row length)")
-    sampling_steps: int = flag(100, "SDE steps when sampling")
-    eval_images: int = flag(100, "reference images for the quick evaluation")
-    seed: int = flag(0, "seed of the dataset and of training")
+    images_per_class: int = flag(100, "training images drawn per class", at_least=1)
+    steps: int = flag(2000, "training steps", at_least=1)
+    batch_size: int = flag(32, "training batch size", at_least=1)
+    samples_per_class: int = flag(10, "samples per class (grid row length)", at_least=1)
+    sampling_steps: int = flag(100, "SDE steps when sampling", at_least=1)
+    eval_images: int = flag(100, "reference images for the quick evaluation", at_least=4)
+    seed: int = flag(0, "seed of the dataset and of training", at_least=0)
 
 
 def run_demo(config: DemoConfig):

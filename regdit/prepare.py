@@ -1,12 +1,10 @@
 """`regdit prepare images|latents`: raw images -> square RGB PNGs + labels -> VAE posterior moments.
 
-Both steps check every setting before they create anything (`validate()` of their config), and are resumable:
+Both steps check every setting before they create anything (the config's ranges, then `check_paths`), and are resumable:
 finished work is recorded atomically (a file is written under a temporary name, then renamed), so rerunning the same
 command after a kill, or after a full disk, continues where it stopped. `prepare latents` runs on every process of
 `accelerate launch` / `torchrun`, each encoding its own shards.
 """
-import contextlib
-import errno
 import functools
 import json
 import multiprocessing
@@ -24,9 +22,9 @@ import PIL.ImageOps
 import torch
 from tqdm import tqdm
 
-from regdit import RegditError, atomic_write, cpu_launch
+from regdit import RegditError, atomic_write, cpu_launch, writing_into
 from regdit import vae as vae_lib
-from regdit.config import flag
+from regdit.config import Settings, flag
 from regdit.data import LAYOUTS, PROGRESS, read_json, write_json
 from regdit.images import image_extensions, list_files, read_image
 
@@ -63,7 +61,6 @@ def to_rgb(image):
     black, white = next(((0, w) for w in white_levels if lo >= 0 and hi <= w), (lo, hi))
     gray = np.where(finite, (pixels - black) * (255 / (white - black) if white > black else 0), 0)
     return PIL.Image.fromarray(np.rint(gray).astype(np.uint8)).convert("RGB")
-
 
 
 def center_crop_dhariwal(image, resolution):
@@ -107,35 +104,6 @@ def claim_dest(out, settings, finished_path):
         changed = sorted(k for k in settings if (previous or {}).get(k) != settings[k])
         raise RegditError(f"{out} holds a run with other settings ({', '.join(changed) or 'unknown'}); {fix}")
     return not os.path.isfile(settings_path)
-
-
-@contextlib.contextmanager
-def writing(dest):
-    """Turn an OS error while writing under `dest` (full disk, read-only or foreign folder) into one line naming the
-    file and the fix. Every finished file was written atomically and is kept, so the same command resumes."""
-    try:
-        yield
-    except OSError as error:
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):
-            fix = "free space on the disk, then rerun the same command to continue"
-        elif error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-            fix = "make it writable and rerun the same command, or choose a writable --dest"
-        else:
-            fix = "fix the cause, then rerun the same command to continue"
-        # A write to an open file (f.write, fsync) names no file: the destination then stands for it.
-        raise RegditError(f"cannot write {error.filename or dest} ({error.strerror or error}); {fix}") from None
-
-
-def check_at_least(config, name, minimum):
-    value = getattr(config, name)
-    if value < minimum:
-        raise RegditError(f"--{name.replace('_', '-')} {value}: must be at least {minimum}")
-
-
-def check_choice(config, name, choices):
-    value = getattr(config, name)
-    if value not in choices:
-        raise RegditError(f"--{name.replace('_', '-')} {value}: must be one of {', '.join(choices)}")
 
 
 def check_paths(source, dest, accepted):
@@ -244,25 +212,17 @@ def finished_images(dest, resolution, pool):
 
 
 @dataclass
-class PrepareImagesConfig:
+class PrepareImagesConfig(Settings):
     source: str | None = flag(None, "folder or .zip of images; labels from its dataset.json, else from the sorted "
                                     "top-level folder names (ImageNet synset folders give the standard 0..999)",
                               required=True)
     dest: str | None = flag(None, "output folder", required=True)
-    resolution: int = flag(256, "side of the square output images")
+    resolution: int = flag(256, "side of the square output images", at_least=1)
     transform: str = flag("center-crop-dhariwal", "center-crop-dhariwal: ADM's crop (the official setting); "
                                                   "center-crop: largest centred square, LANCZOS resize",
                           choices=list(TRANSFORMS))
-    workers: int = flag(os.cpu_count(), "decoding processes (0: in-process)")
+    workers: int = flag(os.cpu_count(), "decoding processes (0: in-process)", at_least=0)
     strict: bool = flag(False, "fail on the first unreadable image instead of skipping it")
-
-    def validate(self):
-        """One-line errors for settings that cannot work, before anything is read or written. Any image size
-        works here (pixel-space models); SD-VAE latents need a multiple of 8, which `prepare latents` checks."""
-        check_at_least(self, "resolution", 1)
-        check_choice(self, "transform", list(TRANSFORMS))
-        check_at_least(self, "workers", 0)
-        check_paths(os.path.abspath(self.source), os.path.abspath(self.dest), "folder or .zip")
 
 
 def prepare_images(config: PrepareImagesConfig):
@@ -272,8 +232,8 @@ def prepare_images(config: PrepareImagesConfig):
     unreadable images are skipped with a line on stderr (their index stays unused) or, with strict, raise.
     Returns {"images", "converted", "skipped" (names), "num_classes"}.
     """
-    config.validate()
     source, dest = os.path.abspath(config.source), os.path.abspath(config.dest)
+    check_paths(source, dest, "folder or .zip")
     resolution, transform = config.resolution, config.transform
     if os.path.isdir(source):
         names = list_files(source)
@@ -286,7 +246,7 @@ def prepare_images(config: PrepareImagesConfig):
     claim_dest(dest, settings, os.path.join(dest, "dataset.json"))
 
     skipped = []
-    with multiprocessing.Pool(config.workers) if config.workers else _InProcess() as pool, writing(dest):
+    with multiprocessing.Pool(config.workers) if config.workers else _InProcess() as pool, writing_into(dest):
         start_progress(dest, settings)
         done = finished_images(dest, resolution, pool)
         jobs = [(i, source, n, os.path.join(dest, image_name(i)), resolution, transform)
@@ -379,26 +339,17 @@ def shard_batches(num_images, shard_size, batch_size, shards):
 
 
 @dataclass
-class PrepareLatentsConfig:
+class PrepareLatentsConfig(Settings):
     source: str | None = flag(None, "folder written by `regdit prepare images` (or the official dataset_tools.py "
                                     "convert)", required=True)
     dest: str | None = flag(None, "dataset folder to write", required=True)
     vae: str = flag("mse", "ema, mse, a Hub id, a save_pretrained folder, or none (pixel space)")
-    batch_size: int = flag(64, "images per encoder call and process")
+    batch_size: int = flag(64, "images per encoder call and process", at_least=1)
     flip: bool = flag(False, "also store the moments of the mirrored images (random flips in training)")
     layout: str = flag("regdit", "regdit: memory-mapped arrays in DEST; official: DEST/imagenet_{R}_vae + "
                                  "DEST/vae-sd", choices=list(LAYOUTS))
-    shard_size: int = flag(1024, "images per resumable unit of work")
-    workers: int = flag(min(8, os.cpu_count()), "PNG decoding workers per process (0: in-process)")
-
-    def validate(self):
-        """One-line errors for settings that cannot work, before anything is read or written; the layout's writer
-        then refuses what its files cannot store, and the VAE the image sizes its latents cannot tile."""
-        check_at_least(self, "batch_size", 1)
-        check_at_least(self, "shard_size", 1)
-        check_at_least(self, "workers", 0)
-        check_choice(self, "layout", list(LAYOUTS))
-        check_paths(os.path.abspath(self.source), os.path.abspath(self.dest), "folder")
+    shard_size: int = flag(1024, "images per resumable unit of work", at_least=1)
+    workers: int = flag(min(8, os.cpu_count()), "PNG decoding workers per process (0: in-process)", at_least=0)
 
 
 def prepare_latents(config: PrepareLatentsConfig):
@@ -410,7 +361,7 @@ def prepare_latents(config: PrepareLatentsConfig):
     Every process of an accelerate/torchrun launch encodes the shards of `shard_size` images with
     shard % num_processes == process index; finished shards are skipped on a rerun. Returns dest.
     """
-    config.validate()
+    check_paths(os.path.abspath(config.source), os.path.abspath(config.dest), "folder")
     from accelerate import PartialState
 
     # accelerate picks gloo only when told the processes use the CPU: say so when launched without CUDA.
@@ -431,50 +382,55 @@ def prepare_latents(config: PrepareLatentsConfig):
     vae_model = vae_lib.load_vae(config.vae, state.device)
     moments_shape = tuple(vae_lib.encode_moments(vae_model, torch.zeros(1, 3, resolution, resolution,
                                                                         dtype=torch.uint8)).shape[1:])
-    if resolution % moments_shape[1]:
+    factor = resolution // moments_shape[1]
+    # The SD-VAE halves the size 3 times, rounding down: only multiples of 8 give an exact power-of-two factor (20 px
+    # gives a 2x2 latent, a factor of 10).
+    if factor * moments_shape[1] != resolution or factor & (factor - 1):
         raise RegditError(f"{source}: {resolution} px images give a {moments_shape[1]}x{moments_shape[2]} latent "
                           f"that does not tile them; prepare the images at a multiple of 8 px")
-    state.wait_for_everyone()
-    if state.is_main_process:
-        start_progress(writer.out, settings)
-        writer.start(labels, resolution, moments_shape)
-    state.wait_for_everyone()
+    with writing_into(dest):
+        state.wait_for_everyone()
+        if state.is_main_process:
+            start_progress(writer.out, settings)
+            writer.start(labels, resolution, moments_shape)
+        state.wait_for_everyone()
 
-    num_shards = -(-len(names) // shard_size)
-    done_path = os.path.join(writer.out, PROGRESS, "shard-{:06d}.done").format
-    shards = [s for s in range(state.process_index, num_shards, state.num_processes)
-              if not os.path.exists(done_path(s))]
-    batches = shard_batches(len(names), shard_size, config.batch_size, shards)
-    loader = torch.utils.data.DataLoader(SourceImages(source, names, resolution), batch_sampler=batches,
-                                         num_workers=config.workers, pin_memory=state.device.type == "cuda")
-    writer.open()
-    processes = f"{state.num_processes} process{'es' * (state.num_processes > 1)}"
-    def save(indices, images, moments):
-        writer.write(indices, images, *(moments.chunk(2) if flip else (moments, None)))
-        if indices[-1] + 1 == min((indices[-1] // shard_size + 1) * shard_size, len(names)):  # shard complete
-            writer.sync()
-            write_json(done_path(indices[-1] // shard_size), {})
-        progress.update(len(indices))
+        num_shards = -(-len(names) // shard_size)
+        done_path = os.path.join(writer.out, PROGRESS, "shard-{:06d}.done").format
+        shards = [s for s in range(state.process_index, num_shards, state.num_processes)
+                  if not os.path.exists(done_path(s))]
+        batches = shard_batches(len(names), shard_size, config.batch_size, shards)
+        loader = torch.utils.data.DataLoader(SourceImages(source, names, resolution), batch_sampler=batches,
+                                             num_workers=config.workers, pin_memory=state.device.type == "cuda")
+        writer.open()
+        processes = f"{state.num_processes} process{'es' * (state.num_processes > 1)}"
 
-    # One writer thread: batch k is written while batch k+1 is encoded (+10% images/s measured on an H200).
-    with tqdm(total=sum(map(len, batches)), desc=f"encode ({processes})", unit="img",
-              disable=not state.is_main_process) as progress, ThreadPoolExecutor(1) as background:
-        saved = background.submit(lambda: None)
-        for indices, images in zip(batches, loader):
-            moments = vae_lib.encode_moments(vae_model, torch.cat([images, images.flip(-1)]) if flip else images)
-            moments = moments.cpu()
-            saved.result()  # also raises the writer's errors here
-            saved = background.submit(save, indices, images, moments)
-        saved.result()
-    writer.close()
-    state.wait_for_everyone()
+        def save(indices, images, moments):
+            writer.write(indices, images, *(moments.chunk(2) if flip else (moments, None)))
+            if indices[-1] + 1 == min((indices[-1] // shard_size + 1) * shard_size, len(names)):  # shard complete
+                writer.sync()
+                write_json(done_path(indices[-1] // shard_size), {})
+            progress.update(len(indices))
 
-    if state.is_main_process:
-        missing = [s for s in range(num_shards) if not os.path.exists(done_path(s))]
-        if missing:
-            raise RegditError(f"{writer.out}: shards {missing[:5]} were not encoded; rerun the same command")
-        writer.finish(settings, labels, num_classes, vae_lib.latent_scale(vae_model), moments_shape)
-        shutil.rmtree(os.path.join(writer.out, PROGRESS))
-        print(f"{dest}: {len(names)} images, moments {list(moments_shape)}{' (+ mirrored)' if flip else ''}, "
-              f"{num_classes} classes, {config.layout} layout")
+        # One writer thread: batch k is written while batch k+1 is encoded (+10% images/s measured on an H200).
+        with tqdm(total=sum(map(len, batches)), desc=f"encode ({processes})", unit="img",
+                  disable=not state.is_main_process) as progress, ThreadPoolExecutor(1) as background:
+            saved = background.submit(lambda: None)
+            for indices, images in zip(batches, loader):
+                moments = vae_lib.encode_moments(vae_model, torch.cat([images, images.flip(-1)]) if flip else images)
+                moments = moments.cpu()
+                saved.result()  # also raises the writer's errors here
+                saved = background.submit(save, indices, images, moments)
+            saved.result()
+        writer.close()
+        state.wait_for_everyone()
+
+        if state.is_main_process:
+            missing = [s for s in range(num_shards) if not os.path.exists(done_path(s))]
+            if missing:
+                raise RegditError(f"{writer.out}: shards {missing[:5]} were not encoded; rerun the same command")
+            writer.finish(settings, labels, num_classes, vae_lib.latent_scale(vae_model), moments_shape)
+            shutil.rmtree(os.path.join(writer.out, PROGRESS))
+            print(f"{dest}: {len(names)} images, moments {list(moments_shape)}{' (+ mirrored)' if flip else ''}, "
+                  f"{num_classes} classes, {config.layout} layout")
     return dest

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from regdit import RegditError, __version__, atomic_write, cpu_launch
 from regdit.checkpoint import build_model_from_checkpoint, load_checkpoint
-from regdit.config import changed_setting, flag
+from regdit.config import Settings, changed_setting, flag
 from regdit.images import read_image
 from regdit.interpolants import PATH_TYPES
 from regdit.models import SiT_models
@@ -169,7 +169,7 @@ def sample_batch(model, vae, indices, global_seed=0, balanced=False, sampler="sd
 
 
 @dataclass
-class SampleConfig:
+class SampleConfig(Settings):
     """The official generate.py flags. Model flags left unset take the checkpoint's settings: stored in regdit
     checkpoints and exports, read off the weights of official ones."""
     ckpt: str | None = flag(None, "checkpoint: official or regdit .pt (EMA weights are used) or a .safetensors export",
@@ -177,13 +177,13 @@ class SampleConfig:
     # model
     model: str | None = flag(None, f"model size and patch, one of {', '.join(SiT_models)}",
                              choices=sorted(SiT_models), metavar="NAME")
-    resolution: int | None = flag(None, "image resolution")
-    num_classes: int | None = flag(None, "number of classes")
+    resolution: int | None = flag(None, "image resolution", at_least=1)
+    num_classes: int | None = flag(None, "number of classes", at_least=1)
     projector_embed_dims: str | None = flag(None, "encoder widths, comma-separated")
     encoder_depth: int | None = flag(None, "block of the projection layer (official checkpoints: their saved args, "
-                                           "else 8)")
+                                           "else 8)", at_least=1)
     cls: int | None = flag(None, "width of the entangled class token, checked against the checkpoint's; REPA/SiT "
-                                 "checkpoints have none")
+                                 "checkpoints have none", at_least=1)
     qk_norm: bool | None = flag(None, "per-head q/k LayerNorm", action=argparse.BooleanOptionalAction)
     fused_attn: bool = flag(True, "attention through F.scaled_dot_product_attention")
     legacy: bool = flag(False, "early REPA checkpoints: rename decoder_blocks.i to blocks.{i + encoder depth}")
@@ -192,19 +192,19 @@ class SampleConfig:
                                  "checkpoint's VAE, else none for 3-channel (pixel) models, else ema")
     mode: str = flag("sde", "sde: the official Euler-Maruyama sampler; ode: Euler (or --heun) on the velocity",
                      choices=["sde", "ode"])
-    num_steps: int | None = flag(None, "sampling steps; unset: 250 for sde, 50 for ode")
+    num_steps: int | None = flag(None, "sampling steps; unset: 250 for sde, 50 for ode", at_least=1)
     heun: bool = flag(False, "Heun steps for --mode ode")
-    cfg_scale: float = flag(1.0, "classifier-free guidance scale (1: none)")
-    cls_cfg_scale: float = flag(0.0, "guidance scale of the class token (0: its conditional drift)")
-    guidance_low: float = flag(0.0, "guidance only for t >= this")
-    guidance_high: float = flag(1.0, "guidance only for t <= this")
+    cfg_scale: float = flag(1.0, "classifier-free guidance scale (1: none)", at_least=1)
+    cls_cfg_scale: float = flag(0.0, "guidance scale of the class token (0: its conditional drift)", at_least=0)
+    guidance_low: float = flag(0.0, "guidance only for t >= this", at_least=0, at_most=1)
+    guidance_high: float = flag(1.0, "guidance only for t <= this", at_least=0, at_most=1)
     path_type: str | None = flag(None, "interpolation path; unset: the checkpoint's training setting, else linear",
                                  choices=list(PATH_TYPES))
-    global_seed: int = flag(0, "seed; sample i uses global_seed * 2**32 + i")
+    global_seed: int = flag(0, "seed; sample i uses global_seed * 2**32 + i", at_least=0)
     balanced: bool = flag(False, "label i %% num_classes (equal counts) instead of uniform random labels")
     # output and speed
-    num_fid_samples: int = flag(50_000, "number of samples")
-    per_proc_batch_size: int = flag(32, "batch size of each process")
+    num_fid_samples: int = flag(50_000, "number of samples", at_least=1)
+    per_proc_batch_size: int = flag(32, "batch size of each process", at_least=1)
     sample_dir: str = flag("samples", "parent folder of the run folder and its .npz")
     mixed_precision: str = flag("no", "autocast of the model call (no: float32, as the official code)",
                                 choices=list(AUTOCAST_DTYPES))

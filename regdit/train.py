@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import json
 import math
+import sys
 import time
 from argparse import Namespace
 from dataclasses import dataclass
@@ -28,9 +29,9 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, is_tensorboard_available, is_wandb_available
 from tqdm import tqdm
 
-from regdit import RegditError, atomic_write, cpu_launch
+from regdit import RegditError, atomic_write, check_writable, cpu_launch
 from regdit.checkpoint import load_checkpoint, load_state_dict_checked, save_checkpoint
-from regdit.config import changed_setting, flag
+from regdit.config import Settings, changed_setting, flag
 from regdit.interpolants import PATH_TYPES, WEIGHTINGS
 from regdit.loss import REGLoss
 from regdit.models import SiT, SiT_models, SiTConfig, model_arguments
@@ -48,13 +49,13 @@ PRESETS = {
     "sit-xl2": dict(model="SiT-XL/2", method="sit", proj_coeff=0.0, batch_size=256, max_train_steps=7_000_000),
 }
 # Settings a resumed run may change: they do not alter what is trained (paths, logging, length, speed).
-RESUMABLE = {"output_dir", "logging_dir", "report_to", "log_every", "sampling_steps", "checkpointing_steps",
+RESUMABLE = {"output_dir", "exp_name", "logging_dir", "report_to", "log_every", "sampling_steps", "checkpointing_steps",
              "resume_step", "max_train_steps", "epochs", "data_dir", "num_workers", "vae", "enc_path", "compile",
              "grad_checkpointing"}
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Settings):
     PRESETS: ClassVar[dict] = PRESETS
     # experiment
     output_dir: str = flag("exps", "folder of experiments")
@@ -62,27 +63,29 @@ class TrainConfig:
     logging_dir: str = flag("logs", "tracker folder inside the experiment (tensorboard)")
     report_to: str = flag("none", "accelerate tracker (metrics.jsonl is always written)",
                           choices=["none", "tensorboard", "wandb"])
-    log_every: int = flag(100, "average and log the metrics every N steps (the only host synchronisation)")
-    sampling_steps: int = flag(10000, "save a grid of EMA samples every N steps (0: never)")
-    checkpointing_steps: int = flag(10000, "save a checkpoint every N steps")
-    resume_step: int = flag(0, "resume from checkpoints/<step>.pt; 0 resumes from the latest checkpoint if any")
+    log_every: int = flag(100, "average and log the metrics every N steps (the only host synchronisation)", at_least=1)
+    sampling_steps: int = flag(10000, "save a grid of EMA samples every N steps (0: never)", at_least=0)
+    checkpointing_steps: int = flag(10000, "save a checkpoint every N steps", at_least=1)
+    resume_step: int = flag(0, "resume from checkpoints/<step>.pt; 0 resumes from the latest good checkpoint if any",
+                            at_least=0)
     # model
     model: str = flag("SiT-XL/2", "model size and patch", choices=sorted(SiT_models))
     method: str = flag("reg", "reg (entangled class token + REPA), repa (projection loss only) or sit (neither)",
                        choices=["reg", "repa", "sit"])
-    num_classes: int = flag(1000, "number of classes (the null class is this index)")
-    encoder_depth: int = flag(8, "SiT block (1-based) whose output is aligned with the encoder (REPA)")
-    projector_dim: int = flag(2048, "hidden width of the projector MLPs")
+    num_classes: int = flag(1000, "number of classes (the null class is this index)", at_least=1)
+    encoder_depth: int = flag(8, "SiT block (1-based) whose output is aligned with the encoder (REPA)", at_least=1)
+    projector_dim: int = flag(2048, "hidden width of the projector MLPs", at_least=1)
     fused_attn: bool = flag(True, "attention through F.scaled_dot_product_attention")
     qk_norm: bool = flag(False, "per-head LayerNorm of queries and keys")
-    depth: int | None = flag(None, "override the model's depth (small experiments)")
-    hidden_size: int | None = flag(None, "override the model's width (small experiments)")
-    num_heads: int | None = flag(None, "override the model's attention heads (small experiments)")
+    depth: int | None = flag(None, "override the model's depth (small experiments)", at_least=1)
+    hidden_size: int | None = flag(None, "override the model's width (small experiments)", at_least=1)
+    num_heads: int | None = flag(None, "override the model's attention heads (small experiments)", at_least=1)
     # data
     data_dir: str = flag("../data/imagenet256", "dataset folder (regdit or official layout, see README)")
-    resolution: int = flag(256, "image resolution of the dataset")
-    batch_size: int = flag(256, "global batch size of one optimizer step (all processes, all accumulation steps)")
-    num_workers: int = flag(4, "data loader workers per process")
+    resolution: int = flag(256, "image resolution of the dataset", at_least=8)
+    batch_size: int = flag(256, "global batch size of one optimizer step (all processes, all accumulation steps)",
+                           at_least=1)
+    num_workers: int = flag(4, "data loader workers per process", at_least=0)
     vae: str | None = flag(None, "VAE for the sample grids: ema, mse, a Hub id or folder (default: the dataset's)")
     # encoders
     enc_type: str = flag("dinov2-vit-b", "frozen encoder(s), comma-separated; the first gives the class token")
@@ -95,24 +98,24 @@ class TrainConfig:
     compile: bool = flag(False, "torch.compile the model")
     grad_checkpointing: bool = flag(False, "recompute each block's activations in the backward pass (less memory)")
     # optimisation
-    epochs: int = flag(1400, "stop after this many epochs")
-    max_train_steps: int = flag(400000, "stop after this many optimizer steps")
-    gradient_accumulation_steps: int = flag(1, "micro-batches per optimizer step")
-    learning_rate: float = flag(1e-4, "AdamW learning rate (constant)")
-    adam_beta1: float = flag(0.9, "AdamW beta1")
-    adam_beta2: float = flag(0.999, "AdamW beta2")
-    adam_weight_decay: float = flag(0.0, "AdamW weight decay")
-    adam_epsilon: float = flag(1e-8, "AdamW epsilon")
-    max_grad_norm: float = flag(1.0, "gradient clipping norm")
-    ema_decay: float = flag(0.9999, "EMA decay, applied every step")
-    seed: int = flag(0, "seed of every random draw (data order, noise, time, label dropout)")
+    epochs: int = flag(1400, "stop after this many epochs", at_least=1)
+    max_train_steps: int = flag(400000, "stop after this many optimizer steps", at_least=1)
+    gradient_accumulation_steps: int = flag(1, "micro-batches per optimizer step", at_least=1)
+    learning_rate: float = flag(1e-4, "AdamW learning rate (constant)", above=0)
+    adam_beta1: float = flag(0.9, "AdamW beta1", at_least=0, below=1)
+    adam_beta2: float = flag(0.999, "AdamW beta2", at_least=0, below=1)
+    adam_weight_decay: float = flag(0.0, "AdamW weight decay", at_least=0)
+    adam_epsilon: float = flag(1e-8, "AdamW epsilon", above=0)
+    max_grad_norm: float = flag(1.0, "gradient clipping norm", above=0)
+    ema_decay: float = flag(0.9999, "EMA decay, applied every step", at_least=0, below=1)
+    seed: int = flag(0, "seed of every random draw (data order, noise, time, label dropout)", at_least=0)
     # loss
     path_type: str = flag("linear", "interpolation path", choices=list(PATH_TYPES))
     prediction: str = flag("v", "model target (the official code implements v only)", choices=["v"])
     weighting: str = flag("uniform", "time distribution", choices=list(WEIGHTINGS))
-    cfg_prob: float = flag(0.1, "label dropout probability for classifier-free guidance")
-    proj_coeff: float = flag(0.5, "weight of the REPA projection loss")
-    cls: float = flag(0.03, "weight of the class-token denoising loss (REG)")
+    cfg_prob: float = flag(0.1, "label dropout probability for classifier-free guidance", at_least=0, at_most=1)
+    proj_coeff: float = flag(0.5, "weight of the REPA projection loss", at_least=0)
+    cls: float = flag(0.03, "weight of the class-token denoising loss (REG)", at_least=0)
     legacy: bool = flag(False, "also drop labels outside the model, as early REPA runs did (double dropout)")
     official_cosine_cls_target: bool = flag(False, "replay the official broadcast of the cosine-path class-token "
                                                    "target (see regdit.loss.REGLoss)")
@@ -188,27 +191,51 @@ class Checkpoints:
     def path(self, step):
         return self.dir / f"{step:07d}.pt"
 
+    def all(self):
+        return sorted(self.dir.glob("[0-9]" * 7 + ".pt"))
+
     def find(self, resume_step=0):
         """checkpoints/<resume_step>.pt, or the latest checkpoint when resume_step is 0 (None if there is none)."""
-        if resume_step:
-            if not self.path(resume_step).is_file():
-                raise RegditError(f"--resume-step {resume_step}: {self.path(resume_step)} does not exist; put the "
-                                  "checkpoint there or pick a step from the checkpoints folder")
-            return self.path(resume_step)
-        checkpoints = sorted(self.dir.glob("[0-9]" * 7 + ".pt"))
-        return checkpoints[-1] if checkpoints else None
+        if resume_step and not self.path(resume_step).is_file():
+            raise RegditError(f"--resume-step {resume_step}: {self.path(resume_step)} does not exist; "
+                              f"{self.others_hint(resume_step)}")
+        return self.path(resume_step) if resume_step else (self.all() or [None])[-1]
 
-    def resume(self, path, config, model, ema, optimizer):
-        """Load model, EMA and optimizer from `path`; returns (step, grad scaler state or None). A run resumes only
-        with settings that train the same thing (official checkpoints store none: their args are the user's to
-        match)."""
-        checkpoint = load_checkpoint(path)
+    def others_hint(self, step):
+        others = [int(p.stem) for p in self.all() if int(p.stem) != step]
+        return (f"pass --resume-step with one of {', '.join(map(str, others))}" if others
+                else "no other checkpoint is in " + str(self.dir))
+
+    def load(self, resume_step, log):
+        """(path, checkpoint) to resume from, (None, None) for a new run. Without --resume-step an unreadable or
+        corrupt latest checkpoint is reported through `log` and the newest good one is used."""
+        if resume_step:
+            path = self.find(resume_step)
+            try:
+                return path, load_checkpoint(path)
+            except RegditError as error:
+                raise RegditError(f"{error}; or {self.others_hint(resume_step)}") from None
+        for path in reversed(self.all()):
+            try:
+                return path, load_checkpoint(path)
+            except RegditError as error:
+                log(f"warning: {error}; resuming from the checkpoint before it")
+        return None, None
+
+    def resume(self, path, checkpoint, config, model, ema, optimizer, log):
+        """Load model, EMA and optimizer; returns (step, grad scaler state or None). A run resumes only with settings
+        that train the same thing (official checkpoints store none: their args are the user's to match); a changed
+        data or encoder path is said."""
         saved = checkpoint.get("config")
         changed = saved is not None and changed_setting(saved, dataclasses.asdict(config), RESUMABLE)
         if changed:
             raise RegditError(f"{path} was trained with --{changed.replace('_', '-')} {saved[changed]}, not "
                               f"{getattr(config, changed)}: pass the same settings to resume, or a new --exp-name to "
                               "start another run")
+        for name in ("data_dir", "enc_path"):
+            if saved is not None and saved.get(name) != getattr(config, name):
+                log(f"note: resuming with --{name.replace('_', '-')} {getattr(config, name)} (the run was trained "
+                    f"with {saved.get(name)})")
         load_state_dict_checked(model, checkpoint["model"], path)
         load_state_dict_checked(ema, checkpoint["ema"], path)
         optimizer.load_state_dict(checkpoint["opt"])
@@ -302,6 +329,7 @@ def setup(config):
     from regdit.data import open_dataset
     from regdit.encoders import check_encoders, load_encoders
 
+    check_writable(Path(config.output_dir) / config.exp_name, "--output-dir/--exp-name")
     mixed_precision = config.mixed_precision or ("bf16" if torch.cuda.is_available() else "no")
     tracker_installed = dict(tensorboard=is_tensorboard_available, wandb=is_wandb_available)
     if config.report_to != "none" and not tracker_installed[config.report_to]():
@@ -341,10 +369,14 @@ def setup(config):
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=(config.adam_beta1,
                                   config.adam_beta2), weight_decay=config.adam_weight_decay, eps=config.adam_epsilon,
                                   fused=True)
+    def log(message):  # warnings and notes, once
+        if accelerator.is_main_process:
+            print(message, file=sys.stderr)
+
     checkpoints = Checkpoints(exp_dir)
-    resume_path, step, scaler_state = checkpoints.find(config.resume_step), 0, None
+    (resume_path, checkpoint), step, scaler_state = checkpoints.load(config.resume_step, log), 0, None
     if resume_path is not None:
-        step, scaler_state = checkpoints.resume(resume_path, config, model, ema, optimizer)
+        step, scaler_state = checkpoints.resume(resume_path, checkpoint, config, model, ema, optimizer, log)
     raw_model = model
     model, optimizer = accelerator.prepare(model, optimizer)
     if scaler_state is not None and accelerator.scaler is not None:

@@ -1,4 +1,7 @@
-"""`regdit prepare images`: ADM's crop, image modes, unreadable files, labels, zip sources, resume after a kill."""
+"""`regdit prepare images`: ADM's crop, image modes and orientation, unreadable files, labels, zip sources, resume
+after a kill, bad settings and write errors."""
+import contextlib
+import errno
 import io
 import json
 import os
@@ -9,6 +12,7 @@ import PIL.Image
 import pytest
 
 from regdit import RegditError, prepare
+from regdit.cli import main
 from regdit.prepare import PrepareImagesConfig, center_crop, center_crop_dhariwal, prepare_images
 
 
@@ -43,6 +47,16 @@ def write_class_folders(root, rng, per_class=3, classes=("n02", "n01", "n10")):
 def read_png(path):
     with PIL.Image.open(path) as image:
         return np.array(image)
+
+
+def cli_error(capsys, argv):
+    """The message of a command that must fail as one line (argparse prints it, Python prints SystemExit's)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    code, output = exit_info.value.code, capsys.readouterr()
+    lines = output.err.splitlines() + ([code] if isinstance(code, str) else [])
+    assert code and len(lines) == 1 and "Traceback" not in output.out + output.err, lines
+    return lines[0]
 
 
 @pytest.mark.parametrize("size", [(517, 1031), (257, 255), (129, 300), (64, 64), (33, 95)])
@@ -149,3 +163,162 @@ def test_refuses_a_foreign_non_empty_dest(tmp_path):
     (tmp_path / "out" / "notes.txt").write_text("keep me")
     with pytest.raises(RegditError, match="not empty"):
         prepare_images(PrepareImagesConfig(source=tmp_path / "src", dest=tmp_path / "out", resolution=16, workers=0))
+
+
+def gradient(low, high, dtype):
+    return np.linspace(low, high, 32 * 48).reshape(32, 48).astype(dtype)
+
+
+STRETCH = "min..max"
+HIGH_BIT_DEPTH = {  # file, source pixels, their mode when PIL opens the file, what 255 stands for
+    "gray16.png": (gradient(0, 65535, np.uint16), "I;16", 65535),
+    "gray16-big-endian.tif": (gradient(0, 65535, ">u2"), "I;16B", 65535),
+    "int32-16-bit-values.tif": (gradient(0, 65535, np.int32), "I", 65535),
+    "int32-wide.tif": (gradient(-1000, 3_000_000, np.int32), "I", STRETCH),
+    "float-unit.tif": (gradient(0, 1, np.float32), "F", 1),
+    "float-8-bit-scale.tif": (gradient(0, 200, np.float32), "F", 255),
+    "float-wide.tif": (gradient(-3, 7, np.float32), "F", STRETCH),
+}
+
+
+@pytest.mark.parametrize("name", list(HIGH_BIT_DEPTH))
+def test_high_bit_depth_grayscale_is_scaled_not_clipped(name, tmp_path):
+    pixels, mode, white = HIGH_BIT_DEPTH[name]
+    (tmp_path / "src").mkdir()
+    PIL.Image.fromarray(pixels).save(tmp_path / "src" / name)
+    with PIL.Image.open(tmp_path / "src" / name) as image:
+        assert image.mode == mode  # the file really holds that mode
+    prepare_images(PrepareImagesConfig(source=tmp_path / "src", dest=tmp_path / "out", resolution=32,
+                                       transform="center-crop", workers=0))
+    out = read_png(tmp_path / "out" / prepare.image_name(0))
+    values = pixels.astype(np.float64)
+    black, white = (values.min(), values.max()) if white == STRETCH else (0, white)
+    expected = (values - black) / (white - black) * 255  # 16-bit: value / 257
+    assert out.shape == (32, 32, 3) and (out == out[..., :1]).all()
+    np.testing.assert_allclose(out[..., 0], expected[:, 8:40], atol=1)  # the centred 32 columns, not resized
+    assert out.max() > 250 or white == 255  # PIL's convert("RGB") gave 255 almost everywhere, or 0
+
+
+def test_float_nan_becomes_black():
+    pixels = gradient(0, 1, np.float32)
+    pixels[:, 20] = np.nan
+    out = np.array(prepare.to_rgb(PIL.Image.fromarray(pixels)))
+    np.testing.assert_allclose(out[..., 1], np.where(np.isnan(pixels), 0, pixels * 255), atol=0.5)
+
+
+@pytest.mark.parametrize("orientation, quarter_turns", [(3, 2), (6, -1), (8, 1)])  # 180, 90 clockwise, 90 counter
+def test_exif_orientation_is_applied_before_the_crop(orientation, quarter_turns, tmp_path):
+    (tmp_path / "src").mkdir()
+    exif = PIL.Image.Exif()
+    exif[0x0112] = orientation  # the Orientation tag a camera writes
+    random_image(np.random.default_rng(6), 40, 64).save(tmp_path / "src" / "photo.jpg", exif=exif)
+    with PIL.Image.open(tmp_path / "src" / "photo.jpg") as image:
+        stored = np.array(image)  # the decoded pixels as stored, before any rotation
+    prepare_images(PrepareImagesConfig(source=tmp_path / "src", dest=tmp_path / "out", resolution=24, workers=0))
+    out = read_png(tmp_path / "out" / prepare.image_name(0))
+    upright = PIL.Image.fromarray(np.ascontiguousarray(np.rot90(stored, quarter_turns)))
+    np.testing.assert_array_equal(out, center_crop_dhariwal(upright, 24))
+    assert not np.array_equal(out, center_crop_dhariwal(PIL.Image.fromarray(stored), 24))
+
+
+def test_resume_redoes_damaged_images_and_removes_temp_files(tmp_path, monkeypatch):
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_class_folders(src, np.random.default_rng(7))
+    prepare_images(PrepareImagesConfig(source=src, dest=tmp_path / "reference", resolution=24, workers=0))
+    convert = prepare._convert
+
+    def killed_at_five(job):
+        if job[0] == 5:
+            raise Killed
+        return convert(job)
+
+    monkeypatch.setattr(prepare, "_convert", killed_at_five)
+    with pytest.raises(Killed):
+        prepare_images(PrepareImagesConfig(source=src, dest=out, resolution=24, workers=0))
+    monkeypatch.setattr(prepare, "_convert", convert)
+    pngs = [out / prepare.image_name(i) for i in range(5)]
+    pngs[0].write_bytes(b"")  # a killed write on a file system without atomic rename
+    pngs[1].write_bytes(pngs[1].read_bytes()[:-100])  # truncated: no IEND
+    damaged = bytearray(pngs[2].read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF  # one flipped byte: a CRC mismatch
+    pngs[2].write_bytes(damaged)
+    temp_files = [out / "00000" / f".img00000005.png.tmp{os.getpid()}", out / ".dataset.json.tmp12345"]
+    for path in temp_files:
+        path.write_bytes(b"half")
+    kept = {p: p.stat().st_mtime_ns for p in pngs[3:]}
+
+    summary = prepare_images(PrepareImagesConfig(source=src, dest=out, resolution=24, workers=2))
+    assert (summary["images"], summary["converted"]) == (9, 9 - 2)
+    assert not any(path.exists() for path in temp_files)
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())  # whole images were not redone
+    for index in range(9):
+        name = prepare.image_name(index)
+        np.testing.assert_array_equal(read_png(out / name), read_png(tmp_path / "reference" / name))
+
+
+@pytest.mark.parametrize("code, fix", [
+    (errno.ENOSPC, "free space on the disk, then rerun the same command to continue"),
+    (errno.EROFS, "make it writable and rerun the same command, or choose a writable output folder")])
+def test_write_error_is_one_line_and_the_rerun_keeps_finished_images(code, fix, tmp_path, monkeypatch, capsys):
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_class_folders(src, np.random.default_rng(8))
+    atomic_write, written = prepare.atomic_write, []
+
+    @contextlib.contextmanager
+    def failing_after_three(path, *args, **kwargs):
+        with atomic_write(path, *args, **kwargs) as f:
+            if len(written) == 3:
+                f.write(b"\x89PNG")
+                raise OSError(code, os.strerror(code))  # as f.write raises it: no file name
+            written.append(path)
+            yield f
+
+    monkeypatch.setattr(prepare, "atomic_write", failing_after_three)
+    argv = ["prepare", "images", "--source", str(src), "--dest", str(out), "--resolution", "24", "--workers", "0"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == f"regdit prepare images: error: cannot write {out} ({os.strerror(code)}); {fix}"
+    assert "Traceback" not in capsys.readouterr().err
+    assert not list(out.rglob(".*.tmp*"))  # the failed write left no temporary file
+    kept = {p: os.stat(p).st_mtime_ns for p in written}
+    monkeypatch.setattr(prepare, "atomic_write", atomic_write)
+    main(argv)
+    assert all(os.stat(p).st_mtime_ns == t for p, t in kept.items())  # the images written before were kept
+    assert len(json.loads((out / "dataset.json").read_text())["labels"]) == 9
+
+
+def test_read_only_dest_is_one_line_and_creates_nothing(tmp_path, capsys):
+    write_class_folders(tmp_path / "src", np.random.default_rng(9), per_class=1)
+    (tmp_path / "locked").mkdir(mode=0o555)
+    try:
+        if os.access(tmp_path / "locked", os.W_OK):
+            pytest.skip("permissions do not bind this user (root)")
+        line = cli_error(capsys, ["prepare", "images", "--source", str(tmp_path / "src"), "--dest",
+                                  str(tmp_path / "locked" / "out"), "--workers", "0"])
+        assert line.startswith(f"regdit prepare images: error: cannot write {tmp_path / 'locked' / 'out'}")
+        assert line.endswith("choose a writable output folder") and not (tmp_path / "locked" / "out").exists()
+    finally:
+        (tmp_path / "locked").chmod(0o755)
+
+
+def test_bad_settings_are_one_line_before_anything_is_written(tmp_path, capsys):
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_class_folders(src, np.random.default_rng(10), per_class=1)
+    (tmp_path / "notes.txt").write_text("not images")
+    ok = ["--source", str(src), "--dest", str(out)]
+    cases = {  # flags -> the message
+        "--resolution 0": "--resolution 0: must be at least 1",
+        "--resolution -8": "--resolution -8: must be at least 1",
+        "--workers -1": "--workers -1: must be at least 0",
+        "--transform crop": "argument --transform: invalid choice: 'crop'",
+        f"--source {tmp_path / 'missing'}": f"--source {tmp_path / 'missing'}: does not exist",
+        f"--source {tmp_path / 'notes.txt'}": f"--source {tmp_path / 'notes.txt'}: is not a folder or .zip",
+        f"--dest {src / 'out'}": f"--dest {src / 'out'}: is --source or lies inside it",
+        f"--dest {src}": f"--dest {src}: is --source or lies inside it",
+        f"--dest {tmp_path / 'notes.txt'}": f"--dest {tmp_path / 'notes.txt'}: is a file",
+    }
+    for flags, message in cases.items():
+        line = cli_error(capsys, ["prepare", "images", *ok, *flags.split()])
+        assert line.startswith("regdit prepare images: error: ") and message in line, (flags, line)
+        assert not out.exists() and not (src / "out").exists() and (tmp_path / "notes.txt").read_text() == "not images"
+    assert "--source" in cli_error(capsys, ["prepare", "images", "--dest", str(out)])  # required

@@ -1,4 +1,5 @@
 """`regdit prepare latents` and regdit.vae with a tiny random AutoencoderKL saved by save_pretrained."""
+import errno
 import os
 import subprocess
 import sys
@@ -13,7 +14,8 @@ from diffusers import AutoencoderKL
 
 from regdit import RegditError
 from regdit import vae as vae_lib
-from regdit.data import LAYOUTS, MOMENTS, MOMENTS_FLIP, open_dataset
+from regdit.cli import main
+from regdit.data import LAYOUTS, MOMENTS, MOMENTS_FLIP, RegditWriter, open_dataset
 from regdit.prepare import PrepareImagesConfig, PrepareLatentsConfig, prepare_images, prepare_latents
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,6 +61,16 @@ def images_dir(tmp_path_factory):
 
 class Killed(Exception):
     """Stands for the process being killed."""
+
+
+def cli_error(capsys, argv):
+    """The message of a command that must fail as one line (argparse prints it, Python prints SystemExit's)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    code, output = exit_info.value.code, capsys.readouterr()
+    lines = output.err.splitlines() + ([code] if isinstance(code, str) else [])
+    assert code and len(lines) == 1 and "Traceback" not in output.out + output.err, lines
+    return lines[0]
 
 
 def read_chw(images_dir, index):
@@ -232,3 +244,72 @@ def test_two_gloo_processes_give_the_same_moments_as_one(images_dir, vae_dir, tm
             assert one.read_text() == two.read_text()
         else:
             assert np.array_equal(np.load(one), np.load(two)), name
+
+
+def test_bad_settings_are_one_line_before_anything_is_written(images_dir, vae_dir, tmp_path, capsys):
+    dest = tmp_path / "ds"
+    (tmp_path / "notes.txt").write_text("not images")
+    (tmp_path / "raw").mkdir()
+    PIL.Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "raw" / "a.png")
+    prepare_images(PrepareImagesConfig(source=tmp_path / "raw", dest=tmp_path / "images20", resolution=20,
+                                       workers=0))
+    capsys.readouterr()
+    ok = {"--source": images_dir, "--dest": str(dest), "--vae": "none"}
+    cases = {  # flags -> the message
+        "--shard-size 0": "--shard-size 0: must be at least 1",
+        "--batch-size 0": "--batch-size 0: must be at least 1",
+        "--workers -1": "--workers -1: must be at least 0",
+        "--layout flat": "argument --layout: invalid choice: 'flat'",
+        f"--source {tmp_path / 'missing'}": f"--source {tmp_path / 'missing'}: does not exist",
+        f"--source {tmp_path / 'notes.txt'}": f"--source {tmp_path / 'notes.txt'}: is not a folder",
+        f"--source {tmp_path / 'raw'}": "without labels; run `regdit prepare images",
+        f"--dest {images_dir}/ds": f"--dest {images_dir}/ds: is --source or lies inside it",
+        f"--dest {tmp_path / 'notes.txt'}": f"--dest {tmp_path / 'notes.txt'}: is a file",
+        "--layout official --flip": "--layout official stores SD-VAE moments without mirrored copies",
+        f"--vae {tmp_path / 'no-vae'}": f"VAE folder {tmp_path / 'no-vae'} not found",
+        f"--source {tmp_path / 'images20'} --vae {vae_dir}": "20 px images give a 2x2 latent that does not tile them",
+    }
+    for flags, message in cases.items():
+        line = cli_error(capsys, ["prepare", "latents", *(a for kv in ok.items() for a in kv), *flags.split()])
+        assert line.startswith("regdit prepare latents: error: ") and message in line, (flags, line)
+        assert not dest.exists() and not os.path.exists(f"{images_dir}/ds"), flags
+    # `--shard-size 0` once left a half-made dest that refused the corrected command
+    main(["prepare", "latents", *(a for kv in ok.items() for a in kv), "--shard-size", "4", "--workers", "0"])
+    assert len(open_dataset(dest)) == 13
+
+
+def test_full_disk_is_one_line_and_the_rerun_keeps_finished_shards(images_dir, tmp_path, monkeypatch, capsys):
+    argv = ["prepare", "latents", "--source", images_dir, "--vae", "none", "--batch-size", "2", "--shard-size", "4",
+            "--workers", "0", "--flip"]
+    main([*argv, "--dest", str(tmp_path / "full")])
+    write = RegditWriter.write
+
+    def full_after_shard_zero(self, indices, *rows):
+        if indices[0] >= 4:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as f.write raises it: no file name
+        write(self, indices, *rows)
+
+    monkeypatch.setattr(RegditWriter, "write", full_after_shard_zero)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--dest", str(tmp_path / "ds")])
+    assert exit_info.value.code == (f"regdit prepare latents: error: cannot write {tmp_path / 'ds'} (No space left "
+                                    f"on device); free space on the disk, then rerun the same command to continue")
+    assert "Traceback" not in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "ds" / ".prepare-progress")) == ["settings.json", "shard-000000.done"]
+    monkeypatch.setattr(RegditWriter, "write", write)
+    main([*argv, "--dest", str(tmp_path / "ds")])
+    for name in ("images.npy", "moments.npy", "moments_flip.npy", "labels.npy"):
+        assert np.array_equal(np.load(tmp_path / "ds" / name), np.load(tmp_path / "full" / name)), name
+
+
+def test_read_only_dest_is_one_line_and_creates_nothing(images_dir, tmp_path, capsys):
+    (tmp_path / "locked").mkdir(mode=0o555)
+    try:
+        if os.access(tmp_path / "locked", os.W_OK):
+            pytest.skip("permissions do not bind this user (root)")
+        line = cli_error(capsys, ["prepare", "latents", "--source", images_dir, "--dest",
+                                  str(tmp_path / "locked" / "ds"), "--vae", "none", "--workers", "0"])
+        assert line.startswith(f"regdit prepare latents: error: cannot write {tmp_path / 'locked' / 'ds'}")
+        assert line.endswith("choose a writable output folder") and not (tmp_path / "locked" / "ds").exists()
+    finally:
+        (tmp_path / "locked").chmod(0o755)
