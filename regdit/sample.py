@@ -29,7 +29,7 @@ import torch
 from accelerate import PartialState
 from tqdm import tqdm
 
-from regdit import RegditError, __version__, atomic_write, cpu_launch
+from regdit import RegditError, __version__, atomic_write, check_writable, cpu_launch
 from regdit.checkpoint import build_model_from_checkpoint, load_checkpoint
 from regdit.config import Settings, changed_setting, flag
 from regdit.images import read_image
@@ -88,6 +88,20 @@ def png_path(folder, index):
     return folder / f"{index:06d}.png"
 
 
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the empty IEND chunk every PNG ends with
+
+
+def png_done(path):
+    """A sample PNG that is whole: it exists and ends with the IEND chunk (an empty or cut file is sampled again).
+    Reads 12 bytes, so checking 50k samples at start costs little."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(-len(PNG_END), 2)
+            return f.read() == PNG_END
+    except OSError:  # missing, or shorter than 12 bytes
+        return False
+
+
 def check_resumable(folder, settings):
     """A run folder may only be continued with the settings that made its samples."""
     path = folder / SETTINGS
@@ -103,14 +117,18 @@ def check_resumable(folder, settings):
 
 def pack_npz(folder, num_samples, npz_path):
     """The PNGs 0..num_samples-1 and their labels as an ADM .npz: `arr_0` uint8 (N, H, W, 3), `labels` int64 (N,)."""
-    missing = [i for i in range(num_samples) if not png_path(folder, i).is_file()]
+    missing = [i for i in range(num_samples) if not png_done(png_path(folder, i))]
     if missing:
         raise RegditError(f"{folder} has {num_samples - len(missing)} of the {num_samples} samples asked for "
                           f"(missing {png_path(folder, missing[0]).name} and {len(missing) - 1} more): "
                           "run the same command again to sample the rest")
     images = None
     for i in tqdm(range(num_samples), desc="packing", unit="image", dynamic_ncols=True):
-        image = read_image(png_path(folder, i), None if images is None else images.shape[1:])
+        try:
+            image = read_image(png_path(folder, i), None if images is None else images.shape[1:])
+        except RegditError as error:  # whole on disk (IEND) yet undecodable: damaged after writing
+            png_path(folder, i).unlink()
+            raise RegditError(f"{error}; it was removed: run the same command again to draw it anew") from None
         if images is None:  # filled in place: 50k images at 256 px are 9.8 GB, held once
             images = np.empty((num_samples, *image.shape), dtype=np.uint8)
         images[i] = image
@@ -227,6 +245,7 @@ def sample(config: SampleConfig, model=None):
     if config.cfg_scale < 1.0:
         raise RegditError(f"--cfg-scale {config.cfg_scale} is below 1: pass 1 for no guidance or a larger scale")
     num_samples, batch_size = config.num_fid_samples, config.per_proc_batch_size
+    check_writable(config.sample_dir, "--sample-dir")
     if num_samples < 1 or batch_size < 1:
         raise RegditError(f"--num-fid-samples {num_samples} and --per-proc-batch-size {batch_size} must be positive")
     sampler = SAMPLERS[config.sampler]
@@ -270,7 +289,7 @@ def sample(config: SampleConfig, model=None):
             np.save(f, labels.cpu().numpy().astype(np.int64))
     state.wait_for_everyone()
     chunks = [range(start, min(start + batch_size, num_samples)) for start in range(0, num_samples, batch_size)]
-    pending = [chunk for chunk in chunks if not all(png_path(folder, i).is_file() for i in chunk)]
+    pending = [chunk for chunk in chunks if not all(png_done(png_path(folder, i)) for i in chunk)]
     state.wait_for_everyone()  # all processes listed the same finished chunks before any writes new ones
     state.print(f"{folder}: {num_samples - sum(map(len, pending))} of {num_samples} samples done, "
                 f"sampling {sum(map(len, pending))} on {state.num_processes} process(es)")
@@ -281,7 +300,7 @@ def sample(config: SampleConfig, model=None):
         images = sample_batch(net, vae_model, chunk, config.global_seed, config.balanced, config.sampler, num_steps,
                               config.mixed_precision, **guidance)
         for i, image in zip(chunk, images):
-            if not png_path(folder, i).is_file():
+            if not png_done(png_path(folder, i)):
                 with atomic_write(png_path(folder, i), sync=False) as f:
                     PIL.Image.fromarray(image).save(f, format="PNG")
     state.wait_for_everyone()

@@ -208,7 +208,8 @@ class Checkpoints:
 
     def load(self, resume_step, log):
         """(path, checkpoint) to resume from, (None, None) for a new run. Without --resume-step an unreadable or
-        corrupt latest checkpoint is reported through `log` and the newest good one is used."""
+        corrupt latest checkpoint is reported through `log` and the newest good one is used; when none is good the
+        run stops rather than start again from scratch beside them."""
         if resume_step:
             path = self.find(resume_step)
             try:
@@ -220,6 +221,9 @@ class Checkpoints:
                 return path, load_checkpoint(path)
             except RegditError as error:
                 log(f"warning: {error}; resuming from the checkpoint before it")
+        if self.all():
+            raise RegditError(f"no readable checkpoint in {self.dir}: restore one, or move them away (or pass a new "
+                              "--exp-name) to start a new run")
         return None, None
 
     def resume(self, path, checkpoint, config, model, ema, optimizer, log):

@@ -210,3 +210,26 @@ def test_pixel_space_checkpoint_refuses_a_vae_before_loading_it(tmp_path):
     with pytest.raises(SystemExit, match=r"pixel.pt was trained in pixel space: pass --vae none"):
         cli_main(["sample", "--ckpt", str(tmp_path / "pixel.pt"), "--vae", "stabilityai/no-such-vae",
                   "--sample-dir", str(tmp_path)])
+
+
+def test_damaged_pngs_are_drawn_again(files, tmp_path):
+    run = dict(vae=files["vae"], num_samples=4, batch_size=2, **GUIDED)
+    reference = load(sample(files["export"], tmp_path / "reference", **run))
+    npz = sample(files["export"], tmp_path / "damaged", **run)
+    folder = npz.with_suffix("")
+    (folder / "000000.png").write_bytes(b"")  # a write that never happened
+    cut = folder / "000001.png"
+    cut.write_bytes(cut.read_bytes()[:-20])  # a write cut short
+    npz.unlink()
+    for a, b in zip(reference, load(sample(files["export"], tmp_path / "damaged", **run))):
+        assert np.array_equal(a, b)
+    broken = folder / "000002.png"  # whole on disk, undecodable inside: refused at packing and removed
+    data = bytearray(broken.read_bytes())
+    data[60:-20] = bytes(len(data) - 80)
+    broken.write_bytes(bytes(data))
+    npz.unlink()
+    with pytest.raises(RegditError, match="000002.png is not a readable image .* removed: run the same command again"):
+        sample(files["export"], tmp_path / "damaged", **run)
+    assert not broken.exists()
+    for a, b in zip(reference, load(sample(files["export"], tmp_path / "damaged", **run))):
+        assert np.array_equal(a, b)

@@ -1,4 +1,5 @@
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -319,3 +320,23 @@ def test_baselines_train_from_the_same_code(tiny_data, method):
     assert "cls_projectors2.weight" not in names and ("projectors.0.0.weight" in names) == (method == "repa")
     assert result["metrics"][-1]["loss_mean_cls"] == 0 and np.isfinite(result["metrics"][-1]["loss_final"])
     assert (result["metrics"][-1]["proj_loss"] == 0) == (method == "sit")
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_newest_good_one(tiny_data, capsys):
+    reference = train(tiny_config(tiny_data, exp_name="intact", max_train_steps=4, checkpointing_steps=2))
+    config = tiny_config(tiny_data, exp_name="corrupt", max_train_steps=4, checkpointing_steps=2)
+    latest = train(config)["checkpoint"]
+    latest.write_bytes(latest.read_bytes()[:1000])  # cut short, as by a full disk outside regdit's atomic writes
+    with pytest.raises(RegditError, match=r"0000004.pt is unreadable .*; or pass --resume-step with one of 2$"):
+        train(dataclasses.replace(config, resume_step=4))
+    capsys.readouterr()
+    resumed = train(config)
+    printed = capsys.readouterr()
+    assert "0000004.pt is unreadable" in printed.err and "resumed from" in printed.out and "0000002.pt" in printed.out
+    assert_states_equal(load_checkpoint(resumed["checkpoint"]), load_checkpoint(reference["checkpoint"]))
+    lines = (resumed["exp_dir"] / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [2, 4]  # each step once after the resume
+    for path in (resumed["exp_dir"] / "checkpoints").iterdir():
+        path.write_bytes(b"")
+    with pytest.raises(RegditError, match="no readable checkpoint in .*checkpoints: restore one, or move them away"):
+        train(config)
