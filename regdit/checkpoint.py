@@ -1,22 +1,90 @@
 """Checkpoints: the official format `{"model", "ema", "opt", "args", "steps"}` (args an argparse.Namespace), read
-without executing pickled code; atomic writes; strict loading with errors that name the wrong setting; and the
-`regdit export` command (EMA weights to safetensors + config JSON)."""
+without executing pickled code; a checksum of the tensors, recorded on save and export and verified on load; atomic
+writes; strict loading with errors that name the wrong setting; and the `regdit export` command (EMA weights to
+safetensors + config JSON)."""
 import argparse
+import hashlib
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors import safe_open
+from safetensors.torch import save
 
 from regdit import RegditError, atomic_write
-from regdit.config import flag
+from regdit.config import Settings, flag
 from regdit.models import MODEL_SIZES, SiT, SiTConfig, model_arguments
+
+
+class _Crc32:
+    """zlib.crc32 with hashlib's `update`/`hexdigest`."""
+
+    def __init__(self):
+        self.value = 0
+
+    def update(self, data):
+        self.value = zlib.crc32(data, self.value)
+
+    def hexdigest(self):
+        return f"{self.value:08x}"
+
+
+CHECKSUMS = {"crc32": _Crc32, "blake2b": hashlib.blake2b, "sha256": hashlib.sha256}
+
+
+def tensor_checksum(obj, kind="crc32"):
+    """`"KIND:HEX"` over every tensor in `obj` (nested dicts in sorted key order, lists and tuples in order; other
+    values are skipped): each tensor's name path, dtype, shape and bytes, so a changed, swapped or reshaped tensor
+    changes it. `torch.load` does not check the CRC-32s in a .pt file's zip: bytes changed on disk load silently
+    without this. CRC-32 is the fastest of CHECKSUMS (benchmarks/bench_checksum.py) and catches disk and copy
+    errors; it is no defence against deliberate tampering."""
+    hasher = CHECKSUMS[kind]()
+
+    def walk(value, name):
+        if isinstance(value, torch.Tensor):
+            data = value.detach().cpu().contiguous().reshape(-1)  # a 0-dim tensor cannot be viewed as bytes
+            hasher.update(f"{name} {value.dtype} {tuple(value.shape)}\n".encode())
+            hasher.update(data.view(torch.uint8).numpy())  # bytes: bfloat16 has no numpy dtype
+        elif isinstance(value, dict):
+            for key in sorted(value, key=repr):
+                walk(value[key], f"{name}/{key!r}")
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                walk(item, f"{name}/{i}")
+    walk(obj, "")
+    return f"{kind}:{hasher.hexdigest()}"
+
+
+def _verify(tensors, recorded, what, fix):
+    """One line naming `what` ("checkpoint X.pt") when `tensors` do not match the `recorded` checksum."""
+    kind = str(recorded).partition(":")[0]
+    if kind not in CHECKSUMS:
+        raise RegditError(f"{what} records a checksum of unknown kind {kind!r}: load it with the regdit version that "
+                          "wrote it")
+    if tensor_checksum(tensors, kind) != recorded:
+        raise RegditError(f"{what} is corrupt: its tensors do not match the checksum recorded when it was {fix}")
+
+
+def _reason(error):
+    """`Type: first sentence` of an exception on one line (possibly just `Type`: some messages are empty)."""
+    text = str(error).rpartition("WeightsUnpickler error:")[2]  # not torch's advice to pass weights_only=False
+    reason = ([line.strip() for line in text.splitlines() if line.strip()] or [""])[0].split(". ")[0][:120]
+    return f"{type(error).__name__}: {reason}" if reason else type(error).__name__
+
+
+def _unreadable(path, error):
+    return RegditError(f"checkpoint {path} is unreadable ({_reason(error)}): pass a training checkpoint (.pt) or an "
+                       "export (.safetensors); if it is one, it is truncated or corrupt: copy it again or use an "
+                       "earlier checkpoint")
 
 
 def load_checkpoint(path):
     """Read a checkpoint with `weights_only=True`: a `.safetensors` export (its `config.json` beside it becomes
-    `model_config`), or a torch file (official or regdit training checkpoint, or a bare state dict)."""
+    `model_config`), or a torch file (official or regdit training checkpoint, or a bare state dict). The checksum
+    that regdit checkpoints and exports record is verified (official files have none). Every failure is a one-line
+    RegditError naming the file."""
     path = Path(path)
     if path.is_dir():
         found = sorted(path.glob("model.safetensors")) or sorted(path.glob("checkpoints/*.pt"))[-1:]
@@ -24,26 +92,59 @@ def load_checkpoint(path):
                           "a training checkpoint (EXP/checkpoints/NNNNNNN.pt) or an export (DIR/model.safetensors)"))
     if not path.is_file():
         raise RegditError(f"checkpoint {path} does not exist: pass the path of a .pt or .safetensors file")
-    try:
-        if path.suffix == ".safetensors":  # an export: settings in config.json beside it
-            config = json.loads(path.with_name("config.json").read_text())
-            return {"ema": load_file(path), "model_config": config["model"], "latents": config.get("latents") or {},
-                    "args": argparse.Namespace(path_type=config.get("path_type"))}
-        # official checkpoints pickle their argparse args; allowed per call (libraries may reset the global list)
+    if path.stat().st_size == 0:
+        raise RegditError(f"checkpoint {path} is empty (0 bytes): copy it again or use an earlier checkpoint")
+    if path.suffix == ".safetensors":
+        return _load_export(path)
+    try:  # official checkpoints pickle their argparse args; allowed per call (libraries may reset the global list)
         with torch.serialization.safe_globals([argparse.Namespace]):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zip, bad pickle, foreign format: all unreadable for the user
-        reason = (str(error).splitlines() or [""])[0][:120]  # some errors have an empty message
-        raise RegditError(f"checkpoint {path} is unreadable ({type(error).__name__}: {reason}): "
-                          "pass a training checkpoint (.pt) or an export (.safetensors); if it is one, it is truncated "
-                          "or corrupt: copy it again or use an earlier checkpoint") from None
-    if isinstance(checkpoint, dict) and "ema" not in checkpoint and "model" not in checkpoint:
-        checkpoint = {"ema": checkpoint}  # a bare state dict, like some released weights
+        raise _unreadable(path, error) from None
+    if not isinstance(checkpoint, dict):
+        raise RegditError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a checkpoint (a dict of "
+                          "weights): pass a training checkpoint (.pt) or an export (.safetensors)")
+    if "checksum" in checkpoint:
+        recorded = checkpoint.pop("checksum")
+        _verify(checkpoint, recorded, f"checkpoint {path}", "saved; use an earlier checkpoint or copy it again")
+    if "ema" not in checkpoint and "model" not in checkpoint:  # a bare state dict, like some released weights
+        if not checkpoint or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+            raise RegditError(f"checkpoint {path} has no model weights (keys: {', '.join(map(str, checkpoint))}): "
+                              "pass a training checkpoint (.pt) or an export (.safetensors)")
+        checkpoint = {"ema": checkpoint}
     return checkpoint
 
 
+def _load_export(path):
+    """An export: EMA weights in `path`, its settings in the config.json beside it."""
+    config_path = path.with_name("config.json")
+    if not config_path.is_file():
+        raise RegditError(f"export {path} has no config.json beside it: put the config.json that `regdit export` "
+                          "wrote in the same folder, or export again")
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as error:  # bad JSON or bad UTF-8
+        raise RegditError(f"{config_path}, the settings of {path}, is not JSON ({_reason(error)}): copy it again or "
+                          "export again") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise RegditError(f'{config_path}, the settings of {path}, has no "model" settings: copy it again or export '
+                          "again")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata, ema = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as error:  # bad header, truncated file
+        raise _unreadable(path, error) from None
+    if "checksum" in metadata:
+        _verify(ema, metadata["checksum"], f"export {path}", "exported; copy it again or export it again")
+    return {"ema": ema, "model_config": config["model"], "latents": config.get("latents") or {},
+            "args": argparse.Namespace(path_type=config.get("path_type"))}
+
+
 def save_checkpoint(obj, path):
-    """torch.save through `atomic_write`: the previous checkpoint survives a crash or a full disk."""
+    """torch.save of the dict `obj` through `atomic_write` (the previous checkpoint survives a crash or a full disk),
+    with the `tensor_checksum` of its tensors under "checksum", which `load_checkpoint` verifies and removes."""
+    obj = {k: v for k, v in obj.items() if k != "checksum"}
+    obj["checksum"] = tensor_checksum(obj)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as f:
         torch.save(obj, f)
@@ -156,11 +257,11 @@ def build_model_from_checkpoint(checkpoint, source="checkpoint", weights="ema", 
 
 
 @dataclass
-class ExportConfig:
+class ExportConfig(Settings):
     ckpt: str | None = flag(None, "a regdit or official training checkpoint (.pt)", positional=True, required=True)
     output: str | None = flag(None, "folder for model.safetensors and config.json", required=True)
     num_heads: int | None = flag(None, "attention heads, only needed for custom model sizes (standard sizes know "
-                                       "theirs)")
+                                       "theirs)", at_least=1)
 
 
 def export(config: ExportConfig):
@@ -180,6 +281,6 @@ def export(config: ExportConfig):
     with atomic_write(output_dir / "config.json", "w") as f:
         f.write(json.dumps(settings, indent=2) + "\n")
     with atomic_write(output_dir / "model.safetensors") as f:
-        f.write(save(ema, metadata={"format": "pt"}))
+        f.write(save(ema, metadata={"format": "pt", "checksum": tensor_checksum(ema)}))  # load_checkpoint checks it
     print(f"wrote {output_dir / 'model.safetensors'}")
     return output_dir / "model.safetensors"

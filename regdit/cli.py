@@ -11,6 +11,7 @@ import sys
 
 from regdit import RegditError, describe_os_error
 from regdit.config import add_dataclass_arguments, config_from_args, missing_required, preset_and_yaml_defaults
+from regdit.runlock import stop_with_launcher
 
 COMMANDS = {  # name -> (module, config class, function, one-line help)
     "prepare images": ("regdit.prepare", "PrepareImagesConfig", "prepare_images",
@@ -99,6 +100,7 @@ def parse_config(argv):
 
 
 def main(argv=None):
+    stop_with_launcher()  # a worker of a killed torchrun / accelerate launch ends instead of writing on
     argv = sys.argv[1:] if argv is None else argv
     command = command_of(argv)
     try:

@@ -3,25 +3,28 @@
 A PyTorch port of the ADM evaluator (guided-diffusion/evaluations/evaluator.py) without TensorFlow. The network is
 torch-fidelity's port of the same 2015-12-05 Inception graph, TF1 bilinear resize included; the metrics mirror ADM:
 FID on pool_3, sFID on the first 7 channels of `mixed_6/conv` (= `Mixed_6d.branch1x1`), IS on the unbiased softmax,
-precision/recall with ADM's ManifoldEstimator (k = 3, squared distances in float16).
+precision/recall with ADM's ManifoldEstimator (k = 3, squared distances of float16 features, see ManifoldEstimator).
 """
 import concurrent.futures
 import contextlib
+import io
 import json
 import os
 import sys
 import warnings
 import zipfile
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch_fidelity
-from PIL import Image
 from scipy import linalg, special
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from tqdm import tqdm
 
 from regdit import RegditError, atomic_write
+from regdit.config import Settings, flag
+from regdit.images import list_files, read_image
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_ENV = "REGDIT_INCEPTION_WEIGHTS"
@@ -132,8 +135,7 @@ class ImageFolder:
     """Same-sized RGB images under a folder (recursive, sorted by relative path) as an array-like like NpzImages."""
 
     def __init__(self, root, num_images=None):
-        self.paths = sorted(os.path.join(folder, name) for folder, _, names in os.walk(root) for name in names
-                            if name.lower().endswith(IMAGE_SUFFIXES))
+        self.paths = [os.path.join(root, name) for name in list_files(root, IMAGE_SUFFIXES)]
         if not self.paths:
             raise RegditError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}) found; pass a folder of images or an "
                               f".npz")
@@ -141,25 +143,12 @@ class ImageFolder:
             raise RegditError(f"{root} holds {len(self.paths)} images, fewer than the {num_images} asked for; lower "
                               f"--num-samples")
         self.paths = self.paths[:num_images]
-        with Image.open(self.paths[0]) as first:
-            self.shape = (len(self.paths), first.height, first.width, 3)
+        self.shape = (len(self.paths), *read_image(self.paths[0]).shape)  # every image must have the first's size
         # PIL decodes outside the GIL, so a few threads keep the Inception network fed.
         self._pool = concurrent.futures.ThreadPoolExecutor(min(16, os.cpu_count() or 1))
 
     def _read(self, path):
-        try:
-            with Image.open(path) as image:
-                if image.mode != "RGB":
-                    raise RegditError(f"{path} is {image.mode}, not RGB; convert the folder with `regdit prepare "
-                                      f"images`")
-                pixels = np.asarray(image)
-        except OSError as error:  # PIL's unreadable or truncated image
-            raise RegditError(f"{path} is not a readable image ({error}); remove or replace it") from None
-        if pixels.shape != self.shape[1:]:
-            raise RegditError(f"{path} is {pixels.shape[1]}x{pixels.shape[0]}, the first image is "
-                              f"{self.shape[2]}x{self.shape[1]}; bring the folder to one size with `regdit prepare "
-                              f"images`")
-        return pixels
+        return read_image(path, self.shape[1:])
 
     def __len__(self):
         return self.shape[0]
@@ -201,17 +190,28 @@ def inception_weights_path(weights_path=None):
 
 
 def load_inception(weights_path=None, device=None):
-    """torch-fidelity's TF-exact Inception-v3 with its weights read from a local file (see inception_weights_path)."""
+    """torch-fidelity's TF-exact Inception-v3 with its weights read from a local file (see inception_weights_path).
+
+    The file is read once, with `weights_only=True`, so nothing pickled in it runs.
+    """
     path = inception_weights_path(weights_path)
-    # torch-fidelity unpickles the file without restrictions; load it once with weights_only so no code runs.
     try:
-        torch.load(path, map_location="cpu", weights_only=True)
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load raises pickle, zip and runtime errors alike
         raise RegditError(f"{path} is not a loadable Inception state dict ({type(error).__name__}); download "
                           f"{URL_INCEPTION_V3} again") from None
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise RegditError(f"{path} is not a loadable Inception state dict (a {type(state_dict).__name__}, not a "
+                          f"mapping of names to tensors); download {URL_INCEPTION_V3} again")
+    # torch-fidelity takes only a file, which it unpickles without restrictions (weights_only=False): give it the
+    # tensors just read, saved again in memory, rather than the path, which it would read a second time unsafely.
+    tensors = io.BytesIO()
+    torch.save(state_dict, tensors)
+    tensors.seek(0)
+    del state_dict
     try:
         model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
-                                            feature_extractor_weights_path=path)
+                                            feature_extractor_weights_path=tensors)
     except RuntimeError as error:
         raise RegditError(f"{path} does not hold torch-fidelity's Inception-v3 weights "
                           f"({str(error).splitlines()[0]}); download {URL_INCEPTION_V3}") from None
@@ -286,16 +286,20 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """ADM's FIDStatistics.frechet_distance: |mu1 - mu2|^2 + tr(s1 + s2 - 2 sqrt(s1 s2)).
 
     sqrtm of a singular product can fail (non-finite): retry with eps * I added to both covariances. A complex
-    root is accepted when its diagonal is real to 1e-3, as in ADM.
+    root is accepted when its diagonal is real to 1e-3, as in ADM. Non-finite statistics give nan (which the
+    command refuses), not a sqrtm error or a bogus "imaginary component".
     """
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    if not all(np.isfinite(array).all() for array in (mu1, sigma1, mu2, sigma2)):
+        return float("nan")
     diff = mu1 - mu2
     with warnings.catch_warnings():  # ADM's disp=False (removed from scipy): no warning, the finiteness check decides
         warnings.simplefilter("ignore", linalg.LinAlgWarning)
         covmean = linalg.sqrtm(sigma1.dot(sigma2))
         if not np.isfinite(covmean).all():
-            warnings.warn(f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates")
+            warnings.warn(f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates",
+                          stacklevel=2)
             offset = np.eye(sigma1.shape[0]) * eps
             covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
     if np.iscomplexobj(covmean):
@@ -320,8 +324,16 @@ class ManifoldEstimator:
     """ADM's ManifoldEstimator (improved precision and recall, Kynkaanniemi et al. 2019) in torch.
 
     Each point's manifold radius is the squared distance to its k-th nearest neighbour (the point itself is
-    neighbour 0). Distances are ADM's DistanceBlock: |u|^2 - 2 u.v + |v|^2 clamped at 0, in float16, recomputed in
-    float32 for a block where any float16 value is not finite; blocks of 10000 x 10000 as in ADM.
+    neighbour 0). Distances are ADM's DistanceBlock, |u|^2 - 2 u.v + |v|^2 clamped at 0 on float16 features,
+    recomputed in float32 for a block where any float16 value is not finite; blocks of 10000 x 10000 as in ADM.
+
+    Not bit-exact to ADM: the float16 squares are summed in float32 and each norm is rounded to float16 once (u.v
+    likewise: a float32-accumulated matmul rounded once), while TF's float16 reduce_sum keeps float16 partial sums
+    on GPU. Measured by `benchmarks/bench_eval.py --norm-accumulation` (4000 vs 4000 pool_3-like features, squared
+    norms ~980, k = 3 radii ~420): float16 partial sums move distances by at most 2 (pairwise tree) to 4 (32
+    strided lanes, then a tree) and precision/recall by +0.002/+0.001 (0.5577/0.6062 here); a purely sequential
+    float16 sum would move distances by up to 105 and precision/recall by +0.024/+0.016. Float16 itself (against
+    float32 features) moves them by +0.003/+0.004.
     """
 
     def __init__(self, row_batch_size=10000, col_batch_size=10000, nhood_sizes=(NEIGHBOURHOOD,), device=None):
@@ -332,9 +344,9 @@ class ManifoldEstimator:
 
     @staticmethod
     def _squared_distances(u, v):
-        norm_u = u.square().sum(1, keepdim=True)  # float16 sums accumulate in float32 and round once (as TF)
+        norm_u = u.square().sum(1, keepdim=True)  # torch sums float16 in float32 and rounds once (see the docstring)
         norm_v = v.square().sum(1)[None]
-        uv = (u.float() @ v.float().T).to(u.dtype)  # float16 inputs, float32 accumulation, like a TF fp16 matmul
+        uv = (u.float() @ v.float().T).to(u.dtype)  # float32 accumulation: TF_FP16_MATMUL_USE_FP32_COMPUTE default
         return (norm_u - 2 * uv + norm_v).clamp_min(0)
 
     def pairwise_distances(self, u, v):
@@ -402,6 +414,9 @@ def read_reference_statistics(path):
         if mu.shape != (dims,) or sigma.shape != (dims, dims):
             raise RegditError(f"{path}: {name} have shapes {mu.shape}, {sigma.shape}, expected ({dims},), "
                               f"({dims}, {dims}); rebuild it with `regdit eval --make-ref`")
+        if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+            raise RegditError(f"{path}: {name} hold non-finite values, so FID against them is not a number; rebuild "
+                              f"it with `regdit eval --make-ref`")
     return tuple(stats[:2]), tuple(stats[2:])
 
 
@@ -411,29 +426,51 @@ def _check_count(path, count):
                           f"{NEIGHBOURHOOD}rd nearest neighbours)")
 
 
-def evaluate(ref_npz, sample_npz, inception_weights=None, batch_size=64, num_samples=None, device=None):
+def check_resolutions(ref_npz, ref_shape, sample_npz, sample_shape, allow_mismatch=False):
+    """Refuse (or, when allowed, warn about) a reference and samples of different sizes: Inception resizes both to
+    299 px, so the metrics would run, but they would score the resizing as much as the model."""
+    (ref_height, ref_width), (height, width) = ref_shape[1:3], sample_shape[1:3]
+    if (ref_height, ref_width) == (height, width):
+        return
+    mismatch = (f"the reference {ref_npz} is {ref_width}x{ref_height} px but the samples {sample_npz} are "
+                f"{width}x{height} px")
+    if not allow_mismatch:
+        raise RegditError(f"{mismatch}: the metrics would not be comparable to published ones; use a reference "
+                          f"batch of the samples' resolution, or pass --allow-resolution-mismatch")
+    print(f"warning: {mismatch}; the metrics are not comparable to published ones", file=sys.stderr)
+
+
+def evaluate(ref_npz, sample_npz, inception_weights=None, batch_size=64, num_samples=None, device=None,
+             allow_resolution_mismatch=False):
     """IS, FID, sFID, precision and recall of `sample_npz` (`arr_0`; the first `num_samples` if given) against
-    `ref_npz` (`arr_0` plus optional `mu, sigma, mu_s, sigma_s`), as ADM's evaluator computes them."""
+    `ref_npz` (`arr_0` plus optional `mu, sigma, mu_s, sigma_s`), as ADM's evaluator computes them.
+
+    Both files, their sizes and the reference statistics are checked before the first Inception forward."""
     device = device or default_device()
     with load_npz_images(ref_npz) as ref_images, load_npz_images(sample_npz, num_samples) as sample_images:
         _check_count(ref_npz, len(ref_images))
         _check_count(sample_npz, len(sample_images))
+        check_resolutions(ref_npz, ref_images.shape, sample_npz, sample_images.shape, allow_resolution_mismatch)
+        ref_stats = read_reference_statistics(ref_npz)
         weights = inception_weights_path(inception_weights)
         model = load_inception(weights, device)
         ref = compute_activations(ref_images, model, batch_size, desc="reference")
         sample = compute_activations(sample_images, model, batch_size, desc="samples")
+        resolutions = {"ref_resolution": list(ref_images.shape[1:3]),
+                       "sample_resolution": list(sample_images.shape[1:3])}
     few = [f"{path} ({count})" for path, count in ((ref_npz, len(ref["pool"])), (sample_npz, len(sample["pool"])))
            if count < POOL_FEATURES]
     if few:
         print(f"warning: fewer than {POOL_FEATURES} images (the Inception feature size) in {' and '.join(few)}: FID "
               f"is rank-deficient and strongly biased; these metrics are not comparable to 50k-sample numbers",
               file=sys.stderr)
-    ref_stats = read_reference_statistics(ref_npz)
     ref_stats_source = "npz" if ref_stats else "arr_0"
     ref_stats = ref_stats or (fid_statistics(ref["pool"]), fid_statistics(ref["spatial"]))
     precision, recall = ManifoldEstimator(device=device).precision_recall(ref["pool"], sample["pool"])
+    with np.errstate(over="ignore", invalid="ignore"):  # overflowing logits give nan, which run_eval refuses
+        score = inception_score(special.softmax(sample["logits"], axis=1))
     return {
-        "inception_score": inception_score(special.softmax(sample["logits"], axis=1)),
+        "inception_score": score,
         "fid": frechet_distance(*fid_statistics(sample["pool"]), *ref_stats[0]),
         "sfid": frechet_distance(*fid_statistics(sample["spatial"]), *ref_stats[1]),
         "precision": precision,
@@ -441,7 +478,7 @@ def evaluate(ref_npz, sample_npz, inception_weights=None, batch_size=64, num_sam
         "settings": {
             "ref_batch": os.path.abspath(ref_npz), "sample_batch": os.path.abspath(sample_npz),
             "num_ref": len(ref["pool"]), "num_samples": len(sample["pool"]),
-            "ref_statistics_from": ref_stats_source, "batch_size": batch_size,
+            "ref_statistics_from": ref_stats_source, **resolutions, "batch_size": batch_size,
             "inception_weights": os.path.abspath(weights),
             "device": str(device), "torch": torch.__version__, "torch_fidelity": torch_fidelity.__version__,
         },
@@ -457,6 +494,9 @@ def make_reference(source, output, inception_weights=None, batch_size=64, num_im
         _check_count(source, len(images))
         model = load_inception(inception_weights, device)
         activations = compute_activations(images, model, batch_size, desc="reference")
+        if not (np.isfinite(activations["pool"]).all() and np.isfinite(activations["spatial"]).all()):
+            raise RegditError(f"Inception features of {source} are not finite, so no reference is written; the "
+                              f"weights {inception_weights_path(inception_weights)} are likely broken")
         keep = np.unique(np.linspace(0, len(images) - 1, min(ref_images, len(images))).round().astype(int))
         arr_0 = np.stack([images[index:index + 1][0] for index in keep])
     (mu, sigma), (mu_s, sigma_s) = fid_statistics(activations["pool"]), fid_statistics(activations["spatial"])
@@ -471,53 +511,102 @@ def make_reference(source, output, inception_weights=None, batch_size=64, num_im
 
 METRIC_NAMES = {"inception_score": "Inception Score", "fid": "FID", "sfid": "sFID", "precision": "Precision",
                 "recall": "Recall"}
+NON_FINITE_CAUSES = {  # the likely reason a metric is not a number
+    "inception_score": "the Inception logits overflow or are not finite (check --inception-weights)",
+    "fid": "non-finite pool_3 features or a failed covariance square root (check --inception-weights, --device)",
+    "sfid": "non-finite Mixed_6d features or a failed covariance square root (check --inception-weights, --device)",
+}
 
 
-def add_arguments(parser):
-    parser.add_argument("--ref_batch", "--ref-batch", dest="ref_batch", metavar="REF.npz",
-                        help="reference batch: arr_0 uint8 NHWC images, optionally mu/sigma/mu_s/sigma_s")
-    parser.add_argument("--sample_batch", "--sample-batch", dest="sample_batch", metavar="SAMPLES.npz",
-                        help="samples to evaluate: arr_0 uint8 NHWC images (as written by `regdit sample`)")
-    parser.add_argument("--make-ref", metavar="IMAGES_DIR_OR_NPZ",
-                        help="instead of evaluating, build a reference .npz (written to --output) from these images")
-    parser.add_argument("--ref-images", type=int, default=10000,
-                        help="with --make-ref: images kept in arr_0 for recall (the statistics use all images)")
-    parser.add_argument("--inception-weights", metavar="PATH",
-                        help=f"{INCEPTION_WEIGHTS_FILE} (from {URL_INCEPTION_V3}); None: ${INCEPTION_WEIGHTS_ENV}, "
-                             f"else torch-fidelity's download cache")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per Inception forward")
-    parser.add_argument("--num-samples", type=int,
-                        help="evaluate exactly the first N samples (--make-ref: the first N images); None: all")
-    parser.add_argument("--output", metavar="PATH",
-                        help="metrics JSON; None: SAMPLES.metrics.json beside the samples. With --make-ref: the "
-                             "reference .npz to write")
-    parser.add_argument("--device", help="torch device; None: cuda if available, else cpu")
+NEEDS_BATCHES = ("regdit eval needs --ref_batch REF.npz and --sample_batch SAMPLES.npz (or --make-ref IMAGES --output "
+                 "REF.npz to build a reference)")
 
 
-def main(args):
-    for flag, value in (("--batch-size", args.batch_size), ("--num-samples", args.num_samples),
-                        ("--ref-images", args.ref_images)):
-        if value is not None and value < 1:
-            raise RegditError(f"{flag} must be a positive integer, got {value}")
-    if args.make_ref:
-        if args.ref_batch or args.sample_batch:
-            raise RegditError("--make-ref builds a reference and evaluates nothing: drop --ref_batch/--sample_batch")
-        if not args.output:
-            raise RegditError(f"--make-ref {args.make_ref} needs --output REF.npz (the reference file to write)")
-        summary = make_reference(args.make_ref, args.output, args.inception_weights, args.batch_size,
-                                 args.num_samples, args.ref_images, args.device)
+@dataclass
+class EvalConfig(Settings):
+    """Settings of `regdit eval`: evaluate samples against a reference batch, or build one with --make-ref."""
+
+    ref_batch: str | None = flag(None, "reference batch: arr_0 uint8 NHWC images, optionally mu/sigma/mu_s/sigma_s",
+                                 aliases=("--ref_batch",), metavar="REF.npz")
+    sample_batch: str | None = flag(None, "samples to evaluate: arr_0 uint8 NHWC images (as written by `regdit "
+                                    "sample`)", aliases=("--sample_batch",), metavar="SAMPLES.npz")
+    make_ref: str | None = flag(None, "instead of evaluating, build a reference .npz (written to --output) from "
+                                "these images", metavar="IMAGES_DIR_OR_NPZ")
+    ref_images: int = flag(10000, "with --make-ref: images kept in arr_0 for recall (the statistics use all images)",
+                           at_least=1)
+    inception_weights: str | None = flag(None, f"{INCEPTION_WEIGHTS_FILE} (from {URL_INCEPTION_V3}); None: "
+                                         f"${INCEPTION_WEIGHTS_ENV}, else torch-fidelity's download cache",
+                                         metavar="PATH")
+    batch_size: int = flag(64, "images per Inception forward", at_least=1)
+    num_samples: int | None = flag(None, "evaluate exactly the first N samples (--make-ref: the first N images); "
+                                   "None: all", at_least=1)
+    output: str | None = flag(None, "metrics JSON; None: SAMPLES.metrics.json beside the samples. With --make-ref: "
+                              "the reference .npz to write", metavar="PATH")
+    device: str | None = flag(None, "torch device; None: cuda if available, else cpu")
+    allow_resolution_mismatch: bool = flag(False, "evaluate samples against a reference of another resolution "
+                                           "(the metrics are then not comparable to published ones)")
+
+    def check(self):
+        if self.make_ref:
+            if self.ref_batch or self.sample_batch:
+                raise RegditError("--make-ref builds a reference and evaluates nothing: drop --ref_batch and "
+                                  "--sample_batch")
+            if not self.output:
+                raise RegditError(f"--make-ref {self.make_ref} needs --output REF.npz (the reference file to write)")
+        elif (self.ref_batch is None) != (self.sample_batch is None):
+            raise RegditError(NEEDS_BATCHES)
+
+
+def output_path(config):
+    """The file the command writes: --output, else the metrics JSON beside the samples."""
+    if config.output or config.make_ref:
+        return config.output
+    return os.path.splitext(config.sample_batch)[0] + ".metrics.json"
+
+
+def check_output_file(path):
+    """A one-line error now, not after the Inception forwards, when `path` cannot be written (atomic_write puts a
+    temporary file beside it, so its folder must exist and be writable)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise RegditError(f"cannot write {path}: it is a folder; pass a file path as --output")
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise RegditError(f"cannot write {path}: {folder} is a file, not a folder; pass another --output")
+    if not os.path.isdir(folder):
+        raise RegditError(f"cannot write {path}: the folder {folder} does not exist; create it or pass another "
+                          f"--output")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise RegditError(f"cannot write {path}: the folder {folder} is not writable; pass another --output")
+
+
+def check_finite(results):
+    """Refuse metrics that are not numbers (nan, inf): they must not be written as if they were scores."""
+    bad = [key for key in METRIC_NAMES if not np.isfinite(results[key])]
+    if bad:
+        values = ", ".join(f"{METRIC_NAMES[key]} = {results[key]}" for key in bad)
+        causes = "; ".join(dict.fromkeys(NON_FINITE_CAUSES.get(key, "non-finite Inception features") for key in bad))
+        raise RegditError(f"{values}: not finite, so no metrics file is written; likely cause: {causes}")
+
+
+def run_eval(config):
+    """`regdit eval`: print and write the metrics of --sample-batch against --ref-batch (or build a reference)."""
+    if not (config.make_ref or config.ref_batch):
+        raise RegditError(NEEDS_BATCHES)
+    output = output_path(config)
+    check_output_file(output)
+    if config.make_ref:
+        summary = make_reference(config.make_ref, output, config.inception_weights, config.batch_size,
+                                 config.num_samples, config.ref_images, config.device)
         print(f"wrote {summary['reference']}: statistics of {summary['images_in_statistics']} images, "
               f"arr_0 of {summary['images_in_arr_0']}")
-        return
-    if not (args.ref_batch and args.sample_batch):
-        raise RegditError("regdit eval needs --ref_batch REF.npz and --sample_batch SAMPLES.npz (or --make-ref "
-                          "IMAGES --output REF.npz to build a reference)")
-    results = evaluate(args.ref_batch, args.sample_batch, args.inception_weights, args.batch_size,
-                       args.num_samples, args.device)
-    output = args.output or os.path.splitext(args.sample_batch)[0] + ".metrics.json"
+        return summary
+    results = evaluate(config.ref_batch, config.sample_batch, config.inception_weights, config.batch_size,
+                       config.num_samples, config.device, config.allow_resolution_mismatch)
+    check_finite(results)
     print(f"{'metric':<16} {'value':>10}")
     for key, name in METRIC_NAMES.items():
         print(f"{name:<16} {results[key]:>10.4f}")
     with atomic_write(output) as file:
         file.write(json.dumps(results, indent=2).encode())
     print(f"wrote {output}")
+    return results

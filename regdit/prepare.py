@@ -9,7 +9,6 @@ import functools
 import json
 import multiprocessing
 import os
-import re
 import shutil
 import sys
 import zipfile
@@ -22,11 +21,12 @@ import PIL.ImageOps
 import torch
 from tqdm import tqdm
 
-from regdit import RegditError, atomic_write, cpu_launch, writing_into
+from regdit import RegditError, atomic_write, cpu_launch, remove_temp_files, writing_into
 from regdit import vae as vae_lib
 from regdit.config import Settings, flag
 from regdit.data import LAYOUTS, PROGRESS, read_json, write_json
 from regdit.images import image_extensions, list_files, read_image
+from regdit.runlock import LOCK_NAME, RunLock, lock_run
 
 # ------------------------------------------------------------------------------------------------ pixels and crops
 
@@ -96,7 +96,7 @@ def claim_dest(out, settings, finished_path):
         previous = read_json(settings_path, fix)
     elif os.path.isfile(finished_path):
         previous = read_json(finished_path, fix).get("settings")
-    elif os.path.isdir(out) and os.listdir(out):
+    elif os.path.isdir(out) and [n for n in os.listdir(out) if not n.startswith(LOCK_NAME)]:
         raise RegditError(f"{out} is not empty and holds no regdit prepare output; {fix}")
     else:
         return False
@@ -176,7 +176,6 @@ def _convert(job):
     return index, None
 
 
-TEMP_FILE = re.compile(r"\..+\.tmp\d+")  # regdit.atomic_write's `.NAME.tmpPID`
 
 
 def _is_complete(job):
@@ -192,16 +191,10 @@ def _is_complete(job):
 
 
 def finished_images(dest, resolution, pool):
-    """The output names (`image_name`) an earlier run finished. Removes the temporary files of killed writes, and
-    the PNGs that are not whole images (a write killed on a file system without atomic rename, or damage after
-    it) so that they are converted again."""
-    pngs = []
-    for folder, _, files in os.walk(dest):
-        for name in files:
-            if TEMP_FILE.fullmatch(name):
-                os.remove(os.path.join(folder, name))
-            elif name.endswith(".png"):
-                pngs.append((os.path.join(folder, name), resolution))
+    """The output names (`image_name`) an earlier run finished. Removes the PNGs that are not whole images (a write
+    killed on a file system without atomic rename, or damage after it) so that they are converted again."""
+    pngs = [(os.path.join(folder, name), resolution) for folder, _, files in os.walk(dest) for name in files
+            if name.endswith(".png")]
     finished = set()
     for path, complete in pool.imap_unordered(_is_complete, pngs, chunksize=64):
         if complete:
@@ -243,10 +236,11 @@ def prepare_images(config: PrepareImagesConfig):
         raise RegditError(f"{source} contains no images ({', '.join(sorted(image_extensions())[:6])}, ...)")
     labels, classes = source_labels(source, names)
     settings = {"source": source, "resolution": resolution, "transform": transform}
-    claim_dest(dest, settings, os.path.join(dest, "dataset.json"))
-
     skipped = []
-    with multiprocessing.Pool(config.workers) if config.workers else _InProcess() as pool, writing_into(dest):
+    with RunLock(dest, "prepare images"), writing_into(dest), (
+            multiprocessing.Pool(config.workers) if config.workers else _InProcess()) as pool:
+        claim_dest(dest, settings, os.path.join(dest, "dataset.json"))
+        remove_temp_files(dest)
         start_progress(dest, settings)
         done = finished_images(dest, resolution, pool)
         jobs = [(i, source, n, os.path.join(dest, image_name(i)), resolution, transform)
@@ -373,22 +367,24 @@ def prepare_latents(config: PrepareLatentsConfig):
     settings = {"source": source, "num_images": len(names), "resolution": resolution,
                 "vae": vae_lib.resolve_vae_name(config.vae), "flip": flip, "layout": config.layout,
                 "shard_size": shard_size}
-    if claim_dest(writer.out, settings, writer.finished_path):  # every process checks before the main one writes
+    with lock_run(dest, "prepare latents", state), writing_into(dest):
+        if claim_dest(writer.out, settings, writer.finished_path):  # every process checks before the main one writes
+            if state.is_main_process:
+                print(f"{dest}: already prepared with these settings")
+            return dest
+        writer.claim(source, names, resolution)
         if state.is_main_process:
-            print(f"{dest}: already prepared with these settings")
-        return dest
-    writer.claim(source, names, resolution)
+            remove_temp_files(dest)
 
-    vae_model = vae_lib.load_vae(config.vae, state.device)
-    moments_shape = tuple(vae_lib.encode_moments(vae_model, torch.zeros(1, 3, resolution, resolution,
-                                                                        dtype=torch.uint8)).shape[1:])
-    factor = resolution // moments_shape[1]
-    # The SD-VAE halves the size 3 times, rounding down: only multiples of 8 give an exact power-of-two factor (20 px
-    # gives a 2x2 latent, a factor of 10).
-    if factor * moments_shape[1] != resolution or factor & (factor - 1):
-        raise RegditError(f"{source}: {resolution} px images give a {moments_shape[1]}x{moments_shape[2]} latent "
-                          f"that does not tile them; prepare the images at a multiple of 8 px")
-    with writing_into(dest):
+        vae_model = vae_lib.load_vae(config.vae, state.device)
+        blank = torch.zeros(1, 3, resolution, resolution, dtype=torch.uint8)
+        moments_shape = tuple(vae_lib.encode_moments(vae_model, blank).shape[1:])
+        factor = resolution // moments_shape[1]
+        # The SD-VAE halves the size 3 times, rounding down: only multiples of 8 give an exact power-of-two factor
+        # (20 px gives a 2x2 latent, a factor of 10).
+        if factor * moments_shape[1] != resolution or factor & (factor - 1):
+            raise RegditError(f"{source}: {resolution} px images give a {moments_shape[1]}x{moments_shape[2]} latent "
+                              f"that does not tile them; prepare the images at a multiple of 8 px")
         state.wait_for_everyone()
         if state.is_main_process:
             start_progress(writer.out, settings)

@@ -29,12 +29,13 @@ import torch
 from accelerate import PartialState
 from tqdm import tqdm
 
-from regdit import RegditError, __version__, atomic_write, check_writable, cpu_launch
+from regdit import RegditError, __version__, atomic_write, check_writable, cpu_launch, remove_temp_files
 from regdit.checkpoint import build_model_from_checkpoint, load_checkpoint
 from regdit.config import Settings, changed_setting, flag
 from regdit.images import read_image
 from regdit.interpolants import PATH_TYPES
 from regdit.models import SiT_models
+from regdit.runlock import lock_run
 from regdit.samplers import SAMPLERS
 from regdit.vae import decode_latents, load_vae, resolve_vae_name
 
@@ -194,7 +195,7 @@ class SampleConfig(Settings):
                             required=True)
     # model
     model: str | None = flag(None, f"model size and patch, one of {', '.join(SiT_models)}",
-                             choices=sorted(SiT_models), metavar="NAME")
+                             choices=SiT_models, metavar="NAME")
     resolution: int | None = flag(None, "image resolution", at_least=1)
     num_classes: int | None = flag(None, "number of classes", at_least=1)
     projector_embed_dims: str | None = flag(None, "encoder widths, comma-separated")
@@ -277,34 +278,37 @@ def sample(config: SampleConfig, model=None):
     folder = Path(config.sample_dir) / run_name
     npz_path = folder.parent / f"{folder.name}.npz"
 
-    check_resumable(folder, settings)  # on every process, so that all of them stop together
-    if state.is_main_process:
-        folder.mkdir(parents=True, exist_ok=True)
-        with atomic_write(folder / SETTINGS, "w") as f:
-            f.write(json.dumps(settings, indent=2) + "\n")
-        # a label is the first draw of its index's stream: all of them up front, for packing and for resumed runs
-        labels = draw_labels(sample_generators(range(num_samples), config.global_seed, state.device),
-                             range(num_samples), model.num_classes, config.balanced)
-        with atomic_write(folder / LABELS) as f:
-            np.save(f, labels.cpu().numpy().astype(np.int64))
-    state.wait_for_everyone()
-    chunks = [range(start, min(start + batch_size, num_samples)) for start in range(0, num_samples, batch_size)]
-    pending = [chunk for chunk in chunks if not all(png_done(png_path(folder, i)) for i in chunk)]
-    state.wait_for_everyone()  # all processes listed the same finished chunks before any writes new ones
-    state.print(f"{folder}: {num_samples - sum(map(len, pending))} of {num_samples} samples done, "
-                f"sampling {sum(map(len, pending))} on {state.num_processes} process(es)")
+    with lock_run(folder, "sample", state):  # one writer per run folder
+        if state.is_main_process:
+            remove_temp_files(folder)  # of writes a kill interrupted
+        check_resumable(folder, settings)  # on every process, so that all of them stop together
+        if state.is_main_process:
+            folder.mkdir(parents=True, exist_ok=True)
+            with atomic_write(folder / SETTINGS, "w") as f:
+                f.write(json.dumps(settings, indent=2) + "\n")
+            # a label is the first draw of its index's stream: all of them up front, for packing and for resumed runs
+            labels = draw_labels(sample_generators(range(num_samples), config.global_seed, state.device),
+                                 range(num_samples), model.num_classes, config.balanced)
+            with atomic_write(folder / LABELS) as f:
+                np.save(f, labels.cpu().numpy().astype(np.int64))
+        state.wait_for_everyone()
+        chunks = [range(start, min(start + batch_size, num_samples)) for start in range(0, num_samples, batch_size)]
+        pending = [chunk for chunk in chunks if not all(png_done(png_path(folder, i)) for i in chunk)]
+        state.wait_for_everyone()  # all processes listed the same finished chunks before any writes new ones
+        state.print(f"{folder}: {num_samples - sum(map(len, pending))} of {num_samples} samples done, "
+                    f"sampling {sum(map(len, pending))} on {state.num_processes} process(es)")
 
-    net = torch.compile(model) if config.compile else model
-    for chunk in tqdm(pending[state.process_index::state.num_processes], desc="sampling", unit="batch",
-                      disable=not state.is_main_process, dynamic_ncols=True):
-        images = sample_batch(net, vae_model, chunk, config.global_seed, config.balanced, config.sampler, num_steps,
-                              config.mixed_precision, **guidance)
-        for i, image in zip(chunk, images):
-            if not png_done(png_path(folder, i)):
-                with atomic_write(png_path(folder, i), sync=False) as f:
-                    PIL.Image.fromarray(image).save(f, format="PNG")
-    state.wait_for_everyone()
-    if state.is_main_process:  # no barrier after packing: it can outlast the collective timeout (10 min on NCCL)
-        pack_npz(folder, num_samples, npz_path)
-    state.print(f"wrote {npz_path}")
-    return npz_path
+        net = torch.compile(model) if config.compile else model
+        for chunk in tqdm(pending[state.process_index::state.num_processes], desc="sampling", unit="batch",
+                          disable=not state.is_main_process, dynamic_ncols=True):
+            images = sample_batch(net, vae_model, chunk, config.global_seed, config.balanced, config.sampler, num_steps,
+                                  config.mixed_precision, **guidance)
+            for i, image in zip(chunk, images):
+                if not png_done(png_path(folder, i)):
+                    with atomic_write(png_path(folder, i), sync=False) as f:
+                        PIL.Image.fromarray(image).save(f, format="PNG")
+        state.wait_for_everyone()
+        if state.is_main_process:  # no barrier after packing: it can outlast the collective timeout (10 min on NCCL)
+            pack_npz(folder, num_samples, npz_path)
+        state.print(f"wrote {npz_path}")
+        return npz_path

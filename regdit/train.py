@@ -11,6 +11,7 @@ N processes x A accumulation steps x batch B train like one process with batch N
 the device and flushes every --log-every steps; `Checkpoints` reads and writes the run's files; `SamplePreview` draws
 the EMA sample grids.
 """
+import contextlib
 import copy
 import dataclasses
 import json
@@ -29,12 +30,13 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, is_tensorboard_available, is_wandb_available
 from tqdm import tqdm
 
-from regdit import RegditError, atomic_write, check_writable, cpu_launch
+from regdit import RegditError, atomic_write, check_writable, cpu_launch, remove_temp_files
 from regdit.checkpoint import load_checkpoint, load_state_dict_checked, save_checkpoint
 from regdit.config import Settings, changed_setting, flag
 from regdit.interpolants import PATH_TYPES, WEIGHTINGS
 from regdit.loss import REGLoss
 from regdit.models import SiT, SiT_models, SiTConfig, model_arguments
+from regdit.runlock import lock_run
 
 # The paper's recipes (REG, arXiv 2507.01467, and its baselines), as flag values.
 PRESETS = {
@@ -69,7 +71,7 @@ class TrainConfig(Settings):
     resume_step: int = flag(0, "resume from checkpoints/<step>.pt; 0 resumes from the latest good checkpoint if any",
                             at_least=0)
     # model
-    model: str = flag("SiT-XL/2", "model size and patch", choices=sorted(SiT_models))
+    model: str = flag("SiT-XL/2", "model size and patch", choices=SiT_models)
     method: str = flag("reg", "reg (entangled class token + REPA), repa (projection loss only) or sit (neither)",
                        choices=["reg", "repa", "sit"])
     num_classes: int = flag(1000, "number of classes (the null class is this index)", at_least=1)
@@ -328,8 +330,10 @@ def logged_step(line):
         return math.inf
 
 
+@contextlib.contextmanager
 def setup(config):
-    """Everything a run needs, resumed from its latest checkpoint (or --resume-step) when there is one."""
+    """Everything a run needs, resumed from its latest good checkpoint (or --resume-step) when there is one, holding
+    the experiment folder's lock for the run's lifetime (one writer per experiment)."""
     from regdit.data import open_dataset
     from regdit.encoders import check_encoders, load_encoders
 
@@ -373,31 +377,36 @@ def setup(config):
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=(config.adam_beta1,
                                   config.adam_beta2), weight_decay=config.adam_weight_decay, eps=config.adam_epsilon,
                                   fused=True)
+
     def log(message):  # warnings and notes, once
         if accelerator.is_main_process:
             print(message, file=sys.stderr)
 
-    checkpoints = Checkpoints(exp_dir)
-    (resume_path, checkpoint), step, scaler_state = checkpoints.load(config.resume_step, log), 0, None
-    if resume_path is not None:
-        step, scaler_state = checkpoints.resume(resume_path, checkpoint, config, model, ema, optimizer, log)
-    raw_model = model
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if scaler_state is not None and accelerator.scaler is not None:
-        accelerator.scaler.load_state_dict(scaler_state)
-    if accelerator.is_main_process:
-        exp_dir.mkdir(parents=True, exist_ok=True)
-        with atomic_write(exp_dir / "config.yaml", "w") as f:
-            f.write(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
-        accelerator.init_trackers(config.exp_name, config={k: str(v) for k, v in dataclasses.asdict(config).items()})
-        print(f"{raw_model.config.label} ({sum(p.numel() for p in raw_model.parameters()) / 1e6:.1f}M parameters), "
-              f"{len(dataset)} samples, {world} process(es) x batch {config.batch_size // micro_batches} x "
-              f"{config.gradient_accumulation_steps} accumulation, mixed precision {mixed_precision}"
-              + (f", resumed from {resume_path}" if resume_path else ""))
-    return Namespace(accelerator=accelerator, exp_dir=exp_dir, dataset=dataset, latent_shape=latent_shape,
-                     encoders=encoders, raw_model=raw_model, model=torch.compile(model) if config.compile else model,
-                     ema=ema, optimizer=optimizer, checkpoints=checkpoints, step=step,
-                     local_batch=config.batch_size // micro_batches, mixed_precision=mixed_precision)
+    with lock_run(exp_dir, "train", accelerator):
+        if accelerator.is_main_process:
+            remove_temp_files(exp_dir)  # of writes a kill interrupted; the lock guarantees none is in progress
+        checkpoints = Checkpoints(exp_dir)
+        (resume_path, checkpoint), step, scaler_state = checkpoints.load(config.resume_step, log), 0, None
+        if resume_path is not None:
+            step, scaler_state = checkpoints.resume(resume_path, checkpoint, config, model, ema, optimizer, log)
+        raw_model = model
+        model, optimizer = accelerator.prepare(model, optimizer)
+        if scaler_state is not None and accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(scaler_state)
+        if accelerator.is_main_process:
+            settings = dataclasses.asdict(config)
+            with atomic_write(exp_dir / "config.yaml", "w") as f:
+                f.write(yaml.safe_dump(settings, sort_keys=False))
+            accelerator.init_trackers(config.exp_name, config={k: str(v) for k, v in settings.items()})
+            parameters = sum(p.numel() for p in raw_model.parameters()) / 1e6
+            print(f"{raw_model.config.label} ({parameters:.1f}M parameters), {len(dataset)} samples, {world} "
+                  f"process(es) x batch {config.batch_size // micro_batches} x {config.gradient_accumulation_steps} "
+                  f"accumulation, mixed precision {mixed_precision}"
+                  + (f", resumed from {resume_path}" if resume_path else ""))
+        yield Namespace(accelerator=accelerator, exp_dir=exp_dir, dataset=dataset, latent_shape=latent_shape,
+                        encoders=encoders, raw_model=raw_model, model=torch.compile(model) if config.compile else model,
+                        ema=ema, optimizer=optimizer, checkpoints=checkpoints, step=step,
+                        local_batch=config.batch_size // micro_batches, mixed_precision=mixed_precision)
 
 
 @torch.no_grad()
@@ -419,7 +428,12 @@ def encode_batch(config, run, images, moments, labels, draws):
 
 def train(config: TrainConfig):
     """Train until max_train_steps (or epochs); returns a summary dict (steps, logged metrics, paths, models)."""
-    run = setup(config)
+    with setup(config) as run:
+        return train_loop(config, run)
+
+
+def train_loop(config, run):
+    """The optimizer steps of a set-up run."""
     accelerator, dataset, model, optimizer, step = run.accelerator, run.dataset, run.model, run.optimizer, run.step
     rank, world, local_batch = accelerator.process_index, accelerator.num_processes, run.local_batch
     loss_fn = loss_from_config(config)

@@ -24,6 +24,9 @@ NUMBER = r"\s+\d+(\.\d+)?"
                                          "loader regdit-flip layout, 1 workers")]),
     ("bench_eval.py", ["--num-images", "4", "--batch-size", "2", "--resolution", "64"],
      [rf"Inception forward\s+4{NUMBER}{NUMBER} images/s"]),
+    ("bench_checksum.py", ["--tiny"],
+     [rf"{kind} \(tensor_checksum\){NUMBER}{NUMBER}" for kind in ("crc32", "blake2b", "sha256")]
+     + [rf"torch\.save \+ fsync{NUMBER}{NUMBER}", rf"torch\.load \(page cache\){NUMBER}{NUMBER}"]),
 ])
 def test_cpu_mode_prints_its_table(script, flags, rows):
     result = subprocess.run([sys.executable, str(BENCHMARKS / script), *flags], capture_output=True, text=True,

@@ -1,6 +1,7 @@
 """ADM-evaluator semantics of `regdit eval`, on random Inception weights saved to a file and loaded by path."""
 import datetime
 import json
+import os
 
 import numpy as np
 import pytest
@@ -9,9 +10,18 @@ from PIL import Image
 from scipy import linalg, special
 
 from regdit import RegditError, cli
-from regdit.evaluate import (INCEPTION_WEIGHTS_FILE, ImageFolder, ManifoldEstimator, compute_activations,
-                             fid_statistics, frechet_distance, inception_score, load_inception, load_npz_images,
-                             save_random_inception_weights)
+from regdit.evaluate import (
+    INCEPTION_WEIGHTS_FILE,
+    ImageFolder,
+    ManifoldEstimator,
+    compute_activations,
+    fid_statistics,
+    frechet_distance,
+    inception_score,
+    load_inception,
+    load_npz_images,
+    save_random_inception_weights,
+)
 
 
 @pytest.fixture(scope="session")
@@ -75,14 +85,30 @@ def test_image_folder_rejects_grayscale_and_mixed_sizes(tmp_path):
     Image.fromarray(_images(1, size=8)[0]).save(tmp_path / "b.png")
     Image.fromarray(_images(1)[0, ..., 0]).save(tmp_path / "c.png")
     (tmp_path / "d.png").write_bytes(b"not a png")
+    (tmp_path / "notes.txt").write_text("not an image")  # only IMAGE_SUFFIXES files are listed
     with ImageFolder(tmp_path) as folder:
         assert folder.shape == (4, 16, 16, 3)
-        with pytest.raises(RegditError, match="b.png is 8x8, the first image is 16x16"):
+        with pytest.raises(RegditError, match="b.png is 8x8, expected 16x16 like the first image"):
             folder[0:2]
-        with pytest.raises(RegditError, match="c.png is L, not RGB"):
+        with pytest.raises(RegditError, match="c.png is L, not 8-bit RGB"):
             folder[2:3]
         with pytest.raises(RegditError, match="d.png is not a readable image"):
             folder[3:4]
+
+
+def test_image_folder_reads_nested_images_in_relative_path_order(tmp_path):
+    images = _images(3)
+    (tmp_path / "b").mkdir()
+    for image, name in zip(images, ("a.png", "b/c.PNG", "b.jpg")):
+        Image.fromarray(image).save(tmp_path / name, format="PNG")  # lossless whatever the suffix
+    with ImageFolder(tmp_path, num_images=3) as folder:
+        assert [path.removeprefix(str(tmp_path)) for path in folder.paths] == ["/a.png", "/b.jpg", "/b/c.PNG"]
+        np.testing.assert_array_equal(folder[0:3], images[[0, 2, 1]])
+    with pytest.raises(RegditError, match="holds 3 images, fewer than the 4 asked for"):
+        ImageFolder(tmp_path, num_images=4)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RegditError, match="no images"):
+        ImageFolder(tmp_path / "empty")
 
 
 def test_missing_inception_weights_say_where_to_get_them(tmp_path, monkeypatch):
@@ -103,9 +129,27 @@ def test_weights_that_are_not_an_inception_state_dict_are_refused(tmp_path):
     torch.save({"config": datetime.date(2015, 12, 5)}, tmp_path / "pickled.pth")  # needs unpickling code
     with pytest.raises(RegditError, match="not a loadable Inception state dict"):
         load_inception(tmp_path / "pickled.pth", device="cpu")
+    torch.save([torch.zeros(1)], tmp_path / "list.pth")
+    with pytest.raises(RegditError, match="a list, not a mapping of names to tensors"):
+        load_inception(tmp_path / "list.pth", device="cpu")
     torch.save({"fc.weight": torch.zeros(3)}, tmp_path / "other.pth")
     with pytest.raises(RegditError, match="does not hold torch-fidelity's Inception-v3 weights"):
         load_inception(tmp_path / "other.pth", device="cpu")
+
+
+def test_weights_file_is_read_once_and_only_with_weights_only(weights, monkeypatch):
+    loads, torch_load = [], torch.load
+
+    def recording_load(source, *args, **kwargs):
+        loads.append((source, kwargs.get("weights_only")))
+        return torch_load(source, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", recording_load)  # torch-fidelity calls torch.load too
+    model = load_inception(weights, device="cpu")
+    file_loads = [(source, weights_only) for source, weights_only in loads if isinstance(source, (str, os.PathLike))]
+    assert file_loads == [(weights, True)]
+    expected = torch_load(weights, weights_only=True)
+    assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in expected.items())
 
 
 # ---- Inception features ----------------------------------------------------------------------------------------
@@ -204,8 +248,8 @@ def test_inception_score_closed_form():
 
 
 def _adm_pairwise_distances(u, v):
-    """ADM's DistanceBlock: distances in float16 (float32 accumulation, as a TF fp16 matmul/sum on GPU), else
-    float32 when any is not finite."""
+    """ADM's DistanceBlock as ManifoldEstimator reads it: float16 squares, norms and dot products accumulated in
+    float32 and rounded once to float16, else float32 when any distance is not finite."""
     def batch_pairwise_distances(u, v):
         norm_u = np.sum(np.square(u).astype(np.float32), 1).astype(u.dtype).reshape(-1, 1)
         norm_v = np.sum(np.square(v).astype(np.float32), 1).astype(u.dtype).reshape(1, -1)
