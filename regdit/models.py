@@ -203,6 +203,13 @@ class SiTConfig:
         if self.use_cls_token and not self.z_dims:
             raise RegditError("the REG class token needs an encoder: give z_dims (the encoder widths) or "
                               "use_cls_token=False")
+        if self.hidden_size % self.num_heads:
+            raise RegditError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}: pick a "
+                              "width that is a multiple of the heads (--hidden-size, --num-heads)")
+        if self.input_size % self.patch_size:
+            raise RegditError(f"the {self.input_size}x{self.input_size} latent does not tile into {self.patch_size}x"
+                              f"{self.patch_size} patches: use a resolution whose latent side is a multiple of "
+                              f"{self.patch_size}, or a model with a smaller patch")
         if self.z_dims and not 1 <= self.encoder_depth <= self.depth:
             raise RegditError(f"encoder_depth {self.encoder_depth} must be between 1 and the model depth {self.depth}")
 

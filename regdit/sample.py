@@ -230,6 +230,13 @@ class SampleConfig(Settings):
     tf32: bool = flag(True, "TF32 matmuls on the GPU for float32 (the official default; --no-tf32: full float32)")
     compile: bool = flag(False, "torch.compile the model")
 
+    def check(self):
+        if self.heun and self.mode != "ode":
+            raise RegditError("--heun applies to --mode ode only (the SDE sampler is Euler-Maruyama)")
+        if self.guidance_low > self.guidance_high:
+            raise RegditError(f"--guidance-low {self.guidance_low} is above --guidance-high {self.guidance_high}: "
+                              "guidance applies for guidance_low <= t <= guidance_high")
+
     @property
     def sampler(self):
         """The SAMPLERS entry: the official --mode, with --heun for Heun steps on the ODE."""
@@ -241,10 +248,6 @@ def sample(config: SampleConfig, model=None):
     writes it); returns the .npz path. `model`: a SiT to sample instead of `config.ckpt` (put in eval mode and
     moved to the device). `tf32` sets torch's global TF32 matmul switch, as generate.py does.
     """
-    if config.heun and config.mode != "ode":
-        raise RegditError("--heun applies to --mode ode only (the SDE sampler is Euler-Maruyama)")
-    if config.cfg_scale < 1.0:
-        raise RegditError(f"--cfg-scale {config.cfg_scale} is below 1: pass 1 for no guidance or a larger scale")
     num_samples, batch_size = config.num_fid_samples, config.per_proc_batch_size
     check_writable(config.sample_dir, "--sample-dir")
     if num_samples < 1 or batch_size < 1:
