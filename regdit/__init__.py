@@ -35,6 +35,9 @@ def atomic_write(path, mode="wb", sync=True):
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as error:  # a failed write names no file: name the one being written
+        error.filename = error.filename or str(path)
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

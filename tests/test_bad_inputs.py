@@ -1,5 +1,6 @@
 """Bad input through the command line: one line on stderr naming the problem, a non-zero exit, no traceback, nothing
 existing changed and nothing new written, in a few seconds."""
+import errno
 import json
 import os
 import re
@@ -190,3 +191,37 @@ def test_the_real_process_prints_exactly_one_line(world):
                              "--num-steps", "0"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr == "regdit sample: error: --num-steps 0: must be at least 1\n"
+
+
+@pytest.mark.parametrize("command", ["train", "sample"])
+def test_a_full_disk_is_one_line_and_the_rerun_continues(world, command, capsys, monkeypatch):
+    """ENOSPC in the middle of writing (the file is open, so the OS names none): one line naming the file being
+    written, the earlier outputs kept, and the same command finishes once there is space."""
+    import torch
+    argv = [a.replace("{W}", str(world)) for a in (
+        TRAIN + ["--exp-name", "full", "--max-train-steps", "2", "--checkpointing-steps", "1"] if command == "train"
+        else SAMPLE + ["--sample-dir", str(world / "full-samples"), "--per-proc-batch-size", "2"])]
+    real_save, real_png = torch.save, Image.Image.save
+    calls = []
+
+    def full_disk(real):
+        def write(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:  # the second checkpoint or the second PNG
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real(*args, **kwargs)
+        return write
+    monkeypatch.setattr(torch, "save", full_disk(real_save))
+    monkeypatch.setattr(Image.Image, "save", full_disk(real_png))
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    line = exit_info.value.code
+    assert re.fullmatch(rf"regdit {command}: error: cannot write \S+(0000002.pt|000001.png) \(No space left on "
+                        r"device\); free space on the disk, then rerun the same command to continue", line), line
+    assert "Traceback" not in capsys.readouterr().err
+    monkeypatch.undo()
+    main(argv)  # there is space again
+    folder = (world / "exps" / "full" / "checkpoints" if command == "train"
+              else next((world / "full-samples").glob("*/")))
+    assert not [p for p in folder.iterdir() if ".tmp" in p.name]
+    assert len(list(folder.glob("*.pt" if command == "train" else "*.png"))) == (2 if command == "train" else 4)

@@ -340,3 +340,19 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_newest_good_one(tiny_data
         path.write_bytes(b"")
     with pytest.raises(RegditError, match="no readable checkpoint in .*checkpoints: restore one, or move them away"):
         train(config)
+
+
+def test_a_checkpoint_copied_into_a_new_experiment_continues_there(tiny_data, capsys):
+    """The official way to continue a run: copy its checkpoint into another experiment's folder. The experiment name
+    is not a training setting; a moved dataset is said, not silent."""
+    source = train(tiny_config(tiny_data, exp_name="original", max_train_steps=2, checkpointing_steps=2))
+    copy = tiny_data / "exps" / "continued" / "checkpoints"
+    copy.mkdir(parents=True)
+    (copy / "0000002.pt").write_bytes(source["checkpoint"].read_bytes())
+    moved = tiny_data / "data-moved"
+    moved.symlink_to(tiny_data / "data")
+    capsys.readouterr()
+    result = train(tiny_config(tiny_data, exp_name="continued", max_train_steps=3, data_dir=str(moved)))
+    assert result["steps"] == 3
+    assert f"note: resuming with --data-dir {moved} (the run was trained with {tiny_data / 'data'})" in (
+        capsys.readouterr().err)
