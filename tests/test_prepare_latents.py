@@ -10,6 +10,7 @@ import PIL.Image
 import pytest
 import torch
 from accelerate import PartialState
+from conftest import cli_error
 from diffusers import AutoencoderKL
 
 from regdit import RegditError
@@ -61,16 +62,6 @@ def images_dir(tmp_path_factory):
 
 class Killed(Exception):
     """Stands for the process being killed."""
-
-
-def cli_error(capsys, argv):
-    """The message of a command that must fail as one line (argparse prints it, Python prints SystemExit's)."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    code, output = exit_info.value.code, capsys.readouterr()
-    lines = output.err.splitlines() + ([code] if isinstance(code, str) else [])
-    assert code and len(lines) == 1 and "Traceback" not in output.out + output.err, lines
-    return lines[0]
 
 
 def read_chw(images_dir, index):
