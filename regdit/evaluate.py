@@ -14,16 +14,19 @@ import sys
 import warnings
 import zipfile
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 
 import numpy as np
 import torch
 import torch_fidelity
+from accelerate import PartialState
 from scipy import linalg, special
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from tqdm import tqdm
 
-from regdit import RegditError, atomic_write
+from regdit import RegditError, atomic_write, cpu_launch
 from regdit.config import Settings, flag
+from regdit.hub import is_hub_url, parse, resolve_path
 from regdit.images import list_files, read_image
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -180,9 +183,11 @@ def default_device():
 
 
 def inception_weights_path(weights_path=None):
-    """`weights_path`, else $REGDIT_INCEPTION_WEIGHTS, else torch-fidelity's download cache (torch hub checkpoints)."""
-    path = (weights_path or os.environ.get(INCEPTION_WEIGHTS_ENV)
-            or os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_WEIGHTS_FILE))
+    """`weights_path`, else $REGDIT_INCEPTION_WEIGHTS (either local or `hf://`), else torch-fidelity's download cache
+    (torch hub checkpoints)."""
+    path = str(resolve_path(weights_path or os.environ.get(INCEPTION_WEIGHTS_ENV)
+                            or os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_WEIGHTS_FILE),
+                            "Inception weights"))
     if not os.path.isfile(path):
         raise RegditError(f"Inception weights not found at {path}: download {INCEPTION_WEIGHTS_FILE} from "
                           f"{URL_INCEPTION_V3} and pass --inception-weights PATH (or set {INCEPTION_WEIGHTS_ENV})")
@@ -247,29 +252,46 @@ def exact_float32():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def compute_activations(images_nhwc_uint8, model, batch_size=64, desc="inception"):
-    """Inception features of uint8 N x H x W x 3 images (an array, NpzImages or ImageFolder), in batches.
+FEATURES = ("pool", "spatial", "logits")
 
-    Returns float32 arrays: `pool` (N, 2048) pool_3, `spatial` (N, 2023) the first 7 channels of Mixed_6d.branch1x1
-    flattened in H, W, C order (ADM's `spatial[..., :7].reshape(N, -1)` on NHWC), `logits` (N, 1008) without bias.
-    """
+
+@torch.inference_mode()
+def batch_activations(images_nhwc_uint8, model):
+    """Inception features of one batch of uint8 N x H x W x 3 images: float32 arrays `pool` (N, 2048) pool_3,
+    `spatial` (N, 2023) the first 7 channels of Mixed_6d.branch1x1 flattened in H, W, C order (ADM's
+    `spatial[..., :7].reshape(N, -1)` on NHWC), `logits` (N, 1008) without bias."""
     device = next(model.parameters()).device
     spatial = []
     hook = model.get_submodule(SPATIAL_LAYER).register_forward_hook(
-        lambda module, inputs, output: spatial.append(
-            output[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1).float().cpu()))
-    pool, logits = [], []
+        lambda module, inputs, output: spatial.append(output[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1)))
     try:
-        with exact_float32(), torch.inference_mode():
-            for start in tqdm(range(0, len(images_nhwc_uint8), batch_size), desc=desc, unit="batch"):
-                batch = torch.from_numpy(np.asarray(images_nhwc_uint8[start:start + batch_size]))
-                batch_pool, batch_logits = model(batch.to(device).permute(0, 3, 1, 2))
-                pool.append(batch_pool.cpu())
-                logits.append(batch_logits.cpu())
+        with exact_float32():
+            pool, logits = model(torch.as_tensor(np.asarray(images_nhwc_uint8)).to(device).permute(0, 3, 1, 2))
     finally:
         hook.remove()
-    return {"pool": torch.cat(pool).numpy(), "spatial": torch.cat(spatial).numpy(),
-            "logits": torch.cat(logits).numpy()}
+    return {name: value.float().cpu().numpy() for name, value in zip(FEATURES, (pool, spatial[0], logits))}
+
+
+def gather_batches(batches, state):
+    """The per-batch results of all processes, {batch index: result}, on every process (`state` an accelerate
+    PartialState; one process: unchanged)."""
+    if state is None or state.num_processes == 1:
+        return batches
+    from accelerate.utils import gather_object
+    return dict(item for part in gather_object([list(batches.items())]) for item in part)
+
+
+def compute_activations(images_nhwc_uint8, model, batch_size=64, desc="inception", state=None):
+    """Inception features (see batch_activations) of N x H x W x 3 uint8 images (an array, NpzImages or
+    ImageFolder) in batches of `batch_size` consecutive images. With `state` (several processes), batch k is
+    computed by process k % num_processes and the features are gathered on every process: the batches, and so the
+    features, are those of one process, bit for bit."""
+    rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
+    starts = range(0, len(images_nhwc_uint8), batch_size)
+    mine = {k: batch_activations(images_nhwc_uint8[start:start + batch_size], model)
+            for k, start in tqdm(list(enumerate(starts))[rank::world], desc=desc, unit="batch", disable=rank != 0)}
+    batches = gather_batches(mine, state)
+    return {name: np.concatenate([batches[k][name] for k in range(len(starts))]) for name in FEATURES}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -445,44 +467,60 @@ def evaluate(ref_npz, sample_npz, inception_weights=None, batch_size=64, num_sam
     """IS, FID, sFID, precision and recall of `sample_npz` (`arr_0`; the first `num_samples` if given) against
     `ref_npz` (`arr_0` plus optional `mu, sigma, mu_s, sigma_s`), as ADM's evaluator computes them.
 
-    Both files, their sizes and the reference statistics are checked before the first Inception forward."""
-    device = device or default_device()
+    Both files (local or `hf://`), their sizes and the reference statistics are checked before the first Inception
+    forward."""
+    ref_npz, sample_npz = resolve_path(ref_npz, "reference batch"), resolve_path(sample_npz, "sample batch")
+    state = PartialState(cpu=cpu_launch())
+    device = device or state.device
     with load_npz_images(ref_npz) as ref_images, load_npz_images(sample_npz, num_samples) as sample_images:
-        _check_count(ref_npz, len(ref_images))
         _check_count(sample_npz, len(sample_images))
         check_resolutions(ref_npz, ref_images.shape, sample_npz, sample_images.shape, allow_resolution_mismatch)
-        ref_stats = read_reference_statistics(ref_npz)
         weights = inception_weights_path(inception_weights)
         model = load_inception(weights, device)
-        ref = compute_activations(ref_images, model, batch_size, desc="reference")
-        sample = compute_activations(sample_images, model, batch_size, desc="samples")
-        resolutions = {"ref_resolution": list(ref_images.shape[1:3]),
-                       "sample_resolution": list(sample_images.shape[1:3])}
-    few = [f"{path} ({count})" for path, count in ((ref_npz, len(ref["pool"])), (sample_npz, len(sample["pool"])))
-           if count < POOL_FEATURES]
-    if few:
+        reference = Reference(ref_npz, ref_images, model, batch_size, state)
+        sample = compute_activations(sample_images, model, batch_size, desc="samples", state=state)
+        sample_resolution = list(sample_images.shape[1:3])
+    warn_if_few((ref_npz, len(reference.pool)), (sample_npz, len(sample["pool"])))
+    return {**reference.metrics(sample, device), "settings": {
+        "ref_batch": os.path.abspath(ref_npz), "sample_batch": os.path.abspath(sample_npz),
+        "num_ref": len(reference.pool), "num_samples": len(sample["pool"]),
+        "ref_statistics_from": reference.statistics_from, "ref_resolution": reference.resolution,
+        "sample_resolution": sample_resolution, "batch_size": batch_size, "num_processes": state.num_processes,
+        "inception_weights": os.path.abspath(weights),
+        "device": str(device), "torch": torch.__version__, "torch_fidelity": torch_fidelity.__version__}}
+
+
+def warn_if_few(*counts):
+    """One warning line for the (name, image count) pairs below the Inception feature size."""
+    few = [f"{name} ({count})" for name, count in counts if count < POOL_FEATURES]
+    if few and PartialState().is_main_process:
         print(f"warning: fewer than {POOL_FEATURES} images (the Inception feature size) in {' and '.join(few)}: FID "
               f"is rank-deficient and strongly biased; these metrics are not comparable to 50k-sample numbers",
               file=sys.stderr)
-    ref_stats_source = "npz" if ref_stats else "arr_0"
-    ref_stats = ref_stats or (fid_statistics(ref["pool"]), fid_statistics(ref["spatial"]))
-    precision, recall = ManifoldEstimator(device=device).precision_recall(ref["pool"], sample["pool"])
-    with np.errstate(over="ignore", invalid="ignore"):  # overflowing logits give nan, which run_eval refuses
-        score = inception_score(special.softmax(sample["logits"], axis=1))
-    return {
-        "inception_score": score,
-        "fid": frechet_distance(*fid_statistics(sample["pool"]), *ref_stats[0]),
-        "sfid": frechet_distance(*fid_statistics(sample["spatial"]), *ref_stats[1]),
-        "precision": precision,
-        "recall": recall,
-        "settings": {
-            "ref_batch": os.path.abspath(ref_npz), "sample_batch": os.path.abspath(sample_npz),
-            "num_ref": len(ref["pool"]), "num_samples": len(sample["pool"]),
-            "ref_statistics_from": ref_stats_source, **resolutions, "batch_size": batch_size,
-            "inception_weights": os.path.abspath(weights),
-            "device": str(device), "torch": torch.__version__, "torch_fidelity": torch_fidelity.__version__,
-        },
-    }
+
+
+class Reference:
+    """The reference side of every metric, computed once: the pool features of `arr_0` (precision and recall) and
+    the FID / sFID statistics (the npz's `mu, sigma, mu_s, sigma_s` when present, as ADM's reference batches, else
+    those of `arr_0`). `metrics(sample_features)` then scores any number of sample sets against it."""
+
+    def __init__(self, path, images, model, batch_size=64, state=None):
+        _check_count(path, len(images))
+        statistics = read_reference_statistics(path)
+        features = compute_activations(images, model, batch_size, desc="reference", state=state)
+        self.pool, self.resolution = features["pool"], list(images.shape[1:3])
+        self.statistics_from = "npz" if statistics else "arr_0"
+        self.statistics = statistics or (fid_statistics(features["pool"]), fid_statistics(features["spatial"]))
+
+    def metrics(self, sample, device=None):
+        """IS, FID, sFID, precision and recall of sample features (compute_activations), as ADM computes them."""
+        precision, recall = ManifoldEstimator(device=device).precision_recall(self.pool, sample["pool"])
+        with np.errstate(over="ignore", invalid="ignore"):  # overflowing logits give nan, which run_eval refuses
+            score = inception_score(special.softmax(sample["logits"], axis=1))
+        return {"inception_score": score,
+                "fid": frechet_distance(*fid_statistics(sample["pool"]), *self.statistics[0]),
+                "sfid": frechet_distance(*fid_statistics(sample["spatial"]), *self.statistics[1]),
+                "precision": precision, "recall": recall}
 
 
 def make_reference(source, output, inception_weights=None, batch_size=64, num_images=None, ref_images=10000,
@@ -540,8 +578,8 @@ class EvalConfig(Settings):
     batch_size: int = flag(64, "images per Inception forward", at_least=1)
     num_samples: int | None = flag(None, "evaluate exactly the first N samples (--make-ref: the first N images); "
                                    "None: all", at_least=1)
-    output: str | None = flag(None, "metrics JSON; None: SAMPLES.metrics.json beside the samples. With --make-ref: "
-                              "the reference .npz to write", metavar="PATH")
+    output: str | None = flag(None, "metrics JSON; None: SAMPLES.metrics.json beside the samples (hf:// samples: in "
+                              "the current folder). With --make-ref: the reference .npz to write", metavar="PATH")
     device: str | None = flag(None, "torch device; None: cuda if available, else cpu")
     allow_resolution_mismatch: bool = flag(False, "evaluate samples against a reference of another resolution "
                                            "(the metrics are then not comparable to published ones)")
@@ -561,6 +599,8 @@ def output_path(config):
     """The file the command writes: --output, else the metrics JSON beside the samples."""
     if config.output or config.make_ref:
         return config.output
+    if is_hub_url(config.sample_batch):  # beside it is the Hub cache: the current folder instead
+        return PurePosixPath(parse(config.sample_batch).path).stem + ".metrics.json"
     return os.path.splitext(config.sample_batch)[0] + ".metrics.json"
 
 
@@ -603,10 +643,11 @@ def run_eval(config):
     results = evaluate(config.ref_batch, config.sample_batch, config.inception_weights, config.batch_size,
                        config.num_samples, config.device, config.allow_resolution_mismatch)
     check_finite(results)
-    print(f"{'metric':<16} {'value':>10}")
-    for key, name in METRIC_NAMES.items():
-        print(f"{name:<16} {results[key]:>10.4f}")
-    with atomic_write(output) as file:
-        file.write(json.dumps(results, indent=2).encode())
-    print(f"wrote {output}")
+    if PartialState().is_main_process:  # every process computed its share of the features, one writes
+        print(f"{'metric':<16} {'value':>10}")
+        for key, name in METRIC_NAMES.items():
+            print(f"{name:<16} {results[key]:>10.4f}")
+        with atomic_write(output) as file:
+            file.write(json.dumps(results, indent=2).encode())
+        print(f"wrote {output}")
     return results

@@ -14,8 +14,11 @@ the EMA sample grids.
 import contextlib
 import copy
 import dataclasses
+import errno
 import json
 import math
+import os
+import shutil
 import sys
 import time
 from argparse import Namespace
@@ -30,13 +33,14 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, is_tensorboard_available, is_wandb_available
 from tqdm import tqdm
 
-from regdit import RegditError, atomic_write, check_writable, cpu_launch, remove_temp_files
-from regdit.checkpoint import load_checkpoint, load_state_dict_checked, save_checkpoint
+from regdit import TEMP_SUFFIX, RegditError, atomic_write, check_writable, cpu_launch, remove_temp_files
+from regdit.checkpoint import load_checkpoint, load_init_weights, load_state_dict_checked, save_checkpoint
 from regdit.config import Settings, changed_setting, flag
 from regdit.interpolants import PATH_TYPES, WEIGHTINGS
 from regdit.loss import REGLoss
 from regdit.models import SiT, SiT_models, SiTConfig, model_arguments
 from regdit.runlock import lock_run
+from regdit.samplers import SAMPLERS
 
 # The paper's recipes (REG, arXiv 2507.01467, and its baselines), as flag values.
 PRESETS = {
@@ -50,10 +54,10 @@ PRESETS = {
                                  proj_coeff=0.5, batch_size=256, max_train_steps=4_000_000),
     "sit-xl2": dict(model="SiT-XL/2", method="sit", proj_coeff=0.0, batch_size=256, max_train_steps=7_000_000),
 }
-# Settings a resumed run may change: they do not alter what is trained (paths, logging, length, speed).
-RESUMABLE = {"output_dir", "exp_name", "logging_dir", "report_to", "log_every", "sampling_steps", "checkpointing_steps",
-             "resume_step", "max_train_steps", "epochs", "data_dir", "num_workers", "vae", "enc_path", "compile",
-             "grad_checkpointing"}
+# 512 px, which the official code supports with DINOv2 encoders: DINOv2 sees 224 * 512 / 256 = 448 px, 32x32 patches
+# of 14, as many as the SiT-*/2 tokens of 64x64 latents. The paper reports no 512 run: lengths are the 256 px ones.
+PRESETS.update({f"{name}-512": {**recipe, "resolution": 512} for name, recipe in list(PRESETS.items())
+                if recipe.get("enc_type", "").startswith("dinov2")})
 
 
 @dataclass
@@ -70,6 +74,11 @@ class TrainConfig(Settings):
     checkpointing_steps: int = flag(10000, "save a checkpoint every N steps", at_least=1)
     resume_step: int = flag(0, "resume from checkpoints/<step>.pt; 0 resumes from the latest good checkpoint if any",
                             at_least=0)
+    init_from: str | None = flag(None, "start a new run (fresh optimizer, step 0) from these weights: a regdit or "
+                                       "official .pt or an export, local or hf://; any dataset and class count (the "
+                                       "class embedding is resized). An experiment with checkpoints resumes instead",
+                                 metavar="CKPT")
+    init_weights: str = flag("ema", "which weights of --init-from to start from", choices=["ema", "model"])
     # model
     model: str = flag("SiT-XL/2", "model size and patch", choices=SiT_models)
     method: str = flag("reg", "reg (entangled class token + REPA), repa (projection loss only) or sit (neither)",
@@ -121,6 +130,40 @@ class TrainConfig(Settings):
     legacy: bool = flag(False, "also drop labels outside the model, as early REPA runs did (double dropout)")
     official_cosine_cls_target: bool = flag(False, "replay the official broadcast of the cosine-path class-token "
                                                    "target (see regdit.loss.REGLoss)")
+    # evaluation while training: FID-K of the EMA weights, by default with the paper's protocol (SDE, 250 steps, no
+    # guidance); numbers equal `regdit sample` + `regdit eval` with the same settings
+    eval_every: int = flag(0, "evaluate the EMA weights every N steps: FID, sFID, IS, precision, recall to "
+                              "metrics.jsonl and the tracker, the best FID's checkpoint as checkpoints/best.pt "
+                              "(0: never)", at_least=0)
+    eval_samples: int = flag(10000, "samples per evaluation (FID-K)", at_least=4)
+    ref_batch: str | None = flag(None, "reference batch of --eval-every (ADM .npz; `regdit eval --make-ref` builds "
+                                       "one)")
+    inception_weights: str | None = flag(None, "Inception weights of --eval-every (default: "
+                                               "$REGDIT_INCEPTION_WEIGHTS, else torch-fidelity's cache)")
+    eval_mode: str = flag("sde", "sampler of the evaluation samples", choices=list(SAMPLERS))
+    eval_steps: int = flag(250, "sampling steps of the evaluation samples", at_least=1)
+    eval_cfg_scale: float = flag(1.0, "guidance scale of the evaluation samples (1: none)", at_least=1)
+    eval_cls_cfg_scale: float = flag(0.0, "class-token guidance scale of the evaluation samples", at_least=0)
+    eval_guidance_low: float = flag(0.0, "evaluation guidance only for t >= this", at_least=0, at_most=1)
+    eval_guidance_high: float = flag(1.0, "evaluation guidance only for t <= this", at_least=0, at_most=1)
+    eval_batch_size: int = flag(64, "evaluation samples (and Inception images) per batch and process", at_least=1)
+    eval_mixed_precision: str = flag("no", "autocast of the evaluation sampling (no: float32, as `regdit sample`)",
+                                     choices=["no", "bf16", "fp16"])
+
+    def check(self):
+        if self.eval_guidance_low > self.eval_guidance_high:
+            raise RegditError(f"--eval-guidance-low {self.eval_guidance_low} is above --eval-guidance-high "
+                              f"{self.eval_guidance_high}")
+        if self.eval_cfg_scale > 1 and self.cfg_prob == 0:
+            raise RegditError(f"--eval-cfg-scale {self.eval_cfg_scale} needs a null class: train with --cfg-prob > 0, "
+                              "or evaluate with --eval-cfg-scale 1")
+
+
+# Settings a resumed run may change: they do not alter what is trained (paths, logging, length, speed).
+RESUMABLE = {"output_dir", "exp_name", "logging_dir", "report_to", "log_every", "sampling_steps", "checkpointing_steps",
+             "resume_step", "max_train_steps", "epochs", "data_dir", "num_workers", "vae", "enc_path", "compile",
+             "grad_checkpointing", "ref_batch", "inception_weights", "init_from", "init_weights",
+             *(f.name for f in dataclasses.fields(TrainConfig) if f.name.startswith("eval_"))}
 
 
 def sit_config(config, latent_channels, latent_size, z_dims):
@@ -247,6 +290,19 @@ class Checkpoints:
         optimizer.load_state_dict(checkpoint["opt"])
         return int(checkpoint["steps"]), checkpoint.get("scaler")
 
+    def keep_best(self, step):
+        """checkpoints/best.pt := the checkpoint of `step` (its "steps" records which), a hard link where the file
+        system allows (no copy of a large file), else a copy; atomic either way."""
+        best, temporary = self.dir / "best.pt", self.dir / f".best.pt{TEMP_SUFFIX}{os.getpid()}"
+        temporary.unlink(missing_ok=True)
+        try:
+            os.link(self.path(step), temporary)
+        except OSError as error:
+            if error.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                raise
+            shutil.copyfile(self.path(step), temporary)
+        os.replace(temporary, best)
+
     def save(self, step, accelerator, config, model, ema, optimizer, dataset):
         """Every process checks its weights are finite (all stop, not only the one that saves); the main process
         writes atomically."""
@@ -267,7 +323,8 @@ class Checkpoints:
 class MetricLog:
     """Sums the loss's logs and the gradient norm on the device (no host sync per step) and flushes their means every
     --log-every steps to metrics.jsonl, the tracker and the progress bar, with images/s and model TFLOP/s per
-    process. After a resume, metrics.jsonl keeps the steps up to the checkpoint's only, so each step appears once."""
+    process; evaluations add lines of `eval/` metrics. After a resume, metrics.jsonl keeps the lines up to the
+    checkpoint's step only, so each step's lines appear once."""
 
     def __init__(self, accelerator, path, batch_size, flops_per_image, start_step):
         self.accelerator, self.path, self.batch_size = accelerator, path, batch_size
@@ -275,9 +332,12 @@ class MetricLog:
         self.sums, self.grad_norm_sum = None, torch.zeros((), device=accelerator.device)
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=accelerator.device)
         self.micro_batches = self.steps = 0
-        self.start, self.paused, self.logged = time.perf_counter(), 0.0, []
-        if accelerator.is_main_process and path.is_file():  # a killed run may have logged past its checkpoint
-            lines = [line for line in path.read_text().splitlines() if logged_step(line) <= start_step]
+        self.start, self.paused, self.logged, self.evaluations = time.perf_counter(), 0.0, [], []
+        # a killed run may have logged past its checkpoint; every process reads which steps were evaluated
+        lines = [line for line in path.read_text().splitlines() if logged_step(line) <= start_step] if path.is_file() \
+            else []
+        self.fid = {entry["step"]: entry["eval/fid"] for entry in map(json.loads, lines) if "eval/fid" in entry}
+        if accelerator.is_main_process and path.is_file():
             with atomic_write(path, "w") as f:
                 f.write("".join(line + "\n" for line in lines))
 
@@ -299,6 +359,18 @@ class MetricLog:
     def exclude(self, seconds):
         """Time spent on checkpoints and previews, not counted against images/s."""
         self.paused += seconds
+
+    def log_eval(self, step, values, seconds):
+        """An evaluation's metrics; True when its FID is the run's best so far."""
+        entry = {"step": step, **{f"eval/{name}": value for name, value in values.items()}, "eval/seconds": seconds}
+        best = math.isfinite(values["fid"]) and all(values["fid"] < fid for fid in self.fid.values())
+        self.fid[step] = values["fid"]
+        self.evaluations.append(entry)
+        if self.accelerator.is_main_process:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+            self.accelerator.log(entry, step=step)
+        return best
 
     def flush(self, step, checkpoint_dir):
         """Mean over the interval and the processes; the one host sync of the interval."""
@@ -372,6 +444,14 @@ def setup(config):
                 fused_attn=config.fused_attn, grad_checkpointing=config.grad_checkpointing)
     if encoders:
         check_encoders(encoders, num_tokens=1 + model.x_embedder.num_patches)
+    vae = None  # decodes previews and evaluation samples
+    if config.sampling_steps or config.eval_every:
+        from regdit.vae import load_vae
+        vae = load_vae(config.vae or dataset.vae or "mse", device=device)
+    evaluation = None  # refuses an unusable reference, weights or settings before anything is written
+    if config.eval_every:
+        from regdit.monitor import TrainingEvaluation
+        evaluation = TrainingEvaluation(config, dataset, accelerator.state, vae)
     model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=(config.adam_beta1,
@@ -389,6 +469,9 @@ def setup(config):
         (resume_path, checkpoint), step, scaler_state = checkpoints.load(config.resume_step, log), 0, None
         if resume_path is not None:
             step, scaler_state = checkpoints.resume(resume_path, checkpoint, config, model, ema, optimizer, log)
+        elif config.init_from:  # a new run only: a resumed one continues from its own weights
+            load_init_weights(model, config.init_from, config.init_weights, log)
+            ema.load_state_dict(model.state_dict())
         raw_model = model
         model, optimizer = accelerator.prepare(model, optimizer)
         if scaler_state is not None and accelerator.scaler is not None:
@@ -402,11 +485,13 @@ def setup(config):
             print(f"{raw_model.config.label} ({parameters:.1f}M parameters), {len(dataset)} samples, {world} "
                   f"process(es) x batch {config.batch_size // micro_batches} x {config.gradient_accumulation_steps} "
                   f"accumulation, mixed precision {mixed_precision}"
-                  + (f", resumed from {resume_path}" if resume_path else ""))
+                  + (f", resumed from {resume_path}" if resume_path else
+                     f", initialised from {config.init_from} ({config.init_weights})" if config.init_from else ""))
         yield Namespace(accelerator=accelerator, exp_dir=exp_dir, dataset=dataset, latent_shape=latent_shape,
                         encoders=encoders, raw_model=raw_model, model=torch.compile(model) if config.compile else model,
                         ema=ema, optimizer=optimizer, checkpoints=checkpoints, step=step,
-                        local_batch=config.batch_size // micro_batches, mixed_precision=mixed_precision)
+                        local_batch=config.batch_size // micro_batches, mixed_precision=mixed_precision, vae=vae,
+                        evaluation=evaluation)
 
 
 @torch.no_grad()
@@ -440,7 +525,7 @@ def train_loop(config, run):
     cls_dim = run.raw_model.z_dims[0] if config.method == "reg" else 0
     preview = None
     if config.sampling_steps and accelerator.is_main_process:
-        preview = SamplePreview(config, dataset, run.latent_shape, cls_dim, accelerator.device)
+        preview = SamplePreview(config, run.vae, run.latent_shape, cls_dim, accelerator.device)
     # model FLOPs of one training image (forward + backward of the SiT, the frozen encoders' forward): MFU's numerator
     flops_per_image = 3 * run.raw_model.flops() + sum(encoder.flops() for encoder in run.encoders)
     metrics = MetricLog(accelerator, run.exp_dir / "metrics.jsonl", config.batch_size, flops_per_image, step)
@@ -451,6 +536,17 @@ def train_loop(config, run):
 
     def save(step):
         run.checkpoints.save(step, accelerator, config, run.raw_model, run.ema, optimizer, dataset)
+
+    def evaluate(step):
+        """Score the EMA weights; the best FID's checkpoint becomes checkpoints/best.pt."""
+        values, seconds = run.evaluation(run.ema)
+        if metrics.log_eval(step, values, seconds) and accelerator.is_main_process:
+            run.checkpoints.keep_best(step)
+        accelerator.print(f"step {step}: FID-{config.eval_samples} {values['fid']:.3f}, IS "
+                          f"{values['inception_score']:.2f} ({seconds:.0f} s)")
+
+    if run.evaluation is not None and step and step % config.eval_every == 0 and step not in metrics.fid:
+        evaluate(step)  # a run killed during this step's evaluation redoes it: the same samples, the same numbers
 
     model.train()
     while step < config.max_train_steps and step // steps_per_epoch < config.epochs:
@@ -494,7 +590,12 @@ def train_loop(config, run):
             if step % config.checkpointing_steps == 0 or step == config.max_train_steps:
                 save(step)
             if preview is not None and step % config.sampling_steps == 0:
-                preview.save(run.ema, run.exp_dir / "samples" / f"{step:07d}.png")
+                log_image(accelerator, "samples", preview.save(run.ema, run.exp_dir / "samples" / f"{step:07d}.png"),
+                          step)
+            if run.evaluation is not None and step % config.eval_every == 0:
+                if step % config.checkpointing_steps and step != config.max_train_steps:
+                    save(step)  # best.pt is the evaluated step's checkpoint
+                evaluate(step)
             metrics.exclude(time.perf_counter() - pause)
             if step >= config.max_train_steps:
                 break
@@ -502,31 +603,43 @@ def train_loop(config, run):
     if step % config.checkpointing_steps and step != config.max_train_steps:
         save(step)  # the epoch limit ended the run between checkpoints
     accelerator.end_training()
-    return dict(steps=step, metrics=metrics.logged, exp_dir=run.exp_dir, checkpoint=run.checkpoints.path(step),
-                model=run.raw_model, ema=run.ema)
+    return dict(steps=step, metrics=metrics.logged, evaluations=metrics.evaluations, exp_dir=run.exp_dir,
+                checkpoint=run.checkpoints.path(step), model=run.raw_model, ema=run.ema)
+
+
+def log_image(accelerator, name, image, step):
+    """An image (3, H, W) in [0, 1] to the run's trackers (tensorboard, wandb); metrics.jsonl holds no images."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image(name, image, step)
+        elif tracker.name == "wandb":
+            import wandb
+            tracker.run.log({name: wandb.Image(image.permute(1, 2, 0).numpy())}, step=step)
 
 
 class SamplePreview:
     """A grid of EMA samples from fixed noise and labels (official train.py: ODE, 50 Euler steps, cfg 4)."""
 
-    def __init__(self, config, dataset, latent_shape, cls_dim, device, num_samples=16):
-        from regdit.vae import load_vae
+    def __init__(self, config, vae, latent_shape, cls_dim, device, num_samples=16):
         g = torch.Generator().manual_seed(config.seed)
         self.labels = (torch.arange(num_samples) % config.num_classes).to(device)
         self.noise = torch.randn(num_samples, *latent_shape, generator=g).to(device)
         self.cls_noise = torch.randn(num_samples, cls_dim, generator=g).to(device) if cls_dim else None
-        self.vae = load_vae(config.vae or dataset.vae or "mse", device=device)
+        self.vae = vae
         self.path_type = config.path_type
         self.guidance = config.cfg_prob > 0  # without label dropout the model has no null class to guide with
 
     def save(self, ema, path):
-        from torchvision.utils import save_image
+        """Write the grid to `path`; returns it (3, H, W) in [0, 1] for the trackers."""
+        from torchvision.utils import make_grid, save_image
 
         from regdit.samplers import SAMPLERS
         from regdit.vae import decode_latents
         latents = SAMPLERS["ode"](ema, self.noise, self.cls_noise, self.labels, num_steps=50,
                                   cfg_scale=4.0 if self.guidance else 1.0, path_type=self.path_type)
         images = decode_latents(self.vae, latents.float()).permute(0, 3, 1, 2).float() / 255  # (N, 3, H, W)
+        grid = make_grid(images, nrow=math.ceil(math.sqrt(len(images))), padding=0)
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(path) as f:
-            save_image(images, f, format="png", nrow=math.ceil(math.sqrt(len(images))), padding=0)
+            save_image(grid, f, format="png")
+        return grid

@@ -2,6 +2,8 @@
 import datetime
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from scipy import linalg, special
 from regdit import RegditError, cli
 from regdit.evaluate import (
     INCEPTION_WEIGHTS_FILE,
+    METRIC_NAMES,
     ImageFolder,
     ManifoldEstimator,
     compute_activations,
@@ -393,3 +396,23 @@ def test_eval_command_errors_are_one_line(tmp_path, argv, message):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["eval", *[paths.get(arg, arg) for arg in argv], "--device", "cpu"])
     assert message in str(exit_info.value) and "\n" not in str(exit_info.value)
+
+
+def test_two_processes_give_the_numbers_of_one(tmp_path):
+    """`regdit eval` on 2 processes (torchrun, gloo): each computes the features of every other batch, the same
+    batches as one process, so the metrics are equal to the last bit."""
+    weights = str(save_random_inception_weights(tmp_path / "inception.pth"))
+    rng = np.random.default_rng(0)
+    for name in ("ref", "samples"):
+        np.savez(tmp_path / f"{name}.npz", arr_0=rng.integers(0, 255, (11, 32, 32, 3), dtype=np.uint8))
+    argv = ["--ref-batch", str(tmp_path / "ref.npz"), "--sample-batch", str(tmp_path / "samples.npz"),
+            "--inception-weights", weights, "--batch-size", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for launcher, output in ((["-m", "regdit"], "one.json"), (["-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                                               "-m", "regdit"], "two.json")):
+        run = subprocess.run([sys.executable, *launcher, "eval", *argv, "--output", str(tmp_path / output)],
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+    one, two = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))
+    assert two["settings"]["num_processes"] == 2
+    assert {k: one[k] for k in METRIC_NAMES} == {k: two[k] for k in METRIC_NAMES}

@@ -356,3 +356,81 @@ def test_a_checkpoint_copied_into_a_new_experiment_continues_there(tiny_data, ca
     assert result["steps"] == 3
     assert f"note: resuming with --data-dir {moved} (the run was trained with {tiny_data / 'data'})" in (
         capsys.readouterr().err)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_data):
+    """A reference batch of the tiny data's images and random Inception weights (the evaluator's arithmetic is what is
+    under test, not the network's training)."""
+    from regdit.evaluate import make_reference, save_random_inception_weights
+    weights = save_random_inception_weights(tiny_data / "inception.pth")
+    make_reference(tiny_data / "images", tiny_data / "ref.npz", inception_weights=weights, batch_size=4)
+    return dict(ref_batch=str(tiny_data / "ref.npz"), inception_weights=str(weights))
+
+
+EVAL = dict(eval_every=2, eval_samples=6, eval_steps=3, eval_batch_size=4, eval_cfg_scale=1.5, eval_cls_cfg_scale=1.5)
+
+
+def test_evaluation_while_training_equals_sample_then_eval(tiny_data, reference, monkeypatch):
+    from regdit.evaluate import evaluate
+    from regdit.monitor import TrainingEvaluation
+    from regdit.sample import SampleConfig, sample
+    config = tiny_config(tiny_data, exp_name="evaluated", max_train_steps=4, checkpointing_steps=4, **EVAL,
+                         **reference)
+    real_call, calls = TrainingEvaluation.__call__, []
+
+    def killed_in_the_second_evaluation(self, ema):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_call(self, ema)
+    monkeypatch.setattr(TrainingEvaluation, "__call__", killed_in_the_second_evaluation)
+    with pytest.raises(KeyboardInterrupt):
+        train(config)
+    checkpoints = tiny_data / "exps" / "evaluated" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["0000002.pt", "0000004.pt", "best.pt"]
+    result = train(config)  # the rerun redoes the evaluation of step 4 first, then finds the run done
+    logged = [json.loads(line) for line in (result["exp_dir"] / "metrics.jsonl").read_text().splitlines()]
+    evaluations = [entry for entry in logged if "eval/fid" in entry]
+    assert [entry["step"] for entry in evaluations] == [2, 4] and result["evaluations"] == evaluations[1:]
+
+    for entry in evaluations:  # the same numbers as the two commands on the step's checkpoint
+        npz = sample(SampleConfig(ckpt=str(checkpoints / f"{entry['step']:07d}.pt"), sample_dir=str(tiny_data / "s"),
+                                  num_fid_samples=6, per_proc_batch_size=4, num_steps=3, cfg_scale=1.5,
+                                  cls_cfg_scale=1.5, global_seed=config.seed))
+        scores = evaluate(reference["ref_batch"], npz, reference["inception_weights"], batch_size=4)
+        assert {name: entry[f"eval/{name}"] for name in ("inception_score", "fid", "sfid", "precision", "recall")} \
+            == {name: scores[name] for name in ("inception_score", "fid", "sfid", "precision", "recall")}
+    best = min(evaluations, key=lambda entry: entry["eval/fid"])["step"]
+    assert load_checkpoint(checkpoints / "best.pt")["steps"] == best
+
+
+def test_two_processes_evaluate_like_one(tiny_data, reference):
+    single = train(tiny_config(tiny_data, exp_name="eval_single", max_train_steps=2, **EVAL, **reference))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**EVAL, **reference}.items()]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "regdit", "train",
+               "--data-dir", str(tiny_data / "data"), "--resolution", "32", "--model", "SiT-S/8", "--depth", "2",
+               "--hidden-size", "64", "--num-heads", "2", "--encoder-depth", "1", "--projector-dim", "64",
+               "--enc-path", str(tiny_data / "encoder"), "--num-classes", "4", "--batch-size", "8",
+               "--max-train-steps", "2", "--log-every", "2", "--checkpointing-steps", "3", "--sampling-steps", "0",
+               "--num-workers", "0", "--output-dir", str(tiny_data / "exps"), "--exp-name", "eval_double", *flags]
+    run = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = (tiny_data / "exps" / "eval_double" / "metrics.jsonl").read_text().splitlines()
+    double, = [json.loads(line) for line in lines if "eval/fid" in line]
+    # the weights differ by the float rounding of the gradient all-reduce, the evaluation itself adds none (the exact
+    # equality of one evaluation on 1 and 2 processes is test_evaluate's)
+    names = ("eval/inception_score", "eval/fid", "eval/sfid", "eval/precision", "eval/recall")
+    expected = {name: single["evaluations"][0][name] for name in names}
+    assert {name: double[name] for name in names} == pytest.approx(expected, rel=1e-4)
+
+
+def test_an_unusable_reference_is_refused_before_training(tiny_data, reference):
+    with pytest.raises(RegditError, match="--eval-every 2 needs --ref-batch REF.npz"):
+        train(tiny_config(tiny_data, exp_name="no_ref", **EVAL))
+    np.savez(tiny_data / "ref64.npz", arr_0=np.zeros((8, 64, 64, 3), np.uint8))
+    with pytest.raises(RegditError, match="ref64.npz is 64x64 px but the samples of this run are 32x32 px"):
+        train(tiny_config(tiny_data, exp_name="no_ref", **EVAL,
+                          **{**reference, "ref_batch": str(tiny_data / "ref64.npz")}))
+    assert not (tiny_data / "exps" / "no_ref").exists()

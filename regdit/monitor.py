@@ -1,0 +1,60 @@
+"""Watching a run converge: FID-K of the EMA weights while training (`regdit train --eval-every N`).
+
+An evaluation is `regdit sample` + `regdit eval` without the files: the same per-index seeds (`global_seed` = the
+run's --seed), batches of --eval-batch-size consecutive indices handed round-robin to the processes, Inception
+features of each batch computed where it was sampled and gathered, and the metrics of `evaluate.Reference`. So its
+numbers equal those of `regdit sample --per-proc-batch-size B` and `regdit eval --batch-size B` on the same
+checkpoint, bit for bit, for any number of processes.
+"""
+import time
+
+import numpy as np
+
+from regdit import RegditError
+from regdit.evaluate import (
+    FEATURES,
+    Reference,
+    batch_activations,
+    check_resolutions,
+    gather_batches,
+    load_inception,
+    load_npz_images,
+    warn_if_few,
+)
+from regdit.sample import sample_batch
+
+
+class TrainingEvaluation:
+    """Everything an evaluation needs, checked before training starts: the reference batch (readable, statistics
+    of the right shape, the data's resolution), the Inception weights, the VAE. Calling it scores an EMA model."""
+
+    def __init__(self, config, dataset, state, vae):
+        if config.ref_batch is None:
+            raise RegditError(f"--eval-every {config.eval_every} needs --ref-batch REF.npz (build one from the "
+                              "training images with `regdit eval --make-ref IMAGES --output REF.npz`)")
+        self.config, self.state, self.vae = config, state, vae
+        self.inception = load_inception(config.inception_weights, state.device)
+        with load_npz_images(config.ref_batch) as images:
+            shape = (config.eval_samples, dataset.resolution, dataset.resolution, 3)
+            check_resolutions(config.ref_batch, images.shape, "of this run", shape)
+            self.reference = Reference(config.ref_batch, images, self.inception, config.eval_batch_size, state)
+        warn_if_few((config.ref_batch, len(self.reference.pool)), ("--eval-samples", config.eval_samples))
+        self.guidance = dict(cfg_scale=config.eval_cfg_scale, cls_cfg_scale=config.eval_cls_cfg_scale,
+                             guidance_low=config.eval_guidance_low, guidance_high=config.eval_guidance_high,
+                             path_type=config.path_type)
+
+    def __call__(self, ema):
+        """(metrics, seconds): IS, FID, sFID, precision and recall of `config.eval_samples` samples of `ema`."""
+        config, state = self.config, self.state
+        started = time.perf_counter()
+        starts = range(0, config.eval_samples, config.eval_batch_size)
+        features = {}
+        for k in range(state.process_index, len(starts), state.num_processes):
+            indices = range(starts[k], min(starts[k] + config.eval_batch_size, config.eval_samples))
+            images = sample_batch(ema, self.vae, indices, config.seed, False, config.eval_mode, config.eval_steps,
+                                  config.eval_mixed_precision, **self.guidance)
+            features[k] = batch_activations(images, self.inception)
+        batches = gather_batches(features, state)
+        sample = {name: np.concatenate([batches[k][name] for k in range(len(starts))]) for name in FEATURES}
+        metrics = self.reference.metrics(sample, state.device)
+        return metrics, time.perf_counter() - started
