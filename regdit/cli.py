@@ -24,7 +24,9 @@ COMMANDS = {  # name -> (module, config class, function, one-line help)
     "eval": ("regdit.evaluate", "EvalConfig", "run_eval",
              "IS / FID / sFID / precision / recall of a sample .npz (ADM evaluator)"),
     "export": ("regdit.checkpoint", "ExportConfig", "export",
-               "export a checkpoint's EMA weights to safetensors + config JSON"),
+               "export a checkpoint's EMA weights to safetensors + config JSON + model card (--push-to-hub)"),
+    "report": ("regdit.report", "ReportConfig", "report",
+               "one figure of runs: loss terms, speed, FID/IS against iterations and the paper's points"),
     "demo": ("regdit.demo", "DemoConfig", "run_demo",
              "the whole pipeline on a tiny built-in dataset, on CPU, in minutes"),
 }

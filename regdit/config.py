@@ -60,11 +60,13 @@ class Settings:
 
 
 def field_type(config_class, name):
-    """The flag's value type from the field's annotation; `int | None` gives int."""
+    """(value type, is a list) from the field's annotation: `int | None` gives (int, False), `list[str]` (str, True)."""
     hint = typing.get_type_hints(config_class)[name]
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    return hint
+    if typing.get_origin(hint) is list:
+        return typing.get_args(hint)[0], True
+    return hint, False
 
 
 def add_dataclass_arguments(parser, config_class):
@@ -73,13 +75,15 @@ def add_dataclass_arguments(parser, config_class):
         kwargs = {k: v for k, v in field.metadata.items() if k not in NOT_FOR_ARGPARSE}
         if field.metadata.get("required"):
             kwargs["help"] += " (required)"
-        value_type = field_type(config_class, field.name)
+        value_type, is_list = field_type(config_class, field.name)
         if value_type is bool:
             kwargs.setdefault("action", argparse.BooleanOptionalAction)
         elif "action" not in kwargs:
             kwargs.setdefault("type", value_type)
+        if is_list:
+            kwargs["nargs"] = "*"
         if field.metadata.get("positional"):
-            parser.add_argument(field.name, nargs="?", default=field.default, **kwargs)
+            parser.add_argument(field.name, **{"nargs": "?", **kwargs}, default=field.default)
         else:
             names = [f"--{field.name.replace('_', '-')}", *field.metadata.get("aliases", [])]
             parser.add_argument(*names, dest=field.name, default=field.default, **kwargs)
@@ -103,13 +107,19 @@ def checked_values(parser, values, source):
             continue
         if value is False and action.choices and "no" in action.choices:
             value = "no"  # YAML 1.1 reads an unquoted `no` as false
-        try:
-            value = action.type(str(value)) if action.type else value  # str(): YAML's 3.5 is not an int
-        except (TypeError, ValueError):
-            raise RegditError(f"{source}: {action.dest} {value!r} is not a valid {action.type.__name__}") from None
-        if action.choices is not None and value not in action.choices:
-            raise RegditError(f"{source}: {action.dest} {value!r} is not one of {', '.join(map(str, action.choices))}")
-        checked[action.dest] = value
+        if action.nargs == "*" and not isinstance(value, list):
+            raise RegditError(f"{source}: {action.dest} {value!r} is not a list")
+        items = []
+        for item in value if action.nargs == "*" else [value]:
+            try:
+                item = action.type(str(item)) if action.type else item  # str(): YAML's 3.5 is not an int
+            except (TypeError, ValueError):
+                raise RegditError(f"{source}: {action.dest} {item!r} is not a valid {action.type.__name__}") from None
+            if action.choices is not None and item not in action.choices:
+                raise RegditError(f"{source}: {action.dest} {item!r} is not one of "
+                                  f"{', '.join(map(str, action.choices))}")
+            items.append(item)
+        checked[action.dest] = items if action.nargs == "*" else items[0]
     return checked
 
 
@@ -149,7 +159,7 @@ def config_from_args(args, config_class):
 def missing_required(config):
     """The flags of required settings that neither the command line nor the YAML file gave."""
     return [flag_name(f) for f in dataclasses.fields(config)
-            if f.metadata.get("required") and getattr(config, f.name) is None]
+            if f.metadata.get("required") and getattr(config, f.name) in (None, [])]
 
 
 def changed_setting(previous, current, may_change):

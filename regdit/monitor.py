@@ -9,6 +9,7 @@ checkpoint, bit for bit, for any number of processes.
 import time
 
 import numpy as np
+from accelerate.utils import broadcast_object_list
 
 from regdit import RegditError
 from regdit.evaluate import (
@@ -55,6 +56,10 @@ class TrainingEvaluation:
                                   config.eval_mixed_precision, **self.guidance)
             features[k] = batch_activations(images, self.inception)
         batches = gather_batches(features, state)
-        sample = {name: np.concatenate([batches[k][name] for k in range(len(starts))]) for name in FEATURES}
-        metrics = self.reference.metrics(sample, state.device)
+        metrics = None
+        if state.is_main_process:  # the metrics once (two 2048 x 2048 matrix square roots), then to every process
+            sample = {name: np.concatenate([batches[k][name] for k in range(len(starts))]) for name in FEATURES}
+            metrics = self.reference.metrics(sample, state.device)
+        if state.num_processes > 1:
+            metrics = broadcast_object_list([metrics])[0]
         return metrics, time.perf_counter() - started

@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from regdit.cli import COMMANDS, main, parse_config
+from regdit.config import field_type
 
 
 def config_class(command):
@@ -15,10 +16,11 @@ def config_class(command):
 
 
 def filled(command):
-    """The default config of `command` with every required setting given."""
-    defaults = config_class(command)()
-    return dataclasses.replace(defaults, **{f.name: f"given-{f.name}" for f in dataclasses.fields(defaults)
-                                            if f.metadata.get("required")})
+    """The default config of `command` with every required setting given (a list for list settings)."""
+    cls = config_class(command)
+    given = {f.name: [f"given-{f.name}"] if field_type(cls, f.name)[1] else f"given-{f.name}"
+             for f in dataclasses.fields(cls) if f.metadata.get("required")}
+    return dataclasses.replace(cls(), **given)
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))

@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -364,17 +365,18 @@ def reference(tiny_data):
     under test, not the network's training)."""
     from regdit.evaluate import make_reference, save_random_inception_weights
     weights = save_random_inception_weights(tiny_data / "inception.pth")
-    make_reference(tiny_data / "images", tiny_data / "ref.npz", inception_weights=weights, batch_size=4)
+    make_reference(tiny_data / "images", tiny_data / "ref.npz", inception_weights=weights, batch_size=4, num_images=8)
     return dict(ref_batch=str(tiny_data / "ref.npz"), inception_weights=str(weights))
 
 
 EVAL = dict(eval_every=2, eval_samples=6, eval_steps=3, eval_batch_size=4, eval_cfg_scale=1.5, eval_cls_cfg_scale=1.5)
 
 
-def test_evaluation_while_training_equals_sample_then_eval(tiny_data, reference, monkeypatch):
-    from regdit.evaluate import evaluate
+@pytest.fixture(scope="module")
+def evaluated(tiny_data, reference):
+    """A run evaluated at steps 2 and 4, killed during its second evaluation and rerun (an evaluation costs two
+    2048 x 2048 matrix square roots: the tests share this one run)."""
     from regdit.monitor import TrainingEvaluation
-    from regdit.sample import SampleConfig, sample
     config = tiny_config(tiny_data, exp_name="evaluated", max_train_steps=4, checkpointing_steps=4, **EVAL,
                          **reference)
     real_call, calls = TrainingEvaluation.__call__, []
@@ -384,29 +386,42 @@ def test_evaluation_while_training_equals_sample_then_eval(tiny_data, reference,
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real_call(self, ema)
-    monkeypatch.setattr(TrainingEvaluation, "__call__", killed_in_the_second_evaluation)
-    with pytest.raises(KeyboardInterrupt):
-        train(config)
-    checkpoints = tiny_data / "exps" / "evaluated" / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["0000002.pt", "0000004.pt", "best.pt"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(TrainingEvaluation, "__call__", killed_in_the_second_evaluation)
+        with pytest.raises(KeyboardInterrupt):
+            train(config)
+    files = sorted(p.name for p in (tiny_data / "exps" / "evaluated" / "checkpoints").iterdir())
     result = train(config)  # the rerun redoes the evaluation of step 4 first, then finds the run done
-    logged = [json.loads(line) for line in (result["exp_dir"] / "metrics.jsonl").read_text().splitlines()]
-    evaluations = [entry for entry in logged if "eval/fid" in entry]
-    assert [entry["step"] for entry in evaluations] == [2, 4] and result["evaluations"] == evaluations[1:]
+    return dict(config=config, result=result, files_after_kill=files)
 
-    for entry in evaluations:  # the same numbers as the two commands on the step's checkpoint
-        npz = sample(SampleConfig(ckpt=str(checkpoints / f"{entry['step']:07d}.pt"), sample_dir=str(tiny_data / "s"),
-                                  num_fid_samples=6, per_proc_batch_size=4, num_steps=3, cfg_scale=1.5,
-                                  cls_cfg_scale=1.5, global_seed=config.seed))
-        scores = evaluate(reference["ref_batch"], npz, reference["inception_weights"], batch_size=4)
-        assert {name: entry[f"eval/{name}"] for name in ("inception_score", "fid", "sfid", "precision", "recall")} \
-            == {name: scores[name] for name in ("inception_score", "fid", "sfid", "precision", "recall")}
+
+def logged_evaluations(exp_dir):
+    return [entry for entry in map(json.loads, (exp_dir / "metrics.jsonl").read_text().splitlines())
+            if "eval/fid" in entry]
+
+
+EVAL_METRICS = ("inception_score", "fid", "sfid", "precision", "recall")
+
+
+def test_evaluation_while_training_equals_sample_then_eval(evaluated, reference, tiny_data):
+    from regdit.evaluate import evaluate
+    from regdit.sample import SampleConfig, sample
+    config, result = evaluated["config"], evaluated["result"]
+    checkpoints = result["exp_dir"] / "checkpoints"
+    assert evaluated["files_after_kill"] == ["0000002.pt", "0000004.pt", "best.pt"]
+    evaluations = logged_evaluations(result["exp_dir"])
+    assert [entry["step"] for entry in evaluations] == [2, 4] and result["evaluations"] == evaluations[1:]
+    entry = evaluations[1]  # the redone evaluation has the numbers of the two commands on the step's checkpoint
+    npz = sample(SampleConfig(ckpt=str(checkpoints / "0000004.pt"), sample_dir=str(tiny_data / "s"),
+                              num_fid_samples=6, per_proc_batch_size=4, num_steps=3, cfg_scale=1.5, cls_cfg_scale=1.5,
+                              global_seed=config.seed))
+    scores = evaluate(reference["ref_batch"], npz, reference["inception_weights"], batch_size=4)
+    assert {name: entry[f"eval/{name}"] for name in EVAL_METRICS} == {name: scores[name] for name in EVAL_METRICS}
     best = min(evaluations, key=lambda entry: entry["eval/fid"])["step"]
     assert load_checkpoint(checkpoints / "best.pt")["steps"] == best
 
 
-def test_two_processes_evaluate_like_one(tiny_data, reference):
-    single = train(tiny_config(tiny_data, exp_name="eval_single", max_train_steps=2, **EVAL, **reference))
+def test_two_processes_evaluate_like_one(evaluated, reference, tiny_data):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**EVAL, **reference}.items()]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "regdit", "train",
@@ -417,13 +432,12 @@ def test_two_processes_evaluate_like_one(tiny_data, reference):
                "--num-workers", "0", "--output-dir", str(tiny_data / "exps"), "--exp-name", "eval_double", *flags]
     run = subprocess.run(command, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
-    lines = (tiny_data / "exps" / "eval_double" / "metrics.jsonl").read_text().splitlines()
-    double, = [json.loads(line) for line in lines if "eval/fid" in line]
+    double, = logged_evaluations(tiny_data / "exps" / "eval_double")
+    single = logged_evaluations(evaluated["result"]["exp_dir"])[0]  # step 2 of the same training on one process
     # the weights differ by the float rounding of the gradient all-reduce, the evaluation itself adds none (the exact
     # equality of one evaluation on 1 and 2 processes is test_evaluate's)
-    names = ("eval/inception_score", "eval/fid", "eval/sfid", "eval/precision", "eval/recall")
-    expected = {name: single["evaluations"][0][name] for name in names}
-    assert {name: double[name] for name in names} == pytest.approx(expected, rel=1e-4)
+    assert {name: double[f"eval/{name}"] for name in EVAL_METRICS} == pytest.approx(
+        {name: single[f"eval/{name}"] for name in EVAL_METRICS}, rel=1e-4)
 
 
 def test_an_unusable_reference_is_refused_before_training(tiny_data, reference):
@@ -434,3 +448,19 @@ def test_an_unusable_reference_is_refused_before_training(tiny_data, reference):
         train(tiny_config(tiny_data, exp_name="no_ref", **EVAL,
                           **{**reference, "ref_batch": str(tiny_data / "ref64.npz")}))
     assert not (tiny_data / "exps" / "no_ref").exists()
+
+
+def test_report_overlays_runs_with_and_without_evaluations(tiny_data, evaluated):
+    from regdit.cli import main
+    evaluated = evaluated["result"]["exp_dir"]
+    plain = train(tiny_config(tiny_data, exp_name="report_plain", max_train_steps=4, log_every=1))["exp_dir"]
+    for exp_dirs, name in (([plain], "plain.png"), ([evaluated, plain], "both.png"), ([evaluated], "page.html")):
+        main(["report", *map(str, exp_dirs), "--output", str(tiny_data / name)])
+    for name in ("plain.png", "both.png"):
+        image = np.asarray(Image.open(tiny_data / name).convert("L"), dtype=float)
+        assert image.shape == (900, 1600) and image.std() > 20 and (image < 128).mean() > 0.01  # drawn on, not blank
+    page = (tiny_data / "page.html").read_text()
+    assert "<td>evaluated</td>" in page and "data:image/png;base64," in page
+    assert re.search(r"<td>\d+\.\d{3} at [24]</td>", page)  # the best FID and its step
+    with pytest.raises(SystemExit, match="has no metrics.jsonl"):
+        main(["report", str(tiny_data), "--output", str(tiny_data / "x.png")])

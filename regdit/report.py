@@ -1,0 +1,136 @@
+"""`regdit report EXP_DIR [EXP_DIR ...] --output report.png|.html`: one figure of how runs train — the loss terms,
+the gradient norm, images/s, TFLOP/s, and FID / IS against iterations with the paper's published points for the
+same model — several experiments overlaid."""
+import base64
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from regdit import RegditError, atomic_write
+from regdit.config import Settings, flag
+
+# ImageNet 256, FID-50k without guidance, against training iterations (REG paper, Table 1), per (model, method).
+PUBLISHED_FID = {
+    ("SiT-XL/2", "reg"): {200_000: 5.0, 400_000: 3.4, 1_000_000: 2.7, 2_400_000: 2.2, 4_000_000: 1.8},
+    ("SiT-L/2", "reg"): {100_000: 11.4, 400_000: 4.6},
+    ("SiT-B/2", "reg"): {400_000: 15.2},
+    ("SiT-XL/2", "repa"): {200_000: 11.1, 400_000: 7.9, 1_000_000: 6.4, 4_000_000: 5.9},
+}
+LOSS_TERMS = ("loss_final", "loss_mean", "proj_loss", "loss_mean_cls")
+
+
+@dataclass
+class ReportConfig(Settings):
+    exp_dirs: list[str] | None = flag(None, "experiment folders (OUTPUT_DIR/EXP_NAME of `regdit train`)",
+                                      positional=True, required=True, metavar="EXP_DIR")
+    output: str = flag("report.png", "the figure (.png) or a page with the figure and a table of each run (.html)")
+
+    def check(self):
+        if Path(self.output).suffix not in (".png", ".html"):
+            raise RegditError(f"--output {self.output}: must end in .png or .html")
+
+
+def read_run(exp_dir):
+    """(name, settings, training lines, evaluation lines) of an experiment folder."""
+    exp_dir = Path(exp_dir)
+    metrics = exp_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        raise RegditError(f"{exp_dir} has no metrics.jsonl: pass the folder of a `regdit train` run (OUTPUT_DIR/"
+                          "EXP_NAME) that has logged at least once")
+    entries, lines = [], metrics.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:  # a last line cut short by a kill is dropped (the run drops it on resume)
+            if number < len(lines):
+                raise RegditError(f"{metrics}: line {number} is not JSON; it was not written by regdit") from None
+    settings_path = exp_dir / "config.yaml"
+    settings = yaml.safe_load(settings_path.read_text()) if settings_path.is_file() else {}
+    return (exp_dir.name, settings or {}, [e for e in entries if "loss_final" in e],
+            [e for e in entries if "eval/fid" in e])
+
+
+def plot(runs):
+    """The report figure (matplotlib) of runs as read_run returns them."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(2, 3, figsize=(16, 9), dpi=100)
+    (loss_axes, grad_axes, speed_axes), (flops_axes, fid_axes, is_axes) = axes
+    panels = [(grad_axes, "grad_norm", "gradient norm"), (speed_axes, "images_per_sec", "images/s"),
+              (flops_axes, "tflops_per_process", "model TFLOP/s per process")]
+    published = set()
+    for run_index, (name, settings, lines, evaluations) in enumerate(runs):
+        colour = f"C{run_index}"
+        steps = [line["step"] for line in lines]
+        for term, style in zip(LOSS_TERMS, ("-", "--", ":", "-.")):
+            loss_axes.plot(steps, [line[term] for line in lines], style, color=colour,
+                           label=f"{name}: {term}" if len(runs) > 1 else term)
+        for panel_axes, key, _ in panels:
+            panel_axes.plot(steps, [line.get(key, math.nan) for line in lines], color=colour, label=name)
+        if evaluations:
+            eval_steps = [entry["step"] for entry in evaluations]
+            fid_axes.plot(eval_steps, [entry["eval/fid"] for entry in evaluations], "o-", color=colour,
+                          label=f"{name} (FID-{settings.get('eval_samples', '?')})")
+            is_axes.plot(eval_steps, [entry["eval/inception_score"] for entry in evaluations], "o-", color=colour,
+                         label=name)
+        for method in ("reg", "repa"):
+            model = settings.get("model")
+            if (model, method) in PUBLISHED_FID and (model, method) not in published:
+                points = PUBLISHED_FID[model, method]
+                fid_axes.plot(list(points), list(points.values()), "*" if method == "reg" else "s", color="0.4",
+                              markersize=10 if method == "reg" else 6, linestyle="none",
+                              label=f"{model} + {method.upper()}, paper (FID-50k)")
+                published.add((model, method))
+    loss_axes.set(title="training loss terms", xlabel="iteration", ylabel="loss")
+    for panel_axes, _, title in panels:
+        panel_axes.set(title=title, xlabel="iteration")
+    fid_axes.set(title="FID (no guidance unless set)", xlabel="iteration (log)", ylabel="FID", xscale="log")
+    is_axes.set(title="Inception Score", xlabel="iteration (log)", xscale="log")
+    if not any(evaluations for *_, evaluations in runs):
+        fid_axes.text(0.5, 0.5, "no evaluations: train with --eval-every", transform=fid_axes.transAxes,
+                      ha="center", va="center", color="0.3")
+    for panel_axes in axes.flat:
+        panel_axes.grid(alpha=0.3)
+        if panel_axes.get_legend_handles_labels()[0]:
+            panel_axes.legend(fontsize=7)
+    figure.suptitle("regdit report: " + ", ".join(name for name, *_ in runs))
+    figure.tight_layout()
+    return figure
+
+
+def html_page(runs, png):
+    """A page with the figure and one table row per run: last logged step, loss, images/s, best FID."""
+    rows = []
+    for name, settings, lines, evaluations in runs:
+        last = lines[-1] if lines else {}
+        best = min(evaluations, key=lambda entry: entry["eval/fid"], default=None)
+        cells = [name, settings.get("model", "?"), settings.get("method", "?"), last.get("step", ""),
+                 f"{last['loss_final']:.4f}" if last else "", f"{last['images_per_sec']:.1f}" if last else "",
+                 f"{best['eval/fid']:.3f} at {best['step']}" if best else "-"]
+        rows.append("<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
+    header = "".join(f"<th>{h}</th>" for h in ("run", "model", "method", "step", "loss", "images/s", "best FID"))
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>regdit report</title></head><body>"
+            f"<table border='1' cellpadding='4'><tr>{header}</tr>{''.join(rows)}</table>"
+            f"<img src='data:image/png;base64,{base64.b64encode(png).decode()}' alt='regdit report'></body></html>\n")
+
+
+def report(config: ReportConfig):
+    """Write the figure (or the page) of the runs; returns its path."""
+    import matplotlib.pyplot as plt
+
+    runs = [read_run(exp_dir) for exp_dir in config.exp_dirs]
+    figure = plot(runs)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    output = Path(config.output)
+    with atomic_write(output) as f:
+        f.write(buffer.getvalue() if output.suffix == ".png" else html_page(runs, buffer.getvalue()).encode())
+    print(f"wrote {output}")
+    return output
