@@ -477,7 +477,7 @@ def evaluate(ref_npz, sample_npz, inception_weights=None, batch_size=64, num_sam
         check_resolutions(ref_npz, ref_images.shape, sample_npz, sample_images.shape, allow_resolution_mismatch)
         weights = inception_weights_path(inception_weights)
         model = load_inception(weights, device)
-        reference = Reference(ref_npz, ref_images, model, batch_size, state)
+        reference = Reference.from_batch(ref_npz, ref_images, model, batch_size, state)
         sample = compute_activations(sample_images, model, batch_size, desc="samples", state=state)
         sample_resolution = list(sample_images.shape[1:3])
     warn_if_few((ref_npz, len(reference.pool)), (sample_npz, len(sample["pool"])))
@@ -501,16 +501,23 @@ def warn_if_few(*counts):
 
 class Reference:
     """The reference side of every metric, computed once: the pool features of `arr_0` (precision and recall) and
-    the FID / sFID statistics (the npz's `mu, sigma, mu_s, sigma_s` when present, as ADM's reference batches, else
-    those of `arr_0`). `metrics(sample_features)` then scores any number of sample sets against it."""
+    the FID / sFID statistics ((mu, sigma) of the pool and spatial features). `metrics(sample_features)` then scores
+    any number of sample sets against it."""
 
-    def __init__(self, path, images, model, batch_size=64, state=None):
+    def __init__(self, pool, statistics, statistics_from="arr_0", resolution=None):
+        self.pool, self.statistics = pool, statistics
+        self.statistics_from, self.resolution = statistics_from, resolution
+
+    @classmethod
+    def from_batch(cls, path, images, model, batch_size=64, state=None):
+        """The reference of an ADM batch: its `mu, sigma, mu_s, sigma_s` when present (checked before any Inception
+        forward), else the statistics of its `arr_0`."""
         _check_count(path, len(images))
         statistics = read_reference_statistics(path)
         features = compute_activations(images, model, batch_size, desc="reference", state=state)
-        self.pool, self.resolution = features["pool"], list(images.shape[1:3])
-        self.statistics_from = "npz" if statistics else "arr_0"
-        self.statistics = statistics or (fid_statistics(features["pool"]), fid_statistics(features["spatial"]))
+        return cls(features["pool"], statistics or (fid_statistics(features["pool"]),
+                                                    fid_statistics(features["spatial"])),
+                   "npz" if statistics else "arr_0", list(images.shape[1:3]))
 
     def metrics(self, sample, device=None):
         """IS, FID, sFID, precision and recall of sample features (compute_activations), as ADM computes them."""

@@ -22,6 +22,7 @@ from regdit.evaluate import (
     load_npz_images,
     warn_if_few,
 )
+from regdit.hub import resolve_path
 from regdit.sample import sample_batch
 
 
@@ -35,11 +36,12 @@ class TrainingEvaluation:
                               "training images with `regdit eval --make-ref IMAGES --output REF.npz`)")
         self.config, self.state, self.vae = config, state, vae
         self.inception = load_inception(config.inception_weights, state.device)
-        with load_npz_images(config.ref_batch) as images:
+        ref_batch = resolve_path(config.ref_batch, "reference batch")  # local or hf://
+        with load_npz_images(ref_batch) as images:
             shape = (config.eval_samples, dataset.resolution, dataset.resolution, 3)
-            check_resolutions(config.ref_batch, images.shape, "of this run", shape)
-            self.reference = Reference(config.ref_batch, images, self.inception, config.eval_batch_size, state)
-        warn_if_few((config.ref_batch, len(self.reference.pool)), ("--eval-samples", config.eval_samples))
+            check_resolutions(ref_batch, images.shape, "of this run", shape)
+            self.reference = Reference.from_batch(ref_batch, images, self.inception, config.eval_batch_size, state)
+        warn_if_few((ref_batch, len(self.reference.pool)), ("--eval-samples", config.eval_samples))
         self.guidance = dict(cfg_scale=config.eval_cfg_scale, cls_cfg_scale=config.eval_cls_cfg_scale,
                              guidance_low=config.eval_guidance_low, guidance_high=config.eval_guidance_high,
                              path_type=config.path_type)

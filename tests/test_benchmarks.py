@@ -24,6 +24,9 @@ NUMBER = r"\s+\d+(\.\d+)?"
                                          "loader regdit-flip layout, 1 workers")]),
     ("bench_eval.py", ["--num-images", "4", "--batch-size", "2", "--resolution", "64"],
      [rf"Inception forward\s+4{NUMBER}{NUMBER} images/s"]),
+    ("bench_monitor.py", ["--tiny"],
+     [rf"sampling \(model \+ decode\)\s+8{NUMBER}{NUMBER}", rf"Inception features\s+8{NUMBER}{NUMBER}",
+      r"one FID-10k evaluation: \d+\.\d min"]),
     ("bench_checksum.py", ["--tiny"],
      [rf"{kind} \(tensor_checksum\){NUMBER}{NUMBER}" for kind in ("crc32", "blake2b", "sha256")]
      + [rf"torch\.save \+ fsync{NUMBER}{NUMBER}", rf"torch\.load \(page cache\){NUMBER}{NUMBER}"]),
