@@ -1,10 +1,11 @@
 """Checkpoints: the official format `{"model", "ema", "opt", "args", "steps"}` (args an argparse.Namespace), read
 without executing pickled code; a checksum of the tensors, recorded on save and export and verified on load; atomic
 writes; strict loading with errors that name the wrong setting; and the `regdit export` command (EMA weights to
-safetensors + config JSON)."""
+safetensors + config JSON, optionally pushed to the Hugging Face Hub with a model card)."""
 import argparse
 import hashlib
 import json
+import shutil
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from safetensors.torch import save
 
 from regdit import RegditError, atomic_write
 from regdit.config import Settings, flag
+from regdit.hub import check_repo_id, model_card, push_folder, resolve_path
 from regdit.models import MODEL_SIZES, SiT, SiTConfig, model_arguments
 
 
@@ -80,12 +82,17 @@ def _unreadable(path, error):
                        "earlier checkpoint")
 
 
+def local_checkpoint(path):
+    """The local path of a checkpoint; an `hf://` one is downloaded first (an export with its config.json)."""
+    return resolve_path(path, "checkpoint", beside=("config.json",) if str(path).endswith(".safetensors") else ())
+
+
 def load_checkpoint(path):
     """Read a checkpoint with `weights_only=True`: a `.safetensors` export (its `config.json` beside it becomes
-    `model_config`), or a torch file (official or regdit training checkpoint, or a bare state dict). The checksum
-    that regdit checkpoints and exports record is verified (official files have none). Every failure is a one-line
-    RegditError naming the file."""
-    path = Path(path)
+    `model_config`), or a torch file (official or regdit training checkpoint, or a bare state dict); local or
+    `hf://`. The checksum that regdit checkpoints and exports record is verified (official files have none). Every
+    failure is a one-line RegditError naming the file."""
+    path = local_checkpoint(path)
     if path.is_dir():
         found = sorted(path.glob("model.safetensors")) or sorted(path.glob("checkpoints/*.pt"))[-1:]
         raise RegditError(f"checkpoint {path} is a folder: pass " + (f"{found[0]}" if found else
@@ -187,6 +194,38 @@ def load_state_dict_checked(model, state_dict, source):
     model.load_state_dict(state_dict, strict=True)
 
 
+CLASS_TABLE = "y_embedder.embedding_table.weight"
+
+
+def load_init_weights(model, path, weights="ema", log=print):
+    """`train --init-from`: load a checkpoint's `weights` ("ema" or "model") into a new run's `model`. Every tensor
+    must fit as in `load_state_dict_checked`, except the class embedding when the class count differs: the rows of
+    the classes both models have (0 .. min - 1) are copied, the source's null-class row (the guidance class) moves
+    to the model's null index `num_classes`, and the rows of classes the source lacks keep their fresh
+    initialisation; `log` says so in one line."""
+    checkpoint = load_checkpoint(path)
+    if weights not in checkpoint:
+        raise RegditError(f"--init-from {path} has no {weights} weights (an export holds EMA weights only): pass "
+                          "--init-weights ema")
+    state = dict(checkpoint[weights])
+    source, table = state.get(CLASS_TABLE), model.state_dict()[CLASS_TABLE]
+    if source is not None and source.shape != table.shape and source.shape[1:] == table.shape[1:]:
+        # official checkpoints store no config: they were trained with label dropout, so their last row is null
+        stored = checkpoint.get("model_config")
+        source_classes = stored["num_classes"] if stored else len(source) - 1
+        common, resized = min(source_classes, model.num_classes), table.clone()
+        resized[:common] = source[:common]
+        null_moved = len(source) > source_classes and len(table) > model.num_classes
+        if null_moved:
+            resized[model.num_classes] = source[source_classes]
+        state[CLASS_TABLE] = resized
+        log(f"--init-from {path}: class embedding resized from {source_classes} to {model.num_classes} classes "
+            f"(rows 0-{common - 1} copied" + (f", null class moved to row {model.num_classes}" if null_moved else "")
+            + (f", {model.num_classes - common} new rows freshly initialised" if model.num_classes > common else "")
+            + ")")
+    load_state_dict_checked(model, state, f"--init-from {path}")
+
+
 def convert_legacy_state_dict(state_dict, encoder_depth):
     """`--legacy` (REPA's load_legacy_checkpoints): early checkpoints kept the blocks after the projection layer in
     `decoder_blocks.i`; they are `blocks.{i + encoder_depth}` here."""
@@ -258,29 +297,103 @@ def build_model_from_checkpoint(checkpoint, source="checkpoint", weights="ema", 
 
 @dataclass
 class ExportConfig(Settings):
-    ckpt: str | None = flag(None, "a regdit or official training checkpoint (.pt)", positional=True, required=True)
-    output: str | None = flag(None, "folder for model.safetensors and config.json", required=True)
+    ckpt: str | None = flag(None, "a regdit or official training checkpoint (.pt), local or hf://", positional=True,
+                            required=True)
+    output: str | None = flag(None, "folder for model.safetensors, config.json and the model card README.md",
+                              required=True)
     num_heads: int | None = flag(None, "attention heads, only needed for custom model sizes (standard sizes know "
                                        "theirs)", at_least=1)
+    push_to_hub: str | None = flag(None, "then upload the folder to this Hub repository, created if missing (token: "
+                                         "HF_TOKEN or `hf auth login`)", metavar="OWNER/NAME")
+    private: bool = flag(False, "with --push-to-hub: create the repository private")
+    metrics: str | None = flag(None, "a `regdit eval` metrics JSON to show on the model card", metavar="JSON")
+    grid: str | None = flag(None, "sample grid image for the model card (default: the run's preview at the "
+                                  "checkpoint's step, EXP/samples/STEP.png, if there is one)", metavar="PNG")
+    license: str = flag("mit", "license of the model card, a Hub license id (mit, apache-2.0, cc-by-nc-4.0, other)")
+
+    def check(self):
+        if self.private and not self.push_to_hub:
+            raise RegditError("--private applies to the repository --push-to-hub creates: add --push-to-hub "
+                              "OWNER/NAME or drop --private")
+        if self.push_to_hub:
+            check_repo_id(self.push_to_hub, "--push-to-hub")
+
+
+CARD_SETTINGS = ("enc_type", "encoder_depth", "proj_coeff", "cls", "batch_size", "learning_rate", "ema_decay",
+                 "cfg_prob", "weighting", "init_from")  # training settings shown on the model card, when recorded
+METHODS = {"reg": "REG (entangled class token + REPA alignment)", "repa": "REPA (alignment only)", "sit": "SiT"}
+
+
+def write_export(output_dir, weights, model_config, latents=None, path_type=None):
+    """The export format, for `regdit export` and `SiT.save_pretrained`: `model.safetensors` (`weights`, their
+    checksum in its metadata, which `load_checkpoint` verifies) + `config.json` {"model": the SiTConfig dict,
+    "latents", "path_type"}. Returns the path of the weights."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+    settings = dict(model=model_config.to_dict(), latents=latents, path_type=path_type)
+    with atomic_write(output_dir / "config.json", "w") as f:
+        f.write(json.dumps(settings, indent=2) + "\n")
+    with atomic_write(output_dir / "model.safetensors") as f:
+        f.write(save(weights, metadata={"format": "pt", "checksum": tensor_checksum(weights)}))
+    return output_dir / "model.safetensors"
+
+
+def read_eval_metrics(path):
+    """The five metrics and the settings of a `regdit eval` JSON, checked: a one-line error otherwise."""
+    from regdit.evaluate import METRIC_NAMES  # the evaluator's imports only when a card shows metrics
+
+    try:
+        results = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise RegditError(f"--metrics {path} is unreadable ({_reason(error)}): pass the JSON `regdit eval` "
+                          "wrote") from None
+    if not isinstance(results, dict) or not all(isinstance(results.get(k), (int, float)) for k in METRIC_NAMES):
+        raise RegditError(f"--metrics {path} is not a `regdit eval` metrics JSON (it needs {', '.join(METRIC_NAMES)})")
+    return {name: results[key] for key, name in METRIC_NAMES.items()}, results.get("settings") or {}
 
 
 def export(config: ExportConfig):
     """EMA weights as `model.safetensors` + `config.json` (the SiTConfig, latents, path type), the shareable form
-    of a run. Returns the path of the weights."""
-    checkpoint = load_checkpoint(config.ckpt)
+    of a run, with a model card README.md (and the sample grid it shows); `--push-to-hub` uploads the folder.
+    Returns the path of the weights."""
+    grid = Path(config.grid) if config.grid else None
+    if grid is not None and not grid.is_file():
+        raise RegditError(f"--grid {grid} does not exist: pass a sample grid image")
+    metrics = read_eval_metrics(config.metrics) if config.metrics else None
+    ckpt = local_checkpoint(config.ckpt)
+    checkpoint = load_checkpoint(ckpt)
     if "ema" not in checkpoint:
         raise RegditError(f"{config.ckpt} has no EMA weights (keys {', '.join(checkpoint)}): export a training "
                           "checkpoint")
     overrides = {"num_heads": config.num_heads} if config.num_heads else {}
     model_config = model_config_from_checkpoint(checkpoint, source=config.ckpt, **overrides)
+    latents = checkpoint.get("latents")  # regdit runs' VAE and scale
+    path_type = getattr(checkpoint.get("args"), "path_type", None)
     output_dir = Path(config.output)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    ema = {k: v.contiguous() for k, v in checkpoint["ema"].items()}
-    settings = dict(model=model_config.to_dict(), latents=checkpoint.get("latents"),  # regdit runs' VAE and scale
-                    path_type=getattr(checkpoint.get("args"), "path_type", None))
-    with atomic_write(output_dir / "config.json", "w") as f:
-        f.write(json.dumps(settings, indent=2) + "\n")
-    with atomic_write(output_dir / "model.safetensors") as f:
-        f.write(save(ema, metadata={"format": "pt", "checksum": tensor_checksum(ema)}))  # load_checkpoint checks it
-    print(f"wrote {output_dir / 'model.safetensors'}")
-    return output_dir / "model.safetensors"
+    weights = write_export(output_dir, checkpoint["ema"], model_config, latents, path_type)
+    print(f"wrote {weights}")
+    preview = ckpt.parent.parent / "samples" / f"{ckpt.stem}.png"  # a regdit run's grid at this checkpoint's step
+    grid = grid or (preview if preview.is_file() else None)
+    if grid is not None:
+        shutil.copyfile(grid, output_dir / f"samples{grid.suffix}")
+    training = checkpoint.get("config") or vars(checkpoint.get("args") or argparse.Namespace())
+    method = "reg" if model_config.use_cls_token else "repa" if model_config.z_dims else "sit"
+    parameters = sum(v.numel() for v in checkpoint["ema"].values()) / 1e6
+    rows = {"model": f"{model_config.label} ({parameters:.1f}M parameters)", "method": METHODS[method],
+            "training steps": checkpoint.get("steps", "not recorded"), "classes": model_config.num_classes,
+            "resolution": (latents or {}).get("resolution") or training.get("resolution", "not recorded"),
+            "latents": (latents or {}).get("vae") or "not recorded (official checkpoints: sd-vae-ft-ema)",
+            "path type": path_type or "linear",
+            **{k: training[k] for k in CARD_SETTINGS if training.get(k) is not None}}
+    ckpt_ref = f"hf://{config.push_to_hub}/model.safetensors" if config.push_to_hub else str(weights)
+    card = model_card(config.push_to_hub or output_dir.name, rows, metrics, grid and f"samples{grid.suffix}",
+                      ckpt_ref, config.push_to_hub or str(output_dir), config.license)
+    with atomic_write(output_dir / "README.md", "w") as f:
+        f.write(card)
+    print(f"wrote {output_dir / 'README.md'} (model card)" + ("" if grid else "; no sample grid: pass --grid PNG"))
+    if config.push_to_hub:
+        url = push_folder(output_dir, config.push_to_hub, config.private,
+                          f"{model_config.label} exported by regdit from {ckpt.name}")
+        print(f"pushed {output_dir} to {url}")
+    return weights

@@ -23,6 +23,7 @@ from torch import nn
 from torchvision.transforms.functional import normalize
 
 from regdit import RegditError
+from regdit.hub import resolve_path
 from regdit.models import attention_flops, matmul_flops
 
 ENV_PATH = "REGDIT_ENCODER_PATH"
@@ -131,8 +132,8 @@ class Encoder(nn.Module):
 def load_encoders(enc_type, resolution, enc_path=None, device="cpu"):
     """Frozen encoders for a comma-separated `enc_type`; the first gives REG's class token.
 
-    `enc_path` (else REGDIT_ENCODER_PATH) holds one local weights file or timm folder per encoder, comma-separated;
-    an empty entry, or no path at all, loads the Hub weights.
+    `enc_path` (else REGDIT_ENCODER_PATH) holds one weights file or timm folder per encoder (local or `hf://`),
+    comma-separated; an empty entry, or no path at all, loads the Hub weights.
     """
     names = [name.strip() for name in enc_type.split(",")]
     for name in names:
@@ -143,8 +144,8 @@ def load_encoders(enc_type, resolution, enc_path=None, device="cpu"):
     if len(paths) != len(names):
         raise RegditError(f"--enc-path / {ENV_PATH} {enc_path!r} gives {len(paths)} paths for the {len(names)} "
                           f"encoders of --enc-type {enc_type}: give one per encoder, comma-separated (empty: Hub)")
-    return [Encoder(name, _load_vit(name, resolution, path or None), resolution).to(device)
-            for name, path in zip(names, paths)]
+    return [Encoder(name, _load_vit(name, resolution, resolve_path(path, "encoder weights") if path else None),
+                    resolution).to(device) for name, path in zip(names, paths)]
 
 
 def _load_vit(name, resolution, path):

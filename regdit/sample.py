@@ -30,7 +30,7 @@ from accelerate import PartialState
 from tqdm import tqdm
 
 from regdit import RegditError, __version__, atomic_write, check_writable, cpu_launch, remove_temp_files
-from regdit.checkpoint import build_model_from_checkpoint, load_checkpoint
+from regdit.checkpoint import build_model_from_checkpoint, load_checkpoint, local_checkpoint
 from regdit.config import Settings, changed_setting, flag
 from regdit.images import read_image
 from regdit.interpolants import PATH_TYPES
@@ -148,7 +148,7 @@ def load_model_and_vae(config, device, model=None):
     """
     ckpt, stored, vae = None, {}, config.vae
     if model is None:
-        ckpt = Path(config.ckpt)
+        ckpt = local_checkpoint(config.ckpt)  # an hf:// one is downloaded: its local name names the run
         checkpoint = load_checkpoint(ckpt)
         # regdit checkpoints record the dataset's VAE; official and regdit ones the training path in their args
         stored = dict(vae=checkpoint.get("latents", {}).get("vae"),
@@ -191,8 +191,8 @@ def sample_batch(model, vae, indices, global_seed=0, balanced=False, sampler="sd
 class SampleConfig(Settings):
     """The official generate.py flags. Model flags left unset take the checkpoint's settings: stored in regdit
     checkpoints and exports, read off the weights of official ones."""
-    ckpt: str | None = flag(None, "checkpoint: official or regdit .pt (EMA weights are used) or a .safetensors export",
-                            required=True)
+    ckpt: str | None = flag(None, "checkpoint: official or regdit .pt (EMA weights are used) or a .safetensors export, "
+                                  "local or hf://OWNER/REPO/PATH[@REVISION]", required=True)
     # model
     model: str | None = flag(None, f"model size and patch, one of {', '.join(SiT_models)}",
                              choices=SiT_models, metavar="NAME")
@@ -207,8 +207,8 @@ class SampleConfig(Settings):
     fused_attn: bool = flag(True, "attention through F.scaled_dot_product_attention")
     legacy: bool = flag(False, "early REPA checkpoints: rename decoder_blocks.i to blocks.{i + encoder depth}")
     # sampling
-    vae: str | None = flag(None, "ema, mse, a Hub id, a save_pretrained folder, or none for pixel space; unset: the "
-                                 "checkpoint's VAE, else none for 3-channel (pixel) models, else ema")
+    vae: str | None = flag(None, "ema, mse, a Hub id, a save_pretrained folder (local or hf://), or none for pixel "
+                                 "space; unset: the checkpoint's VAE, else none for 3-channel (pixel) models, else ema")
     mode: str = flag("sde", "sde: the official Euler-Maruyama sampler; ode: Euler (or --heun) on the velocity",
                      choices=["sde", "ode"])
     num_steps: int | None = flag(None, "sampling steps; unset: 250 for sde, 50 for ode", at_least=1)

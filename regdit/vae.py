@@ -8,6 +8,7 @@ import warnings
 import torch
 
 from regdit import RegditError
+from regdit.hub import is_hub_url, resolve_path
 
 VAE_ALIASES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 LATENT_SCALE = 0.18215  # SD VAE latent scaling used by the official train.py and generate.py
@@ -20,14 +21,14 @@ def resolve_vae_name(name_or_path):
 
 
 def load_vae(name_or_path, device="cpu", dtype=torch.float32):
-    """An eval-mode `AutoencoderKL` from an alias ("ema", "mse"), a Hub id or a `save_pretrained` folder; None for
-    "none".
+    """An eval-mode `AutoencoderKL` from an alias ("ema", "mse"), a Hub id, a `save_pretrained` folder (local or
+    `hf://OWNER/REPO[/FOLDER]`); None for "none".
 
     Hub ids go through `from_pretrained`, so `HF_HUB_OFFLINE=1` with a filled cache works without the network.
     """
     if name_or_path == "none":
         return None
-    name = resolve_vae_name(name_or_path)
+    name = str(resolve_path(name_or_path, "VAE folder")) if is_hub_url(name_or_path) else resolve_vae_name(name_or_path)
     looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1 or os.path.exists(name)
     if looks_local and not os.path.isdir(name):
         raise RegditError(f"VAE folder {name} not found: pass a folder written by AutoencoderKL.save_pretrained, "

@@ -303,15 +303,24 @@ def test_bad_yaml_values_are_one_line_errors(tmp_path, text, message):
         cli_main(["train", "--config", str(tmp_path / "c.yaml")])
 
 
-def test_tracker_must_be_installed(tiny_data):
-    from accelerate.utils import is_tensorboard_available
-    config = tiny_config(tiny_data, exp_name="tracked", max_train_steps=1, report_to="tensorboard")
-    if not is_tensorboard_available():
-        with pytest.raises(RegditError, match="tensorboard is not installed; pip install -e '.\\[tracking\\]'"):
-            train(config)
-    else:
+def test_tracker_must_be_installed(tiny_data, monkeypatch):
+    import accelerate.utils
+    config = tiny_config(tiny_data, exp_name="untracked", max_train_steps=1, report_to="tensorboard")
+    monkeypatch.setattr(train_module, "is_tensorboard_available", lambda: False)  # as on a machine without it
+    with pytest.raises(RegditError, match="tensorboard is not installed; pip install -e '.\\[tracking\\]'"):
         train(config)
-        assert list((tiny_data / "exps" / "tracked" / "logs").rglob("events.out.tfevents.*"))
+    assert accelerate.utils.is_tensorboard_available()  # the dev extra installs it: the next test uses it
+
+
+def test_tensorboard_receives_metrics_and_preview_grids(tiny_data):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    train(tiny_config(tiny_data, exp_name="tracked", max_train_steps=2, log_every=1, sampling_steps=2,
+                      report_to="tensorboard"))
+    events = EventAccumulator(str(next((tiny_data / "exps" / "tracked" / "logs").rglob("events.out.tfevents.*"))))
+    events.Reload()
+    assert [event.step for event in events.Scalars("loss_final")] == [1, 2]
+    image, = events.Images("samples")
+    assert (image.step, image.width, image.height) == (2, 4 * 32, 4 * 32)
 
 
 @pytest.mark.parametrize("method", ["repa", "sit"])

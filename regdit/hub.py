@@ -1,0 +1,187 @@
+"""`hf://` paths: files and folders of Hugging Face Hub repositories, wherever regdit reads a file.
+
+`hf://[datasets/]OWNER/REPO/PATH[@REVISION]` (or huggingface_hub's own `hf://OWNER/REPO@REVISION/PATH`) names a file
+when the last part of PATH has a suffix (`4000000.pt`, `model.safetensors`), else a folder (`vae`, or the whole
+repository when PATH is empty). `resolve_path` fetches it through huggingface_hub: its cache (HF_HUB_CACHE), its
+progress bars and its token (HF_TOKEN or `hf auth login`); with HF_HUB_OFFLINE=1 the cache alone serves. Any other
+path is returned as it is: nothing is downloaded unless an `hf://` path asks for it. `model_card` and `push_folder`
+publish an export (`regdit export --push-to-hub`).
+"""
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import huggingface_hub
+from huggingface_hub import ModelCardData, constants, hf_hub_download, snapshot_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HfHubHTTPError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from huggingface_hub.utils import validate_repo_id
+
+from regdit import RegditError
+
+PREFIX = "hf://"
+
+
+def is_hub_url(path):
+    return isinstance(path, str) and path.startswith(PREFIX)
+
+
+@dataclass(frozen=True)
+class HubPath:
+    url: str
+    repo_id: str
+    path: str  # inside the repository; "" is its root
+    revision: str | None
+    repo_type: str  # model or dataset
+
+    @property
+    def is_file(self):
+        return bool(PurePosixPath(self.path).suffix)
+
+    def at(self, path):
+        """The `hf://` URL of `path` in the same repository and revision."""
+        prefix = "datasets/" if self.repo_type == "dataset" else ""
+        return f"{PREFIX}{prefix}{self.repo_id}/{path.strip('/')}" + (f"@{self.revision}" if self.revision else "")
+
+    def download_command(self):
+        """The `hf download` command that puts this file or folder into the cache."""
+        target = self.path if self.is_file else f"--include '{self.path}/*'" if self.path else ""
+        options = [f"--revision {self.revision}" if self.revision else "",
+                   "--repo-type dataset" if self.repo_type == "dataset" else ""]
+        return " ".join(part for part in ("hf download", self.repo_id, target, *options) if part)
+
+
+def parse(url):
+    """The repository, path and revision of an `hf://` URL; a malformed one is a one-line RegditError."""
+    rest, repo_type = url[len(PREFIX):], "model"
+    if rest.startswith("datasets/"):
+        rest, repo_type = rest[len("datasets/"):], "dataset"
+    owner, _, rest = rest.partition("/")
+    name, _, path = rest.partition("/")
+    name, _, revision = name.partition("@")  # huggingface_hub's form, hf://OWNER/REPO@REVISION/PATH
+    path, _, end_revision = path.partition("@")  # the trailing form, hf://OWNER/REPO/PATH@REVISION
+    if revision and end_revision:
+        raise RegditError(f"{url}: two revisions; give one, as hf://OWNER/REPO/PATH@REVISION")
+    try:
+        validate_repo_id(f"{owner}/{name}")
+        if not owner or not name:
+            raise HFValidationError("no OWNER/REPO")
+    except HFValidationError as error:
+        raise RegditError(f"{url} is not a Hub path ({str(error).splitlines()[0]}): write "
+                          "hf://OWNER/REPO/PATH[@REVISION]") from None
+    return HubPath(url, f"{owner}/{name}", path.strip("/"), revision or end_revision or None, repo_type)
+
+
+def _not_cached(hub, what):
+    reason = "HF_HUB_OFFLINE=1 is set" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
+    return RegditError(f"{what} {hub.url} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {reason}: "
+                       f"fetch it once with `{hub.download_command()}` on a machine with network (same "
+                       "HF_HUB_CACHE), then HF_HUB_OFFLINE=1 works")
+
+
+@contextlib.contextmanager
+def _hub_errors(hub, what):
+    """huggingface_hub's errors as one line naming `what`, the URL and the fix."""
+    where = f"{what} {hub.url}"
+    try:
+        yield
+    except LocalEntryNotFoundError:  # offline, or the Hub unreachable, and not in the cache
+        raise _not_cached(hub, what) from None
+    except GatedRepoError:
+        raise RegditError(f"{where}: {hub.repo_id} is gated: accept its terms on huggingface.co, then log in "
+                          "(`hf auth login` or HF_TOKEN)") from None
+    except RepositoryNotFoundError:
+        raise RegditError(f"{where}: no repository {hub.repo_id} on the Hub, or it is private: check the name, or "
+                          "log in (`hf auth login` or HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise RegditError(f"{where}: {hub.repo_id} has no revision {hub.revision}") from None
+    except EntryNotFoundError:
+        raise RegditError(f"{where}: {hub.repo_id} has no file {hub.path}: check the path on "
+                          f"https://huggingface.co/{hub.repo_id}") from None
+    except HfHubHTTPError as error:
+        raise RegditError(f"{where}: the Hub refused ({str(error).splitlines()[0]})") from None
+
+
+def resolve_path(path, what, beside=()):
+    """The local Path of `path` (`what` names it in errors: "checkpoint", "VAE folder"). An `hf://` file is
+    downloaded into the cache with the files named in `beside` from its folder (an export's config.json); an `hf://`
+    folder with all its files. Every other path comes back unchanged, as a Path."""
+    if not is_hub_url(path):
+        return Path(path)
+    hub = parse(path)
+    location = dict(repo_id=hub.repo_id, revision=hub.revision, repo_type=hub.repo_type)
+    if hub.is_file:
+        with _hub_errors(hub, what):
+            local = Path(hf_hub_download(filename=hub.path, **location))
+        for name in beside:
+            resolve_path(hub.at(str(PurePosixPath(hub.path).with_name(name))), f"{name} of {what} {path}")
+        return local
+    with _hub_errors(hub, what):
+        # offline, snapshot_download returns the cached snapshot without checking that it holds the folder
+        local = Path(snapshot_download(allow_patterns=[f"{hub.path}/*"] if hub.path else None, **location)) / hub.path
+    if not local.is_dir() or not any(local.iterdir()):
+        if constants.HF_HUB_OFFLINE:
+            raise _not_cached(hub, what)
+        raise RegditError(f"{what} {path}: {hub.repo_id} has no folder {hub.path}: check the path on "
+                          f"https://huggingface.co/{hub.repo_id}")
+    return local
+
+
+def check_repo_id(repo_id, flag):
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise RegditError(f"{flag} {repo_id}: not a Hub repository id ({str(error).splitlines()[0]}); write "
+                          "OWNER/NAME") from None
+
+
+def model_card(title, settings, metrics, grid, ckpt, pretrained, license):
+    """README.md of an export: a Hub model card, its YAML front matter from huggingface_hub's `ModelCardData`
+    (license, library, tags: what the Hub shows and filters on), then the model and training `settings`, the
+    `metrics` of a `regdit eval` JSON ((names -> values, eval settings) or None), the sample `grid` image (a file
+    name in the folder, or None) and how to sample `ckpt` / load `pretrained`."""
+    data = ModelCardData(license=license, library_name="regdit", pipeline_tag="unconditional-image-generation",
+                         tags=["regdit", "diffusion", "sit", "reg", "repa", "class-conditional", "image-generation"])
+    lines = [f"---\n{data.to_yaml()}\n---", f"# {title}", "",
+             "A class-conditional SiT diffusion transformer trained with regdit (REG, Representation Entanglement for "
+             "Generation, arXiv 2507.01467). `model.safetensors` holds the EMA weights, `config.json` the "
+             "architecture.", ""]
+    if grid:
+        lines += [f"![samples]({grid})", ""]
+    lines += ["## Settings", "", "| setting | value |", "|---|---|"]
+    lines += [f"| {name} | {value} |" for name, value in settings.items()]
+    if metrics:
+        values, eval_settings = metrics
+        ref = Path(str(eval_settings.get("ref_batch", "not recorded"))).name
+        lines += ["", "## Metrics", "", f"`regdit eval` (ADM evaluator) on {eval_settings.get('num_samples', '?')} "
+                  f"samples against `{ref}`:", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {name} | {value:.4f} |" for name, value in values.items()]
+    lines += ["", "## Use", "", "With regdit (REG's published guidance: `--cfg-scale 2.3 --cls-cfg-scale 2.3 "
+              "--guidance-high 0.85`):", "", "```bash", f"regdit sample --ckpt {ckpt} --num-fid-samples 50000", "```",
+              "", "```python",
+              "from regdit.models import SiT", "", f'model = SiT.from_pretrained("{pretrained}")', "```", ""]
+    return "\n".join(lines)
+
+
+def push_folder(folder, repo_id, private, message):
+    """Create the Hub repository `repo_id` if missing and upload `folder` in one commit; returns its URL."""
+    if constants.HF_HUB_OFFLINE:
+        raise RegditError(f"--push-to-hub {repo_id} needs the network but HF_HUB_OFFLINE=1 is set: unset it, or "
+                          f"upload later with `hf upload {repo_id} {folder}`")
+    api = huggingface_hub.HfApi()  # looked up at call time, so that tests can stand in for the Hub
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=message)
+    except Exception as error:  # authentication, permissions, network: all the user's to fix, said in one line
+        detail = (str(error).splitlines() or [""])[0][:200]
+        raise RegditError(f"cannot push {folder} to {repo_id} ({type(error).__name__}: {detail}): log in with write "
+                          f"access (`hf auth login` or HF_TOKEN); the export is complete, `hf upload {repo_id} "
+                          f"{folder}` uploads it later") from None
+    return str(url)
