@@ -35,8 +35,9 @@ def atomic_write(path, mode="wb", sync=True):
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as error:  # a failed write names no file: name the one being written
-        error.filename = error.filename or str(path)
+    except OSError as error:  # name the file being written, not its temp file (or none: a failed write)
+        if error.filename in (None, str(tmp)):
+            error.filename = str(path)
         raise
     finally:
         tmp.unlink(missing_ok=True)

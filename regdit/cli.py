@@ -109,7 +109,10 @@ def main(argv=None):
         command, module, config = parse_config(argv)
         getattr(module, COMMANDS[command][2])(config)
     except RegditError as error:
-        sys.exit(f"regdit {command}: error: {error}")
+        # a DataLoader worker's error arrives as "Caught RegditError in DataLoader worker ...\n<traceback>\n
+        # regdit.RegditError: <message>": the message is the last line
+        message = str(error).strip().splitlines()[-1].removeprefix(f"{RegditError.__module__}.RegditError: ")
+        sys.exit(f"regdit {command}: error: {message}")
     except OSError as error:  # a full disk, a read-only folder, a missing file: the user's to fix, said in one line
         if describe_os_error(error) is None:
             raise

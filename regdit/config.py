@@ -4,6 +4,7 @@ has `PRESETS`, a named recipe (`--preset NAME`) fill it. Precedence: explicit fl
 """
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -40,6 +41,8 @@ class Settings:
     def __post_init__(self):
         for field in dataclasses.fields(self):
             value, bounds = getattr(self, field.name), {k: field.metadata.get(k) for k in RANGE_KEYS}
+            if isinstance(value, float) and math.isnan(value):
+                raise RegditError(f"{flag_name(field)} nan: must be a number")
             if value is None or all(bound is None for bound in bounds.values()):
                 continue
             if (bounds["at_least"] is not None and value < bounds["at_least"]

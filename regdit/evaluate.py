@@ -242,14 +242,19 @@ def save_random_inception_weights(path, seed=0):
 
 
 @contextlib.contextmanager
-def exact_float32():
-    """TF32 off for matmuls and cuDNN convolutions, as the ADM evaluator computes in full float32."""
+def tf32(enabled):
+    """TF32 on or off for CUDA matmuls and cuDNN convolutions inside the block, restored after it."""
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
     try:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def exact_float32():
+    """TF32 off, as the ADM evaluator computes in full float32."""
+    return tf32(False)
 
 
 FEATURES = ("pool", "spatial", "logits")

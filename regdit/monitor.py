@@ -20,6 +20,7 @@ from regdit.evaluate import (
     gather_batches,
     load_inception,
     load_npz_images,
+    tf32,
     warn_if_few,
 )
 from regdit.hub import resolve_path
@@ -52,16 +53,20 @@ class TrainingEvaluation:
         started = time.perf_counter()
         starts = range(0, config.eval_samples, config.eval_batch_size)
         features = {}
-        for k in range(state.process_index, len(starts), state.num_processes):
-            indices = range(starts[k], min(starts[k] + config.eval_batch_size, config.eval_samples))
-            images = sample_batch(ema, self.vae, indices, config.seed, False, config.eval_mode, config.eval_steps,
-                                  config.eval_mixed_precision, **self.guidance)
-            features[k] = batch_activations(images, self.inception)
+        with tf32(True):  # as `regdit sample` samples (its --tf32 default, cuDNN's default): the same numbers on GPU
+            for k in range(state.process_index, len(starts), state.num_processes):
+                indices = range(starts[k], min(starts[k] + config.eval_batch_size, config.eval_samples))
+                images = sample_batch(ema, self.vae, indices, config.seed, False, config.eval_mode, config.eval_steps,
+                                      config.eval_mixed_precision, **self.guidance)
+                features[k] = batch_activations(images, self.inception)
         batches = gather_batches(features, state)
         metrics = None
         if state.is_main_process:  # the metrics once (two 2048 x 2048 matrix square roots), then to every process
             sample = {name: np.concatenate([batches[k][name] for k in range(len(starts))]) for name in FEATURES}
-            metrics = self.reference.metrics(sample, state.device)
+            try:
+                metrics = self.reference.metrics(sample, state.device)
+            except RegditError as error:  # e.g. an FID that cannot be computed: said, and training goes on
+                metrics = {"error": str(error)}
         if state.num_processes > 1:
             metrics = broadcast_object_list([metrics])[0]
         return metrics, time.perf_counter() - started

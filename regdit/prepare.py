@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -30,7 +31,8 @@ from regdit.runlock import LOCK_NAME, RunLock, lock_run
 
 # ------------------------------------------------------------------------------------------------ pixels and crops
 
-UNREADABLE = (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError)  # how PIL reports a bad file
+UNREADABLE = (OSError, SyntaxError, ValueError, EOFError, zipfile.BadZipFile, zlib.error,
+              PIL.Image.DecompressionBombError)  # how PIL reports a bad file
 # The white level of each high-bit-depth mode PIL's convert("RGB") would clip at 255; the first that holds every
 # value of an image wins (see to_rgb).
 WHITE_LEVELS = {"I;16": (65535,), "I": (65535,), "F": (1, 255)}
@@ -238,7 +240,9 @@ def prepare_images(config: PrepareImagesConfig):
     settings = {"source": source, "resolution": resolution, "transform": transform}
     skipped = []
     with RunLock(dest, "prepare images"), writing_into(dest), (
-            multiprocessing.Pool(config.workers) if config.workers else _InProcess()) as pool:
+            # each worker opens the zip itself: a descriptor inherited from the parent shares its file offset
+            multiprocessing.Pool(config.workers, initializer=_open_zip.cache_clear) if config.workers
+            else _InProcess()) as pool:
         claim_dest(dest, settings, os.path.join(dest, "dataset.json"))
         remove_temp_files(dest)
         start_progress(dest, settings)

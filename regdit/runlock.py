@@ -201,16 +201,13 @@ def stop_with_launcher():
     once, also one blocked in a collective; every regdit output is written to a temporary file and renamed
     (`regdit.atomic_write`), so nothing half-written remains, and a rerun resumes. The default action skips `finally`
     blocks, so a killed main process leaves its RunLock file: a rerun on the same host replaces it at once (dead pid),
-    one on another host after STALE_AFTER. A launcher that died before this call left the process orphaned
-    (reparented to init, pid 1): it exits now; torchrun records no launcher pid to compare with, so an orphan
-    reparented to a subreaper is only caught by the signal of a later death. The kernel signals when the thread that
-    started this process exits; torchrun and accelerate launch start workers from their main thread. Call it first
-    thing in the process, before the process group starts.
+    one on another host after STALE_AFTER. A parent pid of 1 proves nothing (the launcher is pid 1 as a container's
+    entrypoint), so a launcher that died in the instant before this call is not caught. The kernel signals when the
+    thread that started this process exits; torchrun and accelerate launch start workers from their main thread.
+    Call it first thing in the process, before the process group starts.
     """
     if not sys.platform.startswith("linux") or not ({"LOCAL_RANK", "TORCHELASTIC_RUN_ID"} & os.environ.keys()):
         return
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    if os.getppid() == 1:
-        sys.exit("regdit: the launcher of this process has exited; stopping")

@@ -151,7 +151,7 @@ def load_model_and_vae(config, device, model=None):
         ckpt = local_checkpoint(config.ckpt)  # an hf:// one is downloaded: its local name names the run
         checkpoint = load_checkpoint(ckpt)
         # regdit checkpoints record the dataset's VAE; official and regdit ones the training path in their args
-        stored = dict(vae=checkpoint.get("latents", {}).get("vae"),
+        stored = dict(vae=checkpoint.get("latents", {}).get("vae"), steps=checkpoint.get("steps"),
                       path_type=getattr(checkpoint.get("args"), "path_type", None))
         in_channels = checkpoint["ema"]["x_embedder.proj.weight"].shape[1]
     else:
@@ -266,14 +266,17 @@ def sample(config: SampleConfig, model=None):
     guidance = dict(cfg_scale=config.cfg_scale, cls_cfg_scale=config.cls_cfg_scale, guidance_low=config.guidance_low,
                     guidance_high=config.guidance_high, path_type=path_type)
     settings = dict(
-        ckpt=str(ckpt.resolve()) if ckpt else None, model=model.config.label, num_classes=model.num_classes,
-        latent_shape=[channels, latent_size, latent_size], cls_dim=model.z_dims[0] if model.use_cls_token else None,
+        ckpt=str(ckpt.resolve()) if ckpt else None, ckpt_steps=stored.get("steps"), model=model.config.label,
+        num_classes=model.num_classes, latent_shape=[channels, latent_size, latent_size],
+        cls_dim=model.z_dims[0] if model.use_cls_token else None,
         vae=resolve_vae_name(vae), resolution=latent_size * downsampling, mode=config.mode, num_steps=num_steps,
         heun=config.heun, **guidance, global_seed=config.global_seed, sample_seed="global_seed * 2**32 + index",
         balanced=config.balanced, mixed_precision=config.mixed_precision, tf32=config.tf32, device=state.device.type,
         num_fid_samples=num_samples, per_proc_batch_size=batch_size, num_processes=state.num_processes,
         compile=config.compile, regdit_version=__version__, torch_version=torch.__version__)
-    run_name = (f"{settings['model'].replace('/', '-')}-{ckpt.stem if ckpt else 'model'}-size-{settings['resolution']}"
+    # best.pt changes as a run trains: its step names the run folder (and is a setting: another one is refused)
+    weights = "model" if ckpt is None else f"best-{stored['steps']}" if ckpt.stem == "best" else ckpt.stem
+    run_name = (f"{settings['model'].replace('/', '-')}-{weights}-size-{settings['resolution']}"
                 f"-vae-{Path(vae).name}-cfg-{float(config.cfg_scale)}-cls-cfg-{float(config.cls_cfg_scale)}"
                 f"-interval-{float(config.guidance_low)}-{float(config.guidance_high)}-seed-{config.global_seed}"
                 f"-{config.mode}-{num_steps}" + "-heun" * config.heun + "-balanced" * config.balanced

@@ -97,7 +97,8 @@ class TrainConfig(Settings):
     batch_size: int = flag(256, "global batch size of one optimizer step (all processes, all accumulation steps)",
                            at_least=1)
     num_workers: int = flag(4, "data loader workers per process", at_least=0)
-    vae: str | None = flag(None, "VAE for the sample grids: ema, mse, a Hub id or folder (default: the dataset's)")
+    vae: str | None = flag(None, "VAE of the preview grids and evaluations: ema, mse, a Hub id or folder (default: "
+                                 "the dataset's, else ema as the official code and `regdit sample`)")
     # encoders
     enc_type: str = flag("dinov2-vit-b", "frozen encoder(s), comma-separated; the first gives the class token")
     enc_path: str | None = flag(None, "local weights file/folder of the encoder(s), comma-separated "
@@ -163,6 +164,8 @@ class TrainConfig(Settings):
 RESUMABLE = {"output_dir", "exp_name", "logging_dir", "report_to", "log_every", "sampling_steps", "checkpointing_steps",
              "resume_step", "max_train_steps", "epochs", "data_dir", "num_workers", "vae", "enc_path", "compile",
              "grad_checkpointing", "ref_batch", "inception_weights", "init_from", "init_weights",
+             # the global batch and every random draw are the same on any number of processes and accumulation steps
+             "gradient_accumulation_steps", "allow_tf32", "fused_attn",
              *(f.name for f in dataclasses.fields(TrainConfig) if f.name.startswith("eval_"))}
 
 
@@ -275,6 +278,10 @@ class Checkpoints:
         """Load model, EMA and optimizer; returns (step, grad scaler state or None). A run resumes only with settings
         that train the same thing (official checkpoints store none: their args are the user's to match); a changed
         data or encoder path is said."""
+        missing = [key for key in ("model", "ema", "opt", "steps") if key not in checkpoint]
+        if missing:
+            raise RegditError(f"{path} has no {', '.join(missing)}: it cannot continue a run; start one from its "
+                              f"weights with --init-from {path} (and a new --exp-name)")
         saved = checkpoint.get("config")
         changed = saved is not None and changed_setting(saved, dataclasses.asdict(config), RESUMABLE)
         if changed:
@@ -360,17 +367,20 @@ class MetricLog:
         """Time spent on checkpoints and previews, not counted against images/s."""
         self.paused += seconds
 
+    def best_step(self):
+        """The evaluated step of the lowest finite FID, None before any."""
+        finite = {step: fid for step, fid in self.fid.items() if math.isfinite(fid)}
+        return min(finite, key=finite.get) if finite else None
+
     def log_eval(self, step, values, seconds):
-        """An evaluation's metrics; True when its FID is the run's best so far."""
+        """An evaluation's metrics (logged last: a kill before this line redoes the evaluation)."""
         entry = {"step": step, **{f"eval/{name}": value for name, value in values.items()}, "eval/seconds": seconds}
-        best = math.isfinite(values["fid"]) and all(values["fid"] < fid for fid in self.fid.values())
         self.fid[step] = values["fid"]
         self.evaluations.append(entry)
         if self.accelerator.is_main_process:
             with open(self.path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
             self.accelerator.log(entry, step=step)
-        return best
 
     def flush(self, step, checkpoint_dir):
         """Mean over the interval and the processes; the one host sync of the interval."""
@@ -447,7 +457,7 @@ def setup(config):
     vae = None  # decodes previews and evaluation samples
     if config.sampling_steps or config.eval_every:
         from regdit.vae import load_vae
-        vae = load_vae(config.vae or dataset.vae or "mse", device=device)
+        vae = load_vae(config.vae or dataset.vae or "ema", device=device)
     evaluation = None  # refuses an unusable reference, weights or settings before anything is written
     if config.eval_every:
         from regdit.monitor import TrainingEvaluation
@@ -478,8 +488,8 @@ def setup(config):
             accelerator.scaler.load_state_dict(scaler_state)
         if accelerator.is_main_process:
             settings = dataclasses.asdict(config)
-            with atomic_write(exp_dir / "config.yaml", "w") as f:
-                f.write(yaml.safe_dump(settings, sort_keys=False))
+            with atomic_write(exp_dir / "config.yaml", "w") as f:  # a --config that continues the run, not step K again
+                f.write(yaml.safe_dump({**settings, "resume_step": 0}, sort_keys=False))
             accelerator.init_trackers(config.exp_name, config={k: str(v) for k, v in settings.items()})
             parameters = sum(p.numel() for p in raw_model.parameters()) / 1e6
             print(f"{raw_model.config.label} ({parameters:.1f}M parameters), {len(dataset)} samples, {world} "
@@ -538,15 +548,25 @@ def train_loop(config, run):
         run.checkpoints.save(step, accelerator, config, run.raw_model, run.ema, optimizer, dataset)
 
     def evaluate(step):
-        """Score the EMA weights; the best FID's checkpoint becomes checkpoints/best.pt."""
+        """Score the EMA weights; the best FID's checkpoint becomes checkpoints/best.pt before the line is logged."""
         values, seconds = run.evaluation(run.ema)
-        if metrics.log_eval(step, values, seconds) and accelerator.is_main_process:
+        if "error" in values:  # a failed evaluation is said; training goes on
+            accelerator.print(f"warning: the evaluation of step {step} failed: {values['error']}")
+            return seconds
+        finite = math.isfinite(values["fid"])
+        if finite and accelerator.is_main_process and all(values["fid"] < fid for fid in metrics.fid.values()
+                                                          if math.isfinite(fid)):
             run.checkpoints.keep_best(step)
+        metrics.log_eval(step, values, seconds)
         accelerator.print(f"step {step}: FID-{config.eval_samples} {values['fid']:.3f}, IS "
                           f"{values['inception_score']:.2f} ({seconds:.0f} s)")
+        return seconds
 
+    best = metrics.best_step()
+    if run.evaluation is not None and accelerator.is_main_process and best and run.checkpoints.path(best).is_file():
+        run.checkpoints.keep_best(best)  # after a resume from an earlier step: best of the kept lines
     if run.evaluation is not None and step and step % config.eval_every == 0 and step not in metrics.fid:
-        evaluate(step)  # a run killed during this step's evaluation redoes it: the same samples, the same numbers
+        metrics.exclude(evaluate(step))  # a run killed during this evaluation redoes it: the same numbers
 
     model.train()
     while step < config.max_train_steps and step // steps_per_epoch < config.epochs:
@@ -638,7 +658,7 @@ class SamplePreview:
         latents = SAMPLERS["ode"](ema, self.noise, self.cls_noise, self.labels, num_steps=50,
                                   cfg_scale=4.0 if self.guidance else 1.0, path_type=self.path_type)
         images = decode_latents(self.vae, latents.float()).permute(0, 3, 1, 2).float() / 255  # (N, 3, H, W)
-        grid = make_grid(images, nrow=math.ceil(math.sqrt(len(images))), padding=0)
+        grid = make_grid(images, nrow=math.ceil(math.sqrt(len(images))), padding=0).cpu()
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(path) as f:
             save_image(grid, f, format="png")

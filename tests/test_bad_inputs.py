@@ -13,6 +13,7 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from regdit.checkpoint import ExportConfig, export
@@ -44,6 +45,9 @@ CASES = [  # (arguments, the one line must match)
     (TRAIN + ["--num-workers", "-1"], r"--num-workers -1: must be at least 0$"),
     (TRAIN + ["--ema-decay", "2.0"], r"--ema-decay 2.0: must be at least 0 and below 1$"),
     (TRAIN + ["--cfg-prob", "1.5"], r"--cfg-prob 1.5: must be at least 0 and at most 1$"),
+    (TRAIN + ["--ema-decay", "nan"], r"--ema-decay nan: must be a number$"),
+    (TRAIN + ["--exp-name", "bare"], r"0000001.pt has no model, opt, steps: it cannot continue a run; start one from "
+                                     r"its weights with --init-from"),
     (TRAIN + ["--learning-rate", "0"], r"--learning-rate 0.0: must be above 0$"),
     (TRAIN + ["--proj-coeff", "-0.5"], r"--proj-coeff -0.5: must be at least 0$"),
     (TRAIN + ["--max-grad-norm", "0"], r"--max-grad-norm 0.0: must be above 0$"),
@@ -147,6 +151,8 @@ def world(tmp_path_factory):
         np.savez(root / f"{name}.npz", arr_0=rng.integers(0, 255, (8, size, size, 3), dtype=np.uint8))
     (root / "bad.yaml").write_text("method: [reg\n")
     (root / "afile").write_text("not a folder\n")
+    (root / "exps" / "bare" / "checkpoints").mkdir(parents=True)  # a released state dict put where a run resumes
+    torch.save(torch.load(checkpoint, weights_only=False)["ema"], root / "exps" / "bare" / "checkpoints" / "0000001.pt")
     (root / "exps" / "busy").mkdir()
     (root / "exps" / "busy" / LOCK_NAME).write_text(json.dumps(  # held by this very process: alive
         {"host": socket.gethostname(), "pid": os.getpid(), "command": "train", "started": "2026-01-01T00:00:00"}))
@@ -225,3 +231,17 @@ def test_a_full_disk_is_one_line_and_the_rerun_continues(world, command, capsys,
               else next((world / "full-samples").glob("*/")))
     assert not [p for p in folder.iterdir() if ".tmp" in p.name]
     assert len(list(folder.glob("*.pt" if command == "train" else "*.png"))) == (2 if command == "train" else 4)
+
+
+def test_an_unreadable_image_in_a_loader_worker_is_one_line(world, capsys):
+    """DataLoader workers re-raise errors wrapped with their traceback: the command still says one line."""
+    import shutil
+    broken = world / "images-broken"
+    shutil.copytree(world / "images", broken)
+    next(broken.rglob("*.png")).write_bytes(b"not a png")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prepare", "latents", "--source", str(broken), "--dest", str(world / "from-broken"), "--vae", "none",
+              "--workers", "1"])
+    assert re.fullmatch(r"regdit prepare latents: error: \S+\.png is not a readable image .*; remove or replace it",
+                        exit_info.value.code), exit_info.value.code
+    assert "Traceback" not in capsys.readouterr().err

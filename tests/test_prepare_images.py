@@ -314,3 +314,17 @@ def test_bad_settings_are_one_line_before_anything_is_written(tmp_path, capsys):
         assert line.startswith("regdit prepare images: error: ") and message in line, (flags, line)
         assert not out.exists() and not (src / "out").exists() and (tmp_path / "notes.txt").read_text() == "not images"
     assert "--source" in cli_error(capsys, ["prepare", "images", "--dest", str(out)])  # required
+
+
+def test_zip_source_with_worker_processes(tmp_path):
+    """Each worker opens the zip itself: one descriptor shared with the parent would race on its file offset."""
+    import zipfile
+    rng = np.random.default_rng(3)
+    with zipfile.ZipFile(tmp_path / "src.zip", "w", zipfile.ZIP_STORED) as archive:
+        for i in range(300):
+            buffer = io.BytesIO()
+            PIL.Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(buffer, format="png")
+            archive.writestr(f"c{i % 3}/{i:04d}.png", buffer.getvalue())
+    summary = prepare_images(PrepareImagesConfig(source=str(tmp_path / "src.zip"), dest=str(tmp_path / "out"),
+                                                 resolution=16, workers=2))
+    assert summary["images"] == 300 and not summary["skipped"]

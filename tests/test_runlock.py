@@ -175,36 +175,6 @@ def test_worker_stops_with_killed_launcher(launched):
             os.kill(worker, signal.SIGKILL)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
-def test_orphaned_worker_exits_at_once(tmp_path):
-    report = tmp_path / "report"
-    orphan = f"""
-        import os, pathlib, sys, time
-        while os.getppid() == int(sys.argv[1]):  # the launcher has not exited yet
-            time.sleep(0.01)
-        if os.getppid() != 1:  # reparented to a subreaper: the check cannot tell
-            pathlib.Path({str(report)!r}).write_text("subreaper")
-            sys.exit()
-        from regdit.runlock import stop_with_launcher
-        try:
-            stop_with_launcher()
-        except SystemExit as stop:
-            pathlib.Path({str(report)!r}).write_text(str(stop))
-        """
-    env = {**ENV, "TORCHELASTIC_RUN_ID": "x"}
-    launcher = python(f"""
-        import os, subprocess, sys
-        subprocess.Popen([sys.executable, "-c", {textwrap.dedent(orphan)!r}, str(os.getpid())], env={env!r})
-        """)
-    launcher.wait()
-    deadline = time.time() + 5
-    while not report.exists() and time.time() < deadline:
-        time.sleep(0.05)
-    if report.read_text() == "subreaper":
-        pytest.skip("orphans go to a subreaper here, not to init")
-    assert report.read_text() == "regdit: the launcher of this process has exited; stopping"
-
-
 WORKER = """
 import os, sys
 from accelerate import PartialState

@@ -233,3 +233,15 @@ def test_damaged_pngs_are_drawn_again(files, tmp_path):
     assert not broken.exists()
     for a, b in zip(reference, load(sample(files["export"], tmp_path / "damaged", **run))):
         assert np.array_equal(a, b)
+
+
+def test_best_pt_is_sampled_by_its_step(files, tmp_path):
+    """best.pt changes as a run trains: its step names the run folder, so a newer best is never mixed with the
+    samples of an older one."""
+    names = []
+    for step in (1, 2):
+        torch.save({"ema": tiny_model().state_dict(), "model_config": TINY, "steps": step}, tmp_path / "best.pt")
+        npz = sample(tmp_path / "best.pt", tmp_path / "samples", num_samples=2, batch_size=2, vae=files["vae"],
+                     num_steps=2)
+        names.append(npz.name)
+    assert "-best-1-" in names[0] and "-best-2-" in names[1]

@@ -473,3 +473,13 @@ def test_report_overlays_runs_with_and_without_evaluations(tiny_data, evaluated)
     assert re.search(r"<td>\d+\.\d{3} at [24]</td>", page)  # the best FID and its step
     with pytest.raises(SystemExit, match="has no metrics.jsonl"):
         main(["report", str(tiny_data), "--output", str(tiny_data / "x.png")])
+
+
+def test_resume_on_another_accumulation_split(tiny_data):
+    """The global batch and every draw are the same for any split into processes and accumulation steps, so a run
+    may continue on half the GPUs with twice the accumulation."""
+    config = tiny_config(tiny_data, exp_name="split", max_train_steps=2, checkpointing_steps=2)
+    train(config)
+    result = train(dataclasses.replace(config, max_train_steps=3, gradient_accumulation_steps=2))
+    assert result["steps"] == 3
+    assert "resume_step: 0" in (result["exp_dir"] / "config.yaml").read_text()
