@@ -540,18 +540,20 @@ def make_reference(source, output, inception_weights=None, batch_size=64, num_im
     """Write an ADM-style reference batch: `mu, sigma` (pool_3) and `mu_s, sigma_s` (spatial) over every image of
     `source` (a folder or an .npz; the first `num_images` if given), and `arr_0` = `ref_images` of them, evenly
     spaced (ADM's reference batches likewise pair full-dataset statistics with 10k images for recall)."""
+    state = PartialState(cpu=cpu_launch())  # several processes share the Inception work; the main one writes
     with open_images(source, num_images) as images:
         _check_count(source, len(images))
-        model = load_inception(inception_weights, device)
-        activations = compute_activations(images, model, batch_size, desc="reference")
+        model = load_inception(inception_weights, device or state.device)
+        activations = compute_activations(images, model, batch_size, desc="reference", state=state)
         if not (np.isfinite(activations["pool"]).all() and np.isfinite(activations["spatial"]).all()):
             raise RegditError(f"Inception features of {source} are not finite, so no reference is written; the "
                               f"weights {inception_weights_path(inception_weights)} are likely broken")
         keep = np.unique(np.linspace(0, len(images) - 1, min(ref_images, len(images))).round().astype(int))
         arr_0 = np.stack([images[index:index + 1][0] for index in keep])
-    (mu, sigma), (mu_s, sigma_s) = fid_statistics(activations["pool"]), fid_statistics(activations["spatial"])
-    with atomic_write(output) as file:
-        np.savez(file, arr_0=arr_0, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
+    if state.is_main_process:
+        (mu, sigma), (mu_s, sigma_s) = fid_statistics(activations["pool"]), fid_statistics(activations["spatial"])
+        with atomic_write(output) as file:
+            np.savez(file, arr_0=arr_0, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
     return {"reference": os.path.abspath(output), "source": os.path.abspath(source),
             "images_in_statistics": len(activations["pool"]), "images_in_arr_0": len(arr_0)}
 
@@ -649,8 +651,8 @@ def run_eval(config):
     if config.make_ref:
         summary = make_reference(config.make_ref, output, config.inception_weights, config.batch_size,
                                  config.num_samples, config.ref_images, config.device)
-        print(f"wrote {summary['reference']}: statistics of {summary['images_in_statistics']} images, "
-              f"arr_0 of {summary['images_in_arr_0']}")
+        PartialState().print(f"wrote {summary['reference']}: statistics of {summary['images_in_statistics']} "
+                             f"images, arr_0 of {summary['images_in_arr_0']}")
         return summary
     results = evaluate(config.ref_batch, config.sample_batch, config.inception_weights, config.batch_size,
                        config.num_samples, config.device, config.allow_resolution_mismatch)

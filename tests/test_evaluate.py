@@ -416,3 +416,18 @@ def test_two_processes_give_the_numbers_of_one(tmp_path):
     one, two = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))
     assert two["settings"]["num_processes"] == 2
     assert {k: one[k] for k in METRIC_NAMES} == {k: two[k] for k in METRIC_NAMES}
+
+
+def test_make_ref_on_two_processes_writes_the_reference_of_one(tmp_path):
+    weights = str(save_random_inception_weights(tmp_path / "inception.pth"))
+    np.savez(tmp_path / "images.npz", arr_0=np.random.default_rng(1).integers(0, 255, (7, 32, 32, 3), dtype=np.uint8))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for launcher, output in ((["-m", "regdit"], "one.npz"), (["-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                                              "-m", "regdit"], "two.npz")):
+        run = subprocess.run([sys.executable, *launcher, "eval", "--make-ref", str(tmp_path / "images.npz"),
+                              "--output", str(tmp_path / output), "--inception-weights", weights, "--batch-size", "2"],
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert run.stdout.count("wrote ") == 1  # one process writes and says so
+    with np.load(tmp_path / "one.npz") as one, np.load(tmp_path / "two.npz") as two:
+        assert all(np.array_equal(one[key], two[key]) for key in ("arr_0", "mu", "sigma", "mu_s", "sigma_s"))
