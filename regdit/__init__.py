@@ -64,12 +64,11 @@ def check_writable(path, flag):
                           "folder")
 
 
+FREE_SPACE = "free space on the disk, then rerun the same command to continue"
+MAKE_WRITABLE = "make it writable and rerun the same command, or choose a writable output folder"
 WRITE_ERROR_FIXES = {  # OS errors a user fixes, not bugs: one line instead of a traceback
-    errno.ENOSPC: "free space on the disk, then rerun the same command to continue",
-    errno.EDQUOT: "free space on the disk, then rerun the same command to continue",
-    errno.EROFS: "make it writable and rerun the same command, or choose a writable output folder",
-    errno.EACCES: "make it writable and rerun the same command, or choose a writable output folder",
-    errno.EPERM: "make it writable and rerun the same command, or choose a writable output folder",
+    errno.ENOSPC: FREE_SPACE, errno.EDQUOT: FREE_SPACE,
+    errno.EROFS: MAKE_WRITABLE, errno.EACCES: MAKE_WRITABLE, errno.EPERM: MAKE_WRITABLE,
 }
 
 

@@ -372,6 +372,11 @@ class MetricLog:
         finite = {step: fid for step, fid in self.fid.items() if math.isfinite(fid)}
         return min(finite, key=finite.get) if finite else None
 
+    def improves(self, fid):
+        """True when `fid` is finite and below every FID logged so far."""
+        best = self.best_step()
+        return math.isfinite(fid) and (best is None or fid < self.fid[best])
+
     def log_eval(self, step, values, seconds):
         """An evaluation's metrics (logged last: a kill before this line redoes the evaluation)."""
         entry = {"step": step, **{f"eval/{name}": value for name, value in values.items()}, "eval/seconds": seconds}
@@ -553,9 +558,7 @@ def train_loop(config, run):
         if "error" in values:  # a failed evaluation is said; training goes on
             accelerator.print(f"warning: the evaluation of step {step} failed: {values['error']}")
             return seconds
-        finite = math.isfinite(values["fid"])
-        if finite and accelerator.is_main_process and all(values["fid"] < fid for fid in metrics.fid.values()
-                                                          if math.isfinite(fid)):
+        if accelerator.is_main_process and metrics.improves(values["fid"]):
             run.checkpoints.keep_best(step)
         metrics.log_eval(step, values, seconds)
         accelerator.print(f"step {step}: FID-{config.eval_samples} {values['fid']:.3f}, IS "
