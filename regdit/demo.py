@@ -1,11 +1,13 @@
-"""`regdit demo`: the whole pipeline on a tiny built-in dataset, on a laptop CPU, in minutes.
+"""`regdit demo`: REG end to end on a small dataset, on a laptop CPU, in minutes.
 
-It draws 10 classes of coloured shapes (32 px, fixed seed), then runs the real code paths: `prepare images` ->
-`prepare latents` -> `train` -> `sample` -> `eval`. Without network access there are no pretrained weights, so the
-demo trains in pixel space (`--vae none`), aligns with a tiny *random-weight* DINOv2-shaped encoder, and scores with
-*random-weight* Inception: the pipeline is real, the metric values are not comparable with published ones.
+It draws 10 classes of shapes (32 px, fixed seed; half of them white, so rows differ by shape), or takes your own
+folder of classes, then runs the real code paths: `prepare images` -> `prepare latents` -> `train` -> `sample`. There
+are no pretrained weights offline, so it trains in pixel space (`--vae none`) with a random-weight encoder. Its score
+is a small classifier fitted on the real images: the share of samples it assigns to their class, next to its
+accuracy on real images it did not see.
 """
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,36 +19,49 @@ from torchvision.utils import save_image
 
 from regdit import RegditError, atomic_write
 from regdit.config import Settings, flag
+from regdit.images import read_image
 
-CLASSES = ["red circle", "green square", "blue triangle", "yellow cross", "magenta ring", "cyan stripes",
-           "orange bars", "white diamond", "purple checkers", "lime dots"]
-COLOURS = [(230, 40, 40), (40, 200, 60), (50, 90, 240), (240, 220, 40), (230, 50, 230), (40, 220, 230),
-           (250, 140, 20), (240, 240, 240), (140, 60, 200), (160, 250, 60)]
+# Half the classes are white, so a row of the grid is told from the others by its shape alone.
+CLASSES = ["white circle", "white ring", "white square", "white frame", "white plus", "red triangle",
+           "green diamond", "blue x", "yellow tee", "magenta half-disc"]
+COLOURS = [(235, 235, 235)] * 5 + [(230, 40, 40), (40, 200, 60), (60, 100, 245), (240, 220, 40), (230, 50, 230)]
+
+# The small-scale recipe: REG on 32 px images in pixel space, sized for minutes on a CPU, chosen by measurement
+# (benchmarks/RESULTS.md). A patch-4 SiT sees 8x8 tokens of 48 values; patch 8 (4x4 tokens of 192) leaves each token
+# too much to draw, with visible patch edges. The aligned encoder must see the same 8x8 grid: MAE takes 32 px as they
+# are (DINOv2 would resize them to 28 px), so a random-weight MAE-shaped ViT with patch 4 gives REPA's targets and
+# REG's entangled class token. A high learning rate with a short EMA, and guidance 4 on both the image and the class
+# token, make the most of 2000 steps at batch 32.
+TRAIN_RECIPE = dict(resolution=32, model="SiT-S/4", depth=3, hidden_size=128, num_heads=2, encoder_depth=1,
+                    projector_dim=128, enc_type="mae-vit-b", learning_rate=3e-3, ema_decay=0.995)
+SAMPLE_RECIPE = dict(mode="sde", cfg_scale=4.0, cls_cfg_scale=4.0)
 
 
 def draw_shape(label, rng, size=32):
-    """One 32 px image of class `label`: its shape and colour, jittered in position, size and tint."""
-    background = rng.integers(10, 50, 3)
-    image = np.tile(background, (size, size, 1)).astype(np.int16) + rng.integers(-6, 7, (size, size, 3))
-    colour = np.clip(np.array(COLOURS[label]) + rng.integers(-25, 26, 3), 0, 255)
-    cy, cx = size / 2 + rng.uniform(-4, 4, 2)
-    r = size * rng.uniform(0.25, 0.35)
-    y, x = np.mgrid[:size, :size] + 0.5
+    """One image of class `label`: its shape and colour on a plain dark background, jittered in position, size and
+    tint; edges anti-aliased (4x4 samples per pixel), as a photograph's are."""
+    background = rng.integers(20, 50) + rng.integers(-6, 7, 3)
+    colour = np.clip(np.array(COLOURS[label]) + rng.integers(-20, 21, 3), 0, 255)
+    cy, cx = size / 2 + rng.uniform(-3, 3, 2)
+    r = size * rng.uniform(0.28, 0.36)
+    y, x = (np.mgrid[:4 * size, :4 * size] + 0.5) / 4
     dy, dx = y - cy, x - cx
+    box = (abs(dx) <= r) & (abs(dy) <= r)
+    disc = dx ** 2 + dy ** 2 <= r ** 2
     masks = [
-        dx ** 2 + dy ** 2 <= r ** 2,
-        (abs(dx) <= r * 0.85) & (abs(dy) <= r * 0.85),
-        (dy <= r * 0.8) & (dy >= -r) & (abs(dx) <= (dy + r) * 0.6),
-        ((abs(dx) <= r * 0.3) | (abs(dy) <= r * 0.3)) & (abs(dx) <= r) & (abs(dy) <= r),
-        (dx ** 2 + dy ** 2 <= r ** 2) & (dx ** 2 + dy ** 2 >= (0.55 * r) ** 2),
-        (np.floor(y / 4) % 2 == 0),
-        (np.floor(x / 4) % 2 == 0) & (abs(dy) <= r),
-        abs(dx) + abs(dy) <= r * 1.1,
-        ((np.floor(x / 6) + np.floor(y / 6)) % 2 == 0),
-        ((x % 8 - 4) ** 2 + (y % 8 - 4) ** 2 <= 5),
+        disc,
+        disc & (dx ** 2 + dy ** 2 >= (0.6 * r) ** 2),
+        (abs(dx) <= 0.8 * r) & (abs(dy) <= 0.8 * r),
+        (abs(dx) <= 0.85 * r) & (abs(dy) <= 0.85 * r) & ((abs(dx) >= 0.45 * r) | (abs(dy) >= 0.45 * r)),
+        box & ((abs(dx) <= 0.3 * r) | (abs(dy) <= 0.3 * r)),
+        (dy <= 0.8 * r) & (dy >= -r) & (abs(dx) <= (dy + r) * 0.6),
+        abs(dx) + abs(dy) <= 1.1 * r,
+        box & ((abs(dx - dy) <= 0.4 * r) | (abs(dx + dy) <= 0.4 * r)),
+        box & ((dy <= -0.45 * r) | (abs(dx) <= 0.3 * r)),
+        disc & (dy <= 0.15 * r),
     ]
-    image[masks[label]] = colour
-    return np.clip(image, 0, 255).astype(np.uint8)
+    coverage = masks[label].reshape(size, 4, size, 4).mean(axis=(1, 3))[..., None]  # (size, size, 1)
+    return np.round(background + coverage * (colour - background)).astype(np.uint8)
 
 
 def make_dataset(folder, images_per_class, seed=0):
@@ -84,19 +99,35 @@ def loss_curve(metrics, path):
 @dataclass
 class DemoConfig(Settings):
     output: str = flag("regdit-demo", "folder for every output of the demo")
-    images_per_class: int = flag(100, "training images drawn per class", at_least=1)
+    data: str | None = flag(None, "your own small dataset instead of the built-in shapes: a folder or .zip with one "
+                                  "sub-folder of images per class, cropped and resized to 32 px")
+    images_per_class: int = flag(100, "training images drawn per class of the built-in shapes", at_least=1)
     steps: int = flag(2000, "training steps", at_least=1)
     batch_size: int = flag(32, "training batch size", at_least=1)
     samples_per_class: int = flag(10, "samples per class (grid row length)", at_least=1)
     sampling_steps: int = flag(100, "SDE steps when sampling", at_least=1)
-    eval_images: int = flag(100, "reference images for the quick evaluation", at_least=4)
     seed: int = flag(0, "seed of the dataset and of training", at_least=0)
+
+    def check(self):
+        if self.data is not None and not os.path.exists(self.data):
+            raise RegditError(f"--data {self.data}: does not exist; pass a folder or .zip with one sub-folder of "
+                              "images per class")
+
+
+def read_dataset(folder):
+    """(uint8 images (N, H, W, 3), labels, class names) of a `prepare images` folder."""
+    from regdit.prepare import read_image_folder
+
+    names, labels, num_classes, _ = read_image_folder(folder)
+    classes = json.loads((Path(folder) / "dataset.json").read_text()).get("classes")
+    return np.stack([read_image(Path(folder) / n) for n in names]), np.array(labels), classes or [
+        str(c) for c in range(num_classes)]
 
 
 def run_demo(config: DemoConfig):
     """Run the demo and return its summary (also written to OUTPUT/summary.json)."""
+    from regdit.classifier import class_score
     from regdit.encoders import save_random_encoder
-    from regdit.evaluate import evaluate, make_reference, save_random_inception_weights
     from regdit.prepare import PrepareImagesConfig, PrepareLatentsConfig, prepare_images, prepare_latents
     from regdit.sample import SampleConfig, sample
     from regdit.train import Checkpoints, TrainConfig, train
@@ -115,53 +146,51 @@ def run_demo(config: DemoConfig):
         timings[name] = round(time.perf_counter() - started, 1)
         started = time.perf_counter()
 
-    print(f"regdit demo: {len(CLASSES)} classes of shapes, 32 px, pixel space (--vae none); no pretrained weights "
-          "are used: the encoder and Inception network have random weights")
-    make_dataset(out / "raw", config.images_per_class, seed)
-    prepare_images(PrepareImagesConfig(source=str(out / "raw"), dest=str(out / "images"), resolution=32, workers=0))
+    source = config.data
+    if source is None:
+        print(f"regdit demo: {len(CLASSES)} classes of shapes, 32 px, pixel space (--vae none)")
+        source = out / "raw"
+        make_dataset(source, config.images_per_class, seed)
+    prepare_images(PrepareImagesConfig(source=str(source), dest=str(out / "images"), resolution=32, workers=0))
     prepare_latents(PrepareLatentsConfig(source=str(out / "images"), dest=str(out / "data"), vae="none",
                                          batch_size=256, flip=True, workers=0))
-    # DINOv2's input at 32 px is 28 px (224 * R / 256): patch 7 gives the 4x4 grid of a patch-8 SiT on 32x32 pixels.
-    # The SiT is as wide as a patch (8 * 8 * 3 = 192 values): narrower, it could not remove per-pixel noise.
-    save_random_encoder("dinov2-vit-b", out / "encoder", patch_size=7, embed_dim=64, depth=2, num_heads=2, seed=seed)
+    real_images, real_labels, classes = read_dataset(out / "images")
+    save_random_encoder(TRAIN_RECIPE["enc_type"], out / "encoder", patch_size=4, embed_dim=64, depth=2, num_heads=2,
+                        seed=seed)
     lap("prepare")
 
-    train_config = TrainConfig(
-        output_dir=str(out), exp_name="train", data_dir=str(out / "data"), resolution=32, model="SiT-S/8",
-        depth=3, hidden_size=192, num_heads=4, encoder_depth=1, projector_dim=128, enc_path=str(out / "encoder"),
-        num_classes=len(CLASSES), batch_size=config.batch_size, max_train_steps=steps, learning_rate=1e-3,
-        ema_decay=0.995, log_every=max(steps // 40, 1), checkpointing_steps=steps, sampling_steps=0, num_workers=0,
-        seed=seed)
-    result = train(train_config)
+    result = train(TrainConfig(
+        **TRAIN_RECIPE, output_dir=str(out), exp_name="train", data_dir=str(out / "data"),
+        enc_path=str(out / "encoder"), num_classes=len(classes), batch_size=config.batch_size, max_train_steps=steps,
+        log_every=max(steps // 40, 1), checkpointing_steps=steps, sampling_steps=0, num_workers=0, seed=seed))
     # The whole run's curve: result["metrics"] holds only the steps trained now, none when a rerun finds the run done.
     metrics = [json.loads(line) for line in (result["exp_dir"] / "metrics.jsonl").read_text().splitlines()]
     loss_curve(metrics, out / "loss_curve.png")
     lap("train")
 
     npz = sample(SampleConfig(ckpt=str(result["checkpoint"]), sample_dir=str(out / "samples"), vae="none",
-                              num_fid_samples=len(CLASSES) * config.samples_per_class, per_proc_batch_size=100,
-                              mode="sde", num_steps=config.sampling_steps, cfg_scale=2.0, cls_cfg_scale=2.0,
-                              balanced=True, global_seed=seed))
+                              num_fid_samples=len(classes) * config.samples_per_class, per_proc_batch_size=100,
+                              num_steps=config.sampling_steps, balanced=True, global_seed=seed, **SAMPLE_RECIPE))
     with np.load(npz) as samples:
-        class_grid(samples["arr_0"], samples["labels"], len(CLASSES), config.samples_per_class,
-                   out / "samples_grid.png")
+        images, labels = samples["arr_0"], samples["labels"]
+    class_grid(images, labels, len(classes), config.samples_per_class, out / "samples_grid.png")
     lap("sample")
 
-    weights = save_random_inception_weights(out / "inception-random.pth", seed=seed)
-    make_reference(out / "images", out / "reference.npz", inception_weights=weights, num_images=config.eval_images)
-    scores = evaluate(out / "reference.npz", npz, inception_weights=weights)
-    lap("evaluate")
+    score, accuracy = class_score(real_images, real_labels, len(classes), images, labels, seed=seed)
+    lap("classifier")
 
     summary = dict(
-        classes=CLASSES, training_images=len(CLASSES) * config.images_per_class, steps=result["steps"],
+        classes=classes, training_images=len(real_images), steps=result["steps"],
         first_loss=metrics[0]["loss_final"], final_loss=metrics[-1]["loss_final"],
-        metrics_random_inception={k: v for k, v in scores.items() if k != "settings"},
-        timings_seconds=timings, checkpoint=str(result["checkpoint"]), samples_npz=str(npz),
-        samples_grid=str(out / "samples_grid.png"), loss_curve=str(out / "loss_curve.png"))
+        classifier_score=score, classifier_held_out_accuracy=accuracy, timings_seconds=timings,
+        checkpoint=str(result["checkpoint"]), samples_npz=str(npz), samples_grid=str(out / "samples_grid.png"),
+        loss_curve=str(out / "loss_curve.png"))
     with atomic_write(out / "summary.json", "w") as f:
         f.write(json.dumps(summary, indent=2) + "\n")
     print(f"\nloss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f} over {summary['steps']} steps; "
           f"timings (s): {timings}")
+    print(f"classifier score {score:.1%}: the share of samples that a small CNN fitted on 80% of the real images "
+          f"assigns to their class (it recognises {accuracy:.1%} of the other 20%)")
     print(f"samples grid (one row per class): {summary['samples_grid']}")
     print(f"loss curve: {summary['loss_curve']}")
     print(f"checkpoint: {summary['checkpoint']}")

@@ -105,7 +105,7 @@ CASES = [  # (arguments, the one line must match)
     (["export", "{W}/exps/run/checkpoints/0000001.pt", "--output", "{W}/export-new", "--num-heads", "0"],
      r"--num-heads 0: must be at least 1$"),
     (["export", "{W}/exps/run/checkpoints/0000001.pt"], r"the following arguments are required: --output"),
-    (["demo", "--output", "{W}/demo", "--eval-images", "2"], r"--eval-images 2: must be at least 4$"),
+    (["demo", "--output", "{W}/demo", "--data", "{W}/nowhere"], r"--data .*nowhere: does not exist; pass a folder"),
     (["demo", "--output", "{W}/demo", "--steps", "0"], r"--steps 0: must be at least 1$"),
 ]
 
