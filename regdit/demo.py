@@ -102,7 +102,7 @@ class DemoConfig(Settings):
     data: str | None = flag(None, "your own small dataset instead of the built-in shapes: a folder or .zip with one "
                                   "sub-folder of images per class, cropped and resized to 32 px")
     images_per_class: int = flag(100, "training images drawn per class of the built-in shapes", at_least=1)
-    steps: int = flag(2000, "training steps", at_least=1)
+    steps: int = flag(1800, "training steps", at_least=1)
     batch_size: int = flag(32, "training batch size", at_least=1)
     samples_per_class: int = flag(10, "samples per class (grid row length)", at_least=1)
     sampling_steps: int = flag(100, "SDE steps when sampling", at_least=1)
