@@ -27,6 +27,7 @@ def test_shortened_demo_learns_shapes(tmp_path, capsys):
         assert samples["arr_0"].shape == (40, 32, 32, 3) and sorted(set(samples["labels"].tolist())) == list(range(10))
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed[-1].startswith("summary: ") and any(line.startswith("classifier score") for line in printed)
+    assert any("--steps 7200 draws clean shapes" in line for line in printed)  # the way to clean edges
 
     # A rerun finds the run finished: it trains nothing, reuses the run's loss curve (its metrics.jsonl) and scores
     # the same samples.
