@@ -18,6 +18,8 @@ COMMANDS = {  # name -> (module, config class, function, one-line help)
                        "raw image folder/zip -> square RGB PNGs + dataset.json labels"),
     "prepare latents": ("regdit.prepare", "PrepareLatentsConfig", "prepare_latents",
                         "images -> VAE posterior moments (batched, multi-GPU, resumable)"),
+    "prepare vae": ("regdit.prepare", "PrepareVaeConfig", "prepare_vae",
+                    "fit a small VAE to prepared images, for data no pretrained VAE covers"),
     "train": ("regdit.train", "TrainConfig", "train", "train a SiT/REPA/REG model with accelerate"),
     "sample": ("regdit.sample", "SampleConfig", "sample",
                "generate class-conditional samples to PNGs and an ADM .npz"),
@@ -30,8 +32,9 @@ COMMANDS = {  # name -> (module, config class, function, one-line help)
     "demo": ("regdit.demo", "DemoConfig", "run_demo",
              "the whole pipeline on a tiny built-in dataset, on CPU, in minutes"),
 }
-GROUPS = {"prepare": "prepare images (crop, labels) or VAE latents for training"}
-RESUMABLE_COMMANDS = ("prepare images", "prepare latents", "train", "sample", "demo")  # a rerun continues
+GROUPS = {"prepare": "prepare images (crop, labels), VAE latents for training, or a small VAE"}
+# a rerun continues
+RESUMABLE_COMMANDS = ("prepare images", "prepare latents", "prepare vae", "train", "sample", "demo")
 
 
 class Parser(argparse.ArgumentParser):

@@ -404,10 +404,11 @@ def create_sit(fused_attn=True, grad_checkpointing=False, **arguments):
     return SiT(config, fused_attn=fused_attn, grad_checkpointing=grad_checkpointing)
 
 
-# keyword arguments override the size (small experiments: e.g. SiT_models["SiT-B/2"](depth=2, hidden_size=64))
+# keyword arguments override the size (small experiments: e.g. SiT_models["SiT-B/2"](depth=2, hidden_size=64)).
+# The official patches are 2, 4 and 8; patch 1 (a token per latent cell) suits small latents such as the demo's 8x8.
 SiT_models = {f"SiT-{size}/{p}": functools.partial(create_sit, depth=depth, hidden_size=hidden_size,
                                                     num_heads=num_heads, patch_size=p)
-              for size, (depth, hidden_size, num_heads) in MODEL_SIZES.items() for p in (2, 4, 8)}
+              for size, (depth, hidden_size, num_heads) in MODEL_SIZES.items() for p in (1, 2, 4, 8)}
 
 
 def model_arguments(name):

@@ -1,8 +1,10 @@
-"""`regdit prepare images|latents`: raw images -> square RGB PNGs + labels -> VAE posterior moments.
+"""`regdit prepare images|latents|vae`: raw images -> square RGB PNGs + labels -> VAE posterior moments, and a
+small VAE fitted to the images where no pretrained one covers them.
 
-Both steps check every setting before they create anything (the config's ranges, then `check_paths`), and are resumable:
+Each step checks every setting before it creates anything (the config's ranges, then `check_paths`), and is resumable:
 finished work is recorded atomically (a file is written under a temporary name, then renamed), so rerunning the same
-command after a kill, or after a full disk, continues where it stopped. `prepare latents` runs on every process of
+command after a kill, or after a full disk, continues where it stopped (`prepare vae`, a minute of work, starts its fit
+over). `prepare latents` runs on every process of
 `accelerate launch` / `torchrun`, each encoding its own shards.
 """
 import functools
@@ -433,4 +435,44 @@ def prepare_latents(config: PrepareLatentsConfig):
             shutil.rmtree(os.path.join(writer.out, PROGRESS))
             print(f"{dest}: {len(names)} images, moments {list(moments_shape)}{' (+ mirrored)' if flip else ''}, "
                   f"{num_classes} classes, {config.layout} layout")
+    return dest
+
+
+# ------------------------------------------------------------------------------------------------ prepare vae
+
+@dataclass
+class PrepareVaeConfig(Settings):
+    source: str | None = flag(None, "folder written by `regdit prepare images`", required=True)
+    dest: str | None = flag(None, "folder for the fitted VAE (an AutoencoderKL.save_pretrained folder, for --vae)",
+                            required=True)
+    steps: int = flag(1200, "training steps (about a minute on 2 CPU cores at 32 px)", at_least=1)
+    batch_size: int = flag(8, "images per step", at_least=1)
+    seed: int = flag(0, "seed of the initial weights and the batches", at_least=0)
+
+
+def prepare_vae(config: PrepareVaeConfig):
+    """Fit a small VAE (regdit.vae.fit_vae) to a `prepare images` folder, for data no pretrained VAE covers; pass
+    DEST as --vae to `prepare latents`. The weights are saved once fitted, with DEST/fit.json last, so an interrupted
+    run leaves no VAE that passes for done and its rerun fits again. Returns dest."""
+    source, dest = os.path.abspath(config.source), os.path.abspath(config.dest)
+    check_paths(source, dest, "folder")
+    names, _, _, resolution = read_image_folder(source)
+    if resolution % 4:
+        raise RegditError(f"{source}: {resolution} px images do not tile into the VAE's 4x4 latent cells; prepare "
+                          "the images at a multiple of 8 px")
+    settings = {"source": source, "num_images": len(names), "resolution": resolution, "steps": config.steps,
+                "batch_size": config.batch_size, "seed": config.seed}
+    finished_path = os.path.join(dest, "fit.json")
+    with RunLock(dest, "prepare vae"), writing_into(dest):
+        if claim_dest(dest, settings, finished_path):
+            print(f"{dest}: already prepared with these settings")
+            return dest
+        start_progress(dest, settings)
+        images = np.stack([read_image(os.path.join(source, n), (resolution, resolution, 3)) for n in names])
+        vae, loss = vae_lib.fit_vae(images, config.steps, config.batch_size, seed=config.seed)
+        vae.save_pretrained(dest)
+        write_json(finished_path, {"settings": settings, "final_loss": loss})
+        shutil.rmtree(os.path.join(dest, PROGRESS))
+    print(f"{dest}: VAE fitted to {len(names)} images ({resolution} px -> {resolution // 4}x{resolution // 4}x4 "
+          f"latents), final loss {loss:.4f}; pass --vae {dest}")
     return dest

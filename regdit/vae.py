@@ -1,7 +1,9 @@
 """The Stable Diffusion VAE (diffusers `AutoencoderKL`) that maps images to latents and back.
 
-`"none"` selects pixel space for small datasets: the "latent" is the image itself in [-1, 1] (3 channels, scale 1.0).
+`"none"` selects pixel space: the "latent" is the image itself in [-1, 1] (3 channels, scale 1.0). For small data
+that no pretrained VAE covers, `fit_vae` trains a small `AutoencoderKL` in a minute on a CPU.
 """
+import math
 import os
 import warnings
 
@@ -12,6 +14,9 @@ from regdit.hub import is_hub_url, resolve_path
 
 VAE_ALIASES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 LATENT_SCALE = 0.18215  # SD VAE latent scaling used by the official train.py and generate.py
+# The small VAE of fit_vae: 4x downsampling (two of its three blocks halve the size) to 4 channels, 0.24M parameters.
+SMALL_VAE = dict(down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                 block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=16)
 
 
 def resolve_vae_name(name_or_path):
@@ -77,3 +82,45 @@ def decode_latents(vae, latents):
     x = vae.decode((latents / LATENT_SCALE).to(vae.device, vae.dtype)).sample.float()
     # official generate.py: x = (x + 1) / 2, then clamp(255 * x, 0, 255) truncated to uint8
     return torch.clamp(255.0 * ((x + 1) / 2), 0, 255).permute(0, 2, 3, 1).to(torch.uint8)
+
+
+def fit_vae(images, steps=1200, batch_size=8, learning_rate=3e-3, seed=0):
+    """(A small `AutoencoderKL` (SMALL_VAE) fitted to uint8 images (N, H, W, 3) and their mirrors, its last loss).
+
+    L1 + MSE reconstruction of a posterior sample with a light KL term; the learning rate decays linearly to 0 over
+    the second half. On the demo's shapes this reconstructs to 0.0055 MSE in about a minute on 2 CPU cores; 400 steps
+    at batch 32 without the decay, in the same time, reached 0.015.
+    The latents are then rescaled so that LATENT_SCALE * mean has unit std over the images, as the SD-VAE's have,
+    since REG scales every VAE's latents by that constant.
+    """
+    from diffusers import AutoencoderKL
+    from tqdm import tqdm
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(sample_size=images.shape[1], **SMALL_VAE)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = torch.cat([x, x.flip(-1)])
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=learning_rate, weight_decay=0)
+    for step in tqdm(range(steps), desc="fit VAE", unit="step"):
+        optimizer.param_groups[0]["lr"] = learning_rate * min(1.0, 2 * (steps - step) / steps)
+        batch = x[torch.randint(len(x), (batch_size,), generator=generator)]
+        posterior = vae.encode(batch).latent_dist
+        error = vae.decode(posterior.sample(generator)).sample - batch
+        loss = error.abs().mean() + error.square().mean() + 1e-4 * posterior.kl().mean() / batch[0].numel()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        mean = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in x.split(256)])
+        scale, channels = 1 / (LATENT_SCALE * mean.std().item()), vae.config.latent_channels
+        # z -> scale * z: quant_conv gives (mean, logvar), so mean * scale and logvar + 2 log(scale); the decoder's
+        # first layer (post_quant_conv) divides by scale again, leaving every reconstruction as it was.
+        vae.quant_conv.weight[:channels] *= scale
+        vae.quant_conv.bias[:channels] *= scale
+        vae.quant_conv.bias[channels:] += 2 * math.log(scale)
+        vae.post_quant_conv.weight /= scale
+    return vae, loss.item()

@@ -20,7 +20,14 @@ from regdit.checkpoint import ExportConfig, export
 from regdit.cli import main
 from regdit.encoders import save_random_encoder
 from regdit.evaluate import save_random_inception_weights
-from regdit.prepare import PrepareImagesConfig, PrepareLatentsConfig, prepare_images, prepare_latents
+from regdit.prepare import (
+    PrepareImagesConfig,
+    PrepareLatentsConfig,
+    PrepareVaeConfig,
+    prepare_images,
+    prepare_latents,
+    prepare_vae,
+)
 from regdit.runlock import LOCK_NAME
 from regdit.train import TrainConfig, train
 
@@ -35,6 +42,7 @@ EVAL = ["eval", "--ref-batch", "{W}/ref32.npz", "--sample-batch", "{W}/samples32
 PREPARE_IMAGES = ["prepare", "images", "--source", "{W}/raw", "--dest", "{W}/new-images", "--workers", "0"]
 PREPARE_LATENTS = ["prepare", "latents", "--source", "{W}/images", "--dest", "{W}/new-data", "--vae", "none",
                    "--workers", "0"]
+PREPARE_VAE = ["prepare", "vae", "--source", "{W}/images", "--dest", "{W}/new-vae", "--steps", "1"]
 
 CASES = [  # (arguments, the one line must match)
     # train: settings
@@ -100,6 +108,11 @@ CASES = [  # (arguments, the one line must match)
     (PREPARE_LATENTS + ["--workers", "-1"], r"--workers -1: must be at least 0$"),
     (PREPARE_LATENTS + ["--layout", "flat"], r"invalid choice: 'flat'"),
     (PREPARE_LATENTS + ["--dest", "{W}/data", "--flip"], r"data holds a run with other settings \(flip\)"),
+    (PREPARE_VAE + ["--steps", "0"], r"--steps 0: must be at least 1$"),
+    (PREPARE_VAE + ["--source", "{W}/raw"], r"raw/dataset.json: missing or without labels; run `regdit prepare images"),
+    (PREPARE_VAE + ["--source", "{W}/images30"], r"30 px images do not tile into the VAE's 4x4 latent cells"),
+    (PREPARE_VAE + ["--dest", "{W}/afile"], r"--dest .*afile: is a file"),
+    (PREPARE_VAE + ["--dest", "{W}/vae", "--seed", "1"], r"vae holds a run with other settings \(seed\)"),
     # export and demo
     (["export", "{W}/zero.pt", "--output", "{W}/export-new"], r"zero.pt is empty"),
     (["export", "{W}/exps/run/checkpoints/0000001.pt", "--output", "{W}/export-new", "--num-heads", "0"],
@@ -124,8 +137,8 @@ def flip_tensor_bytes(path):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """Real inputs to go wrong with: images, a pixel-space dataset, an encoder, a trained checkpoint and its damaged
-    copies, an export, Inception weights, sample batches; a busy experiment."""
+    """Real inputs to go wrong with: images (32 and 30 px), a pixel-space dataset, a fitted VAE, an encoder, a trained
+    checkpoint and its damaged copies, an export, Inception weights, sample batches; a busy experiment."""
     root = tmp_path_factory.mktemp("world")
     rng = np.random.default_rng(0)
     for c in range(4):
@@ -135,6 +148,8 @@ def world(tmp_path_factory):
             Image.fromarray(image).save(root / "raw" / f"class{c}" / f"{i}.png")
     prepare_images(PrepareImagesConfig(source=str(root / "raw"), dest=str(root / "images"), resolution=32, workers=0))
     prepare_latents(PrepareLatentsConfig(source=str(root / "images"), dest=str(root / "data"), vae="none", workers=0))
+    prepare_images(PrepareImagesConfig(source=str(root / "raw"), dest=str(root / "images30"), resolution=30, workers=0))
+    prepare_vae(PrepareVaeConfig(source=str(root / "images"), dest=str(root / "vae"), steps=1))
     save_random_encoder("dinov2-vit-b", root / "encoder", patch_size=7)
     checkpoint = train(TrainConfig(data_dir=str(root / "data"), resolution=32, model="SiT-S/8", depth=2,
                                    hidden_size=64, num_heads=2, encoder_depth=1, projector_dim=64,

@@ -98,7 +98,7 @@ def test_label_dropout_uses_the_null_class_only_in_training():
 
 
 def test_model_names_and_errors():
-    assert len(SiT_models) == 12
+    assert len(SiT_models) == 16  # S, B, L, XL with patch 1, 2, 4, 8
     with torch.device("meta"):
         assert len(create_model("SiT-B/4", z_dims=[768], encoder_depth=4).blocks) == 12
     with pytest.raises(RegditError, match="unknown model 'SiT-XXL/2'"):
