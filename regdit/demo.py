@@ -1,10 +1,10 @@
 """`regdit demo`: REG end to end on a small dataset, on a laptop CPU, in minutes.
 
 It draws 10 classes of shapes (32 px, fixed seed; half of them white, so rows differ by shape), or takes your own
-folder of classes, then runs the real code paths: `prepare images` -> `prepare latents` -> `train` -> `sample`. There
-are no pretrained weights offline, so it trains in pixel space (`--vae none`) with a random-weight encoder. Its score
-is a small classifier fitted on the real images: the share of samples it assigns to their class, next to its
-accuracy on real images it did not see.
+folder of classes, then runs the real code paths: `prepare images` -> `prepare vae` -> `prepare latents` -> `train`
+-> `sample`. There are no pretrained weights offline, so it fits a small VAE to the images (a minute) and aligns to a
+random-weight encoder. Its score is a small classifier fitted on the real images: the share of samples it assigns to
+their class, next to its accuracy on real images it did not see.
 """
 import json
 import os
@@ -26,18 +26,16 @@ CLASSES = ["white circle", "white ring", "white square", "white frame", "white p
            "green diamond", "blue x", "yellow tee", "magenta half-disc"]
 COLOURS = [(235, 235, 235)] * 5 + [(230, 40, 40), (40, 200, 60), (60, 100, 245), (240, 220, 40), (230, 50, 230)]
 
-# The small-scale recipe: REG on 32 px images in pixel space, sized for minutes on a CPU, chosen by measurement
-# (benchmarks/RESULTS.md). A patch-4 SiT sees 8x8 tokens of 48 values; patch 8 (4x4 tokens of 192) leaves each token
-# too much to draw, with visible patch edges. The aligned encoder must see the same 8x8 grid: MAE takes 32 px as they
-# are (DINOv2 would resize them to 28 px), so a random-weight MAE-shaped ViT with patch 4 gives REPA's targets and
-# REG's entangled class token. A high learning rate with a short EMA, and guidance 4 on both the image and the class
-# token, make the most of 1800 steps at batch 32 (4 minutes on 2 cores).
-TRAIN_RECIPE = dict(resolution=32, model="SiT-S/4", depth=3, hidden_size=128, num_heads=2, encoder_depth=1,
+# The small-scale recipe: REG on the 8x8x4 latents of a small VAE fitted to the 32 px images, sized for minutes on a
+# CPU and chosen by measurement (benchmarks/RESULTS.md). A patch-1 SiT sees 8x8 tokens of 4 values. In pixel space a
+# patch-4 SiT on the same 8x8 grid drew ragged edges and one-pixel streaks where 4x4 patches disagree, until 4x the
+# training; the VAE's decoder draws clean edges from the first minutes. The aligned encoder must see the same 8x8
+# grid: MAE takes 32 px as they are (DINOv2 would resize them to 28 px), so a random-weight MAE-shaped ViT with patch
+# 4 gives REPA's targets and REG's entangled class token. A high learning rate with a short EMA makes the most of 1500
+# steps at batch 32; guidance 2 on the image and the class token keeps the colours (at 4 the blue shifts to violet).
+TRAIN_RECIPE = dict(resolution=32, model="SiT-S/1", depth=3, hidden_size=128, num_heads=2, encoder_depth=1,
                     projector_dim=128, enc_type="mae-vit-b", learning_rate=3e-3, ema_decay=0.995)
-SAMPLE_RECIPE = dict(mode="sde", cfg_scale=4.0, cls_cfg_scale=4.0)
-# Edges sharpen with training compute alone (benchmarks/RESULTS.md): at 1800 steps every row shows its shape with
-# ragged edges; at 7200 (4x the time) the shapes are clean. No variant at the 1800-step budget matched it.
-CLEAN_STEPS = 7200
+SAMPLE_RECIPE = dict(mode="sde", cfg_scale=2.0, cls_cfg_scale=2.0)
 
 
 def draw_shape(label, rng, size=32):
@@ -105,8 +103,8 @@ class DemoConfig(Settings):
     data: str | None = flag(None, "your own small dataset instead of the built-in shapes: a folder or .zip with one "
                                   "sub-folder of images per class, cropped and resized to 32 px")
     images_per_class: int = flag(100, "training images drawn per class of the built-in shapes", at_least=1)
-    steps: int = flag(1800, f"training steps (1800: ~4 min on 2 CPU cores, ragged edges; {CLEAN_STEPS}: clean "
-                            "shapes in ~15 min)", at_least=1)
+    vae_steps: int = flag(1200, "steps of fitting the small VAE (`regdit prepare vae --steps`)", at_least=1)
+    steps: int = flag(1500, "training steps of the SiT (the whole demo: ~4.5 min on 2 CPU cores)", at_least=1)
     batch_size: int = flag(32, "training batch size", at_least=1)
     samples_per_class: int = flag(10, "samples per class (grid row length)", at_least=1)
     sampling_steps: int = flag(100, "SDE steps when sampling", at_least=1)
@@ -132,7 +130,14 @@ def run_demo(config: DemoConfig):
     """Run the demo and return its summary (also written to OUTPUT/summary.json)."""
     from regdit.classifier import class_score
     from regdit.encoders import save_random_encoder
-    from regdit.prepare import PrepareImagesConfig, PrepareLatentsConfig, prepare_images, prepare_latents
+    from regdit.prepare import (
+        PrepareImagesConfig,
+        PrepareLatentsConfig,
+        PrepareVaeConfig,
+        prepare_images,
+        prepare_latents,
+        prepare_vae,
+    )
     from regdit.sample import SampleConfig, sample
     from regdit.train import Checkpoints, TrainConfig, train
 
@@ -154,15 +159,19 @@ def run_demo(config: DemoConfig):
     if source is None:
         source = out / "raw"
         make_dataset(source, config.images_per_class, seed)
-    print(f"regdit demo: REG on {'the built-in shapes' if config.data is None else source} at 32 px in pixel space "
-          "(--vae none), with a random-weight encoder (no download)")
+    print(f"regdit demo: REG on {'the built-in shapes' if config.data is None else source} at 32 px, with a VAE "
+          "fitted to them and a random-weight encoder (no download)")
     prepare_images(PrepareImagesConfig(source=str(source), dest=str(out / "images"), resolution=32, workers=0))
-    prepare_latents(PrepareLatentsConfig(source=str(out / "images"), dest=str(out / "data"), vae="none",
+    lap("prepare_images")
+    vae = str(prepare_vae(PrepareVaeConfig(source=str(out / "images"), dest=str(out / "vae"), steps=config.vae_steps,
+                                           seed=seed)))
+    lap("fit_vae")
+    prepare_latents(PrepareLatentsConfig(source=str(out / "images"), dest=str(out / "data"), vae=vae,
                                          batch_size=256, flip=True, workers=0))
     real_images, real_labels, classes = read_dataset(out / "images")
     save_random_encoder(TRAIN_RECIPE["enc_type"], out / "encoder", patch_size=4, embed_dim=64, depth=2, num_heads=2,
                         seed=seed)
-    lap("prepare")
+    lap("prepare_latents")
 
     result = train(TrainConfig(
         **TRAIN_RECIPE, output_dir=str(out), exp_name="train", data_dir=str(out / "data"),
@@ -173,7 +182,7 @@ def run_demo(config: DemoConfig):
     loss_curve(metrics, out / "loss_curve.png")
     lap("train")
 
-    npz = sample(SampleConfig(ckpt=str(result["checkpoint"]), sample_dir=str(out / "samples"), vae="none",
+    npz = sample(SampleConfig(ckpt=str(result["checkpoint"]), sample_dir=str(out / "samples"), vae=vae,
                               num_fid_samples=len(classes) * config.samples_per_class, per_proc_batch_size=100,
                               num_steps=config.sampling_steps, balanced=True, global_seed=seed, **SAMPLE_RECIPE))
     with np.load(npz) as samples:
@@ -188,8 +197,8 @@ def run_demo(config: DemoConfig):
         classes=classes, training_images=len(real_images), steps=result["steps"],
         first_loss=metrics[0]["loss_final"], final_loss=metrics[-1]["loss_final"],
         classifier_score=score, classifier_held_out_accuracy=accuracy, timings_seconds=timings,
-        checkpoint=str(result["checkpoint"]), samples_npz=str(npz), samples_grid=str(out / "samples_grid.png"),
-        loss_curve=str(out / "loss_curve.png"))
+        vae=vae, checkpoint=str(result["checkpoint"]), samples_npz=str(npz),
+        samples_grid=str(out / "samples_grid.png"), loss_curve=str(out / "loss_curve.png"))
     with atomic_write(out / "summary.json", "w") as f:
         f.write(json.dumps(summary, indent=2) + "\n")
     print(f"\nloss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f} over {summary['steps']} steps; "
@@ -197,9 +206,8 @@ def run_demo(config: DemoConfig):
     print(f"classifier score {score:.1%}: the share of samples that a small CNN fitted on 80% of the real images "
           f"assigns to their class (it recognises {accuracy:.1%} of the other 20%)")
     print(f"samples grid (one row per class): {summary['samples_grid']}")
-    if config.data is None and result["steps"] < CLEAN_STEPS:
-        print(f"  edges sharpen with training: --steps {CLEAN_STEPS} draws clean shapes in about 4x the time")
     print(f"loss curve: {summary['loss_curve']}")
+    print(f"VAE: {vae}")
     print(f"checkpoint: {summary['checkpoint']}")
     print(f"summary: {out / 'summary.json'}")
     return summary
