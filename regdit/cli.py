@@ -33,8 +33,7 @@ COMMANDS = {  # name -> (module, config class, function, one-line help)
              "the whole pipeline on a tiny built-in dataset, on CPU, in minutes"),
 }
 GROUPS = {"prepare": "prepare images (crop, labels), VAE latents for training, or a small VAE"}
-# a rerun continues
-RESUMABLE_COMMANDS = ("prepare images", "prepare latents", "prepare vae", "train", "sample", "demo")
+RESUMABLE_COMMANDS = ("prepare images", "prepare latents", "train", "sample", "demo")  # a rerun continues
 
 
 class Parser(argparse.ArgumentParser):

@@ -459,7 +459,7 @@ def prepare_vae(config: PrepareVaeConfig):
     names, _, _, resolution = read_image_folder(source)
     if resolution % 4:
         raise RegditError(f"{source}: {resolution} px images do not tile into the VAE's 4x4 latent cells; prepare "
-                          "the images at a multiple of 8 px")
+                          "the images at a multiple of 4 px")
     settings = {"source": source, "num_images": len(names), "resolution": resolution, "steps": config.steps,
                 "batch_size": config.batch_size, "seed": config.seed}
     finished_path = os.path.join(dest, "fit.json")

@@ -99,13 +99,17 @@ def fit_vae(images, steps=1200, batch_size=8, learning_rate=3e-3, seed=0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         vae = AutoencoderKL(sample_size=images.shape[1], **SMALL_VAE)
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-    x = torch.cat([x, x.flip(-1)])
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2)
+    pixels = torch.cat([pixels, pixels.flip(-1)])  # uint8: a float copy of the data would take 4x the memory
+
+    def to_unit(batch):
+        return batch.float() / 127.5 - 1
+
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=learning_rate, weight_decay=0)
     for step in tqdm(range(steps), desc="fit VAE", unit="step"):
         optimizer.param_groups[0]["lr"] = learning_rate * min(1.0, 2 * (steps - step) / steps)
-        batch = x[torch.randint(len(x), (batch_size,), generator=generator)]
+        batch = to_unit(pixels[torch.randint(len(pixels), (batch_size,), generator=generator)])
         posterior = vae.encode(batch).latent_dist
         error = vae.decode(posterior.sample(generator)).sample - batch
         loss = error.abs().mean() + error.square().mean() + 1e-4 * posterior.kl().mean() / batch[0].numel()
@@ -115,8 +119,13 @@ def fit_vae(images, steps=1200, batch_size=8, learning_rate=3e-3, seed=0):
 
     vae.eval().requires_grad_(False)
     with torch.no_grad():
-        mean = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in x.split(256)])
-        scale, channels = 1 / (LATENT_SCALE * mean.std().item()), vae.config.latent_channels
+        mean = torch.cat([vae.encode(to_unit(chunk)).latent_dist.mean for chunk in pixels.split(256)])
+    spread = LATENT_SCALE * mean.std().item()
+    if not (math.isfinite(loss.item()) and spread > 0):
+        raise RegditError(f"the VAE fit diverged (last loss {loss.item():.4g}, latent std {spread:.4g}); rerun with "
+                          "another --seed")
+    scale, channels = 1 / spread, vae.config.latent_channels
+    with torch.no_grad():
         # z -> scale * z: quant_conv gives (mean, logvar), so mean * scale and logvar + 2 log(scale); the decoder's
         # first layer (post_quant_conv) divides by scale again, leaving every reconstruction as it was.
         vae.quant_conv.weight[:channels] *= scale

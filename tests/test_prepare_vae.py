@@ -3,10 +3,11 @@ import numpy as np
 import pytest
 import torch
 
+from regdit import RegditError
 from regdit.cli import main as cli_main
 from regdit.demo import make_dataset, read_dataset
 from regdit.prepare import PrepareImagesConfig, prepare_images
-from regdit.vae import LATENT_SCALE, decode_latents, encode_moments, load_vae
+from regdit.vae import LATENT_SCALE, decode_latents, encode_moments, fit_vae, load_vae
 
 
 @pytest.fixture(scope="module")
@@ -40,3 +41,9 @@ def test_fitted_vae_reconstructs_with_unit_scaled_latents(images, tmp_path, caps
     assert weights.stat().st_mtime_ns == written
     with pytest.raises(SystemExit, match=r"holds a run with other settings \(steps\)"):
         cli_main(["prepare", "vae", "--source", str(images), "--dest", str(dest), "--steps", "151"])
+
+
+def test_a_diverged_fit_is_one_line():
+    pixels = np.random.default_rng(0).integers(0, 255, (8, 32, 32, 3), dtype=np.uint8)
+    with pytest.raises(RegditError, match=r"^the VAE fit diverged \(last loss nan, latent std nan\); rerun with "):
+        fit_vae(pixels, steps=5, batch_size=4, learning_rate=100.0)  # a step this large sends the weights to NaN
