@@ -4,8 +4,7 @@ small VAE fitted to the images where no pretrained one covers them.
 Each step checks every setting before it creates anything (the config's ranges, then `check_paths`), and is resumable:
 finished work is recorded atomically (a file is written under a temporary name, then renamed), so rerunning the same
 command after a kill, or after a full disk, continues where it stopped (`prepare vae`, a minute of work, starts its fit
-over). `prepare latents` runs on every process of
-`accelerate launch` / `torchrun`, each encoding its own shards.
+over). `prepare latents` runs on every process of `accelerate launch` / `torchrun`, each encoding its own shards.
 """
 import functools
 import json

@@ -118,13 +118,13 @@ def fit_vae(images, steps=1200, batch_size=8, learning_rate=3e-3, seed=0):
         optimizer.step()
 
     vae.eval().requires_grad_(False)
-    with torch.no_grad():
-        mean = torch.cat([vae.encode(to_unit(chunk)).latent_dist.mean for chunk in pixels.split(256)])
+    channels = vae.config.latent_channels
+    mean = torch.cat([encode_moments(vae, chunk)[:, :channels] for chunk in pixels.split(256)])
     spread = LATENT_SCALE * mean.std().item()
     if not (math.isfinite(loss.item()) and spread > 0):
         raise RegditError(f"the VAE fit diverged (last loss {loss.item():.4g}, latent std {spread:.4g}); rerun with "
                           "another --seed")
-    scale, channels = 1 / spread, vae.config.latent_channels
+    scale = 1 / spread
     with torch.no_grad():
         # z -> scale * z: quant_conv gives (mean, logvar), so mean * scale and logvar + 2 log(scale); the decoder's
         # first layer (post_quant_conv) divides by scale again, leaving every reconstruction as it was.
