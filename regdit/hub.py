@@ -4,10 +4,13 @@
 when the last part of PATH has a suffix (`4000000.pt`, `model.safetensors`), else a folder (`vae`, or the whole
 repository when PATH is empty). `resolve_path` fetches it through huggingface_hub: its cache (HF_HUB_CACHE), its
 progress bars and its token (HF_TOKEN or `hf auth login`); with HF_HUB_OFFLINE=1 the cache alone serves. Any other
-path is returned as it is: nothing is downloaded unless an `hf://` path asks for it. `model_card` and `push_folder`
+path is returned as it is: nothing is downloaded unless an `hf://` path asks for it. A URL is parsed strictly (see
+`parse`) and what it resolves to must lie inside its repository's cache folder. `model_card` and `push_folder`
 publish an export (`regdit export --push-to-hub`).
 """
 import contextlib
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -22,6 +25,8 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from huggingface_hub.file_download import repo_folder_name
+from huggingface_hub.hf_api import SPECIAL_REFS_REVISION_REGEX
 from huggingface_hub.utils import validate_repo_id
 
 from regdit import RegditError
@@ -58,25 +63,60 @@ class HubPath:
         return " ".join(part for part in ("hf download", self.repo_id, target, *options) if part)
 
 
-def parse(url):
-    """The repository, path and revision of an `hf://` URL; a malformed one is a one-line RegditError."""
+REVISION = re.compile(r"[\w][\w.+-]*")  # a branch, tag or commit hash: letters, digits and _ . + - after the first
+
+
+def _revision_and_path(rest):
+    """(revision or None, PATH) of what follows OWNER/REPO: `@REVISION/PATH`, `/PATH@REVISION` or `/PATH`. A
+    revision holds no '/' but huggingface_hub's special refs (refs/pr/N, refs/convert/NAME) in either place: any
+    other would make the PATH ambiguous."""
+    if "@" not in rest:
+        return None, rest
+    if rest.startswith("@"):  # huggingface_hub's form
+        after = rest[1:]
+        special = SPECIAL_REFS_REVISION_REGEX.match(after)
+        if special and after[special.end():special.end() + 1] in ("", "/"):
+            return after[:special.end()], after[special.end():]
+        revision, _, path = after.partition("/")
+        return revision, path
+    path, _, revision = rest.rpartition("@")
+    return revision, path
+
+
+def parse(url, what=None):
+    """The repository, path and revision of an `hf://` URL. Strict: PATH has no '.', '..' or empty parts and no
+    backslash, there is at most one @REVISION (right after the repository or at the very end), and a revision is a
+    branch, tag, commit hash or special ref (see _revision_and_path). Anything else is a one-line RegditError
+    naming `what` and the URL."""
+    def refuse(reason):
+        return RegditError(f"{what + ' ' if what else ''}{url} is not a Hub path ({reason}): write "
+                           "hf://OWNER/REPO/PATH[@REVISION]")
+
     rest, repo_type = url[len(PREFIX):], "model"
     if rest.startswith("datasets/"):
         rest, repo_type = rest[len("datasets/"):], "dataset"
     owner, _, rest = rest.partition("/")
-    name, _, path = rest.partition("/")
-    name, _, revision = name.partition("@")  # huggingface_hub's form, hf://OWNER/REPO@REVISION/PATH
-    path, _, end_revision = path.partition("@")  # the trailing form, hf://OWNER/REPO/PATH@REVISION
-    if revision and end_revision:
-        raise RegditError(f"{url}: two revisions; give one, as hf://OWNER/REPO/PATH@REVISION")
+    name_end = min((i for i in (rest.find("/"), rest.find("@")) if i >= 0), default=len(rest))
+    name, rest = rest[:name_end], rest[name_end:]
     try:
         validate_repo_id(f"{owner}/{name}")
         if not owner or not name:
             raise HFValidationError("no OWNER/REPO")
     except HFValidationError as error:
-        raise RegditError(f"{url} is not a Hub path ({str(error).splitlines()[0]}): write "
-                          "hf://OWNER/REPO/PATH[@REVISION]") from None
-    return HubPath(url, f"{owner}/{name}", path.strip("/"), revision or end_revision or None, repo_type)
+        raise refuse(str(error).splitlines()[0]) from None
+    if rest.count("@") > 1:
+        raise refuse("two revisions; give one")
+    if "\\" in rest:
+        raise refuse("a backslash; parts are separated by /")
+    revision, path = _revision_and_path(rest)
+    if revision is not None and not (REVISION.fullmatch(revision) and revision != "refs"
+                                     or SPECIAL_REFS_REVISION_REGEX.fullmatch(revision)):
+        raise refuse(f"revision {revision!r} is not a branch, tag or commit hash, nor refs/pr/N or refs/convert/NAME"
+                     if revision else "an empty revision after @")
+    path = path.removeprefix("/").removesuffix("/")  # a trailing / may mark a folder
+    if path and any(part in ("", ".", "..") for part in path.split("/")):
+        raise refuse(f"the path {path!r} has an empty, '.' or '..' part")
+    return HubPath(url, f"{owner}/{name}", path, revision, repo_type)
 
 
 def _not_cached(hub, what):
@@ -115,11 +155,12 @@ def resolve_path(path, what, beside=()):
     folder with all its files. Every other path comes back unchanged, as a Path."""
     if not is_hub_url(path):
         return Path(path)
-    hub = parse(path)
+    hub = parse(path, what)
     location = dict(repo_id=hub.repo_id, revision=hub.revision, repo_type=hub.repo_type)
     if hub.is_file:
         with _hub_errors(hub, what):
             local = Path(hf_hub_download(filename=hub.path, **location))
+        _check_inside_cache(hub, local, what)
         for name in beside:
             resolve_path(hub.at(str(PurePosixPath(hub.path).with_name(name))), f"{name} of {what} {path}")
         return local
@@ -131,7 +172,23 @@ def resolve_path(path, what, beside=()):
             raise _not_cached(hub, what)
         raise RegditError(f"{what} {path}: {hub.repo_id} has no folder {hub.path}: check the path on "
                           f"https://huggingface.co/{hub.repo_id}")
+    _check_inside_cache(hub, local, what)
     return local
+
+
+def _check_inside_cache(hub, local, what):
+    """Refuse a file or folder of the cache that leads out of its repository's cache folder. The cache links each
+    file of a snapshot to its blobs/ (or copies it where links are unsupported), so every real path, symbolic links
+    followed, of `local` and of all it holds must lie inside that folder."""
+    repo_cache = os.path.realpath(Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=hub.repo_id,
+                                                                                  repo_type=hub.repo_type))
+    entries = [local] + [Path(folder) / name for folder, folders, files in os.walk(local) for name in folders + files]
+    for entry in entries:
+        real = os.path.realpath(entry)
+        if os.path.commonpath([real, repo_cache]) != repo_cache:
+            raise RegditError(f"{what} {hub.url}: {entry} in the Hugging Face cache leads to {real}, outside the "
+                              f"cache folder of {hub.repo_id} ({repo_cache}); delete that folder and fetch the path "
+                              "again")
 
 
 def check_repo_id(repo_id, flag):

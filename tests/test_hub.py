@@ -85,6 +85,70 @@ def test_hub_paths_parse_in_both_spellings():
     assert resolve_path("local/dir", "VAE folder") == Path("local/dir")  # not a Hub path: nothing to fetch
 
 
+@pytest.mark.parametrize("url, path, revision", [
+    ("hf://o/r@refs/pr/1/a.pt", "a.pt", "refs/pr/1"),
+    ("hf://o/r/a.pt@refs/convert/parquet", "a.pt", "refs/convert/parquet"),
+    ("hf://o/r/vae/@v1.0", "vae", "v1.0"),
+    ("hf://o/r@" + COMMIT, "", COMMIT),
+])
+def test_hub_paths_parse_with_special_refs_and_a_folder_slash(url, path, revision):
+    assert (parse(url).path, parse(url).revision) == (path, revision)
+
+
+@pytest.mark.parametrize("url, reason", [
+    # paths out of the repository: a folder huggingface_hub would have fetched as a local one, a file it refuses
+    ("hf://o/r/../../../../tmp/x/enc", "the path '../../../../tmp/x/enc' has an empty, '.' or '..' part"),
+    ("hf://o/r/..", "the path '..' has an empty, '.' or '..' part"),
+    ("hf://o/r/a/../../x.pt", "the path 'a/../../x.pt' has an empty, '.' or '..' part"),
+    ("hf://o/r/./x.pt", "the path './x.pt' has an empty, '.' or '..' part"),
+    ("hf://o/r//etc/passwd", "the path '/etc/passwd' has an empty, '.' or '..' part"),
+    ("hf://o/r/a//b.pt", "the path 'a//b.pt' has an empty, '.' or '..' part"),
+    ("hf://o/r/a\\b.pt", "a backslash; parts are separated by /"),
+    # revisions: one, last or right after the repository, not empty, no '/' but refs/pr/N and refs/convert/NAME
+    ("hf://o/r/x@y/z.pt", "revision 'y/z.pt' is not a branch, tag or commit hash, nor refs/pr/N or refs/convert/NAME"),
+    ("hf://o/r/x.pt@", "an empty revision after @"),
+    ("hf://o/r@/x.pt", "an empty revision after @"),
+    ("hf://o/r@", "an empty revision after @"),
+    ("hf://o/r@v1/x.pt@v2", "two revisions; give one"),
+    ("hf://o/r/x.pt@..", "revision '..' is not a branch, tag or commit hash, nor refs/pr/N or refs/convert/NAME"),
+    ("hf://o/r@refs/x/a.pt", "revision 'refs' is not a branch, tag or commit hash, nor refs/pr/N or refs/convert/NAME"),
+])
+def test_a_malformed_hub_path_is_one_line_naming_what_and_the_url(hub, url, reason):
+    with pytest.raises(RegditError) as error:
+        resolve_path(url, "VAE folder")
+    assert str(error.value) == f"VAE folder {url} is not a Hub path ({reason}): write hf://OWNER/REPO/PATH[@REVISION]"
+
+
+def test_a_cached_path_that_leads_out_of_its_repository_is_refused(hub, tmp_path):
+    outside = tmp_path / "outside"
+    (outside / "vae").mkdir(parents=True)
+    (outside / "vae" / "config.json").write_text("{}")
+    (outside / "x.pt").write_bytes(b"not from the Hub")
+    hub("regdit-test/links", "plain.pt", OFFICIAL)
+    repo = Path(huggingface_hub.constants.HF_HUB_CACHE) / "models--regdit-test--links"
+    snapshot = repo / "snapshots" / COMMIT
+    # huggingface_hub's layout: a snapshot's files are relative links into the repository's blobs/
+    (repo / "blobs").mkdir()
+    shutil.copyfile(OFFICIAL, repo / "blobs" / "0123abcd")
+    (snapshot / "linked").mkdir()
+    (snapshot / "linked" / "ckpt.pt").symlink_to(Path("..", "..", "..", "blobs", "0123abcd"))
+    assert resolve_path("hf://regdit-test/links/linked/ckpt.pt", "checkpoint").resolve() == repo / "blobs" / "0123abcd"
+    assert resolve_path("hf://regdit-test/links/linked", "VAE folder") == snapshot / "linked"
+    # links that lead out: a file, a folder, a file in a folder
+    (snapshot / "x.pt").symlink_to(outside / "x.pt")
+    (snapshot / "vae").symlink_to(outside / "vae")
+    (snapshot / "enc").mkdir()
+    (snapshot / "enc" / "model.safetensors").symlink_to(outside / "x.pt")
+    for path, what, entry, target in (("x.pt", "checkpoint", "x.pt", "x.pt"), ("vae", "VAE folder", "vae", "vae"),
+                                      ("enc", "encoder weights", "enc/model.safetensors", "x.pt")):
+        url = f"hf://regdit-test/links/{path}"
+        with pytest.raises(RegditError) as error:
+            resolve_path(url, what)
+        assert str(error.value) == (f"{what} {url}: {snapshot / entry} in the Hugging Face cache leads to "
+                                    f"{outside / target}, outside the cache folder of regdit-test/links ({repo}); "
+                                    "delete that folder and fetch the path again")
+
+
 def test_checkpoints_and_exports_from_the_hub_cache(hub, tmp_path):
     official = load_checkpoint(OFFICIAL)
     url = hub("regdit-test/tiny", "checkpoints/0000001.pt", OFFICIAL)
@@ -173,6 +237,13 @@ def test_training_evaluation_reads_its_reference_from_the_hub(hub, tmp_path):
     (["eval", "--ref_batch", "hf://datasets/o/r/ref.npz", "--sample_batch", "s.npz", "--output", "m.json"],
      r"reference batch hf://datasets/o/r/ref.npz is not .*`hf download o/r ref.npz --repo-type dataset`"),
     (["sample", "--ckpt", "hf://o--o/r/x.pt"], r"hf://o--o/r/x.pt is not a Hub path \(.*\): write hf://OWNER/REPO"),
+    (["sample", "--ckpt", "hf://regdit-test/tiny/ckpt.pt", "--vae", "hf://o/r/.."],
+     r"^regdit sample: error: VAE folder hf://o/r/\.\. is not a Hub path \(the path '\.\.' has an empty, '\.' or "
+     r"'\.\.' part\): write hf://OWNER/REPO/PATH\[@REVISION\]$"),
+    (["sample", "--ckpt", "hf://regdit-test/tiny/../tiny/ckpt.pt"], r"checkpoint hf://regdit-test/tiny/\.\./tiny/"
+                                                                   r"ckpt.pt is not a Hub path \(the path '\.\./"),
+    (["sample", "--ckpt", "hf://regdit-test/tiny/x@y/ckpt.pt"], r"checkpoint .* \(revision 'y/ckpt.pt' is not a "),
+    (["sample", "--ckpt", "hf://regdit-test/tiny/ckpt.pt@"], r"checkpoint .* \(an empty revision after @\)"),
 ])
 def test_a_path_missing_offline_is_one_line_naming_the_download(hub, tmp_path, monkeypatch, capsys, argv, message):
     hub("regdit-test/tiny", "ckpt.pt", OFFICIAL)
@@ -184,6 +255,8 @@ def test_missing_encoder_weights_offline_name_the_download(hub):
     with pytest.raises(RegditError, match=r"encoder weights hf://o/r/enc is not in the Hugging Face cache .*"
                                           r"`hf download o/r --include 'enc/\*'`"):
         load_encoders("dinov2-vit-b", 32, enc_path="hf://o/r/enc")
+    with pytest.raises(RegditError, match=r"^encoder weights hf://o/r/\.\./\.\./\.\./\.\./tmp/x/enc is not a Hub path"):
+        load_encoders("dinov2-vit-b", 32, enc_path="hf://o/r/../../../../tmp/x/enc")
 
 
 def test_from_pretrained_of_save_pretrained_round_trips_exactly(tmp_path):
