@@ -24,7 +24,7 @@ from scipy import linalg, special
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from tqdm import tqdm
 
-from regdit import RegditError, atomic_write, cpu_launch
+from regdit import RegditError, atomic_write, cpu_launch, downloads
 from regdit.config import Settings, flag
 from regdit.hub import is_hub_url, parse, resolve_path
 from regdit.images import list_files, read_image
@@ -184,14 +184,24 @@ def default_device():
 
 def inception_weights_path(weights_path=None):
     """`weights_path`, else $REGDIT_INCEPTION_WEIGHTS (either local or `hf://`), else torch-fidelity's download cache
-    (torch hub checkpoints)."""
-    path = str(resolve_path(weights_path or os.environ.get(INCEPTION_WEIGHTS_ENV)
-                            or os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_WEIGHTS_FILE),
-                            "Inception weights"))
+    (torch hub checkpoints), where the weights are downloaded on first use."""
+    given = weights_path or os.environ.get(INCEPTION_WEIGHTS_ENV)
+    if not given:
+        return str(downloads.inception_weights())
+    path = str(resolve_path(given, "Inception weights"))
     if not os.path.isfile(path):
-        raise RegditError(f"Inception weights not found at {path}: download {INCEPTION_WEIGHTS_FILE} from "
-                          f"{URL_INCEPTION_V3} and pass --inception-weights PATH (or set {INCEPTION_WEIGHTS_ENV})")
+        raise RegditError(f"Inception weights not found at {path}: pass the path of {INCEPTION_WEIGHTS_FILE} (from "
+                          f"{URL_INCEPTION_V3}) as --inception-weights (or {INCEPTION_WEIGHTS_ENV}), or neither to "
+                          "download it once")
     return path
+
+
+def reference_batch_path(ref_batch):
+    """The local file of --ref-batch: ADM's reference batch of that name (see downloads.REFERENCE_BATCHES),
+    downloaded once, else the path itself (local or `hf://`)."""
+    if ref_batch in downloads.REFERENCE_BATCHES:
+        return downloads.reference_batch(ref_batch)
+    return resolve_path(ref_batch, "reference batch")
 
 
 def load_inception(weights_path=None, device=None):
@@ -470,17 +480,20 @@ def check_resolutions(ref_npz, ref_shape, sample_npz, sample_shape, allow_mismat
 def evaluate(ref_npz, sample_npz, inception_weights=None, batch_size=64, num_samples=None, device=None,
              allow_resolution_mismatch=False):
     """IS, FID, sFID, precision and recall of `sample_npz` (`arr_0`; the first `num_samples` if given) against
-    `ref_npz` (`arr_0` plus optional `mu, sigma, mu_s, sigma_s`), as ADM's evaluator computes them.
+    `ref_npz` (`arr_0` plus optional `mu, sigma, mu_s, sigma_s`; or an ADM name, see reference_batch_path), as ADM's
+    evaluator computes them.
 
     Both files (local or `hf://`), their sizes and the reference statistics are checked before the first Inception
     forward."""
-    ref_npz, sample_npz = resolve_path(ref_npz, "reference batch"), resolve_path(sample_npz, "sample batch")
     state = PartialState(cpu=cpu_launch())
+    with state.main_process_first():  # one process downloads what is missing, the others then read the cache
+        sample_npz, ref_npz = resolve_path(sample_npz, "sample batch"), reference_batch_path(ref_npz)
     device = device or state.device
     with load_npz_images(ref_npz) as ref_images, load_npz_images(sample_npz, num_samples) as sample_images:
         _check_count(sample_npz, len(sample_images))
         check_resolutions(ref_npz, ref_images.shape, sample_npz, sample_images.shape, allow_resolution_mismatch)
-        weights = inception_weights_path(inception_weights)
+        with state.main_process_first():
+            weights = inception_weights_path(inception_weights)
         model = load_inception(weights, device)
         reference = Reference.from_batch(ref_npz, ref_images, model, batch_size, state)
         sample = compute_activations(sample_images, model, batch_size, desc="samples", state=state)
@@ -543,7 +556,8 @@ def make_reference(source, output, inception_weights=None, batch_size=64, num_im
     state = PartialState(cpu=cpu_launch())  # several processes share the Inception work; the main one writes
     with open_images(source, num_images) as images:
         _check_count(source, len(images))
-        model = load_inception(inception_weights, device or state.device)
+        with state.main_process_first():  # one process downloads the weights if missing, the others then read them
+            model = load_inception(inception_weights, device or state.device)
         activations = compute_activations(images, model, batch_size, desc="reference", state=state)
         if not (np.isfinite(activations["pool"]).all() and np.isfinite(activations["spatial"]).all()):
             raise RegditError(f"Inception features of {source} are not finite, so no reference is written; the "
@@ -578,7 +592,8 @@ NEEDS_BATCHES = ("regdit eval needs --ref_batch REF.npz and --sample_batch SAMPL
 class EvalConfig(Settings):
     """Settings of `regdit eval`: evaluate samples against a reference batch, or build one with --make-ref."""
 
-    ref_batch: str | None = flag(None, "reference batch: arr_0 uint8 NHWC images, optionally mu/sigma/mu_s/sigma_s",
+    ref_batch: str | None = flag(None, "reference batch: arr_0 uint8 NHWC images, optionally mu/sigma/mu_s/sigma_s; "
+                                 f"or ADM's, by name ({', '.join(downloads.REFERENCE_BATCHES)}), downloaded once",
                                  aliases=("--ref_batch",), metavar="REF.npz")
     sample_batch: str | None = flag(None, "samples to evaluate: arr_0 uint8 NHWC images (as written by `regdit "
                                     "sample`)", aliases=("--sample_batch",), metavar="SAMPLES.npz")
@@ -587,8 +602,8 @@ class EvalConfig(Settings):
     ref_images: int = flag(10000, "with --make-ref: images kept in arr_0 for recall (the statistics use all images)",
                            at_least=1)
     inception_weights: str | None = flag(None, f"{INCEPTION_WEIGHTS_FILE} (from {URL_INCEPTION_V3}); None: "
-                                         f"${INCEPTION_WEIGHTS_ENV}, else torch-fidelity's download cache",
-                                         metavar="PATH")
+                                         f"${INCEPTION_WEIGHTS_ENV}, else torch-fidelity's download cache, where "
+                                         "it is downloaded on first use", metavar="PATH")
     batch_size: int = flag(64, "images per Inception forward", at_least=1)
     num_samples: int | None = flag(None, "evaluate exactly the first N samples (--make-ref: the first N images); "
                                    "None: all", at_least=1)

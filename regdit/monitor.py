@@ -20,10 +20,10 @@ from regdit.evaluate import (
     gather_batches,
     load_inception,
     load_npz_images,
+    reference_batch_path,
     tf32,
     warn_if_few,
 )
-from regdit.hub import resolve_path
 from regdit.sample import sample_batch
 
 
@@ -36,8 +36,9 @@ class TrainingEvaluation:
             raise RegditError(f"--eval-every {config.eval_every} needs --ref-batch REF.npz (build one from the "
                               "training images with `regdit eval --make-ref IMAGES --output REF.npz`)")
         self.config, self.state, self.vae = config, state, vae
-        self.inception = load_inception(config.inception_weights, state.device)
-        ref_batch = resolve_path(config.ref_batch, "reference batch")  # local or hf://
+        with state.main_process_first():  # one process downloads what is missing, the others then read the cache
+            self.inception = load_inception(config.inception_weights, state.device)
+            ref_batch = reference_batch_path(config.ref_batch)  # local, hf:// or ADM's by name
         with load_npz_images(ref_batch) as images:
             shape = (config.eval_samples, dataset.resolution, dataset.resolution, 3)
             check_resolutions(ref_batch, images.shape, "of this run", shape)

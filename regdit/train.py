@@ -138,9 +138,10 @@ class TrainConfig(Settings):
                               "(0: never)", at_least=0)
     eval_samples: int = flag(10000, "samples per evaluation (FID-K)", at_least=4)
     ref_batch: str | None = flag(None, "reference batch of --eval-every (ADM .npz; `regdit eval --make-ref` builds "
-                                       "one)")
+                                       "one; ADM's by name, e.g. imagenet256, downloaded once)")
     inception_weights: str | None = flag(None, "Inception weights of --eval-every (default: "
-                                               "$REGDIT_INCEPTION_WEIGHTS, else torch-fidelity's cache)")
+                                               "$REGDIT_INCEPTION_WEIGHTS, else torch-fidelity's cache, downloaded "
+                                               "there on first use)")
     eval_mode: str = flag("sde", "sampler of the evaluation samples", choices=list(SAMPLERS))
     eval_steps: int = flag(250, "sampling steps of the evaluation samples", at_least=1)
     eval_cfg_scale: float = flag(1.0, "guidance scale of the evaluation samples (1: none)", at_least=1)

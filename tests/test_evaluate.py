@@ -115,14 +115,17 @@ def test_image_folder_reads_nested_images_in_relative_path_order(tmp_path):
 
 
 def test_missing_inception_weights_say_where_to_get_them(tmp_path, monkeypatch):
+    import huggingface_hub
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # torch-fidelity's download cache lives here
     monkeypatch.delenv("REGDIT_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no download (test_downloads downloads)
     with pytest.raises(RegditError) as error:
         load_inception(device="cpu")
-    message = str(error.value)
-    assert str(tmp_path / "torch" / "hub" / "checkpoints" / INCEPTION_WEIGHTS_FILE) in message
-    assert "https://github.com/toshas/torch-fidelity/releases" in message and "--inception-weights" in message
-    assert "\n" not in message
+    assert str(error.value) == (
+        f"not downloading the Inception weights: HF_HUB_OFFLINE=1 is set; download {URL_INCEPTION_V3} on a machine "
+        f"with network and put it at {tmp_path / 'torch' / 'hub' / 'checkpoints' / INCEPTION_WEIGHTS_FILE} (or pass "
+        "--inception-weights PATH)")
     monkeypatch.setenv("REGDIT_INCEPTION_WEIGHTS", str(tmp_path / "elsewhere.pth"))
     with pytest.raises(RegditError, match="elsewhere.pth"):
         load_inception(device="cpu")
