@@ -90,9 +90,18 @@ def cached_download(url, destination, what, check, alternative):
                     raise RegditError(f"the download of {what} from {url} {error}, so it was removed: run again, or "
                                       f"{by_hand}") from None
     except (urllib.error.URLError, HTTPException, TimeoutError, ConnectionError, ssl.SSLError) as error:
-        reason = getattr(error, "reason", None) or error
-        raise RegditError(f"cannot download {what} from {url} ({reason}): {by_hand}") from None
+        raise RegditError(f"cannot download {what} from {url} ({_reason(error)}): {by_hand}") from None
     return destination
+
+
+def _reason(error):
+    """A network error in words. Not str(error): atomic_write names its file in an OSError, which str() then shows
+    instead of what went wrong."""
+    if isinstance(error, urllib.error.URLError):
+        return str(error.reason)
+    if isinstance(error, OSError):
+        return error.strerror or str(error.args[0] if error.args else type(error).__name__)
+    return str(error) or type(error).__name__
 
 
 def check_sha256(path, name):

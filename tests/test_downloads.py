@@ -6,6 +6,7 @@ import http.server
 import re
 import socket
 import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -19,12 +20,20 @@ from regdit.evaluate import inception_weights_path, reference_batch_path, save_r
 
 
 class Files(http.server.SimpleHTTPRequestHandler):
-    """Serves its folder; a file whose name starts with `short-` is announced 100 bytes longer than it is."""
+    """Serves its folder; a file whose name starts with `short-` is announced 100 bytes longer than it is, one
+    starting with `stall-` stops after its first 1000 bytes for 2 s."""
 
     def send_header(self, keyword, value):
         if keyword == "Content-Length" and self.path.rpartition("/")[2].startswith("short-"):
             value = str(int(value) + 100)
         super().send_header(keyword, value)
+
+    def copyfile(self, source, outputfile):
+        if self.path.rpartition("/")[2].startswith("stall-"):
+            outputfile.write(source.read(1000))
+            outputfile.flush()
+            time.sleep(2)
+        super().copyfile(source, outputfile)
 
     def log_message(self, *args):
         pass
@@ -96,7 +105,7 @@ def test_inception_weights_download_on_first_use_then_come_from_the_cache(server
 @pytest.mark.parametrize("damage, message", [
     ("flip", r"has SHA-256 [0-9a-f]{8}\.\.\., not [0-9a-f]{8}\.\.\. as its name says"),
     ("short", r"ended after \d+ of \d+ bytes"),
-])
+], ids=["hash", "truncated"])
 def test_a_damaged_inception_download_is_refused_and_removed(server, caches, weights, monkeypatch, damage, message):
     url, folder, _ = server
     name = sha256_named(folder, weights, stem="short-weights" if damage == "short" else "weights")
@@ -133,6 +142,19 @@ def test_offline_or_unreachable_is_one_line_naming_the_url_and_where_to_put_the_
     assert not caches[0].exists() or list(caches[0].iterdir()) == []
 
 
+def test_a_stalled_download_times_out_as_one_line_and_leaves_no_file(server, caches, weights, monkeypatch):
+    url, folder, _ = server
+    name = sha256_named(folder, weights, stem="stall-weights")
+    monkeypatch.setattr(downloads, "INCEPTION_URL", f"{url}/{name}")
+    monkeypatch.setattr(downloads, "READ_TIMEOUT", 0.5)
+    with pytest.raises(RegditError) as error:
+        inception_weights_path()
+    assert str(error.value) == (f"cannot download the Inception weights from {url}/{name} (timed out): download "
+                                f"{url}/{name} on a machine with network and put it at {caches[0] / name} (or pass "
+                                "--inception-weights PATH)")
+    assert list(caches[0].iterdir()) == []
+
+
 def reference(resolution=64, count=5, **changes):
     """The arrays of an ADM reference batch (statistics in float16 to keep it small: only shapes are checked)."""
     arrays = {"arr_0": np.random.default_rng(0).integers(0, 256, (count, resolution, resolution, 3), np.uint8),
@@ -166,7 +188,7 @@ def test_a_reference_batch_by_name_is_downloaded_checked_and_reused(server, cach
     (reference(sigma_s=np.zeros((2023, 7))), r"has sigma_s of shape \(2023, 7\), not \(2023, 2023\)"),
     (reference(mu=None), "has no mu"),
     ("not a zip", "is not a readable .npz"),
-])
+], ids=["resolution", "dtype", "statistics-shape", "no-statistics", "not-npz"])
 def test_a_wrong_reference_batch_is_refused_and_removed(server, caches, monkeypatch, arrays, problem):
     url, folder, _ = server
     (folder / "64").mkdir()
