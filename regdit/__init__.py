@@ -2,6 +2,8 @@
 import contextlib
 import errno
 import os
+import stat
+import zipfile
 from pathlib import Path
 
 __version__ = "0.1.0"
@@ -62,6 +64,66 @@ def check_writable(path, flag):
     if not os.access(existing, os.W_OK | os.X_OK):
         raise RegditError(f"{flag} {path}: {existing} is not writable (read-only or no permission); pass a writable "
                           "folder")
+
+
+FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+              (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def file_kind(mode):
+    """What an `os.stat` mode is, in words: "a file" (a regular one), "a folder", "a FIFO (named pipe)", ..."""
+    return next((name for test, name in FILE_KINDS if test(mode)), "a file")
+
+
+def check_output(path, flag=None, foreign=None, inputs=None, folder=False):
+    """One line unless this command may write `path`: a new path, or a file (with `folder`: a folder) that the
+    command wrote before, never one of its `inputs` nor a FIFO or device. `foreign(path)` recognises the command's
+    own earlier output by its format: None when it is, else what it is instead ("it is not a metrics JSON"); without
+    it any file (folder) is taken. `inputs` maps names to the paths the command reads ({"--ckpt": path}); they are
+    compared as files, so that a link or another spelling of an input is caught too. `flag` names the setting that
+    chose `path`, for the fix (None: the command chose it). Only `foreign` reads `path`, and only a file or folder:
+    opening a FIFO would block."""
+    path = Path(path)
+    fix = f"move it away or pass another {flag}" if flag else "move it away"
+    for name, source in (inputs or {}).items():
+        if source is not None and _same_file(path, source):
+            raise RegditError(f"cannot write {path}: it is the {name} {source}, which this command reads; pass "
+                              f"another {flag}")
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    except NotADirectoryError:
+        raise RegditError(f"cannot write {path}: a folder on its path is a file; {fix}") from None
+    wanted = "a folder" if folder else "a file"
+    if file_kind(mode) != wanted:
+        raise RegditError(f"cannot write {path}: it is {file_kind(mode)}, not {wanted}; {fix}")
+    reason = foreign and foreign(path)
+    if reason:
+        raise RegditError(f"cannot write {path}: {reason}; {fix}")
+
+
+def _same_file(path, other):
+    """True when `path` and `other` name the same file (through links or other spellings) or would once written."""
+    try:
+        return os.path.samefile(path, other)
+    except (OSError, ValueError):  # one of them does not exist (yet), or is no local path
+        return os.path.realpath(path) == os.path.realpath(other)
+
+
+def npz_arrays(path):
+    """The names of the arrays in the .npz `path`, from its zip directory alone (none for another kind of file)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return {name.removesuffix(".npy") for name in archive.namelist()}
+    except zipfile.BadZipFile:
+        return set()
+
+
+def read_head(path, size):
+    """The first `size` bytes of the regular file `path` (a recogniser's look at a file, never all of a large one)."""
+    with open(path, "rb") as f:
+        return f.read(size)
 
 
 FREE_SPACE = "free space on the disk, then rerun the same command to continue"

@@ -5,16 +5,19 @@ safetensors + config JSON, optionally pushed to the Hugging Face Hub with a mode
 import argparse
 import hashlib
 import json
-import shutil
+import os
+import stat
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import PIL.Image
 import torch
+from huggingface_hub import constants
 from safetensors import safe_open
 from safetensors.torch import save
 
-from regdit import RegditError, atomic_write
+from regdit import RegditError, atomic_write, check_output, file_kind, read_head
 from regdit.config import Settings, flag
 from regdit.hub import check_repo_id, model_card, push_folder, resolve_path
 from regdit.models import MODEL_SIZES, SiT, SiTConfig, model_arguments
@@ -299,12 +302,12 @@ def build_model_from_checkpoint(checkpoint, source="checkpoint", weights="ema", 
 class ExportConfig(Settings):
     ckpt: str | None = flag(None, "a regdit or official training checkpoint (.pt), local or hf://", positional=True,
                             required=True)
-    output: str | None = flag(None, "folder for model.safetensors, config.json and the model card README.md",
-                              required=True)
+    output: str | None = flag(None, "folder for model.safetensors, config.json and the model card README.md: new, "
+                                    "empty or an earlier export", required=True)
     num_heads: int | None = flag(None, "attention heads, only needed for custom model sizes (standard sizes know "
                                        "theirs)", at_least=1)
-    push_to_hub: str | None = flag(None, "then upload the folder to this Hub repository, created if missing (token: "
-                                         "HF_TOKEN or `hf auth login`)", metavar="OWNER/NAME")
+    push_to_hub: str | None = flag(None, "then upload the export's files to this Hub repository, created if missing "
+                                         "(token: HF_TOKEN or `hf auth login`)", metavar="OWNER/NAME")
     private: bool = flag(False, "with --push-to-hub: create the repository private")
     metrics: str | None = flag(None, "a `regdit eval` metrics JSON to show on the model card", metavar="JSON")
     grid: str | None = flag(None, "sample grid image for the model card (default: the run's preview at the "
@@ -312,11 +315,17 @@ class ExportConfig(Settings):
     license: str = flag("mit", "license of the model card, a Hub license id (mit, apache-2.0, cc-by-nc-4.0, other)")
 
     def check(self):
-        if self.private and not self.push_to_hub:
+        if self.private and self.push_to_hub is None:
             raise RegditError("--private applies to the repository --push-to-hub creates: add --push-to-hub "
                               "OWNER/NAME or drop --private")
-        if self.push_to_hub:
+        if self.push_to_hub == "":
+            raise RegditError("--push-to-hub '' names no repository: pass OWNER/NAME, or drop --push-to-hub to export "
+                              "only")
+        if self.push_to_hub is not None:
             check_repo_id(self.push_to_hub, "--push-to-hub")
+            if constants.HF_HUB_OFFLINE:  # refused before anything is read or written
+                raise RegditError(f"--push-to-hub {self.push_to_hub} needs the network but HF_HUB_OFFLINE=1 is set: "
+                                  "unset it, or drop --push-to-hub to export only")
 
 
 CARD_SETTINGS = ("enc_type", "encoder_depth", "proj_coeff", "cls", "batch_size", "learning_rate", "ema_decay",
@@ -343,8 +352,11 @@ def read_eval_metrics(path):
     """The five metrics and the settings of a `regdit eval` JSON, checked: a one-line error otherwise."""
     from regdit.evaluate import METRIC_NAMES  # the evaluator's imports only when a card shows metrics
 
+    if Path(path).exists() and not Path(path).is_file():  # never opened: reading a FIFO would wait forever
+        raise RegditError(f"--metrics {path} is {file_kind(os.stat(path).st_mode)}, not a file: pass the JSON "
+                          "`regdit eval` wrote")
     try:
-        results = json.loads(Path(path).read_text())
+        results = json.loads(read_head(path, MAX_METRICS_BYTES))
     except (OSError, ValueError) as error:
         raise RegditError(f"--metrics {path} is unreadable ({_reason(error)}): pass the JSON `regdit eval` "
                           "wrote") from None
@@ -353,13 +365,87 @@ def read_eval_metrics(path):
     return {name: results[key] for key, name in METRIC_NAMES.items()}, results.get("settings") or {}
 
 
+MAX_METRICS_BYTES = 1 << 20  # a metrics JSON is about 700 bytes
+MAX_GRID_BYTES, MAX_GRID_PIXELS = 64 << 20, 8192 * 8192  # far above any sample grid, below PIL's bomb warning
+
+
+def check_grid(path):
+    """One line unless `path` is an image that PIL decodes whole, of at most MAX_GRID_BYTES and MAX_GRID_PIXELS."""
+    try:
+        info = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        raise RegditError(f"--grid {path} does not exist: pass a sample grid image") from None
+    if not stat.S_ISREG(info.st_mode):  # never opened: reading a FIFO would wait forever
+        raise RegditError(f"--grid {path} is {file_kind(info.st_mode)}, not an image file: pass a sample grid image")
+    if info.st_size > MAX_GRID_BYTES:
+        raise RegditError(f"--grid {path} has {info.st_size / 2**20:.0f} MiB, more than a sample grid's "
+                          f"{MAX_GRID_BYTES >> 20} MiB: pass a smaller image")
+    try:
+        with PIL.Image.open(path) as image:
+            if image.width * image.height > MAX_GRID_PIXELS:
+                raise RegditError(f"--grid {path} is {image.width}x{image.height} px, more than a sample grid's "
+                                  f"{MAX_GRID_PIXELS} pixels: pass a smaller image")
+            image.load()
+    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:  # PIL's unreadable file
+        raise RegditError(f"--grid {path} is not a readable image ({_reason(error)}): pass a sample grid image (PNG "
+                          "or JPEG)") from None
+
+
+def foreign_to_export(folder):
+    """None for a folder that holds an earlier export alone (EXPORT_FILES and its samples.<ext> grid), else what
+    else is in it."""
+    others = sorted(p.name for p in folder.iterdir()
+                    if p.name not in EXPORT_FILES and not (p.stem == "samples" and p.is_file()))
+    if others:
+        return (f"it holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}, which an export does not "
+                f"(an export folder holds {', '.join(EXPORT_FILES)} and samples.<ext> only)")
+    return None
+
+
+def foreign_to_weights(path):
+    try:
+        with safe_open(path, framework="pt") as f:
+            recorded = "checksum" in (f.metadata() or {})
+    except Exception:  # not safetensors at all: safetensors raises its own error types
+        recorded = False
+    return None if recorded else "it is not the weights of an export (safetensors with a checksum)"
+
+
+def foreign_to_settings(path):
+    try:
+        settings = json.loads(read_head(path, MAX_METRICS_BYTES))
+    except ValueError:
+        settings = None
+    return None if isinstance(settings, dict) and isinstance(settings.get("model"), dict) else \
+        'it is not the settings of an export (JSON with "model")'
+
+
+def foreign_to_card(path):
+    return None if b"library_name: regdit" in read_head(path, 4096) else "it is not the model card of an export"
+
+
+EXPORT_FILES = {"model.safetensors": foreign_to_weights, "config.json": foreign_to_settings,
+                "README.md": foreign_to_card}  # with the sample grid samples.<ext>: what `regdit export` writes
+
+
+def check_export_folder(folder, grid_name, inputs):
+    """One line, before any work, unless `folder` is new, empty or an earlier export, and none of the files the
+    export writes there (EXPORT_FILES, the grid `grid_name`) is another's file or one of the `inputs`."""
+    check_output(folder, "--output", foreign_to_export, folder=True)
+    for name, foreign in {**EXPORT_FILES, **({grid_name: None} if grid_name else {})}.items():
+        check_output(folder / name, "--output", foreign, inputs)
+
+
 def export(config: ExportConfig):
     """EMA weights as `model.safetensors` + `config.json` (the SiTConfig, latents, path type), the shareable form
-    of a run, with a model card README.md (and the sample grid it shows); `--push-to-hub` uploads the folder.
-    Returns the path of the weights."""
+    of a run, with a model card README.md (and the sample grid it shows); `--push-to-hub` uploads exactly these
+    files. Writes into a new or empty folder, or over an earlier export. Returns the path of the weights."""
     grid = Path(config.grid) if config.grid else None
-    if grid is not None and not grid.is_file():
-        raise RegditError(f"--grid {grid} does not exist: pass a sample grid image")
+    output_dir = Path(config.output)
+    check_export_folder(output_dir, grid and f"samples{grid.suffix}",
+                        {"checkpoint": config.ckpt, "--grid": config.grid, "--metrics": config.metrics})
+    if grid is not None:
+        check_grid(grid)
     metrics = read_eval_metrics(config.metrics) if config.metrics else None
     ckpt = local_checkpoint(config.ckpt)
     checkpoint = load_checkpoint(ckpt)
@@ -370,13 +456,15 @@ def export(config: ExportConfig):
     model_config = model_config_from_checkpoint(checkpoint, source=config.ckpt, **overrides)
     latents = checkpoint.get("latents")  # regdit runs' VAE and scale
     path_type = getattr(checkpoint.get("args"), "path_type", None)
-    output_dir = Path(config.output)
     weights = write_export(output_dir, checkpoint["ema"], model_config, latents, path_type)
     print(f"wrote {weights}")
+    written = [weights.name, "config.json", "README.md"]
     preview = ckpt.parent.parent / "samples" / f"{ckpt.stem}.png"  # a regdit run's grid at this checkpoint's step
     grid = grid or (preview if preview.is_file() else None)
     if grid is not None:
-        shutil.copyfile(grid, output_dir / f"samples{grid.suffix}")
+        written.append(f"samples{grid.suffix}")
+        with atomic_write(output_dir / written[-1]) as f:
+            f.write(grid.read_bytes())
     training = checkpoint.get("config") or vars(checkpoint.get("args") or argparse.Namespace())
     method = "reg" if model_config.use_cls_token else "repa" if model_config.z_dims else "sit"
     parameters = sum(v.numel() for v in checkpoint["ema"].values()) / 1e6
@@ -393,7 +481,7 @@ def export(config: ExportConfig):
         f.write(card)
     print(f"wrote {output_dir / 'README.md'} (model card)" + ("" if grid else "; no sample grid: pass --grid PNG"))
     if config.push_to_hub:
-        url = push_folder(output_dir, config.push_to_hub, config.private,
+        url = push_folder(output_dir, written, config.push_to_hub, config.private,
                           f"{model_config.label} exported by regdit from {ckpt.name}")
-        print(f"pushed {output_dir} to {url}")
+        print(f"pushed {', '.join(written)} of {output_dir} to {url}")
     return weights

@@ -24,7 +24,7 @@ from scipy import linalg, special
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from tqdm import tqdm
 
-from regdit import RegditError, atomic_write, cpu_launch, downloads
+from regdit import RegditError, atomic_write, check_output, cpu_launch, downloads, npz_arrays, read_head
 from regdit.config import Settings, flag
 from regdit.hub import is_hub_url, parse, resolve_path
 from regdit.images import list_files, read_image
@@ -633,12 +633,11 @@ def output_path(config):
     return os.path.splitext(config.sample_batch)[0] + ".metrics.json"
 
 
-def check_output_file(path):
-    """A one-line error now, not after the Inception forwards, when `path` cannot be written (atomic_write puts a
-    temporary file beside it, so its folder must exist and be writable)."""
+def check_output_file(config, path):
+    """A one-line error now, not after the Inception forwards, when `path` cannot be written: its folder must exist
+    and be writable (atomic_write puts a temporary file beside it), and it must be new or what this command wrote
+    there before (a metrics JSON, or with --make-ref a reference .npz), never one of the command's inputs."""
     folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise RegditError(f"cannot write {path}: it is a folder; pass a file path as --output")
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise RegditError(f"cannot write {path}: {folder} is a file, not a folder; pass another --output")
     if not os.path.isdir(folder):
@@ -646,6 +645,30 @@ def check_output_file(path):
                           f"--output")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise RegditError(f"cannot write {path}: the folder {folder} is not writable; pass another --output")
+    inputs = {"--ref-batch": config.ref_batch, "--sample-batch": config.sample_batch, "--make-ref": config.make_ref,
+              "Inception weights": config.inception_weights or os.environ.get(INCEPTION_WEIGHTS_ENV)}
+    check_output(path, "--output", foreign_to_reference if config.make_ref else foreign_to_metrics, inputs)
+
+
+REFERENCE_ARRAYS = ("arr_0", "mu", "sigma", "mu_s", "sigma_s")  # what make_reference writes
+
+
+def foreign_to_metrics(path):
+    """None for a metrics JSON that `regdit eval` wrote (the five metrics and "settings"), else what it is instead."""
+    try:
+        results = json.loads(read_head(path, 1 << 20))  # a metrics JSON is about 700 bytes
+    except ValueError:
+        results = None
+    if not isinstance(results, dict) or not {*METRIC_NAMES, "settings"} <= results.keys():
+        return "it is not a metrics JSON of `regdit eval` (the five metrics and their settings)"
+    return None
+
+
+def foreign_to_reference(path):
+    """None for a reference .npz that `regdit eval --make-ref` wrote (arr_0 and the statistics), else what it is."""
+    if not set(REFERENCE_ARRAYS) <= npz_arrays(path):
+        return f"it is not a reference .npz of `regdit eval --make-ref` ({', '.join(REFERENCE_ARRAYS)})"
+    return None
 
 
 def check_finite(results):
@@ -662,7 +685,7 @@ def run_eval(config):
     if not (config.make_ref or config.ref_batch):
         raise RegditError(NEEDS_BATCHES)
     output = output_path(config)
-    check_output_file(output)
+    check_output_file(config, output)
     if config.make_ref:
         summary = make_reference(config.make_ref, output, config.inception_weights, config.batch_size,
                                  config.num_samples, config.ref_images, config.device)

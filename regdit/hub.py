@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import huggingface_hub
-from huggingface_hub import ModelCardData, constants, hf_hub_download, snapshot_download
+from huggingface_hub import CommitOperationAdd, ModelCardData, constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
@@ -227,18 +227,17 @@ def model_card(title, settings, metrics, grid, ckpt, pretrained, license):
     return "\n".join(lines)
 
 
-def push_folder(folder, repo_id, private, message):
-    """Create the Hub repository `repo_id` if missing and upload `folder` in one commit; returns its URL."""
-    if constants.HF_HUB_OFFLINE:
-        raise RegditError(f"--push-to-hub {repo_id} needs the network but HF_HUB_OFFLINE=1 is set: unset it, or "
-                          f"upload later with `hf upload {repo_id} {folder}`")
-    api = huggingface_hub.HfApi()  # looked up at call time, so that tests can stand in for the Hub
+def push_folder(folder, files, repo_id, private, message):
+    """Create the Hub repository `repo_id` if missing and upload exactly `files` (names in `folder`) in one commit:
+    nothing else that lies in the folder is sent. Returns the repository's URL."""
+    api = huggingface_hub.HfApi()
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(Path(folder) / name)) for name in files]
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True)
-        api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=message)
+        api.create_commit(repo_id, operations, commit_message=message)
     except Exception as error:  # authentication, permissions, network: all the user's to fix, said in one line
         detail = (str(error).splitlines() or [""])[0][:200]
         raise RegditError(f"cannot push {folder} to {repo_id} ({type(error).__name__}: {detail}): log in with write "
-                          f"access (`hf auth login` or HF_TOKEN); the export is complete, `hf upload {repo_id} "
-                          f"{folder}` uploads it later") from None
+                          "access (`hf auth login` or HF_TOKEN); the export is complete, and the same command pushes "
+                          "it again") from None
     return str(url)

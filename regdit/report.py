@@ -5,12 +5,14 @@ import base64
 import io
 import json
 import math
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from regdit import RegditError, atomic_write
+from regdit import RegditError, atomic_write, check_output, check_writable, file_kind, read_head
 from regdit.config import Settings, flag
 
 # ImageNet 256, FID-50k without guidance, against training iterations (REG paper, Table 1), per (model, method).
@@ -35,23 +37,59 @@ class ReportConfig(Settings):
 
 
 def read_run(exp_dir):
-    """(name, settings, training lines, evaluation lines) of an experiment folder."""
+    """(name, settings, training lines, evaluation lines) of an experiment folder. Each line needs its step; a value
+    that is missing or not a finite number (NaN, Infinity) is left out of the figure (see `value`)."""
     exp_dir = Path(exp_dir)
     metrics = exp_dir / "metrics.jsonl"
-    if not metrics.is_file():
+    try:
+        mode = os.stat(metrics).st_mode
+    except (FileNotFoundError, NotADirectoryError):
         raise RegditError(f"{exp_dir} has no metrics.jsonl: pass the folder of a `regdit train` run (OUTPUT_DIR/"
-                          "EXP_NAME) that has logged at least once")
-    entries, lines = [], metrics.read_text().splitlines()
+                          "EXP_NAME) that has logged at least once") from None
+    if not stat.S_ISREG(mode):  # never opened: reading a FIFO would wait for a writer forever
+        raise RegditError(f"{metrics} is {file_kind(mode)}, not the file `regdit train` writes: pass the folder of a "
+                          "`regdit train` run")
+    try:
+        lines = metrics.read_text().splitlines()
+    except UnicodeDecodeError:
+        raise RegditError(f"{metrics} is not text; it was not written by regdit") from None
+    entries = []
     for number, line in enumerate(lines, 1):
         try:
-            entries.append(json.loads(line))
+            entry = json.loads(line)
         except json.JSONDecodeError:  # a last line cut short by a kill is dropped (the run drops it on resume)
             if number < len(lines):
                 raise RegditError(f"{metrics}: line {number} is not JSON; it was not written by regdit") from None
+            continue
+        if not isinstance(entry, dict) or math.isnan(value(entry, "step")):
+            raise RegditError(f"{metrics}: line {number} has no step; it was not written by regdit")
+        entries.append(entry)
     settings_path = exp_dir / "config.yaml"
-    settings = yaml.safe_load(settings_path.read_text()) if settings_path.is_file() else {}
-    return (exp_dir.name, settings or {}, [e for e in entries if "loss_final" in e],
+    settings = {}
+    if settings_path.is_file():
+        try:
+            settings = yaml.safe_load(settings_path.read_text()) or {}
+        except (yaml.YAMLError, UnicodeDecodeError):
+            settings = None
+        if not isinstance(settings, dict):
+            raise RegditError(f"{settings_path} is not the settings file `regdit train` writes (a YAML mapping): "
+                              "restore it, or move it away")
+    return (exp_dir.name, settings, [e for e in entries if "loss_final" in e],
             [e for e in entries if "eval/fid" in e])
+
+
+def value(entry, key):
+    """`entry[key]` as a float; NaN when it is missing or not a finite number."""
+    number = entry.get(key)
+    finite = isinstance(number, int | float) and not isinstance(number, bool) and math.isfinite(number)
+    return float(number) if finite else math.nan
+
+
+def series(entries, key):
+    """(steps, values) of `key` in `entries`, leaving out the points where it is missing or not finite."""
+    points = [(value(entry, "step"), value(entry, key)) for entry in entries]
+    points = [point for point in points if math.isfinite(point[1])]
+    return [step for step, _ in points], [number for _, number in points]
 
 
 def plot(runs):
@@ -67,18 +105,15 @@ def plot(runs):
     published = set()
     for run_index, (name, settings, lines, evaluations) in enumerate(runs):
         colour = f"C{run_index}"
-        steps = [line["step"] for line in lines]
         for term, style in zip(LOSS_TERMS, ("-", "--", ":", "-.")):
-            loss_axes.plot(steps, [line[term] for line in lines], style, color=colour,
+            loss_axes.plot(*series(lines, term), style, color=colour,
                            label=f"{name}: {term}" if len(runs) > 1 else term)
         for panel_axes, key, _ in panels:
-            panel_axes.plot(steps, [line.get(key, math.nan) for line in lines], color=colour, label=name)
+            panel_axes.plot(*series(lines, key), color=colour, label=name)
         if evaluations:
-            eval_steps = [entry["step"] for entry in evaluations]
-            fid_axes.plot(eval_steps, [entry["eval/fid"] for entry in evaluations], "o-", color=colour,
+            fid_axes.plot(*series(evaluations, "eval/fid"), "o-", color=colour,
                           label=f"{name} (FID-{settings.get('eval_samples', '?')})")
-            is_axes.plot(eval_steps, [entry["eval/inception_score"] for entry in evaluations], "o-", color=colour,
-                         label=name)
+            is_axes.plot(*series(evaluations, "eval/inception_score"), "o-", color=colour, label=name)
         for method in ("reg", "repa"):
             model = settings.get("model")
             if (model, method) in PUBLISHED_FID and (model, method) not in published:
@@ -109,27 +144,45 @@ def html_page(runs, png):
     rows = []
     for name, settings, lines, evaluations in runs:
         last = lines[-1] if lines else {}
-        best = min(evaluations, key=lambda entry: entry["eval/fid"], default=None)
+        finite = [entry for entry in evaluations if math.isfinite(value(entry, "eval/fid"))]
+        best = min(finite, key=lambda entry: value(entry, "eval/fid"), default=None)
         cells = [name, settings.get("model", "?"), settings.get("method", "?"), last.get("step", ""),
-                 f"{last['loss_final']:.4f}" if last else "", f"{last['images_per_sec']:.1f}" if last else "",
+                 f"{value(last, 'loss_final'):.4f}" if last else "",
+                 f"{value(last, 'images_per_sec'):.1f}" if last else "",
                  f"{best['eval/fid']:.3f} at {best['step']}" if best else "-"]
         rows.append("<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
     header = "".join(f"<th>{h}</th>" for h in ("run", "model", "method", "step", "loss", "images/s", "best FID"))
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>regdit report</title></head><body>"
+    return (f"{PAGE_START}</head><body>"
             f"<table border='1' cellpadding='4'><tr>{header}</tr>{''.join(rows)}</table>"
             f"<img src='data:image/png;base64,{base64.b64encode(png).decode()}' alt='regdit report'></body></html>\n")
+
+
+PAGE_START = "<!doctype html><html><head><meta charset='utf-8'><title>regdit report</title>"
+
+
+def foreign_to_report(path):
+    """None for a figure or page that `regdit report` wrote (a matplotlib PNG, the report page), else what it is."""
+    head = read_head(path, 128)
+    if path.suffix == ".png" and not (head.startswith(b"\x89PNG\r\n\x1a\n") and b"Software\x00Matplotlib" in head):
+        return "it is not a figure of `regdit report` (a PNG written by matplotlib)"
+    if path.suffix == ".html" and not head.startswith(PAGE_START.encode()):
+        return "it is not a page of `regdit report`"
+    return None
 
 
 def report(config: ReportConfig):
     """Write the figure (or the page) of the runs; returns its path."""
     import matplotlib.pyplot as plt
 
+    output = Path(config.output)
+    check_writable(output.parent, "--output")
+    check_output(output, "--output", foreign_to_report)
     runs = [read_run(exp_dir) for exp_dir in config.exp_dirs]
     figure = plot(runs)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     plt.close(figure)
-    output = Path(config.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(output) as f:
         f.write(buffer.getvalue() if output.suffix == ".png" else html_page(runs, buffer.getvalue()).encode())
     print(f"wrote {output}")

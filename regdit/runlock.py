@@ -36,7 +36,7 @@ import threading
 import time
 from pathlib import Path
 
-from regdit import RegditError
+from regdit import RegditError, check_output
 
 LOCK_NAME = ".regdit.lock"
 HEARTBEAT = 30.0  # seconds between touches of a held lock's mtime
@@ -57,6 +57,8 @@ class RunLock:
         self._beat = threading.Thread(target=self._heartbeat, name="regdit-runlock", daemon=True)
 
     def __enter__(self):
+        check_output(self.folder, folder=True)
+        check_output(self.path)  # a regular file or none: reading a FIFO would block, a folder cannot be replaced
         self._created = [p for p in (self.folder, *self.folder.absolute().parents) if not p.exists()]
         self.folder.mkdir(parents=True, exist_ok=True)
         self._content = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "command": self.command,

@@ -29,7 +29,16 @@ import torch
 from accelerate import PartialState
 from tqdm import tqdm
 
-from regdit import RegditError, __version__, atomic_write, check_writable, cpu_launch, remove_temp_files
+from regdit import (
+    RegditError,
+    __version__,
+    atomic_write,
+    check_output,
+    check_writable,
+    cpu_launch,
+    npz_arrays,
+    remove_temp_files,
+)
 from regdit.checkpoint import build_model_from_checkpoint, load_checkpoint, local_checkpoint
 from regdit.config import Settings, changed_setting, flag
 from regdit.images import read_image
@@ -114,6 +123,11 @@ def check_resumable(folder, settings):
         raise RegditError(f"{folder} holds samples made with other settings ({changed} {previous.get(changed)!r} "
                           f"there, {current[changed]!r} now): pass another --sample-dir, or delete that folder to "
                           "start over")
+
+
+def foreign_to_samples(path):
+    """None for a samples .npz that `regdit sample` wrote (`arr_0` and `labels`), else what it is."""
+    return None if {"arr_0", "labels"} <= npz_arrays(path) else "it is not a samples .npz of `regdit sample`"
 
 
 def pack_npz(folder, num_samples, npz_path):
@@ -283,6 +297,8 @@ def sample(config: SampleConfig, model=None):
                 + f"-{config.mixed_precision}" * (config.mixed_precision != "no"))
     folder = Path(config.sample_dir) / run_name
     npz_path = folder.parent / f"{folder.name}.npz"
+    check_output(folder, "--sample-dir", folder=True)
+    check_output(npz_path, "--sample-dir", foreign_to_samples, {"--ckpt": ckpt})
 
     with lock_run(folder, "sample", state):  # one writer per run folder
         if state.is_main_process:

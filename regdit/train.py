@@ -33,7 +33,16 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, is_tensorboard_available, is_wandb_available
 from tqdm import tqdm
 
-from regdit import TEMP_SUFFIX, RegditError, atomic_write, check_writable, cpu_launch, remove_temp_files
+from regdit import (
+    TEMP_SUFFIX,
+    RegditError,
+    atomic_write,
+    check_output,
+    check_writable,
+    cpu_launch,
+    read_head,
+    remove_temp_files,
+)
 from regdit.checkpoint import load_checkpoint, load_init_weights, load_state_dict_checked, save_checkpoint
 from regdit.config import Settings, changed_setting, flag
 from regdit.interpolants import PATH_TYPES, WEIGHTINGS
@@ -349,6 +358,13 @@ class MetricLog:
             with atomic_write(path, "w") as f:
                 f.write("".join(line + "\n" for line in lines))
 
+    @staticmethod
+    def foreign(path):
+        """None for a metrics.jsonl that a run wrote (empty, or lines of JSON objects), else what it is."""
+        if not b'{"'.startswith(read_head(path, 2)):
+            return "it is not the metrics log of a `regdit train` run (JSON lines)"
+        return None
+
     def add(self, logs):
         """The logs of one micro-batch (detached scalars)."""
         values = torch.stack(list(logs.values()))
@@ -410,6 +426,29 @@ class MetricLog:
         return metrics
 
 
+RUN_FLAG = "--output-dir/--exp-name"
+RUN_SETTINGS = ("data_dir", "output_dir", "exp_name", "resume_step")  # keys of every config.yaml a run wrote
+
+
+def check_run_files(exp_dir):
+    """A one-line refusal, before any work, when a path the run writes in `exp_dir` is taken by something that it
+    did not write: a file as checkpoints/, a folder, FIFO or foreign file as metrics.jsonl or config.yaml."""
+    check_output(exp_dir / "checkpoints", RUN_FLAG, folder=True)
+    check_output(exp_dir / "metrics.jsonl", RUN_FLAG, MetricLog.foreign)
+    check_output(exp_dir / "config.yaml", RUN_FLAG, foreign_to_settings)
+
+
+def foreign_to_settings(path):
+    """None for the config.yaml of a run (its resolved settings), else what it is."""
+    try:
+        settings = yaml.safe_load(read_head(path, 1 << 20))
+    except (yaml.YAMLError, UnicodeDecodeError):
+        settings = None
+    if not isinstance(settings, dict) or not all(key in settings for key in RUN_SETTINGS):
+        return "it is not the settings file of a `regdit train` run"
+    return None
+
+
 def logged_step(line):
     """The step of a metrics.jsonl line; infinity for a line cut short by a kill, so that it is dropped."""
     try:
@@ -426,6 +465,7 @@ def setup(config):
     from regdit.encoders import check_encoders, load_encoders
 
     check_writable(Path(config.output_dir) / config.exp_name, "--output-dir/--exp-name")
+    check_run_files(Path(config.output_dir) / config.exp_name)
     mixed_precision = config.mixed_precision or ("bf16" if torch.cuda.is_available() else "no")
     tracker_installed = dict(tensorboard=is_tensorboard_available, wandb=is_wandb_available)
     if config.report_to != "none" and not tracker_installed[config.report_to]():

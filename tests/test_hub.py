@@ -1,5 +1,5 @@
 """`hf://` paths served from a Hugging Face cache filled in the test (offline, no network), SiT.from_pretrained /
-save_pretrained, and `regdit export --push-to-hub` against a recording stand-in for the Hub API."""
+save_pretrained, and `regdit export --push-to-hub` against a local stand-in for the Hub API (test_outputs.LocalHub)."""
 import json
 import re
 import shlex
@@ -16,6 +16,7 @@ import yaml
 from conftest import FIXTURES, cli_error
 from PIL import Image
 from safetensors import safe_open
+from test_outputs import local_hub_online
 from test_prepare_latents import tiny_vae
 
 from regdit import RegditError
@@ -286,17 +287,10 @@ def test_from_pretrained_of_save_pretrained_round_trips_exactly(tmp_path):
     assert all(torch.equal(v, written[1][1][k]) for k, v in written[0][1].items())
 
 
-class RecordingHub:
-    """Stands for huggingface_hub.HfApi: records the calls and the files of each uploaded folder."""
-    calls = []
-
-    def create_repo(self, repo_id, private=False, exist_ok=False, **kwargs):
-        self.calls.append(("create_repo", repo_id, private, exist_ok))
-        return f"https://huggingface.co/{repo_id}"
-
-    def upload_folder(self, repo_id, folder_path, commit_message=None, **kwargs):
-        files = {p.name: p.read_bytes() for p in sorted(Path(folder_path).iterdir())}
-        self.calls.append(("upload_folder", repo_id, files, commit_message))
+@pytest.fixture
+def local_hub(monkeypatch):
+    with local_hub_online(monkeypatch) as hub:
+        yield hub
 
 
 @pytest.fixture
@@ -312,15 +306,15 @@ def exp(tmp_path):
     return tmp_path
 
 
-def test_push_to_hub_uploads_the_export_with_a_model_card(exp, monkeypatch, no_network):
-    monkeypatch.setattr(huggingface_hub, "HfApi", RecordingHub)
-    monkeypatch.setattr(RecordingHub, "calls", [])
+def test_push_to_hub_uploads_the_export_with_a_model_card(exp, local_hub):
     out = exp / "export"
     cli_main(["export", str(exp / "exp" / "checkpoints" / "0000001.pt"), "--output", str(out), "--num-heads", "4",
               "--push-to-hub", "me/reg-tiny", "--private", "--metrics", str(exp / "metrics.json")])
-    (create, repo, private, exist_ok), (upload, upload_repo, files, message) = RecordingHub.calls
-    assert (create, repo, private, exist_ok) == ("create_repo", "me/reg-tiny", True, True)
-    assert (upload, upload_repo) == ("upload_folder", "me/reg-tiny") and "0000001.pt" in message
+    created = [json.loads(body) for _, path, _, body in local_hub.requests if path == "/api/repos/create"]
+    assert created == [{"name": "reg-tiny", "organization": "me", "visibility": "private"}]
+    commit, = [body for _, path, _, body in local_hub.requests if path.endswith("/commit/main")]
+    assert "0000001.pt" in json.loads(commit.splitlines()[0])["value"]["summary"]
+    files = local_hub.committed()
     assert sorted(files) == ["README.md", "config.json", "model.safetensors", "samples.png"]
     assert files["model.safetensors"] == (out / "model.safetensors").read_bytes()
     assert files["samples.png"] == (exp / "exp" / "samples" / "0000001.png").read_bytes()  # the run's grid
@@ -335,11 +329,6 @@ def test_push_to_hub_uploads_the_export_with_a_model_card(exp, monkeypatch, no_n
         assert line in card, line
 
 
-class FailingHub(RecordingHub):
-    def create_repo(self, repo_id, **kwargs):
-        raise PermissionError("401 Unauthorized: invalid token")
-
-
 @pytest.mark.parametrize("extra, message", [
     (["--private"], r"--private applies to the repository --push-to-hub creates"),
     (["--push-to-hub", "a/b/c"], r"--push-to-hub a/b/c: not a Hub repository id"),
@@ -347,12 +336,12 @@ class FailingHub(RecordingHub):
     (["--push-to-hub", "me/x", "--metrics", "{exp}/exp/samples/0000001.png"], r"is unreadable \(UnicodeDecodeError"),
     (["--metrics", "{exp}/exp/checkpoints/../../bad.json"], r"is not a `regdit eval` metrics JSON"),
     (["--grid", "{exp}/nothing.png"], r"--grid .*nothing.png does not exist"),
-    (["--push-to-hub", "me/x"], r"cannot push .* to me/x \(PermissionError: 401 Unauthorized: invalid token\): "
-                                r"log in .* `hf upload me/x .*export` uploads it later"),
+    (["--push-to-hub", "me/x"], r"cannot push .* to me/x \(HfHubHTTPError: .*401 Unauthorized.*\): log in .*; the "
+                                r"export is complete, and the same command pushes it again$"),
     (["--push-to-hub", "me/x", "OFFLINE"], r"--push-to-hub me/x needs the network but HF_HUB_OFFLINE=1 is set"),
 ])
-def test_export_refusals_are_one_line(exp, monkeypatch, capsys, no_network, extra, message):
-    monkeypatch.setattr(huggingface_hub, "HfApi", FailingHub)
+def test_export_refusals_are_one_line(exp, monkeypatch, capsys, local_hub, extra, message):
+    local_hub.refuse = True
     (exp / "bad.json").write_text('{"fid": "low"}')
     if "OFFLINE" in extra:
         extra.remove("OFFLINE")
