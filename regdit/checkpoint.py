@@ -139,6 +139,7 @@ def _load_export(path):
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise RegditError(f'{config_path}, the settings of {path}, has no "model" settings: copy it again or export '
                           "again")
+    SiTConfig.from_dict(config["model"], str(config_path))  # checked where it enters, naming the file
     try:
         with safe_open(path, framework="pt") as f:
             metadata, ema = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
@@ -160,14 +161,40 @@ def save_checkpoint(obj, path):
         torch.save(obj, f)
 
 
-def _setting_hint(keys):
-    """The command-line setting most likely responsible for mismatched parameter names."""
-    if any(".q_norm" in k or ".k_norm" in k for k in keys):
+PATCH_WEIGHTS = "x_embedder.proj.weight"  # (hidden_size, in_channels, patch_size, patch_size)
+
+
+def _size_setting(state_dict, expected):
+    """Which of train's size flags the weights `state_dict` have otherwise than the model's `expected` parameters:
+    --depth (the number of blocks), --hidden-size (the width), --num-heads (the per-head q/k norms), the data (the
+    latent channels), else --model (the patch size)."""
+    def blocks(weights):
+        return {k.split(".")[1] for k in weights if k.startswith("blocks.")}
+
+    def differs(key, dims=slice(None)):
+        return key in state_dict and tuple(state_dict[key].shape)[dims] != tuple(expected[key].shape)[dims]
+
+    if blocks(state_dict) != blocks(expected):
+        return "--depth"
+    if differs(PATCH_WEIGHTS, slice(0, 1)):
+        return "--hidden-size"
+    if any(differs(k) for k in expected if ".q_norm." in k):
+        return "--num-heads"
+    if differs(PATCH_WEIGHTS, slice(1, 2)):
+        return "--data-dir (its latent channels: another VAE)"
+    return "--model"
+
+
+def _setting_hint(keys, state_dict, expected, size_flags=True):
+    """The command-line setting most likely responsible for the mismatched parameter names `keys` of `state_dict`
+    against the model's `expected` ones. `size_flags`: the command has --depth, --hidden-size and --num-heads
+    (train), else the size is --model's (sample)."""
+    if any((".q_norm" in k or ".k_norm" in k) and not (k in state_dict and k in expected) for k in keys):
         return "--qk-norm"
     if any(k.startswith("decoder_blocks.") for k in keys):
         return "--legacy (early REPA layout)"
     if any(k.startswith(("x_embedder", "t_embedder", "blocks.")) for k in keys):  # depth, width or patch size
-        return "--model"
+        return _size_setting(state_dict, expected) if size_flags else "--model"
     if any(k.startswith(("cls_projectors2", "wg_norm", "final_layer.linear_cls")) for k in keys):
         return "--cls / --projector-embed-dims (REG class token) or REPA vs REG weights"
     if any(k.startswith("projectors.") for k in keys):
@@ -179,9 +206,18 @@ def _setting_hint(keys):
     return "--model"
 
 
-def load_state_dict_checked(model, state_dict, source):
-    """`model.load_state_dict(state_dict, strict=True)` with a one-line error listing what does not fit."""
-    expected = model.state_dict()
+def _check_weights(state_dict, source):
+    """One line naming `source` unless `state_dict` is a dict of tensors by name."""
+    if not (isinstance(state_dict, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                 for k, v in state_dict.items())):
+        raise RegditError(f"{source} holds no model weights (a dict of tensors by name): pass a training checkpoint "
+                          "(.pt) or an export (.safetensors)")
+
+
+def check_state_dict(expected, state_dict, source, size_flags=True):
+    """A one-line error listing what of `state_dict` does not fit the parameters `expected` (a model's state_dict,
+    also of a meta-device model: only names and shapes count) and the setting to fix (`_setting_hint`)."""
+    _check_weights(state_dict, source)
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     mismatched = [k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
@@ -192,8 +228,14 @@ def load_state_dict_checked(model, state_dict, source):
         if mismatched:
             k = mismatched[0]
             parts.append(f"({k}: checkpoint {tuple(state_dict[k].shape)}, model {tuple(expected[k].shape)})")
-        raise RegditError(f"{source} does not match the model: {'; '.join(parts)}; "
-                          f"check {_setting_hint(missing + unexpected + mismatched)}")
+        hint = _setting_hint(missing + unexpected + mismatched, state_dict, expected, size_flags)
+        raise RegditError(f"{source} does not match the model: {'; '.join(parts)}; check {hint}")
+
+
+def load_state_dict_checked(model, state_dict, source, size_flags=True):
+    """`model.load_state_dict(state_dict, strict=True)` with a one-line error listing what does not fit
+    (`check_state_dict`; `size_flags` as there)."""
+    check_state_dict(model.state_dict(), state_dict, source, size_flags)
     model.load_state_dict(state_dict, strict=True)
 
 
@@ -210,12 +252,13 @@ def load_init_weights(model, path, weights="ema", log=print):
     if weights not in checkpoint:
         raise RegditError(f"--init-from {path} has no {weights} weights (an export holds EMA weights only): pass "
                           "--init-weights ema")
+    _check_weights(checkpoint[weights], f"--init-from {path}")
     state = dict(checkpoint[weights])
     source, table = state.get(CLASS_TABLE), model.state_dict()[CLASS_TABLE]
     if source is not None and source.shape != table.shape and source.shape[1:] == table.shape[1:]:
         # official checkpoints store no config: they were trained with label dropout, so their last row is null
         stored = checkpoint.get("model_config")
-        source_classes = stored["num_classes"] if stored else len(source) - 1
+        source_classes = SiTConfig.from_dict(stored, f"--init-from {path}").num_classes if stored else len(source) - 1
         common, resized = min(source_classes, model.num_classes), table.clone()
         resized[:common] = source[:common]
         null_moved = len(source) > source_classes and len(table) > model.num_classes
@@ -241,16 +284,27 @@ def convert_legacy_state_dict(state_dict, encoder_depth):
     return converted
 
 
+def _saved_args(checkpoint, source):
+    """The training flags an official checkpoint saved (`args`, an argparse.Namespace) as a dict; {} without."""
+    args = checkpoint.get("args")
+    if args is None or isinstance(args, dict):
+        return args or {}
+    if not isinstance(args, argparse.Namespace):
+        raise RegditError(f"{source}: its args are a {type(args).__name__}, not the settings of a training run: pass "
+                          "a training checkpoint (.pt) or an export (.safetensors)")
+    return vars(args)
+
+
 def model_config_from_checkpoint(checkpoint, state_dict=None, model_name=None, source="checkpoint", **overrides):
     """The SiTConfig of a checkpoint: regdit files store it; for official files it is read off the weights' shapes
     (`state_dict`, default its EMA weights) and the saved args. `model_name` (its size and patch, e.g. "SiT-XL/2")
-    and `overrides` (SiTConfig fields, e.g. encoder_depth from the command line) win."""
+    and `overrides` (SiTConfig fields, e.g. encoder_depth from the command line) win. Stored settings are checked
+    as they are (types, ranges), then with the overrides."""
     if "model_config" in checkpoint:
-        values = dict(checkpoint["model_config"])
+        values = SiTConfig.from_dict(checkpoint["model_config"], source).to_dict()
     else:
         values = _inferred_config(state_dict or checkpoint.get("ema", checkpoint.get("model")),
-                                  vars(checkpoint.get("args") or argparse.Namespace()))
-    values.pop("name", None)  # a label stored by earlier versions
+                                  _saved_args(checkpoint, source), source)
     if model_name is not None:
         values.update(model_arguments(model_name))
     values.update(overrides)
@@ -260,41 +314,86 @@ def model_config_from_checkpoint(checkpoint, state_dict=None, model_name=None, s
     return SiTConfig.from_dict(values, source)
 
 
-def _inferred_config(weights, args):
-    """The settings of official weights: sizes from the parameter shapes, encoder_depth from the saved args."""
+def _inferred_config(weights, args, source="checkpoint"):
+    """The settings of official weights: sizes from the parameter shapes, encoder_depth from the saved args. A SiT
+    parameter that is missing or of another rank is one line naming `source`."""
+    _check_weights(weights, source)
     if any(k.startswith("decoder_blocks.") for k in weights):
         raise RegditError("these weights have the early REPA layout (decoder_blocks): pass --legacy")
-    hidden_size, in_channels, patch_size, _ = weights["x_embedder.proj.weight"].shape
-    depth = 1 + max(int(k.split(".")[1]) for k in weights if k.startswith("blocks."))
+
+    def shape(key, ndim):
+        tensor = weights.get(key)
+        if tensor is None or tensor.ndim != ndim:
+            found = "missing" if tensor is None else f"{tensor.ndim}-D {list(tensor.shape)}"
+            raise RegditError(f"{source} has no SiT weights to read the model from ({key}: {found}, not {ndim}-D): "
+                              "pass a regdit or official SiT checkpoint")
+        return tensor.shape
+
+    hidden_size, in_channels, patch_size, _ = shape(PATCH_WEIGHTS, 4)
+    blocks = [k.split(".")[1] for k in weights if k.startswith("blocks.")]
+    depth = 1 + max((int(i) for i in blocks if i.isdecimal()), default=-1)
     size = next((s for s, (d, w, _) in MODEL_SIZES.items() if (d, w) == (depth, hidden_size)), None)
     z_dims, k = [], 0
     while f"projectors.{k}.4.weight" in weights:
-        z_dims.append(weights[f"projectors.{k}.4.weight"].shape[0])
+        z_dims.append(shape(f"projectors.{k}.4.weight", 2)[0])
         k += 1
     use_cls_token = "cls_projectors2.weight" in weights
-    num_tokens = weights["pos_embed"].shape[1] - int(use_cls_token)
+    num_tokens = shape("pos_embed", 3)[1] - int(use_cls_token)
     return dict(
         input_size=int(num_tokens ** 0.5) * patch_size, patch_size=patch_size, in_channels=in_channels,
         hidden_size=hidden_size, depth=depth, num_heads=MODEL_SIZES[size][2] if size else args.get("num_heads"),
-        num_classes=weights["y_embedder.embedding_table.weight"].shape[0] - 1,
-        z_dims=z_dims, projector_dim=weights["projectors.0.0.weight"].shape[0] if z_dims else 2048,
+        num_classes=shape("y_embedder.embedding_table.weight", 2)[0] - 1,
+        z_dims=z_dims, projector_dim=shape("projectors.0.0.weight", 2)[0] if z_dims else 2048,
         encoder_depth=args.get("encoder_depth", 8), use_cls_token=use_cls_token,
         qk_norm="blocks.0.attn.q_norm.weight" in weights)
+
+
+class _ShapesOnly(torch.overrides.TorchFunctionMode):
+    """Modules made in this mode skip the initialisers of torch.nn.init: a meta tensor has nothing to fill, and meta
+    `normal_` alone imports torch._dynamo (seconds and 160 MB)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
+def _parameter_shapes(config, source, num_tensors):
+    """The parameter names and shapes of `SiT(config)`, built on the meta device: no memory, whatever sizes a
+    config read from a file claims. Every block and projector has weights, so more of them than `num_tensors` (the
+    checkpoint's) cannot fit: refused before spending the time to build them."""
+    if config.depth + len(config.z_dims) > num_tensors:
+        raise RegditError(f"{source} does not match the model: {config.depth} blocks and {len(config.z_dims)} "
+                          f"projectors cannot fit in its {num_tensors} tensors; check --model")
+    try:
+        with torch.device("meta"), _ShapesOnly():
+            return SiT(config).state_dict()
+    except (RuntimeError, TypeError) as error:  # how torch says a size or an element count overflows int64
+        if "overflow" not in str(error).lower():
+            raise
+        raise RegditError(f"{source}: its model settings ask for tensors of more than 2**63 elements; check "
+                          "--model") from None
 
 
 def build_model_from_checkpoint(checkpoint, source="checkpoint", weights="ema", model_name=None, legacy=False,
                                 fused_attn=True, **overrides):
     """`SiT(config)` with the checkpoint's `weights` ("ema" or "model") loaded strictly, the config from
-    `model_config_from_checkpoint`; `source` names the checkpoint in errors. `legacy` renumbers official
-    `decoder_blocks` weights first (`--legacy`)."""
+    `model_config_from_checkpoint`; `source` names the checkpoint in errors. The parameter names and shapes are
+    compared with the weights on a meta-device model first, so a config that does not match costs no memory and
+    one that does costs what the weights do. `legacy` renumbers official `decoder_blocks` weights first
+    (`--legacy`)."""
+    if weights not in checkpoint:
+        raise RegditError(f"{source} has no {weights} weights (keys: {', '.join(map(str, checkpoint))})")
     state_dict = checkpoint[weights]
+    _check_weights(state_dict, source)
     if legacy:
-        args = vars(checkpoint.get("args") or argparse.Namespace())
+        args = _saved_args(checkpoint, source)
         state_dict = convert_legacy_state_dict(state_dict, overrides.get("encoder_depth",
                                                                           args.get("encoder_depth", 8)))
     config = model_config_from_checkpoint(checkpoint, state_dict, model_name, source, **overrides)
+    check_state_dict(_parameter_shapes(config, source, len(state_dict)), state_dict, source, size_flags=False)
     model = SiT(config, fused_attn=fused_attn)
-    load_state_dict_checked(model, state_dict, source)
+    model.load_state_dict(state_dict, strict=True)
     return model
 
 

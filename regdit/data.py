@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from regdit import RegditError, atomic_write
-from regdit.images import image_extensions, list_files, read_image
+from regdit.images import check_regular_file, image_extensions, list_files, read_image
 from regdit.vae import LATENT_SCALE
 
 META, IMAGES, MOMENTS, MOMENTS_FLIP = "regdit.json", "images.npy", "moments.npy", "moments_flip.npy"
@@ -41,11 +41,50 @@ def official_latent_name(index):
 
 
 def read_json(path, fix):
+    check_regular_file(path)
     try:
         with open(path) as f:
             return json.load(f)
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, ValueError) as error:  # also invalid JSON or UTF-8
         raise RegditError(f"{path}: cannot read ({error.__class__.__name__}: {error}); {fix}") from error
+
+
+def read_labels(meta, path, fix):
+    """{name: label} of a dataset.json's `{"labels": [[name, label], ...], "classes": [...]}` (`meta`, read from
+    `path`). Each label must be an integer (not a bool, a float or a string) from 0, below the number of "classes"
+    when it lists them; anything else is one line naming the file, the entry and `fix`."""
+    if not isinstance(meta, dict):
+        raise RegditError(f'{path}: holds a JSON {type(meta).__name__}, not {{"labels": [[name, label], ...]}}; {fix}')
+    pairs, classes = meta.get("labels"), meta.get("classes")
+    if not isinstance(pairs, list):
+        raise RegditError(f'{path}: "labels" is {pairs!r:.40}, not a list of [name, label] pairs; {fix}')
+    if classes is not None and not isinstance(classes, list):
+        raise RegditError(f'{path}: "classes" is {classes!r:.40}, not a list of class names; {fix}')
+    allowed = f"from 0 to {len(classes) - 1} (its {len(classes)} classes)" if classes else ">= 0"
+    labels = {}
+    for entry in pairs:
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)):
+            raise RegditError(f"{path}: labels entry {entry!r:.60} is not a [name, label] pair; {fix}")
+        name, label = entry
+        if (not isinstance(label, int) or isinstance(label, bool) or label < 0
+                or classes and label >= len(classes)):
+            raise RegditError(f"{path}: label {label!r} of {name}: labels must be integers {allowed}; {fix}")
+        labels[name] = label
+    return labels
+
+
+def load_array(path, fix, mmap_mode=None):
+    """The array of the .npy file `path`, pickled objects refused (numpy's default: an object array would run code);
+    an unreadable, foreign or object-array file is one line naming it and `fix`."""
+    check_regular_file(path)
+    try:
+        array = np.load(path, mmap_mode=mmap_mode)
+    except (OSError, ValueError, EOFError) as error:
+        raise RegditError(f"{path}: cannot read ({error}); {fix}") from None
+    if not isinstance(array, np.ndarray):  # an .npz archive under a .npy name
+        array.close()
+        raise RegditError(f"{path}: holds an .npz archive, not an array; {fix}")
+    return array
 
 
 def write_json(path, obj):
@@ -109,15 +148,23 @@ class RegditDataset(_Dataset):
         self.data_dir = data_dir
         meta_path = os.path.join(data_dir, META)
         meta = read_json(meta_path, "rerun `regdit prepare latents`")
-        if meta.get("format") != FORMAT:
-            raise RegditError(f"{meta_path}: format {meta.get('format')!r} is not {FORMAT!r}; rerun "
-                              f"`regdit prepare latents` with this regdit version")
+        found = meta.get("format") if isinstance(meta, dict) else None
+        if found != FORMAT:
+            raise RegditError(f"{meta_path}: format {found!r:.40} is not {FORMAT!r}; rerun `regdit prepare latents` "
+                              "with this regdit version")
         try:
             n, self.resolution, self.num_classes = meta["num_images"], meta["resolution"], meta["num_classes"]
             self.vae, self.latent_scale, self.has_flip = meta["vae"], meta["latent_scale"], meta["flip"]
-            self.moments_shape = tuple(meta["moments_shape"])
+            self.moments_shape = meta["moments_shape"]
         except KeyError as key:
             raise RegditError(f"{meta_path}: no {key} entry; rerun `regdit prepare latents`") from None
+        sizes = [n, self.resolution, self.num_classes, *(self.moments_shape if isinstance(self.moments_shape, list)
+                                                         else [None])]
+        if len(sizes) != 6 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in sizes):
+            raise RegditError(f"{meta_path}: num_images {n!r:.20}, resolution {self.resolution!r:.20}, num_classes "
+                              f"{self.num_classes!r:.20}, moments_shape {self.moments_shape!r:.40} must be positive "
+                              "integers (three for moments_shape); rerun `regdit prepare latents`")
+        self.moments_shape = tuple(self.moments_shape)
         if resolution is not None and resolution != self.resolution:
             raise RegditError(f"{meta_path}: dataset resolution is {self.resolution}, not {resolution}; pass "
                               f"--resolution {self.resolution} or prepare the data at {resolution}")
@@ -142,11 +189,7 @@ class RegditDataset(_Dataset):
         self._arrays = None
 
     def _load(self, name):
-        path = os.path.join(self.data_dir, name)
-        try:
-            return np.load(path, mmap_mode="r")
-        except (OSError, ValueError) as error:
-            raise RegditError(f"{path}: cannot read ({error}); rerun `regdit prepare latents`") from error
+        return load_array(os.path.join(self.data_dir, name), "rerun `regdit prepare latents`", mmap_mode="r")
 
     def __getstate__(self):  # workers map the arrays themselves: pickling a memmap would copy the whole array
         return {**self.__dict__, "_arrays": None}
@@ -184,13 +227,11 @@ class OfficialDataset(_Dataset):
                               f"{len(self.image_files)} images; rerun `regdit prepare latents --layout official`")
         labels_path = os.path.join(self.latents_dir, "dataset.json")
         fix = "rerun `regdit prepare latents --layout official`"
-        labels = dict(read_json(labels_path, fix).get("labels") or [])
+        labels = read_labels(read_json(labels_path, fix), labels_path, fix)
         missing = [f for f in self.latent_files if f not in labels]
         if missing:
             raise RegditError(f"{labels_path}: no label for {missing[0]} ({len(missing)} missing); {fix}")
-        self.labels = np.array([labels[f] for f in self.latent_files])
-        if self.labels.dtype.kind != "i" or self.labels.min() < 0:
-            raise RegditError(f"{labels_path}: labels must be integers >= 0; {fix}")
+        self.labels = np.array([labels[f] for f in self.latent_files], dtype=np.int64)
         self.num_classes = int(self.labels.max()) + 1
         for index in {0, len(self) - 1}:
             self._load_image(index), self._load_moments(index)
@@ -212,7 +253,8 @@ class OfficialDataset(_Dataset):
         path = os.path.join(self.images_dir, self.image_files[index])
         if not path.endswith(".npy"):
             return read_image(path, (self.resolution, self.resolution, 3)).transpose(2, 0, 1)
-        image = np.load(path).reshape(-1, self.resolution, self.resolution)
+        image = load_array(path, "reconvert it with `regdit prepare images`")
+        image = image.reshape(-1, self.resolution, self.resolution) if image.size % self.resolution ** 2 == 0 else image
         if image.shape != (3, self.resolution, self.resolution) or image.dtype != np.uint8:
             raise RegditError(f"{path}: {image.dtype} image of shape {list(image.shape)} (CHW), expected uint8 "
                               f"[3, {self.resolution}, {self.resolution}]; reconvert it with `regdit prepare images`")
@@ -220,7 +262,7 @@ class OfficialDataset(_Dataset):
 
     def _load_moments(self, index):
         path = os.path.join(self.latents_dir, self.latent_files[index])
-        moments = np.load(path)
+        moments = load_array(path, "re-encode it with `regdit prepare latents --layout official`")
         moments = moments[0] if moments.ndim == 4 and moments.shape[0] == 1 else moments
         if (moments.ndim != 3 or moments.shape[0] % 2 or moments.dtype != np.float32
                 or moments.shape[1] * 8 != self.resolution or moments.shape[1] != moments.shape[2]):

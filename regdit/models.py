@@ -7,6 +7,7 @@ REG (`use_cls_token=True`, the default), REPA (`use_cls_token=False`) and plain 
 import dataclasses
 import functools
 import math
+import numbers
 import os
 
 import numpy as np
@@ -200,13 +201,39 @@ class SiTConfig:
     use_cls_token: bool = True
 
     def __post_init__(self):
+        """Types and ranges first (a config may come from any file, e.g. an export's config.json): integers are
+        integers of at least 1 (not bools, floats or strings), numbers finite, switches true or false."""
+        def whole(value):
+            return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.type is int and not whole(value):
+                raise RegditError(f"{field.name} must be an integer of at least 1, not {value!r:.40}")
+            if field.type is bool and not isinstance(value, bool):
+                raise RegditError(f"{field.name} must be true or false, not {value!r:.40}")
+            if field.type is float and not (isinstance(value, numbers.Real) and not isinstance(value, bool)
+                                            and math.isfinite(value)):
+                raise RegditError(f"{field.name} must be a finite number, not {value!r:.40}")
+            if field.type in (int, float):
+                object.__setattr__(self, field.name, field.type(value))
+        if not (isinstance(self.z_dims, (list, tuple)) and all(map(whole, self.z_dims))):
+            raise RegditError(f"z_dims must be a list of integers of at least 1 (the encoder widths), not "
+                              f"{self.z_dims!r:.60}")
         object.__setattr__(self, "z_dims", tuple(int(d) for d in self.z_dims))
+        if self.mlp_ratio <= 0:
+            raise RegditError(f"mlp_ratio {self.mlp_ratio} must be above 0")
+        if not 0 <= self.class_dropout_prob <= 1:
+            raise RegditError(f"class_dropout_prob {self.class_dropout_prob} must be between 0 and 1")
         if self.use_cls_token and not self.z_dims:
             raise RegditError("the REG class token needs an encoder: give z_dims (the encoder widths) or "
                               "use_cls_token=False")
         if self.hidden_size % self.num_heads:
             raise RegditError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}: pick a "
                               "width that is a multiple of the heads (--hidden-size, --num-heads)")
+        if self.hidden_size % 4:  # get_2d_sincos_pos_embed: sin and cos of the row and of the column, a quarter each
+            raise RegditError(f"hidden_size {self.hidden_size} is not a multiple of 4, as the sin-cos position "
+                              "embedding needs: pick a multiple of 4 (--hidden-size)")
         if self.input_size % self.patch_size:
             raise RegditError(f"the {self.input_size}x{self.input_size} latent does not tile into {self.patch_size}x"
                               f"{self.patch_size} patches: use a resolution whose latent side is a multiple of "
@@ -218,12 +245,18 @@ class SiTConfig:
     def from_dict(cls, values, source="model config"):
         """The stored dict back as a config; an unknown name is a one-line error (`name`, the label stored by
         earlier versions, is dropped)."""
+        if not isinstance(values, dict):
+            raise RegditError(f"{source}: the model settings are a {type(values).__name__}, not a dict of SiTConfig "
+                              "fields")
         values = {k: v for k, v in values.items() if k != "name"}
-        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        unknown = sorted(map(str, set(values) - {f.name for f in dataclasses.fields(cls)}))
         if unknown:
             raise RegditError(f"{source}: unknown model settings {', '.join(unknown)}; it was written by another "
                               "program or a newer regdit")
-        return cls(**values)
+        try:
+            return cls(**values)
+        except RegditError as error:
+            raise RegditError(f"{source}: {error}") from None
 
     def to_dict(self):
         return {**dataclasses.asdict(self), "z_dims": list(self.z_dims)}
@@ -270,6 +303,11 @@ class SiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
+        # A meta-device SiT holds shapes only (checkpoint.build_model_from_checkpoint compares them with a file's
+        # weights): nothing to fill, and the sin-cos table would take the memory that the file's settings claim.
+        if self.pos_embed.is_meta:
+            return
+
         def _basic_init(module):  # xavier-uniform Linear layers, zero biases (DiT)
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)

@@ -26,14 +26,14 @@ from tqdm import tqdm
 from regdit import RegditError, atomic_write, cpu_launch, remove_temp_files, writing_into
 from regdit import vae as vae_lib
 from regdit.config import Settings, flag
-from regdit.data import LAYOUTS, PROGRESS, read_json, write_json
-from regdit.images import image_extensions, list_files, read_image
+from regdit.data import LAYOUTS, PROGRESS, read_json, read_labels, write_json
+from regdit.images import check_regular_file, image_extensions, list_files, open_image, read_image
 from regdit.runlock import LOCK_NAME, RunLock, lock_run
 
 # ------------------------------------------------------------------------------------------------ pixels and crops
 
 UNREADABLE = (OSError, SyntaxError, ValueError, EOFError, zipfile.BadZipFile, zlib.error,
-              PIL.Image.DecompressionBombError)  # how PIL reports a bad file
+              PIL.Image.DecompressionBombError)  # how PIL reports a bad file; open_image's ImageTooLarge too
 # The white level of each high-bit-depth mode PIL's convert("RGB") would clip at 255; the first that holds every
 # value of an image wins (see to_rgb).
 WHITE_LEVELS = {"I;16": (65535,), "I": (65535,), "F": (1, 255)}
@@ -140,23 +140,27 @@ def _open_zip(path):  # one central directory read per process, not per image
 
 
 def _open_source(source, name):
-    return open(os.path.join(source, name), "rb") if os.path.isdir(source) else _open_zip(source).open(name)
+    if not os.path.isdir(source):
+        return _open_zip(source).open(name)
+    check_regular_file(os.path.join(source, name))
+    return open(os.path.join(source, name), "rb")
 
 
 def source_labels(source, names):
     """(labels, class names): the source's dataset.json, else the sorted top-level folder names (like EDM2)."""
+    path, fix = f"{source}/dataset.json", "fix it or remove dataset.json to label by folder name"
     try:
         with _open_source(source, "dataset.json") as f:
             meta = json.load(f)
     except (FileNotFoundError, KeyError):  # a folder / zip without dataset.json
         meta = {}
-    if meta.get("labels") is not None:
-        labels = dict(meta["labels"])
+    except ValueError as error:  # invalid JSON or UTF-8
+        raise RegditError(f"{path}: cannot read ({type(error).__name__}: {error}); {fix}") from None
+    if not isinstance(meta, dict) or meta.get("labels") is not None:
+        labels = read_labels(meta, path, fix)
         missing = [n for n in names if n not in labels]
-        if missing or not all(isinstance(labels[n], int) and labels[n] >= 0 for n in names):
-            raise RegditError(f"{source}/dataset.json: {len(missing)} images have no label (first: "
-                              f"{missing[:1]}) or labels are not integers >= 0; fix it or remove dataset.json to "
-                              f"label by folder name")
+        if missing:
+            raise RegditError(f"{path}: {len(missing)} images have no label (first: {missing[0]}); {fix}")
         return [labels[n] for n in names], meta.get("classes")
     folders = [n.split("/")[0] if "/" in n else "" for n in names]
     classes = sorted(set(folders))  # one folder, or none: a single class 0
@@ -167,8 +171,11 @@ def source_labels(source, names):
 def _convert(job):
     """Convert one image; returns (index, None) or (index, why it was skipped). Runs in the worker processes."""
     index, source, name, out_path, resolution, transform = job
+    path = os.path.join(source, name)
+    if os.path.isdir(source) and os.path.exists(path) and not os.path.isfile(path):  # opening a FIFO would block
+        return index, "not a regular file but a FIFO, device or socket"
     try:
-        with _open_source(source, name) as f, PIL.Image.open(f) as image:
+        with _open_source(source, name) as f, open_image(f) as image:
             image = to_rgb(image)
     except UNREADABLE as error:
         return index, f"{type(error).__name__}: {error}"
@@ -312,22 +319,23 @@ def read_image_folder(source):
     """(names, labels, num_classes, resolution) of a folder written by `prepare images` / the official convert."""
     meta_path = os.path.join(source, "dataset.json")
     fix = f"run `regdit prepare images --dest {source}` first"
-    meta = read_json(meta_path, fix) if os.path.isfile(meta_path) else {}
-    if meta.get("labels") is None:
+    meta = read_json(meta_path, fix) if os.path.exists(meta_path) else {}
+    if not isinstance(meta, dict) or meta.get("labels") is None:
         raise RegditError(f"{meta_path}: missing or without labels; {fix}")
-    labels = dict(meta["labels"])
+    labels = read_labels(meta, meta_path, fix)
     names = list_files(source)
     missing = [n for n in names if n not in labels]
-    if not names or missing:
-        raise RegditError(f"{meta_path}: {len(missing)} of {len(names)} images have no label (first: "
-                          f"{missing[:1]}); {fix}")
+    if not names:
+        raise RegditError(f"{source} holds no images; {fix}")
+    if missing:
+        raise RegditError(f"{meta_path}: {len(missing)} of {len(names)} images have no label (first: {missing[0]}); "
+                          f"{fix}")
     labels = [labels[n] for n in names]
     num_classes = len(meta["classes"]) if meta.get("classes") else max(labels) + 1
-    with PIL.Image.open(os.path.join(source, names[0])) as image:
-        if image.size[0] != image.size[1]:
-            raise RegditError(f"{source}/{names[0]}: image is {image.size[0]}x{image.size[1]}, not square; {fix}")
-        resolution = image.size[0]
-    return names, labels, num_classes, resolution
+    height, width, _ = read_image(os.path.join(source, names[0])).shape
+    if height != width:
+        raise RegditError(f"{source}/{names[0]}: image is {width}x{height}, not square; {fix}")
+    return names, labels, num_classes, height
 
 
 def shard_batches(num_images, shard_size, batch_size, shards):
@@ -469,7 +477,7 @@ def prepare_vae(config: PrepareVaeConfig):
         start_progress(dest, settings)
         images = np.stack([read_image(os.path.join(source, n), (resolution, resolution, 3)) for n in names])
         vae, loss = vae_lib.fit_vae(images, config.steps, config.batch_size, seed=config.seed)
-        vae.save_pretrained(dest)
+        vae_lib.save_vae(vae, dest)
         write_json(finished_path, {"settings": settings, "final_loss": loss})
         shutil.rmtree(os.path.join(dest, PROGRESS))
     print(f"{dest}: VAE fitted to {len(names)} images ({resolution} px -> {resolution // 4}x{resolution // 4}x4 "

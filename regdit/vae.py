@@ -9,7 +9,7 @@ import warnings
 
 import torch
 
-from regdit import RegditError
+from regdit import RegditError, atomic_write
 from regdit.hub import is_hub_url, resolve_path
 
 VAE_ALIASES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
@@ -52,6 +52,20 @@ def load_vae(name_or_path, device="cpu", dtype=torch.float32):
                           f"`hf download {name} --local-dir DIR` and pass --vae DIR "
                           f"({type(error).__name__})") from error
     return vae.to(device).eval().requires_grad_(False)
+
+
+def save_vae(vae, folder):
+    """The files of `vae.save_pretrained(folder)` (config.json, the safetensors weights), which `load_vae` reads. The
+    weights go through `atomic_write`: safetensors' own writer reports a full disk as a SafetensorError, not an
+    OSError, so the command could not say it in one line."""
+    from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
+    from safetensors.torch import save
+
+    os.makedirs(folder, exist_ok=True)
+    vae.save_config(folder)
+    weights = {name: tensor.contiguous() for name, tensor in vae.state_dict().items()}
+    with atomic_write(os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)) as f:
+        f.write(save(weights, metadata={"format": "pt"}))  # diffusers' metadata
 
 
 def latent_scale(vae):

@@ -110,7 +110,7 @@ def test_class_embedding_rule_and_the_weights_chosen(ten_classes, tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--hidden-size", "32"], r"--init-from .*official.pt does not match the model: wrong shape .*check --model"),
+    (["--hidden-size", "32"], r"--init-from .*official.pt does not match the model: wrong shape .*check --hidden-size"),
     (["--init-from", "{root}/none.pt"], r"checkpoint .*none.pt does not exist"),
     (["--init-from", "{root}/export/model.safetensors", "--init-weights", "model"],
      r"--init-from .*model.safetensors has no model weights \(an export holds EMA weights only\): pass "
