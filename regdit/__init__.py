@@ -120,6 +120,23 @@ def npz_arrays(path):
         return set()
 
 
+def npz_headers(path):
+    """{name: (shape, dtype)} of the arrays in the .npz `path`, read from their .npy headers alone, so that sizes are
+    checked before any array is loaded; ValueError or zipfile.BadZipFile for a damaged file."""
+    import numpy as np
+
+    headers = {}
+    with zipfile.ZipFile(path) as archive:
+        for name in archive.namelist():
+            with archive.open(name) as member:
+                version = np.lib.format.read_magic(member)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read_header(member)
+            headers[name.removesuffix(".npy")] = shape, dtype
+    return headers
+
+
 def read_head(path, size):
     """The first `size` bytes of the regular file `path` (a recogniser's look at a file, never all of a large one)."""
     with open(path, "rb") as f:

@@ -24,7 +24,7 @@ from huggingface_hub import constants
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from tqdm import tqdm
 
-from regdit import RegditError, atomic_write
+from regdit import RegditError, atomic_write, npz_headers
 
 INCEPTION_URL = URL_INCEPTION_V3
 REFERENCE_BATCHES_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet"
@@ -123,16 +123,7 @@ def check_reference_batch(path, resolution):
     expected = {"arr_0": (None, resolution, resolution, 3), "mu": (2048,), "sigma": (2048, 2048), "mu_s": (2023,),
                 "sigma_s": (2023, 2023)}
     try:
-        with zipfile.ZipFile(path) as archive:
-            found = {}
-            for key in expected:
-                if f"{key}.npy" in archive.namelist():
-                    with archive.open(f"{key}.npy") as member:
-                        read_header = (np.lib.format.read_array_header_1_0
-                                       if np.lib.format.read_magic(member) == (1, 0)
-                                       else np.lib.format.read_array_header_2_0)
-                        shape, _, dtype = read_header(member)
-                    found[key] = shape, dtype
+        found = npz_headers(path)
     except (zipfile.BadZipFile, ValueError, OSError) as error:
         raise RegditError(f"is not a readable .npz ({error})") from None
     for key, shape in expected.items():

@@ -24,7 +24,7 @@ from scipy import linalg, special
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from tqdm import tqdm
 
-from regdit import RegditError, atomic_write, check_output, cpu_launch, downloads, npz_arrays, read_head
+from regdit import RegditError, atomic_write, check_output, cpu_launch, downloads, npz_arrays, npz_headers, read_head
 from regdit.config import Settings, flag
 from regdit.hub import is_hub_url, parse, resolve_path
 from regdit.images import list_files, read_image
@@ -440,17 +440,23 @@ class ManifoldEstimator:
 
 def read_reference_statistics(path):
     """ADM's read_statistics: (mu, sigma), (mu_s, sigma_s) from the npz when it has `mu`, else None."""
+    rebuild = "rebuild it with `regdit eval --make-ref`"
+    try:
+        headers = npz_headers(path)
+    except (zipfile.BadZipFile, ValueError) as error:
+        raise RegditError(f"{path} is not a readable .npz ({error}); {rebuild}") from None
+    if "mu" not in headers:
+        return None
+    missing = [key for key in ("sigma", "mu_s", "sigma_s") if key not in headers]
+    if missing:
+        raise RegditError(f"{path} has mu but no {', '.join(missing)}; {rebuild}")
+    for key, dims in (("mu", (2048,)), ("sigma", (2048, 2048)), ("mu_s", (2023,)), ("sigma_s", (2023, 2023))):
+        shape, dtype = headers[key]
+        if shape != dims or dtype.kind != "f":  # checked before loading: a crafted header could claim any size
+            raise RegditError(f"{path}: {key} is {dtype} of shape {shape}, expected floats of shape {dims}; {rebuild}")
     with np.load(path) as npz:
-        if "mu" not in npz.files:
-            return None
-        missing = [key for key in ("sigma", "mu_s", "sigma_s") if key not in npz.files]
-        if missing:
-            raise RegditError(f"{path} has mu but no {', '.join(missing)}; rebuild it with `regdit eval --make-ref`")
         stats = [np.asarray(npz[key], np.float64) for key in ("mu", "sigma", "mu_s", "sigma_s")]
-    for (mu, sigma), dims, name in zip((stats[:2], stats[2:]), (2048, 2023), ("mu, sigma", "mu_s, sigma_s")):
-        if mu.shape != (dims,) or sigma.shape != (dims, dims):
-            raise RegditError(f"{path}: {name} have shapes {mu.shape}, {sigma.shape}, expected ({dims},), "
-                              f"({dims}, {dims}); rebuild it with `regdit eval --make-ref`")
+    for (mu, sigma), name in zip((stats[:2], stats[2:]), ("mu, sigma", "mu_s, sigma_s")):
         if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
             raise RegditError(f"{path}: {name} hold non-finite values, so FID against them is not a number; rebuild "
                               f"it with `regdit eval --make-ref`")

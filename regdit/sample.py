@@ -41,6 +41,7 @@ from regdit import (
 )
 from regdit.checkpoint import build_model_from_checkpoint, load_checkpoint, local_checkpoint
 from regdit.config import Settings, changed_setting, flag
+from regdit.data import load_array
 from regdit.images import read_image
 from regdit.interpolants import PATH_TYPES
 from regdit.models import SiT_models
@@ -147,7 +148,7 @@ def pack_npz(folder, num_samples, npz_path):
         if images is None:  # filled in place: 50k images at 256 px are 9.8 GB, held once
             images = np.empty((num_samples, *image.shape), dtype=np.uint8)
         images[i] = image
-    labels = np.load(folder / LABELS)[:num_samples].astype(np.int64)
+    labels = load_array(folder / LABELS, "delete the run folder to sample again")[:num_samples].astype(np.int64)
     with atomic_write(npz_path) as f:
         np.savez(f, arr_0=images, labels=labels)
 
@@ -167,7 +168,11 @@ def load_model_and_vae(config, device, model=None):
         # regdit checkpoints record the dataset's VAE; official and regdit ones the training path in their args
         stored = dict(vae=checkpoint.get("latents", {}).get("vae"), steps=checkpoint.get("steps"),
                       path_type=getattr(checkpoint.get("args"), "path_type", None))
-        in_channels = checkpoint["ema"]["x_embedder.proj.weight"].shape[1]
+        patch_embedding = checkpoint.get("ema", {}).get("x_embedder.proj.weight")
+        if not isinstance(patch_embedding, torch.Tensor) or patch_embedding.dim() != 4:
+            raise RegditError(f"{ckpt} has no EMA SiT weights (ema/x_embedder.proj.weight): pass a regdit or official "
+                              "training checkpoint or an export")
+        in_channels = patch_embedding.shape[1]
     else:
         in_channels = model.in_channels
     if stored.get("vae") == "none" and vae not in (None, "none"):  # refused before a VAE download

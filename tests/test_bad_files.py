@@ -72,6 +72,7 @@ CASES = [  # (arguments, the one line must match)
     # official weights (no settings stored) whose shapes do not tell a SiT
     (EXPORT + ["{W}/no-patch.pt"], r"no-patch.pt has no SiT weights to read the model from "
                                    r"\(x_embedder.proj.weight: missing, not 4-D\)"),
+    (SAMPLE + ["{W}/no-patch.pt"], r"no-patch.pt has no EMA SiT weights \(ema/x_embedder.proj.weight\)"),
     (EXPORT + ["{W}/flat-pos.pt"], r"flat-pos.pt has no SiT weights to read the model from \(pos_embed: 1-D \[\d+\], "
                                    r"not 3-D\)"),
     # labels, where they enter

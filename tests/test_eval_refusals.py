@@ -1,8 +1,10 @@
 """`regdit eval` refuses what it cannot score: a one-line error, no traceback, no file written, and as early as the
 input allows (settings and reference before the first Inception forward)."""
+import io
 import os
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -129,8 +131,10 @@ def test_missing_weights_are_refused_before_any_activation(tmp_path, capsys, bat
 
 
 @pytest.mark.parametrize("statistics, expected", [
-    (_statistics(mu=np.zeros(10), sigma=np.zeros((10, 10))), "mu, sigma have shapes (10,), (10, 10), expected"),
-    (_statistics(sigma_s=np.zeros((2023, 7))), "mu_s, sigma_s have shapes (2023,), (2023, 7), expected"),
+    (_statistics(mu=np.zeros(10), sigma=np.zeros((10, 10))), "mu is float64 of shape (10,), expected floats of "
+                                                              "shape (2048,)"),
+    (_statistics(sigma_s=np.zeros((2023, 7))), "sigma_s is float64 of shape (2023, 7), expected"),
+    (_statistics(mu=np.array([None] * 2048, dtype=object)), "mu is object of shape (2048,), expected floats"),
     (_statistics(mu=np.full(2048, np.nan)), "mu, sigma hold non-finite values"),
     (_statistics(sigma=None, mu_s=None), "has mu but no sigma, mu_s"),
 ])
@@ -213,3 +217,18 @@ def test_command_prints_exactly_one_error_line_and_exits_non_zero(tmp_path, batc
     assert result.returncode != 0 and result.stdout == ""
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("regdit eval: error: cannot write "), result.stderr
+
+
+def test_a_reference_whose_header_claims_a_huge_sigma_is_refused_before_loading(tmp_path, capsys, weights,
+                                                                                no_inception):
+    """A crafted .npy header (sigma of 10^6 x 10^6 float64, 8 TB) with no data behind it: refused from the header."""
+    np.savez(tmp_path / "ref.npz", arr_0=_images(6), **_statistics(sigma=None))
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False,
+                                                  "shape": (10 ** 6, 10 ** 6)})
+    with zipfile.ZipFile(tmp_path / "ref.npz", "a") as archive:
+        archive.writestr("sigma.npy", header.getvalue())
+    np.savez(tmp_path / "samples.npz", arr_0=_images(6, seed=1))
+    message = _refused(capsys, ["--ref-batch", str(tmp_path / "ref.npz"), "--sample-batch",
+                                str(tmp_path / "samples.npz"), "--inception-weights", weights])
+    assert "sigma is float64 of shape (1000000, 1000000), expected floats of shape (2048, 2048)" in message
