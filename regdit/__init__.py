@@ -120,6 +120,14 @@ def npz_arrays(path):
         return set()
 
 
+def check_regular_file(path):
+    """A one-line RegditError when `path` exists but is not a regular file (or a link to one): a folder, FIFO, device
+    or socket named like an image or array would fail late, block (a FIFO waits for a writer) or read without end. A
+    missing path is left to the open that follows."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise RegditError(f"{path} is not a regular file; remove it or replace it with the file it stands for")
+
+
 def npz_headers(path):
     """{name: (shape, dtype)} of the arrays in the .npz `path`, read from their .npy headers alone, so that sizes are
     checked before any array is loaded; ValueError or zipfile.BadZipFile for a damaged file."""

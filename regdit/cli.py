@@ -7,9 +7,13 @@ fields (`regdit.config`). Modules are imported only when their command runs (or 
 import argparse
 import difflib
 import importlib
+import os
+import shlex
 import sys
+import tempfile
+import traceback
 
-from regdit import RegditError, describe_os_error
+from regdit import RegditError, __version__, describe_os_error
 from regdit.config import add_dataclass_arguments, config_from_args, missing_required, preset_and_yaml_defaults
 from regdit.runlock import stop_with_launcher
 
@@ -103,6 +107,19 @@ def parse_config(argv):
     return command, module, config
 
 
+def internal_error(command, argv, error):
+    """The line for an exception regdit did not expect (a bug, not the user's mistake): its traceback goes to a new
+    file in the temp folder, one per process, made by mkstemp (a fresh name, opened with O_EXCL: no file or link
+    planted there is followed), named in the line."""
+    fd, log = tempfile.mkstemp(prefix="regdit-", suffix=".log", text=True)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"regdit {__version__}, python {sys.version.split()[0]}: regdit {shlex.join(argv)}\n")
+        traceback.print_exception(error, file=f)
+    first_line = next((line.strip() for line in str(error).splitlines() if line.strip()), "")[:300]
+    summary = f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
+    return f"regdit {command}: internal error: {summary}; full traceback in {log} (REGDIT_DEBUG=1 prints it instead)"
+
+
 def main(argv=None):
     stop_with_launcher()  # a worker of a killed torchrun / accelerate launch ends instead of writing on
     argv = sys.argv[1:] if argv is None else argv
@@ -115,11 +132,14 @@ def main(argv=None):
         # regdit.RegditError: <message>": the message is the last line
         message = str(error).strip().splitlines()[-1].removeprefix(f"{RegditError.__module__}.RegditError: ")
         sys.exit(f"regdit {command}: error: {message}")
-    except OSError as error:  # a full disk, a read-only folder, a missing file: the user's to fix, said in one line
-        if describe_os_error(error) is None:
-            raise
-        sys.exit(f"regdit {command}: error: {describe_os_error(error)}")
     except KeyboardInterrupt:  # every finished file is complete (atomic writes): nothing to clean up
         resumes = " (rerun the same command to continue)" if command in RESUMABLE_COMMANDS else ""
         print(f"\nregdit {command}: interrupted{resumes}", file=sys.stderr)
         sys.exit(130)
+    except Exception as error:
+        # a full disk, a read-only folder, a missing file: the user's to fix, said in one line; anything else is a bug
+        if isinstance(error, OSError) and describe_os_error(error) is not None:
+            sys.exit(f"regdit {command}: error: {describe_os_error(error)}")
+        if os.environ.get("REGDIT_DEBUG") == "1":
+            raise
+        sys.exit(internal_error(command, argv, error))

@@ -4,6 +4,7 @@ has `PRESETS`, a named recipe (`--preset NAME`) fill it. Precedence: explicit fl
 """
 import argparse
 import dataclasses
+import datetime
 import math
 import types
 import typing
@@ -11,21 +12,31 @@ from pathlib import Path
 
 import yaml
 
-from regdit import RegditError
+from regdit import RegditError, check_regular_file
 
 RANGE_KEYS = ("at_least", "above", "at_most", "below")
-NOT_FOR_ARGPARSE = ("aliases", "positional", "required", *RANGE_KEYS)
+NOT_FOR_ARGPARSE = ("aliases", "positional", "required", "allow_inf", *RANGE_KEYS)
+# What a YAML file of settings may hold, checked before it is composed: its size bounds the memory and time spent on
+# it, and anchors and aliases are refused because a few hundred bytes of nested aliases compose to gigabytes.
+YAML_MAX_BYTES = 1 << 20
+YAML_MAX_DEPTH = 32  # nested collections; PyYAML's scanner slows quadratically with depth, its composer recurses
+YAML_OPENS = (yaml.BlockMappingStartToken, yaml.BlockSequenceStartToken, yaml.FlowMappingStartToken,
+              yaml.FlowSequenceStartToken)
+YAML_CLOSES = (yaml.BlockEndToken, yaml.FlowMappingEndToken, yaml.FlowSequenceEndToken)
+YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser when installed: ten times faster
+SCALARS = (str, int, float, bool, datetime.date)  # what YAML gives for one value (an unquoted date is a date)
 
 
 def flag(default, help, *, aliases=(), positional=False, required=False, at_least=None, above=None, at_most=None,
-         below=None, **argparse_kwargs):
+         below=None, allow_inf=False, **argparse_kwargs):
     """A dataclass field that is also the command-line flag `--field-name` (or a positional argument).
 
     `aliases`: further spellings (the official `--ref_batch`). `required`: must be given by a flag or the YAML file
     (its default is then None). `at_least`, `above`, `at_most`, `below`: the accepted range, checked when a `Settings`
-    config is made. Other keywords go to `argparse.add_argument` (choices, metavar, action)."""
+    config is made. A float must be finite unless `allow_inf` (say in `help` what infinity means). Other keywords go
+    to `argparse.add_argument` (choices, metavar, action)."""
     metadata = dict(help=help, aliases=list(aliases), positional=positional, required=required, at_least=at_least,
-                    above=above, at_most=at_most, below=below, **argparse_kwargs)
+                    above=above, at_most=at_most, below=below, allow_inf=allow_inf, **argparse_kwargs)
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -41,8 +52,9 @@ class Settings:
     def __post_init__(self):
         for field in dataclasses.fields(self):
             value, bounds = getattr(self, field.name), {k: field.metadata.get(k) for k in RANGE_KEYS}
-            if isinstance(value, float) and math.isnan(value):
-                raise RegditError(f"{flag_name(field)} nan: must be a number")
+            if isinstance(value, float) and not (math.isfinite(value) or math.isinf(value)
+                                                 and field.metadata.get("allow_inf")):
+                raise RegditError(f"{flag_name(field)} {value}: must be a finite number")
             if value is None or all(bound is None for bound in bounds.values()):
                 continue
             if (bounds["at_least"] is not None and value < bounds["at_least"]
@@ -114,6 +126,10 @@ def checked_values(parser, values, source):
             raise RegditError(f"{source}: {action.dest} {value!r} is not a list")
         items = []
         for item in value if action.nargs == "*" else [value]:
+            if not isinstance(item, SCALARS):  # str() would make a list a folder name, a mapping a number's text
+                kind = {dict: "a mapping", list: "a list", type(None): "empty"}.get(type(item), type(item).__name__)
+                raise RegditError(f"{source}: {action.dest}{' item' * (action.nargs == '*')} {item!r} is {kind}, not "
+                                  "a single value")
             try:
                 item = action.type(str(item)) if action.type else item  # str(): YAML's 3.5 is not an int
             except (TypeError, ValueError):
@@ -126,14 +142,44 @@ def checked_values(parser, values, source):
     return checked
 
 
+def read_yaml(path, what):
+    """The content of a YAML file that regdit reads (`what` names it in messages: "config file", "run settings"):
+    UTF-8 text of at most YAML_MAX_BYTES, without anchors or aliases, nested at most YAML_MAX_DEPTH deep, checked
+    token by token before anything is composed. Anything else is a one-line RegditError naming the file."""
+    path = Path(path)
+    if not path.exists():
+        raise RegditError(f"{what} {path} does not exist: pass a YAML file of settings")
+    if path.is_dir():
+        raise RegditError(f"{what} {path} is a folder: pass a YAML file of settings")
+    check_regular_file(path)
+    with open(path, "rb") as f:
+        data = f.read(YAML_MAX_BYTES + 1)
+    if len(data) > YAML_MAX_BYTES:
+        raise RegditError(f"{what} {path} is larger than {YAML_MAX_BYTES >> 20} MB: pass a YAML file of settings")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise RegditError(f"{what} {path} is not UTF-8 text (byte {error.start} is 0x{data[error.start]:02x}): pass a "
+                          "YAML file of settings, saved as UTF-8") from None
+    try:
+        depth = 0
+        for token in yaml.scan(text, Loader=YAML_LOADER):
+            depth += isinstance(token, YAML_OPENS) - isinstance(token, YAML_CLOSES)
+            if isinstance(token, (yaml.AnchorToken, yaml.AliasToken)):
+                problem = "YAML anchors and aliases (&NAME, *NAME) are not accepted; write each value out"
+            elif depth > YAML_MAX_DEPTH:
+                problem = f"nested more than {YAML_MAX_DEPTH} levels deep; settings are a mapping of names to values"
+            else:
+                continue
+            raise RegditError(f"{what} {path} line {token.start_mark.line + 1}: {problem}")
+        return yaml.load(text, Loader=YAML_LOADER)
+    except yaml.YAMLError as error:
+        raise RegditError(f"{what} {path} is not valid YAML ({' '.join(str(error).split())})") from None
+
+
 def read_yaml_config(path, config_class, command):
     """The settings of a `--config` file, names with - or _, unknown names refused."""
-    if not path.is_file():
-        raise RegditError(f"config file {path} does not exist: pass a YAML file of settings")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise RegditError(f"config file {path} is not valid YAML ({' '.join(str(error).split())})") from None
+    values = read_yaml(path, "config file") or {}
     if not isinstance(values, dict):
         raise RegditError(f"config file {path} must be a mapping of setting names to values")
     values = {str(k).replace("-", "_"): v for k, v in values.items()}

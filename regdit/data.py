@@ -21,8 +21,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from regdit import RegditError, atomic_write
-from regdit.images import check_regular_file, image_extensions, list_files, read_image
+from regdit import RegditError, atomic_write, check_regular_file
+from regdit.images import image_extensions, list_files, read_image
 from regdit.vae import LATENT_SCALE
 
 META, IMAGES, MOMENTS, MOMENTS_FLIP = "regdit.json", "images.npy", "moments.npy", "moments_flip.npy"

@@ -9,6 +9,7 @@ their class, next to its accuracy on real images it did not see.
 import json
 import os
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from torchvision.utils import save_image
 
 from regdit import RegditError, atomic_write
 from regdit.config import Settings, flag
-from regdit.images import read_image
+from regdit.images import image_extensions, list_files, read_image
 
 # Half the classes are white, so a row of the grid is told from the others by its shape alone.
 CLASSES = ["white circle", "white ring", "white square", "white frame", "white plus", "red triangle",
@@ -116,6 +117,27 @@ class DemoConfig(Settings):
                               "images per class")
 
 
+def check_classes(data):
+    """Refuse --data with fewer than 2 classes, as `prepare images` would label it (its dataset.json, else its
+    top-level folders), before any work: with one class every sample is classified right, a 100% that says nothing."""
+    from regdit.prepare import source_labels
+
+    if os.path.isdir(data):
+        names = list_files(data)
+    elif zipfile.is_zipfile(data):
+        with zipfile.ZipFile(data) as archive:
+            names = [n for n in archive.namelist() if os.path.splitext(n)[1].lower() in image_extensions()]
+    else:
+        raise RegditError(f"--data {data}: is not a folder or .zip; pass a folder or .zip with one sub-folder of "
+                          "images per class")
+    labels, classes = source_labels(data, names)
+    if len(set(labels)) < 2:
+        found = ("has no images" if not names else "has its images directly in it, not in class sub-folders"
+                 if classes == [""] else f"has one class only ({(classes or ['0'])[0]})")
+        raise RegditError(f"--data {data}: {found}; the demo needs at least 2 classes, one sub-folder of images per "
+                          "class (with one class every sample is classified right)")
+
+
 def read_dataset(folder):
     """(uint8 images (N, H, W, 3), labels, class names) of a `prepare images` folder."""
     from regdit.prepare import read_image_folder
@@ -142,6 +164,8 @@ def run_demo(config: DemoConfig):
     from regdit.train import Checkpoints, TrainConfig, train
 
     out, seed, steps = Path(config.output), config.seed, config.steps
+    if config.data is not None:
+        check_classes(config.data)
     # A rerun resumes the training run in OUTPUT; one already past --steps would not train and pass for a --steps run.
     latest = Checkpoints(out / "train").find()
     if latest is not None and int(latest.stem) > steps:

@@ -469,9 +469,10 @@ def _check_count(path, count):
                           f"{NEIGHBOURHOOD}rd nearest neighbours)")
 
 
-def check_resolutions(ref_npz, ref_shape, sample_npz, sample_shape, allow_mismatch=False):
+def check_resolutions(ref_npz, ref_shape, sample_npz, sample_shape, allow_mismatch=False, override=None):
     """Refuse (or, when allowed, warn about) a reference and samples of different sizes: Inception resizes both to
-    299 px, so the metrics would run, but they would score the resizing as much as the model."""
+    299 px, so the metrics would run, but they would score the resizing as much as the model. `override`: the
+    caller's flag that allows a mismatch, named in the refusal (None: the caller has none)."""
     (ref_height, ref_width), (height, width) = ref_shape[1:3], sample_shape[1:3]
     if (ref_height, ref_width) == (height, width):
         return
@@ -479,7 +480,8 @@ def check_resolutions(ref_npz, ref_shape, sample_npz, sample_shape, allow_mismat
                 f"{width}x{height} px")
     if not allow_mismatch:
         raise RegditError(f"{mismatch}: the metrics would not be comparable to published ones; use a reference "
-                          f"batch of the samples' resolution, or pass --allow-resolution-mismatch")
+                          f"batch of the samples' resolution (`regdit eval --make-ref IMAGES --output REF.npz` builds "
+                          "one)" + (f", or pass {override}" if override else ""))
     print(f"warning: {mismatch}; the metrics are not comparable to published ones", file=sys.stderr)
 
 
@@ -497,7 +499,8 @@ def evaluate(ref_npz, sample_npz, inception_weights=None, batch_size=64, num_sam
     device = device or state.device
     with load_npz_images(ref_npz) as ref_images, load_npz_images(sample_npz, num_samples) as sample_images:
         _check_count(sample_npz, len(sample_images))
-        check_resolutions(ref_npz, ref_images.shape, sample_npz, sample_images.shape, allow_resolution_mismatch)
+        check_resolutions(ref_npz, ref_images.shape, sample_npz, sample_images.shape, allow_resolution_mismatch,
+                          "--allow-resolution-mismatch")
         with state.main_process_first():
             weights = inception_weights_path(inception_weights)
         model = load_inception(weights, device)

@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 import PIL.Image
 
-from regdit import RegditError
+from regdit import RegditError, check_regular_file
 
 CONVERT = "convert the folder with `regdit prepare images`"
 # The most pixels an image may have: 3x ImageNet's largest (about 20 MP), more than 61 MP cameras and 64 MP phones
@@ -35,14 +35,6 @@ def list_files(root, extensions=None):
         found += [os.path.relpath(os.path.join(folder, n), root).replace(os.sep, "/") for n in names
                   if os.path.splitext(n)[1].lower() in extensions]
     return sorted(found)
-
-
-def check_regular_file(path):
-    """A one-line RegditError when `path` exists but is not a regular file (or a link to one): a folder, FIFO, device
-    or socket named like an image or array would fail late, block (a FIFO waits for a writer) or read without end. A
-    missing path is left to the open that follows."""
-    if os.path.exists(path) and not os.path.isfile(path):
-        raise RegditError(f"{path} is not a regular file; remove it or replace it with the file it stands for")
 
 
 def open_image(file):

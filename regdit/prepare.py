@@ -23,11 +23,12 @@ import PIL.ImageOps
 import torch
 from tqdm import tqdm
 
-from regdit import RegditError, atomic_write, cpu_launch, remove_temp_files, writing_into
+from regdit import RegditError, atomic_write, check_regular_file, cpu_launch, remove_temp_files, writing_into
 from regdit import vae as vae_lib
 from regdit.config import Settings, flag
 from regdit.data import LAYOUTS, PROGRESS, read_json, read_labels, write_json
-from regdit.images import check_regular_file, image_extensions, list_files, open_image, read_image
+from regdit.hub import is_hub_url, parse
+from regdit.images import image_extensions, list_files, open_image, read_image
 from regdit.runlock import LOCK_NAME, RunLock, lock_run
 
 # ------------------------------------------------------------------------------------------------ pixels and crops
@@ -111,7 +112,13 @@ def claim_dest(out, settings, finished_path):
 
 def check_paths(source, dest, accepted):
     """--source must exist and be accepted ("folder" or "folder or .zip"); --dest must be a folder or not exist yet,
-    and lie outside --source (its files would become source images)."""
+    and lie outside --source (its files would become source images). Both are local: `prepare` reads no hf:// path."""
+    if is_hub_url(source):
+        raise RegditError(f"--source {source}: prepare reads local files only, not hf:// paths; download it first "
+                          f"(`{parse(source).download_command()} --local-dir DIR`) and pass --source DIR")
+    if is_hub_url(dest):
+        raise RegditError(f"--dest {dest}: prepare writes local folders only, not hf:// paths; pass a local folder")
+    source, dest = os.path.abspath(source), os.path.abspath(dest)
     if not os.path.exists(source):
         raise RegditError(f"--source {source}: does not exist; pass a {accepted} of images")
     if not os.path.isdir(source) and not ("zip" in accepted and zipfile.is_zipfile(source)):
@@ -236,7 +243,7 @@ def prepare_images(config: PrepareImagesConfig):
     Returns {"images", "converted", "skipped" (names), "num_classes"}.
     """
     source, dest = os.path.abspath(config.source), os.path.abspath(config.dest)
-    check_paths(source, dest, "folder or .zip")
+    check_paths(config.source, config.dest, "folder or .zip")
     resolution, transform = config.resolution, config.transform
     if os.path.isdir(source):
         names = list_files(source)
@@ -368,7 +375,7 @@ def prepare_latents(config: PrepareLatentsConfig):
     Every process of an accelerate/torchrun launch encodes the shards of `shard_size` images with
     shard % num_processes == process index; finished shards are skipped on a rerun. Returns dest.
     """
-    check_paths(os.path.abspath(config.source), os.path.abspath(config.dest), "folder")
+    check_paths(config.source, config.dest, "folder")
     from accelerate import PartialState
 
     # accelerate picks gloo only when told the processes use the CPU: say so when launched without CUDA.
@@ -462,7 +469,7 @@ def prepare_vae(config: PrepareVaeConfig):
     DEST as --vae to `prepare latents`. The weights are saved once fitted, with DEST/fit.json last, so an interrupted
     run leaves no VAE that passes for done and its rerun fits again. Returns dest."""
     source, dest = os.path.abspath(config.source), os.path.abspath(config.dest)
-    check_paths(source, dest, "folder")
+    check_paths(config.source, config.dest, "folder")
     names, _, _, resolution = read_image_folder(source)
     if resolution % 4:
         raise RegditError(f"{source}: {resolution} px images do not tile into the VAE's 4x4 latent cells; prepare "

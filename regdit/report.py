@@ -10,10 +10,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from regdit import RegditError, atomic_write, check_output, check_writable, file_kind, read_head
-from regdit.config import Settings, flag
+from regdit.config import Settings, flag, read_yaml
 
 # ImageNet 256, FID-50k without guidance, against training iterations (REG paper, Table 1), per (model, method).
 PUBLISHED_FID = {
@@ -67,10 +65,7 @@ def read_run(exp_dir):
     settings_path = exp_dir / "config.yaml"
     settings = {}
     if settings_path.is_file():
-        try:
-            settings = yaml.safe_load(settings_path.read_text()) or {}
-        except (yaml.YAMLError, UnicodeDecodeError):
-            settings = None
+        settings = read_yaml(settings_path, "run settings") or {}
         if not isinstance(settings, dict):
             raise RegditError(f"{settings_path} is not the settings file `regdit train` writes (a YAML mapping): "
                               "restore it, or move it away")

@@ -143,7 +143,8 @@ class RunLock:
         if holder is None:
             who = f"another regdit process (its lock {self.path} is still being written)"
         else:
-            who = (f"regdit {holder.get('command')} (pid {holder.get('pid')} on host {holder.get('host')}, "
+            command = str(holder.get("command")).removeprefix("regdit ")  # another writer may have put "regdit X"
+            who = (f"regdit {command} (pid {holder.get('pid')} on host {holder.get('host')}, "
                    f"since {holder.get('started')})")
         message = (f"{self.folder} is in use by {who}: wait for it to finish, or stop it; a lock left by a crashed "
                    f"run on another host expires {STALE_AFTER / 60:g} minutes after its last heartbeat")

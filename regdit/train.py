@@ -44,7 +44,7 @@ from regdit import (
     remove_temp_files,
 )
 from regdit.checkpoint import load_checkpoint, load_init_weights, load_state_dict_checked, save_checkpoint
-from regdit.config import Settings, changed_setting, flag
+from regdit.config import Settings, changed_setting, flag, read_yaml
 from regdit.interpolants import PATH_TYPES, WEIGHTINGS
 from regdit.loss import REGLoss
 from regdit.models import SiT, SiT_models, SiTConfig, model_arguments
@@ -85,8 +85,8 @@ class TrainConfig(Settings):
                             at_least=0)
     init_from: str | None = flag(None, "start a new run (fresh optimizer, step 0) from these weights: a regdit or "
                                        "official .pt or an export, local or hf://; any dataset and class count (the "
-                                       "class embedding is resized). An experiment with checkpoints resumes instead",
-                                 metavar="CKPT")
+                                       "class embedding is resized). An experiment with checkpoints resumes from "
+                                       "them instead, with a note that --init-from is not used", metavar="CKPT")
     init_weights: str = flag("ema", "which weights of --init-from to start from", choices=["ema", "model"])
     # model
     model: str = flag("SiT-XL/2", "model size and patch", choices=SiT_models)
@@ -127,7 +127,7 @@ class TrainConfig(Settings):
     adam_beta2: float = flag(0.999, "AdamW beta2", at_least=0, below=1)
     adam_weight_decay: float = flag(0.0, "AdamW weight decay", at_least=0)
     adam_epsilon: float = flag(1e-8, "AdamW epsilon", above=0)
-    max_grad_norm: float = flag(1.0, "gradient clipping norm", above=0)
+    max_grad_norm: float = flag(1.0, "gradient clipping norm (inf: no clipping)", above=0, allow_inf=True)
     ema_decay: float = flag(0.9999, "EMA decay, applied every step", at_least=0, below=1)
     seed: int = flag(0, "seed of every random draw (data order, noise, time, label dropout)", at_least=0)
     # loss
@@ -441,8 +441,8 @@ def check_run_files(exp_dir):
 def foreign_to_settings(path):
     """None for the config.yaml of a run (its resolved settings), else what it is."""
     try:
-        settings = yaml.safe_load(read_head(path, 1 << 20))
-    except (yaml.YAMLError, UnicodeDecodeError):
+        settings = read_yaml(path, "run settings")
+    except RegditError:
         settings = None
     if not isinstance(settings, dict) or not all(key in settings for key in RUN_SETTINGS):
         return "it is not the settings file of a `regdit train` run"
@@ -483,48 +483,51 @@ def setup(config):
     if config.batch_size % micro_batches:
         raise RegditError(f"--batch-size {config.batch_size} must be divisible by processes x accumulation steps "
                           f"({micro_batches})")
-    dataset = open_dataset(config.data_dir, config.resolution, seed=config.seed)
-    if len(dataset) < config.batch_size:
-        raise RegditError(f"{config.data_dir} has {len(dataset)} samples, fewer than one batch of "
-                          f"{config.batch_size}: lower --batch-size")
-    if dataset.num_classes > config.num_classes:
-        raise RegditError(f"{config.data_dir} has {dataset.num_classes} classes but --num-classes is "
-                          f"{config.num_classes}: pass --num-classes {dataset.num_classes}")
-    _, moments, _ = dataset[0]
-    latent_shape = (moments.shape[0] // 2, *moments.shape[1:])
+    with lock_run(exp_dir, "train", accelerator):  # before any load: a busy experiment is refused at once
+        dataset = open_dataset(config.data_dir, config.resolution, seed=config.seed)
+        if len(dataset) < config.batch_size:
+            raise RegditError(f"{config.data_dir} has {len(dataset)} samples, fewer than one batch of "
+                              f"{config.batch_size}: lower --batch-size")
+        if dataset.num_classes > config.num_classes:
+            raise RegditError(f"{config.data_dir} has {dataset.num_classes} classes but --num-classes is "
+                              f"{config.num_classes}: pass --num-classes {dataset.num_classes}")
+        _, moments, _ = dataset[0]
+        latent_shape = (moments.shape[0] // 2, *moments.shape[1:])
 
-    encoders = [] if config.method == "sit" else [
-        e.to(device) for e in load_encoders(config.enc_type, config.resolution, config.enc_path, device=device)]
-    torch.manual_seed(config.seed)  # the same initial weights on every process
-    model = SiT(sit_config(config, latent_shape[0], latent_shape[-1], [e.embed_dim for e in encoders]),
-                fused_attn=config.fused_attn, grad_checkpointing=config.grad_checkpointing)
-    if encoders:
-        check_encoders(encoders, num_tokens=1 + model.x_embedder.num_patches)
-    vae = None  # decodes previews and evaluation samples
-    if config.sampling_steps or config.eval_every:
-        from regdit.vae import load_vae
-        vae = load_vae(config.vae or dataset.vae or "ema", device=device)
-    evaluation = None  # refuses an unusable reference, weights or settings before anything is written
-    if config.eval_every:
-        from regdit.monitor import TrainingEvaluation
-        evaluation = TrainingEvaluation(config, dataset, accelerator.state, vae)
-    model.to(device)
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=(config.adam_beta1,
-                                  config.adam_beta2), weight_decay=config.adam_weight_decay, eps=config.adam_epsilon,
-                                  fused=True)
+        encoders = [] if config.method == "sit" else [
+            e.to(device) for e in load_encoders(config.enc_type, config.resolution, config.enc_path, device=device)]
+        torch.manual_seed(config.seed)  # the same initial weights on every process
+        model = SiT(sit_config(config, latent_shape[0], latent_shape[-1], [e.embed_dim for e in encoders]),
+                    fused_attn=config.fused_attn, grad_checkpointing=config.grad_checkpointing)
+        if encoders:
+            check_encoders(encoders, num_tokens=1 + model.x_embedder.num_patches)
+        vae = None  # decodes previews and evaluation samples
+        if config.sampling_steps or config.eval_every:
+            from regdit.vae import load_vae
+            vae = load_vae(config.vae or dataset.vae or "ema", device=device)
+        evaluation = None  # refuses an unusable reference, weights or settings before anything is written
+        if config.eval_every:
+            from regdit.monitor import TrainingEvaluation
+            evaluation = TrainingEvaluation(config, dataset, accelerator.state, vae)
+        model.to(device)
+        ema = copy.deepcopy(model).requires_grad_(False).eval()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=(config.adam_beta1,
+                                      config.adam_beta2), weight_decay=config.adam_weight_decay,
+                                      eps=config.adam_epsilon, fused=True)
 
-    def log(message):  # warnings and notes, once
-        if accelerator.is_main_process:
-            print(message, file=sys.stderr)
+        def log(message):  # warnings and notes, once
+            if accelerator.is_main_process:
+                print(message, file=sys.stderr)
 
-    with lock_run(exp_dir, "train", accelerator):
         if accelerator.is_main_process:
             remove_temp_files(exp_dir)  # of writes a kill interrupted; the lock guarantees none is in progress
         checkpoints = Checkpoints(exp_dir)
         (resume_path, checkpoint), step, scaler_state = checkpoints.load(config.resume_step, log), 0, None
         if resume_path is not None:
             step, scaler_state = checkpoints.resume(resume_path, checkpoint, config, model, ema, optimizer, log)
+            if config.init_from:  # rerunning a fine-tuning command after a kill continues it
+                log(f"note: {exp_dir} has checkpoints: resuming from {resume_path}, so --init-from "
+                    f"{config.init_from} is not used (pass a new --exp-name to start a new run from it)")
         elif config.init_from:  # a new run only: a resumed one continues from its own weights
             load_init_weights(model, config.init_from, config.init_weights, log)
             ema.load_state_dict(model.state_dict())

@@ -3,8 +3,10 @@
 `"none"` selects pixel space: the "latent" is the image itself in [-1, 1] (3 channels, scale 1.0). For small data
 that no pretrained VAE covers, `fit_vae` trains a small `AutoencoderKL` in a minute on a CPU.
 """
+import logging
 import math
 import os
+import pickle
 import warnings
 
 import torch
@@ -40,17 +42,23 @@ def load_vae(name_or_path, device="cpu", dtype=torch.float32):
                           f"a Hub id such as {VAE_ALIASES['mse']}, or one of {sorted(VAE_ALIASES)} or none")
     from diffusers import AutoencoderKL  # imported here: pixel-space runs should not pay for diffusers
 
+    # diffusers logs an error and an "unsafe serialization" warning whenever it falls back from safetensors to .bin
+    # weights, which it then reads with torch.load(weights_only=True): neither is so, and a real failure raises.
+    modeling_log = logging.getLogger("diffusers.models.modeling_utils")
+    modeling_log.addFilter(not_bin_fallback)
     try:
         # diffusers passes huggingface_hub a deprecated argument on every Hub load: its warning is not the user's.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated")
             vae = AutoencoderKL.from_pretrained(name, torch_dtype=dtype)
     except OSError as error:  # diffusers reports missing files, offline mode and network failures as OSError
-        where = ("the folder lacks config.json or weights" if os.path.isdir(name)
-                 else "it is not in the Hugging Face cache and the Hub cannot be reached")
-        raise RegditError(f"cannot load VAE {name}: {where}; on a machine with network run "
-                          f"`hf download {name} --local-dir DIR` and pass --vae DIR "
-                          f"({type(error).__name__})") from error
+        if os.path.isdir(name):
+            raise RegditError(f"cannot load VAE folder {name}: {folder_problem(error)}") from None
+        raise RegditError(f"cannot load VAE {name}: it is not in the Hugging Face cache and the Hub cannot be "
+                          f"reached; on a machine with network run `hf download {name} --local-dir DIR` and pass "
+                          f"--vae DIR ({type(error).__name__})") from error
+    finally:
+        modeling_log.removeFilter(not_bin_fallback)
     return vae.to(device).eval().requires_grad_(False)
 
 
@@ -66,6 +74,34 @@ def save_vae(vae, folder):
     weights = {name: tensor.contiguous() for name, tensor in vae.state_dict().items()}
     with atomic_write(os.path.join(folder, SAFETENSORS_WEIGHTS_NAME)) as f:
         f.write(save(weights, metadata={"format": "pt"}))  # diffusers' metadata
+
+
+def not_bin_fallback(record):
+    return not record.getMessage().startswith(("An error occurred while trying to fetch",
+                                               "Defaulting to unsafe serialization"))
+
+
+def folder_problem(error):
+    """Why diffusers could not load a local VAE folder, and the fix. Its OSError says that weights are unreadable,
+    not why: the cause is the first exception of the chain (torch.load's, safetensors', json's)."""
+    causes = [error]
+    while causes[-1].__context__ is not None:
+        causes.append(causes[-1].__context__)
+    if any(isinstance(cause, pickle.UnpicklingError) for cause in causes):
+        # diffusers reads .bin weights with torch.load(weights_only=True), which refuses anything but tensors
+        return (f"its .bin weights hold pickled objects other than tensors, which are not unpickled since that "
+                f"could run code ({first_sentence(causes[-1])}); if you trust the file, save the VAE again with "
+                "AutoencoderKL.save_pretrained (safetensors by default) and pass that folder")
+    reason = first_sentence(error)
+    if len(causes) > 1:  # diffusers' "Unable to load weights" over the reader's own error
+        reason += f" ({type(causes[-1]).__name__}: {first_sentence(causes[-1])})"
+    return (f"{reason}; pass a folder written by AutoencoderKL.save_pretrained (config.json and "
+            "diffusion_pytorch_model.safetensors)")
+
+
+def first_sentence(error):
+    text = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    return text.split(". ")[0].removesuffix(".")[:200]
 
 
 def latent_scale(vae):

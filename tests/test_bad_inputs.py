@@ -1,23 +1,33 @@
 """Bad input through the command line: one line on stderr naming the problem, a non-zero exit, no traceback, nothing
 existing changed and nothing new written, in a few seconds."""
+import dataclasses
 import errno
+import importlib
 import json
+import math
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import cli_error
 from PIL import Image
 
-from regdit.checkpoint import ExportConfig, export
-from regdit.cli import main
+import regdit
+from regdit import RegditError
+from regdit.checkpoint import ExportConfig, export, load_checkpoint
+from regdit.cli import COMMANDS, main
+from regdit.config import YAML_MAX_BYTES, field_type
 from regdit.encoders import save_random_encoder
 from regdit.evaluate import save_random_inception_weights
 from regdit.prepare import (
@@ -53,7 +63,9 @@ CASES = [  # (arguments, the one line must match)
     (TRAIN + ["--num-workers", "-1"], r"--num-workers -1: must be at least 0$"),
     (TRAIN + ["--ema-decay", "2.0"], r"--ema-decay 2.0: must be at least 0 and below 1$"),
     (TRAIN + ["--cfg-prob", "1.5"], r"--cfg-prob 1.5: must be at least 0 and at most 1$"),
-    (TRAIN + ["--ema-decay", "nan"], r"--ema-decay nan: must be a number$"),
+    (TRAIN + ["--ema-decay", "nan"], r"--ema-decay nan: must be a finite number$"),
+    (TRAIN + ["--eval-cfg-scale", "inf"], r"--eval-cfg-scale inf: must be a finite number$"),
+    (TRAIN + ["--learning-rate", "inf"], r"--learning-rate inf: must be a finite number$"),
     (TRAIN + ["--exp-name", "bare"], r"0000001.pt has no model, opt, steps: it cannot continue a run; start one from "
                                      r"its weights with --init-from"),
     (TRAIN + ["--learning-rate", "0"], r"--learning-rate 0.0: must be above 0$"),
@@ -67,16 +79,37 @@ CASES = [  # (arguments, the one line must match)
     (TRAIN + ["--model", "SiT-Q/2"], r"argument --model: invalid choice: 'SiT-Q/2'"),
     (TRAIN + ["--config", "{W}/missing.yaml"], r"config file .*missing.yaml does not exist"),
     (TRAIN + ["--config", "{W}/bad.yaml"], r"bad.yaml is not valid YAML"),
+    (TRAIN + ["--config", "{W}/raw/class0/0.png"], r"config file \S+0.png is not UTF-8 text \(byte 0 is 0x89\)"),
+    (TRAIN + ["--config", "{W}/latin1.yaml"], r"latin1.yaml is not UTF-8 text \(byte 13 is 0xe9\): pass a YAML file "
+                                              r"of settings, saved as UTF-8$"),
+    (TRAIN + ["--config", "{W}/alias-bomb.yaml"], r"alias-bomb.yaml line 1: YAML anchors and aliases .* are not "
+                                                  r"accepted; write each value out$"),
+    (TRAIN + ["--config", "{W}/anchor.yaml"], r"anchor.yaml line 2: YAML anchors and aliases"),
+    (TRAIN + ["--config", "{W}/huge.yaml"], r"huge.yaml is larger than 1 MB"),
+    (TRAIN + ["--config", "{W}/deep.yaml"], r"deep.yaml line 1: nested more than 32 levels deep"),
+    (TRAIN + ["--config", "{W}/exps"], r"config file \S+exps is a folder"),
+    (TRAIN + ["--config", "{W}/list-name.yaml"], r"list-name.yaml: exp_name \['a', 'b'\] is a list, not a single "
+                                                 r"value$"),
+    (TRAIN + ["--config", "{W}/mapping-number.yaml"], r"batch_size \{'a': 1\} is a mapping, not a single value$"),
     (TRAIN + ["--data-dir", "{W}/nowhere"], r"nowhere: no regdit.json"),
     (TRAIN + ["--exp-name", "run", "--resume-step", "5"], r"--resume-step 5: .*0000005.pt does not exist; pass "
                                                           r"--resume-step with one of 1$"),
     (TRAIN + ["--output-dir", "{W}/afile"], r"--output-dir/--exp-name .*afile is a file, not a folder"),
     (TRAIN + ["--exp-name", "busy"], rf"busy is in use by regdit train \(pid {os.getpid()} on host "),
+    (TRAIN + ["--exp-name", "busy", "--eval-every", "1", "--inception-weights", "{W}/inception.pth", "--ref-batch",
+              "{W}/ref32.npz"], r"busy is in use by regdit train \(pid "),
+    (TRAIN + ["--exp-name", "busy-named"], r"busy-named is in use by regdit train \(pid "),  # not "regdit regdit"
+    (TRAIN + ["--exp-name", "new", "--eval-every", "1", "--inception-weights", "{W}/inception.pth", "--ref-batch",
+              "{W}/samples64.npz"], r"^(?!.*allow-resolution-mismatch).*samples64.npz is 64x64 px but the samples of "
+                                    r"this run are 32x32 px"),  # a flag of `eval`, not of `train`
     (TRAIN + ["--exp-name", "run", "--learning-rate", "0.5"], r"was trained with --learning-rate 0.0001, not 0.5"),
     # sample
     (SAMPLE + ["--num-steps", "0"], r"--num-steps 0: must be at least 1$"),
     (SAMPLE + ["--num-steps", "-3"], r"--num-steps -3: must be at least 1$"),
     (SAMPLE + ["--cfg-scale", "0.5"], r"--cfg-scale 0.5: must be at least 1$"),
+    (SAMPLE + ["--cfg-scale", "inf"], r"--cfg-scale inf: must be a finite number$"),
+    (SAMPLE + ["--cfg-scale=-inf"], r"--cfg-scale -inf: must be a finite number$"),
+    (SAMPLE + ["--config", "{W}/cfg-inf.yaml"], r"--cfg-scale inf: must be a finite number$"),
     (SAMPLE + ["--guidance-low", "0.9", "--guidance-high", "0.1"], r"--guidance-low 0.9 is above --guidance-high 0.1"),
     (SAMPLE + ["--guidance-high", "1.5"], r"--guidance-high 1.5: must be at least 0 and at most 1$"),
     (SAMPLE + ["--heun"], r"--heun applies to --mode ode only"),
@@ -108,6 +141,11 @@ CASES = [  # (arguments, the one line must match)
     (PREPARE_LATENTS + ["--workers", "-1"], r"--workers -1: must be at least 0$"),
     (PREPARE_LATENTS + ["--layout", "flat"], r"invalid choice: 'flat'"),
     (PREPARE_LATENTS + ["--dest", "{W}/data", "--flip"], r"data holds a run with other settings \(flip\)"),
+    (PREPARE_LATENTS + ["--vae", "{W}/vae-pickled"], r"^(?!.*hf download).*cannot load VAE folder \S+vae-pickled: "
+                                                     r"its .bin weights hold pickled objects other than tensors"),
+    (PREPARE_IMAGES + ["--source", "hf://datasets/owner/shapes/raw"],
+     r"--source hf://datasets/owner/shapes/raw: prepare reads local files only, not hf:// paths; download it first "
+     r"\(`hf download owner/shapes --include 'raw/\*' --repo-type dataset --local-dir DIR`\)"),
     (PREPARE_VAE + ["--steps", "0"], r"--steps 0: must be at least 1$"),
     (PREPARE_VAE + ["--source", "{W}/raw"], r"raw/dataset.json: missing or without labels; run `regdit prepare images"),
     (PREPARE_VAE + ["--source", "{W}/images30"], r"30 px images do not tile into the VAE's 4x4 latent cells"),
@@ -120,6 +158,10 @@ CASES = [  # (arguments, the one line must match)
     (["export", "{W}/exps/run/checkpoints/0000001.pt"], r"the following arguments are required: --output"),
     (["demo", "--output", "{W}/demo", "--data", "{W}/nowhere"], r"--data .*nowhere: does not exist; pass a folder"),
     (["demo", "--output", "{W}/demo", "--steps", "0"], r"--steps 0: must be at least 1$"),
+    (["demo", "--output", "{W}/demo", "--data", "{W}/one-class"], r"--data \S+one-class: has one class only \(a\); "
+                                                                   r"the demo needs at least 2 classes"),
+    (["demo", "--output", "{W}/demo", "--data", "{W}/flat"], r"--data \S+flat: has its images directly in it, not in "
+                                                             r"class sub-folders; the demo needs at least 2 classes"),
 ]
 
 
@@ -165,12 +207,31 @@ def world(tmp_path_factory):
     for name, size in (("ref32", 32), ("samples32", 32), ("samples64", 64)):
         np.savez(root / f"{name}.npz", arr_0=rng.integers(0, 255, (8, size, size, 3), dtype=np.uint8))
     (root / "bad.yaml").write_text("method: [reg\n")
+    (root / "cfg-inf.yaml").write_text("cfg_scale: .inf\n")
+    (root / "latin1.yaml").write_bytes("exp_name: café\n".encode("latin-1"))
+    # 8 levels of 9 aliases: str() of the value composed from these 434 bytes is 400 MB (one level more: 3.5 GB)
+    bomb = ["&a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    bomb += [f"&a{level} [{', '.join([f'*a{level - 1}'] * 9)}]" for level in range(1, 8)]
+    (root / "alias-bomb.yaml").write_text(f"exp_name: [{', '.join(bomb)}]\n")
+    (root / "anchor.yaml").write_text("batch_size: 8\nexp_name: &name run\nlogging_dir: *name\n")
+    (root / "huge.yaml").write_text("exp_name: run\n" + "#" * YAML_MAX_BYTES + "\n")
+    (root / "deep.yaml").write_text("exp_name: " + "[" * 40 + "]" * 40 + "\n")
+    (root / "list-name.yaml").write_text("exp_name: [a, b]\n")
+    (root / "mapping-number.yaml").write_text("batch_size: {a: 1}\n")
+    for name, folders in (("one-class", ["a"]), ("flat", [""])):
+        for folder in folders:
+            shutil.copytree(root / "raw" / "class0", root / name / folder)
+    from diffusers import AutoencoderKL  # a VAE saved as .bin with a numpy array beside its tensors
+    AutoencoderKL.from_pretrained(root / "vae").save_pretrained(root / "vae-pickled", safe_serialization=False)
+    weights = root / "vae-pickled" / "diffusion_pytorch_model.bin"
+    torch.save({**torch.load(weights, weights_only=True), "fit_loss": np.zeros(1)}, weights)
     (root / "afile").write_text("not a folder\n")
     (root / "exps" / "bare" / "checkpoints").mkdir(parents=True)  # a released state dict put where a run resumes
     torch.save(torch.load(checkpoint, weights_only=False)["ema"], root / "exps" / "bare" / "checkpoints" / "0000001.pt")
-    (root / "exps" / "busy").mkdir()
-    (root / "exps" / "busy" / LOCK_NAME).write_text(json.dumps(  # held by this very process: alive
-        {"host": socket.gethostname(), "pid": os.getpid(), "command": "train", "started": "2026-01-01T00:00:00"}))
+    for name, command in (("busy", "train"), ("busy-named", "regdit train")):  # held by this very process: alive
+        (root / "exps" / name).mkdir()
+        (root / "exps" / name / LOCK_NAME).write_text(json.dumps(
+            {"host": socket.gethostname(), "pid": os.getpid(), "command": command, "started": "2026-01-01T00:00:00"}))
     return root
 
 
@@ -188,7 +249,8 @@ def test_there_are_enough_cases():
 @pytest.mark.parametrize("argv,expected", CASES, ids=[" ".join(a[:2]) + " " + " ".join(a[-2:]) for a, _ in CASES])
 def test_bad_input_is_one_line_and_changes_nothing(world, argv, expected, capsys):
     argv = [a.replace("{W}", str(world)) for a in argv]
-    (world / "exps" / "busy" / LOCK_NAME).touch()  # a live holder's heartbeat
+    for lock in world.glob(f"exps/busy*/{LOCK_NAME}"):
+        lock.touch()  # a live holder's heartbeat
     before = snapshot(world)
     capsys.readouterr()
     started = time.perf_counter()
@@ -207,11 +269,16 @@ def test_bad_input_is_one_line_and_changes_nothing(world, argv, expected, capsys
     assert elapsed < 20, f"{elapsed:.1f} s"
 
 
-def test_the_real_process_prints_exactly_one_line(world):
-    result = subprocess.run([sys.executable, "-m", "regdit", *[a.replace("{W}", str(world)) for a in SAMPLE],
-                             "--num-steps", "0"], capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize("argv,expected", [
+    (SAMPLE + ["--num-steps", "0"], r"regdit sample: error: --num-steps 0: must be at least 1"),
+    # diffusers logs to its own stream handler, out of capsys' sight: its notes of the .bin fallback are not printed
+    (PREPARE_LATENTS + ["--vae", "{W}/vae-pickled"], r"regdit prepare latents: error: cannot load VAE folder .*"),
+], ids=["sample", "prepare latents --vae"])
+def test_the_real_process_prints_exactly_one_line(world, argv, expected):
+    result = subprocess.run([sys.executable, "-m", "regdit", *[a.replace("{W}", str(world)) for a in argv]],
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and result.stdout == ""
-    assert result.stderr == "regdit sample: error: --num-steps 0: must be at least 1\n"
+    assert re.fullmatch(expected + "\n", result.stderr), result.stderr
 
 
 @pytest.mark.parametrize("command", ["train", "sample"])
@@ -260,3 +327,103 @@ def test_an_unreadable_image_in_a_loader_worker_is_one_line(world, capsys):
     assert re.fullmatch(r"regdit prepare latents: error: \S+\.png is not a readable image .*; remove or replace it",
                         exit_info.value.code), exit_info.value.code
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_every_float_setting_is_finite_unless_its_help_says_what_inf_means():
+    """inf passes no range check (inf >= 1), and a guidance scale of inf draws black images: each command refuses a
+    non-finite float unless the field opts in with allow_inf and its help says what infinity means."""
+    opted_in = []
+    for module_name, config_name, _, _ in COMMANDS.values():
+        config_class = getattr(importlib.import_module(module_name), config_name)
+        for field in dataclasses.fields(config_class):
+            if field_type(config_class, field.name)[0] is not float:
+                continue
+            assert field.metadata["allow_inf"] == ("inf:" in field.metadata["help"]), field.name
+            flag_and = f"^--{field.name.replace('_', '-')} "
+            if field.metadata["allow_inf"]:
+                opted_in.append(field.name)
+                config_class(**{field.name: math.inf})
+                with pytest.raises(RegditError, match=rf"{flag_and}-inf: must be above 0$"):  # its range
+                    config_class(**{field.name: -math.inf})
+            for value in (math.nan,) if field.metadata["allow_inf"] else (math.inf, -math.inf, math.nan):
+                with pytest.raises(RegditError, match=rf"{flag_and}{value}: must be a finite number$"):
+                    config_class(**{field.name: value})
+    assert opted_in == ["max_grad_norm"]
+
+
+def test_max_grad_norm_inf_trains_without_clipping(world):
+    """--max-grad-norm inf (its help: no clipping) trains the same weights as a bound no gradient reaches."""
+    weights = {}
+    for bound in ("inf", "1e30"):
+        main([a.replace("{W}", str(world)) for a in TRAIN] + ["--exp-name", f"clip-{bound}", "--max-grad-norm", bound])
+        weights[bound] = load_checkpoint(world / "exps" / f"clip-{bound}" / "checkpoints" / "0000001.pt")["model"]
+    assert all(torch.equal(weights["inf"][k], weights["1e30"][k]) for k in weights["1e30"])
+
+
+def test_a_busy_experiment_is_refused_before_anything_is_loaded(world, capsys, monkeypatch):
+    """The experiment lock comes first: a second `train` with evaluation flags stops at once, not after its dataset,
+    encoders, VAE, Inception network and reference (18 s with the real Inception weights)."""
+    import regdit.data
+    import regdit.encoders
+    import regdit.monitor
+    import regdit.vae
+    loaded = []
+
+    def recording(name, real):  # the real function, its calls recorded
+        def recorded(*args, **kwargs):
+            loaded.append(name)
+            return real(*args, **kwargs)
+        return recorded
+    for module, name in ((regdit.data, "open_dataset"), (regdit.encoders, "load_encoders"), (regdit.vae, "load_vae"),
+                         (regdit.monitor, "TrainingEvaluation")):
+        monkeypatch.setattr(module, name, recording(name, getattr(module, name)))
+    (world / "exps" / "busy" / LOCK_NAME).touch()
+    argv = [a.replace("{W}", str(world)) for a in TRAIN + [
+        "--exp-name", "busy", "--eval-every", "1", "--ref-batch", "{W}/ref32.npz", "--inception-weights",
+        "{W}/inception.pth"]]
+    started = time.perf_counter()
+    assert "busy is in use by regdit train" in cli_error(capsys, argv)
+    elapsed = time.perf_counter() - started
+    assert loaded == [] and elapsed < 5, (loaded, elapsed)
+
+
+def test_init_from_on_an_experiment_with_checkpoints_resumes_and_says_so(world, capsys):
+    shutil.copytree(world / "exps" / "run", world / "exps" / "init-note")
+    init_from = world / "export" / "model.safetensors"
+    main([a.replace("{W}", str(world)) for a in TRAIN] + ["--exp-name", "init-note", "--init-from", str(init_from)])
+    output = capsys.readouterr()
+    checkpoint = world / "exps" / "init-note" / "checkpoints" / "0000001.pt"
+    assert (f"note: {world / 'exps' / 'init-note'} has checkpoints: resuming from {checkpoint}, so --init-from "
+            f"{init_from} is not used (pass a new --exp-name to start a new run from it)\n") in output.err
+    assert f"resumed from {checkpoint}" in output.out
+
+
+def test_an_unexpected_error_is_one_line_with_its_traceback_in_a_new_log_file(world, tmp_path, capsys, monkeypatch):
+    """A bug (here the PNG encoder failing inside `sample`) is one line naming a log file with the traceback, made
+    by mkstemp in the temp folder; REGDIT_DEBUG=1 lets the exception through instead."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+
+    def encoder_crash(*args, **kwargs):
+        raise RuntimeError("encoder crashed\nsecond line")
+    monkeypatch.setattr(Image.Image, "save", encoder_crash)
+    argv = [a.replace("{W}", str(world)) for a in SAMPLE] + ["--sample-dir", str(tmp_path / "samples")]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    line = exit_info.value.code  # after the progress bars on stderr, with no traceback
+    assert "Traceback" not in capsys.readouterr().err
+    match = re.fullmatch(r"regdit sample: internal error: RuntimeError: encoder crashed; full traceback in (\S+) "
+                         r"\(REGDIT_DEBUG=1 prints it instead\)", line)
+    assert match, line
+    log = Path(match[1])
+    assert log.parent == tmp_path / "tmp" and log.name.startswith("regdit-") and log.suffix == ".log"
+    assert log.stat().st_mode & 0o777 == 0o600
+    text = log.read_text()
+    assert text.startswith(f"regdit {regdit.__version__}, python ") and "regdit sample --ckpt " in text
+    assert "Traceback (most recent call last)" in text and "in encoder_crash" in text
+    assert text.rstrip().endswith("RuntimeError: encoder crashed\nsecond line")
+
+    monkeypatch.setenv("REGDIT_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="encoder crashed"):
+        main(argv)
+    assert list((tmp_path / "tmp").iterdir()) == [log]
