@@ -17,8 +17,9 @@ from huggingface_hub import constants
 from safetensors import safe_open
 from safetensors.torch import save
 
-from regdit import RegditError, atomic_write, check_output, file_kind, read_head
+from regdit import RegditError
 from regdit.config import Settings, flag
+from regdit.files import atomic_write, check_output, file_kind, read_head
 from regdit.hub import check_repo_id, model_card, push_folder, resolve_path
 from regdit.models import MODEL_SIZES, SiT, SiTConfig, model_arguments
 

@@ -13,8 +13,9 @@ import sys
 import tempfile
 import traceback
 
-from regdit import RegditError, __version__, describe_os_error
+from regdit import RegditError, __version__
 from regdit.config import add_dataclass_arguments, config_from_args, missing_required, preset_and_yaml_defaults
+from regdit.files import describe_os_error
 from regdit.runlock import stop_with_launcher
 
 COMMANDS = {  # name -> (module, config class, function, one-line help)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from regdit import RegditError, check_regular_file
+from regdit import RegditError
+from regdit.files import check_regular_file
 
 RANGE_KEYS = ("at_least", "above", "at_most", "below")
 NOT_FOR_ARGPARSE = ("aliases", "positional", "required", "allow_inf", *RANGE_KEYS)

@@ -21,7 +21,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from regdit import RegditError, atomic_write, check_regular_file
+from regdit import RegditError
+from regdit.files import atomic_write, check_regular_file
 from regdit.images import image_extensions, list_files, read_image
 from regdit.vae import LATENT_SCALE
 

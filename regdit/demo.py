@@ -18,8 +18,9 @@ import torch
 from PIL import Image
 from torchvision.utils import save_image
 
-from regdit import RegditError, atomic_write
+from regdit import RegditError
 from regdit.config import Settings, flag
+from regdit.files import atomic_write
 from regdit.images import image_extensions, list_files, read_image
 
 # Half the classes are white, so a row of the grid is told from the others by its shape alone.

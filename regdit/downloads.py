@@ -24,7 +24,8 @@ from huggingface_hub import constants
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from tqdm import tqdm
 
-from regdit import RegditError, atomic_write, npz_headers
+from regdit import RegditError
+from regdit.files import atomic_write, npz_headers
 
 INCEPTION_URL = URL_INCEPTION_V3
 REFERENCE_BATCHES_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet"

@@ -24,8 +24,9 @@ from scipy import linalg, special
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from tqdm import tqdm
 
-from regdit import RegditError, atomic_write, check_output, cpu_launch, downloads, npz_arrays, npz_headers, read_head
+from regdit import RegditError, cpu_launch, downloads
 from regdit.config import Settings, flag
+from regdit.files import atomic_write, check_output, npz_arrays, npz_headers, read_head
 from regdit.hub import is_hub_url, parse, resolve_path
 from regdit.images import list_files, read_image
 

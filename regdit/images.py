@@ -6,7 +6,8 @@ import warnings
 import numpy as np
 import PIL.Image
 
-from regdit import RegditError, check_regular_file
+from regdit import RegditError
+from regdit.files import check_regular_file
 
 CONVERT = "convert the folder with `regdit prepare images`"
 # The most pixels an image may have: 3x ImageNet's largest (about 20 MP), more than 61 MP cameras and 64 MP phones

@@ -23,10 +23,11 @@ import PIL.ImageOps
 import torch
 from tqdm import tqdm
 
-from regdit import RegditError, atomic_write, check_regular_file, cpu_launch, remove_temp_files, writing_into
+from regdit import RegditError, cpu_launch
 from regdit import vae as vae_lib
 from regdit.config import Settings, flag
 from regdit.data import LAYOUTS, PROGRESS, read_json, read_labels, write_json
+from regdit.files import atomic_write, check_regular_file, remove_temp_files, writing_into
 from regdit.hub import is_hub_url, parse
 from regdit.images import image_extensions, list_files, open_image, read_image
 from regdit.runlock import LOCK_NAME, RunLock, lock_run

@@ -10,8 +10,9 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from regdit import RegditError, atomic_write, check_output, check_writable, file_kind, read_head
+from regdit import RegditError
 from regdit.config import Settings, flag, read_yaml
+from regdit.files import atomic_write, check_output, check_writable, file_kind, read_head
 
 # ImageNet 256, FID-50k without guidance, against training iterations (REG paper, Table 1), per (model, method).
 PUBLISHED_FID = {

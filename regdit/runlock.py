@@ -36,7 +36,8 @@ import threading
 import time
 from pathlib import Path
 
-from regdit import RegditError, check_output
+from regdit import RegditError
+from regdit.files import check_output
 
 LOCK_NAME = ".regdit.lock"
 HEARTBEAT = 30.0  # seconds between touches of a held lock's mtime
@@ -199,15 +200,15 @@ def lock_run(folder, command, state):
 def stop_with_launcher():
     """Make this process end when its launcher dies (Linux, under torchrun / accelerate launch; else a no-op).
 
-    The kernel sends SIGTERM to this process when its parent (the launcher) exits, also when the launcher is killed
-    by SIGKILL and cannot stop its workers itself. Python keeps the default SIGTERM action, which ends the process at
-    once, also one blocked in a collective; every regdit output is written to a temporary file and renamed
-    (`regdit.atomic_write`), so nothing half-written remains, and a rerun resumes. The default action skips `finally`
-    blocks, so a killed main process leaves its RunLock file: a rerun on the same host replaces it at once (dead pid),
-    one on another host after STALE_AFTER. A parent pid of 1 proves nothing (the launcher is pid 1 as a container's
-    entrypoint), so a launcher that died in the instant before this call is not caught. The kernel signals when the
-    thread that started this process exits; torchrun and accelerate launch start workers from their main thread.
-    Call it first thing in the process, before the process group starts.
+    The kernel sends SIGTERM to this process when its parent (the launcher) exits, also when the launcher is killed by
+    SIGKILL and cannot stop its workers itself. Python keeps the default SIGTERM action, which ends the process at once,
+    also one blocked in a collective; every regdit output is written to a temporary file and renamed
+    (`regdit.files.atomic_write`), so nothing half-written remains, and a rerun resumes. The default action skips
+    `finally` blocks, so a killed main process leaves its RunLock file: a rerun on the same host replaces it at once
+    (dead pid), one on another host after STALE_AFTER. A parent pid of 1 proves nothing (the launcher is pid 1 as a
+    container's entrypoint), so a launcher that died in the instant before this call is not caught. The kernel signals
+    when the thread that started this process exits; torchrun and accelerate launch start workers from their main
+    thread. Call it first thing in the process, before the process group starts.
     """
     if not sys.platform.startswith("linux") or not ({"LOCAL_RANK", "TORCHELASTIC_RUN_ID"} & os.environ.keys()):
         return

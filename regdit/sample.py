@@ -29,19 +29,11 @@ import torch
 from accelerate import PartialState
 from tqdm import tqdm
 
-from regdit import (
-    RegditError,
-    __version__,
-    atomic_write,
-    check_output,
-    check_writable,
-    cpu_launch,
-    npz_arrays,
-    remove_temp_files,
-)
+from regdit import RegditError, __version__, cpu_launch
 from regdit.checkpoint import build_model_from_checkpoint, load_checkpoint, local_checkpoint
 from regdit.config import Settings, changed_setting, flag
 from regdit.data import load_array
+from regdit.files import atomic_write, check_output, check_writable, npz_arrays, remove_temp_files
 from regdit.images import read_image
 from regdit.interpolants import PATH_TYPES
 from regdit.models import SiT_models

@@ -33,18 +33,10 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, is_tensorboard_available, is_wandb_available
 from tqdm import tqdm
 
-from regdit import (
-    TEMP_SUFFIX,
-    RegditError,
-    atomic_write,
-    check_output,
-    check_writable,
-    cpu_launch,
-    read_head,
-    remove_temp_files,
-)
+from regdit import RegditError, cpu_launch
 from regdit.checkpoint import load_checkpoint, load_init_weights, load_state_dict_checked, save_checkpoint
 from regdit.config import Settings, changed_setting, flag, read_yaml
+from regdit.files import TEMP_SUFFIX, atomic_write, check_output, check_writable, read_head, remove_temp_files
 from regdit.interpolants import PATH_TYPES, WEIGHTINGS
 from regdit.loss import REGLoss
 from regdit.models import SiT, SiT_models, SiTConfig, model_arguments

@@ -11,7 +11,8 @@ import warnings
 
 import torch
 
-from regdit import RegditError, atomic_write
+from regdit import RegditError
+from regdit.files import atomic_write
 from regdit.hub import is_hub_url, resolve_path
 
 VAE_ALIASES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}

@@ -20,10 +20,10 @@ from PIL import Image
 from test_bad_inputs import snapshot
 from test_data import write_official
 
-from regdit import TEMP_SUFFIX
 from regdit import vae as vae_lib
 from regdit.cli import main
 from regdit.encoders import save_random_encoder
+from regdit.files import TEMP_SUFFIX
 from regdit.models import SiT, SiTConfig
 from regdit.prepare import PrepareImagesConfig, PrepareLatentsConfig, prepare_images, prepare_latents
 
@@ -314,7 +314,7 @@ def test_prepare_vae_on_a_full_disk_is_one_line_and_the_rerun_finishes(world, mo
 
     def fit_then_fill_the_disk(*args, **kwargs):
         fitted = fit_vae(*args, **kwargs)
-        # the temporary file regdit.atomic_write writes the weights into, before renaming it
+        # the temporary file regdit.files.atomic_write writes the weights into, before renaming it
         (dest / f".diffusion_pytorch_model.safetensors{TEMP_SUFFIX}{os.getpid()}").symlink_to("/dev/full")
         return fitted
     monkeypatch.setattr(vae_lib, "fit_vae", fit_then_fill_the_disk)
