@@ -6,22 +6,18 @@ import argparse
 import hashlib
 import json
 import os
-import stat
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
-import PIL.Image
 import torch
-from huggingface_hub import constants
 from safetensors import safe_open
 from safetensors.torch import save
 
 from regdit import RegditError
-from regdit.config import Settings, flag
-from regdit.files import atomic_write, check_output, file_kind, read_head
-from regdit.hub import check_repo_id, model_card, push_folder, resolve_path
-from regdit.models import MODEL_SIZES, SiT, SiTConfig, model_arguments
+from regdit.files import atomic_write
+from regdit.hub import PREFIX, is_hub_url, parse, resolve_path
+from regdit.models import SiT, SiTConfig, model_arguments
+from regdit.official import PATCH_WEIGHTS, convert_legacy_state_dict, inferred_config, saved_args
 
 
 class _Crc32:
@@ -73,7 +69,7 @@ def _verify(tensors, recorded, what, fix):
         raise RegditError(f"{what} is corrupt: its tensors do not match the checksum recorded when it was {fix}")
 
 
-def _reason(error):
+def error_reason(error):
     """`Type: first sentence` of an exception on one line (possibly just `Type`: some messages are empty)."""
     text = str(error).rpartition("WeightsUnpickler error:")[2]  # not torch's advice to pass weights_only=False
     reason = ([line.strip() for line in text.splitlines() if line.strip()] or [""])[0].split(". ")[0][:120]
@@ -81,7 +77,7 @@ def _reason(error):
 
 
 def _unreadable(path, error):
-    return RegditError(f"checkpoint {path} is unreadable ({_reason(error)}): pass a training checkpoint (.pt) or an "
+    return RegditError(f"checkpoint {path} is unreadable ({error_reason(error)}): pass a training checkpoint (.pt) or an "
                        "export (.safetensors); if it is one, it is truncated or corrupt: copy it again or use an "
                        "earlier checkpoint")
 
@@ -135,7 +131,7 @@ def _load_export(path):
     try:
         config = json.loads(config_path.read_text())
     except ValueError as error:  # bad JSON or bad UTF-8
-        raise RegditError(f"{config_path}, the settings of {path}, is not JSON ({_reason(error)}): copy it again or "
+        raise RegditError(f"{config_path}, the settings of {path}, is not JSON ({error_reason(error)}): copy it again or "
                           "export again") from None
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise RegditError(f'{config_path}, the settings of {path}, has no "model" settings: copy it again or export '
@@ -162,7 +158,6 @@ def save_checkpoint(obj, path):
         torch.save(obj, f)
 
 
-PATCH_WEIGHTS = "x_embedder.proj.weight"  # (hidden_size, in_channels, patch_size, patch_size)
 
 
 def _size_setting(state_dict, expected):
@@ -207,7 +202,7 @@ def _setting_hint(keys, state_dict, expected, size_flags=True):
     return "--model"
 
 
-def _check_weights(state_dict, source):
+def check_weights(state_dict, source):
     """One line naming `source` unless `state_dict` is a dict of tensors by name."""
     if not (isinstance(state_dict, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                  for k, v in state_dict.items())):
@@ -218,7 +213,7 @@ def _check_weights(state_dict, source):
 def check_state_dict(expected, state_dict, source, size_flags=True):
     """A one-line error listing what of `state_dict` does not fit the parameters `expected` (a model's state_dict,
     also of a meta-device model: only names and shapes count) and the setting to fix (`_setting_hint`)."""
-    _check_weights(state_dict, source)
+    check_weights(state_dict, source)
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     mismatched = [k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
@@ -240,62 +235,6 @@ def load_state_dict_checked(model, state_dict, source, size_flags=True):
     model.load_state_dict(state_dict, strict=True)
 
 
-CLASS_TABLE = "y_embedder.embedding_table.weight"
-
-
-def load_init_weights(model, path, weights="ema", log=print):
-    """`train --init-from`: load a checkpoint's `weights` ("ema" or "model") into a new run's `model`. Every tensor
-    must fit as in `load_state_dict_checked`, except the class embedding when the class count differs: the rows of
-    the classes both models have (0 .. min - 1) are copied, the source's null-class row (the guidance class) moves
-    to the model's null index `num_classes`, and the rows of classes the source lacks keep their fresh
-    initialisation; `log` says so in one line."""
-    checkpoint = load_checkpoint(path)
-    if weights not in checkpoint:
-        raise RegditError(f"--init-from {path} has no {weights} weights (an export holds EMA weights only): pass "
-                          "--init-weights ema")
-    _check_weights(checkpoint[weights], f"--init-from {path}")
-    state = dict(checkpoint[weights])
-    source, table = state.get(CLASS_TABLE), model.state_dict()[CLASS_TABLE]
-    if source is not None and source.shape != table.shape and source.shape[1:] == table.shape[1:]:
-        # official checkpoints store no config: they were trained with label dropout, so their last row is null
-        stored = checkpoint.get("model_config")
-        source_classes = SiTConfig.from_dict(stored, f"--init-from {path}").num_classes if stored else len(source) - 1
-        common, resized = min(source_classes, model.num_classes), table.clone()
-        resized[:common] = source[:common]
-        null_moved = len(source) > source_classes and len(table) > model.num_classes
-        if null_moved:
-            resized[model.num_classes] = source[source_classes]
-        state[CLASS_TABLE] = resized
-        log(f"--init-from {path}: class embedding resized from {source_classes} to {model.num_classes} classes "
-            f"(rows 0-{common - 1} copied" + (f", null class moved to row {model.num_classes}" if null_moved else "")
-            + (f", {model.num_classes - common} new rows freshly initialised" if model.num_classes > common else "")
-            + ")")
-    load_state_dict_checked(model, state, f"--init-from {path}")
-
-
-def convert_legacy_state_dict(state_dict, encoder_depth):
-    """`--legacy` (REPA's load_legacy_checkpoints): early checkpoints kept the blocks after the projection layer in
-    `decoder_blocks.i`; they are `blocks.{i + encoder_depth}` here."""
-    converted = {}
-    for key, value in state_dict.items():
-        parts = key.split(".")
-        if parts[0] == "decoder_blocks":
-            parts[:2] = ["blocks", str(int(parts[1]) + encoder_depth)]
-        converted[".".join(parts)] = value
-    return converted
-
-
-def _saved_args(checkpoint, source):
-    """The training flags an official checkpoint saved (`args`, an argparse.Namespace) as a dict; {} without."""
-    args = checkpoint.get("args")
-    if args is None or isinstance(args, dict):
-        return args or {}
-    if not isinstance(args, argparse.Namespace):
-        raise RegditError(f"{source}: its args are a {type(args).__name__}, not the settings of a training run: pass "
-                          "a training checkpoint (.pt) or an export (.safetensors)")
-    return vars(args)
-
-
 def model_config_from_checkpoint(checkpoint, state_dict=None, model_name=None, source="checkpoint", **overrides):
     """The SiTConfig of a checkpoint: regdit files store it; for official files it is read off the weights' shapes
     (`state_dict`, default its EMA weights) and the saved args. `model_name` (its size and patch, e.g. "SiT-XL/2")
@@ -304,8 +243,9 @@ def model_config_from_checkpoint(checkpoint, state_dict=None, model_name=None, s
     if "model_config" in checkpoint:
         values = SiTConfig.from_dict(checkpoint["model_config"], source).to_dict()
     else:
-        values = _inferred_config(state_dict or checkpoint.get("ema", checkpoint.get("model")),
-                                  _saved_args(checkpoint, source), source)
+        weights = state_dict or checkpoint.get("ema", checkpoint.get("model"))
+        check_weights(weights, source)
+        values = inferred_config(weights, saved_args(checkpoint, source), source)
     if model_name is not None:
         values.update(model_arguments(model_name))
     values.update(overrides)
@@ -313,40 +253,6 @@ def model_config_from_checkpoint(checkpoint, state_dict=None, model_name=None, s
         raise RegditError(f"cannot tell the number of attention heads of {source}, a custom-size checkpoint: "
                           "pass --model with a standard size")
     return SiTConfig.from_dict(values, source)
-
-
-def _inferred_config(weights, args, source="checkpoint"):
-    """The settings of official weights: sizes from the parameter shapes, encoder_depth from the saved args. A SiT
-    parameter that is missing or of another rank is one line naming `source`."""
-    _check_weights(weights, source)
-    if any(k.startswith("decoder_blocks.") for k in weights):
-        raise RegditError("these weights have the early REPA layout (decoder_blocks): pass --legacy")
-
-    def shape(key, ndim):
-        tensor = weights.get(key)
-        if tensor is None or tensor.ndim != ndim:
-            found = "missing" if tensor is None else f"{tensor.ndim}-D {list(tensor.shape)}"
-            raise RegditError(f"{source} has no SiT weights to read the model from ({key}: {found}, not {ndim}-D): "
-                              "pass a regdit or official SiT checkpoint")
-        return tensor.shape
-
-    hidden_size, in_channels, patch_size, _ = shape(PATCH_WEIGHTS, 4)
-    blocks = [k.split(".")[1] for k in weights if k.startswith("blocks.")]
-    depth = 1 + max((int(i) for i in blocks if i.isdecimal()), default=-1)
-    size = next((s for s, (d, w, _) in MODEL_SIZES.items() if (d, w) == (depth, hidden_size)), None)
-    z_dims, k = [], 0
-    while f"projectors.{k}.4.weight" in weights:
-        z_dims.append(shape(f"projectors.{k}.4.weight", 2)[0])
-        k += 1
-    use_cls_token = "cls_projectors2.weight" in weights
-    num_tokens = shape("pos_embed", 3)[1] - int(use_cls_token)
-    return dict(
-        input_size=int(num_tokens ** 0.5) * patch_size, patch_size=patch_size, in_channels=in_channels,
-        hidden_size=hidden_size, depth=depth, num_heads=MODEL_SIZES[size][2] if size else args.get("num_heads"),
-        num_classes=shape("y_embedder.embedding_table.weight", 2)[0] - 1,
-        z_dims=z_dims, projector_dim=shape("projectors.0.0.weight", 2)[0] if z_dims else 2048,
-        encoder_depth=args.get("encoder_depth", 8), use_cls_token=use_cls_token,
-        qk_norm="blocks.0.attn.q_norm.weight" in weights)
 
 
 class _ShapesOnly(torch.overrides.TorchFunctionMode):
@@ -386,9 +292,9 @@ def build_model_from_checkpoint(checkpoint, source="checkpoint", weights="ema", 
     if weights not in checkpoint:
         raise RegditError(f"{source} has no {weights} weights (keys: {', '.join(map(str, checkpoint))})")
     state_dict = checkpoint[weights]
-    _check_weights(state_dict, source)
+    check_weights(state_dict, source)
     if legacy:
-        args = _saved_args(checkpoint, source)
+        args = saved_args(checkpoint, source)
         state_dict = convert_legacy_state_dict(state_dict, overrides.get("encoder_depth",
                                                                           args.get("encoder_depth", 8)))
     config = model_config_from_checkpoint(checkpoint, state_dict, model_name, source, **overrides)
@@ -398,43 +304,8 @@ def build_model_from_checkpoint(checkpoint, source="checkpoint", weights="ema", 
     return model
 
 
-@dataclass
-class ExportConfig(Settings):
-    ckpt: str | None = flag(None, "a regdit or official training checkpoint (.pt), local or hf://", positional=True,
-                            required=True)
-    output: str | None = flag(None, "folder for model.safetensors, config.json and the model card README.md: new, "
-                                    "empty or an earlier export", required=True)
-    num_heads: int | None = flag(None, "attention heads, only needed for custom model sizes (standard sizes know "
-                                       "theirs)", at_least=1)
-    push_to_hub: str | None = flag(None, "then upload the export's files to this Hub repository, created if missing "
-                                         "(token: HF_TOKEN or `hf auth login`)", metavar="OWNER/NAME")
-    private: bool = flag(False, "with --push-to-hub: create the repository private")
-    metrics: str | None = flag(None, "a `regdit eval` metrics JSON to show on the model card", metavar="JSON")
-    grid: str | None = flag(None, "sample grid image for the model card (default: the run's preview at the "
-                                  "checkpoint's step, EXP/samples/STEP.png, if there is one)", metavar="PNG")
-    license: str = flag("mit", "license of the model card, a Hub license id (mit, apache-2.0, cc-by-nc-4.0, other)")
-
-    def check(self):
-        if self.private and self.push_to_hub is None:
-            raise RegditError("--private applies to the repository --push-to-hub creates: add --push-to-hub "
-                              "OWNER/NAME or drop --private")
-        if self.push_to_hub == "":
-            raise RegditError("--push-to-hub '' names no repository: pass OWNER/NAME, or drop --push-to-hub to export "
-                              "only")
-        if self.push_to_hub is not None:
-            check_repo_id(self.push_to_hub, "--push-to-hub")
-            if constants.HF_HUB_OFFLINE:  # refused before anything is read or written
-                raise RegditError(f"--push-to-hub {self.push_to_hub} needs the network but HF_HUB_OFFLINE=1 is set: "
-                                  "unset it, or drop --push-to-hub to export only")
-
-
-CARD_SETTINGS = ("enc_type", "encoder_depth", "proj_coeff", "cls", "batch_size", "learning_rate", "ema_decay",
-                 "cfg_prob", "weighting", "init_from")  # training settings shown on the model card, when recorded
-METHODS = {"reg": "REG (entangled class token + REPA alignment)", "repa": "REPA (alignment only)", "sit": "SiT"}
-
-
 def write_export(output_dir, weights, model_config, latents=None, path_type=None):
-    """The export format, for `regdit export` and `SiT.save_pretrained`: `model.safetensors` (`weights`, their
+    """The export format, for `regdit export` and `save_pretrained`: `model.safetensors` (`weights`, their
     checksum in its metadata, which `load_checkpoint` verifies) + `config.json` {"model": the SiTConfig dict,
     "latents", "path_type"}. Returns the path of the weights."""
     output_dir = Path(output_dir)
@@ -448,140 +319,23 @@ def write_export(output_dir, weights, model_config, latents=None, path_type=None
     return output_dir / "model.safetensors"
 
 
-def read_eval_metrics(path):
-    """The five metrics and the settings of a `regdit eval` JSON, checked: a one-line error otherwise."""
-    from regdit.evaluate import METRIC_NAMES  # the evaluator's imports only when a card shows metrics
-
-    if Path(path).exists() and not Path(path).is_file():  # never opened: reading a FIFO would wait forever
-        raise RegditError(f"--metrics {path} is {file_kind(os.stat(path).st_mode)}, not a file: pass the JSON "
-                          "`regdit eval` wrote")
-    try:
-        results = json.loads(read_head(path, MAX_METRICS_BYTES))
-    except (OSError, ValueError) as error:
-        raise RegditError(f"--metrics {path} is unreadable ({_reason(error)}): pass the JSON `regdit eval` "
-                          "wrote") from None
-    if not isinstance(results, dict) or not all(isinstance(results.get(k), (int, float)) for k in METRIC_NAMES):
-        raise RegditError(f"--metrics {path} is not a `regdit eval` metrics JSON (it needs {', '.join(METRIC_NAMES)})")
-    return {name: results[key] for key, name in METRIC_NAMES.items()}, results.get("settings") or {}
+def from_pretrained(source, weights="ema", fused_attn=True):
+    """A SiT in eval mode from an export (its folder or its model.safetensors, local or `hf://`), a Hub repository
+    id `OWNER/NAME[@REVISION]` holding an export at its root, or a training checkpoint (.pt, its `weights`: ema or
+    model), read by `load_checkpoint` (checksum verified)."""
+    source = str(source)
+    if not is_hub_url(source) and not os.path.exists(source) and source.count("/") == 1:
+        source = PREFIX + source  # a repository id, as huggingface_hub's from_pretrained takes
+    if is_hub_url(source) and not parse(source).is_file:
+        location = parse(source)
+        source = location.at(f"{location.path}/model.safetensors")
+    elif os.path.isdir(source):
+        source = os.path.join(source, "model.safetensors")
+    return build_model_from_checkpoint(load_checkpoint(source), source, weights, fused_attn=fused_attn).eval()
 
 
-MAX_METRICS_BYTES = 1 << 20  # a metrics JSON is about 700 bytes
-MAX_GRID_BYTES, MAX_GRID_PIXELS = 64 << 20, 8192 * 8192  # far above any sample grid, below PIL's bomb warning
-
-
-def check_grid(path):
-    """One line unless `path` is an image that PIL decodes whole, of at most MAX_GRID_BYTES and MAX_GRID_PIXELS."""
-    try:
-        info = os.stat(path)
-    except (FileNotFoundError, NotADirectoryError):
-        raise RegditError(f"--grid {path} does not exist: pass a sample grid image") from None
-    if not stat.S_ISREG(info.st_mode):  # never opened: reading a FIFO would wait forever
-        raise RegditError(f"--grid {path} is {file_kind(info.st_mode)}, not an image file: pass a sample grid image")
-    if info.st_size > MAX_GRID_BYTES:
-        raise RegditError(f"--grid {path} has {info.st_size / 2**20:.0f} MiB, more than a sample grid's "
-                          f"{MAX_GRID_BYTES >> 20} MiB: pass a smaller image")
-    try:
-        with PIL.Image.open(path) as image:
-            if image.width * image.height > MAX_GRID_PIXELS:
-                raise RegditError(f"--grid {path} is {image.width}x{image.height} px, more than a sample grid's "
-                                  f"{MAX_GRID_PIXELS} pixels: pass a smaller image")
-            image.load()
-    except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:  # PIL's unreadable file
-        raise RegditError(f"--grid {path} is not a readable image ({_reason(error)}): pass a sample grid image (PNG "
-                          "or JPEG)") from None
-
-
-def foreign_to_export(folder):
-    """None for a folder that holds an earlier export alone (EXPORT_FILES and its samples.<ext> grid), else what
-    else is in it."""
-    others = sorted(p.name for p in folder.iterdir()
-                    if p.name not in EXPORT_FILES and not (p.stem == "samples" and p.is_file()))
-    if others:
-        return (f"it holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}, which an export does not "
-                f"(an export folder holds {', '.join(EXPORT_FILES)} and samples.<ext> only)")
-    return None
-
-
-def foreign_to_weights(path):
-    try:
-        with safe_open(path, framework="pt") as f:
-            recorded = "checksum" in (f.metadata() or {})
-    except Exception:  # not safetensors at all: safetensors raises its own error types
-        recorded = False
-    return None if recorded else "it is not the weights of an export (safetensors with a checksum)"
-
-
-def foreign_to_settings(path):
-    try:
-        settings = json.loads(read_head(path, MAX_METRICS_BYTES))
-    except ValueError:
-        settings = None
-    return None if isinstance(settings, dict) and isinstance(settings.get("model"), dict) else \
-        'it is not the settings of an export (JSON with "model")'
-
-
-def foreign_to_card(path):
-    return None if b"library_name: regdit" in read_head(path, 4096) else "it is not the model card of an export"
-
-
-EXPORT_FILES = {"model.safetensors": foreign_to_weights, "config.json": foreign_to_settings,
-                "README.md": foreign_to_card}  # with the sample grid samples.<ext>: what `regdit export` writes
-
-
-def check_export_folder(folder, grid_name, inputs):
-    """One line, before any work, unless `folder` is new, empty or an earlier export, and none of the files the
-    export writes there (EXPORT_FILES, the grid `grid_name`) is another's file or one of the `inputs`."""
-    check_output(folder, "--output", foreign_to_export, folder=True)
-    for name, foreign in {**EXPORT_FILES, **({grid_name: None} if grid_name else {})}.items():
-        check_output(folder / name, "--output", foreign, inputs)
-
-
-def export(config: ExportConfig):
-    """EMA weights as `model.safetensors` + `config.json` (the SiTConfig, latents, path type), the shareable form
-    of a run, with a model card README.md (and the sample grid it shows); `--push-to-hub` uploads exactly these
-    files. Writes into a new or empty folder, or over an earlier export. Returns the path of the weights."""
-    grid = Path(config.grid) if config.grid else None
-    output_dir = Path(config.output)
-    check_export_folder(output_dir, grid and f"samples{grid.suffix}",
-                        {"checkpoint": config.ckpt, "--grid": config.grid, "--metrics": config.metrics})
-    if grid is not None:
-        check_grid(grid)
-    metrics = read_eval_metrics(config.metrics) if config.metrics else None
-    ckpt = local_checkpoint(config.ckpt)
-    checkpoint = load_checkpoint(ckpt)
-    if "ema" not in checkpoint:
-        raise RegditError(f"{config.ckpt} has no EMA weights (keys {', '.join(checkpoint)}): export a training "
-                          "checkpoint")
-    overrides = {"num_heads": config.num_heads} if config.num_heads else {}
-    model_config = model_config_from_checkpoint(checkpoint, source=config.ckpt, **overrides)
-    latents = checkpoint.get("latents")  # regdit runs' VAE and scale
-    path_type = getattr(checkpoint.get("args"), "path_type", None)
-    weights = write_export(output_dir, checkpoint["ema"], model_config, latents, path_type)
-    print(f"wrote {weights}")
-    written = [weights.name, "config.json", "README.md"]
-    preview = ckpt.parent.parent / "samples" / f"{ckpt.stem}.png"  # a regdit run's grid at this checkpoint's step
-    grid = grid or (preview if preview.is_file() else None)
-    if grid is not None:
-        written.append(f"samples{grid.suffix}")
-        with atomic_write(output_dir / written[-1]) as f:
-            f.write(grid.read_bytes())
-    training = checkpoint.get("config") or vars(checkpoint.get("args") or argparse.Namespace())
-    method = "reg" if model_config.use_cls_token else "repa" if model_config.z_dims else "sit"
-    parameters = sum(v.numel() for v in checkpoint["ema"].values()) / 1e6
-    rows = {"model": f"{model_config.label} ({parameters:.1f}M parameters)", "method": METHODS[method],
-            "training steps": checkpoint.get("steps", "not recorded"), "classes": model_config.num_classes,
-            "resolution": (latents or {}).get("resolution") or training.get("resolution", "not recorded"),
-            "latents": (latents or {}).get("vae") or "not recorded (official checkpoints: sd-vae-ft-ema)",
-            "path type": path_type or "linear",
-            **{k: training[k] for k in CARD_SETTINGS if training.get(k) is not None}}
-    ckpt_ref = f"hf://{config.push_to_hub}/model.safetensors" if config.push_to_hub else str(weights)
-    card = model_card(config.push_to_hub or output_dir.name, rows, metrics, grid and f"samples{grid.suffix}",
-                      ckpt_ref, config.push_to_hub or str(output_dir), config.license)
-    with atomic_write(output_dir / "README.md", "w") as f:
-        f.write(card)
-    print(f"wrote {output_dir / 'README.md'} (model card)" + ("" if grid else "; no sample grid: pass --grid PNG"))
-    if config.push_to_hub:
-        url = push_folder(output_dir, written, config.push_to_hub, config.private,
-                          f"{model_config.label} exported by regdit from {ckpt.name}")
-        print(f"pushed {', '.join(written)} of {output_dir} to {url}")
-    return weights
+def save_pretrained(model, save_directory, latents=None, path_type=None):
+    """Write `model`'s weights in the export format (what `regdit export` writes and `from_pretrained` reads) into
+    `save_directory`; `latents` ({"vae", "scale", "resolution"}) and `path_type` tell `regdit sample` how to sample
+    and decode. Returns the path of the weights."""
+    return write_export(save_directory, model.state_dict(), model.config, latents, path_type)

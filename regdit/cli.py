@@ -30,7 +30,7 @@ COMMANDS = {  # name -> (module, config class, function, one-line help)
                "generate class-conditional samples to PNGs and an ADM .npz"),
     "eval": ("regdit.evaluate", "EvalConfig", "run_eval",
              "IS / FID / sFID / precision / recall of a sample .npz (ADM evaluator)"),
-    "export": ("regdit.checkpoint", "ExportConfig", "export",
+    "export": ("regdit.export", "ExportConfig", "export",
                "export a checkpoint's EMA weights to safetensors + config JSON + model card (--push-to-hub)"),
     "report": ("regdit.report", "ReportConfig", "report",
                "one figure of runs: loss terms, speed, FID/IS against iterations and the paper's points"),

@@ -153,6 +153,7 @@ def run_demo(config: DemoConfig):
     """Run the demo and return its summary (also written to OUTPUT/summary.json)."""
     from regdit.classifier import class_score
     from regdit.encoders import save_random_encoder
+    from regdit.experiment import Checkpoints
     from regdit.prepare import (
         PrepareImagesConfig,
         PrepareLatentsConfig,
@@ -162,7 +163,7 @@ def run_demo(config: DemoConfig):
         prepare_vae,
     )
     from regdit.sample import SampleConfig, sample
-    from regdit.train import Checkpoints, TrainConfig, train
+    from regdit.train import TrainConfig, train
 
     out, seed, steps = Path(config.output), config.seed, config.steps
     if config.data is not None:

@@ -14,8 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-import huggingface_hub
-from huggingface_hub import CommitOperationAdd, ModelCardData, constants, hf_hub_download, snapshot_download
+from huggingface_hub import constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
@@ -191,53 +190,3 @@ def _check_inside_cache(hub, local, what):
                               "again")
 
 
-def check_repo_id(repo_id, flag):
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as error:
-        raise RegditError(f"{flag} {repo_id}: not a Hub repository id ({str(error).splitlines()[0]}); write "
-                          "OWNER/NAME") from None
-
-
-def model_card(title, settings, metrics, grid, ckpt, pretrained, license):
-    """README.md of an export: a Hub model card, its YAML front matter from huggingface_hub's `ModelCardData`
-    (license, library, tags: what the Hub shows and filters on), then the model and training `settings`, the
-    `metrics` of a `regdit eval` JSON ((names -> values, eval settings) or None), the sample `grid` image (a file
-    name in the folder, or None) and how to sample `ckpt` / load `pretrained`."""
-    data = ModelCardData(license=license, library_name="regdit", pipeline_tag="unconditional-image-generation",
-                         tags=["regdit", "diffusion", "sit", "reg", "repa", "class-conditional", "image-generation"])
-    lines = [f"---\n{data.to_yaml()}\n---", f"# {title}", "",
-             "A class-conditional SiT diffusion transformer trained with regdit (REG, Representation Entanglement for "
-             "Generation, arXiv 2507.01467). `model.safetensors` holds the EMA weights, `config.json` the "
-             "architecture.", ""]
-    if grid:
-        lines += [f"![samples]({grid})", ""]
-    lines += ["## Settings", "", "| setting | value |", "|---|---|"]
-    lines += [f"| {name} | {value} |" for name, value in settings.items()]
-    if metrics:
-        values, eval_settings = metrics
-        ref = Path(str(eval_settings.get("ref_batch", "not recorded"))).name
-        lines += ["", "## Metrics", "", f"`regdit eval` (ADM evaluator) on {eval_settings.get('num_samples', '?')} "
-                  f"samples against `{ref}`:", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {name} | {value:.4f} |" for name, value in values.items()]
-    lines += ["", "## Use", "", "With regdit (REG's published guidance: `--cfg-scale 2.3 --cls-cfg-scale 2.3 "
-              "--guidance-high 0.85`):", "", "```bash", f"regdit sample --ckpt {ckpt} --num-fid-samples 50000", "```",
-              "", "```python",
-              "from regdit.models import SiT", "", f'model = SiT.from_pretrained("{pretrained}")', "```", ""]
-    return "\n".join(lines)
-
-
-def push_folder(folder, files, repo_id, private, message):
-    """Create the Hub repository `repo_id` if missing and upload exactly `files` (names in `folder`) in one commit:
-    nothing else that lies in the folder is sent. Returns the repository's URL."""
-    api = huggingface_hub.HfApi()
-    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(Path(folder) / name)) for name in files]
-    try:
-        url = api.create_repo(repo_id, private=private, exist_ok=True)
-        api.create_commit(repo_id, operations, commit_message=message)
-    except Exception as error:  # authentication, permissions, network: all the user's to fix, said in one line
-        detail = (str(error).splitlines() or [""])[0][:200]
-        raise RegditError(f"cannot push {folder} to {repo_id} ({type(error).__name__}: {detail}): log in with write "
-                          "access (`hf auth login` or HF_TOKEN); the export is complete, and the same command pushes "
-                          "it again") from None
-    return str(url)

@@ -8,7 +8,6 @@ import dataclasses
 import functools
 import math
 import numbers
-import os
 
 import numpy as np
 import torch
@@ -334,32 +333,6 @@ class SiT(nn.Module):
         for layer in zero_layers:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
-
-    @classmethod
-    def from_pretrained(cls, source, weights="ema", fused_attn=True):
-        """A SiT in eval mode from an export (its folder or its model.safetensors, local or `hf://`), a Hub
-        repository id `OWNER/NAME[@REVISION]` holding an export at its root, or a training checkpoint (.pt, its
-        `weights`: ema or model). The reader is `regdit.checkpoint.load_checkpoint` (checksum verified)."""
-        from regdit import hub  # lazily: checkpoint and hub import this module
-        from regdit.checkpoint import build_model_from_checkpoint, load_checkpoint
-
-        source = str(source)
-        if not hub.is_hub_url(source) and not os.path.exists(source) and source.count("/") == 1:
-            source = hub.PREFIX + source  # a repository id, as huggingface_hub's from_pretrained takes
-        if hub.is_hub_url(source) and not hub.parse(source).is_file:
-            location = hub.parse(source)
-            source = location.at(f"{location.path}/model.safetensors")
-        elif os.path.isdir(source):
-            source = os.path.join(source, "model.safetensors")
-        return build_model_from_checkpoint(load_checkpoint(source), source, weights, fused_attn=fused_attn).eval()
-
-    def save_pretrained(self, save_directory, latents=None, path_type=None):
-        """Write these weights in the export format (`model.safetensors` + `config.json`, what `regdit export`
-        writes and `from_pretrained` reads) into `save_directory`; `latents` ({"vae", "scale", "resolution"}) and
-        `path_type` tell `regdit sample` how to sample and decode. Returns the path of the weights."""
-        from regdit.checkpoint import write_export
-
-        return write_export(save_directory, self.state_dict(), self.config, latents, path_type)
 
     def flops(self):
         """Analytic forward FLOPs of one image (matmuls, 2 per multiply-add); a training step costs 3x this."""

@@ -21,6 +21,7 @@ from test_bad_inputs import snapshot
 from test_data import write_official
 
 from regdit import vae as vae_lib
+from regdit.checkpoint import save_pretrained
 from regdit.cli import main
 from regdit.encoders import save_random_encoder
 from regdit.files import TEMP_SUFFIX
@@ -138,8 +139,8 @@ def world(tmp_path_factory):
     prepare_latents(PrepareLatentsConfig(source=str(root / "images"), dest=str(root / "data"), vae="none", workers=0))
     save_random_encoder("dinov2-vit-b", root / "encoder", patch_size=7)
     model = SiT(SiTConfig(**TINY))
-    model.save_pretrained(root / "export", latents={"vae": "none", "scale": 1.0, "resolution": 32})
-    SiT(SiTConfig(**TINY, qk_norm=True)).save_pretrained(root / "export-qk-norm")
+    save_pretrained(model, root / "export", latents={"vae": "none", "scale": 1.0, "resolution": 32})
+    save_pretrained(SiT(SiTConfig(**TINY, qk_norm=True)), root / "export-qk-norm")
 
     for name, settings in CONFIGS.items():
         shutil.copytree(root / "export", root / f"export-{name}")

@@ -25,11 +25,12 @@ from PIL import Image
 
 import regdit
 from regdit import RegditError
-from regdit.checkpoint import ExportConfig, export, load_checkpoint
+from regdit.checkpoint import load_checkpoint
 from regdit.cli import COMMANDS, main
 from regdit.config import YAML_MAX_BYTES, field_type
 from regdit.encoders import save_random_encoder
 from regdit.evaluate import save_random_inception_weights
+from regdit.export import ExportConfig, export
 from regdit.prepare import (
     PrepareImagesConfig,
     PrepareLatentsConfig,

@@ -104,7 +104,7 @@ def test_export_to_safetensors_round_trip(official_tiny, tmp_path):
 
 def test_legacy_decoder_blocks_are_renumbered(official_tiny):
     checkpoint, _ = official_tiny
-    from regdit.checkpoint import convert_legacy_state_dict
+    from regdit.official import convert_legacy_state_dict
     legacy = {(f"decoder_blocks.{int(k.split('.')[1]) - 2}." + k.split(".", 2)[2]
                if k.startswith("blocks.") and int(k.split(".")[1]) >= 2 else k): v
               for k, v in checkpoint["ema"].items()}

@@ -9,8 +9,9 @@ import torch
 from conftest import cli_error
 from PIL import Image
 
-from regdit.checkpoint import load_checkpoint, load_init_weights
+from regdit.checkpoint import from_pretrained, load_checkpoint, save_pretrained
 from regdit.encoders import save_random_encoder
+from regdit.experiment import load_init_weights
 from regdit.models import SiT, SiTConfig
 from regdit.prepare import PrepareImagesConfig, PrepareLatentsConfig, prepare_images, prepare_latents
 from regdit.sample import SampleConfig, sample
@@ -41,7 +42,7 @@ def ten_classes(tmp_path_factory):
     with torch.no_grad():  # no zero-initialised layer: every copied tensor is recognisable
         ema = {k: v + 0.02 * torch.randn_like(v) for k, v in official.state_dict().items()}
         weights = {k: v + 0.02 * torch.randn_like(v) for k, v in ema.items()}
-    # num_heads in the args: a custom size, whose heads the weights' shapes do not tell (SiT.from_pretrained below)
+    # num_heads in the args: a custom size, whose heads the weights' shapes do not tell (from_pretrained below)
     torch.save({"model": weights, "ema": ema, "opt": {}, "steps": 4_000_000,
                 "args": argparse.Namespace(model="SiT-S/8", enc_type="dinov2-vit-b", encoder_depth=1,
                                            path_type="linear", cls=0.03, num_heads=2)}, root / "official.pt")
@@ -120,7 +121,7 @@ def test_class_embedding_rule_and_the_weights_chosen(ten_classes, tmp_path):
 def test_init_from_refusals_are_one_line(ten_classes, capsys, flags, message):
     export_dir = ten_classes / "export"
     if not export_dir.exists():
-        SiT.from_pretrained(ten_classes / "official.pt").save_pretrained(export_dir)
+        save_pretrained(from_pretrained(ten_classes / "official.pt"), export_dir)
     settings = config(ten_classes, exp_name="refused")
     argv = ["train", "--data-dir", settings.data_dir, "--resolution", "32", "--model", "SiT-S/8", "--depth", "2",
             "--hidden-size", "64", "--num-heads", "2", "--encoder-depth", "1", "--projector-dim", "64", "--enc-path",

@@ -1,4 +1,4 @@
-"""`hf://` paths served from a Hugging Face cache filled in the test (offline, no network), SiT.from_pretrained /
+"""`hf://` paths served from a Hugging Face cache filled in the test (offline, no network), from_pretrained /
 save_pretrained, and `regdit export --push-to-hub` against a local stand-in for the Hub API (test_outputs.LocalHub)."""
 import json
 import re
@@ -20,7 +20,7 @@ from test_outputs import local_hub_online
 from test_prepare_latents import tiny_vae
 
 from regdit import RegditError
-from regdit.checkpoint import ExportConfig, export, load_checkpoint
+from regdit.checkpoint import from_pretrained, load_checkpoint, save_pretrained
 from regdit.cli import main as cli_main
 from regdit.cli import parse_config
 from regdit.encoders import load_encoders, save_random_encoder
@@ -31,6 +31,7 @@ from regdit.evaluate import (
     output_path,
     save_random_inception_weights,
 )
+from regdit.export import ExportConfig, export
 from regdit.hub import parse, resolve_path
 from regdit.models import SiT, SiTConfig
 from regdit.vae import load_vae
@@ -162,10 +163,10 @@ def test_checkpoints_and_exports_from_the_hub_cache(hub, tmp_path):
     export(ExportConfig(ckpt=url, output=str(tmp_path / "export"), num_heads=4))  # an hf:// checkpoint exported
     hub("regdit-test/tiny", "export", tmp_path / "export")
     hub("regdit-test/root", "", tmp_path / "export")
-    expected = SiT.from_pretrained(tmp_path / "export").state_dict()
+    expected = from_pretrained(tmp_path / "export").state_dict()
     for source in ("hf://regdit-test/tiny/export/model.safetensors", "hf://regdit-test/tiny/export",
                    "regdit-test/root", "hf://regdit-test/root"):
-        model = SiT.from_pretrained(source)  # the export's config.json comes with its weights
+        model = from_pretrained(source)  # the export's config.json comes with its weights
         assert not model.training and all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
 
     # a revision: another commit under refs/v1, in both spellings
@@ -267,17 +268,17 @@ def test_from_pretrained_of_save_pretrained_round_trips_exactly(tmp_path):
     with torch.no_grad():
         for p in model.parameters():  # no zero-initialised layer left: every tensor is checked
             p.add_(torch.randn_like(p))
-    path = model.save_pretrained(tmp_path / "m", latents={"vae": "ema", "scale": 0.18215, "resolution": 64},
+    path = save_pretrained(model, tmp_path / "m", latents={"vae": "ema", "scale": 0.18215, "resolution": 64},
                                  path_type="linear")
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors"]
-    loaded = SiT.from_pretrained(tmp_path / "m")
+    loaded = from_pretrained(tmp_path / "m")
     assert loaded.config == config and loaded.state_dict().keys() == model.state_dict().keys()
     assert all(torch.equal(v, loaded.state_dict()[k]) and v.dtype == loaded.state_dict()[k].dtype
                for k, v in model.state_dict().items())
     assert load_checkpoint(path)["latents"]["vae"] == "ema"  # the export format, checksum verified
     # one writer: save_pretrained of an export's model writes what `regdit export` wrote
     cli_main(["export", str(OFFICIAL), "--output", str(tmp_path / "export"), "--num-heads", "4"])
-    SiT.from_pretrained(tmp_path / "export").save_pretrained(tmp_path / "again", path_type="linear")
+    save_pretrained(from_pretrained(tmp_path / "export"), tmp_path / "again", path_type="linear")
     assert (tmp_path / "again" / "config.json").read_bytes() == (tmp_path / "export" / "config.json").read_bytes()
     written = []
     for folder in ("export", "again"):  # the header's metadata order varies between calls: compare contents
@@ -325,7 +326,7 @@ def test_push_to_hub_uploads_the_export_with_a_model_card(exp, local_hub):
     for line in ("![samples](samples.png)", "| model | SiT-custom/2 (", "| training steps | 1 |",
                  "| method | REG (entangled class token + REPA alignment) |", "| encoder_depth | 2 |",
                  "| FID | 1.3600 |", "| Recall | 0.6600 |", "50000 samples against `VIRTUAL_imagenet256_labeled.npz`",
-                 "regdit sample --ckpt hf://me/reg-tiny/model.safetensors", 'SiT.from_pretrained("me/reg-tiny")'):
+                 "regdit sample --ckpt hf://me/reg-tiny/model.safetensors", 'from_pretrained("me/reg-tiny")'):
         assert line in card, line
 
 

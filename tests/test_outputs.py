@@ -23,10 +23,9 @@ from test_bad_inputs import EVAL, SAMPLE, TRAIN, snapshot
 from test_bad_inputs import world as bad_inputs_world  # noqa: F401 (its fixture, built again for this module)
 
 from regdit import RegditError
-from regdit.checkpoint import EXPORT_FILES
 from regdit.cli import main
+from regdit.export import EXPORT_FILES, push_folder
 from regdit.files import check_output
-from regdit.hub import push_folder
 
 CKPT = "{W}/exps/run/checkpoints/0000001.pt"
 REPORT = ["report", "{W}/exps/run"]

@@ -13,8 +13,8 @@ import torch
 import regdit.models
 import regdit.sample
 from regdit import RegditError
-from regdit.checkpoint import ExportConfig, export
 from regdit.cli import main as cli_main
+from regdit.export import ExportConfig, export
 from regdit.models import SiT, SiTConfig, create_sit
 from regdit.sample import SampleConfig, pack_npz
 from regdit.samplers import SAMPLERS
