@@ -16,7 +16,7 @@ import torch
 
 from regdit.evaluate import Reference, batch_activations, load_inception, save_random_inception_weights
 from regdit.models import SiT, SiTConfig, create_model
-from regdit.sample import sample_batch
+from regdit.sample import Sampling, sample_batch
 
 
 def timed(run, device):
@@ -35,7 +35,7 @@ def main():
     parser.add_argument("--model", default="SiT-XL/2", help="SiT name (ignored with --tiny)")
     parser.add_argument("--batch-size", type=int, default=64, help="samples per batch (--eval-batch-size)")
     parser.add_argument("--images", type=int, default=256, help="images timed in each stage")
-    parser.add_argument("--steps", type=int, default=250, help="SDE steps (--eval-steps)")
+    parser.add_argument("--steps", type=int, default=250, help="SDE steps (--eval-num-steps)")
     parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16"], help="--eval-mixed-precision")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke mode: tiny SiT in pixel space at 32 px")
     args = parser.parse_args()
@@ -55,11 +55,11 @@ def main():
     model = model.to(device).eval()
     with tempfile.TemporaryDirectory() as folder:
         inception = load_inception(save_random_inception_weights(f"{folder}/inception.pth"), device)
-    guidance = dict(cfg_scale=1.0, cls_cfg_scale=0.0, guidance_low=0.0, guidance_high=1.0, path_type="linear")
+    protocol = Sampling(sampler="sde", num_steps=args.steps)  # the paper's: no guidance
     batches = [range(start, min(start + args.batch_size, args.images)) for start in range(0, args.images,
                                                                                         args.batch_size)]
-    images, sampling = timed(lambda: [sample_batch(model, vae, batch, 0, False, "sde", args.steps,
-                                                   args.mixed_precision, **guidance) for batch in batches], device)
+    images, sampling = timed(lambda: [sample_batch(model, vae, batch, protocol, mixed_precision=args.mixed_precision)
+                                      for batch in batches], device)
     features, inception_seconds = timed(lambda: [batch_activations(batch, inception) for batch in images], device)
     metric_seconds = 0.0
     if not args.tiny:  # the metric stage does not depend on the model: random features of 10k images, as FID-10k

@@ -12,11 +12,16 @@ import time
 import torch
 
 from regdit.models import SiT, SiTConfig, create_model
-from regdit.sample import sample_batch
+from regdit.sample import Sampling, sample_batch
 from regdit.samplers import SAMPLERS
 from regdit.vae import decode_latents
 
 GUIDANCE = dict(cfg_scale=2.3, cls_cfg_scale=2.3, guidance_low=0.0, guidance_high=0.85, path_type="linear")
+
+
+def sampling(setting, steps):
+    """The Sampling of a MODES entry with `steps` steps and the published guidance."""
+    return Sampling(sampler=setting["sampler"], num_steps=steps, **GUIDANCE)
 MODES = {"SDE 250": dict(sampler="sde", num_steps=250), "ODE Heun 50": dict(sampler="heun", num_steps=50)}
 
 
@@ -107,14 +112,13 @@ def main():
         "official-style eager fp32": lambda setting, steps: official_batch(
             model, vae, args.batch_size, setting["sampler"], steps),
         "regdit fp32": lambda setting, steps: sample_batch(
-            model, vae, range(args.batch_size), **{**setting, "num_steps": steps}, **GUIDANCE),
+            model, vae, range(args.batch_size), sampling(setting, steps)),
         "regdit bf16": lambda setting, steps: sample_batch(
-            model, vae, range(args.batch_size), **{**setting, "num_steps": steps}, mixed_precision="bf16", **GUIDANCE),
+            model, vae, range(args.batch_size), sampling(setting, steps), mixed_precision="bf16"),
     }
     if compiled is not None:
         variants["regdit bf16 + compile"] = lambda setting, steps: sample_batch(
-            compiled, vae, range(args.batch_size), **{**setting, "num_steps": steps}, mixed_precision="bf16",
-            **GUIDANCE)
+            compiled, vae, range(args.batch_size), sampling(setting, steps), mixed_precision="bf16")
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"{args.model} at {args.resolution} px, batch {args.batch_size}, {'with' if vae else 'without'} VAE decode, "

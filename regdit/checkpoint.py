@@ -192,9 +192,9 @@ def _setting_hint(keys, state_dict, expected, size_flags=True):
     if any(k.startswith(("x_embedder", "t_embedder", "blocks.")) for k in keys):  # depth, width or patch size
         return _size_setting(state_dict, expected) if size_flags else "--model"
     if any(k.startswith(("cls_projectors2", "wg_norm", "final_layer.linear_cls")) for k in keys):
-        return "--cls / --projector-embed-dims (REG class token) or REPA vs REG weights"
+        return "--cls-dim / --z-dims (REG class token) or REPA vs REG weights"
     if any(k.startswith("projectors.") for k in keys):
-        return "--projector-embed-dims / --enc-type (one projector per encoder)"
+        return "--z-dims / --enc-type (one projector per encoder)"
     if any(k.startswith("pos_embed") for k in keys):
         return "--resolution or the patch size in --model"
     if any(k.startswith("y_embedder") for k in keys):

@@ -1,6 +1,10 @@
 """One configuration path for every command: a dataclass declares the settings (type from the annotation, default and
 help from `flag`); command-line flags, an optional YAML file (`--config FILE.yaml`) and, for commands whose config
 has `PRESETS`, a named recipe (`--preset NAME`) fill it. Precedence: explicit flag > YAML > preset > default.
+
+A field may hold another settings dataclass (`nested`): its fields are flags too, named with that class's
+FLAG_PREFIX (`TrainConfig.eval`, an `EvalSampling`, gives `--eval-cfg-scale`). Flags, YAML files and the settings a
+run records (`flat_settings`) all use these flat names.
 """
 import argparse
 import dataclasses
@@ -9,6 +13,7 @@ import math
 import types
 import typing
 from pathlib import Path
+from typing import ClassVar
 
 import yaml
 
@@ -16,7 +21,7 @@ from regdit import RegditError
 from regdit.files import check_regular_file
 
 RANGE_KEYS = ("at_least", "above", "at_most", "below")
-NOT_FOR_ARGPARSE = ("aliases", "positional", "required", "allow_inf", *RANGE_KEYS)
+NOT_FOR_ARGPARSE = ("aliases", "positional", "required", "allow_inf", "nested", *RANGE_KEYS)
 # What a YAML file of settings may hold, checked before it is composed: its size bounds the memory and time spent on
 # it, and anchors and aliases are refused because a few hundred bytes of nested aliases compose to gigabytes.
 YAML_MAX_BYTES = 1 << 20
@@ -41,21 +46,51 @@ def flag(default, help, *, aliases=(), positional=False, required=False, at_leas
     return dataclasses.field(default=default, metadata=metadata)
 
 
-def flag_name(field):
-    return field.name.upper() if field.metadata.get("positional") else f"--{field.name.replace('_', '-')}"
+def nested(settings_class, help):
+    """A field holding a `settings_class` instance (default: its defaults), whose fields are flags named with its
+    FLAG_PREFIX."""
+    return dataclasses.field(default_factory=settings_class, metadata=dict(help=help, nested=True))
+
+
+def flag_name(field, prefix=""):
+    if field.metadata.get("positional"):
+        return field.name.upper()
+    return f"--{prefix + '-' if prefix else ''}{field.name.replace('_', '-')}"
+
+
+def flag_names(field, prefix=""):
+    """The flag and its aliases (the official spellings), with the prefix of nested settings."""
+    return [flag_name(field, prefix), *(f"--{prefix}-{alias[2:]}" if prefix else alias
+                                        for alias in field.metadata.get("aliases", []))]
+
+
+def leaf_fields(config_class, prefix=""):
+    """(flat name, field, flag prefix, declaring class) of every flag of `config_class`, those of nested settings
+    included."""
+    for field in dataclasses.fields(config_class):
+        if field.metadata.get("nested"):
+            inner = typing.get_type_hints(config_class)[field.name]
+            yield from leaf_fields(inner, inner.FLAG_PREFIX)
+        else:
+            yield (f"{prefix}_{field.name}" if prefix else field.name), field, prefix, config_class
 
 
 class Settings:
     """Base of the command configs: every field's declared range is checked when a config is made (from flags, YAML
     or Python), so a bad setting is one line naming the flag, its value and the accepted range before any file is
-    touched. `check()` adds the rules that relate several settings."""
+    touched. `check()` adds the rules that relate several settings. FLAG_PREFIX names the flags of a class used as
+    `nested` settings."""
+    FLAG_PREFIX: ClassVar[str] = ""
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
+            if field.metadata.get("nested"):  # checked when it was made, under its own flag names
+                continue
             value, bounds = getattr(self, field.name), {k: field.metadata.get(k) for k in RANGE_KEYS}
+            name = "/".join(flag_names(field, self.FLAG_PREFIX))  # an alias may be what the user wrote
             if isinstance(value, float) and not (math.isfinite(value) or math.isinf(value)
                                                  and field.metadata.get("allow_inf")):
-                raise RegditError(f"{flag_name(field)} {value}: must be a finite number")
+                raise RegditError(f"{name} {value}: must be a finite number")
             if value is None or all(bound is None for bound in bounds.values()):
                 continue
             if (bounds["at_least"] is not None and value < bounds["at_least"]
@@ -64,15 +99,18 @@ class Settings:
                     or bounds["below"] is not None and value >= bounds["below"]):
                 accepted = " and ".join(f"{key.replace('_', ' ')} {bound}" for key, bound in bounds.items()
                                         if bound is not None)
-                raise RegditError(f"{flag_name(field)} {value}: must be {accepted}")
-        for field in dataclasses.fields(self):  # argparse checks choices on the command line, this everywhere
-            choices, value = field.metadata.get("choices"), getattr(self, field.name)
+                raise RegditError(f"{name} {value}: must be {accepted}")
+            choices = field.metadata.get("choices")  # argparse checks them on the command line, this everywhere
             if choices is not None and value is not None and value not in choices:
-                raise RegditError(f"{flag_name(field)} {value}: must be one of {', '.join(map(str, choices))}")
+                raise RegditError(f"{name} {value}: must be one of {', '.join(map(str, choices))}")
         self.check()
 
     def check(self):
-        """Rules between settings; raise RegditError naming the flags."""
+        """Rules between settings; raise RegditError naming the flags (`flag_of`)."""
+
+    def flag_of(self, name):
+        """The flag of the field `name` with its aliases, as the user writes them (`--sampler/--mode`)."""
+        return "/".join(flag_names(next(f for f in dataclasses.fields(self) if f.name == name), self.FLAG_PREFIX))
 
 
 def field_type(config_class, name):
@@ -86,12 +124,12 @@ def field_type(config_class, name):
 
 
 def add_dataclass_arguments(parser, config_class):
-    """One argparse argument per field of `config_class`, then `--config` and (with `PRESETS`) `--preset`."""
-    for field in dataclasses.fields(config_class):
+    """One argparse argument per flag of `config_class`, then `--config` and (with `PRESETS`) `--preset`."""
+    for name, field, prefix, owner in leaf_fields(config_class):
         kwargs = {k: v for k, v in field.metadata.items() if k not in NOT_FOR_ARGPARSE}
         if field.metadata.get("required"):
             kwargs["help"] += " (required)"
-        value_type, is_list = field_type(config_class, field.name)
+        value_type, is_list = field_type(owner, field.name)
         if value_type is bool:
             kwargs.setdefault("action", argparse.BooleanOptionalAction)
         elif "action" not in kwargs:
@@ -101,8 +139,7 @@ def add_dataclass_arguments(parser, config_class):
         if field.metadata.get("positional"):
             parser.add_argument(field.name, **{"nargs": "?", **kwargs}, default=field.default)
         else:
-            names = [f"--{field.name.replace('_', '-')}", *field.metadata.get("aliases", [])]
-            parser.add_argument(*names, dest=field.name, default=field.default, **kwargs)
+            parser.add_argument(*flag_names(field, prefix), dest=name, default=field.default, **kwargs)
     parser.add_argument("--config", type=Path, default=None, help="YAML file of settings (names with - or _)")
     presets = getattr(config_class, "PRESETS", None)
     if presets:
@@ -183,8 +220,12 @@ def read_yaml_config(path, config_class, command):
     values = read_yaml(path, "config file") or {}
     if not isinstance(values, dict):
         raise RegditError(f"config file {path} must be a mapping of setting names to values")
-    values = {str(k).replace("-", "_"): v for k, v in values.items()}
-    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(config_class)})
+    names = {}  # spelling in the file -> flat setting name: the names, and the flags with their aliases
+    for name, field, prefix, _ in leaf_fields(config_class):
+        names.update({flag[2:].replace("-", "_"): name for flag in flag_names(field, prefix) if flag[:2] == "--"})
+        names[name] = name
+    values = {names.get(key, key): value for key, value in ((str(k).replace("-", "_"), v) for k, v in values.items())}
+    unknown = sorted(set(values) - set(names.values()))
     if unknown:
         raise RegditError(f"config file {path} has unknown settings {', '.join(unknown)}: "
                           f"see `regdit {command} --help` for the valid names")
@@ -202,14 +243,35 @@ def preset_and_yaml_defaults(args, config_class, parser, command):
     return defaults
 
 
-def config_from_args(args, config_class):
-    return config_class(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)})
+def config_from_args(args, config_class, prefix=""):
+    """The `config_class` of parsed flags (nested settings made first, from their prefixed flags)."""
+    values = {}
+    for field in dataclasses.fields(config_class):
+        if field.metadata.get("nested"):
+            inner = typing.get_type_hints(config_class)[field.name]
+            values[field.name] = config_from_args(args, inner, inner.FLAG_PREFIX)
+        else:
+            values[field.name] = getattr(args, f"{prefix}_{field.name}" if prefix else field.name)
+    return config_class(**values)
+
+
+def flat_settings(config):
+    """{flat name: value} of every flag of a config: what a run records and what a YAML file holds."""
+    settings = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if field.metadata.get("nested"):
+            prefix = f"{value.FLAG_PREFIX}_" if value.FLAG_PREFIX else ""
+            settings.update({prefix + name: inner for name, inner in flat_settings(value).items()})
+        else:
+            settings[field.name] = value
+    return settings
 
 
 def missing_required(config):
     """The flags of required settings that neither the command line nor the YAML file gave."""
-    return [flag_name(f) for f in dataclasses.fields(config)
-            if f.metadata.get("required") and getattr(config, f.name) in (None, [])]
+    return [flag_name(field, prefix) for name, field, prefix, _ in leaf_fields(type(config))
+            if field.metadata.get("required") and flat_settings(config)[name] in (None, [])]
 
 
 def changed_setting(previous, current, may_change):

@@ -162,7 +162,7 @@ def run_demo(config: DemoConfig):
         prepare_latents,
         prepare_vae,
     )
-    from regdit.sample import SampleConfig, sample
+    from regdit.sample import SampleConfig, Sampling, sample
     from regdit.train import TrainConfig, train
 
     out, seed, steps = Path(config.output), config.seed, config.steps
@@ -210,7 +210,8 @@ def run_demo(config: DemoConfig):
 
     npz = sample(SampleConfig(ckpt=str(result["checkpoint"]), sample_dir=str(out / "samples"), vae=vae,
                               num_fid_samples=len(classes) * config.samples_per_class, per_proc_batch_size=100,
-                              num_steps=config.sampling_steps, balanced=True, global_seed=seed, **SAMPLE_RECIPE))
+                              sampling=Sampling(num_steps=config.sampling_steps, **SAMPLE_RECIPE), balanced=True,
+                              global_seed=seed))
     with np.load(npz) as samples:
         images, labels = samples["arr_0"], samples["labels"]
     class_grid(images, labels, len(classes), config.samples_per_class, out / "samples_grid.png")

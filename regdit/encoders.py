@@ -238,9 +238,9 @@ def _from_mocov3(state):
     return out
 
 
-def check_encoders(encoders, num_tokens, cls_dim=None, z_dims=None):
-    """Fail before training when the SiT and the encoders disagree: token count (SiT T + 1 against the encoder's
-    1 + T'), class token width (`--cls`) or projector widths (`--projector-embed-dims`)."""
+def check_encoders(encoders, num_tokens):
+    """Fail before training when the SiT and the encoders disagree on the token count (SiT T + 1 against the
+    encoder's 1 + T')."""
     for encoder in encoders:
         if encoder.num_tokens != num_tokens:
             side = math.isqrt(encoder.num_tokens - 1)
@@ -248,13 +248,6 @@ def check_encoders(encoders, num_tokens, cls_dim=None, z_dims=None):
                               f"{encoder.resolution} but the SiT has 1+{num_tokens - 1}: use a --model whose patch "
                               f"size gives a {side}x{side} token grid (SiT-*/2 with DINOv2 at 256 px), or change "
                               f"--enc-type / --resolution")
-    widths = [encoder.embed_dim for encoder in encoders]
-    if cls_dim is not None and cls_dim != widths[0]:
-        raise RegditError(f"--cls {cls_dim} does not match the class token width {widths[0]} of encoder "
-                          f"{encoders[0].name}: set --cls {widths[0]}")
-    if z_dims is not None and list(z_dims) != widths:
-        raise RegditError(f"--projector-embed-dims {','.join(map(str, z_dims))} does not match the encoder widths "
-                          f"{','.join(map(str, widths))}: set --projector-embed-dims {','.join(map(str, widths))}")
 
 
 def save_random_encoder(enc_type, path, patch_size, embed_dim=32, depth=2, num_heads=2, grid=8, seed=0):

@@ -17,6 +17,8 @@ from regdit.checkpoint import check_weights, load_checkpoint, load_state_dict_ch
 from regdit.config import changed_setting, read_yaml
 from regdit.files import TEMP_SUFFIX, atomic_write, check_output, read_head
 from regdit.models import SiTConfig
+from regdit.sample import Sampling
+from regdit.samplers import SAMPLERS
 
 
 class Checkpoints:
@@ -99,17 +101,17 @@ class Checkpoints:
             shutil.copyfile(self.path(step), temporary)
         os.replace(temporary, best)
 
-    def save(self, step, accelerator, config, model, ema, optimizer, dataset):
+    def save(self, step, accelerator, settings, model, ema, optimizer, dataset):
         """Every process checks its weights are finite (all stop, not only the one that saves); the main process
-        writes atomically."""
+        writes atomically. `settings`: the run's flag values (`config.flat_settings`)."""
         finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
         if not accelerator.gather(finite[None]).all():
             raise RegditError(f"non-finite weights at step {step}: not saving; the last good checkpoint is kept")
         if accelerator.is_main_process:
             state = dict(model=model.state_dict(), ema=ema.state_dict(), opt=optimizer.state_dict(),
-                         args=Namespace(**dataclasses.asdict(config)), steps=step, model_config=model.config.to_dict(),
+                         args=Namespace(**settings), steps=step, model_config=model.config.to_dict(),
                          latents=dict(vae=dataset.vae, scale=dataset.latent_scale, resolution=dataset.resolution),
-                         config=dataclasses.asdict(config))
+                         config=settings)
             if accelerator.scaler is not None:
                 state["scaler"] = accelerator.scaler.state_dict()
             save_checkpoint(state, self.path(step))
@@ -117,17 +119,19 @@ class Checkpoints:
 
 
 class MetricLog:
-    """Sums the loss's logs and the gradient norm on the device (no host sync per step) and flushes their means every
-    --log-every steps to metrics.jsonl, the tracker and the progress bar, with images/s and model TFLOP/s per
-    process; evaluations add lines of `eval/` metrics. After a resume, metrics.jsonl keeps the lines up to the
-    checkpoint's step only, so each step's lines appear once."""
+    """Sums the logs of the steps (the loss's and the gradient norm) on the device (no host sync per step) and
+    flushes their means every --log-every steps to metrics.jsonl, the tracker and the progress bar, with images/s and
+    model TFLOP/s per process; evaluations add lines of `eval/` metrics. A non-finite loss, or gradient norm unless
+    `check_grad_norm` is off (under fp16 the grad scaler skips overflowing steps by design), stops the run at the
+    flush. After a resume, metrics.jsonl keeps the lines up to the checkpoint's step only, so each step's lines
+    appear once."""
 
-    def __init__(self, accelerator, path, batch_size, flops_per_image, start_step):
+    def __init__(self, accelerator, path, batch_size, flops_per_image, start_step, check_grad_norm=True):
         self.accelerator, self.path, self.batch_size = accelerator, path, batch_size
-        self.flops_per_image = flops_per_image
-        self.sums, self.grad_norm_sum = None, torch.zeros((), device=accelerator.device)
+        self.flops_per_image, self.check_grad_norm = flops_per_image, check_grad_norm
+        self.sums = None
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=accelerator.device)
-        self.micro_batches = self.steps = 0
+        self.steps = 0
         self.start, self.paused, self.logged, self.evaluations = time.perf_counter(), 0.0, [], []
         # a killed run may have logged past its checkpoint; every process reads which steps were evaluated
         lines = [line for line in path.read_text().splitlines() if logged_step(line) <= start_step] if path.is_file() \
@@ -145,18 +149,13 @@ class MetricLog:
         return None
 
     def add(self, logs):
-        """The logs of one micro-batch (detached scalars)."""
+        """The logs of one optimizer step (detached scalars, grad_norm among them)."""
         values = torch.stack(list(logs.values()))
         self.names = list(logs)
         self.sums = values if self.sums is None else self.sums + values
         self.nonfinite |= ~torch.isfinite(logs["loss_final"])
-        self.micro_batches += 1
-
-    def add_step(self, grad_norm, check_grad_norm):
-        """One optimizer step; under fp16 the grad scaler skips overflowing steps by design (`check_grad_norm` off)."""
-        self.grad_norm_sum += grad_norm.detach()
-        if check_grad_norm:
-            self.nonfinite |= ~torch.isfinite(grad_norm)
+        if self.check_grad_norm:
+            self.nonfinite |= ~torch.isfinite(logs["grad_norm"])
         self.steps += 1
 
     def exclude(self, seconds):
@@ -189,18 +188,16 @@ class MetricLog:
         if accelerator.gather(self.nonfinite[None]).any():
             raise RegditError(f"non-finite loss or gradient before step {step}: stopping; the last good checkpoint in "
                               f"{checkpoint_dir} is kept (try a lower --learning-rate or bf16)")
-        means = accelerator.reduce(torch.cat([self.sums / self.micro_batches, self.grad_norm_sum[None] / self.steps]),
-                                   "mean")
+        means = accelerator.reduce(self.sums / self.steps, "mean")
         images_per_sec = self.steps * self.batch_size / (time.perf_counter() - self.start - self.paused)
-        metrics = dict(zip([*self.names, "grad_norm"], means.tolist()), step=step, images_per_sec=images_per_sec,
+        metrics = dict(zip(self.names, means.tolist()), step=step, images_per_sec=images_per_sec,
                        tflops_per_process=images_per_sec * self.flops_per_image / accelerator.num_processes / 1e12)
         self.logged.append(metrics)
         if accelerator.is_main_process:
             with open(self.path, "a") as f:  # one short line per interval: appended, each line whole
                 f.write(json.dumps(metrics) + "\n")
             accelerator.log(metrics, step=step)
-        self.sums, self.micro_batches, self.steps = None, 0, 0
-        self.grad_norm_sum.zero_()
+        self.sums, self.steps = None, 0
         self.start, self.paused = time.perf_counter(), 0.0
         return metrics
 
@@ -248,26 +245,28 @@ def log_image(accelerator, name, image, step):
             tracker.run.log({name: wandb.Image(image.permute(1, 2, 0).numpy())}, step=step)
 
 
+PREVIEW = Sampling(sampler="ode", num_steps=50, cfg_scale=4.0)  # official train.py: 50 Euler steps, cfg 4
+
+
 class SamplePreview:
-    """A grid of EMA samples from fixed noise and labels (official train.py: ODE, 50 Euler steps, cfg 4)."""
+    """A grid of EMA samples from fixed noise and labels, drawn as PREVIEW says (without guidance when the run has no
+    label dropout, hence no null class)."""
 
     def __init__(self, config, vae, latent_shape, cls_dim, device, num_samples=16):
         g = torch.Generator().manual_seed(config.seed)
         self.labels = (torch.arange(num_samples) % config.num_classes).to(device)
         self.noise = torch.randn(num_samples, *latent_shape, generator=g).to(device)
         self.cls_noise = torch.randn(num_samples, cls_dim, generator=g).to(device) if cls_dim else None
-        self.vae = vae
-        self.path_type = config.path_type
-        self.guidance = config.cfg_prob > 0  # without label dropout the model has no null class to guide with
+        self.vae, self.path_type = vae, config.path_type
+        self.sampling = PREVIEW if config.class_dropout_prob > 0 else dataclasses.replace(PREVIEW, cfg_scale=1.0)
 
     def save(self, ema, path):
         """Write the grid to `path`; returns it (3, H, W) in [0, 1] for the trackers."""
         from torchvision.utils import make_grid, save_image
 
-        from regdit.samplers import SAMPLERS
         from regdit.vae import decode_latents
-        latents = SAMPLERS["ode"](ema, self.noise, self.cls_noise, self.labels, num_steps=50,
-                                  cfg_scale=4.0 if self.guidance else 1.0, path_type=self.path_type)
+        latents = SAMPLERS[self.sampling.sampler](ema, self.noise, self.cls_noise, self.labels,
+                                                  **self.sampling.arguments(self.path_type))
         images = decode_latents(self.vae, latents.float()).permute(0, 3, 1, 2).float() / 255  # (N, 3, H, W)
         grid = make_grid(images, nrow=math.ceil(math.sqrt(len(images))), padding=0).cpu()
         path.parent.mkdir(parents=True, exist_ok=True)

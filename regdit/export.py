@@ -58,8 +58,9 @@ class ExportConfig(Settings):
                                   "unset it, or drop --push-to-hub to export only")
 
 
-CARD_SETTINGS = ("enc_type", "encoder_depth", "proj_coeff", "cls", "batch_size", "learning_rate", "ema_decay",
-                 "cfg_prob", "weighting", "init_from")  # training settings shown on the model card, when recorded
+# training settings shown on the model card, when recorded (official checkpoints' args spell two of them cls, cfg_prob)
+CARD_SETTINGS = ("enc_type", "encoder_depth", "proj_coeff", "cls_coeff", "cls", "batch_size", "learning_rate",
+                 "ema_decay", "class_dropout_prob", "cfg_prob", "weighting", "init_from")
 
 
 METHODS = {"reg": "REG (entangled class token + REPA alignment)", "repa": "REPA (alignment only)", "sit": "SiT"}

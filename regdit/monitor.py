@@ -44,9 +44,6 @@ class TrainingEvaluation:
             check_resolutions(ref_batch, images.shape, "of this run", shape)
             self.reference = Reference.from_batch(ref_batch, images, self.inception, config.eval_batch_size, state)
         warn_if_few((ref_batch, len(self.reference.pool)), ("--eval-samples", config.eval_samples))
-        self.guidance = dict(cfg_scale=config.eval_cfg_scale, cls_cfg_scale=config.eval_cls_cfg_scale,
-                             guidance_low=config.eval_guidance_low, guidance_high=config.eval_guidance_high,
-                             path_type=config.path_type)
 
     def __call__(self, ema):
         """(metrics, seconds): IS, FID, sFID, precision and recall of `config.eval_samples` samples of `ema`."""
@@ -57,8 +54,8 @@ class TrainingEvaluation:
         with tf32(True):  # as `regdit sample` samples (its --tf32 default, cuDNN's default): the same numbers on GPU
             for k in range(state.process_index, len(starts), state.num_processes):
                 indices = range(starts[k], min(starts[k] + config.eval_batch_size, config.eval_samples))
-                images = sample_batch(ema, self.vae, indices, config.seed, False, config.eval_mode, config.eval_steps,
-                                      config.eval_mixed_precision, **self.guidance)
+                images = sample_batch(ema, self.vae, indices, config.eval, config.seed, False,
+                                      config.eval_mixed_precision, config.path_type)
                 features[k] = batch_activations(images, self.inception)
         batches = gather_batches(features, state)
         metrics = None

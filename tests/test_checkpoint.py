@@ -59,7 +59,7 @@ def test_pickled_code_is_refused(tmp_path):
         load_checkpoint(path)
 
 
-@pytest.mark.parametrize("override,hint", [({"z_dims": [16]}, "--cls / --projector-embed-dims"),
+@pytest.mark.parametrize("override,hint", [({"z_dims": [16]}, "--cls-dim / --z-dims"),
                                            ({"use_cls_token": False}, "--cls"),
                                            ({"depth": 3}, "--model"),
                                            ({"hidden_size": 32}, "--model"),

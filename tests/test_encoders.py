@@ -212,17 +212,14 @@ def test_several_encoders_from_env(tiny, offline, monkeypatch):
     monkeypatch.setenv("REGDIT_ENCODER_PATH", f"{tiny['dinov2-vit-b']},{tiny['mae-vit-l']}")
     encoders = load_encoders("dinov2-vit-b,mae-vit-l", 32)
     assert [e.name for e in encoders] == ["dinov2-vit-b", "mae-vit-l"]
-    check_encoders(encoders, 17, cls_dim=32, z_dims=[32, 32])
+    check_encoders(encoders, 17)
+    assert [e.embed_dim for e in encoders] == [32, 32]
 
 
 def test_check_encoders_errors(tiny, offline):
     encoder, = load_encoders("dinov2-vit-b", 32, enc_path=str(tiny["dinov2-vit-b"]))
     with pytest.raises(RegditError, match=r"dinov2-vit-b gives 1\+16 tokens at resolution 32 but the SiT has 1\+4"):
         check_encoders([encoder], 1 + 4)
-    with pytest.raises(RegditError, match="--cls 768 .* set --cls 32"):
-        check_encoders([encoder], 17, cls_dim=768)
-    with pytest.raises(RegditError, match="--projector-embed-dims 768 .* set --projector-embed-dims 32"):
-        check_encoders([encoder], 17, z_dims=[768])
 
 
 def test_bad_input_errors(tiny, offline, tmp_path):

@@ -14,7 +14,7 @@ from regdit.encoders import save_random_encoder
 from regdit.experiment import load_init_weights
 from regdit.models import SiT, SiTConfig
 from regdit.prepare import PrepareImagesConfig, PrepareLatentsConfig, prepare_images, prepare_latents
-from regdit.sample import SampleConfig, sample
+from regdit.sample import SampleConfig, Sampling, sample
 from regdit.train import TrainConfig, train
 
 # a tiny REG SiT on 32 px pixel space, patch 8: 4x4 tokens, as the tiny DINOv2-B encoder's 28 px input in 7 px patches
@@ -74,8 +74,8 @@ def test_finetune_from_an_official_checkpoint_to_10_classes_trains_and_samples(t
     assert saved["model_config"]["num_classes"] == 10 and saved["config"]["init_from"] == str(ten_classes /
                                                                                              "official.pt")
 
-    npz = sample(SampleConfig(ckpt=str(result["checkpoint"]), num_fid_samples=4, mode="ode", num_steps=2,
-                              cfg_scale=2.0, sample_dir=str(ten_classes / "samples")))
+    npz = sample(SampleConfig(ckpt=str(result["checkpoint"]), num_fid_samples=4, sampling=Sampling(
+        sampler="ode", num_steps=2, cfg_scale=2.0), sample_dir=str(ten_classes / "samples")))
     with np.load(npz) as samples:
         assert samples["arr_0"].shape == (4, 32, 32, 3) and samples["labels"].max() < 10
 

@@ -357,6 +357,7 @@ def test_readme_samples_the_published_checkpoint_in_one_command():
     command = re.search(r"```bash\n(regdit sample .*?)\n#", section, re.S).group(1)
     _, _, config = parse_config(shlex.split(command.replace("\\\n", " "))[1:])
     assert config.ckpt == "hf://Martinser/REG/4000000.pt" and parse(config.ckpt).is_file
-    assert (config.mode, config.num_steps, config.cfg_scale, config.cls_cfg_scale, config.guidance_low,
-            config.guidance_high, config.num_fid_samples) == ("sde", None, 2.3, 2.3, 0.0, 0.85, 50000)
+    sampling = config.sampling
+    assert (sampling.sampler, sampling.num_steps, sampling.cfg_scale, sampling.cls_cfg_scale, sampling.guidance_low,
+            sampling.guidance_high, config.num_fid_samples) == ("sde", None, 2.3, 2.3, 0.0, 0.85, 50000)
     assert "FID 1.36" in section

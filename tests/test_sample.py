@@ -1,4 +1,5 @@
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -16,7 +17,7 @@ from regdit import RegditError
 from regdit.cli import main as cli_main
 from regdit.export import ExportConfig, export
 from regdit.models import SiT, SiTConfig, create_sit
-from regdit.sample import SampleConfig, pack_npz
+from regdit.sample import SampleConfig, Sampling, pack_npz
 from regdit.samplers import SAMPLERS
 
 TINY = dict(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10,
@@ -61,10 +62,11 @@ def one_thread():
 
 
 def sample(ckpt, sample_dir, num_samples, batch_size, **settings):
-    """`regdit sample` from Python: `ckpt` a checkpoint path or a SiT object."""
+    """`regdit sample` from Python: `ckpt` a checkpoint path or a SiT object; `settings` of SampleConfig or Sampling."""
     model = ckpt if isinstance(ckpt, torch.nn.Module) else None
+    sampling = {f.name: settings.pop(f.name) for f in dataclasses.fields(Sampling) if f.name in settings}
     config = SampleConfig(ckpt=None if model else str(ckpt), sample_dir=str(sample_dir), num_fid_samples=num_samples,
-                          per_proc_batch_size=batch_size, **settings)
+                          per_proc_batch_size=batch_size, sampling=Sampling(**sampling), **settings)
     return regdit.sample.sample(config, model)
 
 
@@ -151,9 +153,9 @@ def test_official_checkpoint_from_flags_samples_like_its_export(files, tmp_path,
     monkeypatch.setitem(regdit.models.SiT_models, "SiT-T/2",
                         functools.partial(create_sit, depth=2, hidden_size=32, num_heads=2, patch_size=2,
                                           projector_dim=32))
-    run = dict(vae=files["vae"], num_samples=2, batch_size=2, mode="ode", heun=True, num_steps=3)
+    run = dict(vae=files["vae"], num_samples=2, batch_size=2, sampler="ode", heun=True, num_steps=3)
     official = sample(files["official"], tmp_path, model="SiT-T/2", resolution=32, num_classes=10,
-                      projector_embed_dims="16", encoder_depth=1, cls=16, **run)
+                      z_dims="16", encoder_depth=1, cls_dim=16, **run)
     exported = sample(files["export"], tmp_path, **run)
     assert official.name.startswith("SiT-custom-2-last-size-32-vae-vae-cfg-1.0")
     for a, b in zip(load(official), load(exported)):
@@ -175,9 +177,9 @@ def test_official_checkpoint_of_a_standard_size_needs_no_model_flags(files, tmp_
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--projector-embed-dims", "8"], r"model.safetensors does not match the model: .*check .*--projector-embed-dims"),
+    (["--projector-embed-dims", "8"], r"model.safetensors does not match the model: .*check .*--z-dims"),
     (["--resolution", "64"], r"does not match the model: .*check --resolution"),
-    (["--cls", "8"], r"--cls 8 is not the class-token width 16 of .*model.safetensors; pass --cls 16"),
+    (["--cls", "8"], r"--cls-dim 8 is not the class-token width 16 of .*model.safetensors; pass --cls-dim 16"),
     (["--vae", "none"], r"denoises 4-channel latents but --vae none gives 3: pass the VAE the model was trained with"),
 ])
 def test_checkpoint_that_does_not_match_the_flags(files, tmp_path, flags, message):
@@ -193,7 +195,7 @@ def test_pixel_space_repa_model_object_with_balanced_labels(tmp_path):
     # the demo's setting: a model object, no VAE (3-channel 8 px "latents" are the images: --vae unset means none),
     # REPA (no class token)
     model = tiny_model(input_size=8, in_channels=3, use_cls_token=False).train()
-    npz_path = sample(model, tmp_path, num_samples=12, batch_size=5, balanced=True, mode="ode",
+    npz_path = sample(model, tmp_path, num_samples=12, batch_size=5, balanced=True, sampler="ode",
                       num_steps=4, cfg_scale=1.5, mixed_precision="bf16")
     images, labels = load(npz_path)
     assert not model.training

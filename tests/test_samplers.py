@@ -58,7 +58,7 @@ def test_ode_sampler_returns_the_data_distribution(heun, steps):
 
 @pytest.mark.parametrize("name,steps", [("sde", 100), ("ode", 50), ("heun", 20)])
 def test_every_registered_sampler_takes_the_common_signature(name, steps):
-    assert set(SAMPLERS) == {"sde", "ode", "heun"}
+    assert {"sde", "ode", "heun"} <= set(SAMPLERS)  # extensions may add more (test_extensions.py)
     model = GaussianVelocity("cosine")
     x, cls, y = _noise()
     out = SAMPLERS[name](model, x, cls, y, num_steps=steps, cfg_scale=1.0, cls_cfg_scale=0.0, guidance_low=0.0,

@@ -22,7 +22,7 @@ from regdit.interpolants import path_coefficients
 from regdit.loss import REGLoss
 from regdit.models import SiT
 from regdit.prepare import PrepareImagesConfig, PrepareLatentsConfig, prepare_images, prepare_latents
-from regdit.train import ShardedBatchSampler, TrainConfig, sit_config, step_randomness, train
+from regdit.train import EvalSampling, ShardedBatchSampler, TrainConfig, setup, sit_config, step_randomness, train
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,8 @@ def test_one_step_equals_hand_computed_loss_adamw_and_ema(tiny_data):
     initial = {k: v.clone() for k, v in model.named_parameters()}
     indices = next(iter(ShardedBatchSampler(len(dataset), 8, 8, 0, 1, config.seed, epoch=0)))
     images, moments, labels = (torch.stack([torch.as_tensor(dataset[i][j]) for i in indices]) for j in range(3))
-    draws = step_randomness(config, 0, 8, (3, 32, 32), encoder.embed_dim, torch.device("cpu"))
+    with setup(config) as run:  # the run's own draws of step 0
+        draws = step_randomness(run, 0)
     mean, std = moments.chunk(2, dim=1)
     x = mean + std * draws["posterior"]  # pixel space: scale 1
     cls_token, dense = encoder(images)
@@ -275,7 +276,7 @@ def test_fewer_classes_than_the_dataset_is_an_error(tiny_data):
 
 
 def test_no_label_dropout_previews_without_guidance(tiny_data):
-    result = train(tiny_config(tiny_data, exp_name="no_cfg", cfg_prob=0.0, max_train_steps=2, sampling_steps=2))
+    result = train(tiny_config(tiny_data, exp_name="no_cfg", class_dropout_prob=0.0, max_train_steps=2, sampling_steps=2))
     assert (result["exp_dir"] / "samples" / "0000002.png").is_file()
 
 
@@ -378,7 +379,9 @@ def reference(tiny_data):
     return dict(ref_batch=str(tiny_data / "ref.npz"), inception_weights=str(weights))
 
 
-EVAL = dict(eval_every=2, eval_samples=6, eval_steps=3, eval_batch_size=4, eval_cfg_scale=1.5, eval_cls_cfg_scale=1.5)
+EVAL_SAMPLING = dict(num_steps=3, cfg_scale=1.5, cls_cfg_scale=1.5)
+EVAL = dict(eval_every=2, eval_samples=6, eval_batch_size=4)
+EVAL_FLAGS = {**EVAL, **{f"eval_{name}": value for name, value in EVAL_SAMPLING.items()}}
 
 
 @pytest.fixture(scope="module")
@@ -387,7 +390,7 @@ def evaluated(tiny_data, reference):
     2048 x 2048 matrix square roots: the tests share this one run)."""
     from regdit.monitor import TrainingEvaluation
     config = tiny_config(tiny_data, exp_name="evaluated", max_train_steps=4, checkpointing_steps=4, **EVAL,
-                         **reference)
+                         eval=EvalSampling(**EVAL_SAMPLING), **reference)
     real_call, calls = TrainingEvaluation.__call__, []
 
     def killed_in_the_second_evaluation(self, ema):
@@ -414,7 +417,7 @@ EVAL_METRICS = ("inception_score", "fid", "sfid", "precision", "recall")
 
 def test_evaluation_while_training_equals_sample_then_eval(evaluated, reference, tiny_data):
     from regdit.evaluate import evaluate
-    from regdit.sample import SampleConfig, sample
+    from regdit.sample import SampleConfig, Sampling, sample
     config, result = evaluated["config"], evaluated["result"]
     checkpoints = result["exp_dir"] / "checkpoints"
     assert evaluated["files_after_kill"] == ["0000002.pt", "0000004.pt", "best.pt"]
@@ -422,7 +425,7 @@ def test_evaluation_while_training_equals_sample_then_eval(evaluated, reference,
     assert [entry["step"] for entry in evaluations] == [2, 4] and result["evaluations"] == evaluations[1:]
     entry = evaluations[1]  # the redone evaluation has the numbers of the two commands on the step's checkpoint
     npz = sample(SampleConfig(ckpt=str(checkpoints / "0000004.pt"), sample_dir=str(tiny_data / "s"),
-                              num_fid_samples=6, per_proc_batch_size=4, num_steps=3, cfg_scale=1.5, cls_cfg_scale=1.5,
+                              num_fid_samples=6, per_proc_batch_size=4, sampling=Sampling(**EVAL_SAMPLING),
                               global_seed=config.seed))
     scores = evaluate(reference["ref_batch"], npz, reference["inception_weights"], batch_size=4)
     assert {name: entry[f"eval/{name}"] for name in EVAL_METRICS} == {name: scores[name] for name in EVAL_METRICS}
@@ -432,7 +435,7 @@ def test_evaluation_while_training_equals_sample_then_eval(evaluated, reference,
 
 def test_two_processes_evaluate_like_one(evaluated, reference, tiny_data):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**EVAL, **reference}.items()]
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**EVAL_FLAGS, **reference}.items()]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "regdit", "train",
                "--data-dir", str(tiny_data / "data"), "--resolution", "32", "--model", "SiT-S/8", "--depth", "2",
                "--hidden-size", "64", "--num-heads", "2", "--encoder-depth", "1", "--projector-dim", "64",
