@@ -27,7 +27,6 @@ from regdit.hub import resolve_path
 from regdit.models import attention_flops, matmul_flops
 
 ENV_PATH = "REGDIT_ENCODER_PATH"
-RESIZED_FAMILIES = ("dinov2", "clip", "jepa")  # resized to 224 * R // 256 px; MAE and MoCo-v3 take R px
 
 
 @dataclass(frozen=True)
@@ -70,23 +69,42 @@ ENCODER_TYPES = {  # the official --enc-type names
 }
 
 
+@dataclass(frozen=True)
+class Family:
+    """How a family of encoders takes images (the official `preprocess_raw_image`): x / 255 normalised by `mean`
+    and `std`, and for a `resized` family a bicubic resize to 224 * R // 256 px, before the normalisation when
+    `resize_first`."""
+    mean: tuple
+    std: tuple
+    resized: bool
+    resize_first: bool = False
+
+
+FAMILIES = {  # the family of an ENCODER_TYPES entry also names its checkpoint layout (see _load_vit)
+    "dinov2": Family(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resized=True),
+    "clip": Family(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, resized=True, resize_first=True),
+    "mae": Family(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resized=False),
+    "mocov3": Family(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resized=False),
+    "jepa": Family(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resized=True),
+}
+
+
 def encoder_input_size(enc_type, resolution):
     """Side of the encoder's input. The official resize is to 224 * (R // 256); 224 * R // 256 is the same for R a
     multiple of 256 and also serves small demo images (R = 32 -> 28 px). At 256 px a patch-14 DINOv2 sees 16x16
     patches, the official `16 * (R // 256)` grid."""
-    return 224 * resolution // 256 if ENCODER_TYPES[enc_type].family in RESIZED_FAMILIES else resolution
+    return 224 * resolution // 256 if FAMILIES[ENCODER_TYPES[enc_type].family].resized else resolution
 
 
 def preprocess_raw_image(x, enc_type):
-    """The official `preprocess_raw_image` on raw images (N, 3, R, R) in [0, 255], per family and in its order."""
-    family = ENCODER_TYPES[enc_type].family
+    """The official `preprocess_raw_image` on raw images (N, 3, R, R) in [0, 255], as its family takes them."""
+    family = FAMILIES[ENCODER_TYPES[enc_type].family]
     size = encoder_input_size(enc_type, x.shape[-1])
     x = x / 255.0
-    if family == "clip":  # resize, then the CLIP normalisation
+    if family.resized and family.resize_first:  # CLIP
         x = F.interpolate(x, size, mode="bicubic")
-        return normalize(x, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
-    x = normalize(x, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
-    if family in RESIZED_FAMILIES:  # DINOv2, I-JEPA: ImageNet normalisation, then resize
+    x = normalize(x, family.mean, family.std)
+    if family.resized and not family.resize_first:  # DINOv2, I-JEPA
         x = F.interpolate(x, size, mode="bicubic")
     return x
 

@@ -362,7 +362,7 @@ class PrepareLatentsConfig(Settings):
     batch_size: int = flag(64, "images per encoder call and process", at_least=1)
     flip: bool = flag(False, "also store the moments of the mirrored images (random flips in training)")
     layout: str = flag("regdit", "regdit: memory-mapped arrays in DEST; official: DEST/imagenet_{R}_vae + "
-                                 "DEST/vae-sd", choices=list(LAYOUTS))
+                                 "DEST/vae-sd", choices=LAYOUTS)
     shard_size: int = flag(1024, "images per resumable unit of work", at_least=1)
     workers: int = flag(min(8, os.cpu_count()), "PNG decoding workers per process (0: in-process)", at_least=0)
 

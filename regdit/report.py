@@ -3,6 +3,7 @@ the gradient norm, images/s, TFLOP/s, and FID / IS against iterations with the p
 same model — several experiments overlaid."""
 import base64
 import io
+import itertools
 import json
 import math
 import os
@@ -21,7 +22,7 @@ PUBLISHED_FID = {
     ("SiT-B/2", "reg"): {400_000: 15.2},
     ("SiT-XL/2", "repa"): {200_000: 11.1, 400_000: 7.9, 1_000_000: 6.4, 4_000_000: 5.9},
 }
-LOSS_TERMS = ("loss_final", "loss_mean", "proj_loss", "loss_mean_cls")
+NOT_LOSS_TERMS = ("step", "grad_norm", "images_per_sec", "tflops_per_process")  # the other keys of a training line
 
 
 @dataclass
@@ -101,7 +102,8 @@ def plot(runs):
     published = set()
     for run_index, (name, settings, lines, evaluations) in enumerate(runs):
         colour = f"C{run_index}"
-        for term, style in zip(LOSS_TERMS, ("-", "--", ":", "-.")):
+        terms = dict.fromkeys(key for line in lines for key in line if key not in NOT_LOSS_TERMS)  # logged ones
+        for term, style in zip(terms, itertools.cycle(("-", "--", ":", "-."))):
             loss_axes.plot(*series(lines, term), style, color=colour,
                            label=f"{name}: {term}" if len(runs) > 1 else term)
         for panel_axes, key, _ in panels:

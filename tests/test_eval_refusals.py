@@ -12,12 +12,11 @@ import torch
 
 from regdit import cli
 from regdit import evaluate as evaluate_module
-from regdit.evaluate import save_random_inception_weights
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return str(save_random_inception_weights(tmp_path_factory.mktemp("inception") / "random_inception.pth"))
+@pytest.fixture(scope="session")
+def weights(inception_weights):
+    return inception_weights
 
 
 @pytest.fixture

@@ -28,8 +28,8 @@ from regdit.evaluate import (
 
 
 @pytest.fixture(scope="session")
-def weights(tmp_path_factory):
-    return str(save_random_inception_weights(tmp_path_factory.mktemp("inception") / "random_inception.pth"))
+def weights(inception_weights):
+    return inception_weights
 
 
 def _images(count, size=16, seed=0):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FIXTURES
+from conftest import FIXTURES, tiny_config
 from PIL import Image
 
 from regdit import RegditError
@@ -23,32 +23,6 @@ from regdit.loss import REGLoss
 from regdit.models import SiT
 from regdit.prepare import PrepareImagesConfig, PrepareLatentsConfig, prepare_images, prepare_latents
 from regdit.train import EvalSampling, ShardedBatchSampler, TrainConfig, setup, sit_config, step_randomness, train
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    """32 px images of 4 classes in pixel space (with mirrored copies) and a tiny random DINOv2-B-shaped encoder
-    whose 28 px input (224 * 32 // 256) gives 4x4 patches of 7 px, matching a patch-8 SiT on 32x32."""
-    root = tmp_path_factory.mktemp("tiny")
-    rng = np.random.default_rng(0)
-    for c in range(4):
-        (root / "raw" / f"class{c}").mkdir(parents=True)
-        for i in range(8):
-            image = (rng.random((32, 32, 3)) * 60 + c * 60).astype(np.uint8)
-            Image.fromarray(image).save(root / "raw" / f"class{c}" / f"{i}.png")
-    prepare_images(PrepareImagesConfig(source=str(root / "raw"), dest=str(root / "images"), resolution=32, workers=0))
-    prepare_latents(PrepareLatentsConfig(source=str(root / "images"), dest=str(root / "data"), vae="none",
-                                         batch_size=16, flip=True, workers=0))
-    save_random_encoder("dinov2-vit-b", root / "encoder", patch_size=7)
-    return root
-
-
-def tiny_config(root, **overrides):
-    settings = dict(data_dir=str(root / "data"), resolution=32, model="SiT-S/8", depth=2, hidden_size=64,
-                    num_heads=2, encoder_depth=1, projector_dim=64, enc_path=str(root / "encoder"), num_classes=4,
-                    batch_size=8, max_train_steps=6, log_every=2, checkpointing_steps=3, sampling_steps=0,
-                    num_workers=0, output_dir=str(root / "exps"), exp_name="run")
-    return TrainConfig(**{**settings, **overrides})
 
 
 def assert_states_equal(a, b, exact=True):
