@@ -149,11 +149,21 @@ def read_dataset(folder):
         str(c) for c in range(num_classes)]
 
 
-def run_demo(config: DemoConfig):
-    """Run the demo and return its summary (also written to OUTPUT/summary.json)."""
-    from regdit.classifier import class_score
+class Laps:
+    """Seconds spent on each stage, by name."""
+
+    def __init__(self):
+        self.seconds, self.started = {}, time.perf_counter()
+
+    def __call__(self, name):
+        self.seconds[name] = round(time.perf_counter() - self.started, 1)
+        self.started = time.perf_counter()
+
+
+def prepare_data(config, out, laps):
+    """The demo's images (drawn, or --data), the VAE fitted to them, their latents and a random-weight encoder;
+    returns (VAE folder, real images, labels, class names)."""
     from regdit.encoders import save_random_encoder
-    from regdit.experiment import Checkpoints
     from regdit.prepare import (
         PrepareImagesConfig,
         PrepareLatentsConfig,
@@ -162,6 +172,31 @@ def run_demo(config: DemoConfig):
         prepare_latents,
         prepare_vae,
     )
+
+    source = config.data
+    if source is None:
+        source = out / "raw"
+        make_dataset(source, config.images_per_class, config.seed)
+    print(f"regdit demo: REG on {'the built-in shapes' if config.data is None else source} at 32 px, with a VAE "
+          "fitted to them and a random-weight encoder (no download)")
+    prepare_images(PrepareImagesConfig(source=str(source), dest=str(out / "images"), resolution=32, workers=0))
+    laps("prepare_images")
+    vae = str(prepare_vae(PrepareVaeConfig(source=str(out / "images"), dest=str(out / "vae"), steps=config.vae_steps,
+                                           seed=config.seed)))
+    laps("fit_vae")
+    prepare_latents(PrepareLatentsConfig(source=str(out / "images"), dest=str(out / "data"), vae=vae,
+                                         batch_size=256, flip=True, workers=0))
+    real_images, real_labels, classes = read_dataset(out / "images")
+    save_random_encoder(TRAIN_RECIPE["enc_type"], out / "encoder", patch_size=4, embed_dim=64, depth=2, num_heads=2,
+                        seed=config.seed)
+    laps("prepare_latents")
+    return vae, real_images, real_labels, classes
+
+
+def run_demo(config: DemoConfig):
+    """Run the demo and return its summary (also written to OUTPUT/summary.json)."""
+    from regdit.classifier import class_score
+    from regdit.experiment import Checkpoints
     from regdit.sample import SampleConfig, Sampling, sample
     from regdit.train import TrainConfig, train
 
@@ -174,30 +209,8 @@ def run_demo(config: DemoConfig):
         raise RegditError(f"{out} holds a demo trained for {int(latest.stem)} steps, more than --steps {steps}: "
                           f"pass --steps {int(latest.stem)} to reuse it, or a new --output")
     out.mkdir(parents=True, exist_ok=True)
-    timings, started = {}, time.perf_counter()
-
-    def lap(name):
-        nonlocal started
-        timings[name] = round(time.perf_counter() - started, 1)
-        started = time.perf_counter()
-
-    source = config.data
-    if source is None:
-        source = out / "raw"
-        make_dataset(source, config.images_per_class, seed)
-    print(f"regdit demo: REG on {'the built-in shapes' if config.data is None else source} at 32 px, with a VAE "
-          "fitted to them and a random-weight encoder (no download)")
-    prepare_images(PrepareImagesConfig(source=str(source), dest=str(out / "images"), resolution=32, workers=0))
-    lap("prepare_images")
-    vae = str(prepare_vae(PrepareVaeConfig(source=str(out / "images"), dest=str(out / "vae"), steps=config.vae_steps,
-                                           seed=seed)))
-    lap("fit_vae")
-    prepare_latents(PrepareLatentsConfig(source=str(out / "images"), dest=str(out / "data"), vae=vae,
-                                         batch_size=256, flip=True, workers=0))
-    real_images, real_labels, classes = read_dataset(out / "images")
-    save_random_encoder(TRAIN_RECIPE["enc_type"], out / "encoder", patch_size=4, embed_dim=64, depth=2, num_heads=2,
-                        seed=seed)
-    lap("prepare_latents")
+    laps = Laps()
+    vae, real_images, real_labels, classes = prepare_data(config, out, laps)
 
     result = train(TrainConfig(
         **TRAIN_RECIPE, output_dir=str(out), exp_name="train", data_dir=str(out / "data"),
@@ -206,7 +219,7 @@ def run_demo(config: DemoConfig):
     # The whole run's curve: result["metrics"] holds only the steps trained now, none when a rerun finds the run done.
     metrics = [json.loads(line) for line in (result["exp_dir"] / "metrics.jsonl").read_text().splitlines()]
     loss_curve(metrics, out / "loss_curve.png")
-    lap("train")
+    laps("train")
 
     npz = sample(SampleConfig(ckpt=str(result["checkpoint"]), sample_dir=str(out / "samples"), vae=vae,
                               num_fid_samples=len(classes) * config.samples_per_class, per_proc_batch_size=100,
@@ -215,26 +228,31 @@ def run_demo(config: DemoConfig):
     with np.load(npz) as samples:
         images, labels = samples["arr_0"], samples["labels"]
     class_grid(images, labels, len(classes), config.samples_per_class, out / "samples_grid.png")
-    lap("sample")
+    laps("sample")
 
     score, accuracy = class_score(real_images, real_labels, len(classes), images, labels, seed=seed)
-    lap("classifier")
+    laps("classifier")
 
     summary = dict(
         classes=classes, training_images=len(real_images), steps=result["steps"],
         first_loss=metrics[0]["loss_final"], final_loss=metrics[-1]["loss_final"],
-        classifier_score=score, classifier_held_out_accuracy=accuracy, timings_seconds=timings,
+        classifier_score=score, classifier_held_out_accuracy=accuracy, timings_seconds=laps.seconds,
         vae=vae, checkpoint=str(result["checkpoint"]), samples_npz=str(npz),
         samples_grid=str(out / "samples_grid.png"), loss_curve=str(out / "loss_curve.png"))
     with atomic_write(out / "summary.json", "w") as f:
         f.write(json.dumps(summary, indent=2) + "\n")
+    print_summary(summary, out)
+    return summary
+
+
+def print_summary(summary, out):
     print(f"\nloss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f} over {summary['steps']} steps; "
-          f"timings (s): {timings}")
-    print(f"classifier score {score:.1%}: the share of samples that a small CNN fitted on 80% of the real images "
-          f"assigns to their class (it recognises {accuracy:.1%} of the other 20%)")
+          f"timings (s): {summary['timings_seconds']}")
+    print(f"classifier score {summary['classifier_score']:.1%}: the share of samples that a small CNN fitted on 80% "
+          f"of the real images assigns to their class (it recognises {summary['classifier_held_out_accuracy']:.1%} "
+          "of the other 20%)")
     print(f"samples grid (one row per class): {summary['samples_grid']}")
     print(f"loss curve: {summary['loss_curve']}")
-    print(f"VAE: {vae}")
+    print(f"VAE: {summary['vae']}")
     print(f"checkpoint: {summary['checkpoint']}")
     print(f"summary: {out / 'summary.json'}")
-    return summary
