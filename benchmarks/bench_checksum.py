@@ -1,14 +1,16 @@
-"""What the checkpoint checksum (`regdit.checkpoint.tensor_checksum`) costs on SiT-XL/2-sized training state, per
-candidate hash, next to `torch.save` (+ fsync, as `save_checkpoint` does) and `torch.load` of the same state.
+"""What the checkpoint checksum (`regdit.checkpoint.tensor_checksum`) costs on SiT-XL/2-sized
+training state, per candidate hash, next to `torch.save` (+ fsync, as `save_checkpoint` does) and
+`torch.load` of the same state.
 
     python benchmarks/bench_checksum.py                 # full size: model + EMA + AdamW exp_avg, exp_avg_sq, 10.8 GB
     python benchmarks/bench_checksum.py --scale 0.25    # a quarter of it
     python benchmarks/bench_checksum.py --tiny          # a few MB, a CPU smoke run
 
-The state is SiT-XL/2's 675M float32 parameters four times over (model, EMA, the two AdamW moments), built as a few
-large random float32 tensors rather than the real model to keep memory to the state itself: each tensor is made in
-place and hashed, saved and loaded without copies. The file goes to --dir (default: the system temp folder) and is
-deleted. torch.load reads it back right after the save, mostly from the page cache: a best case for the load.
+The state is SiT-XL/2's 675M float32 parameters four times over (model, EMA, the two AdamW moments),
+built as a few large random float32 tensors rather than the real model to keep memory to the state
+itself: each tensor is made in place and hashed, saved and loaded without copies. The file goes to
+--dir (default: the system temp folder) and is deleted. torch.load reads it back right after the
+save, mostly from the page cache: a best case for the load.
 """
 import argparse
 import os
@@ -25,8 +27,8 @@ PARTS = ("model", "ema", "exp_avg", "exp_avg_sq")
 
 
 def training_state(parameters, tensors_per_part):
-    """{model, ema, opt: {state: {i: {exp_avg, exp_avg_sq}}}}, each part `parameters` float32 values split into
-    `tensors_per_part` tensors, the layout a checkpoint has."""
+    """{model, ema, opt: {state: {i: {exp_avg, exp_avg_sq}}}}, each part `parameters` float32 values
+    split into `tensors_per_part` tensors, the layout a checkpoint has."""
     generator = torch.Generator().manual_seed(0)
     sizes = [parameters // tensors_per_part + (i < parameters % tensors_per_part) for i in range(tensors_per_part)]
 

@@ -1,11 +1,13 @@
-"""Data pipeline throughput: prepare images, VAE encode (batched vs one at a time), prepare latents, loaders.
+"""Data pipeline throughput: prepare images, VAE encode (batched vs one at a time), prepare latents,
+loaders.
 
     python benchmarks/bench_data.py                                   # SD-VAE architecture, 256 px (GPU)
     python benchmarks/bench_data.py --vae tiny --resolution 64 --num-images 128 --one-at-a-time 16   # CPU smoke
 
-The VAE has random weights with the SD-VAE (sd-vae-ft-mse) architecture, saved with save_pretrained and loaded
-through regdit.vae.load_vae, so the timings are those of the real model. "official loop" mimics the official
-dataset_tools.py encode: one image at a time decoded, encoded and saved as its own .npy.
+The VAE has random weights with the SD-VAE (sd-vae-ft-mse) architecture, saved with save_pretrained
+and loaded through regdit.vae.load_vae, so the timings are those of the real model. "official loop"
+mimics the official dataset_tools.py encode: one image at a time decoded, encoded and saved as its
+own .npy.
 """
 import argparse
 import os

@@ -1,17 +1,20 @@
-"""Evaluation throughput: Inception-v3 forward images/s (the bulk of `regdit eval`), optionally the metric stages.
+"""Evaluation throughput: Inception-v3 forward images/s (the bulk of `regdit eval`), optionally the
+metric stages.
 
     python benchmarks/bench_eval.py                                   # tiny CPU run, random weights, seconds
     python benchmarks/bench_eval.py --device cuda --num-images 4096 --metrics
     python benchmarks/bench_eval.py --device cuda --inception-weights weights-inception-2015-12-05-6726825d.pth
     python benchmarks/bench_eval.py --norm-accumulation                # float16 norms: precision/recall effect
 
-Random Inception weights cost exactly what the real ones do, so no download is needed to measure speed.
+Random Inception weights cost exactly what the real ones do, so no download is needed to measure
+speed.
 
---norm-accumulation measures what ManifoldEstimator's float16 squared norms (float32 accumulation, rounded once)
-change against norms accumulated in float16 as TF's float16 reduce_sum does on GPU, on pool_3-like random features.
-TF keeps float16 partial sums; for 2048-wide rows it runs CUB's segmented reduce (a few additions per thread, then a
-tree), which lies between the "pairwise" tree and the "lanes" model (32 strided lanes, then a tree: TF's kernel for
-rows under 1024 wide); "sequential" is the worst case.
+--norm-accumulation measures what ManifoldEstimator's float16 squared norms (float32 accumulation,
+rounded once) change against norms accumulated in float16 as TF's float16 reduce_sum does on GPU, on
+pool_3-like random features. TF keeps float16 partial sums; for 2048-wide rows it runs CUB's
+segmented reduce (a few additions per thread, then a tree), which lies between the "pairwise" tree
+and the "lanes" model (32 strided lanes, then a tree: TF's kernel for rows under 1024 wide);
+"sequential" is the worst case.
 """
 import argparse
 import os
@@ -48,7 +51,8 @@ def timed(function, device):
 
 
 def float16_sum(squares, order):
-    """Row sums of float16 `squares` with every partial sum rounded to float16, in one of three orders."""
+    """Row sums of float16 `squares` with every partial sum rounded to float16, in one of three
+    orders."""
     if order == "sequential":
         total = squares[:, 0]
         for column in range(1, squares.shape[1]):
@@ -67,7 +71,8 @@ def float16_sum(squares, order):
 
 
 class Float16NormEstimator(ManifoldEstimator):
-    """ManifoldEstimator with its float16 squared norms accumulated in float16 (`order`: see float16_sum)."""
+    """ManifoldEstimator with its float16 squared norms accumulated in float16 (`order`: see
+    float16_sum)."""
 
     def __init__(self, order, **kwargs):
         super().__init__(**kwargs)
@@ -83,7 +88,8 @@ class Float16NormEstimator(ManifoldEstimator):
 
 
 class Float32Estimator(ManifoldEstimator):
-    """ManifoldEstimator without float16: every distance in float32 (the baseline rounding has to beat)."""
+    """ManifoldEstimator without float16: every distance in float32 (the baseline rounding has to
+    beat)."""
 
     def pairwise_distances(self, u, v):
         with exact_float32():
@@ -91,8 +97,8 @@ class Float32Estimator(ManifoldEstimator):
 
 
 def pool3_like_features(count, classes, rng, shift=0.0):
-    """Non-negative 2048-d features around class centres (mean ~0.4, like Inception pool_3); `shift` moves the
-    centres multiplicatively, so samples and reference overlap partly."""
+    """Non-negative 2048-d features around class centres (mean ~0.4, like Inception pool_3); `shift`
+    moves the centres multiplicatively, so samples and reference overlap partly."""
     centres = rng.gamma(0.8, 0.5, (classes, 2048))
     centres *= rng.lognormal(0.0, shift, centres.shape) if shift else 1.0
     points = centres[rng.integers(0, classes, count)] * rng.gamma(3.0, 1 / 3, (count, 2048))

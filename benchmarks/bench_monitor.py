@@ -1,11 +1,13 @@
-"""The cost of one evaluation during training (`regdit train --eval-every`): sampling images/s, Inception images/s
-and the metric stage, then what an FID-K evaluation takes. Random weights: speed does not depend on them.
+"""The cost of one evaluation during training (`regdit train --eval-every`): sampling images/s,
+Inception images/s and the metric stage, then what an FID-K evaluation takes. Random weights: speed
+does not depend on them.
 
     python benchmarks/bench_monitor.py --tiny                                   # CPU smoke run, seconds
     python benchmarks/bench_monitor.py --model SiT-XL/2 --batch-size 64 --images 256   # one GPU, the paper's protocol
 
-An evaluation samples K images with the SDE (250 steps, no guidance: 250 model calls per image), decodes them, runs
-Inception on them and computes FID / sFID (two 2048 x 2048 matrix square roots) and precision / recall.
+An evaluation samples K images with the SDE (250 steps, no guidance: 250 model calls per image),
+decodes them, runs Inception on them and computes FID / sFID (two 2048 x 2048 matrix square roots)
+and precision / recall.
 """
 import argparse
 import tempfile

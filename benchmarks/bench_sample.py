@@ -1,7 +1,8 @@
-"""Sampling speed: images/s of an official-style loop (generate.py: eager float32, one global noise stream per batch)
-against regdit's `sample_batch` (per-sample seeds) in float32, with bf16 autocast, and with bf16 + torch.compile, for
-the published REG guidance (cfg 2.3, cls-cfg 2.3, interval [0, 0.85]) with the 250-step SDE and a 50-step Heun ODE.
-Random weights: speed does not depend on them. TFLOP/s counts the model's FLOPs (the analytic `SiT.flops`) only.
+"""Sampling speed: images/s of an official-style loop (generate.py: eager float32, one global noise
+stream per batch) against regdit's `sample_batch` (per-sample seeds) in float32, with bf16 autocast,
+and with bf16 + torch.compile, for the published REG guidance (cfg 2.3, cls-cfg 2.3, interval [0,
+0.85]) with the 250-step SDE and a 50-step Heun ODE. Random weights: speed does not depend on them.
+TFLOP/s counts the model's FLOPs (the analytic `SiT.flops`) only.
 
     python benchmarks/bench_sample.py --model SiT-XL/2 --device cuda --batch-size 32 --decode
     python benchmarks/bench_sample.py --tiny            # a tiny model on the CPU, seconds
@@ -26,7 +27,8 @@ MODES = {"SDE 250": dict(sampler="sde", num_steps=250), "ODE Heun 50": dict(samp
 
 
 def official_batch(model, vae, batch_size, sampler, num_steps):
-    """The body of the official generate.py loop: batch noise and labels from the global RNG, eager float32."""
+    """The body of the official generate.py loop: batch noise and labels from the global RNG, eager
+    float32."""
     device, size = model.pos_embed.device, model.input_size
     z = torch.randn(batch_size, model.in_channels, size, size, device=device)
     y = torch.randint(0, model.num_classes, (batch_size,), device=device)
@@ -36,7 +38,8 @@ def official_batch(model, vae, batch_size, sampler, num_steps):
 
 
 class RowCounter(torch.nn.Module):
-    """A stand-in model that counts the rows it is called on: model evaluations per image, guidance included."""
+    """A stand-in model that counts the rows it is called on: model evaluations per image, guidance
+    included."""
 
     def __init__(self, model):
         super().__init__()
@@ -55,7 +58,8 @@ def evaluations_per_image(model, sampler, num_steps):
 
 
 def images_per_second(run, batch_size, num_steps, device, repeats):
-    """Time `repeats` full batches after a 2-step warm-up batch (compilation, autotuning, allocator)."""
+    """Time `repeats` full batches after a 2-step warm-up batch (compilation, autotuning,
+    allocator)."""
     run(2)
     torch.cuda.synchronize() if device.type == "cuda" else None
     start = time.perf_counter()

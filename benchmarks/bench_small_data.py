@@ -1,11 +1,13 @@
-"""The demo's small-scale recipe on real small datasets: `regdit demo` on its built-in shapes and on scikit-learn's
-handwritten digits (1,797 grey 8x8 images of 10 classes, shipped inside scikit-learn, upsampled to 32 px).
+"""The demo's small-scale recipe on real small datasets: `regdit demo` on its built-in shapes and on
+scikit-learn's handwritten digits (1,797 grey 8x8 images of 10 classes, shipped inside scikit-learn,
+upsampled to 32 px).
 
     pip install -e '.[bench]'   # scikit-learn, for its digits
     python benchmarks/bench_small_data.py [--datasets shapes,digits] [--steps N] [--output DIR]
 
-Prints, per dataset: images, classes, the classifier score of the samples (the share a small CNN fitted on 80% of
-the real images assigns to their class), that CNN's accuracy on the other 20%, and the minutes of the whole run.
+Prints, per dataset: images, classes, the classifier score of the samples (the share a small CNN
+fitted on 80% of the real images assigns to their class), that CNN's accuracy on the other 20%, and
+the minutes of the whole run.
 """
 import argparse
 import json

@@ -1,12 +1,12 @@
-"""Training throughput (images/s), model FLOP utilisation and peak memory of one REG training step, regdit against
-an official-style baseline on the same device. Prints one table.
+"""Training throughput (images/s), model FLOP utilisation and peak memory of one REG training step,
+regdit against an official-style baseline on the same device. Prints one table.
 
     python benchmarks/bench_train.py --tiny                      # CPU, seconds
     python benchmarks/bench_train.py --models SiT-B/2,SiT-L/2,SiT-XL/2 --batch-size 64
 
-A step = frozen DINOv2-B forward on 256 px images (regdit's Encoder) + SiT forward/backward of the REG loss + clip +
-AdamW + EMA, on random weights and random data already on the device (the data loader is measured by bench_data.py).
-Variants, one per table row (`--variants`, comma-separated):
+A step = frozen DINOv2-B forward on 256 px images (regdit's Encoder) + SiT forward/backward of the
+REG loss + clip + AdamW + EMA, on random weights and random data already on the device (the data
+loader is measured by bench_data.py). Variants, one per table row (`--variants`, comma-separated):
   official  fp16 autocast + GradScaler, foreach AdamW, per-parameter EMA loop, loss/grad-norm `.item()` every step
   regdit    bf16 autocast, fused AdamW, foreach EMA, no host synchronisation; options appended with `+`:
             +compile (torch.compile the SiT), +checkpointing (activation checkpointing of every block),
@@ -26,7 +26,8 @@ from regdit.loss import REGLoss
 from regdit.models import create_model
 from regdit.train import update_ema
 
-# dense bf16/fp16 TFLOP/s from the datasheets, the first name contained in the device's name counts (SXM: plain "H100")
+# dense bf16/fp16 TFLOP/s from the datasheets, the first name contained in the device's name counts
+# (SXM: plain "H100")
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
 OPTIONS = {"compile", "checkpointing", "fp16", "foreach"}
 
@@ -81,7 +82,8 @@ def make_step(variant, model, encoder, batch, device):
 
 
 def dinov2_b(resolution, tiny, device):
-    """DINOv2-B/14 with random weights behind regdit's Encoder (REG preprocessing); a 1-block width-32 one if tiny."""
+    """DINOv2-B/14 with random weights behind regdit's Encoder (REG preprocessing); a 1-block
+    width-32 one if tiny."""
     spec, size = ENCODER_TYPES["dinov2-vit-b"], encoder_input_size("dinov2-vit-b", resolution)
     shape = dict(patch_size=7, embed_dim=32, depth=1, num_heads=2) if tiny else {}
     vit = timm.create_model(spec.arch, img_size=size, num_classes=0, **spec.model_args, **shape)

@@ -1,7 +1,8 @@
-"""Checkpoints: the official format `{"model", "ema", "opt", "args", "steps"}` (args an argparse.Namespace), read
-without executing pickled code; a checksum of the tensors, recorded on save and export and verified on load; atomic
-writes; strict loading with errors that name the wrong setting; and the `regdit export` command (EMA weights to
-safetensors + config JSON, optionally pushed to the Hugging Face Hub with a model card)."""
+"""Checkpoints: the official format `{"model", "ema", "opt", "args", "steps"}` (args an
+argparse.Namespace), read without executing pickled code; a checksum of the tensors, recorded on
+save and export and verified on load; atomic writes; strict loading with errors that name the wrong
+setting; and the `regdit export` command (EMA weights to safetensors + config JSON, optionally
+pushed to the Hugging Face Hub with a model card)."""
 import argparse
 import hashlib
 import json
@@ -37,11 +38,12 @@ CHECKSUMS = {"crc32": _Crc32, "blake2b": hashlib.blake2b, "sha256": hashlib.sha2
 
 
 def tensor_checksum(obj, kind="crc32"):
-    """`"KIND:HEX"` over every tensor in `obj` (nested dicts in sorted key order, lists and tuples in order; other
-    values are skipped): each tensor's name path, dtype, shape and bytes, so a changed, swapped or reshaped tensor
-    changes it. `torch.load` does not check the CRC-32s in a .pt file's zip: bytes changed on disk load silently
-    without this. CRC-32 is the fastest of CHECKSUMS (benchmarks/bench_checksum.py) and catches disk and copy
-    errors; it is no defence against deliberate tampering."""
+    """`"KIND:HEX"` over every tensor in `obj` (nested dicts in sorted key order, lists and tuples
+    in order; other values are skipped): each tensor's name path, dtype, shape and bytes, so a
+    changed, swapped or reshaped tensor changes it. `torch.load` does not check the CRC-32s in a .pt
+    file's zip: bytes changed on disk load silently without this. CRC-32 is the fastest of CHECKSUMS
+    (benchmarks/bench_checksum.py) and catches disk and copy errors; it is no defence against
+    deliberate tampering."""
     hasher = CHECKSUMS[kind]()
 
     def walk(value, name):
@@ -60,7 +62,8 @@ def tensor_checksum(obj, kind="crc32"):
 
 
 def _verify(tensors, recorded, what, fix):
-    """One line naming `what` ("checkpoint X.pt") when `tensors` do not match the `recorded` checksum."""
+    """One line naming `what` ("checkpoint X.pt") when `tensors` do not match the `recorded`
+    checksum."""
     kind = str(recorded).partition(":")[0]
     if kind not in CHECKSUMS:
         raise RegditError(f"{what} records a checksum of unknown kind {kind!r}: load it with the regdit version that "
@@ -70,7 +73,8 @@ def _verify(tensors, recorded, what, fix):
 
 
 def error_reason(error):
-    """`Type: first sentence` of an exception on one line (possibly just `Type`: some messages are empty)."""
+    """`Type: first sentence` of an exception on one line (possibly just `Type`: some messages are
+    empty)."""
     text = str(error).rpartition("WeightsUnpickler error:")[2]  # not torch's advice to pass weights_only=False
     reason = ([line.strip() for line in text.splitlines() if line.strip()] or [""])[0].split(". ")[0][:120]
     return f"{type(error).__name__}: {reason}" if reason else type(error).__name__
@@ -83,15 +87,16 @@ def _unreadable(path, error):
 
 
 def local_checkpoint(path):
-    """The local path of a checkpoint; an `hf://` one is downloaded first (an export with its config.json)."""
+    """The local path of a checkpoint; an `hf://` one is downloaded first (an export with its
+    config.json)."""
     return resolve_path(path, "checkpoint", beside=("config.json",) if str(path).endswith(".safetensors") else ())
 
 
 def load_checkpoint(path):
-    """Read a checkpoint with `weights_only=True`: a `.safetensors` export (its `config.json` beside it becomes
-    `model_config`), or a torch file (official or regdit training checkpoint, or a bare state dict); local or
-    `hf://`. The checksum that regdit checkpoints and exports record is verified (official files have none). Every
-    failure is a one-line RegditError naming the file."""
+    """Read a checkpoint with `weights_only=True`: a `.safetensors` export (its `config.json` beside
+    it becomes `model_config`), or a torch file (official or regdit training checkpoint, or a bare
+    state dict); local or `hf://`. The checksum that regdit checkpoints and exports record is
+    verified (official files have none). Every failure is a one-line RegditError naming the file."""
     path = local_checkpoint(path)
     if path.is_dir():
         found = sorted(path.glob("model.safetensors")) or sorted(path.glob("checkpoints/*.pt"))[-1:]
@@ -149,8 +154,9 @@ def _load_export(path):
 
 
 def save_checkpoint(obj, path):
-    """torch.save of the dict `obj` through `atomic_write` (the previous checkpoint survives a crash or a full disk),
-    with the `tensor_checksum` of its tensors under "checksum", which `load_checkpoint` verifies and removes."""
+    """torch.save of the dict `obj` through `atomic_write` (the previous checkpoint survives a crash
+    or a full disk), with the `tensor_checksum` of its tensors under "checksum", which
+    `load_checkpoint` verifies and removes."""
     obj = {k: v for k, v in obj.items() if k != "checksum"}
     obj["checksum"] = tensor_checksum(obj)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -161,9 +167,9 @@ def save_checkpoint(obj, path):
 
 
 def _size_setting(state_dict, expected):
-    """Which of train's size flags the weights `state_dict` have otherwise than the model's `expected` parameters:
-    --depth (the number of blocks), --hidden-size (the width), --num-heads (the per-head q/k norms), the data (the
-    latent channels), else --model (the patch size)."""
+    """Which of train's size flags the weights `state_dict` have otherwise than the model's
+    `expected` parameters: --depth (the number of blocks), --hidden-size (the width), --num-heads
+    (the per-head q/k norms), the data (the latent channels), else --model (the patch size)."""
     def blocks(weights):
         return {k.split(".")[1] for k in weights if k.startswith("blocks.")}
 
@@ -182,9 +188,9 @@ def _size_setting(state_dict, expected):
 
 
 def _setting_hint(keys, state_dict, expected, size_flags=True):
-    """The command-line setting most likely responsible for the mismatched parameter names `keys` of `state_dict`
-    against the model's `expected` ones. `size_flags`: the command has --depth, --hidden-size and --num-heads
-    (train), else the size is --model's (sample)."""
+    """The command-line setting most likely responsible for the mismatched parameter names `keys` of
+    `state_dict` against the model's `expected` ones. `size_flags`: the command has --depth,
+    --hidden-size and --num-heads (train), else the size is --model's (sample)."""
     if any((".q_norm" in k or ".k_norm" in k) and not (k in state_dict and k in expected) for k in keys):
         return "--qk-norm"
     if any(k.startswith("decoder_blocks.") for k in keys):
@@ -211,8 +217,9 @@ def check_weights(state_dict, source):
 
 
 def check_state_dict(expected, state_dict, source, size_flags=True):
-    """A one-line error listing what of `state_dict` does not fit the parameters `expected` (a model's state_dict,
-    also of a meta-device model: only names and shapes count) and the setting to fix (`_setting_hint`)."""
+    """A one-line error listing what of `state_dict` does not fit the parameters `expected` (a
+    model's state_dict, also of a meta-device model: only names and shapes count) and the setting to
+    fix (`_setting_hint`)."""
     check_weights(state_dict, source)
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -229,17 +236,18 @@ def check_state_dict(expected, state_dict, source, size_flags=True):
 
 
 def load_state_dict_checked(model, state_dict, source, size_flags=True):
-    """`model.load_state_dict(state_dict, strict=True)` with a one-line error listing what does not fit
-    (`check_state_dict`; `size_flags` as there)."""
+    """`model.load_state_dict(state_dict, strict=True)` with a one-line error listing what does not
+    fit (`check_state_dict`; `size_flags` as there)."""
     check_state_dict(model.state_dict(), state_dict, source, size_flags)
     model.load_state_dict(state_dict, strict=True)
 
 
 def model_config_from_checkpoint(checkpoint, state_dict=None, model_name=None, source="checkpoint", **overrides):
-    """The SiTConfig of a checkpoint: regdit files store it; for official files it is read off the weights' shapes
-    (`state_dict`, default its EMA weights) and the saved args. `model_name` (its size and patch, e.g. "SiT-XL/2")
-    and `overrides` (SiTConfig fields, e.g. encoder_depth from the command line) win. Stored settings are checked
-    as they are (types, ranges), then with the overrides."""
+    """The SiTConfig of a checkpoint: regdit files store it; for official files it is read off the
+    weights' shapes (`state_dict`, default its EMA weights) and the saved args. `model_name` (its
+    size and patch, e.g. "SiT-XL/2") and `overrides` (SiTConfig fields, e.g. encoder_depth from the
+    command line) win. Stored settings are checked as they are (types, ranges), then with the
+    overrides."""
     if "model_config" in checkpoint:
         values = SiTConfig.from_dict(checkpoint["model_config"], source).to_dict()
     else:
@@ -256,8 +264,8 @@ def model_config_from_checkpoint(checkpoint, state_dict=None, model_name=None, s
 
 
 class _ShapesOnly(torch.overrides.TorchFunctionMode):
-    """Modules made in this mode skip the initialisers of torch.nn.init: a meta tensor has nothing to fill, and meta
-    `normal_` alone imports torch._dynamo (seconds and 160 MB)."""
+    """Modules made in this mode skip the initialisers of torch.nn.init: a meta tensor has nothing
+    to fill, and meta `normal_` alone imports torch._dynamo (seconds and 160 MB)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if getattr(func, "__module__", None) == "torch.nn.init":
@@ -266,9 +274,10 @@ class _ShapesOnly(torch.overrides.TorchFunctionMode):
 
 
 def _parameter_shapes(config, source, num_tensors):
-    """The parameter names and shapes of `SiT(config)`, built on the meta device: no memory, whatever sizes a
-    config read from a file claims. Every block and projector has weights, so more of them than `num_tensors` (the
-    checkpoint's) cannot fit: refused before spending the time to build them."""
+    """The parameter names and shapes of `SiT(config)`, built on the meta device: no memory,
+    whatever sizes a config read from a file claims. Every block and projector has weights, so more
+    of them than `num_tensors` (the checkpoint's) cannot fit: refused before spending the time to
+    build them."""
     if config.depth + len(config.z_dims) > num_tensors:
         raise RegditError(f"{source} does not match the model: {config.depth} blocks and {len(config.z_dims)} "
                           f"projectors cannot fit in its {num_tensors} tensors; check --model")
@@ -284,11 +293,11 @@ def _parameter_shapes(config, source, num_tensors):
 
 def build_model_from_checkpoint(checkpoint, source="checkpoint", weights="ema", model_name=None, legacy=False,
                                 fused_attn=True, **overrides):
-    """`SiT(config)` with the checkpoint's `weights` ("ema" or "model") loaded strictly, the config from
-    `model_config_from_checkpoint`; `source` names the checkpoint in errors. The parameter names and shapes are
-    compared with the weights on a meta-device model first, so a config that does not match costs no memory and
-    one that does costs what the weights do. `legacy` renumbers official `decoder_blocks` weights first
-    (`--legacy`)."""
+    """`SiT(config)` with the checkpoint's `weights` ("ema" or "model") loaded strictly, the config
+    from `model_config_from_checkpoint`; `source` names the checkpoint in errors. The parameter
+    names and shapes are compared with the weights on a meta-device model first, so a config that
+    does not match costs no memory and one that does costs what the weights do. `legacy` renumbers
+    official `decoder_blocks` weights first (`--legacy`)."""
     if weights not in checkpoint:
         raise RegditError(f"{source} has no {weights} weights (keys: {', '.join(map(str, checkpoint))})")
     state_dict = checkpoint[weights]
@@ -305,9 +314,9 @@ def build_model_from_checkpoint(checkpoint, source="checkpoint", weights="ema", 
 
 
 def write_export(output_dir, weights, model_config, latents=None, path_type=None):
-    """The export format, for `regdit export` and `save_pretrained`: `model.safetensors` (`weights`, their
-    checksum in its metadata, which `load_checkpoint` verifies) + `config.json` {"model": the SiTConfig dict,
-    "latents", "path_type"}. Returns the path of the weights."""
+    """The export format, for `regdit export` and `save_pretrained`: `model.safetensors` (`weights`,
+    their checksum in its metadata, which `load_checkpoint` verifies) + `config.json` {"model": the
+    SiTConfig dict, "latents", "path_type"}. Returns the path of the weights."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
@@ -320,9 +329,9 @@ def write_export(output_dir, weights, model_config, latents=None, path_type=None
 
 
 def from_pretrained(source, weights="ema", fused_attn=True):
-    """A SiT in eval mode from an export (its folder or its model.safetensors, local or `hf://`), a Hub repository
-    id `OWNER/NAME[@REVISION]` holding an export at its root, or a training checkpoint (.pt, its `weights`: ema or
-    model), read by `load_checkpoint` (checksum verified)."""
+    """A SiT in eval mode from an export (its folder or its model.safetensors, local or `hf://`), a
+    Hub repository id `OWNER/NAME[@REVISION]` holding an export at its root, or a training
+    checkpoint (.pt, its `weights`: ema or model), read by `load_checkpoint` (checksum verified)."""
     source = str(source)
     if not is_hub_url(source) and not os.path.exists(source) and source.count("/") == 1:
         source = PREFIX + source  # a repository id, as huggingface_hub's from_pretrained takes
@@ -335,7 +344,7 @@ def from_pretrained(source, weights="ema", fused_attn=True):
 
 
 def save_pretrained(model, save_directory, latents=None, path_type=None):
-    """Write `model`'s weights in the export format (what `regdit export` writes and `from_pretrained` reads) into
-    `save_directory`; `latents` ({"vae", "scale", "resolution"}) and `path_type` tell `regdit sample` how to sample
-    and decode. Returns the path of the weights."""
+    """Write `model`'s weights in the export format (what `regdit export` writes and
+    `from_pretrained` reads) into `save_directory`; `latents` ({"vae", "scale", "resolution"}) and
+    `path_type` tell `regdit sample` how to sample and decode. Returns the path of the weights."""
     return write_export(save_directory, model.state_dict(), model.config, latents, path_type)

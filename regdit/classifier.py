@@ -1,6 +1,6 @@
-"""A small CNN fitted in seconds on a small dataset's real images: a score for generated samples that needs no
-download. The score is the share of samples it assigns to their conditioning class; its accuracy on real images it
-did not see says how far that score can be trusted."""
+"""A small CNN fitted in seconds on a small dataset's real images: a score for generated samples
+that needs no download. The score is the share of samples it assigns to their conditioning class;
+its accuracy on real images it did not see says how far that score can be trusted."""
 import numpy as np
 import torch
 from torch import nn
@@ -13,9 +13,10 @@ def _batch(images):
 
 
 def fit_classifier(images, labels, num_classes, steps=300, batch_size=64, seed=0):
-    """A 3-layer CNN trained on uint8 images (N, H, W, 3) with shifts of up to 2 px, horizontal flips (the training
-    data's own augmentation) and pixel noise of a random std up to 0.2 (images in [-1, 1]), AdamW with a cosine
-    learning rate. Without the noise, a few specks a sample leaves around an edge can decide its class."""
+    """A 3-layer CNN trained on uint8 images (N, H, W, 3) with shifts of up to 2 px, horizontal
+    flips (the training data's own augmentation) and pixel noise of a random std up to 0.2 (images
+    in [-1, 1]), AdamW with a cosine learning rate. Without the noise, a few specks a sample leaves
+    around an edge can decide its class."""
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -52,8 +53,9 @@ def predict(model, images, batch_size=500):
 
 
 def class_score(real_images, real_labels, num_classes, samples, sample_labels, held_out=0.2, seed=0):
-    """(score, held-out accuracy): fit on a random (1 - held_out) share of the real images; the score is the share
-    of samples predicted as their conditioning class, the accuracy that of the remaining real images."""
+    """(score, held-out accuracy): fit on a random (1 - held_out) share of the real images; the
+    score is the share of samples predicted as their conditioning class, the accuracy that of the
+    remaining real images."""
     real_labels = np.asarray(real_labels)
     order = np.random.default_rng(seed).permutation(len(real_images))
     cut = len(order) - max(int(held_out * len(order)), 1)

@@ -1,8 +1,8 @@
 """The `regdit` command line: one subcommand per pipeline stage.
 
-Each command is a config dataclass and a function that takes it (`train(TrainConfig)`); the flags are the dataclass
-fields (`regdit.config`). Modules are imported only when their command runs (or `--help` is asked for), so
-`regdit --help` stays fast.
+Each command is a config dataclass and a function that takes it (`train(TrainConfig)`); the flags
+are the dataclass fields (`regdit.config`). Modules are imported only when their command runs (or
+`--help` is asked for), so `regdit --help` stays fast.
 """
 import argparse
 import difflib
@@ -42,7 +42,8 @@ RESUMABLE_COMMANDS = ("prepare images", "prepare latents", "train", "sample", "d
 
 
 class Parser(argparse.ArgumentParser):
-    """One-line errors: a subcommand's usage runs to dozens of lines, and `--help` shows it anyway."""
+    """One-line errors: a subcommand's usage runs to dozens of lines, and `--help` shows it
+    anyway."""
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -62,7 +63,8 @@ def command_of(argv):
 
 
 def build_parser(command):
-    """The parser of all commands; only `command`'s module is imported and its flags added (`.command_parser`)."""
+    """The parser of all commands; only `command`'s module is imported and its flags added
+    (`.command_parser`)."""
     parser = Parser(prog="regdit", description=__doc__.splitlines()[0], allow_abbrev=False)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     groups = {name: subparsers.add_parser(name, help=help, description=help, allow_abbrev=False)
@@ -79,7 +81,8 @@ def build_parser(command):
 
 
 def _parse(parser, argv):
-    """parse_args, with unknown flags reported by the subcommand and the closest valid names suggested."""
+    """parse_args, with unknown flags reported by the subcommand and the closest valid names
+    suggested."""
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         options = [o for action in parser.command_parser._actions for o in action.option_strings if o != "--help"]
@@ -90,7 +93,8 @@ def _parse(parser, argv):
 
 
 def parse_config(argv):
-    """(command, its module, its config): flags over `--config FILE.yaml` over `--preset` over the defaults."""
+    """(command, its module, its config): flags over `--config FILE.yaml` over `--preset` over the
+    defaults."""
     command = command_of(argv)
     parser = build_parser(command)
     args = _parse(parser, argv)  # without a valid command this prints the usage and exits
@@ -109,9 +113,9 @@ def parse_config(argv):
 
 
 def internal_error(command, argv, error):
-    """The line for an exception regdit did not expect (a bug, not the user's mistake): its traceback goes to a new
-    file in the temp folder, one per process, made by mkstemp (a fresh name, opened with O_EXCL: no file or link
-    planted there is followed), named in the line."""
+    """The line for an exception regdit did not expect (a bug, not the user's mistake): its
+    traceback goes to a new file in the temp folder, one per process, made by mkstemp (a fresh name,
+    opened with O_EXCL: no file or link planted there is followed), named in the line."""
     fd, log = tempfile.mkstemp(prefix="regdit-", suffix=".log", text=True)
     with os.fdopen(fd, "w") as f:
         f.write(f"regdit {__version__}, python {sys.version.split()[0]}: regdit {shlex.join(argv)}\n")
@@ -129,8 +133,8 @@ def main(argv=None):
         command, module, config = parse_config(argv)
         getattr(module, COMMANDS[command][2])(config)
     except RegditError as error:
-        # a DataLoader worker's error arrives as "Caught RegditError in DataLoader worker ...\n<traceback>\n
-        # regdit.RegditError: <message>": the message is the last line
+        # a DataLoader worker's error arrives as "Caught RegditError in DataLoader worker
+        # ...\n<traceback>\n regdit.RegditError: <message>": the message is the last line
         message = str(error).strip().splitlines()[-1].removeprefix(f"{RegditError.__module__}.RegditError: ")
         sys.exit(f"regdit {command}: error: {message}")
     except KeyboardInterrupt:  # every finished file is complete (atomic writes): nothing to clean up
@@ -138,7 +142,8 @@ def main(argv=None):
         print(f"\nregdit {command}: interrupted{resumes}", file=sys.stderr)
         sys.exit(130)
     except Exception as error:
-        # a full disk, a read-only folder, a missing file: the user's to fix, said in one line; anything else is a bug
+        # a full disk, a read-only folder, a missing file: the user's to fix, said in one line;
+        # anything else is a bug
         if isinstance(error, OSError) and describe_os_error(error) is not None:
             sys.exit(f"regdit {command}: error: {describe_os_error(error)}")
         if os.environ.get("REGDIT_DEBUG") == "1":

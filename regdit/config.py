@@ -1,10 +1,11 @@
-"""One configuration path for every command: a dataclass declares the settings (type from the annotation, default and
-help from `flag`); command-line flags, an optional YAML file (`--config FILE.yaml`) and, for commands whose config
-has `PRESETS`, a named recipe (`--preset NAME`) fill it. Precedence: explicit flag > YAML > preset > default.
+"""One configuration path for every command: a dataclass declares the settings (type from the
+annotation, default and help from `flag`); command-line flags, an optional YAML file (`--config
+FILE.yaml`) and, for commands whose config has `PRESETS`, a named recipe (`--preset NAME`) fill it.
+Precedence: explicit flag > YAML > preset > default.
 
-A field may hold another settings dataclass (`nested`): its fields are flags too, named with that class's
-FLAG_PREFIX (`TrainConfig.eval`, an `EvalSampling`, gives `--eval-cfg-scale`). Flags, YAML files and the settings a
-run records (`flat_settings`) all use these flat names.
+A field may hold another settings dataclass (`nested`): its fields are flags too, named with that
+class's FLAG_PREFIX (`TrainConfig.eval`, an `EvalSampling`, gives `--eval-cfg-scale`). Flags, YAML
+files and the settings a run records (`flat_settings`) all use these flat names.
 """
 import argparse
 import dataclasses
@@ -22,8 +23,9 @@ from regdit.files import check_regular_file
 
 RANGE_KEYS = ("at_least", "above", "at_most", "below")
 NOT_FOR_ARGPARSE = ("aliases", "positional", "required", "allow_inf", "nested", *RANGE_KEYS)
-# What a YAML file of settings may hold, checked before it is composed: its size bounds the memory and time spent on
-# it, and anchors and aliases are refused because a few hundred bytes of nested aliases compose to gigabytes.
+# What a YAML file of settings may hold, checked before it is composed: its size bounds the memory
+# and time spent on it, and anchors and aliases are refused because a few hundred bytes of nested
+# aliases compose to gigabytes.
 YAML_MAX_BYTES = 1 << 20
 YAML_MAX_DEPTH = 32  # nested collections; PyYAML's scanner slows quadratically with depth, its composer recurses
 YAML_OPENS = (yaml.BlockMappingStartToken, yaml.BlockSequenceStartToken, yaml.FlowMappingStartToken,
@@ -35,20 +37,22 @@ SCALARS = (str, int, float, bool, datetime.date)  # what YAML gives for one valu
 
 def flag(default, help, *, aliases=(), positional=False, required=False, at_least=None, above=None, at_most=None,
          below=None, allow_inf=False, **argparse_kwargs):
-    """A dataclass field that is also the command-line flag `--field-name` (or a positional argument).
+    """A dataclass field that is also the command-line flag `--field-name` (or a positional
+    argument).
 
-    `aliases`: further spellings (the official `--ref_batch`). `required`: must be given by a flag or the YAML file
-    (its default is then None). `at_least`, `above`, `at_most`, `below`: the accepted range, checked when a `Settings`
-    config is made. A float must be finite unless `allow_inf` (say in `help` what infinity means). Other keywords go
-    to `argparse.add_argument` (choices, metavar, action)."""
+    `aliases`: further spellings (the official `--ref_batch`). `required`: must be given by a flag
+    or the YAML file (its default is then None). `at_least`, `above`, `at_most`, `below`: the
+    accepted range, checked when a `Settings` config is made. A float must be finite unless
+    `allow_inf` (say in `help` what infinity means). Other keywords go to `argparse.add_argument`
+    (choices, metavar, action)."""
     metadata = dict(help=help, aliases=list(aliases), positional=positional, required=required, at_least=at_least,
                     above=above, at_most=at_most, below=below, allow_inf=allow_inf, **argparse_kwargs)
     return dataclasses.field(default=default, metadata=metadata)
 
 
 def nested(settings_class, help):
-    """A field holding a `settings_class` instance (default: its defaults), whose fields are flags named with its
-    FLAG_PREFIX."""
+    """A field holding a `settings_class` instance (default: its defaults), whose fields are flags
+    named with its FLAG_PREFIX."""
     return dataclasses.field(default_factory=settings_class, metadata=dict(help=help, nested=True))
 
 
@@ -65,8 +69,8 @@ def flag_names(field, prefix=""):
 
 
 def leaf_fields(config_class, prefix=""):
-    """(flat name, field, flag prefix, declaring class) of every flag of `config_class`, those of nested settings
-    included."""
+    """(flat name, field, flag prefix, declaring class) of every flag of `config_class`, those of
+    nested settings included."""
     for field in dataclasses.fields(config_class):
         if field.metadata.get("nested"):
             inner = typing.get_type_hints(config_class)[field.name]
@@ -76,10 +80,10 @@ def leaf_fields(config_class, prefix=""):
 
 
 class Settings:
-    """Base of the command configs: every field's declared range is checked when a config is made (from flags, YAML
-    or Python), so a bad setting is one line naming the flag, its value and the accepted range before any file is
-    touched. `check()` adds the rules that relate several settings. FLAG_PREFIX names the flags of a class used as
-    `nested` settings."""
+    """Base of the command configs: every field's declared range is checked when a config is made
+    (from flags, YAML or Python), so a bad setting is one line naming the flag, its value and the
+    accepted range before any file is touched. `check()` adds the rules that relate several
+    settings. FLAG_PREFIX names the flags of a class used as `nested` settings."""
     FLAG_PREFIX: ClassVar[str] = ""
 
     def __post_init__(self):
@@ -109,12 +113,14 @@ class Settings:
         """Rules between settings; raise RegditError naming the flags (`flag_of`)."""
 
     def flag_of(self, name):
-        """The flag of the field `name` with its aliases, as the user writes them (`--sampler/--mode`)."""
+        """The flag of the field `name` with its aliases, as the user writes them
+        (`--sampler/--mode`)."""
         return "/".join(flag_names(next(f for f in dataclasses.fields(self) if f.name == name), self.FLAG_PREFIX))
 
 
 def field_type(config_class, name):
-    """(value type, is a list) from the field's annotation: `int | None` gives (int, False), `list[str]` (str, True)."""
+    """(value type, is a list) from the field's annotation: `int | None` gives (int, False),
+    `list[str]` (str, True)."""
     hint = typing.get_type_hints(config_class)[name]
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
@@ -124,7 +130,8 @@ def field_type(config_class, name):
 
 
 def add_dataclass_arguments(parser, config_class):
-    """One argparse argument per flag of `config_class`, then `--config` and (with `PRESETS`) `--preset`."""
+    """One argparse argument per flag of `config_class`, then `--config` and (with `PRESETS`)
+    `--preset`."""
     for name, field, prefix, owner in leaf_fields(config_class):
         kwargs = {k: v for k, v in field.metadata.items() if k not in NOT_FOR_ARGPARSE}
         if field.metadata.get("required"):
@@ -147,8 +154,8 @@ def add_dataclass_arguments(parser, config_class):
 
 
 def checked_values(parser, values, source):
-    """argparse converts and checks command-line values only: do the same for preset and YAML values (a YAML file
-    written by a run, unset settings as null, reads back as it was written)."""
+    """argparse converts and checks command-line values only: do the same for preset and YAML values
+    (a YAML file written by a run, unset settings as null, reads back as it was written)."""
     checked = dict(values)
     for action in parser._actions:
         if action.dest not in values or values[action.dest] is None and action.default is None:
@@ -181,9 +188,10 @@ def checked_values(parser, values, source):
 
 
 def read_yaml(path, what):
-    """The content of a YAML file that regdit reads (`what` names it in messages: "config file", "run settings"):
-    UTF-8 text of at most YAML_MAX_BYTES, without anchors or aliases, nested at most YAML_MAX_DEPTH deep, checked
-    token by token before anything is composed. Anything else is a one-line RegditError naming the file."""
+    """The content of a YAML file that regdit reads (`what` names it in messages: "config file",
+    "run settings"): UTF-8 text of at most YAML_MAX_BYTES, without anchors or aliases, nested at
+    most YAML_MAX_DEPTH deep, checked token by token before anything is composed. Anything else is a
+    one-line RegditError naming the file."""
     path = Path(path)
     if not path.exists():
         raise RegditError(f"{what} {path} does not exist: pass a YAML file of settings")
@@ -233,7 +241,8 @@ def read_yaml_config(path, config_class, command):
 
 
 def preset_and_yaml_defaults(args, config_class, parser, command):
-    """Defaults from `--preset` and `--config FILE.yaml`, applied before the final parse so that flags still win."""
+    """Defaults from `--preset` and `--config FILE.yaml`, applied before the final parse so that
+    flags still win."""
     defaults = {}
     if getattr(args, "preset", None):
         defaults = checked_values(parser, config_class.PRESETS[args.preset], f"preset {args.preset}")
@@ -244,7 +253,8 @@ def preset_and_yaml_defaults(args, config_class, parser, command):
 
 
 def config_from_args(args, config_class, prefix=""):
-    """The `config_class` of parsed flags (nested settings made first, from their prefixed flags)."""
+    """The `config_class` of parsed flags (nested settings made first, from their prefixed
+    flags)."""
     values = {}
     for field in dataclasses.fields(config_class):
         if field.metadata.get("nested"):
@@ -256,7 +266,8 @@ def config_from_args(args, config_class, prefix=""):
 
 
 def flat_settings(config):
-    """{flat name: value} of every flag of a config: what a run records and what a YAML file holds."""
+    """{flat name: value} of every flag of a config: what a run records and what a YAML file
+    holds."""
     settings = {}
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
@@ -275,6 +286,6 @@ def missing_required(config):
 
 
 def changed_setting(previous, current, may_change):
-    """The first setting, other than those in `may_change`, whose value in a run's saved settings `previous`
-    differs from `current` (both dicts); None when a rerun may continue that run."""
+    """The first setting, other than those in `may_change`, whose value in a run's saved settings
+    `previous` differs from `current` (both dicts); None when a rerun may continue that run."""
     return next((k for k in current if k not in may_change and k in previous and previous[k] != current[k]), None)

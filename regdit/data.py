@@ -1,5 +1,6 @@
-"""Dataset layouts: how (uint8 image, VAE posterior moments, label) triples are stored, each layout a reader (the
-training Dataset) and a writer (used by `regdit prepare latents`), registered together in LAYOUTS.
+"""Dataset layouts: how (uint8 image, VAE posterior moments, label) triples are stored, each layout
+a reader (the training Dataset) and a writer (used by `regdit prepare latents`), registered together
+in LAYOUTS.
 
 regdit's layout is a folder of memory-mapped arrays, read without decoding:
 
@@ -9,8 +10,8 @@ regdit's layout is a folder of memory-mapped arrays, read without decoding:
     moments_flip.npy   optional: the moments of the horizontally mirrored images
     labels.npy         int64 (N,)
 
-The official layout (REG's dataset.py) is DATA/imagenet_{R}_vae/**.png + DATA/vae-sd/**.npy + DATA/vae-sd/dataset.json,
-images and latents paired by sorted relative path.
+The official layout (REG's dataset.py) is DATA/imagenet_{R}_vae/**.png + DATA/vae-sd/**.npy +
+DATA/vae-sd/dataset.json, images and latents paired by sorted relative path.
 """
 import json
 import os
@@ -51,9 +52,10 @@ def read_json(path, fix):
 
 
 def read_labels(meta, path, fix):
-    """{name: label} of a dataset.json's `{"labels": [[name, label], ...], "classes": [...]}` (`meta`, read from
-    `path`). Each label must be an integer (not a bool, a float or a string) from 0, below the number of "classes"
-    when it lists them; anything else is one line naming the file, the entry and `fix`."""
+    """{name: label} of a dataset.json's `{"labels": [[name, label], ...], "classes": [...]}`
+    (`meta`, read from `path`). Each label must be an integer (not a bool, a float or a string) from
+    0, below the number of "classes" when it lists them; anything else is one line naming the file,
+    the entry and `fix`."""
     if not isinstance(meta, dict):
         raise RegditError(f'{path}: holds a JSON {type(meta).__name__}, not {{"labels": [[name, label], ...]}}; {fix}')
     pairs, classes = meta.get("labels"), meta.get("classes")
@@ -75,8 +77,8 @@ def read_labels(meta, path, fix):
 
 
 def load_array(path, fix, mmap_mode=None):
-    """The array of the .npy file `path`, pickled objects refused (numpy's default: an object array would run code);
-    an unreadable, foreign or object-array file is one line naming it and `fix`."""
+    """The array of the .npy file `path`, pickled objects refused (numpy's default: an object array
+    would run code); an unreadable, foreign or object-array file is one line naming it and `fix`."""
     check_regular_file(path)
     try:
         array = np.load(path, mmap_mode=mmap_mode)
@@ -94,11 +96,13 @@ def write_json(path, obj):
 
 
 def open_dataset(data_dir, resolution=None, seed=0):
-    """Open and validate a prepared dataset with the reader of the first layout of LAYOUTS found in `data_dir`.
+    """Open and validate a prepared dataset with the reader of the first layout of LAYOUTS found in
+    `data_dir`.
 
-    Items are (uint8 image (3, R, R), float32 moments (2C, h, w), int label). Attributes: num_classes, resolution,
-    latent_scale, vae (name or path used to encode; "none" for pixel space, None if unknown), moments_shape,
-    has_flip, labels (numpy int64); set_epoch(epoch) reseeds the flips.
+    Items are (uint8 image (3, R, R), float32 moments (2C, h, w), int label). Attributes:
+    num_classes, resolution, latent_scale, vae (name or path used to encode; "none" for pixel space,
+    None if unknown), moments_shape, has_flip, labels (numpy int64); set_epoch(epoch) reseeds the
+    flips.
     """
     data_dir = os.fspath(data_dir)
     for layout in LAYOUTS.values():
@@ -118,19 +122,22 @@ def open_dataset(data_dir, resolution=None, seed=0):
 
 
 class _Dataset(torch.utils.data.Dataset):
-    """A layout's reader: `detect(data_dir)` says whether a folder holds the layout; `Reader(data_dir, resolution,
-    seed)` validates it and has the items and attributes listed in open_dataset."""
+    """A layout's reader: `detect(data_dir)` says whether a folder holds the layout;
+    `Reader(data_dir, resolution, seed)` validates it and has the items and attributes listed in
+    open_dataset."""
 
     def __init__(self, seed):
         self.seed = seed
-        # Shared memory, so that DataLoader workers (persistent ones too) see set_epoch() made in the main process.
+        # Shared memory, so that DataLoader workers (persistent ones too) see set_epoch() made in
+        # the main process.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
     def set_epoch(self, epoch):
         self._epoch.fill_(epoch)
 
     def _flip(self, index):
-        # A function of (seed, epoch, index) alone: resuming gives the same flips for any number of workers.
+        # A function of (seed, epoch, index) alone: resuming gives the same flips for any number of
+        # workers.
         return np.random.default_rng([self.seed, int(self._epoch), index]).random() < 0.5
 
     def __len__(self):
@@ -138,7 +145,8 @@ class _Dataset(torch.utils.data.Dataset):
 
 
 class RegditDataset(_Dataset):
-    """regdit's memory-mapped layout (module docstring); mirrored moments, when present, give random flips."""
+    """regdit's memory-mapped layout (module docstring); mirrored moments, when present, give random
+    flips."""
 
     @staticmethod
     def detect(data_dir):
@@ -206,7 +214,8 @@ class RegditDataset(_Dataset):
 
 
 class OfficialDataset(_Dataset):
-    """The official layout: PNG images and one moments .npy per image, paired by sorted path (no flips)."""
+    """The official layout: PNG images and one moments .npy per image, paired by sorted path (no
+    flips)."""
 
     @staticmethod
     def detect(data_dir):
@@ -283,7 +292,8 @@ class OfficialDataset(_Dataset):
 class _Writer:
     """A layout's writer, as `regdit prepare latents` calls it, in this order:
 
-    Writer(dest, flip, vae)   refuses settings the layout cannot store; sets `out` (the folder that holds the
+    Writer(dest, flip, vae)   refuses settings the layout cannot store; sets `out` (the folder that
+    holds the
                               .prepare-progress folder) and `finished_path` (written last: marks a finished dataset)
     claim(source, names, resolution)   every process, after the settings check and before anything is written
     start(labels, resolution, moments_shape)   the main process: create what all processes then fill
@@ -312,8 +322,9 @@ class _Writer:
 
 
 class RegditWriter(_Writer):
-    """Fills the preallocated arrays of regdit's layout row by row. Plain writes, not a shared memory map: processes
-    on other nodes of a network file system then never rewrite each other's pages."""
+    """Fills the preallocated arrays of regdit's layout row by row. Plain writes, not a shared
+    memory map: processes on other nodes of a network file system then never rewrite each other's
+    pages."""
 
     def __init__(self, dest, flip, vae):
         self.out, self.finished_path, self.flip = dest, os.path.join(dest, META), flip
@@ -364,9 +375,10 @@ def _preallocate(path, shape, dtype):
 
 
 class OfficialWriter(_Writer):
-    """One (1, 2C, h, w) float32 .npy per image, named and shaped as the official dataset_tools.py encode saves a
-    batch of one, plus a copy of each image where the official reader looks for it (unless it is the source).
-    Many small files are not synced: a kill loses nothing written; an OS crash may need the run redone."""
+    """One (1, 2C, h, w) float32 .npy per image, named and shaped as the official dataset_tools.py
+    encode saves a batch of one, plus a copy of each image where the official reader looks for it
+    (unless it is the source). Many small files are not synced: a kill loses nothing written; an OS
+    crash may need the run redone."""
 
     def __init__(self, dest, flip, vae):
         if flip or vae == "none":
@@ -406,6 +418,6 @@ class Layout(NamedTuple):
     writer: type
 
 
-# `prepare latents --layout NAME` writes with LAYOUTS[NAME].writer; open_dataset reads with the first reader that
-# detects its layout. A new layout is one reader, one writer and one entry here.
+# `prepare latents --layout NAME` writes with LAYOUTS[NAME].writer; open_dataset reads with the
+# first reader that detects its layout. A new layout is one reader, one writer and one entry here.
 LAYOUTS = {"regdit": Layout(RegditDataset, RegditWriter), "official": Layout(OfficialDataset, OfficialWriter)}

@@ -1,10 +1,11 @@
 """`regdit demo`: REG end to end on a small dataset, on a laptop CPU, in minutes.
 
-It draws 10 classes of shapes (32 px, fixed seed; half of them white, so rows differ by shape), or takes your own
-folder of classes, then runs the real code paths: `prepare images` -> `prepare vae` -> `prepare latents` -> `train`
--> `sample`. There are no pretrained weights offline, so it fits a small VAE to the images (a minute) and aligns to a
-random-weight encoder. Its score is a small classifier fitted on the real images: the share of samples it assigns to
-their class, next to its accuracy on real images it did not see.
+It draws 10 classes of shapes (32 px, fixed seed; half of them white, so rows differ by shape), or
+takes your own folder of classes, then runs the real code paths: `prepare images` -> `prepare vae`
+-> `prepare latents` -> `train` -> `sample`. There are no pretrained weights offline, so it fits a
+small VAE to the images (a minute) and aligns to a random-weight encoder. Its score is a small
+classifier fitted on the real images: the share of samples it assigns to their class, next to its
+accuracy on real images it did not see.
 """
 import json
 import os
@@ -28,21 +29,23 @@ CLASSES = ["white circle", "white ring", "white square", "white frame", "white p
            "green diamond", "blue x", "yellow tee", "magenta half-disc"]
 COLOURS = [(235, 235, 235)] * 5 + [(230, 40, 40), (40, 200, 60), (60, 100, 245), (240, 220, 40), (230, 50, 230)]
 
-# The small-scale recipe: REG on the 8x8x4 latents of a small VAE fitted to the 32 px images, sized for minutes on a
-# CPU and chosen by measurement (benchmarks/RESULTS.md). A patch-1 SiT sees 8x8 tokens of 4 values. In pixel space a
-# patch-4 SiT on the same 8x8 grid drew ragged edges and one-pixel streaks where 4x4 patches disagree, until 4x the
-# training; the VAE's decoder draws clean edges from the first minutes. The aligned encoder must see the same 8x8
-# grid: MAE takes 32 px as they are (DINOv2 would resize them to 28 px), so a random-weight MAE-shaped ViT with patch
-# 4 gives REPA's targets and REG's entangled class token. A high learning rate with a short EMA makes the most of 1500
-# steps at batch 32; guidance 2 on the image and the class token keeps the colours (at 4 the blue shifts to violet).
+# The small-scale recipe: REG on the 8x8x4 latents of a small VAE fitted to the 32 px images, sized
+# for minutes on a CPU and chosen by measurement (benchmarks/RESULTS.md). A patch-1 SiT sees 8x8
+# tokens of 4 values. In pixel space a patch-4 SiT on the same 8x8 grid drew ragged edges and
+# one-pixel streaks where 4x4 patches disagree, until 4x the training; the VAE's decoder draws clean
+# edges from the first minutes. The aligned encoder must see the same 8x8 grid: MAE takes 32 px as
+# they are (DINOv2 would resize them to 28 px), so a random-weight MAE-shaped ViT with patch 4 gives
+# REPA's targets and REG's entangled class token. A high learning rate with a short EMA makes the
+# most of 1500 steps at batch 32; guidance 2 on the image and the class token keeps the colours (at
+# 4 the blue shifts to violet).
 TRAIN_RECIPE = dict(resolution=32, model="SiT-S/1", depth=3, hidden_size=128, num_heads=2, encoder_depth=1,
                     projector_dim=128, enc_type="mae-vit-b", learning_rate=3e-3, ema_decay=0.995)
 SAMPLE_RECIPE = dict(mode="sde", cfg_scale=2.0, cls_cfg_scale=2.0)
 
 
 def draw_shape(label, rng, size=32):
-    """One image of class `label`: its shape and colour on a plain dark background, jittered in position, size and
-    tint; edges anti-aliased (4x4 samples per pixel), as a photograph's are."""
+    """One image of class `label`: its shape and colour on a plain dark background, jittered in
+    position, size and tint; edges anti-aliased (4x4 samples per pixel), as a photograph's are."""
     background = rng.integers(20, 50) + rng.integers(-6, 7, 3)
     colour = np.clip(np.array(COLOURS[label]) + rng.integers(-20, 21, 3), 0, 255)
     cy, cx = size / 2 + rng.uniform(-3, 3, 2)
@@ -119,8 +122,9 @@ class DemoConfig(Settings):
 
 
 def check_classes(data):
-    """Refuse --data with fewer than 2 classes, as `prepare images` would label it (its dataset.json, else its
-    top-level folders), before any work: with one class every sample is classified right, a 100% that says nothing."""
+    """Refuse --data with fewer than 2 classes, as `prepare images` would label it (its
+    dataset.json, else its top-level folders), before any work: with one class every sample is
+    classified right, a 100% that says nothing."""
     from regdit.prepare import source_labels
 
     if os.path.isdir(data):
@@ -161,8 +165,8 @@ class Laps:
 
 
 def prepare_data(config, out, laps):
-    """The demo's images (drawn, or --data), the VAE fitted to them, their latents and a random-weight encoder;
-    returns (VAE folder, real images, labels, class names)."""
+    """The demo's images (drawn, or --data), the VAE fitted to them, their latents and a
+    random-weight encoder; returns (VAE folder, real images, labels, class names)."""
     from regdit.encoders import save_random_encoder
     from regdit.prepare import (
         PrepareImagesConfig,
@@ -203,7 +207,8 @@ def run_demo(config: DemoConfig):
     out, seed, steps = Path(config.output), config.seed, config.steps
     if config.data is not None:
         check_classes(config.data)
-    # A rerun resumes the training run in OUTPUT; one already past --steps would not train and pass for a --steps run.
+    # A rerun resumes the training run in OUTPUT; one already past --steps would not train and pass
+    # for a --steps run.
     latest = Checkpoints(out / "train").find()
     if latest is not None and int(latest.stem) > steps:
         raise RegditError(f"{out} holds a demo trained for {int(latest.stem)} steps, more than --steps {steps}: "
@@ -216,7 +221,8 @@ def run_demo(config: DemoConfig):
         **TRAIN_RECIPE, output_dir=str(out), exp_name="train", data_dir=str(out / "data"),
         enc_path=str(out / "encoder"), num_classes=len(classes), batch_size=config.batch_size, max_train_steps=steps,
         log_every=max(steps // 40, 1), checkpointing_steps=steps, sampling_steps=0, num_workers=0, seed=seed))
-    # The whole run's curve: result["metrics"] holds only the steps trained now, none when a rerun finds the run done.
+    # The whole run's curve: result["metrics"] holds only the steps trained now, none when a rerun
+    # finds the run done.
     metrics = [json.loads(line) for line in (result["exp_dir"] / "metrics.jsonl").read_text().splitlines()]
     loss_curve(metrics, out / "loss_curve.png")
     laps("train")

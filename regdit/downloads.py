@@ -1,12 +1,13 @@
-"""Files `regdit eval` and `regdit train --eval-every` download on first use: the Inception weights and ADM's
-reference batches.
+"""Files `regdit eval` and `regdit train --eval-every` download on first use: the Inception weights
+and ADM's reference batches.
 
-The Inception weights go where torch-fidelity itself caches them (`torch.hub.get_dir()/checkpoints/`), so either
-tool reuses the other's download; a reference batch named by its ADM name (`imagenet256`) goes to the regdit cache
-($REGDIT_CACHE, else $XDG_CACHE_HOME/regdit or ~/.cache/regdit). A file is streamed to a temp file beside its
-destination with a progress bar, checked (the SHA-256 prefix in its name, as torch.hub checks; a reference batch
-by its arrays, ADM publishing no hashes) and only then renamed into place; later uses read it without the network.
-HF_HUB_OFFLINE=1, the switch of regdit's other downloads, turns these off too.
+The Inception weights go where torch-fidelity itself caches them
+(`torch.hub.get_dir()/checkpoints/`), so either tool reuses the other's download; a reference batch
+named by its ADM name (`imagenet256`) goes to the regdit cache ($REGDIT_CACHE, else
+$XDG_CACHE_HOME/regdit or ~/.cache/regdit). A file is streamed to a temp file beside its destination
+with a progress bar, checked (the SHA-256 prefix in its name, as torch.hub checks; a reference batch
+by its arrays, ADM publishing no hashes) and only then renamed into place; later uses read it
+without the network. HF_HUB_OFFLINE=1, the switch of regdit's other downloads, turns these off too.
 """
 import hashlib
 import os
@@ -29,7 +30,8 @@ from regdit.files import atomic_write, npz_headers
 
 INCEPTION_URL = URL_INCEPTION_V3
 REFERENCE_BATCHES_URL = "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet"
-# ADM's ImageNet reference batches (guided-diffusion/evaluations/README.md): name -> resolution, file
+# ADM's ImageNet reference batches (guided-diffusion/evaluations/README.md): name -> resolution,
+# file
 REFERENCE_BATCHES = {
     "imagenet64": (64, "VIRTUAL_imagenet64_labeled.npz"),
     "imagenet128": (128, "VIRTUAL_imagenet128_labeled.npz"),
@@ -56,7 +58,8 @@ def inception_weights():
 
 
 def reference_batch(name):
-    """ADM's reference batch `name` (a key of REFERENCE_BATCHES) in the regdit cache, downloaded there on first use."""
+    """ADM's reference batch `name` (a key of REFERENCE_BATCHES) in the regdit cache, downloaded
+    there on first use."""
     resolution, file = REFERENCE_BATCHES[name]
     url = f"{REFERENCE_BATCHES_URL}/{resolution}/{file}"
     return cached_download(url, cache_dir() / "ref_batches" / file, f"ADM's reference batch {name}",
@@ -64,9 +67,10 @@ def reference_batch(name):
 
 
 def cached_download(url, destination, what, check, alternative):
-    """`destination` if it exists, else `url` downloaded to it: streamed to a temp file beside it with a progress
-    bar, `check(temp path)` (raises RegditError naming the problem), then renamed into place. Offline or on a network
-    failure, one line names the URL, the destination and `alternative`."""
+    """`destination` if it exists, else `url` downloaded to it: streamed to a temp file beside it
+    with a progress bar, `check(temp path)` (raises RegditError naming the problem), then renamed
+    into place. Offline or on a network failure, one line names the URL, the destination and
+    `alternative`."""
     if destination.is_file():
         return destination
     by_hand = f"download {url} on a machine with network and put it at {destination} ({alternative})"
@@ -96,8 +100,8 @@ def cached_download(url, destination, what, check, alternative):
 
 
 def _reason(error):
-    """A network error in words. Not str(error): atomic_write names its file in an OSError, which str() then shows
-    instead of what went wrong."""
+    """A network error in words. Not str(error): atomic_write names its file in an OSError, which
+    str() then shows instead of what went wrong."""
     if isinstance(error, urllib.error.URLError):
         return str(error.reason)
     if isinstance(error, OSError):
@@ -106,8 +110,8 @@ def _reason(error):
 
 
 def check_sha256(path, name):
-    """Refuse the file at `path` unless its SHA-256 starts with the hex prefix in `name` (torch.hub's convention:
-    NAME-HASHPREFIX.EXT, checked by its check_hash)."""
+    """Refuse the file at `path` unless its SHA-256 starts with the hex prefix in `name`
+    (torch.hub's convention: NAME-HASHPREFIX.EXT, checked by its check_hash)."""
     prefix = torch.hub.HASH_REGEX.search(name).group(1)
     digest = hashlib.sha256()
     with open(path, "rb") as file:
@@ -118,9 +122,9 @@ def check_sha256(path, name):
 
 
 def check_reference_batch(path, resolution):
-    """Refuse the .npz at `path` unless it holds an ADM reference batch of `resolution` px: arr_0 uint8
-    (N, R, R, 3), mu (2048,), sigma (2048, 2048), mu_s (2023,), sigma_s (2023, 2023). Only the array headers are
-    read."""
+    """Refuse the .npz at `path` unless it holds an ADM reference batch of `resolution` px: arr_0
+    uint8 (N, R, R, 3), mu (2048,), sigma (2048, 2048), mu_s (2023,), sigma_s (2023, 2023). Only the
+    array headers are read."""
     expected = {"arr_0": (None, resolution, resolution, 3), "mu": (2048,), "sigma": (2048, 2048), "mu_s": (2023,),
                 "sigma_s": (2023, 2023)}
     try:

@@ -1,10 +1,11 @@
 """Frozen representation encoders: REPA's alignment targets and REG's entangled class token.
 
-Every encoder is a timm VisionTransformer, the ViT code whose `resample_abs_pos_embed` the official code used.
-Weights come from the Hugging Face Hub (`timm/<arch>.<tag>`, offline from the cache with HF_HUB_OFFLINE=1) or from a
-local weights file or timm folder given by `--enc-path` or REGDIT_ENCODER_PATH. An `Encoder` maps uint8 images to
-`(class_token (N, D), dense (N, 1 + T', D))`: the final-norm class token and [class token; patch tokens], as the
-official REG `x_norm_clstoken` / `x_norm_patchtokens`, register tokens dropped.
+Every encoder is a timm VisionTransformer, the ViT code whose `resample_abs_pos_embed` the official
+code used. Weights come from the Hugging Face Hub (`timm/<arch>.<tag>`, offline from the cache with
+HF_HUB_OFFLINE=1) or from a local weights file or timm folder given by `--enc-path` or
+REGDIT_ENCODER_PATH. An `Encoder` maps uint8 images to `(class_token (N, D), dense (N, 1 + T', D))`:
+the final-norm class token and [class token; patch tokens], as the official REG `x_norm_clstoken` /
+`x_norm_patchtokens`, register tokens dropped.
 """
 import json
 import math
@@ -71,9 +72,9 @@ ENCODER_TYPES = {  # the official --enc-type names
 
 @dataclass(frozen=True)
 class Family:
-    """How a family of encoders takes images (the official `preprocess_raw_image`): x / 255 normalised by `mean`
-    and `std`, and for a `resized` family a bicubic resize to 224 * R // 256 px, before the normalisation when
-    `resize_first`."""
+    """How a family of encoders takes images (the official `preprocess_raw_image`): x / 255
+    normalised by `mean` and `std`, and for a `resized` family a bicubic resize to 224 * R // 256
+    px, before the normalisation when `resize_first`."""
     mean: tuple
     std: tuple
     resized: bool
@@ -90,14 +91,15 @@ FAMILIES = {  # the family of an ENCODER_TYPES entry also names its checkpoint l
 
 
 def encoder_input_size(enc_type, resolution):
-    """Side of the encoder's input. The official resize is to 224 * (R // 256); 224 * R // 256 is the same for R a
-    multiple of 256 and also serves small demo images (R = 32 -> 28 px). At 256 px a patch-14 DINOv2 sees 16x16
-    patches, the official `16 * (R // 256)` grid."""
+    """Side of the encoder's input. The official resize is to 224 * (R // 256); 224 * R // 256 is
+    the same for R a multiple of 256 and also serves small demo images (R = 32 -> 28 px). At 256 px
+    a patch-14 DINOv2 sees 16x16 patches, the official `16 * (R // 256)` grid."""
     return 224 * resolution // 256 if FAMILIES[ENCODER_TYPES[enc_type].family].resized else resolution
 
 
 def preprocess_raw_image(x, enc_type):
-    """The official `preprocess_raw_image` on raw images (N, 3, R, R) in [0, 255], as its family takes them."""
+    """The official `preprocess_raw_image` on raw images (N, 3, R, R) in [0, 255], as its family
+    takes them."""
     family = FAMILIES[ENCODER_TYPES[enc_type].family]
     size = encoder_input_size(enc_type, x.shape[-1])
     x = x / 255.0
@@ -110,11 +112,13 @@ def preprocess_raw_image(x, enc_type):
 
 
 class Encoder(nn.Module):
-    """A frozen ViT giving `(class_token (N, D), dense (N, 1 + T', D))` from uint8 images (N, 3, R, R).
+    """A frozen ViT giving `(class_token (N, D), dense (N, 1 + T', D))` from uint8 images (N, 3, R,
+    R).
 
-    Tokens are taken after the final norm (DINOv2's `x_norm_clstoken` / `x_norm_patchtokens`); register tokens are
-    dropped. I-JEPA has no class token: the mean of its final-norm patch tokens stands in (timm's 'avg' pooling of the
-    model). It runs under the caller's autocast, as the official code runs it under the training autocast.
+    Tokens are taken after the final norm (DINOv2's `x_norm_clstoken` / `x_norm_patchtokens`);
+    register tokens are dropped. I-JEPA has no class token: the mean of its final-norm patch tokens
+    stands in (timm's 'avg' pooling of the model). It runs under the caller's autocast, as the
+    official code runs it under the training autocast.
     """
 
     def __init__(self, name, model, resolution):
@@ -150,8 +154,8 @@ class Encoder(nn.Module):
 def load_encoders(enc_type, resolution, enc_path=None, device="cpu"):
     """Frozen encoders for a comma-separated `enc_type`; the first gives REG's class token.
 
-    `enc_path` (else REGDIT_ENCODER_PATH) holds one weights file or timm folder per encoder (local or `hf://`),
-    comma-separated; an empty entry, or no path at all, loads the Hub weights.
+    `enc_path` (else REGDIT_ENCODER_PATH) holds one weights file or timm folder per encoder (local
+    or `hf://`), comma-separated; an empty entry, or no path at all, loads the Hub weights.
     """
     names = [name.strip() for name in enc_type.split(",")]
     for name in names:
@@ -187,10 +191,12 @@ def _load_vit(name, resolution, path):
     if size % patch:
         raise RegditError(f"encoder {name} (patch {patch}) cannot tile its {size} px input at --resolution "
                           f"{resolution}: choose a resolution whose encoder input is a multiple of {patch}")
-    # timm's filter maps the official DINOv2 / OpenAI-CLIP / I-JEPA layouts to timm names and resamples the position
-    # embeddings to the input grid with resample_abs_pos_embed (bicubic, antialias), as the official code does once
+    # timm's filter maps the official DINOv2 / OpenAI-CLIP / I-JEPA layouts to timm names and
+    # resamples the position embeddings to the input grid with resample_abs_pos_embed (bicubic,
+    # antialias), as the official code does once
     state = checkpoint_filter_fn(state, model)
-    # official: encoder.head = nn.Identity(); weights in float32 like the official modules they are copied into
+    # official: encoder.head = nn.Identity(); weights in float32 like the official modules they are
+    # copied into
     state = {k: v.float() for k, v in state.items() if not k.startswith("head.")}
     try:
         model.load_state_dict(state, assign=True)
@@ -224,8 +230,8 @@ def _read_weights(path):
 
 
 def _folder_weights(name, path):
-    """The weights file of a timm model folder (as saved by timm or downloaded from the Hub), checked against
-    the architecture `name` expects."""
+    """The weights file of a timm model folder (as saved by timm or downloaded from the Hub),
+    checked against the architecture `name` expects."""
     config, weights = path / "config.json", [path / f for f in ("model.safetensors", "pytorch_model.bin")]
     weights = [f for f in weights if f.is_file()]
     if not config.is_file() or not weights:
@@ -239,8 +245,9 @@ def _folder_weights(name, path):
 
 
 def _from_mocov3(state):
-    """MoCo-v3 checkpoints keep the ViT under `module.base_encoder.` (timm's loader already strips `module.`);
-    REPA's `fix_mocov3_state_dict` also renames the misnamed blocks 13/14 of some checkpoints."""
+    """MoCo-v3 checkpoints keep the ViT under `module.base_encoder.` (timm's loader already strips
+    `module.`); REPA's `fix_mocov3_state_dict` also renames the misnamed blocks 13/14 of some
+    checkpoints."""
     prefix = "base_encoder."
     if not any(k.startswith(prefix) for k in state):
         return state  # already a plain ViT state dict
@@ -257,8 +264,8 @@ def _from_mocov3(state):
 
 
 def check_encoders(encoders, num_tokens):
-    """Fail before training when the SiT and the encoders disagree on the token count (SiT T + 1 against the
-    encoder's 1 + T')."""
+    """Fail before training when the SiT and the encoders disagree on the token count (SiT T + 1
+    against the encoder's 1 + T')."""
     for encoder in encoders:
         if encoder.num_tokens != num_tokens:
             side = math.isqrt(encoder.num_tokens - 1)
@@ -269,11 +276,13 @@ def check_encoders(encoders, num_tokens):
 
 
 def save_random_encoder(enc_type, path, patch_size, embed_dim=32, depth=2, num_heads=2, grid=8, seed=0):
-    """Save a tiny random-weight encoder of `enc_type`'s architecture as a timm folder (config.json +
-    model.safetensors) that `load_encoders(enc_type, R, enc_path=path)` loads, for tests and the demo.
+    """Save a tiny random-weight encoder of `enc_type`'s architecture as a timm folder (config.json
+    + model.safetensors) that `load_encoders(enc_type, R, enc_path=path)` loads, for tests and the
+    demo.
 
-    It is 'pretrained' on a `grid` x `grid` patch grid, so loading resamples its position embeddings like the real
-    ones. For R = 32: patch 7 gives DINOv2 / CLIP / I-JEPA 4x4 patches of their 28 px input, patch 8 MAE / MoCo-v3.
+    It is 'pretrained' on a `grid` x `grid` patch grid, so loading resamples its position embeddings
+    like the real ones. For R = 32: patch 7 gives DINOv2 / CLIP / I-JEPA 4x4 patches of their 28 px
+    input, patch 8 MAE / MoCo-v3.
     """
     spec = ENCODER_TYPES[enc_type]
     args = {**spec.model_args, "embed_dim": embed_dim, "depth": depth, "num_heads": num_heads,
@@ -281,7 +290,8 @@ def save_random_encoder(enc_type, path, patch_size, embed_dim=32, depth=2, num_h
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
         model = timm.create_model(spec.arch, num_classes=0, **args)
-        # LayerScale starts at 1e-5 and biases at 0: perturb every weight so that each layer shapes the output
+        # LayerScale starts at 1e-5 and biases at 0: perturb every weight so that each layer shapes
+        # the output
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
     save_for_hf(model, path, safe_serialization=True)

@@ -1,9 +1,11 @@
-"""`regdit eval`: Inception Score, FID, sFID, precision and recall of a sample .npz against a reference .npz.
+"""`regdit eval`: Inception Score, FID, sFID, precision and recall of a sample .npz against a
+reference .npz.
 
-A PyTorch port of the ADM evaluator (guided-diffusion/evaluations/evaluator.py) without TensorFlow. The network is
-torch-fidelity's port of the same 2015-12-05 Inception graph, TF1 bilinear resize included; the metrics mirror ADM:
-FID on pool_3, sFID on the first 7 channels of `mixed_6/conv` (= `Mixed_6d.branch1x1`), IS on the unbiased softmax,
-precision/recall with ADM's ManifoldEstimator (k = 3, squared distances of float16 features, see ManifoldEstimator).
+A PyTorch port of the ADM evaluator (guided-diffusion/evaluations/evaluator.py) without TensorFlow.
+The network is torch-fidelity's port of the same 2015-12-05 Inception graph, TF1 bilinear resize
+included; the metrics mirror ADM: FID on pool_3, sFID on the first 7 channels of `mixed_6/conv` (=
+`Mixed_6d.branch1x1`), IS on the unbiased softmax, precision/recall with ADM's ManifoldEstimator (k
+= 3, squared distances of float16 features, see ManifoldEstimator).
 """
 import concurrent.futures
 import contextlib
@@ -45,10 +47,12 @@ POOL_FEATURES = 2048  # FID's covariances are 2048 x 2048: fewer images make the
 
 
 class NpzImages:
-    """The `arr_0` images (uint8, N x H x W x 3) of an .npz, checked, then read slice by slice from the archive.
+    """The `arr_0` images (uint8, N x H x W x 3) of an .npz, checked, then read slice by slice from
+    the archive.
 
-    Like ADM's NpzArrayReader this never holds the whole array: 50k samples at 512 px are 39 GB. Slices are read
-    in increasing order through one open member, so compressed archives are decompressed once, not per slice.
+    Like ADM's NpzArrayReader this never holds the whole array: 50k samples at 512 px are 39 GB.
+    Slices are read in increasing order through one open member, so compressed archives are
+    decompressed once, not per slice.
     """
 
     def __init__(self, path, num_images=None):
@@ -127,16 +131,18 @@ class NpzImages:
 
 
 def load_npz_images(path, num_images=None):
-    """Open the `arr_0` images of an ADM-style .npz (checked: uint8, N x H x W x 3, at least `num_images` images).
+    """Open the `arr_0` images of an ADM-style .npz (checked: uint8, N x H x W x 3, at least
+    `num_images` images).
 
-    Returns an array-like (`len`, `.shape`, contiguous slices -> uint8 arrays, `numpy.asarray` for all of it) that
-    reads from disk on demand; use it as a context manager to close the file.
+    Returns an array-like (`len`, `.shape`, contiguous slices -> uint8 arrays, `numpy.asarray` for
+    all of it) that reads from disk on demand; use it as a context manager to close the file.
     """
     return NpzImages(path, num_images)
 
 
 class ImageFolder:
-    """Same-sized RGB images under a folder (recursive, sorted by relative path) as an array-like like NpzImages."""
+    """Same-sized RGB images under a folder (recursive, sorted by relative path) as an array-like
+    like NpzImages."""
 
     def __init__(self, root, num_images=None):
         self.paths = [os.path.join(root, name) for name in list_files(root, IMAGE_SUFFIXES)]
@@ -184,8 +190,9 @@ def default_device():
 
 
 def inception_weights_path(weights_path=None):
-    """`weights_path`, else $REGDIT_INCEPTION_WEIGHTS (either local or `hf://`), else torch-fidelity's download cache
-    (torch hub checkpoints), where the weights are downloaded on first use."""
+    """`weights_path`, else $REGDIT_INCEPTION_WEIGHTS (either local or `hf://`), else
+    torch-fidelity's download cache (torch hub checkpoints), where the weights are downloaded on
+    first use."""
     given = weights_path or os.environ.get(INCEPTION_WEIGHTS_ENV)
     if not given:
         return str(downloads.inception_weights())
@@ -198,15 +205,16 @@ def inception_weights_path(weights_path=None):
 
 
 def reference_batch_path(ref_batch):
-    """The local file of --ref-batch: ADM's reference batch of that name (see downloads.REFERENCE_BATCHES),
-    downloaded once, else the path itself (local or `hf://`)."""
+    """The local file of --ref-batch: ADM's reference batch of that name (see
+    downloads.REFERENCE_BATCHES), downloaded once, else the path itself (local or `hf://`)."""
     if ref_batch in downloads.REFERENCE_BATCHES:
         return downloads.reference_batch(ref_batch)
     return resolve_path(ref_batch, "reference batch")
 
 
 def load_inception(weights_path=None, device=None):
-    """torch-fidelity's TF-exact Inception-v3 with its weights read from a local file (see inception_weights_path).
+    """torch-fidelity's TF-exact Inception-v3 with its weights read from a local file (see
+    inception_weights_path).
 
     The file is read once, with `weights_only=True`, so nothing pickled in it runs.
     """
@@ -219,8 +227,9 @@ def load_inception(weights_path=None, device=None):
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise RegditError(f"{path} is not a loadable Inception state dict (a {type(state_dict).__name__}, not a "
                           f"mapping of names to tensors); download {URL_INCEPTION_V3} again")
-    # torch-fidelity takes only a file, which it unpickles without restrictions (weights_only=False): give it the
-    # tensors just read, saved again in memory, rather than the path, which it would read a second time unsafely.
+    # torch-fidelity takes only a file, which it unpickles without restrictions
+    # (weights_only=False): give it the tensors just read, saved again in memory, rather than the
+    # path, which it would read a second time unsafely.
     tensors = io.BytesIO()
     torch.save(state_dict, tensors)
     tensors.seek(0)
@@ -235,10 +244,12 @@ def load_inception(weights_path=None, device=None):
 
 
 def save_random_inception_weights(path, seed=0):
-    """Random Inception-v3 weights in torch-fidelity's layout (for tests and the demo; nothing is downloaded).
+    """Random Inception-v3 weights in torch-fidelity's layout (for tests and the demo; nothing is
+    downloaded).
 
-    torchvision's Inception3 (no aux head, 1008 classes) has exactly torch-fidelity's parameter names and shapes.
-    He-normal convolutions keep activations of order one, since batch norm holds identity statistics in eval mode.
+    torchvision's Inception3 (no aux head, 1008 classes) has exactly torch-fidelity's parameter
+    names and shapes. He-normal convolutions keep activations of order one, since batch norm holds
+    identity statistics in eval mode.
     """
     import torchvision  # a dependency of torch-fidelity; only needed here
 
@@ -254,7 +265,8 @@ def save_random_inception_weights(path, seed=0):
 
 @contextlib.contextmanager
 def tf32(enabled):
-    """TF32 on or off for CUDA matmuls and cuDNN convolutions inside the block, restored after it."""
+    """TF32 on or off for CUDA matmuls and cuDNN convolutions inside the block, restored after
+    it."""
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
     try:
@@ -273,9 +285,9 @@ FEATURES = ("pool", "spatial", "logits")
 
 @torch.inference_mode()
 def batch_activations(images_nhwc_uint8, model):
-    """Inception features of one batch of uint8 N x H x W x 3 images: float32 arrays `pool` (N, 2048) pool_3,
-    `spatial` (N, 2023) the first 7 channels of Mixed_6d.branch1x1 flattened in H, W, C order (ADM's
-    `spatial[..., :7].reshape(N, -1)` on NHWC), `logits` (N, 1008) without bias."""
+    """Inception features of one batch of uint8 N x H x W x 3 images: float32 arrays `pool` (N,
+    2048) pool_3, `spatial` (N, 2023) the first 7 channels of Mixed_6d.branch1x1 flattened in H, W,
+    C order (ADM's `spatial[..., :7].reshape(N, -1)` on NHWC), `logits` (N, 1008) without bias."""
     device = next(model.parameters()).device
     spatial = []
     hook = model.get_submodule(SPATIAL_LAYER).register_forward_hook(
@@ -289,8 +301,8 @@ def batch_activations(images_nhwc_uint8, model):
 
 
 def gather_batches(batches, state):
-    """The per-batch results of all processes, {batch index: result}, on every process (`state` an accelerate
-    PartialState; one process: unchanged)."""
+    """The per-batch results of all processes, {batch index: result}, on every process (`state` an
+    accelerate PartialState; one process: unchanged)."""
     if state is None or state.num_processes == 1:
         return batches
     from accelerate.utils import gather_object
@@ -298,10 +310,10 @@ def gather_batches(batches, state):
 
 
 def compute_activations(images_nhwc_uint8, model, batch_size=64, desc="inception", state=None):
-    """Inception features (see batch_activations) of N x H x W x 3 uint8 images (an array, NpzImages or
-    ImageFolder) in batches of `batch_size` consecutive images. With `state` (several processes), batch k is
-    computed by process k % num_processes and the features are gathered on every process: the batches, and so the
-    features, are those of one process, bit for bit."""
+    """Inception features (see batch_activations) of N x H x W x 3 uint8 images (an array, NpzImages
+    or ImageFolder) in batches of `batch_size` consecutive images. With `state` (several processes),
+    batch k is computed by process k % num_processes and the features are gathered on every process:
+    the batches, and so the features, are those of one process, bit for bit."""
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
     starts = range(0, len(images_nhwc_uint8), batch_size)
     mine = {k: batch_activations(images_nhwc_uint8[start:start + batch_size], model)
@@ -323,9 +335,9 @@ def fid_statistics(activations):
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     """ADM's FIDStatistics.frechet_distance: |mu1 - mu2|^2 + tr(s1 + s2 - 2 sqrt(s1 s2)).
 
-    sqrtm of a singular product can fail (non-finite): retry with eps * I added to both covariances. A complex
-    root is accepted when its diagonal is real to 1e-3, as in ADM. Non-finite statistics give nan (which the
-    command refuses), not a sqrtm error or a bogus "imaginary component".
+    sqrtm of a singular product can fail (non-finite): retry with eps * I added to both covariances.
+    A complex root is accepted when its diagonal is real to 1e-3, as in ADM. Non-finite statistics
+    give nan (which the command refuses), not a sqrtm error or a bogus "imaginary component".
     """
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
@@ -349,7 +361,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 
 
 def inception_score(probs, split_size=5000):
-    """ADM's compute_inception_score: exp(E KL(p(y|x) || p(y))) on contiguous splits (no shuffle), averaged."""
+    """ADM's compute_inception_score: exp(E KL(p(y|x) || p(y))) on contiguous splits (no shuffle),
+    averaged."""
     scores = []
     for start in range(0, len(probs), split_size):
         part = probs[start:start + split_size]
@@ -361,17 +374,19 @@ def inception_score(probs, split_size=5000):
 class ManifoldEstimator:
     """ADM's ManifoldEstimator (improved precision and recall, Kynkaanniemi et al. 2019) in torch.
 
-    Each point's manifold radius is the squared distance to its k-th nearest neighbour (the point itself is
-    neighbour 0). Distances are ADM's DistanceBlock, |u|^2 - 2 u.v + |v|^2 clamped at 0 on float16 features,
-    recomputed in float32 for a block where any float16 value is not finite; blocks of 10000 x 10000 as in ADM.
+    Each point's manifold radius is the squared distance to its k-th nearest neighbour (the point
+    itself is neighbour 0). Distances are ADM's DistanceBlock, |u|^2 - 2 u.v + |v|^2 clamped at 0 on
+    float16 features, recomputed in float32 for a block where any float16 value is not finite;
+    blocks of 10000 x 10000 as in ADM.
 
-    Not bit-exact to ADM: the float16 squares are summed in float32 and each norm is rounded to float16 once (u.v
-    likewise: a float32-accumulated matmul rounded once), while TF's float16 reduce_sum keeps float16 partial sums
-    on GPU. Measured by `benchmarks/bench_eval.py --norm-accumulation` (4000 vs 4000 pool_3-like features, squared
-    norms ~980, k = 3 radii ~420): float16 partial sums move distances by at most 2 (pairwise tree) to 4 (32
-    strided lanes, then a tree) and precision/recall by +0.002/+0.001 (0.5577/0.6062 here); a purely sequential
-    float16 sum would move distances by up to 105 and precision/recall by +0.024/+0.016. Float16 itself (against
-    float32 features) moves them by +0.003/+0.004.
+    Not bit-exact to ADM: the float16 squares are summed in float32 and each norm is rounded to
+    float16 once (u.v likewise: a float32-accumulated matmul rounded once), while TF's float16
+    reduce_sum keeps float16 partial sums on GPU. Measured by `benchmarks/bench_eval.py
+    --norm-accumulation` (4000 vs 4000 pool_3-like features, squared norms ~980, k = 3 radii ~420):
+    float16 partial sums move distances by at most 2 (pairwise tree) to 4 (32 strided lanes, then a
+    tree) and precision/recall by +0.002/+0.001 (0.5577/0.6062 here); a purely sequential float16
+    sum would move distances by up to 105 and precision/recall by +0.024/+0.016. Float16 itself
+    (against float32 features) moves them by +0.003/+0.004.
     """
 
     def __init__(self, row_batch_size=10000, col_batch_size=10000, nhood_sizes=(NEIGHBOURHOOD,), device=None):
@@ -399,7 +414,8 @@ class ManifoldEstimator:
         return torch.as_tensor(np.ascontiguousarray(array, np.float32), device=self.device)
 
     def manifold_radii(self, features):
-        """(N, len(nhood_sizes)) float32 radii: the k-th smallest squared distance of each row to all rows."""
+        """(N, len(nhood_sizes)) float32 radii: the k-th smallest squared distance of each row to
+        all rows."""
         features = self._tensor(features)
         radii = []
         for start in range(0, len(features), self.row_batch_size):
@@ -411,9 +427,11 @@ class ManifoldEstimator:
         return torch.cat(radii).cpu().numpy()
 
     def evaluate_pr(self, features_1, radii_1, features_2, radii_2):
-        """(precision, recall) per neighbourhood size, set 1 being the reference and set 2 the samples.
+        """(precision, recall) per neighbourhood size, set 1 being the reference and set 2 the
+        samples.
 
-        Precision: fraction of set 2 within (<=) the radius of some point of set 1; recall: the converse.
+        Precision: fraction of set 2 within (<=) the radius of some point of set 1; recall: the
+        converse.
         """
         features_1, radii_1 = self._tensor(features_1), self._tensor(radii_1)
         features_2, radii_2 = self._tensor(features_2), self._tensor(radii_2)
@@ -429,7 +447,8 @@ class ManifoldEstimator:
         return status_2.double().mean(0).cpu().numpy(), status_1.double().mean(0).cpu().numpy()
 
     def precision_recall(self, ref_features, sample_features):
-        """ADM's Evaluator.compute_prec_recall: (precision, recall) of the first neighbourhood size."""
+        """ADM's Evaluator.compute_prec_recall: (precision, recall) of the first neighbourhood
+        size."""
         precision, recall = self.evaluate_pr(ref_features, self.manifold_radii(ref_features),
                                              sample_features, self.manifold_radii(sample_features))
         return float(precision[0]), float(recall[0])
@@ -440,7 +459,8 @@ class ManifoldEstimator:
 
 
 def read_reference_statistics(path):
-    """ADM's read_statistics: (mu, sigma), (mu_s, sigma_s) from the npz when it has `mu`, else None."""
+    """ADM's read_statistics: (mu, sigma), (mu_s, sigma_s) from the npz when it has `mu`, else
+    None."""
     rebuild = "rebuild it with `regdit eval --make-ref`"
     try:
         headers = npz_headers(path)
@@ -471,9 +491,10 @@ def _check_count(path, count):
 
 
 def check_resolutions(ref_npz, ref_shape, sample_npz, sample_shape, allow_mismatch=False, override=None):
-    """Refuse (or, when allowed, warn about) a reference and samples of different sizes: Inception resizes both to
-    299 px, so the metrics would run, but they would score the resizing as much as the model. `override`: the
-    caller's flag that allows a mismatch, named in the refusal (None: the caller has none)."""
+    """Refuse (or, when allowed, warn about) a reference and samples of different sizes: Inception
+    resizes both to 299 px, so the metrics would run, but they would score the resizing as much as
+    the model. `override`: the caller's flag that allows a mismatch, named in the refusal (None: the
+    caller has none)."""
     (ref_height, ref_width), (height, width) = ref_shape[1:3], sample_shape[1:3]
     if (ref_height, ref_width) == (height, width):
         return
@@ -488,12 +509,12 @@ def check_resolutions(ref_npz, ref_shape, sample_npz, sample_shape, allow_mismat
 
 def evaluate(ref_npz, sample_npz, inception_weights=None, batch_size=64, num_samples=None, device=None,
              allow_resolution_mismatch=False):
-    """IS, FID, sFID, precision and recall of `sample_npz` (`arr_0`; the first `num_samples` if given) against
-    `ref_npz` (`arr_0` plus optional `mu, sigma, mu_s, sigma_s`; or an ADM name, see reference_batch_path), as ADM's
-    evaluator computes them.
+    """IS, FID, sFID, precision and recall of `sample_npz` (`arr_0`; the first `num_samples` if
+    given) against `ref_npz` (`arr_0` plus optional `mu, sigma, mu_s, sigma_s`; or an ADM name, see
+    reference_batch_path), as ADM's evaluator computes them.
 
-    Both files (local or `hf://`), their sizes and the reference statistics are checked before the first Inception
-    forward."""
+    Both files (local or `hf://`), their sizes and the reference statistics are checked before the
+    first Inception forward."""
     state = PartialState(cpu=cpu_launch())
     with state.main_process_first():  # one process downloads what is missing, the others then read the cache
         sample_npz, ref_npz = resolve_path(sample_npz, "sample batch"), reference_batch_path(ref_npz)
@@ -528,9 +549,9 @@ def warn_if_few(*counts):
 
 
 class Reference:
-    """The reference side of every metric, computed once: the pool features of `arr_0` (precision and recall) and
-    the FID / sFID statistics ((mu, sigma) of the pool and spatial features). `metrics(sample_features)` then scores
-    any number of sample sets against it."""
+    """The reference side of every metric, computed once: the pool features of `arr_0` (precision
+    and recall) and the FID / sFID statistics ((mu, sigma) of the pool and spatial features).
+    `metrics(sample_features)` then scores any number of sample sets against it."""
 
     def __init__(self, pool, statistics, statistics_from="arr_0", resolution=None):
         self.pool, self.statistics = pool, statistics
@@ -538,8 +559,8 @@ class Reference:
 
     @classmethod
     def from_batch(cls, path, images, model, batch_size=64, state=None):
-        """The reference of an ADM batch: its `mu, sigma, mu_s, sigma_s` when present (checked before any Inception
-        forward), else the statistics of its `arr_0`."""
+        """The reference of an ADM batch: its `mu, sigma, mu_s, sigma_s` when present (checked
+        before any Inception forward), else the statistics of its `arr_0`."""
         _check_count(path, len(images))
         statistics = read_reference_statistics(path)
         features = compute_activations(images, model, batch_size, desc="reference", state=state)
@@ -548,7 +569,8 @@ class Reference:
                    "npz" if statistics else "arr_0", list(images.shape[1:3]))
 
     def metrics(self, sample, device=None):
-        """IS, FID, sFID, precision and recall of sample features (compute_activations), as ADM computes them."""
+        """IS, FID, sFID, precision and recall of sample features (compute_activations), as ADM
+        computes them."""
         precision, recall = ManifoldEstimator(device=device).precision_recall(self.pool, sample["pool"])
         with np.errstate(over="ignore", invalid="ignore"):  # overflowing logits give nan, which run_eval refuses
             score = inception_score(special.softmax(sample["logits"], axis=1))
@@ -560,9 +582,10 @@ class Reference:
 
 def make_reference(source, output, inception_weights=None, batch_size=64, num_images=None, ref_images=10000,
                    device=None):
-    """Write an ADM-style reference batch: `mu, sigma` (pool_3) and `mu_s, sigma_s` (spatial) over every image of
-    `source` (a folder or an .npz; the first `num_images` if given), and `arr_0` = `ref_images` of them, evenly
-    spaced (ADM's reference batches likewise pair full-dataset statistics with 10k images for recall)."""
+    """Write an ADM-style reference batch: `mu, sigma` (pool_3) and `mu_s, sigma_s` (spatial) over
+    every image of `source` (a folder or an .npz; the first `num_images` if given), and `arr_0` =
+    `ref_images` of them, evenly spaced (ADM's reference batches likewise pair full-dataset
+    statistics with 10k images for recall)."""
     state = PartialState(cpu=cpu_launch())  # several processes share the Inception work; the main one writes
     with open_images(source, num_images) as images:
         _check_count(source, len(images))
@@ -600,7 +623,8 @@ NEEDS_BATCHES = ("regdit eval needs --ref_batch REF.npz and --sample_batch SAMPL
 
 @dataclass
 class EvalConfig(Settings):
-    """Settings of `regdit eval`: evaluate samples against a reference batch, or build one with --make-ref."""
+    """Settings of `regdit eval`: evaluate samples against a reference batch, or build one with
+    --make-ref."""
 
     ref_batch: str | None = flag(None, "reference batch: arr_0 uint8 NHWC images, optionally mu/sigma/mu_s/sigma_s; "
                                  f"or ADM's, by name ({', '.join(downloads.REFERENCE_BATCHES)}), downloaded once",
@@ -644,9 +668,10 @@ def output_path(config):
 
 
 def check_output_file(config, path):
-    """A one-line error now, not after the Inception forwards, when `path` cannot be written: its folder must exist
-    and be writable (atomic_write puts a temporary file beside it), and it must be new or what this command wrote
-    there before (a metrics JSON, or with --make-ref a reference .npz), never one of the command's inputs."""
+    """A one-line error now, not after the Inception forwards, when `path` cannot be written: its
+    folder must exist and be writable (atomic_write puts a temporary file beside it), and it must be
+    new or what this command wrote there before (a metrics JSON, or with --make-ref a reference
+    .npz), never one of the command's inputs."""
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise RegditError(f"cannot write {path}: {folder} is a file, not a folder; pass another --output")
@@ -664,7 +689,8 @@ REFERENCE_ARRAYS = ("arr_0", "mu", "sigma", "mu_s", "sigma_s")  # what make_refe
 
 
 def foreign_to_metrics(path):
-    """None for a metrics JSON that `regdit eval` wrote (the five metrics and "settings"), else what it is instead."""
+    """None for a metrics JSON that `regdit eval` wrote (the five metrics and "settings"), else what
+    it is instead."""
     try:
         results = json.loads(read_head(path, 1 << 20))  # a metrics JSON is about 700 bytes
     except ValueError:
@@ -675,14 +701,16 @@ def foreign_to_metrics(path):
 
 
 def foreign_to_reference(path):
-    """None for a reference .npz that `regdit eval --make-ref` wrote (arr_0 and the statistics), else what it is."""
+    """None for a reference .npz that `regdit eval --make-ref` wrote (arr_0 and the statistics),
+    else what it is."""
     if not set(REFERENCE_ARRAYS) <= npz_arrays(path):
         return f"it is not a reference .npz of `regdit eval --make-ref` ({', '.join(REFERENCE_ARRAYS)})"
     return None
 
 
 def check_finite(results):
-    """Refuse metrics that are not numbers (nan, inf): they must not be written as if they were scores."""
+    """Refuse metrics that are not numbers (nan, inf): they must not be written as if they were
+    scores."""
     bad = [key for key in METRIC_NAMES if not np.isfinite(results[key])]
     if bad:
         values = ", ".join(f"{METRIC_NAMES[key]} = {results[key]}" for key in bad)
@@ -691,7 +719,8 @@ def check_finite(results):
 
 
 def run_eval(config):
-    """`regdit eval`: print and write the metrics of --sample-batch against --ref-batch (or build a reference)."""
+    """`regdit eval`: print and write the metrics of --sample-batch against --ref-batch (or build a
+    reference)."""
     if not (config.make_ref or config.ref_batch):
         raise RegditError(NEEDS_BATCHES)
     output = output_path(config)

@@ -1,5 +1,5 @@
-"""The experiment folder of a training run, OUTPUT_DIR/EXP_NAME: its checkpoints (save, resume, best.pt), the
-metrics log, preview grids, and the weights a new run starts from (`--init-from`)."""
+"""The experiment folder of a training run, OUTPUT_DIR/EXP_NAME: its checkpoints (save, resume,
+best.pt), the metrics log, preview grids, and the weights a new run starts from (`--init-from`)."""
 import dataclasses
 import errno
 import json
@@ -22,7 +22,8 @@ from regdit.samplers import SAMPLERS
 
 
 class Checkpoints:
-    """The run's checkpoints, EXP/checkpoints/%07d.pt: the official keys plus what exact resume and sampling need."""
+    """The run's checkpoints, EXP/checkpoints/%07d.pt: the official keys plus what exact resume and
+    sampling need."""
 
     def __init__(self, exp_dir):
         self.dir = Path(exp_dir) / "checkpoints"
@@ -34,7 +35,8 @@ class Checkpoints:
         return sorted(self.dir.glob("[0-9]" * 7 + ".pt"))
 
     def find(self, resume_step=0):
-        """checkpoints/<resume_step>.pt, or the latest checkpoint when resume_step is 0 (None if there is none)."""
+        """checkpoints/<resume_step>.pt, or the latest checkpoint when resume_step is 0 (None if
+        there is none)."""
         if resume_step and not self.path(resume_step).is_file():
             raise RegditError(f"--resume-step {resume_step}: {self.path(resume_step)} does not exist; "
                               f"{self.others_hint(resume_step)}")
@@ -46,9 +48,9 @@ class Checkpoints:
                 else "no other checkpoint is in " + str(self.dir))
 
     def load(self, resume_step, log):
-        """(path, checkpoint) to resume from, (None, None) for a new run. Without --resume-step an unreadable or
-        corrupt latest checkpoint is reported through `log` and the newest good one is used; when none is good the
-        run stops rather than start again from scratch beside them."""
+        """(path, checkpoint) to resume from, (None, None) for a new run. Without --resume-step an
+        unreadable or corrupt latest checkpoint is reported through `log` and the newest good one is
+        used; when none is good the run stops rather than start again from scratch beside them."""
         if resume_step:
             path = self.find(resume_step)
             try:
@@ -66,9 +68,10 @@ class Checkpoints:
         return None, None
 
     def resume(self, path, checkpoint, settings, may_change, model, ema, optimizer, log):
-        """Load model, EMA and optimizer; returns (step, grad scaler state or None). A run resumes only with
-        `settings` (the run's flag values) equal to the saved ones but for those in `may_change` (official
-        checkpoints store none: their args are the user's to match); a changed data or encoder path is said."""
+        """Load model, EMA and optimizer; returns (step, grad scaler state or None). A run resumes
+        only with `settings` (the run's flag values) equal to the saved ones but for those in
+        `may_change` (official checkpoints store none: their args are the user's to match); a
+        changed data or encoder path is said."""
         missing = [key for key in ("model", "ema", "opt", "steps") if key not in checkpoint]
         if missing:
             raise RegditError(f"{path} has no {', '.join(missing)}: it cannot continue a run; start one from its "
@@ -89,8 +92,8 @@ class Checkpoints:
         return int(checkpoint["steps"]), checkpoint.get("scaler")
 
     def keep_best(self, step):
-        """checkpoints/best.pt := the checkpoint of `step` (its "steps" records which), a hard link where the file
-        system allows (no copy of a large file), else a copy; atomic either way."""
+        """checkpoints/best.pt := the checkpoint of `step` (its "steps" records which), a hard link
+        where the file system allows (no copy of a large file), else a copy; atomic either way."""
         best, temporary = self.dir / "best.pt", self.dir / f".best.pt{TEMP_SUFFIX}{os.getpid()}"
         temporary.unlink(missing_ok=True)
         try:
@@ -102,8 +105,9 @@ class Checkpoints:
         os.replace(temporary, best)
 
     def save(self, step, accelerator, settings, model, ema, optimizer, dataset):
-        """Every process checks its weights are finite (all stop, not only the one that saves); the main process
-        writes atomically. `settings`: the run's flag values (`config.flat_settings`)."""
+        """Every process checks its weights are finite (all stop, not only the one that saves); the
+        main process writes atomically. `settings`: the run's flag values
+        (`config.flat_settings`)."""
         finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
         if not accelerator.gather(finite[None]).all():
             raise RegditError(f"non-finite weights at step {step}: not saving; the last good checkpoint is kept")
@@ -119,12 +123,13 @@ class Checkpoints:
 
 
 class MetricLog:
-    """Sums the logs of the steps (the loss's and the gradient norm) on the device (no host sync per step) and
-    flushes their means every --log-every steps to metrics.jsonl, the tracker and the progress bar, with images/s and
-    model TFLOP/s per process; evaluations add lines of `eval/` metrics. A non-finite loss, or gradient norm unless
-    `check_grad_norm` is off (under fp16 the grad scaler skips overflowing steps by design), stops the run at the
-    flush. After a resume, metrics.jsonl keeps the lines up to the checkpoint's step only, so each step's lines
-    appear once."""
+    """Sums the logs of the steps (the loss's and the gradient norm) on the device (no host sync per
+    step) and flushes their means every --log-every steps to metrics.jsonl, the tracker and the
+    progress bar, with images/s and model TFLOP/s per process; evaluations add lines of `eval/`
+    metrics. A non-finite loss, or gradient norm unless `check_grad_norm` is off (under fp16 the
+    grad scaler skips overflowing steps by design), stops the run at the flush. After a resume,
+    metrics.jsonl keeps the lines up to the checkpoint's step only, so each step's lines appear
+    once."""
 
     def __init__(self, accelerator, path, batch_size, flops_per_image, start_step, check_grad_norm=True):
         self.accelerator, self.path, self.batch_size = accelerator, path, batch_size
@@ -133,7 +138,8 @@ class MetricLog:
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=accelerator.device)
         self.steps = 0
         self.start, self.paused, self.logged, self.evaluations = time.perf_counter(), 0.0, [], []
-        # a killed run may have logged past its checkpoint; every process reads which steps were evaluated
+        # a killed run may have logged past its checkpoint; every process reads which steps were
+        # evaluated
         lines = [line for line in path.read_text().splitlines() if logged_step(line) <= start_step] if path.is_file() \
             else []
         self.fid = {entry["step"]: entry["eval/fid"] for entry in map(json.loads, lines) if "eval/fid" in entry}
@@ -143,7 +149,8 @@ class MetricLog:
 
     @staticmethod
     def foreign(path):
-        """None for a metrics.jsonl that a run wrote (empty, or lines of JSON objects), else what it is."""
+        """None for a metrics.jsonl that a run wrote (empty, or lines of JSON objects), else what it
+        is."""
         if not b'{"'.startswith(read_head(path, 2)):
             return "it is not the metrics log of a `regdit train` run (JSON lines)"
         return None
@@ -209,8 +216,9 @@ RUN_SETTINGS = ("data_dir", "output_dir", "exp_name", "resume_step")  # keys of 
 
 
 def check_run_files(exp_dir):
-    """A one-line refusal, before any work, when a path the run writes in `exp_dir` is taken by something that it
-    did not write: a file as checkpoints/, a folder, FIFO or foreign file as metrics.jsonl or config.yaml."""
+    """A one-line refusal, before any work, when a path the run writes in `exp_dir` is taken by
+    something that it did not write: a file as checkpoints/, a folder, FIFO or foreign file as
+    metrics.jsonl or config.yaml."""
     check_output(exp_dir / "checkpoints", RUN_FLAG, folder=True)
     check_output(exp_dir / "metrics.jsonl", RUN_FLAG, MetricLog.foreign)
     check_output(exp_dir / "config.yaml", RUN_FLAG, foreign_to_run_settings)
@@ -228,7 +236,8 @@ def foreign_to_run_settings(path):
 
 
 def logged_step(line):
-    """The step of a metrics.jsonl line; infinity for a line cut short by a kill, so that it is dropped."""
+    """The step of a metrics.jsonl line; infinity for a line cut short by a kill, so that it is
+    dropped."""
     try:
         return json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
@@ -236,7 +245,8 @@ def logged_step(line):
 
 
 def log_image(accelerator, name, image, step):
-    """An image (3, H, W) in [0, 1] to the run's trackers (tensorboard, wandb); metrics.jsonl holds no images."""
+    """An image (3, H, W) in [0, 1] to the run's trackers (tensorboard, wandb); metrics.jsonl holds
+    no images."""
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_image(name, image, step)
@@ -249,8 +259,8 @@ PREVIEW = Sampling(sampler="ode", num_steps=50, cfg_scale=4.0)  # official train
 
 
 class SamplePreview:
-    """A grid of EMA samples from fixed noise and labels, drawn as PREVIEW says (without guidance when the run has no
-    label dropout, hence no null class)."""
+    """A grid of EMA samples from fixed noise and labels, drawn as PREVIEW says (without guidance
+    when the run has no label dropout, hence no null class)."""
 
     def __init__(self, config, vae, latent_shape, cls_dim, device, num_samples=16):
         g = torch.Generator().manual_seed(config.seed)
@@ -279,11 +289,12 @@ CLASS_TABLE = "y_embedder.embedding_table.weight"
 
 
 def load_init_weights(model, path, weights="ema", log=print):
-    """`train --init-from`: load a checkpoint's `weights` ("ema" or "model") into a new run's `model`. Every tensor
-    must fit as in `load_state_dict_checked`, except the class embedding when the class count differs: the rows of
-    the classes both models have (0 .. min - 1) are copied, the source's null-class row (the guidance class) moves
-    to the model's null index `num_classes`, and the rows of classes the source lacks keep their fresh
-    initialisation; `log` says so in one line."""
+    """`train --init-from`: load a checkpoint's `weights` ("ema" or "model") into a new run's
+    `model`. Every tensor must fit as in `load_state_dict_checked`, except the class embedding when
+    the class count differs: the rows of the classes both models have (0 .. min - 1) are copied, the
+    source's null-class row (the guidance class) moves to the model's null index `num_classes`, and
+    the rows of classes the source lacks keep their fresh initialisation; `log` says so in one
+    line."""
     checkpoint = load_checkpoint(path)
     if weights not in checkpoint:
         raise RegditError(f"--init-from {path} has no {weights} weights (an export holds EMA weights only): pass "
@@ -292,7 +303,8 @@ def load_init_weights(model, path, weights="ema", log=print):
     state = dict(checkpoint[weights])
     source, table = state.get(CLASS_TABLE), model.state_dict()[CLASS_TABLE]
     if source is not None and source.shape != table.shape and source.shape[1:] == table.shape[1:]:
-        # official checkpoints store no config: they were trained with label dropout, so their last row is null
+        # official checkpoints store no config: they were trained with label dropout, so their last
+        # row is null
         stored = checkpoint.get("model_config")
         source_classes = SiTConfig.from_dict(stored, f"--init-from {path}").num_classes if stored else len(source) - 1
         common, resized = min(source_classes, model.num_classes), table.clone()

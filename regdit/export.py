@@ -1,5 +1,5 @@
-"""`regdit export`: a checkpoint's EMA weights in the export format (`checkpoint.write_export`), a model card, and
-`--push-to-hub`, which uploads exactly the export's files."""
+"""`regdit export`: a checkpoint's EMA weights in the export format (`checkpoint.write_export`), a
+model card, and `--push-to-hub`, which uploads exactly the export's files."""
 import argparse
 import json
 import os
@@ -58,7 +58,8 @@ class ExportConfig(Settings):
                                   "unset it, or drop --push-to-hub to export only")
 
 
-# training settings shown on the model card, when recorded (official checkpoints' args spell two of them cls, cfg_prob)
+# training settings shown on the model card, when recorded (official checkpoints' args spell two of
+# them cls, cfg_prob)
 CARD_SETTINGS = ("enc_type", "encoder_depth", "proj_coeff", "cls_coeff", "cls", "batch_size", "learning_rate",
                  "ema_decay", "class_dropout_prob", "cfg_prob", "weighting", "init_from")
 
@@ -67,7 +68,8 @@ METHODS = {"reg": "REG (entangled class token + REPA alignment)", "repa": "REPA 
 
 
 def read_eval_metrics(path):
-    """The five metrics and the settings of a `regdit eval` JSON, checked: a one-line error otherwise."""
+    """The five metrics and the settings of a `regdit eval` JSON, checked: a one-line error
+    otherwise."""
     from regdit.evaluate import METRIC_NAMES  # the evaluator's imports only when a card shows metrics
 
     if Path(path).exists() and not Path(path).is_file():  # never opened: reading a FIFO would wait forever
@@ -87,7 +89,8 @@ MAX_METRICS_BYTES = 1 << 20  # a metrics JSON is about 700 bytes
 
 
 def check_grid(path):
-    """One line unless `path` is an image that PIL decodes whole, of at most MAX_GRID_BYTES and MAX_GRID_PIXELS."""
+    """One line unless `path` is an image that PIL decodes whole, of at most MAX_GRID_BYTES and
+    MAX_GRID_PIXELS."""
     try:
         info = os.stat(path)
     except (FileNotFoundError, NotADirectoryError):
@@ -109,8 +112,8 @@ def check_grid(path):
 
 
 def foreign_to_export(folder):
-    """None for a folder that holds an earlier export alone (EXPORT_FILES and its samples.<ext> grid), else what
-    else is in it."""
+    """None for a folder that holds an earlier export alone (EXPORT_FILES and its samples.<ext>
+    grid), else what else is in it."""
     others = sorted(p.name for p in folder.iterdir()
                     if p.name not in EXPORT_FILES and not (p.stem == "samples" and p.is_file()))
     if others:
@@ -146,17 +149,19 @@ EXPORT_FILES = {"model.safetensors": foreign_to_weights, "config.json": foreign_
 
 
 def check_export_folder(folder, grid_name, inputs):
-    """One line, before any work, unless `folder` is new, empty or an earlier export, and none of the files the
-    export writes there (EXPORT_FILES, the grid `grid_name`) is another's file or one of the `inputs`."""
+    """One line, before any work, unless `folder` is new, empty or an earlier export, and none of
+    the files the export writes there (EXPORT_FILES, the grid `grid_name`) is another's file or one
+    of the `inputs`."""
     check_output(folder, "--output", foreign_to_export, folder=True)
     for name, foreign in {**EXPORT_FILES, **({grid_name: None} if grid_name else {})}.items():
         check_output(folder / name, "--output", foreign, inputs)
 
 
 def export(config: ExportConfig):
-    """EMA weights as `model.safetensors` + `config.json` (the SiTConfig, latents, path type), the shareable form
-    of a run, with a model card README.md (and the sample grid it shows); `--push-to-hub` uploads exactly these
-    files. Writes into a new or empty folder, or over an earlier export. Returns the path of the weights."""
+    """EMA weights as `model.safetensors` + `config.json` (the SiTConfig, latents, path type), the
+    shareable form of a run, with a model card README.md (and the sample grid it shows);
+    `--push-to-hub` uploads exactly these files. Writes into a new or empty folder, or over an
+    earlier export. Returns the path of the weights."""
     grid = Path(config.grid) if config.grid else None
     output_dir = Path(config.output)
     check_export_folder(output_dir, grid and f"samples{grid.suffix}",
@@ -213,10 +218,11 @@ def check_repo_id(repo_id, flag):
 
 
 def model_card(title, settings, metrics, grid, ckpt, pretrained, license):
-    """README.md of an export: a Hub model card, its YAML front matter from huggingface_hub's `ModelCardData`
-    (license, library, tags: what the Hub shows and filters on), then the model and training `settings`, the
-    `metrics` of a `regdit eval` JSON ((names -> values, eval settings) or None), the sample `grid` image (a file
-    name in the folder, or None) and how to sample `ckpt` / load `pretrained`."""
+    """README.md of an export: a Hub model card, its YAML front matter from huggingface_hub's
+    `ModelCardData` (license, library, tags: what the Hub shows and filters on), then the model and
+    training `settings`, the `metrics` of a `regdit eval` JSON ((names -> values, eval settings) or
+    None), the sample `grid` image (a file name in the folder, or None) and how to sample `ckpt` /
+    load `pretrained`."""
     data = ModelCardData(license=license, library_name="regdit", pipeline_tag="unconditional-image-generation",
                          tags=["regdit", "diffusion", "sit", "reg", "repa", "class-conditional", "image-generation"])
     lines = [f"---\n{data.to_yaml()}\n---", f"# {title}", "",
@@ -241,8 +247,8 @@ def model_card(title, settings, metrics, grid, ckpt, pretrained, license):
 
 
 def push_folder(folder, files, repo_id, private, message):
-    """Create the Hub repository `repo_id` if missing and upload exactly `files` (names in `folder`) in one commit:
-    nothing else that lies in the folder is sent. Returns the repository's URL."""
+    """Create the Hub repository `repo_id` if missing and upload exactly `files` (names in `folder`)
+    in one commit: nothing else that lies in the folder is sent. Returns the repository's URL."""
     api = huggingface_hub.HfApi()
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(Path(folder) / name)) for name in files]
     try:

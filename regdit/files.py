@@ -1,5 +1,5 @@
-"""Files: atomic writes, the rules for what a command may write (`check_output`) and read (`check_regular_file`),
-headers read before data, and OS errors a user can fix said in one line."""
+"""Files: atomic writes, the rules for what a command may write (`check_output`) and read
+(`check_regular_file`), headers read before data, and OS errors a user can fix said in one line."""
 import contextlib
 import errno
 import os
@@ -14,9 +14,10 @@ TEMP_SUFFIX = ".tmp"  # atomic_write's temp files are .NAME.tmpPID
 
 @contextlib.contextmanager
 def atomic_write(path, mode="wb", sync=True):
-    """Open a temp file beside `path` for writing, then rename it over `path`: an interrupted run, a crash or a full
-    disk never leaves a half-written file in place of the previous one. `sync` also fsyncs before the rename, so the
-    file survives a machine crash (checkpoints); per-image files skip it for speed."""
+    """Open a temp file beside `path` for writing, then rename it over `path`: an interrupted run, a
+    crash or a full disk never leaves a half-written file in place of the previous one. `sync` also
+    fsyncs before the rename, so the file survives a machine crash (checkpoints); per-image files
+    skip it for speed."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}{TEMP_SUFFIX}{os.getpid()}")
     try:
@@ -35,8 +36,9 @@ def atomic_write(path, mode="wb", sync=True):
 
 
 def remove_temp_files(folder):
-    """Delete the temp files that killed writes left under `folder` (`.NAME.tmpPID`); call it holding the folder's
-    lock, when no other writer can be mid-write. Returns how many were removed."""
+    """Delete the temp files that killed writes left under `folder` (`.NAME.tmpPID`); call it
+    holding the folder's lock, when no other writer can be mid-write. Returns how many were
+    removed."""
     leftovers = [p for p in Path(folder).rglob(f".*{TEMP_SUFFIX}*")
                  if p.is_file() and p.name.rpartition(TEMP_SUFFIX)[2].isdigit()]
     for path in leftovers:
@@ -45,7 +47,8 @@ def remove_temp_files(folder):
 
 
 def check_writable(path, flag):
-    """One line naming `flag` when the folder `path` (to be created or filled) cannot be written, before any work."""
+    """One line naming `flag` when the folder `path` (to be created or filled) cannot be written,
+    before any work."""
     path = Path(path).absolute()
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
@@ -60,18 +63,20 @@ FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)")
 
 
 def file_kind(mode):
-    """What an `os.stat` mode is, in words: "a file" (a regular one), "a folder", "a FIFO (named pipe)", ..."""
+    """What an `os.stat` mode is, in words: "a file" (a regular one), "a folder", "a FIFO (named
+    pipe)", ..."""
     return next((name for test, name in FILE_KINDS if test(mode)), "a file")
 
 
 def check_output(path, flag=None, foreign=None, inputs=None, folder=False):
-    """One line unless this command may write `path`: a new path, or a file (with `folder`: a folder) that the
-    command wrote before, never one of its `inputs` nor a FIFO or device. `foreign(path)` recognises the command's
-    own earlier output by its format: None when it is, else what it is instead ("it is not a metrics JSON"); without
-    it any file (folder) is taken. `inputs` maps names to the paths the command reads ({"--ckpt": path}); they are
-    compared as files, so that a link or another spelling of an input is caught too. `flag` names the setting that
-    chose `path`, for the fix (None: the command chose it). Only `foreign` reads `path`, and only a file or folder:
-    opening a FIFO would block."""
+    """One line unless this command may write `path`: a new path, or a file (with `folder`: a
+    folder) that the command wrote before, never one of its `inputs` nor a FIFO or device.
+    `foreign(path)` recognises the command's own earlier output by its format: None when it is, else
+    what it is instead ("it is not a metrics JSON"); without it any file (folder) is taken. `inputs`
+    maps names to the paths the command reads ({"--ckpt": path}); they are compared as files, so
+    that a link or another spelling of an input is caught too. `flag` names the setting that chose
+    `path`, for the fix (None: the command chose it). Only `foreign` reads `path`, and only a file
+    or folder: opening a FIFO would block."""
     path = Path(path)
     fix = f"move it away or pass another {flag}" if flag else "move it away"
     for name, source in (inputs or {}).items():
@@ -93,7 +98,8 @@ def check_output(path, flag=None, foreign=None, inputs=None, folder=False):
 
 
 def _same_file(path, other):
-    """True when `path` and `other` name the same file (through links or other spellings) or would once written."""
+    """True when `path` and `other` name the same file (through links or other spellings) or would
+    once written."""
     try:
         return os.path.samefile(path, other)
     except (OSError, ValueError):  # one of them does not exist (yet), or is no local path
@@ -101,7 +107,8 @@ def _same_file(path, other):
 
 
 def npz_arrays(path):
-    """The names of the arrays in the .npz `path`, from its zip directory alone (none for another kind of file)."""
+    """The names of the arrays in the .npz `path`, from its zip directory alone (none for another
+    kind of file)."""
     try:
         with zipfile.ZipFile(path) as archive:
             return {name.removesuffix(".npy") for name in archive.namelist()}
@@ -110,16 +117,17 @@ def npz_arrays(path):
 
 
 def check_regular_file(path):
-    """A one-line RegditError when `path` exists but is not a regular file (or a link to one): a folder, FIFO, device
-    or socket named like an image or array would fail late, block (a FIFO waits for a writer) or read without end. A
-    missing path is left to the open that follows."""
+    """A one-line RegditError when `path` exists but is not a regular file (or a link to one): a
+    folder, FIFO, device or socket named like an image or array would fail late, block (a FIFO waits
+    for a writer) or read without end. A missing path is left to the open that follows."""
     if os.path.exists(path) and not os.path.isfile(path):
         raise RegditError(f"{path} is not a regular file; remove it or replace it with the file it stands for")
 
 
 def npz_headers(path):
-    """{name: (shape, dtype)} of the arrays in the .npz `path`, read from their .npy headers alone, so that sizes are
-    checked before any array is loaded; ValueError or zipfile.BadZipFile for a damaged file."""
+    """{name: (shape, dtype)} of the arrays in the .npz `path`, read from their .npy headers alone,
+    so that sizes are checked before any array is loaded; ValueError or zipfile.BadZipFile for a
+    damaged file."""
     import numpy as np
 
     headers = {}
@@ -135,7 +143,8 @@ def npz_headers(path):
 
 
 def read_head(path, size):
-    """The first `size` bytes of the regular file `path` (a recogniser's look at a file, never all of a large one)."""
+    """The first `size` bytes of the regular file `path` (a recogniser's look at a file, never all
+    of a large one)."""
     with open(path, "rb") as f:
         return f.read(size)
 
@@ -149,8 +158,9 @@ WRITE_ERROR_FIXES = {  # OS errors a user fixes, not bugs: one line instead of a
 
 
 def describe_os_error(error):
-    """One line for an OS error the user can fix (a missing path, a full disk, a read-only or foreign folder), else
-    None (a bug: keep the traceback). Every finished file was written atomically, so the same command resumes."""
+    """One line for an OS error the user can fix (a missing path, a full disk, a read-only or
+    foreign folder), else None (a bug: keep the traceback). Every finished file was written
+    atomically, so the same command resumes."""
     where = error.filename or "a file"
     if error.errno == errno.ENOENT:
         return f"{where}: no such file or folder; check the path"
@@ -160,8 +170,8 @@ def describe_os_error(error):
 
 @contextlib.contextmanager
 def writing_into(folder):
-    """Name `folder` in OS errors that name no file (a failed write or fsync of an open file), so that the one-line
-    message says where."""
+    """Name `folder` in OS errors that name no file (a failed write or fsync of an open file), so
+    that the one-line message says where."""
     try:
         yield
     except OSError as error:

@@ -1,12 +1,13 @@
 """`hf://` paths: files and folders of Hugging Face Hub repositories, wherever regdit reads a file.
 
-`hf://[datasets/]OWNER/REPO/PATH[@REVISION]` (or huggingface_hub's own `hf://OWNER/REPO@REVISION/PATH`) names a file
-when the last part of PATH has a suffix (`4000000.pt`, `model.safetensors`), else a folder (`vae`, or the whole
-repository when PATH is empty). `resolve_path` fetches it through huggingface_hub: its cache (HF_HUB_CACHE), its
-progress bars and its token (HF_TOKEN or `hf auth login`); with HF_HUB_OFFLINE=1 the cache alone serves. Any other
-path is returned as it is: nothing is downloaded unless an `hf://` path asks for it. A URL is parsed strictly (see
-`parse`) and what it resolves to must lie inside its repository's cache folder. `model_card` and `push_folder`
-publish an export (`regdit export --push-to-hub`).
+`hf://[datasets/]OWNER/REPO/PATH[@REVISION]` (or huggingface_hub's own
+`hf://OWNER/REPO@REVISION/PATH`) names a file when the last part of PATH has a suffix (`4000000.pt`,
+`model.safetensors`), else a folder (`vae`, or the whole repository when PATH is empty).
+`resolve_path` fetches it through huggingface_hub: its cache (HF_HUB_CACHE), its progress bars and
+its token (HF_TOKEN or `hf auth login`); with HF_HUB_OFFLINE=1 the cache alone serves. Any other
+path is returned as it is: nothing is downloaded unless an `hf://` path asks for it. A URL is parsed
+strictly (see `parse`) and what it resolves to must lie inside its repository's cache folder.
+`model_card` and `push_folder` publish an export (`regdit export --push-to-hub`).
 """
 import contextlib
 import os
@@ -66,9 +67,9 @@ REVISION = re.compile(r"[\w][\w.+-]*")  # a branch, tag or commit hash: letters,
 
 
 def _revision_and_path(rest):
-    """(revision or None, PATH) of what follows OWNER/REPO: `@REVISION/PATH`, `/PATH@REVISION` or `/PATH`. A
-    revision holds no '/' but huggingface_hub's special refs (refs/pr/N, refs/convert/NAME) in either place: any
-    other would make the PATH ambiguous."""
+    """(revision or None, PATH) of what follows OWNER/REPO: `@REVISION/PATH`, `/PATH@REVISION` or
+    `/PATH`. A revision holds no '/' but huggingface_hub's special refs (refs/pr/N,
+    refs/convert/NAME) in either place: any other would make the PATH ambiguous."""
     if "@" not in rest:
         return None, rest
     if rest.startswith("@"):  # huggingface_hub's form
@@ -83,10 +84,10 @@ def _revision_and_path(rest):
 
 
 def parse(url, what=None):
-    """The repository, path and revision of an `hf://` URL. Strict: PATH has no '.', '..' or empty parts and no
-    backslash, there is at most one @REVISION (right after the repository or at the very end), and a revision is a
-    branch, tag, commit hash or special ref (see _revision_and_path). Anything else is a one-line RegditError
-    naming `what` and the URL."""
+    """The repository, path and revision of an `hf://` URL. Strict: PATH has no '.', '..' or empty
+    parts and no backslash, there is at most one @REVISION (right after the repository or at the
+    very end), and a revision is a branch, tag, commit hash or special ref (see _revision_and_path).
+    Anything else is a one-line RegditError naming `what` and the URL."""
     def refuse(reason):
         return RegditError(f"{what + ' ' if what else ''}{url} is not a Hub path ({reason}): write "
                            "hf://OWNER/REPO/PATH[@REVISION]")
@@ -149,9 +150,10 @@ def _hub_errors(hub, what):
 
 
 def resolve_path(path, what, beside=()):
-    """The local Path of `path` (`what` names it in errors: "checkpoint", "VAE folder"). An `hf://` file is
-    downloaded into the cache with the files named in `beside` from its folder (an export's config.json); an `hf://`
-    folder with all its files. Every other path comes back unchanged, as a Path."""
+    """The local Path of `path` (`what` names it in errors: "checkpoint", "VAE folder"). An `hf://`
+    file is downloaded into the cache with the files named in `beside` from its folder (an export's
+    config.json); an `hf://` folder with all its files. Every other path comes back unchanged, as a
+    Path."""
     if not is_hub_url(path):
         return Path(path)
     hub = parse(path, what)
@@ -164,7 +166,8 @@ def resolve_path(path, what, beside=()):
             resolve_path(hub.at(str(PurePosixPath(hub.path).with_name(name))), f"{name} of {what} {path}")
         return local
     with _hub_errors(hub, what):
-        # offline, snapshot_download returns the cached snapshot without checking that it holds the folder
+        # offline, snapshot_download returns the cached snapshot without checking that it holds the
+        # folder
         local = Path(snapshot_download(allow_patterns=[f"{hub.path}/*"] if hub.path else None, **location)) / hub.path
     if not local.is_dir() or not any(local.iterdir()):
         if constants.HF_HUB_OFFLINE:
@@ -176,9 +179,10 @@ def resolve_path(path, what, beside=()):
 
 
 def _check_inside_cache(hub, local, what):
-    """Refuse a file or folder of the cache that leads out of its repository's cache folder. The cache links each
-    file of a snapshot to its blobs/ (or copies it where links are unsupported), so every real path, symbolic links
-    followed, of `local` and of all it holds must lie inside that folder."""
+    """Refuse a file or folder of the cache that leads out of its repository's cache folder. The
+    cache links each file of a snapshot to its blobs/ (or copies it where links are unsupported), so
+    every real path, symbolic links followed, of `local` and of all it holds must lie inside that
+    folder."""
     repo_cache = os.path.realpath(Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=hub.repo_id,
                                                                                   repo_type=hub.repo_type))
     entries = [local] + [Path(folder) / name for folder, folders, files in os.walk(local) for name in folders + files]

@@ -1,8 +1,10 @@
-"""SiT with REG: a diffusion transformer that denoises VAE latent patches and one entangled class token.
+"""SiT with REG: a diffusion transformer that denoises VAE latent patches and one entangled class
+token.
 
-Parameter names, shapes, initialisation and outputs mirror the official REG `models/sit.py` (itself REPA's SiT, built
-on DiT), so official checkpoints load with `strict=True`. One class covers the three methods as settings:
-REG (`use_cls_token=True`, the default), REPA (`use_cls_token=False`) and plain SiT (`z_dims=()`: no projectors).
+Parameter names, shapes, initialisation and outputs mirror the official REG `models/sit.py` (itself
+REPA's SiT, built on DiT), so official checkpoints load with `strict=True`. One class covers the
+three methods as settings: REG (`use_cls_token=True`, the default), REPA (`use_cls_token=False`) and
+plain SiT (`z_dims=()`: no projectors).
 """
 import dataclasses
 import functools
@@ -48,7 +50,8 @@ class TimestepEmbedder(nn.Module):
 
 
 class LabelEmbedder(nn.Module):
-    """Class embedding with a null class (index `num_classes`) for classifier-free guidance dropout."""
+    """Class embedding with a null class (index `num_classes`) for classifier-free guidance
+    dropout."""
 
     def __init__(self, num_classes, hidden_size, dropout_prob):
         super().__init__()
@@ -57,7 +60,8 @@ class LabelEmbedder(nn.Module):
         self.dropout_prob = dropout_prob
 
     def forward(self, labels, train, force_drop_ids=None):
-        """force_drop_ids (N,) bool: the caller decides which labels to drop (DiT), e.g. from its own generator."""
+        """force_drop_ids (N,) bool: the caller decides which labels to drop (DiT), e.g. from its
+        own generator."""
         if force_drop_ids is None and train and self.dropout_prob > 0:
             force_drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
         if force_drop_ids is not None:
@@ -66,7 +70,8 @@ class LabelEmbedder(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """(N, C, H, W) -> (N, T, D) with T = (H / p) * (W / p); the official code uses timm's PatchEmbed."""
+    """(N, C, H, W) -> (N, T, D) with T = (H / p) * (W / p); the official code uses timm's
+    PatchEmbed."""
 
     def __init__(self, input_size, patch_size, in_channels, hidden_size):
         super().__init__()
@@ -82,10 +87,12 @@ class PatchEmbed(nn.Module):
 #################################################################################
 
 class Attention(nn.Module):
-    """Multi-head self-attention with timm's parameter names (`qkv`, optional `q_norm`/`k_norm`, `proj`).
+    """Multi-head self-attention with timm's parameter names (`qkv`, optional `q_norm`/`k_norm`,
+    `proj`).
 
-    `fused_attn=True` uses `F.scaled_dot_product_attention` (flash / memory-efficient kernels on GPU); False is the
-    explicit softmax(q k^T / sqrt(d)) v of the reference implementation, kept for parity checks.
+    `fused_attn=True` uses `F.scaled_dot_product_attention` (flash / memory-efficient kernels on
+    GPU); False is the explicit softmax(q k^T / sqrt(d)) v of the reference implementation, kept for
+    parity checks.
     """
 
     def __init__(self, dim, num_heads, qk_norm=False, fused_attn=True):
@@ -121,7 +128,8 @@ class Mlp(nn.Module):
 
 
 class SiTBlock(nn.Module):
-    """Transformer block with adaLN-Zero conditioning (DiT): shift, scale and gate for attention and MLP from c."""
+    """Transformer block with adaLN-Zero conditioning (DiT): shift, scale and gate for attention and
+    MLP from c."""
 
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, qk_norm=False, fused_attn=True):
         super().__init__()
@@ -139,7 +147,8 @@ class SiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """adaLN-modulated output layer: `linear` maps patch tokens to patches, `linear_cls` token 0 to the cls velocity."""
+    """adaLN-modulated output layer: `linear` maps patch tokens to patches, `linear_cls` token 0 to
+    the cls velocity."""
 
     def __init__(self, hidden_size, patch_size, out_channels, cls_dim=None):
         super().__init__()
@@ -158,8 +167,8 @@ class FinalLayer(nn.Module):
 
 
 def matmul_flops(module, rows):
-    """FLOPs (2 per multiply-add) of every Linear and Conv2d weight in `module` applied to `rows` tokens (a conv to
-    `rows` patches), the count torch.utils.flop_counter gives for these layers."""
+    """FLOPs (2 per multiply-add) of every Linear and Conv2d weight in `module` applied to `rows`
+    tokens (a conv to `rows` patches), the count torch.utils.flop_counter gives for these layers."""
     return 2 * rows * sum(m.weight.numel() for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
 
 
@@ -180,9 +189,11 @@ def build_mlp(hidden_size, projector_dim, z_dim):
 
 @dataclasses.dataclass(frozen=True)
 class SiTConfig:
-    """The architecture of a SiT: all that rebuilds it. Every checkpoint and export stores it as a dict (`to_dict`).
+    """The architecture of a SiT: all that rebuilds it. Every checkpoint and export stores it as a
+    dict (`to_dict`).
 
-    REG is `use_cls_token=True`; REPA is `use_cls_token=False`; plain SiT is also `z_dims=()` (no projectors).
+    REG is `use_cls_token=True`; REPA is `use_cls_token=False`; plain SiT is also `z_dims=()` (no
+    projectors).
     """
     input_size: int = 32  # latent side: image side / VAE downsampling
     patch_size: int = 2
@@ -200,8 +211,9 @@ class SiTConfig:
     use_cls_token: bool = True
 
     def __post_init__(self):
-        """Types and ranges first (a config may come from any file, e.g. an export's config.json): integers are
-        integers of at least 1 (not bools, floats or strings), numbers finite, switches true or false."""
+        """Types and ranges first (a config may come from any file, e.g. an export's config.json):
+        integers are integers of at least 1 (not bools, floats or strings), numbers finite, switches
+        true or false."""
         def whole(value):
             return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
 
@@ -242,8 +254,8 @@ class SiTConfig:
 
     @classmethod
     def from_dict(cls, values, source="model config"):
-        """The stored dict back as a config; an unknown name is a one-line error (`name`, the label stored by
-        earlier versions, is dropped)."""
+        """The stored dict back as a config; an unknown name is a one-line error (`name`, the label
+        stored by earlier versions, is dropped)."""
         if not isinstance(values, dict):
             raise RegditError(f"{source}: the model settings are a {type(values).__name__}, not a dict of SiTConfig "
                               "fields")
@@ -270,9 +282,10 @@ class SiTConfig:
 class SiT(nn.Module):
     """SiT diffusion transformer with REPA projectors and the REG entangled class token.
 
-    forward(x, t, y, cls_token) -> (velocity (N, C, H, W), zs [(N, T+1, z_dim_k)], cls_velocity (N, z_dims[0])).
-    REPA (`use_cls_token=False`) returns cls_velocity None and zs of T tokens; plain SiT (`z_dims=()`) returns zs [].
-    `fused_attn` and `grad_checkpointing` choose how it runs, not what it computes, so they are not in the config.
+    forward(x, t, y, cls_token) -> (velocity (N, C, H, W), zs [(N, T+1, z_dim_k)], cls_velocity (N,
+    z_dims[0])). REPA (`use_cls_token=False`) returns cls_velocity None and zs of T tokens; plain
+    SiT (`z_dims=()`) returns zs []. `fused_attn` and `grad_checkpointing` choose how it runs, not
+    what it computes, so they are not in the config.
     """
 
     def __init__(self, config: SiTConfig, fused_attn=True, grad_checkpointing=False):
@@ -302,8 +315,9 @@ class SiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        # A meta-device SiT holds shapes only (checkpoint.build_model_from_checkpoint compares them with a file's
-        # weights): nothing to fill, and the sin-cos table would take the memory that the file's settings claim.
+        # A meta-device SiT holds shapes only (checkpoint.build_model_from_checkpoint compares them
+        # with a file's weights): nothing to fill, and the sin-cos table would take the memory that
+        # the file's settings claim.
         if self.pos_embed.is_meta:
             return
 
@@ -335,7 +349,8 @@ class SiT(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def flops(self):
-        """Analytic forward FLOPs of one image (matmuls, 2 per multiply-add); a training step costs 3x this."""
+        """Analytic forward FLOPs of one image (matmuls, 2 per multiply-add); a training step costs
+        3x this."""
         tokens, width = self.pos_embed.shape[1:]
         patches = self.x_embedder.num_patches
         per_sample = [self.t_embedder, self.final_layer.adaLN_modulation] + [b.adaLN_modulation for b in self.blocks]
@@ -354,8 +369,9 @@ class SiT(nn.Module):
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
 
     def forward(self, x, t, y, cls_token=None, force_drop_ids=None):
-        """x (N, C, H, W) noisy latents, t (N,) in [0, 1], y (N,) labels (num_classes = null), cls_token (N, z_dims[0]);
-        force_drop_ids (N,) bool replaces the random label dropout of training mode (deterministic training)."""
+        """x (N, C, H, W) noisy latents, t (N,) in [0, 1], y (N,) labels (num_classes = null),
+        cls_token (N, z_dims[0]); force_drop_ids (N,) bool replaces the random label dropout of
+        training mode (deterministic training)."""
         x = self.x_embedder(x)  # (N, T, D)
         if self.use_cls_token:
             if cls_token is None:
@@ -403,27 +419,30 @@ def get_1d_sincos_pos_embed_from_grid(embed_dim, pos):
 #################################################################################
 
 MODEL_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}  # depth, width, heads
-# Arguments of the official SiT that have no effect here: the path lives in the loss and the samplers, the final
-# layer's width is always hidden_size, guidance is the samplers' and the class-token width is z_dims[0].
+# Arguments of the official SiT that have no effect here: the path lives in the loss and the
+# samplers, the final layer's width is always hidden_size, guidance is the samplers' and the
+# class-token width is z_dims[0].
 OFFICIAL_ONLY_ARGUMENTS = ("path_type", "decoder_hidden_size", "use_cfg", "cls_token_dim")
 
 
 def create_sit(fused_attn=True, grad_checkpointing=False, **arguments):
-    """`SiT(SiTConfig(**arguments))` for the official keyword call: OFFICIAL_ONLY_ARGUMENTS are dropped, any other
-    unknown keyword is an error."""
+    """`SiT(SiTConfig(**arguments))` for the official keyword call: OFFICIAL_ONLY_ARGUMENTS are
+    dropped, any other unknown keyword is an error."""
     config = SiTConfig(**{k: v for k, v in arguments.items() if k not in OFFICIAL_ONLY_ARGUMENTS})
     return SiT(config, fused_attn=fused_attn, grad_checkpointing=grad_checkpointing)
 
 
-# keyword arguments override the size (small experiments: e.g. SiT_models["SiT-B/2"](depth=2, hidden_size=64)).
-# The official patches are 2, 4 and 8; patch 1 (a token per latent cell) suits small latents such as the demo's 8x8.
+# keyword arguments override the size (small experiments: e.g. SiT_models["SiT-B/2"](depth=2,
+# hidden_size=64)). The official patches are 2, 4 and 8; patch 1 (a token per latent cell) suits
+# small latents such as the demo's 8x8.
 SiT_models = {f"SiT-{size}/{p}": functools.partial(create_sit, depth=depth, hidden_size=hidden_size,
                                                     num_heads=num_heads, patch_size=p)
               for size, (depth, hidden_size, num_heads) in MODEL_SIZES.items() for p in (1, 2, 4, 8)}
 
 
 def model_arguments(name):
-    """The SiTConfig fields a model name fixes (its size and patch), with a one-line error listing the valid names."""
+    """The SiTConfig fields a model name fixes (its size and patch), with a one-line error listing
+    the valid names."""
     if name not in SiT_models:
         raise RegditError(f"unknown model {name!r}: use one of {', '.join(SiT_models)}")
     return dict(SiT_models[name].keywords)

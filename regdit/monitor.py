@@ -1,10 +1,11 @@
 """Watching a run converge: FID-K of the EMA weights while training (`regdit train --eval-every N`).
 
-An evaluation is `regdit sample` + `regdit eval` without the files: the same per-index seeds (`global_seed` = the
-run's --seed), batches of --eval-batch-size consecutive indices handed round-robin to the processes, Inception
-features of each batch computed where it was sampled and gathered, and the metrics of `evaluate.Reference`. So its
-numbers equal those of `regdit sample --per-proc-batch-size B` and `regdit eval --batch-size B` on the same
-checkpoint, bit for bit, for any number of processes.
+An evaluation is `regdit sample` + `regdit eval` without the files: the same per-index seeds
+(`global_seed` = the run's --seed), batches of --eval-batch-size consecutive indices handed
+round-robin to the processes, Inception features of each batch computed where it was sampled and
+gathered, and the metrics of `evaluate.Reference`. So its numbers equal those of `regdit sample
+--per-proc-batch-size B` and `regdit eval --batch-size B` on the same checkpoint, bit for bit, for
+any number of processes.
 """
 import time
 
@@ -28,8 +29,9 @@ from regdit.sample import sample_batch
 
 
 class TrainingEvaluation:
-    """Everything an evaluation needs, checked before training starts: the reference batch (readable, statistics
-    of the right shape, the data's resolution), the Inception weights, the VAE. Calling it scores an EMA model."""
+    """Everything an evaluation needs, checked before training starts: the reference batch
+    (readable, statistics of the right shape, the data's resolution), the Inception weights, the
+    VAE. Calling it scores an EMA model."""
 
     def __init__(self, config, dataset, state, vae):
         if config.ref_batch is None:
@@ -46,7 +48,8 @@ class TrainingEvaluation:
         warn_if_few((ref_batch, len(self.reference.pool)), ("--eval-samples", config.eval_samples))
 
     def __call__(self, ema):
-        """(metrics, seconds): IS, FID, sFID, precision and recall of `config.eval_samples` samples of `ema`."""
+        """(metrics, seconds): IS, FID, sFID, precision and recall of `config.eval_samples` samples
+        of `ema`."""
         config, state = self.config, self.state
         started = time.perf_counter()
         starts = range(0, config.eval_samples, config.eval_batch_size)

@@ -1,5 +1,5 @@
-"""Official REG/REPA checkpoints: what their weights and saved args say about the model (they store no
-SiTConfig), and the early REPA layout (`decoder_blocks`, `--legacy`)."""
+"""Official REG/REPA checkpoints: what their weights and saved args say about the model (they store
+no SiTConfig), and the early REPA layout (`decoder_blocks`, `--legacy`)."""
 import argparse
 
 from regdit import RegditError
@@ -9,8 +9,8 @@ PATCH_WEIGHTS = "x_embedder.proj.weight"  # (hidden_size, in_channels, patch_siz
 
 
 def convert_legacy_state_dict(state_dict, encoder_depth):
-    """`--legacy` (REPA's load_legacy_checkpoints): early checkpoints kept the blocks after the projection layer in
-    `decoder_blocks.i`; they are `blocks.{i + encoder_depth}` here."""
+    """`--legacy` (REPA's load_legacy_checkpoints): early checkpoints kept the blocks after the
+    projection layer in `decoder_blocks.i`; they are `blocks.{i + encoder_depth}` here."""
     converted = {}
     for key, value in state_dict.items():
         parts = key.split(".")
@@ -21,7 +21,8 @@ def convert_legacy_state_dict(state_dict, encoder_depth):
 
 
 def saved_args(checkpoint, source):
-    """The training flags an official checkpoint saved (`args`, an argparse.Namespace) as a dict; {} without."""
+    """The training flags an official checkpoint saved (`args`, an argparse.Namespace) as a dict; {}
+    without."""
     args = checkpoint.get("args")
     if args is None or isinstance(args, dict):
         return args or {}
@@ -32,8 +33,8 @@ def saved_args(checkpoint, source):
 
 
 def inferred_config(weights, args, source="checkpoint"):
-    """The settings of official weights: sizes from the parameter shapes, encoder_depth from the saved args. A SiT
-    parameter that is missing or of another rank is one line naming `source`."""
+    """The settings of official weights: sizes from the parameter shapes, encoder_depth from the
+    saved args. A SiT parameter that is missing or of another rank is one line naming `source`."""
     if any(k.startswith("decoder_blocks.") for k in weights):
         raise RegditError("these weights have the early REPA layout (decoder_blocks): pass --legacy")
 

@@ -1,10 +1,11 @@
-"""`regdit prepare images|latents|vae`: raw images -> square RGB PNGs + labels -> VAE posterior moments, and a
-small VAE fitted to the images where no pretrained one covers them.
+"""`regdit prepare images|latents|vae`: raw images -> square RGB PNGs + labels -> VAE posterior
+moments, and a small VAE fitted to the images where no pretrained one covers them.
 
-Each step checks every setting before it creates anything (the config's ranges, then `check_paths`), and is resumable:
-finished work is recorded atomically (a file is written under a temporary name, then renamed), so rerunning the same
-command after a kill, or after a full disk, continues where it stopped (`prepare vae`, a minute of work, starts its fit
-over). `prepare latents` runs on every process of `accelerate launch` / `torchrun`, each encoding its own shards.
+Each step checks every setting before it creates anything (the config's ranges, then `check_paths`),
+and is resumable: finished work is recorded atomically (a file is written under a temporary name,
+then renamed), so rerunning the same command after a kill, or after a full disk, continues where it
+stopped (`prepare vae`, a minute of work, starts its fit over). `prepare latents` runs on every
+process of `accelerate launch` / `torchrun`, each encoding its own shards.
 """
 import functools
 import json
@@ -36,22 +37,26 @@ from regdit.runlock import LOCK_NAME, RunLock, lock_run
 
 UNREADABLE = (OSError, SyntaxError, ValueError, EOFError, zipfile.BadZipFile, zlib.error,
               PIL.Image.DecompressionBombError)  # how PIL reports a bad file; open_image's ImageTooLarge too
-# The white level of each high-bit-depth mode PIL's convert("RGB") would clip at 255; the first that holds every
-# value of an image wins (see to_rgb).
+# The white level of each high-bit-depth mode PIL's convert("RGB") would clip at 255; the first that
+# holds every value of an image wins (see to_rgb).
 WHITE_LEVELS = {"I;16": (65535,), "I": (65535,), "F": (1, 255)}
 
 
 def to_rgb(image):
     """`image` upright and 8-bit RGB, as an image viewer shows it.
 
-    The EXIF orientation is applied first (cameras store portraits as rotated landscapes plus a tag; the official
-    converter ignores the tag, so the few tagged ImageNet JPEGs crop differently here). High-bit-depth grayscale is
-    scaled, not clipped by convert("RGB") (which turns a 16-bit PNG almost white and a [0, 1] float TIFF black):
-    - 16-bit integer (I;16, I;16B, I;16L, ...): value / 257, so 0..65535 spans 0..255 (a 16-bit copy of 8-bit data,
+    The EXIF orientation is applied first (cameras store portraits as rotated landscapes plus a tag;
+    the official converter ignores the tag, so the few tagged ImageNet JPEGs crop differently here).
+    High-bit-depth grayscale is scaled, not clipped by convert("RGB") (which turns a 16-bit PNG
+    almost white and a [0, 1] float TIFF black):
+    - 16-bit integer (I;16, I;16B, I;16L, ...): value / 257, so 0..65535 spans 0..255 (a 16-bit copy
+    of 8-bit data,
       v * 257, gives v back);
-    - 32-bit integer (I): the same when every value lies in 0..65535 (16-bit data, as some readers load it), else
+    - 32-bit integer (I): the same when every value lies in 0..65535 (16-bit data, as some readers
+    load it), else
       the image's min..max spans 0..255;
-    - 32-bit float (F): value * 255 when every value lies in [0, 1]; the value itself in [0, 255] (PIL's scale for
+    - 32-bit float (F): value * 255 when every value lies in [0, 1]; the value itself in [0, 255]
+    (PIL's scale for
       8-bit data made float); else min..max spans 0..255.
     NaN and infinite floats become black. Every other mode (palette, RGBA, LA, CMYK, 8-bit grayscale...) goes through
     convert("RGB") like the official converter.
@@ -69,7 +74,8 @@ def to_rgb(image):
 
 
 def center_crop_dhariwal(image, resolution):
-    """ADM's center_crop_arr (guided-diffusion image_datasets.py), the official `--transform=center-crop-dhariwal`."""
+    """ADM's center_crop_arr (guided-diffusion image_datasets.py), the official
+    `--transform=center-crop-dhariwal`."""
     while min(*image.size) >= 2 * resolution:
         image = image.resize(tuple(x // 2 for x in image.size), resample=PIL.Image.BOX)
     scale = resolution / min(*image.size)
@@ -94,7 +100,8 @@ TRANSFORMS = {"center-crop-dhariwal": center_crop_dhariwal, "center-crop": cente
 
 
 def claim_dest(out, settings, finished_path):
-    """Check that `out` is new or holds a run with the same settings; True when that run has finished."""
+    """Check that `out` is new or holds a run with the same settings; True when that run has
+    finished."""
     settings_path = os.path.join(out, PROGRESS, "settings.json")
     fix = f"use a new --dest or delete {out}"
     if os.path.isfile(settings_path):
@@ -112,8 +119,9 @@ def claim_dest(out, settings, finished_path):
 
 
 def check_paths(source, dest, accepted):
-    """--source must exist and be accepted ("folder" or "folder or .zip"); --dest must be a folder or not exist yet,
-    and lie outside --source (its files would become source images). Both are local: `prepare` reads no hf:// path."""
+    """--source must exist and be accepted ("folder" or "folder or .zip"); --dest must be a folder
+    or not exist yet, and lie outside --source (its files would become source images). Both are
+    local: `prepare` reads no hf:// path."""
     if is_hub_url(source):
         raise RegditError(f"--source {source}: prepare reads local files only, not hf:// paths; download it first "
                           f"(`{parse(source).download_command()} --local-dir DIR`) and pass --source DIR")
@@ -155,7 +163,8 @@ def _open_source(source, name):
 
 
 def source_labels(source, names):
-    """(labels, class names): the source's dataset.json, else the sorted top-level folder names (like EDM2)."""
+    """(labels, class names): the source's dataset.json, else the sorted top-level folder names
+    (like EDM2)."""
     path, fix = f"{source}/dataset.json", "fix it or remove dataset.json to label by folder name"
     try:
         with _open_source(source, "dataset.json") as f:
@@ -177,7 +186,8 @@ def source_labels(source, names):
 
 
 def _convert(job):
-    """Convert one image; returns (index, None) or (index, why it was skipped). Runs in the worker processes."""
+    """Convert one image; returns (index, None) or (index, why it was skipped). Runs in the worker
+    processes."""
     index, source, name, out_path, resolution, transform = job
     path = os.path.join(source, name)
     if os.path.isdir(source) and os.path.exists(path) and not os.path.isfile(path):  # opening a FIFO would block
@@ -197,7 +207,8 @@ def _convert(job):
 
 
 def _is_complete(job):
-    """(path, whether the PNG there is a whole resolution^2 RGB image). Runs in the worker processes."""
+    """(path, whether the PNG there is a whole resolution^2 RGB image). Runs in the worker
+    processes."""
     path, resolution = job
     try:
         with PIL.Image.open(path) as image:  # an empty file fails here
@@ -209,8 +220,9 @@ def _is_complete(job):
 
 
 def finished_images(dest, resolution, pool):
-    """The output names (`image_name`) an earlier run finished. Removes the PNGs that are not whole images (a write
-    killed on a file system without atomic rename, or damage after it) so that they are converted again."""
+    """The output names (`image_name`) an earlier run finished. Removes the PNGs that are not whole
+    images (a write killed on a file system without atomic rename, or damage after it) so that they
+    are converted again."""
     pngs = [(os.path.join(folder, name), resolution) for folder, _, files in os.walk(dest) for name in files
             if name.endswith(".png")]
     finished = set()
@@ -237,11 +249,12 @@ class PrepareImagesConfig(Settings):
 
 
 def prepare_images(config: PrepareImagesConfig):
-    """Crop and resize every image of a folder or zip to resolution^2 RGB PNGs with a dataset.json of labels.
+    """Crop and resize every image of a folder or zip to resolution^2 RGB PNGs with a dataset.json
+    of labels.
 
-    Output names follow the source's sorted order, `{i:08d}[:5]/img{i:08d}.png`, like the official converter;
-    unreadable images are skipped with a line on stderr (their index stays unused) or, with strict, raise.
-    Returns {"images", "converted", "skipped" (names), "num_classes"}.
+    Output names follow the source's sorted order, `{i:08d}[:5]/img{i:08d}.png`, like the official
+    converter; unreadable images are skipped with a line on stderr (their index stays unused) or,
+    with strict, raise. Returns {"images", "converted", "skipped" (names), "num_classes"}.
     """
     source, dest = os.path.abspath(config.source), os.path.abspath(config.dest)
     check_paths(config.source, config.dest, "folder or .zip")
@@ -256,7 +269,8 @@ def prepare_images(config: PrepareImagesConfig):
     settings = {"source": source, "resolution": resolution, "transform": transform}
     skipped = []
     with RunLock(dest, "prepare images"), writing_into(dest), (
-            # each worker opens the zip itself: a descriptor inherited from the parent shares its file offset
+            # each worker opens the zip itself: a descriptor inherited from the parent shares its
+            # file offset
             multiprocessing.Pool(config.workers, initializer=_open_zip.cache_clear) if config.workers
             else _InProcess()) as pool:
         claim_dest(dest, settings, os.path.join(dest, "dataset.json"))
@@ -293,7 +307,8 @@ def prepare_images(config: PrepareImagesConfig):
 
 
 class _InProcess:
-    """The part of multiprocessing.Pool used above, without processes (workers=0: small jobs, debugging)."""
+    """The part of multiprocessing.Pool used above, without processes (workers=0: small jobs,
+    debugging)."""
 
     def __enter__(self):
         return self
@@ -324,7 +339,8 @@ class SourceImages(torch.utils.data.Dataset):
 
 
 def read_image_folder(source):
-    """(names, labels, num_classes, resolution) of a folder written by `prepare images` / the official convert."""
+    """(names, labels, num_classes, resolution) of a folder written by `prepare images` / the
+    official convert."""
     meta_path = os.path.join(source, "dataset.json")
     fix = f"run `regdit prepare images --dest {source}` first"
     meta = read_json(meta_path, fix) if os.path.exists(meta_path) else {}
@@ -347,7 +363,8 @@ def read_image_folder(source):
 
 
 def shard_batches(num_images, shard_size, batch_size, shards):
-    """Batches of consecutive indices that never straddle a shard, so a shard is done with its last batch."""
+    """Batches of consecutive indices that never straddle a shard, so a shard is done with its last
+    batch."""
     return [list(range(start, min(start + batch_size, end)))
             for s in shards for end in [min((s + 1) * shard_size, num_images)]
             for start in range(s * shard_size, end, batch_size)]
@@ -368,18 +385,20 @@ class PrepareLatentsConfig(Settings):
 
 
 def prepare_latents(config: PrepareLatentsConfig):
-    """Encode a `prepare images` folder to VAE posterior moments (float32 means then stds), with images and labels.
+    """Encode a `prepare images` folder to VAE posterior moments (float32 means then stds), with
+    images and labels.
 
-    The layout's writer (regdit.data.LAYOUTS) decides the files: "regdit": DEST/{regdit.json, images.npy,
-    moments.npy[, moments_flip.npy], labels.npy}; "official": DEST/imagenet_{R}_vae/ (the images) +
-    DEST/vae-sd/{...npy, dataset.json}.
-    Every process of an accelerate/torchrun launch encodes the shards of `shard_size` images with
-    shard % num_processes == process index; finished shards are skipped on a rerun. Returns dest.
+    The layout's writer (regdit.data.LAYOUTS) decides the files: "regdit": DEST/{regdit.json,
+    images.npy, moments.npy[, moments_flip.npy], labels.npy}; "official": DEST/imagenet_{R}_vae/
+    (the images) + DEST/vae-sd/{...npy, dataset.json}. Every process of an accelerate/torchrun
+    launch encodes the shards of `shard_size` images with shard % num_processes == process index;
+    finished shards are skipped on a rerun. Returns dest.
     """
     check_paths(config.source, config.dest, "folder")
     from accelerate import PartialState
 
-    # accelerate picks gloo only when told the processes use the CPU: say so when launched without CUDA.
+    # accelerate picks gloo only when told the processes use the CPU: say so when launched without
+    # CUDA.
     state = PartialState(cpu=cpu_launch())
     source, dest = os.path.abspath(config.source), os.path.abspath(config.dest)
     flip, shard_size = config.flip, config.shard_size
@@ -421,9 +440,9 @@ def prepare_latents(config: PrepareLatentsConfig):
 
 
 def latent_moments_shape(vae, source, resolution):
-    """The (2C, h, w) moments of `resolution` px images, refused when the latent does not tile them: the SD-VAE
-    halves the size 3 times, rounding down, so only multiples of 8 give an exact power-of-two factor (20 px gives a
-    2x2 latent, a factor of 10)."""
+    """The (2C, h, w) moments of `resolution` px images, refused when the latent does not tile them:
+    the SD-VAE halves the size 3 times, rounding down, so only multiples of 8 give an exact
+    power-of-two factor (20 px gives a 2x2 latent, a factor of 10)."""
     blank = torch.zeros(1, 3, resolution, resolution, dtype=torch.uint8)
     shape = tuple(vae_lib.encode_moments(vae, blank).shape[1:])
     factor = resolution // shape[1]
@@ -434,8 +453,8 @@ def latent_moments_shape(vae, source, resolution):
 
 
 def encode_shards(config, writer, images, vae, state, done_path):
-    """Encode this process's unfinished shards of `images` (SourceImages) and hand them to the layout's writer; a
-    shard's done-marker is written once its rows reached the disk."""
+    """Encode this process's unfinished shards of `images` (SourceImages) and hand them to the
+    layout's writer; a shard's done-marker is written once its rows reached the disk."""
     flip, shard_size, count = config.flip, config.shard_size, len(images)
     num_shards = -(-count // shard_size)
     shards = [s for s in range(state.process_index, num_shards, state.num_processes) if not os.path.exists(done_path(s))]
@@ -452,7 +471,8 @@ def encode_shards(config, writer, images, vae, state, done_path):
             write_json(done_path(indices[-1] // shard_size), {})
         progress.update(len(indices))
 
-    # One writer thread: batch k is written while batch k+1 is encoded (+10% images/s measured on an H200).
+    # One writer thread: batch k is written while batch k+1 is encoded (+10% images/s measured on an
+    # H200).
     with tqdm(total=sum(map(len, batches)), desc=f"encode ({processes})", unit="img",
               disable=not state.is_main_process) as progress, ThreadPoolExecutor(1) as background:
         saved = background.submit(lambda: None)
@@ -476,9 +496,10 @@ class PrepareVaeConfig(Settings):
 
 
 def prepare_vae(config: PrepareVaeConfig):
-    """Fit a small VAE (regdit.vae.fit_vae) to a `prepare images` folder, for data no pretrained VAE covers; pass
-    DEST as --vae to `prepare latents`. The weights are saved once fitted, with DEST/fit.json last, so an interrupted
-    run leaves no VAE that passes for done and its rerun fits again. Returns dest."""
+    """Fit a small VAE (regdit.vae.fit_vae) to a `prepare images` folder, for data no pretrained VAE
+    covers; pass DEST as --vae to `prepare latents`. The weights are saved once fitted, with
+    DEST/fit.json last, so an interrupted run leaves no VAE that passes for done and its rerun fits
+    again. Returns dest."""
     source, dest = os.path.abspath(config.source), os.path.abspath(config.dest)
     check_paths(config.source, config.dest, "folder")
     names, _, _, resolution = read_image_folder(source)

@@ -1,6 +1,6 @@
-"""`regdit report EXP_DIR [EXP_DIR ...] --output report.png|.html`: one figure of how runs train — the loss terms,
-the gradient norm, images/s, TFLOP/s, and FID / IS against iterations with the paper's published points for the
-same model — several experiments overlaid."""
+"""`regdit report EXP_DIR [EXP_DIR ...] --output report.png|.html`: one figure of how runs train —
+the loss terms, the gradient norm, images/s, TFLOP/s, and FID / IS against iterations with the
+paper's published points for the same model — several experiments overlaid."""
 import base64
 import io
 import itertools
@@ -15,7 +15,8 @@ from regdit import RegditError
 from regdit.config import Settings, flag, read_yaml
 from regdit.files import atomic_write, check_output, check_writable, file_kind, read_head
 
-# ImageNet 256, FID-50k without guidance, against training iterations (REG paper, Table 1), per (model, method).
+# ImageNet 256, FID-50k without guidance, against training iterations (REG paper, Table 1), per
+# (model, method).
 PUBLISHED_FID = {
     ("SiT-XL/2", "reg"): {200_000: 5.0, 400_000: 3.4, 1_000_000: 2.7, 2_400_000: 2.2, 4_000_000: 1.8},
     ("SiT-L/2", "reg"): {100_000: 11.4, 400_000: 4.6},
@@ -37,8 +38,9 @@ class ReportConfig(Settings):
 
 
 def read_run(exp_dir):
-    """(name, settings, training lines, evaluation lines) of an experiment folder. Each line needs its step; a value
-    that is missing or not a finite number (NaN, Infinity) is left out of the figure (see `value`)."""
+    """(name, settings, training lines, evaluation lines) of an experiment folder. Each line needs
+    its step; a value that is missing or not a finite number (NaN, Infinity) is left out of the
+    figure (see `value`)."""
     exp_dir = Path(exp_dir)
     metrics = exp_dir / "metrics.jsonl"
     try:
@@ -83,7 +85,8 @@ def value(entry, key):
 
 
 def series(entries, key):
-    """(steps, values) of `key` in `entries`, leaving out the points where it is missing or not finite."""
+    """(steps, values) of `key` in `entries`, leaving out the points where it is missing or not
+    finite."""
     points = [(value(entry, "step"), value(entry, key)) for entry in entries]
     points = [point for point in points if math.isfinite(point[1])]
     return [step for step, _ in points], [number for _, number in points]
@@ -138,7 +141,8 @@ def plot(runs):
 
 
 def html_page(runs, png):
-    """A page with the figure and one table row per run: last logged step, loss, images/s, best FID."""
+    """A page with the figure and one table row per run: last logged step, loss, images/s, best
+    FID."""
     rows = []
     for name, settings, lines, evaluations in runs:
         last = lines[-1] if lines else {}
@@ -159,7 +163,8 @@ PAGE_START = "<!doctype html><html><head><meta charset='utf-8'><title>regdit rep
 
 
 def foreign_to_report(path):
-    """None for a figure or page that `regdit report` wrote (a matplotlib PNG, the report page), else what it is."""
+    """None for a figure or page that `regdit report` wrote (a matplotlib PNG, the report page),
+    else what it is."""
     head = read_head(path, 128)
     if path.suffix == ".png" and not (head.startswith(b"\x89PNG\r\n\x1a\n") and b"Software\x00Matplotlib" in head):
         return "it is not a figure of `regdit report` (a PNG written by matplotlib)"

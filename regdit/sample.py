@@ -1,21 +1,25 @@
-"""`regdit sample`: class-conditional samples as `%06d.png` files and an ADM `.npz`, like the official generate.py,
-deterministic per sample index, resumable, on one or many processes (`accelerate launch` / `torchrun`).
+"""`regdit sample`: class-conditional samples as `%06d.png` files and an ADM `.npz`, like the
+official generate.py, deterministic per sample index, resumable, on one or many processes
+(`accelerate launch` / `torchrun`).
 
-Seeds. Sample index i has its own random stream, `torch.Generator(device).manual_seed(global_seed * 2**32 + i)`,
-which draws, in this order: the label (uniform over the classes like the official code, or i % num_classes with
---balanced), the initial latents (C, h, w), the class token (cls,), then the SDE noise of every step. An image is
-therefore a function of its index and the settings, not of the number of processes or of the batch it is drawn in.
-Batches are chunks of --per-proc-batch-size consecutive indices, handed round-robin to the processes, so runs with
-the same batch size sample the very same batches and give bitwise-equal images for any number of processes.
-A different batch size changes only the float rounding of the batched matrix products (BLAS kernels depend on the
+Seeds. Sample index i has its own random stream, `torch.Generator(device).manual_seed(global_seed *
+2**32 + i)`, which draws, in this order: the label (uniform over the classes like the official code,
+or i % num_classes with --balanced), the initial latents (C, h, w), the class token (cls,), then the
+SDE noise of every step. An image is therefore a function of its index and the settings, not of the
+number of processes or of the batch it is drawn in. Batches are chunks of --per-proc-batch-size
+consecutive indices, handed round-robin to the processes, so runs with the same batch size sample
+the very same batches and give bitwise-equal images for any number of processes. A different batch
+size changes only the float rounding of the batched matrix products (BLAS kernels depend on the
 matrix size), which can move a rare pixel by one level.
 
-Files. SAMPLE_DIR/RUN/%06d.png by global index, RUN/labels.npy, RUN/sample_settings.json (every setting), then
-SAMPLE_DIR/RUN.npz with `arr_0` (uint8 N x H x W x 3, the ADM format) and `labels` (int64 N). RUN is derived from the
-settings in the official style (`SiT-XL-2-last-size-256-vae-ema-cfg-2.3-...-seed-0-sde-250`).
+Files. SAMPLE_DIR/RUN/%06d.png by global index, RUN/labels.npy, RUN/sample_settings.json (every
+setting), then SAMPLE_DIR/RUN.npz with `arr_0` (uint8 N x H x W x 3, the ADM format) and `labels`
+(int64 N). RUN is derived from the settings in the official style
+(`SiT-XL-2-last-size-256-vae-ema-cfg-2.3-...-seed-0-sde-250`).
 
-Resume. Every file is written to a temp file and renamed, so a file that exists is complete. A chunk with a missing
-PNG is sampled again whole, which reproduces its finished images bitwise, and only its missing PNGs are written.
+Resume. Every file is written to a temp file and renamed, so a file that exists is complete. A chunk
+with a missing PNG is sampled again whole, which reproduces its finished images bitwise, and only
+its missing PNGs are written.
 """
 import argparse
 import dataclasses
@@ -44,22 +48,24 @@ from regdit.vae import decode_latents, load_vae, resolve_vae_name
 
 SETTINGS, LABELS = "sample_settings.json", "labels.npy"
 AUTOCAST_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Settings that may change when a run is resumed: they do not decide which image an index gets (the batch size only
-# at float-rounding level).
+# Settings that may change when a run is resumed: they do not decide which image an index gets (the
+# batch size only at float-rounding level).
 RESUMABLE = ("num_fid_samples", "per_proc_batch_size", "num_processes", "compile", "regdit_version",
              "torch_version")
 
 
 def vae_geometry(vae):
-    """(latent channels, downsampling factor) of a diffusers AutoencoderKL; pixel space (None) is (3, 1)."""
+    """(latent channels, downsampling factor) of a diffusers AutoencoderKL; pixel space (None) is
+    (3, 1)."""
     if vae is None:
         return 3, 1
     return vae.config.latent_channels, 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def build_model(checkpoint, source, vae, config):
-    """The SiT of a checkpoint's EMA weights, loaded strictly. Each SiTConfig field comes from the setting of the
-    same name if given, else from the checkpoint (stored settings, or those its weights tell)."""
+    """The SiT of a checkpoint's EMA weights, loaded strictly. Each SiTConfig field comes from the
+    setting of the same name if given, else from the checkpoint (stored settings, or those its
+    weights tell)."""
     _, downsampling = vae_geometry(vae)
     overrides = {f.name: getattr(config, f.name) for f in dataclasses.fields(SiTConfig)
                  if getattr(config, f.name, None) is not None}
@@ -83,7 +89,8 @@ def sample_generators(indices, global_seed, device):
 
 
 def draw_labels(generators, indices, num_classes, balanced):
-    """The first draw of each sample's stream: a uniform label (official), or index % num_classes when balanced."""
+    """The first draw of each sample's stream: a uniform label (official), or index % num_classes
+    when balanced."""
     if balanced:
         return torch.tensor([i % num_classes for i in indices], device=generators[0].device)
     return torch.stack([torch.randint(num_classes, (), generator=g, device=g.device) for g in generators])
@@ -97,8 +104,8 @@ PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the empty IEND chunk every PNG en
 
 
 def png_done(path):
-    """A sample PNG that is whole: it exists and ends with the IEND chunk (an empty or cut file is sampled again).
-    Reads 12 bytes, so checking 50k samples at start costs little."""
+    """A sample PNG that is whole: it exists and ends with the IEND chunk (an empty or cut file is
+    sampled again). Reads 12 bytes, so checking 50k samples at start costs little."""
     try:
         with open(path, "rb") as f:
             f.seek(-len(PNG_END), 2)
@@ -121,12 +128,14 @@ def check_resumable(folder, settings):
 
 
 def foreign_to_samples(path):
-    """None for a samples .npz that `regdit sample` wrote (`arr_0` and `labels`), else what it is."""
+    """None for a samples .npz that `regdit sample` wrote (`arr_0` and `labels`), else what it
+    is."""
     return None if {"arr_0", "labels"} <= npz_arrays(path) else "it is not a samples .npz of `regdit sample`"
 
 
 def pack_npz(folder, num_samples, npz_path):
-    """The PNGs 0..num_samples-1 and their labels as an ADM .npz: `arr_0` uint8 (N, H, W, 3), `labels` int64 (N,)."""
+    """The PNGs 0..num_samples-1 and their labels as an ADM .npz: `arr_0` uint8 (N, H, W, 3),
+    `labels` int64 (N,)."""
     missing = [i for i in range(num_samples) if not png_done(png_path(folder, i))]
     if missing:
         raise RegditError(f"{folder} has {num_samples - len(missing)} of the {num_samples} samples asked for "
@@ -148,18 +157,21 @@ def pack_npz(folder, num_samples, npz_path):
 
 
 def load_model_and_vae(config, device, model=None):
-    """(model in eval mode on the device, VAE module or None, VAE name, checkpoint path or None, stored settings).
+    """(model in eval mode on the device, VAE module or None, VAE name, checkpoint path or None,
+    stored settings).
 
-    `model`: a SiT, else the checkpoint `config.ckpt` (an official or regdit `.pt`, its EMA weights, or a
-    `.safetensors` export) built by `build_model`. The VAE: `config.vae` (ema, mse, a Hub id, a `save_pretrained`
-    folder or none); unset: the checkpoint's, else none for a 3-channel (pixel-space) model, else ema (official).
-    The stored settings hold the training path type when the checkpoint has one.
+    `model`: a SiT, else the checkpoint `config.ckpt` (an official or regdit `.pt`, its EMA weights,
+    or a `.safetensors` export) built by `build_model`. The VAE: `config.vae` (ema, mse, a Hub id, a
+    `save_pretrained` folder or none); unset: the checkpoint's, else none for a 3-channel
+    (pixel-space) model, else ema (official). The stored settings hold the training path type when
+    the checkpoint has one.
     """
     ckpt, stored, vae = None, {}, config.vae
     if model is None:
         ckpt = local_checkpoint(config.ckpt)  # an hf:// one is downloaded: its local name names the run
         checkpoint = load_checkpoint(ckpt)
-        # regdit checkpoints record the dataset's VAE; official and regdit ones the training path in their args
+        # regdit checkpoints record the dataset's VAE; official and regdit ones the training path in
+        # their args
         stored = dict(vae=checkpoint.get("latents", {}).get("vae"), steps=checkpoint.get("steps"),
                       path_type=getattr(checkpoint.get("args"), "path_type", None))
         patch_embedding = checkpoint.get("ema", {}).get("x_embedder.proj.weight")
@@ -186,8 +198,9 @@ def load_model_and_vae(config, device, model=None):
 @torch.no_grad()
 def sample_batch(model, vae, indices, sampling, global_seed=0, balanced=False, mixed_precision="no",
                  path_type="linear"):
-    """uint8 images (N, H, W, 3) of the sample indices, each drawn from its own stream (see the module docstring),
-    as `sampling` (a Sampling) says; `path_type` is the model's, used unless `sampling` names one."""
+    """uint8 images (N, H, W, 3) of the sample indices, each drawn from its own stream (see the
+    module docstring), as `sampling` (a Sampling) says; `path_type` is the model's, used unless
+    `sampling` names one."""
     device = model.pos_embed.device
     generators = sample_generators(indices, global_seed, device)
     y = draw_labels(generators, indices, model.num_classes, balanced)
@@ -202,9 +215,9 @@ def sample_batch(model, vae, indices, sampling, global_seed=0, balanced=False, m
 
 @dataclass
 class Sampling(Settings):
-    """How to sample: a sampler of regdit.samplers.SAMPLERS and its steps, classifier-free guidance of the image and
-    of the class token inside a time interval, and the path. `regdit sample`, the training previews and the
-    evaluations during training each take one."""
+    """How to sample: a sampler of regdit.samplers.SAMPLERS and its steps, classifier-free guidance
+    of the image and of the class token inside a time interval, and the path. `regdit sample`, the
+    training previews and the evaluations during training each take one."""
     sampler: str = flag("sde", "sde: the official Euler-Maruyama sampler; ode: Euler on the velocity; heun: Heun "
                                "on it; any other entry of regdit.samplers.SAMPLERS", choices=SAMPLERS,
                         aliases=("--mode",))
@@ -234,7 +247,8 @@ class Sampling(Settings):
         return self.num_steps or inspect.signature(SAMPLERS[self.sampler]).parameters["num_steps"].default
 
     def arguments(self, path_type="linear"):
-        """The keyword arguments of the sampler; `path_type` (the model's) unless the settings name a path."""
+        """The keyword arguments of the sampler; `path_type` (the model's) unless the settings name
+        a path."""
         return dict(num_steps=self.steps, cfg_scale=self.cfg_scale, cls_cfg_scale=self.cls_cfg_scale,
                     guidance_low=self.guidance_low, guidance_high=self.guidance_high,
                     path_type=self.path_type or path_type)
@@ -242,9 +256,9 @@ class Sampling(Settings):
 
 @dataclass
 class SampleConfig(Settings):
-    """The official generate.py flags (their spellings are aliases). Model settings are SiTConfig fields by name; left
-    unset they take the checkpoint's: stored in regdit checkpoints and exports, read off the weights of official
-    ones."""
+    """The official generate.py flags (their spellings are aliases). Model settings are SiTConfig
+    fields by name; left unset they take the checkpoint's: stored in regdit checkpoints and exports,
+    read off the weights of official ones."""
     ckpt: str | None = flag(None, "checkpoint: official or regdit .pt (EMA weights are used) or a .safetensors export, "
                                   "local or hf://OWNER/REPO/PATH[@REVISION]", required=True)
     # model
@@ -278,9 +292,10 @@ class SampleConfig(Settings):
 
 
 def sample(config: SampleConfig, model=None):
-    """Sample `num_fid_samples` images into SAMPLE_DIR/RUN/ and pack them into SAMPLE_DIR/RUN.npz (the main process
-    writes it); returns the .npz path. `model`: a SiT to sample instead of `config.ckpt` (put in eval mode and
-    moved to the device). `tf32` sets torch's global TF32 matmul switch, as generate.py does.
+    """Sample `num_fid_samples` images into SAMPLE_DIR/RUN/ and pack them into SAMPLE_DIR/RUN.npz
+    (the main process writes it); returns the .npz path. `model`: a SiT to sample instead of
+    `config.ckpt` (put in eval mode and moved to the device). `tf32` sets torch's global TF32 matmul
+    switch, as generate.py does.
     """
     check_writable(config.sample_dir, "--sample-dir")
     torch.backends.cuda.matmul.allow_tf32 = config.tf32
@@ -309,8 +324,8 @@ def sample(config: SampleConfig, model=None):
 
 
 def run_settings(config, model, vae_model, vae, ckpt, stored, state):
-    """Every setting of a run, recorded in its sample_settings.json: those that decide the images must match for a
-    rerun to continue it."""
+    """Every setting of a run, recorded in its sample_settings.json: those that decide the images
+    must match for a rerun to continue it."""
     channels, downsampling = vae_geometry(vae_model)
     sampling = config.sampling
     path_type = sampling.path_type or stored.get("path_type") or "linear"
@@ -328,7 +343,8 @@ def run_settings(config, model, vae_model, vae, ckpt, stored, state):
 
 def run_name(config, settings, ckpt, stored, vae):
     """The run folder's name in the official style, from the settings that decide the images."""
-    # best.pt changes as a run trains: its step names the run folder (and is a setting: another one is refused)
+    # best.pt changes as a run trains: its step names the run folder (and is a setting: another one
+    # is refused)
     weights = "model" if ckpt is None else f"best-{stored['steps']}" if ckpt.stem == "best" else ckpt.stem
     sampler = settings["sampler"]
     mode = "ode" if sampler == "heun" else sampler  # the official name of the ODE, Heun steps marked at the end
@@ -340,8 +356,8 @@ def run_name(config, settings, ckpt, stored, vae):
 
 
 def start_run_folder(folder, settings, config, num_classes, device):
-    """The run's settings and every label: a label is the first draw of its index's stream, all of them are drawn
-    up front for packing and for resumed runs."""
+    """The run's settings and every label: a label is the first draw of its index's stream, all of
+    them are drawn up front for packing and for resumed runs."""
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_write(folder / SETTINGS, "w") as f:
         f.write(json.dumps(settings, indent=2) + "\n")
@@ -353,8 +369,8 @@ def start_run_folder(folder, settings, config, num_classes, device):
 
 
 def draw_pending(config, folder, model, vae, path_type, state):
-    """Sample the chunks of --per-proc-batch-size indices that miss a PNG, round-robin over the processes, and
-    write their missing PNGs."""
+    """Sample the chunks of --per-proc-batch-size indices that miss a PNG, round-robin over the
+    processes, and write their missing PNGs."""
     num_samples, batch_size = config.num_fid_samples, config.per_proc_batch_size
     chunks = [range(start, min(start + batch_size, num_samples)) for start in range(0, num_samples, batch_size)]
     pending = [chunk for chunk in chunks if not all(png_done(png_path(folder, i)) for i in chunk)]

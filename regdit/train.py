@@ -1,15 +1,17 @@
-"""`regdit train`: the official REG train.py semantics with accelerate, made fast, deterministic and resumable.
+"""`regdit train`: the official REG train.py semantics with accelerate, made fast, deterministic and
+resumable.
 
-Read it top to bottom: the settings (`TrainConfig`, the paper's `PRESETS`, the `METHODS`), `setup` (data, encoders,
-model, EMA, optimizer, resume), `train_step` (one optimizer step), and `train_loop` (data -> step -> periodic work:
-log, checkpoint, preview, evaluation). The run's files are `regdit.experiment`'s; the objective is
-`regdit.loss.REGLoss`.
+Read it top to bottom: the settings (`TrainConfig`, the paper's `PRESETS`, the `METHODS`), `setup`
+(data, encoders, model, EMA, optimizer, resume), `train_step` (one optimizer step), and `train_loop`
+(data -> step -> periodic work: log, checkpoint, preview, evaluation). The run's files are
+`regdit.experiment`'s; the objective is `regdit.loss.REGLoss`.
 
-Determinism: every random draw of an optimizer step (posterior sample, time, noise, class-token noise, label dropout)
-comes from a generator seeded by (seed, step) that draws the whole batch of the step, of which each process and each
-accumulation micro-batch takes its slice; the data order is a per-epoch permutation of (seed, epoch). So a run's
-randomness is a function of its step alone: resuming needs only the weights, the optimizer state and the step, and
-N processes x A accumulation steps x batch B train like one process with batch N * A * B.
+Determinism: every random draw of an optimizer step (posterior sample, time, noise, class-token
+noise, label dropout) comes from a generator seeded by (seed, step) that draws the whole batch of
+the step, of which each process and each accumulation micro-batch takes its slice; the data order is
+a per-epoch permutation of (seed, epoch). So a run's randomness is a function of its step alone:
+resuming needs only the weights, the optimizer state and the step, and N processes x A accumulation
+steps x batch B train like one process with batch N * A * B.
 """
 import contextlib
 import copy
@@ -61,23 +63,24 @@ PRESETS = {
                                  proj_coeff=0.5, batch_size=256, max_train_steps=4_000_000),
     "sit-xl2": dict(model="SiT-XL/2", method="sit", proj_coeff=0.0, batch_size=256, max_train_steps=7_000_000),
 }
-# 512 px, which the official code supports with DINOv2 encoders: DINOv2 sees 224 * 512 / 256 = 448 px, 32x32 patches
-# of 14, as many as the SiT-*/2 tokens of 64x64 latents. The paper reports no 512 run: lengths are the 256 px ones.
+# 512 px, which the official code supports with DINOv2 encoders: DINOv2 sees 224 * 512 / 256 = 448
+# px, 32x32 patches of 14, as many as the SiT-*/2 tokens of 64x64 latents. The paper reports no 512
+# run: lengths are the 256 px ones.
 PRESETS.update({f"{name}-512": {**recipe, "resolution": 512} for name, recipe in list(PRESETS.items())
                 if recipe.get("enc_type", "").startswith("dinov2")})
 
 
 @dataclass
 class EvalSampling(Sampling):
-    """The sampling of the evaluations during training (`--eval-*`): by default the paper's protocol, the SDE with
-    250 steps and no guidance."""
+    """The sampling of the evaluations during training (`--eval-*`): by default the paper's
+    protocol, the SDE with 250 steps and no guidance."""
     FLAG_PREFIX: ClassVar[str] = "eval"
 
 
 @dataclass
 class TrainConfig(Settings):
-    """The official train.py flags (their spellings are aliases) and regdit's. Model settings are SiTConfig fields
-    and loss settings REGLoss fields, by the same names."""
+    """The official train.py flags (their spellings are aliases) and regdit's. Model settings are
+    SiTConfig fields and loss settings REGLoss fields, by the same names."""
     PRESETS: ClassVar[dict] = PRESETS
     # experiment
     output_dir: str = flag("exps", "folder of experiments")
@@ -150,7 +153,8 @@ class TrainConfig(Settings):
     legacy: bool = flag(False, "also drop labels outside the model, as early REPA runs did (double dropout)")
     official_cosine_cls_target: bool = flag(False, "replay the official broadcast of the cosine-path class-token "
                                                    "target (see regdit.loss.REGLoss)")
-    # evaluation while training: FID-K of the EMA weights; its numbers equal `regdit sample` + `regdit eval`
+    # evaluation while training: FID-K of the EMA weights; its numbers equal `regdit sample` +
+    # `regdit eval`
     eval_every: int = flag(0, "evaluate the EMA weights every N steps: FID, sFID, IS, precision, recall to "
                               "metrics.jsonl and the tracker, the best FID's checkpoint as checkpoints/best.pt "
                               "(0: never)", at_least=0)
@@ -189,18 +193,21 @@ class TrainConfig(Settings):
         return weights
 
 
-# Settings a resumed run may change: they do not alter what is trained (paths, logging, length, speed).
+# Settings a resumed run may change: they do not alter what is trained (paths, logging, length,
+# speed).
 RESUMABLE = {"output_dir", "exp_name", "logging_dir", "report_to", "log_every", "sampling_steps", "checkpointing_steps",
              "resume_step", "max_train_steps", "epochs", "data_dir", "num_workers", "vae", "enc_path", "compile",
              "grad_checkpointing", "ref_batch", "inception_weights", "init_from", "init_weights",
-             # the global batch and every random draw are the same on any number of processes and accumulation steps
+             # the global batch and every random draw are the same on any number of processes and
+             # accumulation steps
              "gradient_accumulation_steps", "allow_tf32", "fused_attn",
              *(name for name, *_ in leaf_fields(TrainConfig) if name.startswith("eval_"))}
 
 
 def sit_config(config, latent_channels, latent_size, z_dims):
-    """The SiTConfig of a run: the named size, the settings named after SiTConfig fields (--depth, --num-classes,
-    ...), the data's latent shape, the encoders' widths and the method's class token."""
+    """The SiTConfig of a run: the named size, the settings named after SiTConfig fields (--depth,
+    --num-classes, ...), the data's latent shape, the encoders' widths and the method's class
+    token."""
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(SiTConfig)
               if getattr(config, f.name, None) is not None}
     return SiTConfig(**{**model_arguments(config.model), **fields}, input_size=latent_size, in_channels=latent_channels,
@@ -208,14 +215,16 @@ def sit_config(config, latent_channels, latent_size, z_dims):
 
 
 def loss_from_config(config):
-    """The REGLoss of a run: its fields from the settings of the same names (--extra-terms parsed)."""
+    """The REGLoss of a run: its fields from the settings of the same names (--extra-terms
+    parsed)."""
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(REGLoss) if hasattr(config, f.name)}
     return REGLoss(**{**fields, "extra_terms": config.extra_weights()})
 
 
 class ShardedBatchSampler(torch.utils.data.Sampler):
-    """The batches of optimizer steps are consecutive slices of a per-epoch permutation; micro-batch m of process r
-    takes slice m * num_processes + r of its step's batch. Starts at step `start` of the epoch (resume)."""
+    """The batches of optimizer steps are consecutive slices of a per-epoch permutation; micro-batch
+    m of process r takes slice m * num_processes + r of its step's batch. Starts at step `start` of
+    the epoch (resume)."""
 
     def __init__(self, num_samples, batch_size, local_batch, rank, num_processes, seed, epoch, start=0):
         self.num_steps = num_samples // batch_size  # drop the last incomplete batch
@@ -265,7 +274,8 @@ class Run:
 
 
 def step_randomness(run, step):
-    """All random draws of one optimizer step for its whole batch, from a generator seeded by (seed, step)."""
+    """All random draws of one optimizer step for its whole batch, from a generator seeded by (seed,
+    step)."""
     config, device, batch = run.config, run.accelerator.device, run.config.batch_size
     g = torch.Generator(device).manual_seed(int(np.random.SeedSequence([config.seed, step]).generate_state(1)[0]))
     draws = dict(posterior=torch.randn(batch, *run.latent_shape, generator=g, device=device),
@@ -281,8 +291,9 @@ def step_randomness(run, step):
 
 @torch.no_grad()
 def encode_batch(run, images, moments, labels, draws):
-    """(x, labels, encoder features, class token) of a micro-batch: a fresh posterior sample of the latents each step,
-    the frozen encoders' features (the first encoder's class token is REG's entangled token)."""
+    """(x, labels, encoder features, class token) of a micro-batch: a fresh posterior sample of the
+    latents each step, the frozen encoders' features (the first encoder's class token is REG's
+    entangled token)."""
     mean, std = moments.chunk(2, dim=1)
     x = (mean + std * draws["posterior"]) * run.dataset.latent_scale
     if run.config.legacy:
@@ -301,9 +312,10 @@ def update_ema(ema_params, params, decay):
 
 
 def train_step(run, micro_batches, step):
-    """One optimizer step on the micro-batches of this process: the step's randomness, then per micro-batch the
-    encoders, the loss and its backward pass; gradient clipping, AdamW and the EMA update. Returns the mean of the
-    loss's logs over the micro-batches, with the gradient norm (tensors on the device: no host sync)."""
+    """One optimizer step on the micro-batches of this process: the step's randomness, then per
+    micro-batch the encoders, the loss and its backward pass; gradient clipping, AdamW and the EMA
+    update. Returns the mean of the loss's logs over the micro-batches, with the gradient norm
+    (tensors on the device: no host sync)."""
     accelerator, model, config = run.accelerator, run.model, run.config
     draws = step_randomness(run, step)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -329,14 +341,15 @@ def train_step(run, micro_batches, step):
 
 
 def train(config: TrainConfig):
-    """Train until max_train_steps (or epochs); returns a summary dict (steps, logged metrics, paths, models)."""
+    """Train until max_train_steps (or epochs); returns a summary dict (steps, logged metrics,
+    paths, models)."""
     with setup(config) as run:
         return train_loop(run)
 
 
 def train_loop(run):
-    """The optimizer steps of a set-up run: data -> train_step -> periodic work, until --max-train-steps or
-    --epochs."""
+    """The optimizer steps of a set-up run: data -> train_step -> periodic work, until
+    --max-train-steps or --epochs."""
     config, accelerator, step = run.config, run.accelerator, run.step
     work = PeriodicWork(run)
     steps_per_epoch = len(run.dataset) // config.batch_size
@@ -358,8 +371,8 @@ def train_loop(run):
 
 
 def step_batches(run, epoch, start):
-    """This process's micro-batches of the epoch's optimizer steps from step `start` of the epoch, a list per step,
-    on the device."""
+    """This process's micro-batches of the epoch's optimizer steps from step `start` of the epoch, a
+    list per step, on the device."""
     config, accelerator = run.config, run.accelerator
     run.dataset.set_epoch(epoch)
     sampler = ShardedBatchSampler(len(run.dataset), config.batch_size, run.local_batch, accelerator.process_index,
@@ -371,16 +384,17 @@ def step_batches(run, epoch, start):
 
 
 class PeriodicWork:
-    """What the loop does between steps: log every --log-every, checkpoint every --checkpointing-steps, draw a
-    preview every --sampling-steps and evaluate every --eval-every steps; their time is not counted in images/s."""
+    """What the loop does between steps: log every --log-every, checkpoint every
+    --checkpointing-steps, draw a preview every --sampling-steps and evaluate every --eval-every
+    steps; their time is not counted in images/s."""
 
     def __init__(self, run):
         self.run, config, accelerator = run, run.config, run.accelerator
         self.preview = None
         if config.sampling_steps and accelerator.is_main_process:
             self.preview = SamplePreview(config, run.vae, run.latent_shape, run.cls_dim, accelerator.device)
-        # model FLOPs of one training image (forward + backward of the SiT, the frozen encoders' forward): MFU's
-        # numerator
+        # model FLOPs of one training image (forward + backward of the SiT, the frozen encoders'
+        # forward): MFU's numerator
         flops_per_image = 3 * run.raw_model.flops() + sum(encoder.flops() for encoder in run.encoders)
         self.metrics = MetricLog(accelerator, run.exp_dir / "metrics.jsonl", config.batch_size, flops_per_image,
                                  run.step, check_grad_norm=run.mixed_precision != "fp16")
@@ -417,7 +431,8 @@ class PeriodicWork:
                              run.dataset)
 
     def evaluate(self, step):
-        """Score the EMA weights; the best FID's checkpoint becomes checkpoints/best.pt before the line is logged."""
+        """Score the EMA weights; the best FID's checkpoint becomes checkpoints/best.pt before the
+        line is logged."""
         run, accelerator = self.run, self.run.accelerator
         values, seconds = run.evaluation(run.ema)
         if "error" in values:  # a failed evaluation is said; training goes on
@@ -432,8 +447,8 @@ class PeriodicWork:
 
 
 def make_accelerator(config):
-    """The run's Accelerator (after the cheap refusals: the experiment folder, its files, the tracker) and its
-    mixed precision."""
+    """The run's Accelerator (after the cheap refusals: the experiment folder, its files, the
+    tracker) and its mixed precision."""
     exp_dir = Path(config.output_dir) / config.exp_name
     check_writable(exp_dir, "--output-dir/--exp-name")
     check_run_files(exp_dir)
@@ -470,7 +485,8 @@ def open_data(config):
 
 
 def build_networks(config, latent_shape, device):
-    """(frozen encoders, SiT) of a new run; the SiT's initial weights are the same on every process."""
+    """(frozen encoders, SiT) of a new run; the SiT's initial weights are the same on every
+    process."""
     from regdit.encoders import check_encoders, load_encoders
 
     encoders = [] if not METHODS[config.method].encoders else [
@@ -484,8 +500,8 @@ def build_networks(config, latent_shape, device):
 
 
 def monitoring(config, dataset, accelerator):
-    """(VAE, evaluation) of the previews and of --eval-every; an unusable reference, weights or evaluation settings
-    are refused here, before anything is written."""
+    """(VAE, evaluation) of the previews and of --eval-every; an unusable reference, weights or
+    evaluation settings are refused here, before anything is written."""
     vae = evaluation = None
     if config.sampling_steps or config.eval_every:
         from regdit.vae import load_vae
@@ -497,8 +513,9 @@ def monitoring(config, dataset, accelerator):
 
 
 def start_weights(config, checkpoints, model, ema, optimizer, log):
-    """(step, grad scaler state, checkpoint resumed or None): resumed from the experiment's latest good checkpoint
-    (or --resume-step), else --init-from's weights, else the fresh ones at step 0."""
+    """(step, grad scaler state, checkpoint resumed or None): resumed from the experiment's latest
+    good checkpoint (or --resume-step), else --init-from's weights, else the fresh ones at step
+    0."""
     resume_path, checkpoint = checkpoints.load(config.resume_step, log)
     if resume_path is None:
         if config.init_from:
@@ -514,8 +531,9 @@ def start_weights(config, checkpoints, model, ema, optimizer, log):
 
 @contextlib.contextmanager
 def setup(config):
-    """Everything a run needs (a Run), resumed from its latest good checkpoint (or --resume-step) when there is one,
-    holding the experiment folder's lock for the run's lifetime (one writer per experiment)."""
+    """Everything a run needs (a Run), resumed from its latest good checkpoint (or --resume-step)
+    when there is one, holding the experiment folder's lock for the run's lifetime (one writer per
+    experiment)."""
     accelerator, mixed_precision = make_accelerator(config)
     exp_dir = Path(config.output_dir) / config.exp_name
 

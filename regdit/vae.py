@@ -1,7 +1,8 @@
 """The Stable Diffusion VAE (diffusers `AutoencoderKL`) that maps images to latents and back.
 
-`"none"` selects pixel space: the "latent" is the image itself in [-1, 1] (3 channels, scale 1.0). For small data
-that no pretrained VAE covers, `fit_vae` trains a small `AutoencoderKL` in a minute on a CPU.
+`"none"` selects pixel space: the "latent" is the image itself in [-1, 1] (3 channels, scale 1.0).
+For small data that no pretrained VAE covers, `fit_vae` trains a small `AutoencoderKL` in a minute
+on a CPU.
 """
 import logging
 import math
@@ -17,7 +18,8 @@ from regdit.hub import is_hub_url, resolve_path
 
 VAE_ALIASES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 LATENT_SCALE = 0.18215  # SD VAE latent scaling used by the official train.py and generate.py
-# The small VAE of fit_vae: 4x downsampling (two of its three blocks halve the size) to 4 channels, 0.24M parameters.
+# The small VAE of fit_vae: 4x downsampling (two of its three blocks halve the size) to 4 channels,
+# 0.24M parameters.
 SMALL_VAE = dict(down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
                  block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=16)
 
@@ -29,10 +31,11 @@ def resolve_vae_name(name_or_path):
 
 
 def load_vae(name_or_path, device="cpu", dtype=torch.float32):
-    """An eval-mode `AutoencoderKL` from an alias ("ema", "mse"), a Hub id, a `save_pretrained` folder (local or
-    `hf://OWNER/REPO[/FOLDER]`); None for "none".
+    """An eval-mode `AutoencoderKL` from an alias ("ema", "mse"), a Hub id, a `save_pretrained`
+    folder (local or `hf://OWNER/REPO[/FOLDER]`); None for "none".
 
-    Hub ids go through `from_pretrained`, so `HF_HUB_OFFLINE=1` with a filled cache works without the network.
+    Hub ids go through `from_pretrained`, so `HF_HUB_OFFLINE=1` with a filled cache works without
+    the network.
     """
     if name_or_path == "none":
         return None
@@ -43,12 +46,14 @@ def load_vae(name_or_path, device="cpu", dtype=torch.float32):
                           f"a Hub id such as {VAE_ALIASES['mse']}, or one of {sorted(VAE_ALIASES)} or none")
     from diffusers import AutoencoderKL  # imported here: pixel-space runs should not pay for diffusers
 
-    # diffusers logs an error and an "unsafe serialization" warning whenever it falls back from safetensors to .bin
-    # weights, which it then reads with torch.load(weights_only=True): neither is so, and a real failure raises.
+    # diffusers logs an error and an "unsafe serialization" warning whenever it falls back from
+    # safetensors to .bin weights, which it then reads with torch.load(weights_only=True): neither
+    # is so, and a real failure raises.
     modeling_log = logging.getLogger("diffusers.models.modeling_utils")
     modeling_log.addFilter(not_bin_fallback)
     try:
-        # diffusers passes huggingface_hub a deprecated argument on every Hub load: its warning is not the user's.
+        # diffusers passes huggingface_hub a deprecated argument on every Hub load: its warning is
+        # not the user's.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated")
             vae = AutoencoderKL.from_pretrained(name, torch_dtype=dtype)
@@ -64,9 +69,9 @@ def load_vae(name_or_path, device="cpu", dtype=torch.float32):
 
 
 def save_vae(vae, folder):
-    """The files of `vae.save_pretrained(folder)` (config.json, the safetensors weights), which `load_vae` reads. The
-    weights go through `atomic_write`: safetensors' own writer reports a full disk as a SafetensorError, not an
-    OSError, so the command could not say it in one line."""
+    """The files of `vae.save_pretrained(folder)` (config.json, the safetensors weights), which
+    `load_vae` reads. The weights go through `atomic_write`: safetensors' own writer reports a full
+    disk as a SafetensorError, not an OSError, so the command could not say it in one line."""
     from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
     from safetensors.torch import save
 
@@ -83,13 +88,15 @@ def not_bin_fallback(record):
 
 
 def folder_problem(error):
-    """Why diffusers could not load a local VAE folder, and the fix. Its OSError says that weights are unreadable,
-    not why: the cause is the first exception of the chain (torch.load's, safetensors', json's)."""
+    """Why diffusers could not load a local VAE folder, and the fix. Its OSError says that weights
+    are unreadable, not why: the cause is the first exception of the chain (torch.load's,
+    safetensors', json's)."""
     causes = [error]
     while causes[-1].__context__ is not None:
         causes.append(causes[-1].__context__)
     if any(isinstance(cause, pickle.UnpicklingError) for cause in causes):
-        # diffusers reads .bin weights with torch.load(weights_only=True), which refuses anything but tensors
+        # diffusers reads .bin weights with torch.load(weights_only=True), which refuses anything
+        # but tensors
         return (f"its .bin weights hold pickled objects other than tensors, which are not unpickled since that "
                 f"could run code ({first_sentence(causes[-1])}); if you trust the file, save the VAE again with "
                 "AutoencoderKL.save_pretrained (safetensors by default) and pass that folder")
@@ -111,15 +118,18 @@ def latent_scale(vae):
 
 @torch.no_grad()
 def encode_moments(vae, images):
-    """uint8 (N, 3, H, W) images -> float32 posterior moments (N, 2C, h, w): C mean channels, then C std channels.
+    """uint8 (N, 3, H, W) images -> float32 posterior moments (N, 2C, h, w): C mean channels, then C
+    std channels.
 
-    Mirrors the official preprocessing (EDM2's StabilityVAEEncoder): x / 127.5 - 1, then `latent_dist.mean` and
-    `latent_dist.std`. Pixel space (vae None): mean = the image in [-1, 1], std = 0. Runs on the VAE's device.
+    Mirrors the official preprocessing (EDM2's StabilityVAEEncoder): x / 127.5 - 1, then
+    `latent_dist.mean` and `latent_dist.std`. Pixel space (vae None): mean = the image in [-1, 1],
+    std = 0. Runs on the VAE's device.
     """
     if vae is None:
         mean = images.float() / 127.5 - 1
         return torch.cat([mean, torch.zeros_like(mean)], dim=1)
-    # Contiguous NCHW: images from HWC decoders arrive channels-last, where the encoder runs 20% slower on GPU.
+    # Contiguous NCHW: images from HWC decoders arrive channels-last, where the encoder runs 20%
+    # slower on GPU.
     x = images.to(vae.device, memory_format=torch.contiguous_format).float() / 127.5 - 1
     dist = vae.encode(x.to(vae.dtype)).latent_dist
     return torch.cat([dist.mean, dist.std], dim=1).float()
@@ -136,13 +146,14 @@ def decode_latents(vae, latents):
 
 
 def fit_vae(images, steps=1200, batch_size=8, learning_rate=3e-3, seed=0):
-    """(A small `AutoencoderKL` (SMALL_VAE) fitted to uint8 images (N, H, W, 3) and their mirrors, its last loss).
+    """(A small `AutoencoderKL` (SMALL_VAE) fitted to uint8 images (N, H, W, 3) and their mirrors,
+    its last loss).
 
-    L1 + MSE reconstruction of a posterior sample with a light KL term; the learning rate decays linearly to 0 over
-    the second half. On the demo's shapes this reconstructs to 0.0055 MSE in about a minute on 2 CPU cores; 400 steps
-    at batch 32 without the decay, in the same time, reached 0.015.
-    The latents are then rescaled so that LATENT_SCALE * mean has unit std over the images, as the SD-VAE's have,
-    since REG scales every VAE's latents by that constant.
+    L1 + MSE reconstruction of a posterior sample with a light KL term; the learning rate decays
+    linearly to 0 over the second half. On the demo's shapes this reconstructs to 0.0055 MSE in
+    about a minute on 2 CPU cores; 400 steps at batch 32 without the decay, in the same time,
+    reached 0.015. The latents are then rescaled so that LATENT_SCALE * mean has unit std over the
+    images, as the SD-VAE's have, since REG scales every VAE's latents by that constant.
     """
     from diffusers import AutoencoderKL
     from tqdm import tqdm
@@ -177,8 +188,9 @@ def fit_vae(images, steps=1200, batch_size=8, learning_rate=3e-3, seed=0):
                           "another --seed")
     scale = 1 / spread
     with torch.no_grad():
-        # z -> scale * z: quant_conv gives (mean, logvar), so mean * scale and logvar + 2 log(scale); the decoder's
-        # first layer (post_quant_conv) divides by scale again, leaving every reconstruction as it was.
+        # z -> scale * z: quant_conv gives (mean, logvar), so mean * scale and logvar + 2
+        # log(scale); the decoder's first layer (post_quant_conv) divides by scale again, leaving
+        # every reconstruction as it was.
         vae.quant_conv.weight[:channels] *= scale
         vae.quant_conv.bias[:channels] *= scale
         vae.quant_conv.bias[channels:] += 2 * math.log(scale)

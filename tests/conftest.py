@@ -25,7 +25,8 @@ def official_tiny():
 
 
 def cli_error(capsys, argv):
-    """The message of a command that must fail as one line (argparse prints it, Python prints SystemExit's)."""
+    """The message of a command that must fail as one line (argparse prints it, Python prints
+    SystemExit's)."""
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     code, output = exit_info.value.code, capsys.readouterr()
@@ -36,8 +37,9 @@ def cli_error(capsys, argv):
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
-    """32 px images of 4 classes in pixel space (with mirrored copies) and a tiny random DINOv2-B-shaped encoder
-    whose 28 px input (224 * 32 // 256) gives 4x4 patches of 7 px, matching a patch-8 SiT on 32x32."""
+    """32 px images of 4 classes in pixel space (with mirrored copies) and a tiny random
+    DINOv2-B-shaped encoder whose 28 px input (224 * 32 // 256) gives 4x4 patches of 7 px, matching
+    a patch-8 SiT on 32x32."""
     root = tmp_path_factory.mktemp("tiny")
     rng = np.random.default_rng(0)
     for c in range(4):
@@ -54,8 +56,8 @@ def tiny_data(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def inception_weights(tmp_path_factory):
-    """Random Inception weights in torch-fidelity's layout: the evaluator's arithmetic is under test, not the
-    network's training."""
+    """Random Inception weights in torch-fidelity's layout: the evaluator's arithmetic is under
+    test, not the network's training."""
     return str(save_random_inception_weights(tmp_path_factory.mktemp("inception") / "random_inception.pth"))
 
 

@@ -1,7 +1,8 @@
-"""Damaged, hostile and careless files: crafted model settings, labels that are not class indices, images whose
-header claims more pixels than regdit decodes, arrays of Python objects, special files named like data, a full disk.
-Each is one line on stderr naming the file, a non-zero exit, no traceback, and nothing changed (as in
-test_bad_inputs), refused before anything large is allocated."""
+"""Damaged, hostile and careless files: crafted model settings, labels that are not class indices,
+images whose header claims more pixels than regdit decodes, arrays of Python objects, special files
+named like data, a full disk. Each is one line on stderr naming the file, a non-zero exit, no
+traceback, and nothing changed (as in test_bad_inputs), refused before anything large is
+allocated."""
 import json
 import os
 import re
@@ -89,7 +90,8 @@ CASES = [  # (arguments, the one line must match)
                                    r"be integers >= 0"),
     (TRAIN + ["{W}/data-label5", "--num-classes", "2"], r"labels.npy: label 5 of image 5 is outside 0..1"),
     (TRAIN + ["{W}/data-objects", "--num-classes", "2"], r"data-objects/labels.npy: cannot read"),
-    # images too large to decode, refused from their header: PIL's bomb (> 179 MP) and regdit's limit
+    # images too large to decode, refused from their header: PIL's bomb (> 179 MP) and regdit's
+    # limit
     (PREPARE_LATENTS + ["{W}/images-bomb-first"], rf"img00000000.png is over 179 megapixels, {LIMIT}; downscale or "
                                                   r"remove it$"),
     (["eval", "--make-ref", "{W}/images-bomb-first", "--output", "{W}/ref.npz"],
@@ -115,8 +117,8 @@ MID_RUN_CASES = [  # found while converting or encoding: only the unfinished wor
 
 
 def blank_png(path, width, height):
-    """A valid black 1-bit PNG of width x height, compressed row by row: a few KB on disk for any size (10000x10000
-    is 12 KB, and 400 MB once decoded to RGB)."""
+    """A valid black 1-bit PNG of width x height, compressed row by row: a few KB on disk for any
+    size (10000x10000 is 12 KB, and 400 MB once decoded to RGB)."""
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
     compressor, row = zlib.compressobj(9), bytes(1 + (width + 7) // 8)  # a filter byte, then 8 pixels a byte
@@ -127,8 +129,8 @@ def blank_png(path, width, height):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """Good inputs (images in 2 classes, a pixel-space dataset, a tiny export, an encoder) and their damaged,
-    crafted or hostile copies named by CASES."""
+    """Good inputs (images in 2 classes, a pixel-space dataset, a tiny export, an encoder) and their
+    damaged, crafted or hostile copies named by CASES."""
     root = tmp_path_factory.mktemp("files")
     rng = np.random.default_rng(0)
     for c in range(2):
@@ -210,8 +212,9 @@ def test_bad_file_is_one_line_and_changes_nothing(world, argv, expected, mid_run
     assert elapsed < 20, f"{elapsed:.1f} s"
 
 
-# `python -m regdit` that, as it exits, writes its peak resident memory (VmHWM, of this program alone: a child's
-# getrusage maxrss also counts the memory of the parent it was forked from) to the file named by $PEAK_FILE
+# `python -m regdit` that, as it exits, writes its peak resident memory (VmHWM, of this program
+# alone: a child's getrusage maxrss also counts the memory of the parent it was forked from) to the
+# file named by $PEAK_FILE
 MEASURED = ("import atexit, os, runpy\n"
             "def peak():\n"
             "    with open('/proc/self/status') as status, open(os.environ['PEAK_FILE'], 'w') as out:\n"
@@ -222,8 +225,8 @@ ADDRESS_SPACE = 8 << 30  # bytes: a regression fails to allocate instead of fill
 
 
 def peak_of(argv, tmp_path):
-    """(exit code, stderr, peak resident memory in MB) of `python -m regdit ARGV` in its own process, on the CPU and
-    within ADDRESS_SPACE."""
+    """(exit code, stderr, peak resident memory in MB) of `python -m regdit ARGV` in its own
+    process, on the CPU and within ADDRESS_SPACE."""
     peak_file = tmp_path / "peak"
     peak_file.unlink(missing_ok=True)
     result = subprocess.run(
@@ -235,7 +238,8 @@ def peak_of(argv, tmp_path):
 
 @pytest.fixture(scope="module")
 def sample_baseline(world, tmp_path_factory):
-    """The peak memory (MB) of a `regdit sample` that fails at once (no checkpoint): torch and regdit imported."""
+    """The peak memory (MB) of a `regdit sample` that fails at once (no checkpoint): torch and
+    regdit imported."""
     code, err, peak = peak_of([a.replace("{W}", str(world)) for a in SAMPLE + ["{W}/missing.pt"]],
                               tmp_path_factory.mktemp("baseline"))
     assert code == 1 and "missing.pt does not exist" in err
@@ -247,8 +251,8 @@ def sample_baseline(world, tmp_path_factory):
     (["--init-from", "{W}/export-qk-norm/model.safetensors", "--qk-norm", "--num-heads", "4"], "--num-heads"),
     (["--init-from", "{W}/export-qk-norm/model.safetensors"], "--qk-norm")])
 def test_init_from_weights_of_another_size_name_the_flag(world, flags, setting, tmp_path, capsys):
-    """train --init-from with a model that differs from the export in one size flag: the one line names that flag
-    (`sample`, which has no size flags, says --model)."""
+    """train --init-from with a model that differs from the export in one size flag: the one line
+    names that flag (`sample`, which has no size flags, says --model)."""
     argv = ["train", "--data-dir", str(world / "data"), "--resolution", "32", "--model", "SiT-S/8", "--depth", "2",
             "--hidden-size", "64", "--num-heads", "2", "--encoder-depth", "1", "--projector-dim", "64", "--enc-path",
             str(world / "encoder"), "--num-classes", "2", "--batch-size", "2", "--num-workers", "0",
@@ -263,9 +267,9 @@ def test_init_from_weights_of_another_size_name_the_flag(world, flags, setting, 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the peak memory from /proc (Linux)")
 @pytest.mark.parametrize("name", CRAFTED_SIZES)
 def test_crafted_sizes_are_refused_without_allocating(world, name, sample_baseline, tmp_path):
-    """A config.json claiming SiT-XL's depth at width 65536 (a trillion parameters), or a billion blocks, beside a
-    tiny model's weights: compared on the meta device (or by the count of tensors first), refused in one line with
-    the memory of a `regdit sample` that fails at once."""
+    """A config.json claiming SiT-XL's depth at width 65536 (a trillion parameters), or a billion
+    blocks, beside a tiny model's weights: compared on the meta device (or by the count of tensors
+    first), refused in one line with the memory of a `regdit sample` that fails at once."""
     argv = [a.replace("{W}", str(world)) for a in SAMPLE] + [str(world / f"export-{name}" / "model.safetensors")]
     code, err, peak = peak_of(argv, tmp_path)
     assert code == 1 and re.fullmatch(rf"regdit sample: error: \S+{CRAFTED_SIZES[name]}\n", err), err
@@ -274,8 +278,9 @@ def test_crafted_sizes_are_refused_without_allocating(world, name, sample_baseli
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the peak memory from /proc (Linux)")
 def test_a_small_png_of_huge_size_is_skipped_without_decoding(world, tmp_path):
-    """10000x10000 pixels in 12 KB: skipped from its header with one warning (it would take over 1 GB to decode and
-    crop); the other images are converted, within the memory of converting them alone."""
+    """10000x10000 pixels in 12 KB: skipped from its header with one warning (it would take over 1
+    GB to decode and crop); the other images are converted, within the memory of converting them
+    alone."""
     assert (world / "raw-big" / "c0" / "big.png").stat().st_size < 20_000
     argv = ["prepare", "images", "--resolution", "32", "--workers", "0", "--source"]
     code, err, peak = peak_of(argv + [str(world / "raw-big"), "--dest", str(world / "from-big")], tmp_path)
@@ -291,8 +296,9 @@ def test_a_small_png_of_huge_size_is_skipped_without_decoding(world, tmp_path):
 
 
 def test_object_array_in_an_official_dataset_mid_training_is_one_line(world, capsys):
-    """An .npy of Python objects among official-layout latents, read in a DataLoader worker during the first step
-    (the reader checks the first and last files up front): one line naming the file, as numpy refuses to unpickle."""
+    """An .npy of Python objects among official-layout latents, read in a DataLoader worker during
+    the first step (the reader checks the first and last files up front): one line naming the file,
+    as numpy refuses to unpickle."""
     root = write_official(world / "official-objects")
     bad = root / "vae-sd" / "00000" / "img-mean-std-00000002.npy"
     np.save(bad, np.array([{"moments": 1}], dtype=object), allow_pickle=True)
@@ -307,9 +313,9 @@ def test_object_array_in_an_official_dataset_mid_training_is_one_line(world, cap
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux) for a real ENOSPC")
 def test_prepare_vae_on_a_full_disk_is_one_line_and_the_rerun_finishes(world, monkeypatch, capsys):
-    """The disk fills while the fitted weights are written: the kernel's ENOSPC (the write goes to /dev/full) is one
-    line naming the weights file, and the same command then finishes. safetensors' own writer reported it as a
-    SafetensorError, a traceback."""
+    """The disk fills while the fitted weights are written: the kernel's ENOSPC (the write goes to
+    /dev/full) is one line naming the weights file, and the same command then finishes. safetensors'
+    own writer reported it as a SafetensorError, a traceback."""
     dest = world / "vae-full"
     fit_vae = vae_lib.fit_vae
 

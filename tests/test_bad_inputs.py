@@ -1,5 +1,5 @@
-"""Bad input through the command line: one line on stderr naming the problem, a non-zero exit, no traceback, nothing
-existing changed and nothing new written, in a few seconds."""
+"""Bad input through the command line: one line on stderr naming the problem, a non-zero exit, no
+traceback, nothing existing changed and nothing new written, in a few seconds."""
 import dataclasses
 import errno
 import importlib
@@ -167,7 +167,8 @@ CASES = [  # (arguments, the one line must match)
 
 
 def flip_tensor_bytes(path):
-    """Overwrite bytes inside the largest tensor record of a torch.save zip, in place (a disk error, not a cut)."""
+    """Overwrite bytes inside the largest tensor record of a torch.save zip, in place (a disk error,
+    not a cut)."""
     with zipfile.ZipFile(path) as archive:
         record = max((info for info in archive.infolist() if "/data/" in info.filename),
                      key=lambda info: info.file_size)
@@ -180,8 +181,9 @@ def flip_tensor_bytes(path):
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """Real inputs to go wrong with: images (32 and 30 px), a pixel-space dataset, a fitted VAE, an encoder, a trained
-    checkpoint and its damaged copies, an export, Inception weights, sample batches; a busy experiment."""
+    """Real inputs to go wrong with: images (32 and 30 px), a pixel-space dataset, a fitted VAE, an
+    encoder, a trained checkpoint and its damaged copies, an export, Inception weights, sample
+    batches; a busy experiment."""
     root = tmp_path_factory.mktemp("world")
     rng = np.random.default_rng(0)
     for c in range(4):
@@ -210,7 +212,8 @@ def world(tmp_path_factory):
     (root / "bad.yaml").write_text("method: [reg\n")
     (root / "cfg-inf.yaml").write_text("cfg_scale: .inf\n")
     (root / "latin1.yaml").write_bytes("exp_name: café\n".encode("latin-1"))
-    # 8 levels of 9 aliases: str() of the value composed from these 434 bytes is 400 MB (one level more: 3.5 GB)
+    # 8 levels of 9 aliases: str() of the value composed from these 434 bytes is 400 MB (one level
+    # more: 3.5 GB)
     bomb = ["&a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
     bomb += [f"&a{level} [{', '.join([f'*a{level - 1}'] * 9)}]" for level in range(1, 8)]
     (root / "alias-bomb.yaml").write_text(f"exp_name: [{', '.join(bomb)}]\n")
@@ -237,7 +240,8 @@ def world(tmp_path_factory):
 
 
 def snapshot(root):
-    """Every file under root with its size and CRC-32: equal snapshots mean nothing changed and nothing was added."""
+    """Every file under root with its size and CRC-32: equal snapshots mean nothing changed and
+    nothing was added."""
     return {str(p.relative_to(root)): (p.stat().st_size, zlib.crc32(p.read_bytes()))
             for p in sorted(root.rglob("*")) if p.is_file()} | {str(p.relative_to(root)) + "/": None
                                                              for p in root.rglob("*") if p.is_dir()}
@@ -259,7 +263,8 @@ def test_bad_input_is_one_line_and_changes_nothing(world, argv, expected, capsys
         main(argv)
     elapsed = time.perf_counter() - started
     code, err = exit_info.value.code, capsys.readouterr().err
-    # argparse prints its line and exits 2; regdit's errors leave as sys.exit(line), which Python prints
+    # argparse prints its line and exits 2; regdit's errors leave as sys.exit(line), which Python
+    # prints
     line = code if isinstance(code, str) else err.strip()
     assert code not in (0, None)
     assert "Traceback" not in err and "\n" not in line.strip()
@@ -272,7 +277,8 @@ def test_bad_input_is_one_line_and_changes_nothing(world, argv, expected, capsys
 
 @pytest.mark.parametrize("argv,expected", [
     (SAMPLE + ["--num-steps", "0"], r"regdit sample: error: --num-steps 0: must be at least 1"),
-    # diffusers logs to its own stream handler, out of capsys' sight: its notes of the .bin fallback are not printed
+    # diffusers logs to its own stream handler, out of capsys' sight: its notes of the .bin fallback
+    # are not printed
     (PREPARE_LATENTS + ["--vae", "{W}/vae-pickled"], r"regdit prepare latents: error: cannot load VAE folder .*"),
 ], ids=["sample", "prepare latents --vae"])
 def test_the_real_process_prints_exactly_one_line(world, argv, expected):
@@ -284,8 +290,9 @@ def test_the_real_process_prints_exactly_one_line(world, argv, expected):
 
 @pytest.mark.parametrize("command", ["train", "sample"])
 def test_a_full_disk_is_one_line_and_the_rerun_continues(world, command, capsys, monkeypatch):
-    """ENOSPC in the middle of writing (the file is open, so the OS names none): one line naming the file being
-    written, the earlier outputs kept, and the same command finishes once there is space."""
+    """ENOSPC in the middle of writing (the file is open, so the OS names none): one line naming the
+    file being written, the earlier outputs kept, and the same command finishes once there is
+    space."""
     import torch
     argv = [a.replace("{W}", str(world)) for a in (
         TRAIN + ["--exp-name", "full", "--max-train-steps", "2", "--checkpointing-steps", "1"] if command == "train"
@@ -317,7 +324,8 @@ def test_a_full_disk_is_one_line_and_the_rerun_continues(world, command, capsys,
 
 
 def test_an_unreadable_image_in_a_loader_worker_is_one_line(world, capsys):
-    """DataLoader workers re-raise errors wrapped with their traceback: the command still says one line."""
+    """DataLoader workers re-raise errors wrapped with their traceback: the command still says one
+    line."""
     import shutil
     broken = world / "images-broken"
     shutil.copytree(world / "images", broken)
@@ -331,8 +339,9 @@ def test_an_unreadable_image_in_a_loader_worker_is_one_line(world, capsys):
 
 
 def test_every_float_setting_is_finite_unless_its_help_says_what_inf_means():
-    """inf passes no range check (inf >= 1), and a guidance scale of inf draws black images: each command refuses a
-    non-finite float unless the field opts in with allow_inf and its help says what infinity means."""
+    """inf passes no range check (inf >= 1), and a guidance scale of inf draws black images: each
+    command refuses a non-finite float unless the field opts in with allow_inf and its help says
+    what infinity means."""
     opted_in = []
     for module_name, config_name, _, _ in COMMANDS.values():
         config_class = getattr(importlib.import_module(module_name), config_name)
@@ -353,7 +362,8 @@ def test_every_float_setting_is_finite_unless_its_help_says_what_inf_means():
 
 
 def test_max_grad_norm_inf_trains_without_clipping(world):
-    """--max-grad-norm inf (its help: no clipping) trains the same weights as a bound no gradient reaches."""
+    """--max-grad-norm inf (its help: no clipping) trains the same weights as a bound no gradient
+    reaches."""
     weights = {}
     for bound in ("inf", "1e30"):
         main([a.replace("{W}", str(world)) for a in TRAIN] + ["--exp-name", f"clip-{bound}", "--max-grad-norm", bound])
@@ -362,8 +372,9 @@ def test_max_grad_norm_inf_trains_without_clipping(world):
 
 
 def test_a_busy_experiment_is_refused_before_anything_is_loaded(world, capsys, monkeypatch):
-    """The experiment lock comes first: a second `train` with evaluation flags stops at once, not after its dataset,
-    encoders, VAE, Inception network and reference (18 s with the real Inception weights)."""
+    """The experiment lock comes first: a second `train` with evaluation flags stops at once, not
+    after its dataset, encoders, VAE, Inception network and reference (18 s with the real Inception
+    weights)."""
     import regdit.data
     import regdit.encoders
     import regdit.monitor
@@ -400,8 +411,9 @@ def test_init_from_on_an_experiment_with_checkpoints_resumes_and_says_so(world, 
 
 
 def test_an_unexpected_error_is_one_line_with_its_traceback_in_a_new_log_file(world, tmp_path, capsys, monkeypatch):
-    """A bug (here the PNG encoder failing inside `sample`) is one line naming a log file with the traceback, made
-    by mkstemp in the temp folder; REGDIT_DEBUG=1 lets the exception through instead."""
+    """A bug (here the PNG encoder failing inside `sample`) is one line naming a log file with the
+    traceback, made by mkstemp in the temp folder; REGDIT_DEBUG=1 lets the exception through
+    instead."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
 

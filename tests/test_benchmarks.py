@@ -1,4 +1,5 @@
-"""The benchmark scripts' CPU modes run and print their tables (speed is measured there, never asserted here)."""
+"""The benchmark scripts' CPU modes run and print their tables (speed is measured there, never
+asserted here)."""
 import os
 import re
 import subprocess

@@ -131,7 +131,8 @@ def flip_bytes(path, offset, count=8):
 
 
 def tensor_data_offset(path):
-    """(offset, size) of the raw bytes of the largest tensor storage in a torch.save zip (`*/data/N` entries)."""
+    """(offset, size) of the raw bytes of the largest tensor storage in a torch.save zip (`*/data/N`
+    entries)."""
     with zipfile.ZipFile(path) as archive:
         info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
     with open(path, "rb") as f:
@@ -202,7 +203,8 @@ def test_official_checkpoint_has_no_checksum_and_loads_as_before(official_tiny):
 
 
 def _export_beside(tmp_path, config_text):
-    """A valid model.safetensors with the bytes `config_text` as its config.json (None: no config.json)."""
+    """A valid model.safetensors with the bytes `config_text` as its config.json (None: no
+    config.json)."""
     cli_main(["export", str(FIXTURES / "official_tiny_a_ckpt.pt"), "--output", str(tmp_path / "export"),
               "--num-heads", "4"])
     if config_text is None:

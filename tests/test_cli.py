@@ -1,5 +1,5 @@
-"""One configuration path for every command: flags from the config dataclass, `--config FILE.yaml`, required
-settings, `--help`."""
+"""One configuration path for every command: flags from the config dataclass, `--config FILE.yaml`,
+required settings, `--help`."""
 import dataclasses
 import importlib
 
@@ -16,7 +16,8 @@ def config_class(command):
 
 
 def filled(command):
-    """The default config of `command` with every required setting given (a list for list settings)."""
+    """The default config of `command` with every required setting given (a list for list
+    settings)."""
     cls = config_class(command)
     given = {f.name: [f"given-{f.name}"] if field_type(cls, f.name)[1] else f"given-{f.name}"
              for f in dataclasses.fields(cls) if f.metadata.get("required")}

@@ -1,4 +1,5 @@
-"""Dataset readers: deterministic flips, and one-line errors naming the file for every inconsistency."""
+"""Dataset readers: deterministic flips, and one-line errors naming the file for every
+inconsistency."""
 import json
 import os
 
@@ -96,7 +97,8 @@ def test_regdit_layout_errors_name_the_file(pixel_dataset, tmp_path):
 
 
 def write_official(root, n=4, resolution=32, labels=None):
-    """The official layout as dataset_tools.py convert + encode leave it (renamed to imagenet_{R}_vae)."""
+    """The official layout as dataset_tools.py convert + encode leave it (renamed to
+    imagenet_{R}_vae)."""
     rng = np.random.default_rng(0)
     labels = [i % 3 for i in range(n)] if labels is None else labels
     for i in range(n):

@@ -8,8 +8,9 @@ from PIL import Image
 from regdit.cli import main as cli_main
 from regdit.demo import CLASSES, COLOURS, draw_shape
 
-# A shortened demo: 40 training images per class, half the VAE's steps and a third of the SiT's. Its classifier score
-# was 0.85 when measured (chance: 0.1); the floor leaves room for other CPUs' float rounding.
+# A shortened demo: 40 training images per class, half the VAE's steps and a third of the SiT's. Its
+# classifier score was 0.85 when measured (chance: 0.1); the floor leaves room for other CPUs' float
+# rounding.
 SHORT_DEMO = ["--images-per-class", "40", "--vae-steps", "600", "--steps", "500", "--samples-per-class", "4",
               "--sampling-steps", "50"]
 SHORT_DEMO_FLOOR = 0.6
@@ -30,8 +31,8 @@ def test_shortened_demo_learns_shapes(tmp_path, capsys):
     printed = capsys.readouterr().out.strip().splitlines()
     assert printed[-1].startswith("summary: ") and any(line.startswith("classifier score") for line in printed)
 
-    # A rerun finds the run finished: it fits and trains nothing, reuses the run's loss curve (its metrics.jsonl) and
-    # scores the same samples.
+    # A rerun finds the run finished: it fits and trains nothing, reuses the run's loss curve (its
+    # metrics.jsonl) and scores the same samples.
     vae_weights = next(Path(summary["vae"]).glob("*.safetensors")).stat().st_mtime_ns
     cli_main(["demo", "--output", str(out), *SHORT_DEMO])
     rerun = json.loads((out / "summary.json").read_text())

@@ -1,5 +1,6 @@
-"""Downloads on first use (regdit.downloads): the Inception weights and ADM's reference batches, served by an HTTP
-server on 127.0.0.1 that the test starts, fetched by the real download code, checked, cached and reused."""
+"""Downloads on first use (regdit.downloads): the Inception weights and ADM's reference batches,
+served by an HTTP server on 127.0.0.1 that the test starts, fetched by the real download code,
+checked, cached and reused."""
 import functools
 import hashlib
 import http.server
@@ -20,8 +21,8 @@ from regdit.evaluate import inception_weights_path, reference_batch_path, save_r
 
 
 class Files(http.server.SimpleHTTPRequestHandler):
-    """Serves its folder; a file whose name starts with `short-` is announced 100 bytes longer than it is, one
-    starting with `stall-` stops after its first 1000 bytes for 2 s."""
+    """Serves its folder; a file whose name starts with `short-` is announced 100 bytes longer than
+    it is, one starting with `stall-` stops after its first 1000 bytes for 2 s."""
 
     def send_header(self, keyword, value):
         if keyword == "Content-Length" and self.path.rpartition("/")[2].startswith("short-"):
@@ -58,7 +59,8 @@ def server(tmp_path):
 
 @pytest.fixture
 def caches(tmp_path, monkeypatch):
-    """Empty download caches in tmp_path (TORCH_HOME for the torch hub, REGDIT_CACHE), online, no weights set."""
+    """Empty download caches in tmp_path (TORCH_HOME for the torch hub, REGDIT_CACHE), online, no
+    weights set."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setenv("REGDIT_CACHE", str(tmp_path / "regdit-cache"))
     monkeypatch.delenv("REGDIT_INCEPTION_WEIGHTS", raising=False)
@@ -68,7 +70,8 @@ def caches(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    """Random Inception weights named as torch.hub names a file, with the prefix of its own SHA-256."""
+    """Random Inception weights named as torch.hub names a file, with the prefix of its own
+    SHA-256."""
     path = save_random_inception_weights(tmp_path_factory.mktemp("inception") / "weights.pth")
     return path.read_bytes()
 
@@ -156,7 +159,8 @@ def test_a_stalled_download_times_out_as_one_line_and_leaves_no_file(server, cac
 
 
 def reference(resolution=64, count=5, **changes):
-    """The arrays of an ADM reference batch (statistics in float16 to keep it small: only shapes are checked)."""
+    """The arrays of an ADM reference batch (statistics in float16 to keep it small: only shapes are
+    checked)."""
     arrays = {"arr_0": np.random.default_rng(0).integers(0, 256, (count, resolution, resolution, 3), np.uint8),
               "arr_1": np.arange(count), "mu": np.zeros(2048, np.float16), "sigma": np.zeros((2048, 2048), np.float16),
               "mu_s": np.zeros(2023, np.float16), "sigma_s": np.zeros((2023, 2023), np.float16), **changes}

@@ -1,4 +1,5 @@
-"""Frozen representation encoders: official preprocessing, loading (Hub cache, files, folders, offline), outputs."""
+"""Frozen representation encoders: official preprocessing, loading (Hub cache, files, folders,
+offline), outputs."""
 import socket
 
 import huggingface_hub.constants
@@ -72,7 +73,8 @@ def official_preprocess(x, enc_type):
 
 
 def random_state(arch, seed=0, **model_args):
-    """Random weights with the shapes of a full-size timm architecture, without running its initialisation."""
+    """Random weights with the shapes of a full-size timm architecture, without running its
+    initialisation."""
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in timm.create_model(arch, num_classes=0, **model_args).state_dict().items()}
     generator = torch.Generator().manual_seed(seed)
@@ -88,7 +90,8 @@ def test_registry_matches_timm():
             assert timm.models.get_pretrained_cfg(f"{spec.arch}.{spec.tag}").hf_hub_id == spec.hub_id
         else:
             assert spec.url or name == "mocov3-vit-l", name
-        # patch tokens at 256 px: the 16x16 grid of SiT-*/2, except CLIP-B/16 (14x14) and MAE-H/14 (no tiling)
+        # patch tokens at 256 px: the 16x16 grid of SiT-*/2, except CLIP-B/16 (14x14) and MAE-H/14
+        # (no tiling)
         size, patch = encoder_input_size(name, 256), model.patch_embed.patch_size[0]
         expected = {"clip-vit-B": 14, "mae-vit-h": None}.get(name, 16)
         assert (size // patch if size % patch == 0 else None) == expected, name
@@ -112,7 +115,8 @@ def test_tiny_encoder_outputs(tiny, offline, name):
     assert (encoder.name, encoder.embed_dim, encoder.num_tokens) == (name, 32, 17)
     cls, dense = encoder(images(3, 32))
     assert cls.shape == (3, 32) and dense.shape == (3, 17, 32) and torch.equal(dense[:, 0], cls)
-    # tokens are final-LayerNorm outputs: undoing its affine leaves zero mean and unit variance per token
+    # tokens are final-LayerNorm outputs: undoing its affine leaves zero mean and unit variance per
+    # token
     norm = encoder.model.norm
     normalised = (dense[:, 0 if name != "jepa-vit-h" else 1:] - norm.bias) / norm.weight
     assert torch.allclose(normalised.mean(-1), torch.zeros(()), atol=1e-4)
@@ -148,8 +152,9 @@ def test_dinov2_pos_embed_resampled_like_timm(tiny, offline, resolution, grid):
 
 
 def test_official_dinov2_checkpoint_offline(tmp_path, offline):
-    """A torch.hub DINOv2-S/14-reg4 checkpoint file (official layout: separate register tokens, class position in
-    pos_embed) loads with the network off, and the encoder reproduces the official forward at 256 px."""
+    """A torch.hub DINOv2-S/14-reg4 checkpoint file (official layout: separate register tokens,
+    class position in pos_embed) loads with the network off, and the encoder reproduces the official
+    forward at 256 px."""
     timm_state = random_state("vit_small_patch14_reg4_dinov2")
     official = {k: v for k, v in timm_state.items() if k not in ("cls_token", "reg_token", "pos_embed")}
     cls_pos = torch.randn(1, 1, 384, generator=torch.Generator().manual_seed(1))
@@ -159,8 +164,8 @@ def test_official_dinov2_checkpoint_offline(tmp_path, offline):
     encoder, = load_encoders("dinov2reg-vit-s", 256, enc_path=str(tmp_path / "dinov2_vits14_reg4_pretrain.pth"))
     assert encoder.num_tokens == 1 + 256
 
-    # the official path: resample pos_embed to 16x16 (patch_resolution = 16 * (R // 256)), then DINOv2's
-    # prepare_tokens (class token + pos_embed, registers inserted after it), blocks, norm
+    # the official path: resample pos_embed to 16x16 (patch_resolution = 16 * (R // 256)), then
+    # DINOv2's prepare_tokens (class token + pos_embed, registers inserted after it), blocks, norm
     pos_embed = resample_abs_pos_embed(official["pos_embed"], [16, 16])
     x = images(2, 256)
     vit = encoder.model
@@ -180,7 +185,8 @@ def test_hub_id_from_cache_offline(offline):
     with pytest.raises(RegditError, match="--enc-path") as error:
         load_encoders("dinov2-vit-s", 32)
     assert "timm/vit_small_patch14_dinov2.lvd142m" in str(error.value)
-    # the same id once in the Hugging Face cache (the layout huggingface_hub writes) loads with HF_HUB_OFFLINE
+    # the same id once in the Hugging Face cache (the layout huggingface_hub writes) loads with
+    # HF_HUB_OFFLINE
     state = random_state("vit_small_patch14_dinov2")
     repo, commit = offline / "models--timm--vit_small_patch14_dinov2.lvd142m", "0" * 40
     (repo / "snapshots" / commit).mkdir(parents=True)
@@ -193,7 +199,8 @@ def test_hub_id_from_cache_offline(offline):
 
 
 def test_mocov3_checkpoint(tmp_path, offline):
-    """MoCo-v3's own checkpoint layout (ViT under module.base_encoder, projection head, momentum encoder)."""
+    """MoCo-v3's own checkpoint layout (ViT under module.base_encoder, projection head, momentum
+    encoder)."""
     vit = random_state("vit_small_patch16_224", num_heads=12)
     head = {"head.0.weight": torch.randn(4096, 384)}
     state = {f"module.{part}.{k}": v for part in ("base_encoder", "momentum_encoder")

@@ -1,5 +1,5 @@
-"""`regdit eval` refuses what it cannot score: a one-line error, no traceback, no file written, and as early as the
-input allows (settings and reference before the first Inception forward)."""
+"""`regdit eval` refuses what it cannot score: a one-line error, no traceback, no file written, and
+as early as the input allows (settings and reference before the first Inception forward)."""
 import io
 import os
 import subprocess
@@ -33,8 +33,8 @@ def _images(count, size=16, seed=0):
 
 
 def _statistics(**changes):
-    """Reference statistics of the right shapes (zero covariances keep sqrtm cheap), with `changes` (None drops a
-    key)."""
+    """Reference statistics of the right shapes (zero covariances keep sqrtm cheap), with `changes`
+    (None drops a key)."""
     statistics = {"mu": np.zeros(2048), "sigma": np.zeros((2048, 2048)), "mu_s": np.zeros(2023),
                   "sigma_s": np.zeros((2023, 2023)), **changes}
     return {key: value for key, value in statistics.items() if value is not None}
@@ -49,8 +49,9 @@ def batches(tmp_path):
 
 
 def _refused(capsys, argv, *, stderr_before=False):
-    """Run `regdit eval ARGV`; return the one-line error it exits with. Nothing else may reach stderr unless
-    `stderr_before` (progress bars and warnings of a run that got as far as the Inception forwards)."""
+    """Run `regdit eval ARGV`; return the one-line error it exits with. Nothing else may reach
+    stderr unless `stderr_before` (progress bars and warnings of a run that got as far as the
+    Inception forwards)."""
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["eval", *argv, "--device", "cpu"])
     message = exit_info.value.code  # sys.exit(message) prints it as the one line on stderr
@@ -220,7 +221,8 @@ def test_command_prints_exactly_one_error_line_and_exits_non_zero(tmp_path, batc
 
 def test_a_reference_whose_header_claims_a_huge_sigma_is_refused_before_loading(tmp_path, capsys, weights,
                                                                                 no_inception):
-    """A crafted .npy header (sigma of 10^6 x 10^6 float64, 8 TB) with no data behind it: refused from the header."""
+    """A crafted .npy header (sigma of 10^6 x 10^6 float64, 8 TB) with no data behind it: refused
+    from the header."""
     np.savez(tmp_path / "ref.npz", arr_0=_images(6), **_statistics(sigma=None))
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False,

@@ -1,4 +1,5 @@
-"""ADM-evaluator semantics of `regdit eval`, on random Inception weights saved to a file and loaded by path."""
+"""ADM-evaluator semantics of `regdit eval`, on random Inception weights saved to a file and loaded
+by path."""
 import datetime
 import json
 import os
@@ -254,8 +255,9 @@ def test_inception_score_closed_form():
 
 
 def _adm_pairwise_distances(u, v):
-    """ADM's DistanceBlock as ManifoldEstimator reads it: float16 squares, norms and dot products accumulated in
-    float32 and rounded once to float16, else float32 when any distance is not finite."""
+    """ADM's DistanceBlock as ManifoldEstimator reads it: float16 squares, norms and dot products
+    accumulated in float32 and rounded once to float16, else float32 when any distance is not
+    finite."""
     def batch_pairwise_distances(u, v):
         norm_u = np.sum(np.square(u).astype(np.float32), 1).astype(u.dtype).reshape(-1, 1)
         norm_v = np.sum(np.square(v).astype(np.float32), 1).astype(u.dtype).reshape(1, -1)
@@ -305,9 +307,9 @@ def _adm_evaluate_pr(features_1, radii_1, features_2, radii_2, row_batch_size, c
 
 def test_precision_recall_equal_adm_manifold_estimator_transcription():
     rng = np.random.default_rng(0)
-    # Multiples of 1/4 keep every float32 sum exact (no dependence on summation order) while the float16
-    # roundings of squares, norms and dot products still happen; rows of large integers overflow float16 and
-    # send their blocks through the float32 recomputation.
+    # Multiples of 1/4 keep every float32 sum exact (no dependence on summation order) while the
+    # float16 roundings of squares, norms and dot products still happen; rows of large integers
+    # overflow float16 and send their blocks through the float32 recomputation.
     ref = rng.integers(0, 80, (150, 32)) / 4
     samples = rng.integers(0, 90, (130, 32)) / 4 + 1
     ref[140:] = rng.integers(0, 100, (10, 32))
@@ -338,8 +340,8 @@ def test_precision_recall_direction_and_third_neighbour_radii():
     estimator = ManifoldEstimator(device="cpu")
     # squared distance to the 3rd neighbour, the point itself being neighbour 0
     np.testing.assert_array_equal(estimator.manifold_radii(ref)[:, 0], [9, 4, 4, 4, 9])
-    # precision: 3 of 5 samples lie inside the reference manifold, 7 exactly on the radius of 4 (<=); recall:
-    # the first sample's radius (29.5^2) covers every reference point
+    # precision: 3 of 5 samples lie inside the reference manifold, 7 exactly on the radius of 4
+    # (<=); recall: the first sample's radius (29.5^2) covers every reference point
     assert estimator.precision_recall(ref, samples) == (0.6, 1.0)
     assert estimator.precision_recall(ref[::-1], samples[::-1]) == (0.6, 1.0)  # order-free; any numpy strides
 
@@ -360,8 +362,9 @@ def test_make_ref_then_eval_reads_reference_statistics_and_writes_table_and_json
     np.testing.assert_array_equal(reference["arr_0"], images[[0, 1, 3, 4]])  # evenly spaced over the folder
     assert reference["mu"].shape == (2048,) and reference["sigma_s"].shape == (2023, 2023)
 
-    # The samples are the 5 folder images, so with the reference means shifted and its covariances zeroed (zero
-    # covariances also keep sqrtm cheap) the statistics read from the npz give FID = |shift|^2 + tr(sigma).
+    # The samples are the 5 folder images, so with the reference means shifted and its covariances
+    # zeroed (zero covariances also keep sqrtm cheap) the statistics read from the npz give FID =
+    # |shift|^2 + tr(sigma).
     rng = np.random.default_rng(5)
     shift, shift_s = rng.uniform(0, 0.1, 2048), rng.uniform(0, 0.1, 2023)
     np.savez(tmp_path / "shifted.npz", arr_0=reference["arr_0"], mu=reference["mu"] + shift,
@@ -402,8 +405,8 @@ def test_eval_command_errors_are_one_line(tmp_path, argv, message):
 
 
 def test_two_processes_give_the_numbers_of_one(tmp_path):
-    """`regdit eval` on 2 processes (torchrun, gloo): each computes the features of every other batch, the same
-    batches as one process, so the metrics are equal to the last bit."""
+    """`regdit eval` on 2 processes (torchrun, gloo): each computes the features of every other
+    batch, the same batches as one process, so the metrics are equal to the last bit."""
     weights = str(save_random_inception_weights(tmp_path / "inception.pth"))
     rng = np.random.default_rng(0)
     for name in ("ref", "samples"):

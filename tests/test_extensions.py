@@ -1,6 +1,6 @@
-"""The one-file extensions of docs/design.md ("Try an idea"), made from this file alone, without editing regdit/:
-a sampler, a weighted loss term, an encoder and a dataset layout, each registered in its table and run through the
-real command line."""
+"""The one-file extensions of docs/design.md ("Try an idea"), made from this file alone, without
+editing regdit/: a sampler, a weighted loss term, an encoder and a dataset layout, each registered
+in its table and run through the real command line."""
 import json
 import os
 
@@ -20,7 +20,8 @@ from regdit.samplers import SAMPLERS
 
 
 def train_argv(root, exp_name, *flags):
-    """`regdit train` of a tiny REG run on the session's pixel-space data (see conftest.tiny_data)."""
+    """`regdit train` of a tiny REG run on the session's pixel-space data (see
+    conftest.tiny_data)."""
     return ["train", "--data-dir", str(root / "data"), "--resolution", "32", "--model", "SiT-S/8", "--depth", "2",
             "--hidden-size", "64", "--num-heads", "2", "--encoder-depth", "1", "--projector-dim", "64", "--enc-path",
             str(root / "encoder"), "--num-classes", "4", "--batch-size", "8", "--max-train-steps", "2",
@@ -34,8 +35,8 @@ def train_argv(root, exp_name, *flags):
 @torch.no_grad()
 def midpoint_sampler(model, latents, cls_latents, y, num_steps=20, cfg_scale=1.0, cls_cfg_scale=0.0,
                      guidance_low=0.0, guidance_high=1.0, path_type="linear", generator=None):
-    """Explicit midpoint steps on the probability-flow ODE: second order at two model calls a step (guidance left
-    out for brevity)."""
+    """Explicit midpoint steps on the probability-flow ODE: second order at two model calls a step
+    (guidance left out for brevity)."""
     t_steps = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64)
     x = latents.to(torch.float64)
     cls_x = cls_latents.to(torch.float64) if cls_latents is not None else None
@@ -120,7 +121,8 @@ def test_a_new_encoder_gives_the_alignment_targets(tiny_data, tmp_path, monkeypa
 
 
 class ShardsWriter(_Writer):
-    """One .npz a batch of `prepare latents` (images, moments) and shards.json with the labels, written last."""
+    """One .npz a batch of `prepare latents` (images, moments) and shards.json with the labels,
+    written last."""
 
     def __init__(self, dest, flip, vae):
         self.out, self.finished_path = dest, os.path.join(dest, "shards.json")

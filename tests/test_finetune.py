@@ -1,5 +1,5 @@
-"""`regdit train --init-from`: a new run from an official-format checkpoint on a 10-class dataset, the class
-embedding rule, resume winning over it, and its one-line refusals."""
+"""`regdit train --init-from`: a new run from an official-format checkpoint on a 10-class dataset,
+the class embedding rule, resume winning over it, and its one-line refusals."""
 import argparse
 import re
 
@@ -17,15 +17,17 @@ from regdit.prepare import PrepareImagesConfig, PrepareLatentsConfig, prepare_im
 from regdit.sample import SampleConfig, Sampling, sample
 from regdit.train import TrainConfig, train
 
-# a tiny REG SiT on 32 px pixel space, patch 8: 4x4 tokens, as the tiny DINOv2-B encoder's 28 px input in 7 px patches
+# a tiny REG SiT on 32 px pixel space, patch 8: 4x4 tokens, as the tiny DINOv2-B encoder's 28 px
+# input in 7 px patches
 ARCH = dict(input_size=32, patch_size=8, in_channels=3, hidden_size=64, depth=2, num_heads=2, z_dims=(32,),
             projector_dim=64, encoder_depth=1)
 
 
 @pytest.fixture(scope="module")
 def ten_classes(tmp_path_factory):
-    """20 images of 10 classes, prepared in pixel space, a tiny encoder, and an official-format checkpoint (keys
-    model, ema, opt, args, steps; no model_config, no checksum) of the same architecture with 1000 classes."""
+    """20 images of 10 classes, prepared in pixel space, a tiny encoder, and an official-format
+    checkpoint (keys model, ema, opt, args, steps; no model_config, no checksum) of the same
+    architecture with 1000 classes."""
     root = tmp_path_factory.mktemp("finetune")
     rng = np.random.default_rng(0)
     for c in range(10):
@@ -42,7 +44,8 @@ def ten_classes(tmp_path_factory):
     with torch.no_grad():  # no zero-initialised layer: every copied tensor is recognisable
         ema = {k: v + 0.02 * torch.randn_like(v) for k, v in official.state_dict().items()}
         weights = {k: v + 0.02 * torch.randn_like(v) for k, v in ema.items()}
-    # num_heads in the args: a custom size, whose heads the weights' shapes do not tell (from_pretrained below)
+    # num_heads in the args: a custom size, whose heads the weights' shapes do not tell
+    # (from_pretrained below)
     torch.save({"model": weights, "ema": ema, "opt": {}, "steps": 4_000_000,
                 "args": argparse.Namespace(model="SiT-S/8", enc_type="dinov2-vit-b", encoder_depth=1,
                                            path_type="linear", cls=0.03, num_heads=2)}, root / "official.pt")
@@ -63,7 +66,8 @@ def test_finetune_from_an_official_checkpoint_to_10_classes_trains_and_samples(t
     err = capsys.readouterr().err
     assert (f"--init-from {ten_classes / 'official.pt'}: class embedding resized from 1000 to 10 classes (rows 0-9 "
             "copied, null class moved to row 10)") in err
-    # the EMA (decay 0.9999) is still within a few updates of the initial weights: those of the official EMA
+    # the EMA (decay 0.9999) is still within a few updates of the initial weights: those of the
+    # official EMA
     table = official["y_embedder.embedding_table.weight"]
     expected = {**official, "y_embedder.embedding_table.weight": torch.cat([table[:10], table[1000:]])}
     ema = result["ema"].state_dict()
@@ -79,14 +83,16 @@ def test_finetune_from_an_official_checkpoint_to_10_classes_trains_and_samples(t
     with np.load(npz) as samples:
         assert samples["arr_0"].shape == (4, 32, 32, 3) and samples["labels"].max() < 10
 
-    # a rerun resumes its own checkpoint: --init-from is not read again (here it names no file) and may change
+    # a rerun resumes its own checkpoint: --init-from is not read again (here it names no file) and
+    # may change
     resumed = train(config(ten_classes, max_train_steps=3, init_from=str(ten_classes / "gone.pt")))
     assert resumed["steps"] == 3 and "resumed from" in capsys.readouterr().out
 
 
 def test_class_embedding_rule_and_the_weights_chosen(ten_classes, tmp_path):
-    """4 -> 10 classes: rows 0-3 copied, 4-9 as freshly initialised, the null row moved to 10; --init-weights model
-    takes the training weights; a model without a null class (--cfg-prob 0) gets none."""
+    """4 -> 10 classes: rows 0-3 copied, 4-9 as freshly initialised, the null row moved to 10;
+    --init-weights model takes the training weights; a model without a null class (--cfg-prob 0)
+    gets none."""
     source = SiT(SiTConfig(**ARCH, num_classes=4))
     with torch.no_grad():
         for p in source.parameters():

@@ -1,5 +1,6 @@
-"""`hf://` paths served from a Hugging Face cache filled in the test (offline, no network), from_pretrained /
-save_pretrained, and `regdit export --push-to-hub` against a local stand-in for the Hub API (test_outputs.LocalHub)."""
+"""`hf://` paths served from a Hugging Face cache filled in the test (offline, no network),
+from_pretrained / save_pretrained, and `regdit export --push-to-hub` against a local stand-in for
+the Hub API (test_outputs.LocalHub)."""
 import json
 import re
 import shlex
@@ -50,8 +51,8 @@ def no_network(monkeypatch):
 
 @pytest.fixture
 def hub(monkeypatch, tmp_path, no_network):
-    """An offline Hugging Face cache (HF_HUB_CACHE, HF_HUB_OFFLINE=1); `put(repo, path, source)` stores a file or
-    folder in the layout huggingface_hub writes for a download and reads offline:
+    """An offline Hugging Face cache (HF_HUB_CACHE, HF_HUB_OFFLINE=1); `put(repo, path, source)`
+    stores a file or folder in the layout huggingface_hub writes for a download and reads offline:
     `{models|datasets}--OWNER--REPO/snapshots/COMMIT/PATH` with `refs/REVISION` holding COMMIT."""
     cache = tmp_path / "hf-cache"
     for name, value in (("HF_HUB_CACHE", str(cache)), ("HF_HUB_OFFLINE", True)):
@@ -98,7 +99,8 @@ def test_hub_paths_parse_with_special_refs_and_a_folder_slash(url, path, revisio
 
 
 @pytest.mark.parametrize("url, reason", [
-    # paths out of the repository: a folder huggingface_hub would have fetched as a local one, a file it refuses
+    # paths out of the repository: a folder huggingface_hub would have fetched as a local one, a
+    # file it refuses
     ("hf://o/r/../../../../tmp/x/enc", "the path '../../../../tmp/x/enc' has an empty, '.' or '..' part"),
     ("hf://o/r/..", "the path '..' has an empty, '.' or '..' part"),
     ("hf://o/r/a/../../x.pt", "the path 'a/../../x.pt' has an empty, '.' or '..' part"),
@@ -106,7 +108,8 @@ def test_hub_paths_parse_with_special_refs_and_a_folder_slash(url, path, revisio
     ("hf://o/r//etc/passwd", "the path '/etc/passwd' has an empty, '.' or '..' part"),
     ("hf://o/r/a//b.pt", "the path 'a//b.pt' has an empty, '.' or '..' part"),
     ("hf://o/r/a\\b.pt", "a backslash; parts are separated by /"),
-    # revisions: one, last or right after the repository, not empty, no '/' but refs/pr/N and refs/convert/NAME
+    # revisions: one, last or right after the repository, not empty, no '/' but refs/pr/N and
+    # refs/convert/NAME
     ("hf://o/r/x@y/z.pt", "revision 'y/z.pt' is not a branch, tag or commit hash, nor refs/pr/N or refs/convert/NAME"),
     ("hf://o/r/x.pt@", "an empty revision after @"),
     ("hf://o/r@/x.pt", "an empty revision after @"),

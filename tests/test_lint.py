@@ -1,6 +1,7 @@
-"""The repository passes its own linter (ruff, configured in pyproject.toml), and keeps the shape docs/design.md
-promises: the science (models, interpolants, loss, samplers) imports no tooling, no module imports itself back
-through others, no function runs past one screen and the optimizer step fits in 40 lines."""
+"""The repository passes its own linter (ruff, configured in pyproject.toml), and keeps the shape
+docs/design.md promises: the science (models, interpolants, loss, samplers) imports no tooling, no
+module imports itself back through others, no function runs past one screen and the optimizer step
+fits in 40 lines."""
 import ast
 import subprocess
 import sys
@@ -19,7 +20,8 @@ def test_ruff_check_is_clean():
 
 
 def regdit_imports(module):
-    """The regdit modules `module` imports, at its top or inside functions ("regdit" is the package itself)."""
+    """The regdit modules `module` imports, at its top or inside functions ("regdit" is the package
+    itself)."""
     found = set()
     for node in ast.walk(ast.parse((PACKAGE / f"{module}.py").read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "regdit":

@@ -33,7 +33,8 @@ def test_cosine_path_loss_terms_match_official(official_model):
     terms = _official_terms(model, io, "cosine", official_cosine_cls_target=True)
     for name in ("denoise", "cls", "proj"):
         torch.testing.assert_close(terms[name], io["cosine"][name], atol=1e-5, rtol=0)
-    # the default is the per-sample class-token target of the paper, which the official broadcast differs from
+    # the default is the per-sample class-token target of the paper, which the official broadcast
+    # differs from
     default = _official_terms(model, io, "cosine")
     torch.testing.assert_close(default["denoise"], io["cosine"]["denoise"], atol=1e-5, rtol=0)
     alpha, sigma, d_alpha, d_sigma = (c[:, None] for c in path_coefficients(io["loss_time"], "cosine"))
@@ -94,7 +95,8 @@ def test_loss_backpropagates_into_every_trainable_parameter():
     x, y, cls = torch.randn(4, 4, 8, 8), torch.randint(0, 4, (4,)), torch.randn(4, 16)
     loss, _ = REGLoss("linear", "lognormal")(model, x, y, [torch.randn(4, 17, 16)], cls)
     loss.backward()
-    # adaLN-Zero: only the zero-initialised output layers receive gradient at step 0 among the final layers
+    # adaLN-Zero: only the zero-initialised output layers receive gradient at step 0 among the final
+    # layers
     assert model.final_layer.linear.weight.grad.abs().sum() > 0
     assert model.final_layer.linear_cls.weight.grad.abs().sum() > 0
     assert model.projectors[0][0].weight.grad.abs().sum() > 0
@@ -108,7 +110,8 @@ def test_plain_sit_has_a_zero_projection_term():
 
 
 def test_compiled_and_bf16_training_steps_match_float32():
-    """The speed-ups keep the results: torch.compile within float32 rounding, bf16 autocast within bf16 tolerance."""
+    """The speed-ups keep the results: torch.compile within float32 rounding, bf16 autocast within
+    bf16 tolerance."""
     torch.manual_seed(0)
     model = SiT(SiTConfig(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=2, num_classes=4,
                           z_dims=[16], projector_dim=32, encoder_depth=1))

@@ -151,8 +151,8 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def counted_flops(model, *args, **kwargs):
-    """FLOPs torch's counter sees in one forward pass of explicit-softmax attention (it cannot see into every fused
-    SDPA kernel: on the CPU it counts none of the attention)."""
+    """FLOPs torch's counter sees in one forward pass of explicit-softmax attention (it cannot see
+    into every fused SDPA kernel: on the CPU it counts none of the attention)."""
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(*args, **kwargs)
     return counter.get_total_flops()

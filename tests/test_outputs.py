@@ -1,7 +1,8 @@
-"""What commands write: every output is a new path or the command's own earlier output (recognised by its format),
-never one of its inputs, a folder, a FIFO or a device; a refusal is one line naming the path and the fix, before
-anything changes. `export --push-to-hub` sends exactly the export's files, checked against a local stand-in for
-the Hub's API that the real huggingface_hub client talks to."""
+"""What commands write: every output is a new path or the command's own earlier output (recognised
+by its format), never one of its inputs, a folder, a FIFO or a device; a refusal is one line naming
+the path and the fix, before anything changes. `export --push-to-hub` sends exactly the export's
+files, checked against a local stand-in for the Hub's API that the real huggingface_hub client talks
+to."""
 import base64
 import contextlib
 import http.server
@@ -33,7 +34,8 @@ EXPORT = ["export", CKPT]
 OFFLINE = "HF_HUB_OFFLINE=1"  # a case that starts with it runs with huggingface_hub offline
 
 CASES = [  # (arguments, the one line must match)
-    # eval --output: never an input, however spelled; never a folder, FIFO, device or someone else's file
+    # eval --output: never an input, however spelled; never a folder, FIFO, device or someone else's
+    # file
     (EVAL + ["--output", "{W}/samples32.npz"], r"cannot write \S+/samples32.npz: it is the --sample-batch \S+, which "
                                                r"this command reads; pass another --output$"),
     (EVAL + ["--output", "{W}/ref32.npz"], r"cannot write \S+/ref32.npz: it is the --ref-batch "),
@@ -57,7 +59,8 @@ CASES = [  # (arguments, the one line must match)
     (["report", "{W}/exps/metrics-fifo", "--output", "{W}/new.png"], r"metrics.jsonl is a FIFO \(named pipe\), not"),
     (["report", "{W}/exps/no-step", "--output", "{W}/new.png"], r"no-step/metrics.jsonl: line 2 has no step"),
     (["report", "{W}/exps/settings-list", "--output", "{W}/new.png"], r"config.yaml is not the settings file"),
-    # export: a folder that is new, empty or an earlier export; inputs and grids checked before any work
+    # export: a folder that is new, empty or an earlier export; inputs and grids checked before any
+    # work
     (EXPORT + ["--output", "{W}/afile"], r"afile: it is a file, not a folder; move it away or pass another --output$"),
     (EXPORT + ["--output", "{W}/secrets"], r"secrets: it holds .env, id_rsa, which an export does not"),
     (EXPORT + ["--output", "{W}/project"], r"project/config.json: it is not the settings of an export"),
@@ -93,9 +96,9 @@ CASES = [  # (arguments, the one line must match)
 
 @pytest.fixture(scope="module")
 def taken(request):
-    """test_bad_inputs' world with outputs taken by what no command may write over: folders, FIFOs and files of
-    others where outputs go, runs whose files are taken (a FIFO as metrics log once hung a resume), an export folder
-    with secrets."""
+    """test_bad_inputs' world with outputs taken by what no command may write over: folders, FIFOs
+    and files of others where outputs go, runs whose files are taken (a FIFO as metrics log once
+    hung a resume), an export folder with secrets."""
     world = request.getfixturevalue("bad_inputs_world")
     exps = world / "exps"
     for name, path in [("metrics-folder", "metrics.jsonl"), ("settings-folder", "config.yaml"),
@@ -142,7 +145,8 @@ def taken(request):
 
 @contextlib.contextmanager
 def deadline(seconds):
-    """Fail with TimeoutError after `seconds`, also out of a blocking system call (an open of a FIFO)."""
+    """Fail with TimeoutError after `seconds`, also out of a blocking system call (an open of a
+    FIFO)."""
     def expire(*_):
         raise TimeoutError(f"still running after {seconds} s")
     previous = signal.signal(signal.SIGALRM, expire)
@@ -176,7 +180,8 @@ def test_an_output_that_is_not_the_commands_is_one_line_and_changes_nothing(take
 
 
 def test_outputs_of_the_command_itself_are_written_again(taken, tmp_path, capsys):
-    """An earlier export, report or samples .npz is recognised and replaced; the inputs stay as they were."""
+    """An earlier export, report or samples .npz is recognised and replaced; the inputs stay as they
+    were."""
     inputs = {path: path.read_bytes() for path in (taken / "exps" / "run" / "metrics.jsonl", taken / "photo.png")}
     for _ in range(2):
         main(["export", str(taken / "exps" / "run" / "checkpoints" / "0000001.pt"), "--output", str(tmp_path / "ex"),
@@ -199,7 +204,8 @@ def test_outputs_of_the_command_itself_are_written_again(taken, tmp_path, capsys
 
 
 def test_a_report_leaves_out_non_finite_points(taken, tmp_path):
-    """NaN and Infinity, which Python's json reads, and entries without a loss term give gaps, not a KeyError."""
+    """NaN and Infinity, which Python's json reads, and entries without a loss term give gaps, not a
+    KeyError."""
     run = tmp_path / "run"
     run.mkdir()
     lines = [{"step": 1, "loss_final": float("nan"), "loss_mean": 1.0}, {"step": 2, "loss_final": float("inf")},
@@ -232,9 +238,10 @@ def test_check_output_compares_inputs_as_files(tmp_path):
 
 
 class LocalHub(http.server.ThreadingHTTPServer):
-    """The Hub's API on 127.0.0.1, as far as huggingface_hub's `create_repo` and `create_commit` use it: create a
-    repository, validate a model card's YAML, preupload (every file "regular", so sent inside the commit) and commit
-    (NDJSON). Records every request; `refuse` answers each with 401, like the Hub for a bad token."""
+    """The Hub's API on 127.0.0.1, as far as huggingface_hub's `create_repo` and `create_commit` use
+    it: create a repository, validate a model card's YAML, preupload (every file "regular", so sent
+    inside the commit) and commit (NDJSON). Records every request; `refuse` answers each with 401,
+    like the Hub for a bad token."""
 
     def __init__(self):
         super().__init__(("127.0.0.1", 0), HubRequest)
@@ -292,7 +299,8 @@ class HubRequest(http.server.BaseHTTPRequestHandler):
 
 @contextlib.contextmanager
 def local_hub_online(monkeypatch):
-    """huggingface_hub online, its endpoint a LocalHub, a test token; any connection elsewhere fails."""
+    """huggingface_hub online, its endpoint a LocalHub, a test token; any connection elsewhere
+    fails."""
     real_connect = socket.socket.connect
 
     def loopback_only(sock, address):
@@ -333,7 +341,8 @@ def test_push_sends_exactly_the_export(taken, tmp_path, local_hub):
 
 
 def test_push_folder_sends_nothing_else_in_the_folder(taken, tmp_path, local_hub):
-    """A key or an .env that lands in the folder after the export is written stays on this machine."""
+    """A key or an .env that lands in the folder after the export is written stays on this
+    machine."""
     folder = tmp_path / "export"
     shutil.copytree(taken / "export", folder)
     Image.new("RGB", (8, 8)).save(folder / "samples.png")

@@ -1,5 +1,5 @@
-"""`regdit prepare images`: ADM's crop, image modes and orientation, unreadable files, labels, zip sources, resume
-after a kill, bad settings and write errors."""
+"""`regdit prepare images`: ADM's crop, image modes and orientation, unreadable files, labels, zip
+sources, resume after a kill, bad settings and write errors."""
 import contextlib
 import errno
 import io
@@ -22,7 +22,8 @@ class Killed(Exception):
 
 
 def adm_center_crop_arr(pil_image, image_size):
-    """guided-diffusion/guided_diffusion/image_datasets.py, verbatim apart from the names of the imports."""
+    """guided-diffusion/guided_diffusion/image_datasets.py, verbatim apart from the names of the
+    imports."""
     while min(*pil_image.size) >= 2 * image_size:
         pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=PIL.Image.BOX)
     scale = image_size / min(*pil_image.size)
@@ -317,7 +318,8 @@ def test_bad_settings_are_one_line_before_anything_is_written(tmp_path, capsys):
 
 
 def test_zip_source_with_worker_processes(tmp_path):
-    """Each worker opens the zip itself: one descriptor shared with the parent would race on its file offset."""
+    """Each worker opens the zip itself: one descriptor shared with the parent would race on its
+    file offset."""
     import zipfile
     rng = np.random.default_rng(3)
     with zipfile.ZipFile(tmp_path / "src.zip", "w", zipfile.ZIP_STORED) as archive:

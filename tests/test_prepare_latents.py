@@ -1,4 +1,5 @@
-"""`regdit prepare latents` and regdit.vae with a tiny random AutoencoderKL saved by save_pretrained."""
+"""`regdit prepare latents` and regdit.vae with a tiny random AutoencoderKL saved by
+save_pretrained."""
 import errno
 import os
 import subprocess
@@ -31,8 +32,9 @@ def tiny_vae():
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """One intra-op thread, like the launched processes (OMP_NUM_THREADS=1): equal reduction order, so bitwise
-    equal moments, and no OpenMP spinning on a busy 2-core machine (100x slower tiny convolutions)."""
+    """One intra-op thread, like the launched processes (OMP_NUM_THREADS=1): equal reduction order,
+    so bitwise equal moments, and no OpenMP spinning on a busy 2-core machine (100x slower tiny
+    convolutions)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -71,7 +73,8 @@ def read_chw(images_dir, index):
 
 def test_load_vae_from_folder_and_hub_cache(vae_dir, tmp_path, monkeypatch, recwarn):
     reference = tiny_vae()
-    # A Hub id resolved from the local cache in offline mode: the same from_pretrained path as a real download.
+    # A Hub id resolved from the local cache in offline mode: the same from_pretrained path as a
+    # real download.
     snapshot = tmp_path / "models--regdit-test--tiny-vae" / "snapshots" / ("0" * 40)
     reference.save_pretrained(snapshot)
     (tmp_path / "models--regdit-test--tiny-vae" / "refs").mkdir()
@@ -132,7 +135,8 @@ def test_regdit_layout_with_flips(images_dir, vae_dir, tmp_path):
             assert flipped or torch.equal(m, torch.from_numpy(moments[index]))
             assert label == (index >= 5) + (index >= 9)
     assert 0.3 < np.mean(flips) < 0.7
-    # The first batch as prepare_latents encodes it: 5 images, then their mirror images (equal on any device).
+    # The first batch as prepare_latents encodes it: 5 images, then their mirror images (equal on
+    # any device).
     sources = torch.stack([read_chw(images_dir, index) for index in range(5)])
     expected = vae_lib.encode_moments(vae, torch.cat([sources, sources.flip(-1)])).cpu()
     assert torch.equal(torch.from_numpy(moments_flip[:5]), expected[5:])
@@ -150,7 +154,8 @@ def test_official_layout_round_trip(images_dir, vae_dir, tmp_path):
     assert len(ours) == len(official) == 13
     for a, b in zip(ours, official):
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] == b[2]
-    # The official code also finds the images in place: encoding DATA/imagenet_32_vae into DATA copies nothing.
+    # The official code also finds the images in place: encoding DATA/imagenet_32_vae into DATA
+    # copies nothing.
     os.rename(tmp_path / "official" / "imagenet_32_vae", tmp_path / "imagenet_32_vae")
     os.makedirs(tmp_path / "inplace")
     os.rename(tmp_path / "imagenet_32_vae", tmp_path / "inplace" / "imagenet_32_vae")
@@ -168,7 +173,8 @@ def test_official_layout_round_trip(images_dir, vae_dir, tmp_path):
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_every_layout_round_trips_through_its_writer_and_reader(layout, images_dir, vae_dir, tmp_path):
-    """LAYOUTS is the plug point: prepare_latents writes with an entry's writer, open_dataset finds its reader."""
+    """LAYOUTS is the plug point: prepare_latents writes with an entry's writer, open_dataset finds
+    its reader."""
     prepare_latents(PrepareLatentsConfig(source=images_dir, dest=tmp_path / layout, vae=vae_dir, layout=layout,
                                          workers=0))
     ds = open_dataset(tmp_path / layout)

@@ -1,4 +1,5 @@
-"""`regdit prepare vae`: a small AutoencoderKL fitted to prepared images, loaded back through the real --vae path."""
+"""`regdit prepare vae`: a small AutoencoderKL fitted to prepared images, loaded back through the
+real --vae path."""
 import numpy as np
 import pytest
 import torch
@@ -33,7 +34,8 @@ def test_fitted_vae_reconstructs_with_unit_scaled_latents(images, tmp_path, caps
     error = np.square(decoded - real).mean()
     assert error < 0.5 * np.square(real - real.mean(axis=0)).mean()  # well below the mean image's (measured: 0.37)
 
-    # A rerun with the same settings finds the VAE done and leaves it as it is; other settings are refused.
+    # A rerun with the same settings finds the VAE done and leaves it as it is; other settings are
+    # refused.
     weights = next(dest.glob("*.safetensors"))
     written = weights.stat().st_mtime_ns
     cli_main(["prepare", "vae", "--source", str(images), "--dest", str(dest), "--steps", "150"])

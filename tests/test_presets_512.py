@@ -1,6 +1,7 @@
-"""The 512 px presets: the official geometry (SiT-XL/2 on 64x64 latents = 32x32 tokens; DINOv2-B at 448 px = 32x32
-patches of 14), then the preset end to end on CPU at tiny width: 512 px images, a tiny 8x VAE, a tiny encoder with
-DINOv2's patch 14 whose position embeddings are resampled to 32x32, a few training steps."""
+"""The 512 px presets: the official geometry (SiT-XL/2 on 64x64 latents = 32x32 tokens; DINOv2-B at
+448 px = 32x32 patches of 14), then the preset end to end on CPU at tiny width: 512 px images, a
+tiny 8x VAE, a tiny encoder with DINOv2's patch 14 whose position embeddings are resampled to 32x32,
+a few training steps."""
 import numpy as np
 import pytest
 import timm
@@ -33,8 +34,8 @@ def test_512_presets_match_the_official_geometry():
 
 @pytest.fixture(scope="module")
 def data_512(tmp_path_factory):
-    """4 images of 2 classes at 512 px, VAE latents (4 x 64 x 64) from a tiny 8x AutoencoderKL, and a tiny DINOv2-B
-    with patch 14 'pretrained' on an 8x8 grid."""
+    """4 images of 2 classes at 512 px, VAE latents (4 x 64 x 64) from a tiny 8x AutoencoderKL, and
+    a tiny DINOv2-B with patch 14 'pretrained' on an 8x8 grid."""
     root = tmp_path_factory.mktemp("data512")
     rng = np.random.default_rng(0)
     for c in range(2):

@@ -1,4 +1,5 @@
-"""The README's Python API example runs as written, on a tiny pixel-space REG checkpoint in place of the demo's."""
+"""The README's Python API example runs as written, on a tiny pixel-space REG checkpoint in place of
+the demo's."""
 import re
 from pathlib import Path
 

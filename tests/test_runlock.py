@@ -1,5 +1,6 @@
-"""regdit.runlock with real processes: a held lock refuses a second writer, stale locks are replaced, the heartbeat
-beats, a multi-process run stops together, and launcher workers die with their launcher."""
+"""regdit.runlock with real processes: a held lock refuses a second writer, stale locks are
+replaced, the heartbeat beats, a multi-process run stops together, and launcher workers die with
+their launcher."""
 import json
 import os
 import signal

@@ -26,7 +26,8 @@ GUIDED = dict(num_steps=6, cfg_scale=2.0, cls_cfg_scale=2.0, guidance_low=0.0, g
 
 
 def tiny_model(**overrides):
-    """A tiny SiT whose weights are all perturbed, so that no output layer is zero and images depend on the noise."""
+    """A tiny SiT whose weights are all perturbed, so that no output layer is zero and images depend
+    on the noise."""
     torch.manual_seed(0)
     model = SiT(SiTConfig(**{**TINY, **overrides}))
     with torch.no_grad():
@@ -37,8 +38,8 @@ def tiny_model(**overrides):
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """A tiny random VAE (save_pretrained), an official-format checkpoint of a tiny REG SiT and its safetensors
-    export."""
+    """A tiny random VAE (save_pretrained), an official-format checkpoint of a tiny REG SiT and its
+    safetensors export."""
     from diffusers import AutoencoderKL
     root = tmp_path_factory.mktemp("sample")
     torch.manual_seed(0)
@@ -54,7 +55,8 @@ def files(tmp_path_factory):
 
 @pytest.fixture
 def one_thread():
-    """torchrun gives each process one thread: the single-process reference uses one too (same BLAS row blocking)."""
+    """torchrun gives each process one thread: the single-process reference uses one too (same BLAS
+    row blocking)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -62,7 +64,8 @@ def one_thread():
 
 
 def sample(ckpt, sample_dir, num_samples, batch_size, **settings):
-    """`regdit sample` from Python: `ckpt` a checkpoint path or a SiT object; `settings` of SampleConfig or Sampling."""
+    """`regdit sample` from Python: `ckpt` a checkpoint path or a SiT object; `settings` of
+    SampleConfig or Sampling."""
     model = ckpt if isinstance(ckpt, torch.nn.Module) else None
     sampling = {f.name: settings.pop(f.name) for f in dataclasses.fields(Sampling) if f.name in settings}
     config = SampleConfig(ckpt=None if model else str(ckpt), sample_dir=str(sample_dir), num_fid_samples=num_samples,
@@ -90,8 +93,8 @@ def test_npz_format_and_images_independent_of_batch_size(files, tmp_path):
 
     other, other_labels = load(sample(files["export"], tmp_path / "b", vae=files["vae"], num_samples=6, batch_size=4,
                                       **GUIDED))
-    # Batches of 4 + 2 instead of 6: the batched matrix products round differently, which may move a rare pixel
-    # by one level; any seeding that depended on the batch would change whole images.
+    # Batches of 4 + 2 instead of 6: the batched matrix products round differently, which may move a
+    # rare pixel by one level; any seeding that depended on the batch would change whole images.
     assert np.array_equal(other_labels, labels)
     difference = np.abs(other.astype(int) - images)
     assert difference.max() <= 1 and (difference > 0).mean() < 1e-3
@@ -149,7 +152,8 @@ def test_resume_after_interruption_gives_the_same_npz(files, tmp_path, monkeypat
 
 
 def test_official_checkpoint_from_flags_samples_like_its_export(files, tmp_path, monkeypatch):
-    # official checkpoints are built from the flags (generate.py); a tiny size stands in for SiT-XL/2
+    # official checkpoints are built from the flags (generate.py); a tiny size stands in for
+    # SiT-XL/2
     monkeypatch.setitem(regdit.models.SiT_models, "SiT-T/2",
                         functools.partial(create_sit, depth=2, hidden_size=32, num_heads=2, patch_size=2,
                                           projector_dim=32))
@@ -163,7 +167,8 @@ def test_official_checkpoint_from_flags_samples_like_its_export(files, tmp_path,
 
 
 def test_official_checkpoint_of_a_standard_size_needs_no_model_flags(files, tmp_path):
-    # a REG SiT-S/2 with 2 encoders; generate.py would need --model, --projector-embed-dims, --encoder-depth, ...
+    # a REG SiT-S/2 with 2 encoders; generate.py would need --model, --projector-embed-dims,
+    # --encoder-depth, ...
     torch.manual_seed(0)
     model = regdit.models.SiT_models["SiT-S/2"](input_size=4, num_classes=10, z_dims=[16, 8], projector_dim=32,
                                                 encoder_depth=3)
@@ -192,8 +197,8 @@ def test_checkpoint_that_does_not_match_the_flags(files, tmp_path, flags, messag
 
 
 def test_pixel_space_repa_model_object_with_balanced_labels(tmp_path):
-    # the demo's setting: a model object, no VAE (3-channel 8 px "latents" are the images: --vae unset means none),
-    # REPA (no class token)
+    # the demo's setting: a model object, no VAE (3-channel 8 px "latents" are the images: --vae
+    # unset means none), REPA (no class token)
     model = tiny_model(input_size=8, in_channels=3, use_cls_token=False).train()
     npz_path = sample(model, tmp_path, num_samples=12, batch_size=5, balanced=True, sampler="ode",
                       num_steps=4, cfg_scale=1.5, mixed_precision="bf16")
@@ -238,8 +243,8 @@ def test_damaged_pngs_are_drawn_again(files, tmp_path):
 
 
 def test_best_pt_is_sampled_by_its_step(files, tmp_path):
-    """best.pt changes as a run trains: its step names the run folder, so a newer best is never mixed with the
-    samples of an older one."""
+    """best.pt changes as a run trains: its step names the run folder, so a newer best is never
+    mixed with the samples of an older one."""
     names = []
     for step in (1, 2):
         torch.save({"ema": tiny_model().state_dict(), "model_config": TINY, "steps": step}, tmp_path / "best.pt")

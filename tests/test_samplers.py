@@ -6,8 +6,8 @@ from regdit.samplers import SAMPLERS, euler_maruyama_sampler, euler_sampler, ran
 
 
 class GaussianVelocity(torch.nn.Module):
-    """The exact velocity E[alpha' x0 + sigma' eps | x_t] when x0 ~ N(mean, std^2) elementwise, for the image and
-    for the class token; records the batch sizes and labels it is called with."""
+    """The exact velocity E[alpha' x0 + sigma' eps | x_t] when x0 ~ N(mean, std^2) elementwise, for
+    the image and for the class token; records the batch sizes and labels it is called with."""
 
     num_classes = 10
 
@@ -91,7 +91,8 @@ def test_guidance_only_inside_the_interval_with_the_null_label():
 
 
 class LabelShiftVelocity(torch.nn.Module):
-    """Velocity = the label value (null class -> 0) for image and class token: guided drifts are easy to predict."""
+    """Velocity = the label value (null class -> 0) for image and class token: guided drifts are
+    easy to predict."""
     num_classes = 10
 
     def forward(self, x, t, y, cls_token=None):
@@ -134,8 +135,8 @@ def test_per_sample_generators_make_noise_independent_of_the_batch():
 
 
 def test_bf16_sampling_stays_within_bf16_tolerance_of_float32():
-    """The model call under bf16 autocast (`--mixed-precision bf16`) moves the samples by bf16 rounding only: the
-    state stays float64, so the errors of 50 steps do not compound."""
+    """The model call under bf16 autocast (`--mixed-precision bf16`) moves the samples by bf16
+    rounding only: the state stays float64, so the errors of 50 steps do not compound."""
     from regdit.models import SiT, SiTConfig
     torch.manual_seed(0)
     model = SiT(SiTConfig(input_size=4, patch_size=2, hidden_size=64, depth=2, num_heads=2, num_classes=10,

@@ -71,7 +71,8 @@ def test_one_step_equals_hand_computed_loss_adamw_and_ema(tiny_data):
             torch.testing.assert_close(trained[name], p0)
             continue
         g = grads[name] * clip
-        # AdamW step 1: m_hat = g, v_hat = g^2, so the update is lr * g / (|g| + eps); weight decay 0
+        # AdamW step 1: m_hat = g, v_hat = g^2, so the update is lr * g / (|g| + eps); weight decay
+        # 0
         expected = p0 - 1e-3 * g / (g.abs() + 1e-8)
         torch.testing.assert_close(trained[name], expected, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(ema[name], 0.9 * p0 + 0.1 * expected, atol=1e-6, rtol=1e-5)
@@ -125,7 +126,8 @@ def test_gradient_accumulation_equals_the_full_batch(tiny_data):
 
 
 def test_official_checkpoint_resumes_training(tmp_path, official_tiny):
-    """The official tiny checkpoint (8x8x4 latents, z_dims [32]) continues training from its step."""
+    """The official tiny checkpoint (8x8x4 latents, z_dims [32]) continues training from its
+    step."""
     from diffusers import AutoencoderKL
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8),
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
@@ -328,8 +330,8 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_newest_good_one(tiny_data
 
 
 def test_a_checkpoint_copied_into_a_new_experiment_continues_there(tiny_data, capsys):
-    """The official way to continue a run: copy its checkpoint into another experiment's folder. The experiment name
-    is not a training setting; a moved dataset is said, not silent."""
+    """The official way to continue a run: copy its checkpoint into another experiment's folder. The
+    experiment name is not a training setting; a moved dataset is said, not silent."""
     source = train(tiny_config(tiny_data, exp_name="original", max_train_steps=2, checkpointing_steps=2))
     copy = tiny_data / "exps" / "continued" / "checkpoints"
     copy.mkdir(parents=True)
@@ -345,8 +347,8 @@ def test_a_checkpoint_copied_into_a_new_experiment_continues_there(tiny_data, ca
 
 @pytest.fixture(scope="module")
 def reference(tiny_data):
-    """A reference batch of the tiny data's images and random Inception weights (the evaluator's arithmetic is what is
-    under test, not the network's training)."""
+    """A reference batch of the tiny data's images and random Inception weights (the evaluator's
+    arithmetic is what is under test, not the network's training)."""
     from regdit.evaluate import make_reference, save_random_inception_weights
     weights = save_random_inception_weights(tiny_data / "inception.pth")
     make_reference(tiny_data / "images", tiny_data / "ref.npz", inception_weights=weights, batch_size=4, num_images=8)
@@ -360,8 +362,8 @@ EVAL_FLAGS = {**EVAL, **{f"eval_{name}": value for name, value in EVAL_SAMPLING.
 
 @pytest.fixture(scope="module")
 def evaluated(tiny_data, reference):
-    """A run evaluated at steps 2 and 4, killed during its second evaluation and rerun (an evaluation costs two
-    2048 x 2048 matrix square roots: the tests share this one run)."""
+    """A run evaluated at steps 2 and 4, killed during its second evaluation and rerun (an
+    evaluation costs two 2048 x 2048 matrix square roots: the tests share this one run)."""
     from regdit.monitor import TrainingEvaluation
     config = tiny_config(tiny_data, exp_name="evaluated", max_train_steps=4, checkpointing_steps=4, **EVAL,
                          eval=EvalSampling(**EVAL_SAMPLING), **reference)
@@ -420,8 +422,8 @@ def test_two_processes_evaluate_like_one(evaluated, reference, tiny_data):
     assert run.returncode == 0, run.stderr[-3000:]
     double, = logged_evaluations(tiny_data / "exps" / "eval_double")
     single = logged_evaluations(evaluated["result"]["exp_dir"])[0]  # step 2 of the same training on one process
-    # the weights differ by the float rounding of the gradient all-reduce, the evaluation itself adds none (the exact
-    # equality of one evaluation on 1 and 2 processes is test_evaluate's)
+    # the weights differ by the float rounding of the gradient all-reduce, the evaluation itself
+    # adds none (the exact equality of one evaluation on 1 and 2 processes is test_evaluate's)
     assert {name: double[f"eval/{name}"] for name in EVAL_METRICS} == pytest.approx(
         {name: single[f"eval/{name}"] for name in EVAL_METRICS}, rel=1e-4)
 
@@ -453,8 +455,8 @@ def test_report_overlays_runs_with_and_without_evaluations(tiny_data, evaluated)
 
 
 def test_resume_on_another_accumulation_split(tiny_data):
-    """The global batch and every draw are the same for any split into processes and accumulation steps, so a run
-    may continue on half the GPUs with twice the accumulation."""
+    """The global batch and every draw are the same for any split into processes and accumulation
+    steps, so a run may continue on half the GPUs with twice the accumulation."""
     config = tiny_config(tiny_data, exp_name="split", max_train_steps=2, checkpointing_steps=2)
     train(config)
     result = train(dataclasses.replace(config, max_train_steps=3, gradient_accumulation_steps=2))
