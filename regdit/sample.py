@@ -222,7 +222,7 @@ class Sampling(Settings):
                                "on it; any other entry of regdit.samplers.SAMPLERS", choices=SAMPLERS,
                         aliases=("--mode",))
     num_steps: int | None = flag(None, "sampling steps (default: the sampler's: 250 for sde, 50 for ode and heun)",
-                                 at_least=1, aliases=("--steps",))
+                                 at_least=1)
     heun: bool = flag(False, "the official spelling of --sampler heun, with --mode ode")
     cfg_scale: float = flag(1.0, "classifier-free guidance scale (1: none)", at_least=1)
     cls_cfg_scale: float = flag(0.0, "guidance scale of the class token (0: its conditional drift)", at_least=0)

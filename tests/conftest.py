@@ -9,10 +9,30 @@ from PIL import Image
 from regdit.cli import main
 from regdit.encoders import save_random_encoder
 from regdit.evaluate import save_random_inception_weights
-from regdit.prepare import PrepareImagesConfig, PrepareLatentsConfig, prepare_images, prepare_latents
+from regdit.prepare import (
+    PrepareImagesConfig,
+    PrepareLatentsConfig,
+    prepare_images,
+    prepare_latents,
+)
 from regdit.train import TrainConfig
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"  # outputs of the official REG code, see fixtures/README.md
+
+
+def pytest_addoption(parser):
+    parser.addoption("--all", action="store_true", help="also run the tests marked slow (the README's test "
+                                                        "command; CI runs it)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The fast tier by default: tests marked slow (minutes of CPU in all) run with --all, or alone with -m slow."""
+    if config.getoption("--all") or config.getoption("markexpr"):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,12 @@ from regdit.cli import main
 from regdit.encoders import save_random_encoder
 from regdit.files import TEMP_SUFFIX
 from regdit.models import SiT, SiTConfig
-from regdit.prepare import PrepareImagesConfig, PrepareLatentsConfig, prepare_images, prepare_latents
+from regdit.prepare import (
+    PrepareImagesConfig,
+    PrepareLatentsConfig,
+    prepare_images,
+    prepare_latents,
+)
 
 TINY = dict(input_size=32, patch_size=8, in_channels=3, hidden_size=64, depth=2, num_heads=2, num_classes=2,
             z_dims=[32], projector_dim=64, encoder_depth=1)  # pixel space at 32 px
@@ -264,6 +269,7 @@ def test_init_from_weights_of_another_size_name_the_flag(world, flags, setting, 
     assert "Traceback" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the peak memory from /proc (Linux)")
 @pytest.mark.parametrize("name", CRAFTED_SIZES)
 def test_crafted_sizes_are_refused_without_allocating(world, name, sample_baseline, tmp_path):
@@ -276,6 +282,7 @@ def test_crafted_sizes_are_refused_without_allocating(world, name, sample_baseli
     assert peak < sample_baseline + 100, (peak, sample_baseline)  # MB; the model itself would take terabytes
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the peak memory from /proc (Linux)")
 def test_a_small_png_of_huge_size_is_skipped_without_decoding(world, tmp_path):
     """10000x10000 pixels in 12 KB: skipped from its header with one warning (it would take over 1
@@ -311,6 +318,7 @@ def test_object_array_in_an_official_dataset_mid_training_is_one_line(world, cap
     assert "Traceback" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux) for a real ENOSPC")
 def test_prepare_vae_on_a_full_disk_is_one_line_and_the_rerun_finishes(world, monkeypatch, capsys):
     """The disk fills while the fitted weights are written: the kernel's ENOSPC (the write goes to

@@ -275,6 +275,7 @@ def test_bad_input_is_one_line_and_changes_nothing(world, argv, expected, capsys
     assert elapsed < 20, f"{elapsed:.1f} s"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv,expected", [
     (SAMPLE + ["--num-steps", "0"], r"regdit sample: error: --num-steps 0: must be at least 1"),
     # diffusers logs to its own stream handler, out of capsys' sight: its notes of the .bin fallback
@@ -338,6 +339,7 @@ def test_an_unreadable_image_in_a_loader_worker_is_one_line(world, capsys):
     assert "Traceback" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_every_float_setting_is_finite_unless_its_help_says_what_inf_means():
     """inf passes no range check (inf >= 1), and a guidance scale of inf draws black images: each
     command refuses a non-finite float unless the field opts in with allow_inf and its help says

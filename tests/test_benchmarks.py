@@ -12,6 +12,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 NUMBER = r"\s+\d+(\.\d+)?"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script, flags, rows", [
     ("bench_train.py", ["--tiny", "--steps", "1", "--variants", "official,regdit,regdit+checkpointing+fp16+foreach"],
      [rf"SiT-S/8\s+{variant}{NUMBER}\s+\S+x"
@@ -40,6 +41,7 @@ def test_cpu_mode_prints_its_table(script, flags, rows):
         assert re.search(row, result.stdout), f"no row {row!r} in:\n{result.stdout}"
 
 
+@pytest.mark.slow
 def test_bad_variant_is_refused():
     result = subprocess.run([sys.executable, str(BENCHMARKS / "bench_train.py"), "--tiny", "--variants", "regdit+fast"],
                             capture_output=True, text=True, timeout=300)

@@ -10,7 +10,12 @@ import torch
 
 from regdit import RegditError
 from regdit.data import IMAGES, LABELS, META, MOMENTS, MOMENTS_FLIP, open_dataset
-from regdit.prepare import PrepareImagesConfig, PrepareLatentsConfig, prepare_images, prepare_latents
+from regdit.prepare import (
+    PrepareImagesConfig,
+    PrepareLatentsConfig,
+    prepare_images,
+    prepare_latents,
+)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ SHORT_DEMO = ["--images-per-class", "40", "--vae-steps", "600", "--steps", "500"
 SHORT_DEMO_FLOOR = 0.6
 
 
+@pytest.mark.slow
 def test_shortened_demo_learns_shapes(tmp_path, capsys):
     out = tmp_path / "demo"
     cli_main(["demo", "--output", str(out), *SHORT_DEMO])
@@ -46,6 +47,7 @@ def test_shortened_demo_learns_shapes(tmp_path, capsys):
         assert message in str(exit_info.value) and "\n" not in str(exit_info.value)
 
 
+@pytest.mark.slow
 def test_demo_runs_on_a_folder_of_classes(tmp_path):
     rng = np.random.default_rng(0)
     for label, name in ((0, "circles"), (7, "crosses")):

@@ -17,7 +17,11 @@ from huggingface_hub import constants
 
 from regdit import RegditError, downloads
 from regdit.cli import main as cli_main
-from regdit.evaluate import inception_weights_path, reference_batch_path, save_random_inception_weights
+from regdit.evaluate import (
+    inception_weights_path,
+    reference_batch_path,
+    save_random_inception_weights,
+)
 
 
 class Files(http.server.SimpleHTTPRequestHandler):

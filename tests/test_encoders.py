@@ -81,6 +81,7 @@ def random_state(arch, seed=0, **model_args):
     return {k: 0.1 * torch.randn(shape, generator=generator) for k, shape in shapes.items()}
 
 
+@pytest.mark.slow
 def test_registry_matches_timm():
     for name, spec in ENCODER_TYPES.items():
         with torch.device("meta"):

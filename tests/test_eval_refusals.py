@@ -148,6 +148,7 @@ def test_bad_reference_statistics_are_refused_before_any_activation(tmp_path, ca
     assert not (tmp_path / "samples.metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_resolution_mismatch_is_refused_unless_allowed(tmp_path, capsys, weights, monkeypatch):
     np.savez(tmp_path / "ref.npz", arr_0=_images(6, size=16), **_statistics())
     np.savez(tmp_path / "samples.npz", arr_0=_images(6, size=20, seed=1))
@@ -175,6 +176,7 @@ def _broken_weights(weights, path, name, value):
     return str(path)
 
 
+@pytest.mark.slow
 def test_non_finite_metric_is_refused_naming_it_and_no_metrics_are_written(tmp_path, capsys, batches, weights):
     ref, samples = batches
     overflowing = _broken_weights(weights, tmp_path / "overflow.pth", "fc.weight", 1e38)  # logits = inf
@@ -209,6 +211,7 @@ def test_make_ref_with_non_finite_features_writes_no_reference(tmp_path, capsys,
 # ---- the real process ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_command_prints_exactly_one_error_line_and_exits_non_zero(tmp_path, batches):
     ref, samples = batches
     result = subprocess.run([sys.executable, "-m", "regdit", "eval", "--ref_batch", ref, "--sample_batch", samples,

@@ -349,6 +349,7 @@ def test_precision_recall_direction_and_third_neighbour_radii():
 # ---- the command ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_make_ref_then_eval_reads_reference_statistics_and_writes_table_and_json(tmp_path, weights, capsys):
     images = _images(6, seed=3)
     (tmp_path / "folder").mkdir()
@@ -404,6 +405,7 @@ def test_eval_command_errors_are_one_line(tmp_path, argv, message):
     assert message in str(exit_info.value) and "\n" not in str(exit_info.value)
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_numbers_of_one(tmp_path):
     """`regdit eval` on 2 processes (torchrun, gloo): each computes the features of every other
     batch, the same batches as one process, so the metrics are equal to the last bit."""
@@ -424,6 +426,7 @@ def test_two_processes_give_the_numbers_of_one(tmp_path):
     assert {k: one[k] for k in METRIC_NAMES} == {k: two[k] for k in METRIC_NAMES}
 
 
+@pytest.mark.slow
 def test_make_ref_on_two_processes_writes_the_reference_of_one(tmp_path):
     weights = str(save_random_inception_weights(tmp_path / "inception.pth"))
     np.savez(tmp_path / "images.npz", arr_0=np.random.default_rng(1).integers(0, 255, (7, 32, 32, 3), dtype=np.uint8))

@@ -13,7 +13,14 @@ from regdit import report
 from regdit.checkpoint import build_model_from_checkpoint, load_checkpoint
 from regdit.cli import main
 from regdit.data import LAYOUTS, Layout, _Dataset, _Writer, open_dataset, read_json, write_json
-from regdit.encoders import ENCODER_TYPES, FAMILIES, EncoderSpec, Family, load_encoders, save_random_encoder
+from regdit.encoders import (
+    ENCODER_TYPES,
+    FAMILIES,
+    EncoderSpec,
+    Family,
+    load_encoders,
+    save_random_encoder,
+)
 from regdit.loss import LOSS_TERMS, mean_flat
 from regdit.sample import Sampling, sample_batch
 from regdit.samplers import SAMPLERS

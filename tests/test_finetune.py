@@ -13,7 +13,12 @@ from regdit.checkpoint import from_pretrained, load_checkpoint, save_pretrained
 from regdit.encoders import save_random_encoder
 from regdit.experiment import load_init_weights
 from regdit.models import SiT, SiTConfig
-from regdit.prepare import PrepareImagesConfig, PrepareLatentsConfig, prepare_images, prepare_latents
+from regdit.prepare import (
+    PrepareImagesConfig,
+    PrepareLatentsConfig,
+    prepare_images,
+    prepare_latents,
+)
 from regdit.sample import SampleConfig, Sampling, sample
 from regdit.train import TrainConfig, train
 

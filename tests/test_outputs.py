@@ -179,6 +179,7 @@ def test_an_output_that_is_not_the_commands_is_one_line_and_changes_nothing(take
     assert elapsed < 20, f"{elapsed:.1f} s"
 
 
+@pytest.mark.slow
 def test_outputs_of_the_command_itself_are_written_again(taken, tmp_path, capsys):
     """An earlier export, report or samples .npz is recognised and replaced; the inputs stay as they
     were."""

@@ -18,7 +18,12 @@ from regdit import RegditError
 from regdit import vae as vae_lib
 from regdit.cli import main
 from regdit.data import LAYOUTS, MOMENTS, MOMENTS_FLIP, RegditWriter, open_dataset
-from regdit.prepare import PrepareImagesConfig, PrepareLatentsConfig, prepare_images, prepare_latents
+from regdit.prepare import (
+    PrepareImagesConfig,
+    PrepareLatentsConfig,
+    prepare_images,
+    prepare_latents,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -223,6 +228,7 @@ def test_interrupted_encode_resumes_without_reencoding_finished_shards(images_di
     assert encoded == []  # a finished dataset is left alone
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU processes (gloo); on a GPU the reference run uses CUDA")
 def test_two_gloo_processes_give_the_same_moments_as_one(images_dir, vae_dir, tmp_path):
     args = ["prepare", "latents", "--source", images_dir, "--vae", vae_dir, "--batch-size", "3", "--shard-size",

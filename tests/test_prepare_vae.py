@@ -19,6 +19,7 @@ def images(tmp_path_factory):
     return root / "images"
 
 
+@pytest.mark.slow
 def test_fitted_vae_reconstructs_with_unit_scaled_latents(images, tmp_path, capsys):
     dest = tmp_path / "vae"
     cli_main(["prepare", "vae", "--source", str(images), "--dest", str(dest), "--steps", "150"])

@@ -13,7 +13,12 @@ from regdit.checkpoint import load_checkpoint
 from regdit.cli import main as cli_main
 from regdit.encoders import ENCODER_TYPES, encoder_input_size, load_encoders, save_random_encoder
 from regdit.models import SiT
-from regdit.prepare import PrepareImagesConfig, PrepareLatentsConfig, prepare_images, prepare_latents
+from regdit.prepare import (
+    PrepareImagesConfig,
+    PrepareLatentsConfig,
+    prepare_images,
+    prepare_latents,
+)
 from regdit.train import PRESETS, TrainConfig, sit_config
 
 

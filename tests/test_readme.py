@@ -3,6 +3,7 @@ the demo's."""
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 from regdit.models import SiT, SiTConfig
@@ -10,6 +11,7 @@ from regdit.models import SiT, SiTConfig
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
+@pytest.mark.slow
 def test_python_api_example_runs(tmp_path, monkeypatch):
     code = re.search(r"## Python API.*?```python\n(.*?)```", README.read_text(), re.S).group(1)
     config = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2, num_classes=10,

@@ -196,6 +196,7 @@ except RegditError as error:
 """
 
 
+@pytest.mark.slow
 def test_lock_run_stops_every_process(tmp_path):
     script, free, locked = tmp_path / "worker.py", tmp_path / "free", tmp_path / "locked"
     script.write_text(WORKER)

@@ -100,6 +100,7 @@ def test_npz_format_and_images_independent_of_batch_size(files, tmp_path):
     assert difference.max() <= 1 and (difference > 0).mean() < 1e-3
 
 
+@pytest.mark.slow
 def test_same_images_with_one_and_two_processes(files, tmp_path, one_thread):
     settings = ["--vae", files["vae"], "--num-fid-samples", "6", "--per-proc-batch-size", "2", "--num-steps", "6",
                 "--cfg-scale", "2.0", "--cls-cfg-scale", "2.0", "--guidance-high", "0.7"]
@@ -120,6 +121,7 @@ class Killed(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_gives_the_same_npz(files, tmp_path, monkeypatch):
     run = dict(vae=files["vae"], num_samples=8, batch_size=2, **GUIDED)
     reference = load(sample(files["export"], tmp_path / "reference", **run))
@@ -219,6 +221,7 @@ def test_pixel_space_checkpoint_refuses_a_vae_before_loading_it(tmp_path):
                   "--sample-dir", str(tmp_path)])
 
 
+@pytest.mark.slow
 def test_damaged_pngs_are_drawn_again(files, tmp_path):
     run = dict(vae=files["vae"], num_samples=4, batch_size=2, **GUIDED)
     reference = load(sample(files["export"], tmp_path / "reference", **run))

@@ -18,11 +18,25 @@ from regdit.checkpoint import load_checkpoint
 from regdit.cli import main as cli_main
 from regdit.data import open_dataset
 from regdit.encoders import load_encoders, save_random_encoder
+from regdit.experiment import SamplePreview
 from regdit.interpolants import path_coefficients
 from regdit.loss import REGLoss
 from regdit.models import SiT
-from regdit.prepare import PrepareImagesConfig, PrepareLatentsConfig, prepare_images, prepare_latents
-from regdit.train import EvalSampling, ShardedBatchSampler, TrainConfig, setup, sit_config, step_randomness, train
+from regdit.prepare import (
+    PrepareImagesConfig,
+    PrepareLatentsConfig,
+    prepare_images,
+    prepare_latents,
+)
+from regdit.train import (
+    EvalSampling,
+    ShardedBatchSampler,
+    TrainConfig,
+    setup,
+    sit_config,
+    step_randomness,
+    train,
+)
 
 
 def assert_states_equal(a, b, exact=True):
@@ -104,6 +118,7 @@ def test_killed_run_resumes_bitwise(tiny_data, monkeypatch):
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_with_twice_the_batch(tiny_data):
     single = train(tiny_config(tiny_data, exp_name="single", max_train_steps=3))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -174,6 +189,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_data, monkeypa
     assert checkpoints == ["0000001.pt", "0000002.pt", "0000003.pt"]
 
 
+@pytest.mark.slow
 def test_sample_grid_and_metrics_are_written(tiny_data):
     result = train(tiny_config(tiny_data, exp_name="grid", max_train_steps=2, sampling_steps=2))
     grid = Image.open(result["exp_dir"] / "samples" / "0000002.png")
@@ -251,9 +267,17 @@ def test_fewer_classes_than_the_dataset_is_an_error(tiny_data):
         train(tiny_config(tiny_data, exp_name="classes", num_classes=3))
 
 
-def test_no_label_dropout_previews_without_guidance(tiny_data):
-    result = train(tiny_config(tiny_data, exp_name="no_cfg", class_dropout_prob=0.0, max_train_steps=2, sampling_steps=2))
-    assert (result["exp_dir"] / "samples" / "0000002.png").is_file()
+def test_no_label_dropout_previews_without_guidance(tiny_data, tmp_path):
+    """Without label dropout the model has no null class: its preview is the guidance-free grid of the official
+    ODE preview, drawn from the run's fixed noise."""
+    config = tiny_config(tiny_data, exp_name="no_cfg", class_dropout_prob=0.0, max_train_steps=2, sampling_steps=2)
+    result = train(config)
+    preview = SamplePreview(config, None, (3, 32, 32), result["ema"].z_dims[0], torch.device("cpu"))
+    assert (preview.sampling.sampler, preview.sampling.num_steps, preview.sampling.cfg_scale) == ("ode", 50, 1.0)
+    preview.save(result["ema"], tmp_path / "expected.png")
+    saved, expected = (np.asarray(Image.open(path)) for path in (result["exp_dir"] / "samples" / "0000002.png",
+                                                                   tmp_path / "expected.png"))
+    assert saved.shape == (128, 128, 3) and np.array_equal(saved, expected)
 
 
 def test_a_runs_config_yaml_is_a_valid_config(tiny_data, monkeypatch):
@@ -289,6 +313,7 @@ def test_tracker_must_be_installed(tiny_data, monkeypatch):
     assert accelerate.utils.is_tensorboard_available()  # the dev extra installs it: the next test uses it
 
 
+@pytest.mark.slow
 def test_tensorboard_receives_metrics_and_preview_grids(tiny_data):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     train(tiny_config(tiny_data, exp_name="tracked", max_train_steps=2, log_every=1, sampling_steps=2,
@@ -391,6 +416,7 @@ def logged_evaluations(exp_dir):
 EVAL_METRICS = ("inception_score", "fid", "sfid", "precision", "recall")
 
 
+@pytest.mark.slow
 def test_evaluation_while_training_equals_sample_then_eval(evaluated, reference, tiny_data):
     from regdit.evaluate import evaluate
     from regdit.sample import SampleConfig, Sampling, sample
@@ -409,6 +435,7 @@ def test_evaluation_while_training_equals_sample_then_eval(evaluated, reference,
     assert load_checkpoint(checkpoints / "best.pt")["steps"] == best
 
 
+@pytest.mark.slow
 def test_two_processes_evaluate_like_one(evaluated, reference, tiny_data):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**EVAL_FLAGS, **reference}.items()]
@@ -438,6 +465,7 @@ def test_an_unusable_reference_is_refused_before_training(tiny_data, reference):
     assert not (tiny_data / "exps" / "no_ref").exists()
 
 
+@pytest.mark.slow
 def test_report_overlays_runs_with_and_without_evaluations(tiny_data, evaluated):
     from regdit.cli import main
     evaluated = evaluated["result"]["exp_dir"]
