@@ -33,10 +33,13 @@ def write_digits(folder):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", default="shapes,digits", help="comma-separated: shapes, digits")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", default="shapes,digits",
+                        help="comma-separated: shapes, digits")
     parser.add_argument("--steps", type=int, default=DemoConfig.steps, help="training steps")
-    parser.add_argument("--output", default=None, help="folder for the runs (default: a temporary folder)")
+    parser.add_argument("--output", default=None,
+                        help="folder for the runs (default: a temporary folder)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as temp:
         root = Path(args.output or temp)
@@ -45,13 +48,14 @@ def main():
             data = None if name == "shapes" else str(write_digits(root / "digits-source"))
             summary = run_demo(DemoConfig(output=str(root / name), data=data, steps=args.steps))
             rows.append((name, summary))
-    print("\n| dataset | images | classes | steps | classifier score | held-out real accuracy | minutes |\n"
-          "|---|---|---|---|---|---|---|")
+    print("\n| dataset | images | classes | steps | classifier score | held-out real accuracy "
+          "| minutes |\n|---|---|---|---|---|---|---|")
     for name, s in rows:
-        print(f"| {name} | {s['training_images']} | {len(s['classes'])} | {s['steps']} | {s['classifier_score']:.1%} "
-              f"| {s['classifier_held_out_accuracy']:.1%} | {sum(s['timings_seconds'].values()) / 60:.1f} |")
-    print(json.dumps({name: {k: s[k] for k in ("classifier_score", "classifier_held_out_accuracy", "timings_seconds")}
-                      for name, s in rows}))
+        print(f"| {name} | {s['training_images']} | {len(s['classes'])} | {s['steps']} "
+              f"| {s['classifier_score']:.1%} | {s['classifier_held_out_accuracy']:.1%} "
+              f"| {sum(s['timings_seconds'].values()) / 60:.1f} |")
+    keys = ("classifier_score", "classifier_held_out_accuracy", "timings_seconds")
+    print(json.dumps({name: {k: s[k] for k in keys} for name, s in rows}))
 
 
 if __name__ == "__main__":
