@@ -48,7 +48,8 @@ def tensor_checksum(obj, kind="crc32"):
 
     def walk(value, name):
         if isinstance(value, torch.Tensor):
-            data = value.detach().cpu().contiguous().reshape(-1)  # a 0-dim tensor cannot be viewed as bytes
+            # a 0-dim tensor cannot be viewed as bytes
+            data = value.detach().cpu().contiguous().reshape(-1)
             hasher.update(f"{name} {value.dtype} {tuple(value.shape)}\n".encode())
             hasher.update(data.view(torch.uint8).numpy())  # bytes: bfloat16 has no numpy dtype
         elif isinstance(value, dict):
@@ -66,30 +67,34 @@ def _verify(tensors, recorded, what, fix):
     checksum."""
     kind = str(recorded).partition(":")[0]
     if kind not in CHECKSUMS:
-        raise RegditError(f"{what} records a checksum of unknown kind {kind!r}: load it with the regdit version that "
-                          "wrote it")
+        raise RegditError(f"{what} records a checksum of unknown kind {kind!r}: load it with the "
+                          "regdit version that wrote it")
     if tensor_checksum(tensors, kind) != recorded:
-        raise RegditError(f"{what} is corrupt: its tensors do not match the checksum recorded when it was {fix}")
+        raise RegditError(f"{what} is corrupt: its tensors do not match the checksum recorded when "
+                          f"it was {fix}")
 
 
 def error_reason(error):
     """`Type: first sentence` of an exception on one line (possibly just `Type`: some messages are
     empty)."""
-    text = str(error).rpartition("WeightsUnpickler error:")[2]  # not torch's advice to pass weights_only=False
-    reason = ([line.strip() for line in text.splitlines() if line.strip()] or [""])[0].split(". ")[0][:120]
+    # not torch's advice to pass weights_only=False
+    text = str(error).rpartition("WeightsUnpickler error:")[2]
+    first_line = ([line.strip() for line in text.splitlines() if line.strip()] or [""])[0]
+    reason = first_line.split(". ")[0][:120]
     return f"{type(error).__name__}: {reason}" if reason else type(error).__name__
 
 
 def _unreadable(path, error):
-    return RegditError(f"checkpoint {path} is unreadable ({error_reason(error)}): pass a training checkpoint (.pt) or an "
-                       "export (.safetensors); if it is one, it is truncated or corrupt: copy it again or use an "
-                       "earlier checkpoint")
+    return RegditError(f"checkpoint {path} is unreadable ({error_reason(error)}): pass a training "
+                       "checkpoint (.pt) or an export (.safetensors); if it is one, it is "
+                       "truncated or corrupt: copy it again or use an earlier checkpoint")
 
 
 def local_checkpoint(path):
     """The local path of a checkpoint; an `hf://` one is downloaded first (an export with its
     config.json)."""
-    return resolve_path(path, "checkpoint", beside=("config.json",) if str(path).endswith(".safetensors") else ())
+    beside = ("config.json",) if str(path).endswith(".safetensors") else ()
+    return resolve_path(path, "checkpoint", beside=beside)
 
 
 def load_checkpoint(path):
@@ -101,28 +106,38 @@ def load_checkpoint(path):
     if path.is_dir():
         found = sorted(path.glob("model.safetensors")) or sorted(path.glob("checkpoints/*.pt"))[-1:]
         raise RegditError(f"checkpoint {path} is a folder: pass " + (f"{found[0]}" if found else
-                          "a training checkpoint (EXP/checkpoints/NNNNNNN.pt) or an export (DIR/model.safetensors)"))
+                          "a training checkpoint (EXP/checkpoints/NNNNNNN.pt) or an export "
+                          "(DIR/model.safetensors)"))
     if not path.is_file():
-        raise RegditError(f"checkpoint {path} does not exist: pass the path of a .pt or .safetensors file")
+        raise RegditError(f"checkpoint {path} does not exist: pass the path of a .pt or "
+                          ".safetensors file")
     if path.stat().st_size == 0:
-        raise RegditError(f"checkpoint {path} is empty (0 bytes): copy it again or use an earlier checkpoint")
+        raise RegditError(f"checkpoint {path} is empty (0 bytes): copy it again or use an earlier "
+                          "checkpoint")
     if path.suffix == ".safetensors":
         return _load_export(path)
-    try:  # official checkpoints pickle their argparse args; allowed per call (libraries may reset the global list)
+    # official checkpoints pickle their argparse args; allowed per call (libraries may reset the
+    # global list)
+    try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated zip, bad pickle, foreign format: all unreadable for the user
+    except Exception as error:
+        # truncated zip, bad pickle, foreign format: all unreadable for the user
         raise _unreadable(path, error) from None
     if not isinstance(checkpoint, dict):
-        raise RegditError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a checkpoint (a dict of "
-                          "weights): pass a training checkpoint (.pt) or an export (.safetensors)")
+        raise RegditError(f"checkpoint {path} holds a {type(checkpoint).__name__}, not a "
+                          "checkpoint (a dict of weights): pass a training checkpoint (.pt) or an "
+                          "export (.safetensors)")
     if "checksum" in checkpoint:
         recorded = checkpoint.pop("checksum")
-        _verify(checkpoint, recorded, f"checkpoint {path}", "saved; use an earlier checkpoint or copy it again")
-    if "ema" not in checkpoint and "model" not in checkpoint:  # a bare state dict, like some released weights
+        _verify(checkpoint, recorded, f"checkpoint {path}",
+                "saved; use an earlier checkpoint or copy it again")
+    # a bare state dict, like some released weights
+    if "ema" not in checkpoint and "model" not in checkpoint:
         if not checkpoint or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-            raise RegditError(f"checkpoint {path} has no model weights (keys: {', '.join(map(str, checkpoint))}): "
-                              "pass a training checkpoint (.pt) or an export (.safetensors)")
+            raise RegditError(f"checkpoint {path} has no model weights (keys: "
+                              f"{', '.join(map(str, checkpoint))}): pass a training checkpoint "
+                              "(.pt) or an export (.safetensors)")
         checkpoint = {"ema": checkpoint}
     return checkpoint
 
@@ -131,24 +146,26 @@ def _load_export(path):
     """An export: EMA weights in `path`, its settings in the config.json beside it."""
     config_path = path.with_name("config.json")
     if not config_path.is_file():
-        raise RegditError(f"export {path} has no config.json beside it: put the config.json that `regdit export` "
-                          "wrote in the same folder, or export again")
+        raise RegditError(f"export {path} has no config.json beside it: put the config.json that "
+                          "`regdit export` wrote in the same folder, or export again")
     try:
         config = json.loads(config_path.read_text())
     except ValueError as error:  # bad JSON or bad UTF-8
-        raise RegditError(f"{config_path}, the settings of {path}, is not JSON ({error_reason(error)}): copy it again or "
-                          "export again") from None
+        raise RegditError(f"{config_path}, the settings of {path}, is not JSON "
+                          f"({error_reason(error)}): copy it again or export again") from None
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
-        raise RegditError(f'{config_path}, the settings of {path}, has no "model" settings: copy it again or export '
-                          "again")
-    SiTConfig.from_dict(config["model"], str(config_path))  # checked where it enters, naming the file
+        raise RegditError(f'{config_path}, the settings of {path}, has no "model" settings: '
+                          "copy it again or export again")
+    # checked where it enters, naming the file
+    SiTConfig.from_dict(config["model"], str(config_path))
     try:
         with safe_open(path, framework="pt") as f:
             metadata, ema = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
     except Exception as error:  # bad header, truncated file
         raise _unreadable(path, error) from None
     if "checksum" in metadata:
-        _verify(ema, metadata["checksum"], f"export {path}", "exported; copy it again or export it again")
+        _verify(ema, metadata["checksum"], f"export {path}",
+                "exported; copy it again or export it again")
     return {"ema": ema, "model_config": config["model"], "latents": config.get("latents") or {},
             "args": argparse.Namespace(path_type=config.get("path_type"))}
 
@@ -174,7 +191,8 @@ def _size_setting(state_dict, expected):
         return {k.split(".")[1] for k in weights if k.startswith("blocks.")}
 
     def differs(key, dims=slice(None)):
-        return key in state_dict and tuple(state_dict[key].shape)[dims] != tuple(expected[key].shape)[dims]
+        return (key in state_dict
+                and tuple(state_dict[key].shape)[dims] != tuple(expected[key].shape)[dims])
 
     if blocks(state_dict) != blocks(expected):
         return "--depth"
@@ -191,11 +209,13 @@ def _setting_hint(keys, state_dict, expected, size_flags=True):
     """The command-line setting most likely responsible for the mismatched parameter names `keys` of
     `state_dict` against the model's `expected` ones. `size_flags`: the command has --depth,
     --hidden-size and --num-heads (train), else the size is --model's (sample)."""
-    if any((".q_norm" in k or ".k_norm" in k) and not (k in state_dict and k in expected) for k in keys):
+    if any((".q_norm" in k or ".k_norm" in k) and not (k in state_dict and k in expected)
+           for k in keys):
         return "--qk-norm"
     if any(k.startswith("decoder_blocks.") for k in keys):
         return "--legacy (early REPA layout)"
-    if any(k.startswith(("x_embedder", "t_embedder", "blocks.")) for k in keys):  # depth, width or patch size
+    # depth, width or patch size
+    if any(k.startswith(("x_embedder", "t_embedder", "blocks.")) for k in keys):
         return _size_setting(state_dict, expected) if size_flags else "--model"
     if any(k.startswith(("cls_projectors2", "wg_norm", "final_layer.linear_cls")) for k in keys):
         return "--cls-dim / --z-dims (REG class token) or REPA vs REG weights"
@@ -212,8 +232,8 @@ def check_weights(state_dict, source):
     """One line naming `source` unless `state_dict` is a dict of tensors by name."""
     if not (isinstance(state_dict, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                  for k, v in state_dict.items())):
-        raise RegditError(f"{source} holds no model weights (a dict of tensors by name): pass a training checkpoint "
-                          "(.pt) or an export (.safetensors)")
+        raise RegditError(f"{source} holds no model weights (a dict of tensors by name): pass a "
+                          "training checkpoint (.pt) or an export (.safetensors)")
 
 
 def check_state_dict(expected, state_dict, source, size_flags=True):
@@ -223,14 +243,16 @@ def check_state_dict(expected, state_dict, source, size_flags=True):
     check_weights(state_dict, source)
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [k for k in expected if k in state_dict and state_dict[k].shape != expected[k].shape]
+    mismatched = [k for k in expected
+                  if k in state_dict and state_dict[k].shape != expected[k].shape]
     if missing or unexpected or mismatched:
+        groups = (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched))
         parts = [f"{label} {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
-                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched))
-                 if keys]
+                 for label, keys in groups if keys]
         if mismatched:
             k = mismatched[0]
-            parts.append(f"({k}: checkpoint {tuple(state_dict[k].shape)}, model {tuple(expected[k].shape)})")
+            parts.append(f"({k}: checkpoint {tuple(state_dict[k].shape)}, model "
+                         f"{tuple(expected[k].shape)})")
         hint = _setting_hint(missing + unexpected + mismatched, state_dict, expected, size_flags)
         raise RegditError(f"{source} does not match the model: {'; '.join(parts)}; check {hint}")
 
@@ -242,7 +264,8 @@ def load_state_dict_checked(model, state_dict, source, size_flags=True):
     model.load_state_dict(state_dict, strict=True)
 
 
-def model_config_from_checkpoint(checkpoint, state_dict=None, model_name=None, source="checkpoint", **overrides):
+def model_config_from_checkpoint(checkpoint, state_dict=None, model_name=None, source="checkpoint",
+                                 **overrides):
     """The SiTConfig of a checkpoint: regdit files store it; for official files it is read off the
     weights' shapes (`state_dict`, default its EMA weights) and the saved args. `model_name` (its
     size and patch, e.g. "SiT-XL/2") and `overrides` (SiTConfig fields, e.g. encoder_depth from the
@@ -258,8 +281,8 @@ def model_config_from_checkpoint(checkpoint, state_dict=None, model_name=None, s
         values.update(model_arguments(model_name))
     values.update(overrides)
     if values.get("num_heads") is None:
-        raise RegditError(f"cannot tell the number of attention heads of {source}, a custom-size checkpoint: "
-                          "pass --model with a standard size")
+        raise RegditError(f"cannot tell the number of attention heads of {source}, a custom-size "
+                          "checkpoint: pass --model with a standard size")
     return SiTConfig.from_dict(values, source)
 
 
@@ -279,35 +302,39 @@ def _parameter_shapes(config, source, num_tensors):
     of them than `num_tensors` (the checkpoint's) cannot fit: refused before spending the time to
     build them."""
     if config.depth + len(config.z_dims) > num_tensors:
-        raise RegditError(f"{source} does not match the model: {config.depth} blocks and {len(config.z_dims)} "
-                          f"projectors cannot fit in its {num_tensors} tensors; check --model")
+        raise RegditError(f"{source} does not match the model: {config.depth} blocks and "
+                          f"{len(config.z_dims)} projectors cannot fit in its {num_tensors} "
+                          "tensors; check --model")
     try:
         with torch.device("meta"), _ShapesOnly():
             return SiT(config).state_dict()
-    except (RuntimeError, TypeError) as error:  # how torch says a size or an element count overflows int64
+    except (RuntimeError, TypeError) as error:
+        # how torch says a size or an element count overflows int64
         if "overflow" not in str(error).lower():
             raise
-        raise RegditError(f"{source}: its model settings ask for tensors of more than 2**63 elements; check "
-                          "--model") from None
+        raise RegditError(f"{source}: its model settings ask for tensors of more than 2**63 "
+                          "elements; check --model") from None
 
 
-def build_model_from_checkpoint(checkpoint, source="checkpoint", weights="ema", model_name=None, legacy=False,
-                                fused_attn=True, **overrides):
+def build_model_from_checkpoint(checkpoint, source="checkpoint", weights="ema", model_name=None,
+                                legacy=False, fused_attn=True, **overrides):
     """`SiT(config)` with the checkpoint's `weights` ("ema" or "model") loaded strictly, the config
     from `model_config_from_checkpoint`; `source` names the checkpoint in errors. The parameter
     names and shapes are compared with the weights on a meta-device model first, so a config that
     does not match costs no memory and one that does costs what the weights do. `legacy` renumbers
     official `decoder_blocks` weights first (`--legacy`)."""
     if weights not in checkpoint:
-        raise RegditError(f"{source} has no {weights} weights (keys: {', '.join(map(str, checkpoint))})")
+        raise RegditError(f"{source} has no {weights} weights (keys: "
+                          f"{', '.join(map(str, checkpoint))})")
     state_dict = checkpoint[weights]
     check_weights(state_dict, source)
     if legacy:
         args = saved_args(checkpoint, source)
-        state_dict = convert_legacy_state_dict(state_dict, overrides.get("encoder_depth",
-                                                                          args.get("encoder_depth", 8)))
+        encoder_depth = overrides.get("encoder_depth", args.get("encoder_depth", 8))
+        state_dict = convert_legacy_state_dict(state_dict, encoder_depth)
     config = model_config_from_checkpoint(checkpoint, state_dict, model_name, source, **overrides)
-    check_state_dict(_parameter_shapes(config, source, len(state_dict)), state_dict, source, size_flags=False)
+    check_state_dict(_parameter_shapes(config, source, len(state_dict)), state_dict, source,
+                     size_flags=False)
     model = SiT(config, fused_attn=fused_attn)
     model.load_state_dict(state_dict, strict=True)
     return model
@@ -340,7 +367,8 @@ def from_pretrained(source, weights="ema", fused_attn=True):
         source = location.at(f"{location.path}/model.safetensors")
     elif os.path.isdir(source):
         source = os.path.join(source, "model.safetensors")
-    return build_model_from_checkpoint(load_checkpoint(source), source, weights, fused_attn=fused_attn).eval()
+    return build_model_from_checkpoint(load_checkpoint(source), source, weights,
+                                       fused_attn=fused_attn).eval()
 
 
 def save_pretrained(model, save_directory, latents=None, path_type=None):

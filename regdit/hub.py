@@ -53,7 +53,8 @@ class HubPath:
     def at(self, path):
         """The `hf://` URL of `path` in the same repository and revision."""
         prefix = "datasets/" if self.repo_type == "dataset" else ""
-        return f"{PREFIX}{prefix}{self.repo_id}/{path.strip('/')}" + (f"@{self.revision}" if self.revision else "")
+        revision = f"@{self.revision}" if self.revision else ""
+        return f"{PREFIX}{prefix}{self.repo_id}/{path.strip('/')}{revision}"
 
     def download_command(self):
         """The `hf download` command that puts this file or folder into the cache."""
@@ -63,7 +64,8 @@ class HubPath:
         return " ".join(part for part in ("hf download", self.repo_id, target, *options) if part)
 
 
-REVISION = re.compile(r"[\w][\w.+-]*")  # a branch, tag or commit hash: letters, digits and _ . + - after the first
+# a branch, tag or commit hash: letters, digits and _ . + - after the first
+REVISION = re.compile(r"[\w][\w.+-]*")
 
 
 def _revision_and_path(rest):
@@ -111,8 +113,8 @@ def parse(url, what=None):
     revision, path = _revision_and_path(rest)
     if revision is not None and not (REVISION.fullmatch(revision) and revision != "refs"
                                      or SPECIAL_REFS_REVISION_REGEX.fullmatch(revision)):
-        raise refuse(f"revision {revision!r} is not a branch, tag or commit hash, nor refs/pr/N or refs/convert/NAME"
-                     if revision else "an empty revision after @")
+        raise refuse(f"revision {revision!r} is not a branch, tag or commit hash, nor refs/pr/N or "
+                     "refs/convert/NAME" if revision else "an empty revision after @")
     path = path.removeprefix("/").removesuffix("/")  # a trailing / may mark a folder
     if path and any(part in ("", ".", "..") for part in path.split("/")):
         raise refuse(f"the path {path!r} has an empty, '.' or '..' part")
@@ -121,9 +123,10 @@ def parse(url, what=None):
 
 def _not_cached(hub, what):
     reason = "HF_HUB_OFFLINE=1 is set" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
-    return RegditError(f"{what} {hub.url} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {reason}: "
-                       f"fetch it once with `{hub.download_command()}` on a machine with network (same "
-                       "HF_HUB_CACHE), then HF_HUB_OFFLINE=1 works")
+    return RegditError(f"{what} {hub.url} is not in the Hugging Face cache "
+                       f"({constants.HF_HUB_CACHE}) and {reason}: fetch it once with "
+                       f"`{hub.download_command()}` on a machine with network (same HF_HUB_CACHE), "
+                       "then HF_HUB_OFFLINE=1 works")
 
 
 @contextlib.contextmanager
@@ -135,11 +138,11 @@ def _hub_errors(hub, what):
     except LocalEntryNotFoundError:  # offline, or the Hub unreachable, and not in the cache
         raise _not_cached(hub, what) from None
     except GatedRepoError:
-        raise RegditError(f"{where}: {hub.repo_id} is gated: accept its terms on huggingface.co, then log in "
-                          "(`hf auth login` or HF_TOKEN)") from None
+        raise RegditError(f"{where}: {hub.repo_id} is gated: accept its terms on huggingface.co, "
+                          "then log in (`hf auth login` or HF_TOKEN)") from None
     except RepositoryNotFoundError:
-        raise RegditError(f"{where}: no repository {hub.repo_id} on the Hub, or it is private: check the name, or "
-                          "log in (`hf auth login` or HF_TOKEN)") from None
+        raise RegditError(f"{where}: no repository {hub.repo_id} on the Hub, or it is private: "
+                          "check the name, or log in (`hf auth login` or HF_TOKEN)") from None
     except RevisionNotFoundError:
         raise RegditError(f"{where}: {hub.repo_id} has no revision {hub.revision}") from None
     except EntryNotFoundError:
@@ -163,17 +166,19 @@ def resolve_path(path, what, beside=()):
             local = Path(hf_hub_download(filename=hub.path, **location))
         _check_inside_cache(hub, local, what)
         for name in beside:
-            resolve_path(hub.at(str(PurePosixPath(hub.path).with_name(name))), f"{name} of {what} {path}")
+            resolve_path(hub.at(str(PurePosixPath(hub.path).with_name(name))),
+                         f"{name} of {what} {path}")
         return local
     with _hub_errors(hub, what):
         # offline, snapshot_download returns the cached snapshot without checking that it holds the
         # folder
-        local = Path(snapshot_download(allow_patterns=[f"{hub.path}/*"] if hub.path else None, **location)) / hub.path
+        patterns = [f"{hub.path}/*"] if hub.path else None
+        local = Path(snapshot_download(allow_patterns=patterns, **location)) / hub.path
     if not local.is_dir() or not any(local.iterdir()):
         if constants.HF_HUB_OFFLINE:
             raise _not_cached(hub, what)
-        raise RegditError(f"{what} {path}: {hub.repo_id} has no folder {hub.path}: check the path on "
-                          f"https://huggingface.co/{hub.repo_id}")
+        raise RegditError(f"{what} {path}: {hub.repo_id} has no folder {hub.path}: check the path "
+                          f"on https://huggingface.co/{hub.repo_id}")
     _check_inside_cache(hub, local, what)
     return local
 
@@ -183,14 +188,15 @@ def _check_inside_cache(hub, local, what):
     cache links each file of a snapshot to its blobs/ (or copies it where links are unsupported), so
     every real path, symbolic links followed, of `local` and of all it holds must lie inside that
     folder."""
-    repo_cache = os.path.realpath(Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=hub.repo_id,
-                                                                                  repo_type=hub.repo_type))
-    entries = [local] + [Path(folder) / name for folder, folders, files in os.walk(local) for name in folders + files]
+    repo_folder = repo_folder_name(repo_id=hub.repo_id, repo_type=hub.repo_type)
+    repo_cache = os.path.realpath(Path(constants.HF_HUB_CACHE) / repo_folder)
+    entries = [local] + [Path(folder) / name for folder, folders, files in os.walk(local)
+                         for name in folders + files]
     for entry in entries:
         real = os.path.realpath(entry)
         if os.path.commonpath([real, repo_cache]) != repo_cache:
-            raise RegditError(f"{what} {hub.url}: {entry} in the Hugging Face cache leads to {real}, outside the "
-                              f"cache folder of {hub.repo_id} ({repo_cache}); delete that folder and fetch the path "
-                              "again")
+            raise RegditError(f"{what} {hub.url}: {entry} in the Hugging Face cache leads to "
+                              f"{real}, outside the cache folder of {hub.repo_id} ({repo_cache}); "
+                              "delete that folder and fetch the path again")
 
 

@@ -35,16 +35,19 @@ class TrainingEvaluation:
 
     def __init__(self, config, dataset, state, vae):
         if config.ref_batch is None:
-            raise RegditError(f"--eval-every {config.eval_every} needs --ref-batch REF.npz (build one from the "
-                              "training images with `regdit eval --make-ref IMAGES --output REF.npz`)")
+            raise RegditError(f"--eval-every {config.eval_every} needs --ref-batch REF.npz (build "
+                              "one from the training images with "
+                              "`regdit eval --make-ref IMAGES --output REF.npz`)")
         self.config, self.state, self.vae = config, state, vae
-        with state.main_process_first():  # one process downloads what is missing, the others then read the cache
+        # one process downloads what is missing, the others then read the cache
+        with state.main_process_first():
             self.inception = load_inception(config.inception_weights, state.device)
             ref_batch = reference_batch_path(config.ref_batch)  # local, hf:// or ADM's by name
         with load_npz_images(ref_batch) as images:
             shape = (config.eval_samples, dataset.resolution, dataset.resolution, 3)
             check_resolutions(ref_batch, images.shape, "of this run", shape)
-            self.reference = Reference.from_batch(ref_batch, images, self.inception, config.eval_batch_size, state)
+            self.reference = Reference.from_batch(ref_batch, images, self.inception,
+                                                  config.eval_batch_size, state)
         warn_if_few((ref_batch, len(self.reference.pool)), ("--eval-samples", config.eval_samples))
 
     def __call__(self, ema):
@@ -54,19 +57,24 @@ class TrainingEvaluation:
         started = time.perf_counter()
         starts = range(0, config.eval_samples, config.eval_batch_size)
         features = {}
-        with tf32(True):  # as `regdit sample` samples (its --tf32 default, cuDNN's default): the same numbers on GPU
+        # as `regdit sample` samples (its --tf32 default, cuDNN's default): the same numbers on GPU
+        with tf32(True):
             for k in range(state.process_index, len(starts), state.num_processes):
-                indices = range(starts[k], min(starts[k] + config.eval_batch_size, config.eval_samples))
+                end = min(starts[k] + config.eval_batch_size, config.eval_samples)
+                indices = range(starts[k], end)
                 images = sample_batch(ema, self.vae, indices, config.eval, config.seed, False,
                                       config.eval_mixed_precision, config.path_type)
                 features[k] = batch_activations(images, self.inception)
         batches = gather_batches(features, state)
         metrics = None
-        if state.is_main_process:  # the metrics once (two 2048 x 2048 matrix square roots), then to every process
-            sample = {name: np.concatenate([batches[k][name] for k in range(len(starts))]) for name in FEATURES}
+        # the metrics once (two 2048 x 2048 matrix square roots), then to every process
+        if state.is_main_process:
+            sample = {name: np.concatenate([batches[k][name] for k in range(len(starts))])
+                      for name in FEATURES}
             try:
                 metrics = self.reference.metrics(sample, state.device)
-            except RegditError as error:  # e.g. an FID that cannot be computed: said, and training goes on
+            except RegditError as error:
+                # e.g. an FID that cannot be computed: said, and training goes on
                 metrics = {"error": str(error)}
         if state.num_processes > 1:
             metrics = broadcast_object_list([metrics])[0]

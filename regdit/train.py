@@ -32,7 +32,14 @@ from tqdm import tqdm
 
 from regdit import RegditError, cpu_launch
 from regdit.config import Settings, flag, flat_settings, leaf_fields, nested
-from regdit.experiment import Checkpoints, MetricLog, SamplePreview, check_run_files, load_init_weights, log_image
+from regdit.experiment import (
+    Checkpoints,
+    MetricLog,
+    SamplePreview,
+    check_run_files,
+    load_init_weights,
+    log_image,
+)
 from regdit.files import atomic_write, check_writable, remove_temp_files
 from regdit.interpolants import PATH_TYPES, WEIGHTINGS
 from regdit.loss import LOSS_TERMS, REGLoss
@@ -48,25 +55,32 @@ class Method:
     cls_token: bool  # the first encoder's class token is denoised jointly with the image (REG)
 
 
-METHODS = {"reg": Method(encoders=True, cls_token=True), "repa": Method(encoders=True, cls_token=False),
+METHODS = {"reg": Method(encoders=True, cls_token=True),
+           "repa": Method(encoders=True, cls_token=False),
            "sit": Method(encoders=False, cls_token=False)}
 
 # The paper's recipes (REG, arXiv 2507.01467, and its baselines), as flag values.
 PRESETS = {
-    "reg-sit-xl2-dinov2b": dict(model="SiT-XL/2", method="reg", enc_type="dinov2-vit-b", encoder_depth=8,
-                                proj_coeff=0.5, cls_coeff=0.03, batch_size=256, max_train_steps=4_000_000),
-    "reg-sit-l2-dinov2b": dict(model="SiT-L/2", method="reg", enc_type="dinov2-vit-b", encoder_depth=8,
-                               proj_coeff=0.5, cls_coeff=0.03, batch_size=256, max_train_steps=400_000),
-    "reg-sit-b2-dinov2b": dict(model="SiT-B/2", method="reg", enc_type="dinov2-vit-b", encoder_depth=4,
-                               proj_coeff=0.5, cls_coeff=0.03, batch_size=256, max_train_steps=400_000),
-    "repa-sit-xl2-dinov2b": dict(model="SiT-XL/2", method="repa", enc_type="dinov2-vit-b", encoder_depth=8,
-                                 proj_coeff=0.5, batch_size=256, max_train_steps=4_000_000),
-    "sit-xl2": dict(model="SiT-XL/2", method="sit", proj_coeff=0.0, batch_size=256, max_train_steps=7_000_000),
+    "reg-sit-xl2-dinov2b": dict(model="SiT-XL/2", method="reg", enc_type="dinov2-vit-b",
+                                encoder_depth=8, proj_coeff=0.5, cls_coeff=0.03, batch_size=256,
+                                max_train_steps=4_000_000),
+    "reg-sit-l2-dinov2b": dict(model="SiT-L/2", method="reg", enc_type="dinov2-vit-b",
+                               encoder_depth=8, proj_coeff=0.5, cls_coeff=0.03, batch_size=256,
+                               max_train_steps=400_000),
+    "reg-sit-b2-dinov2b": dict(model="SiT-B/2", method="reg", enc_type="dinov2-vit-b",
+                               encoder_depth=4, proj_coeff=0.5, cls_coeff=0.03, batch_size=256,
+                               max_train_steps=400_000),
+    "repa-sit-xl2-dinov2b": dict(model="SiT-XL/2", method="repa", enc_type="dinov2-vit-b",
+                                 encoder_depth=8, proj_coeff=0.5, batch_size=256,
+                                 max_train_steps=4_000_000),
+    "sit-xl2": dict(model="SiT-XL/2", method="sit", proj_coeff=0.0, batch_size=256,
+                    max_train_steps=7_000_000),
 }
 # 512 px, which the official code supports with DINOv2 encoders: DINOv2 sees 224 * 512 / 256 = 448
 # px, 32x32 patches of 14, as many as the SiT-*/2 tokens of 64x64 latents. The paper reports no 512
 # run: lengths are the 256 px ones.
-PRESETS.update({f"{name}-512": {**recipe, "resolution": 512} for name, recipe in list(PRESETS.items())
+PRESETS.update({f"{name}-512": {**recipe, "resolution": 512}
+                for name, recipe in list(PRESETS.items())
                 if recipe.get("enc_type", "").startswith("dinov2")})
 
 
@@ -84,52 +98,66 @@ class TrainConfig(Settings):
     PRESETS: ClassVar[dict] = PRESETS
     # experiment
     output_dir: str = flag("exps", "folder of experiments")
-    exp_name: str = flag("reg", "experiment name: OUTPUT_DIR/EXP_NAME holds checkpoints, metrics and samples")
+    exp_name: str = flag("reg", "experiment name: OUTPUT_DIR/EXP_NAME holds checkpoints, metrics "
+                                "and samples")
     logging_dir: str = flag("logs", "tracker folder inside the experiment (tensorboard)")
     report_to: str = flag("none", "accelerate tracker (metrics.jsonl is always written)",
                           choices=["none", "tensorboard", "wandb"])
-    log_every: int = flag(100, "average and log the metrics every N steps (the only host synchronisation)", at_least=1)
-    sampling_steps: int = flag(10000, "save a grid of EMA samples every N steps (0: never)", at_least=0)
+    log_every: int = flag(100, "average and log the metrics every N steps (the only host "
+                               "synchronisation)", at_least=1)
+    sampling_steps: int = flag(10000, "save a grid of EMA samples every N steps (0: never)",
+                               at_least=0)
     checkpointing_steps: int = flag(10000, "save a checkpoint every N steps", at_least=1)
-    resume_step: int = flag(0, "resume from checkpoints/<step>.pt; 0 resumes from the latest good checkpoint if any",
-                            at_least=0)
-    init_from: str | None = flag(None, "start a new run (fresh optimizer, step 0) from these weights: a regdit or "
-                                       "official .pt or an export, local or hf://; any dataset and class count (the "
-                                       "class embedding is resized). An experiment with checkpoints resumes from "
-                                       "them instead, with a note that --init-from is not used", metavar="CKPT")
-    init_weights: str = flag("ema", "which weights of --init-from to start from", choices=["ema", "model"])
+    resume_step: int = flag(0, "resume from checkpoints/<step>.pt; 0 resumes from the latest good "
+                               "checkpoint if any", at_least=0)
+    init_from: str | None = flag(None, "start a new run (fresh optimizer, step 0) from these "
+                                       "weights: a regdit or official .pt or an export, local or "
+                                       "hf://; any dataset and class count (the class embedding is "
+                                       "resized). An experiment with checkpoints resumes from them "
+                                       "instead, with a note that --init-from is not used",
+                                 metavar="CKPT")
+    init_weights: str = flag("ema", "which weights of --init-from to start from",
+                             choices=["ema", "model"])
     # model: SiTConfig fields
     model: str = flag("SiT-XL/2", "model size and patch", choices=SiT_models)
-    method: str = flag("reg", "reg (entangled class token + REPA), repa (projection loss only) or sit (neither)",
-                       choices=METHODS)
+    method: str = flag("reg", "reg (entangled class token + REPA), repa (projection loss only) or "
+                              "sit (neither)", choices=METHODS)
     num_classes: int = flag(1000, "number of classes (the null class is this index)", at_least=1)
-    class_dropout_prob: float = flag(0.1, "label dropout probability for classifier-free guidance", at_least=0,
-                                     at_most=1, aliases=("--cfg-prob",))
-    encoder_depth: int = flag(8, "SiT block (1-based) whose output is aligned with the encoder (REPA)", at_least=1)
+    class_dropout_prob: float = flag(0.1, "label dropout probability for classifier-free guidance",
+                                     at_least=0, at_most=1, aliases=("--cfg-prob",))
+    encoder_depth: int = flag(8, "SiT block (1-based) whose output is aligned with the encoder "
+                                 "(REPA)", at_least=1)
     projector_dim: int = flag(2048, "hidden width of the projector MLPs", at_least=1)
     qk_norm: bool = flag(False, "per-head LayerNorm of queries and keys")
     depth: int | None = flag(None, "override the model's depth (small experiments)", at_least=1)
-    hidden_size: int | None = flag(None, "override the model's width (small experiments)", at_least=1)
-    num_heads: int | None = flag(None, "override the model's attention heads (small experiments)", at_least=1)
+    hidden_size: int | None = flag(None, "override the model's width (small experiments)",
+                                   at_least=1)
+    num_heads: int | None = flag(None, "override the model's attention heads (small experiments)",
+                                 at_least=1)
     fused_attn: bool = flag(True, "attention through F.scaled_dot_product_attention")
     # data
-    data_dir: str = flag("../data/imagenet256", "dataset folder (regdit or official layout, see README)")
+    data_dir: str = flag("../data/imagenet256", "dataset folder (regdit or official layout, see "
+                                                "README)")
     resolution: int = flag(256, "image resolution of the dataset", at_least=8)
-    batch_size: int = flag(256, "global batch size of one optimizer step (all processes, all accumulation steps)",
-                           at_least=1)
+    batch_size: int = flag(256, "global batch size of one optimizer step (all processes, all "
+                                "accumulation steps)", at_least=1)
     num_workers: int = flag(4, "data loader workers per process", at_least=0)
-    vae: str | None = flag(None, "VAE of the preview grids and evaluations: ema, mse, a Hub id or folder (default: "
-                                 "the dataset's, else ema as the official code and `regdit sample`)")
+    vae: str | None = flag(None, "VAE of the preview grids and evaluations: ema, mse, a Hub id or "
+                                 "folder (default: the dataset's, else ema as the official code "
+                                 "and `regdit sample`)")
     # encoders
-    enc_type: str = flag("dinov2-vit-b", "frozen encoder(s), comma-separated; the first gives the class token")
-    enc_path: str | None = flag(None, "local weights file/folder of the encoder(s), comma-separated "
-                                      "(default: $REGDIT_ENCODER_PATH, else the Hub)")
+    enc_type: str = flag("dinov2-vit-b", "frozen encoder(s), comma-separated; the first gives the "
+                                         "class token")
+    enc_path: str | None = flag(None, "local weights file/folder of the encoder(s), "
+                                      "comma-separated (default: $REGDIT_ENCODER_PATH, else the "
+                                      "Hub)")
     # precision and speed
     mixed_precision: str | None = flag(None, "no, fp16 or bf16 (default: bf16 on GPU, no on CPU)",
                                        choices=["no", "fp16", "bf16"])
     allow_tf32: bool = flag(False, "TF32 matmuls for the float32 parts")
     compile: bool = flag(False, "torch.compile the model")
-    grad_checkpointing: bool = flag(False, "recompute each block's activations in the backward pass (less memory)")
+    grad_checkpointing: bool = flag(False, "recompute each block's activations in the backward "
+                                           "pass (less memory)")
     # optimisation
     epochs: int = flag(1400, "stop after this many epochs", at_least=1)
     max_train_steps: int = flag(400000, "stop after this many optimizer steps", at_least=1)
@@ -139,43 +167,51 @@ class TrainConfig(Settings):
     adam_beta2: float = flag(0.999, "AdamW beta2", at_least=0, below=1)
     adam_weight_decay: float = flag(0.0, "AdamW weight decay", at_least=0)
     adam_epsilon: float = flag(1e-8, "AdamW epsilon", above=0)
-    max_grad_norm: float = flag(1.0, "gradient clipping norm (inf: no clipping)", above=0, allow_inf=True)
+    max_grad_norm: float = flag(1.0, "gradient clipping norm (inf: no clipping)",
+                                above=0, allow_inf=True)
     ema_decay: float = flag(0.9999, "EMA decay, applied every step", at_least=0, below=1)
-    seed: int = flag(0, "seed of every random draw (data order, noise, time, label dropout)", at_least=0)
+    seed: int = flag(0, "seed of every random draw (data order, noise, time, label dropout)",
+                     at_least=0)
     # loss: REGLoss fields
     path_type: str = flag("linear", "interpolation path", choices=PATH_TYPES)
     prediction: str = flag("v", "model target (the official code implements v only)", choices=["v"])
     weighting: str = flag("uniform", "time distribution", choices=WEIGHTINGS)
     proj_coeff: float = flag(0.5, "weight of the REPA projection loss", at_least=0)
-    cls_coeff: float = flag(0.03, "weight of the class-token denoising loss (REG)", at_least=0, aliases=("--cls",))
-    extra_terms: list[str] | None = flag(None, "further weighted loss terms of regdit.loss.LOSS_TERMS, as "
-                                               "NAME=WEIGHT", metavar="NAME=WEIGHT")
-    legacy: bool = flag(False, "also drop labels outside the model, as early REPA runs did (double dropout)")
-    official_cosine_cls_target: bool = flag(False, "replay the official broadcast of the cosine-path class-token "
-                                                   "target (see regdit.loss.REGLoss)")
+    cls_coeff: float = flag(0.03, "weight of the class-token denoising loss (REG)",
+                            at_least=0, aliases=("--cls",))
+    extra_terms: list[str] | None = flag(None, "further weighted loss terms of "
+                                               "regdit.loss.LOSS_TERMS, as NAME=WEIGHT",
+                                         metavar="NAME=WEIGHT")
+    legacy: bool = flag(False, "also drop labels outside the model, as early REPA runs did (double "
+                               "dropout)")
+    official_cosine_cls_target: bool = flag(False, "replay the official broadcast of the "
+                                                   "cosine-path class-token target (see "
+                                                   "regdit.loss.REGLoss)")
     # evaluation while training: FID-K of the EMA weights; its numbers equal `regdit sample` +
     # `regdit eval`
-    eval_every: int = flag(0, "evaluate the EMA weights every N steps: FID, sFID, IS, precision, recall to "
-                              "metrics.jsonl and the tracker, the best FID's checkpoint as checkpoints/best.pt "
-                              "(0: never)", at_least=0)
+    eval_every: int = flag(0, "evaluate the EMA weights every N steps: FID, sFID, IS, precision, "
+                              "recall to metrics.jsonl and the tracker, the best FID's checkpoint "
+                              "as checkpoints/best.pt (0: never)", at_least=0)
     eval_samples: int = flag(10000, "samples per evaluation (FID-K)", at_least=4)
-    ref_batch: str | None = flag(None, "reference batch of --eval-every (ADM .npz; `regdit eval --make-ref` builds "
-                                       "one; ADM's by name, e.g. imagenet256, downloaded once)")
+    ref_batch: str | None = flag(None, "reference batch of --eval-every (ADM .npz; "
+                                       "`regdit eval --make-ref` builds one; ADM's by name, e.g. "
+                                       "imagenet256, downloaded once)")
     inception_weights: str | None = flag(None, "Inception weights of --eval-every (default: "
-                                               "$REGDIT_INCEPTION_WEIGHTS, else torch-fidelity's cache, downloaded "
-                                               "there on first use)")
+                                               "$REGDIT_INCEPTION_WEIGHTS, else torch-fidelity's "
+                                               "cache, downloaded there on first use)")
     eval: EvalSampling = nested(EvalSampling, "how the evaluation samples are drawn")
-    eval_batch_size: int = flag(64, "evaluation samples (and Inception images) per batch and process", at_least=1)
-    eval_mixed_precision: str = flag("no", "autocast of the evaluation sampling (no: float32, as `regdit sample`)",
-                                     choices=["no", "bf16", "fp16"])
+    eval_batch_size: int = flag(64, "evaluation samples (and Inception images) per batch and "
+                                    "process", at_least=1)
+    eval_mixed_precision: str = flag("no", "autocast of the evaluation sampling (no: float32, as "
+                                           "`regdit sample`)", choices=["no", "bf16", "fp16"])
 
     def check(self):
         if self.eval.cfg_scale > 1 and self.class_dropout_prob == 0:
-            raise RegditError(f"--eval-cfg-scale {self.eval.cfg_scale} needs a null class: train with --cfg-prob > 0, "
-                              "or evaluate with --eval-cfg-scale 1")
+            raise RegditError(f"--eval-cfg-scale {self.eval.cfg_scale} needs a null class: train "
+                              "with --cfg-prob > 0, or evaluate with --eval-cfg-scale 1")
         if self.eval.path_type not in (None, self.path_type):
-            raise RegditError(f"--eval-path-type {self.eval.path_type}: the model is trained on --path-type "
-                              f"{self.path_type}; leave --eval-path-type unset")
+            raise RegditError(f"--eval-path-type {self.eval.path_type}: the model is trained on "
+                              f"--path-type {self.path_type}; leave --eval-path-type unset")
         self.extra_weights()  # every NAME=WEIGHT is checked when the config is made
 
     def extra_weights(self):
@@ -189,15 +225,17 @@ class TrainConfig(Settings):
                 weights[name] = float("nan")
             if name not in LOSS_TERMS or not np.isfinite(weights[name]):
                 raise RegditError(f"--extra-terms {item}: must be NAME=WEIGHT with NAME one of "
-                                  f"{', '.join(LOSS_TERMS) or 'regdit.loss.LOSS_TERMS (empty)'} and a finite WEIGHT")
+                                  f"{', '.join(LOSS_TERMS) or 'regdit.loss.LOSS_TERMS (empty)'} "
+                                  "and a finite WEIGHT")
         return weights
 
 
 # Settings a resumed run may change: they do not alter what is trained (paths, logging, length,
 # speed).
-RESUMABLE = {"output_dir", "exp_name", "logging_dir", "report_to", "log_every", "sampling_steps", "checkpointing_steps",
-             "resume_step", "max_train_steps", "epochs", "data_dir", "num_workers", "vae", "enc_path", "compile",
-             "grad_checkpointing", "ref_batch", "inception_weights", "init_from", "init_weights",
+RESUMABLE = {"output_dir", "exp_name", "logging_dir", "report_to", "log_every", "sampling_steps",
+             "checkpointing_steps", "resume_step", "max_train_steps", "epochs", "data_dir",
+             "num_workers", "vae", "enc_path", "compile", "grad_checkpointing", "ref_batch",
+             "inception_weights", "init_from", "init_weights",
              # the global batch and every random draw are the same on any number of processes and
              # accumulation steps
              "gradient_accumulation_steps", "allow_tf32", "fused_attn",
@@ -210,14 +248,16 @@ def sit_config(config, latent_channels, latent_size, z_dims):
     token."""
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(SiTConfig)
               if getattr(config, f.name, None) is not None}
-    return SiTConfig(**{**model_arguments(config.model), **fields}, input_size=latent_size, in_channels=latent_channels,
-                     z_dims=z_dims, use_cls_token=METHODS[config.method].cls_token)
+    return SiTConfig(**{**model_arguments(config.model), **fields}, input_size=latent_size,
+                     in_channels=latent_channels, z_dims=z_dims,
+                     use_cls_token=METHODS[config.method].cls_token)
 
 
 def loss_from_config(config):
     """The REGLoss of a run: its fields from the settings of the same names (--extra-terms
     parsed)."""
-    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(REGLoss) if hasattr(config, f.name)}
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(REGLoss)
+              if hasattr(config, f.name)}
     return REGLoss(**{**fields, "extra_terms": config.extra_weights()})
 
 
@@ -226,20 +266,25 @@ class ShardedBatchSampler(torch.utils.data.Sampler):
     m of process r takes slice m * num_processes + r of its step's batch. Starts at step `start` of
     the epoch (resume)."""
 
-    def __init__(self, num_samples, batch_size, local_batch, rank, num_processes, seed, epoch, start=0):
+    def __init__(self, num_samples, batch_size, local_batch, rank, num_processes, seed, epoch,
+                 start=0):
         self.num_steps = num_samples // batch_size  # drop the last incomplete batch
-        self.batch_size, self.local_batch, self.rank, self.num_processes = batch_size, local_batch, rank, num_processes
-        self.order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed + epoch))
+        self.batch_size, self.local_batch = batch_size, local_batch
+        self.rank, self.num_processes = rank, num_processes
+        self.order = torch.randperm(num_samples,
+                                    generator=torch.Generator().manual_seed(seed + epoch))
         self.start = start
 
     def __iter__(self):
         for step in range(self.start, self.num_steps):
             for micro in range(self.batch_size // (self.local_batch * self.num_processes)):
-                first = step * self.batch_size + local_slice(micro, self.rank, self.num_processes, self.local_batch)
+                first = step * self.batch_size + local_slice(micro, self.rank, self.num_processes,
+                                                             self.local_batch)
                 yield self.order[first:first + self.local_batch].tolist()
 
     def __len__(self):
-        return (self.num_steps - self.start) * self.batch_size // (self.local_batch * self.num_processes)
+        steps = self.num_steps - self.start
+        return steps * self.batch_size // (self.local_batch * self.num_processes)
 
 
 def local_slice(micro, rank, num_processes, local_batch):
@@ -256,7 +301,8 @@ class Run:
     dataset: torch.utils.data.Dataset
     latent_shape: tuple
     encoders: list
-    model: torch.nn.Module  # prepared by accelerate (and compiled with --compile); raw_model is the SiT itself
+    # prepared by accelerate (and compiled with --compile); raw_model is the SiT itself
+    model: torch.nn.Module
     raw_model: SiT
     ema: SiT
     optimizer: torch.optim.Optimizer
@@ -277,7 +323,8 @@ def step_randomness(run, step):
     """All random draws of one optimizer step for its whole batch, from a generator seeded by (seed,
     step)."""
     config, device, batch = run.config, run.accelerator.device, run.config.batch_size
-    g = torch.Generator(device).manual_seed(int(np.random.SeedSequence([config.seed, step]).generate_state(1)[0]))
+    seed = int(np.random.SeedSequence([config.seed, step]).generate_state(1)[0])
+    g = torch.Generator(device).manual_seed(seed)
     draws = dict(posterior=torch.randn(batch, *run.latent_shape, generator=g, device=device),
                  time=run.loss.sample_time(batch, device, g),
                  noise=torch.randn(batch, *run.latent_shape, generator=g, device=device),
@@ -285,7 +332,8 @@ def step_randomness(run, step):
     if run.cls_dim:
         draws["noise_cls"] = torch.randn(batch, run.cls_dim, generator=g, device=device)
     if config.legacy:
-        draws["legacy_drop"] = torch.rand(batch, generator=g, device=device) < config.class_dropout_prob
+        draws["legacy_drop"] = (torch.rand(batch, generator=g, device=device)
+                                < config.class_dropout_prob)
     return draws
 
 
@@ -366,8 +414,9 @@ def train_loop(run):
     if step % config.checkpointing_steps and step != config.max_train_steps:
         work.save(step)  # the epoch limit ended the run between checkpoints
     accelerator.end_training()
-    return dict(steps=step, metrics=work.metrics.logged, evaluations=work.metrics.evaluations, exp_dir=run.exp_dir,
-                checkpoint=run.checkpoints.path(step), model=run.raw_model, ema=run.ema)
+    return dict(steps=step, metrics=work.metrics.logged, evaluations=work.metrics.evaluations,
+                exp_dir=run.exp_dir, checkpoint=run.checkpoints.path(step), model=run.raw_model,
+                ema=run.ema)
 
 
 def step_batches(run, epoch, start):
@@ -375,12 +424,15 @@ def step_batches(run, epoch, start):
     list per step, on the device."""
     config, accelerator = run.config, run.accelerator
     run.dataset.set_epoch(epoch)
-    sampler = ShardedBatchSampler(len(run.dataset), config.batch_size, run.local_batch, accelerator.process_index,
-                                  accelerator.num_processes, config.seed, epoch, start)
-    loader = iter(torch.utils.data.DataLoader(run.dataset, batch_sampler=sampler, num_workers=config.num_workers,
+    sampler = ShardedBatchSampler(len(run.dataset), config.batch_size, run.local_batch,
+                                  accelerator.process_index, accelerator.num_processes, config.seed,
+                                  epoch, start)
+    loader = iter(torch.utils.data.DataLoader(run.dataset, batch_sampler=sampler,
+                                              num_workers=config.num_workers,
                                               pin_memory=accelerator.device.type == "cuda"))
     while micro_batches := list(itertools.islice(loader, config.gradient_accumulation_steps)):
-        yield [[t.to(accelerator.device, non_blocking=True) for t in batch] for batch in micro_batches]
+        yield [[t.to(accelerator.device, non_blocking=True) for t in batch]
+               for batch in micro_batches]
 
 
 class PeriodicWork:
@@ -392,27 +444,35 @@ class PeriodicWork:
         self.run, config, accelerator = run, run.config, run.accelerator
         self.preview = None
         if config.sampling_steps and accelerator.is_main_process:
-            self.preview = SamplePreview(config, run.vae, run.latent_shape, run.cls_dim, accelerator.device)
+            self.preview = SamplePreview(config, run.vae, run.latent_shape, run.cls_dim,
+                                         accelerator.device)
         # model FLOPs of one training image (forward + backward of the SiT, the frozen encoders'
         # forward): MFU's numerator
-        flops_per_image = 3 * run.raw_model.flops() + sum(encoder.flops() for encoder in run.encoders)
-        self.metrics = MetricLog(accelerator, run.exp_dir / "metrics.jsonl", config.batch_size, flops_per_image,
-                                 run.step, check_grad_norm=run.mixed_precision != "fp16")
-        self.progress = tqdm(total=config.max_train_steps, initial=run.step, disable=not accelerator.is_main_process,
-                             desc="train", unit="step", dynamic_ncols=True)
+        flops_per_image = (3 * run.raw_model.flops()
+                           + sum(encoder.flops() for encoder in run.encoders))
+        self.metrics = MetricLog(accelerator, run.exp_dir / "metrics.jsonl", config.batch_size,
+                                 flops_per_image, run.step,
+                                 check_grad_norm=run.mixed_precision != "fp16")
+        self.progress = tqdm(total=config.max_train_steps, initial=run.step,
+                             disable=not accelerator.is_main_process, desc="train", unit="step",
+                             dynamic_ncols=True)
         best = self.metrics.best_step()
-        if run.evaluation is not None and accelerator.is_main_process and best and run.checkpoints.path(best).is_file():
-            run.checkpoints.keep_best(best)  # after a resume from an earlier step: best of the kept lines
+        if run.evaluation is not None and accelerator.is_main_process and best \
+                and run.checkpoints.path(best).is_file():
+            # after a resume from an earlier step: best of the kept lines
+            run.checkpoints.keep_best(best)
         if run.evaluation is not None and run.step and run.step % config.eval_every == 0 \
                 and run.step not in self.metrics.fid:
-            self.metrics.exclude(self.evaluate(run.step))  # a run killed in this evaluation redoes it: the same numbers
+            # a run killed in this evaluation redoes it: the same numbers
+            self.metrics.exclude(self.evaluate(run.step))
 
     def after_step(self, step):
         run, config = self.run, self.run.config
         self.progress.update(1)
         if step % config.log_every == 0 or step == config.max_train_steps:
             logged = self.metrics.flush(step, run.checkpoints.dir)
-            self.progress.set_postfix(loss=f"{logged['loss_final']:.4f}", img_s=f"{logged['images_per_sec']:.1f}")
+            self.progress.set_postfix(loss=f"{logged['loss_final']:.4f}",
+                                      img_s=f"{logged['images_per_sec']:.1f}")
         pause = time.perf_counter()
         if step % config.checkpointing_steps == 0 or step == config.max_train_steps:
             self.save(step)
@@ -427,8 +487,8 @@ class PeriodicWork:
 
     def save(self, step):
         run = self.run
-        run.checkpoints.save(step, run.accelerator, flat_settings(run.config), run.raw_model, run.ema, run.optimizer,
-                             run.dataset)
+        run.checkpoints.save(step, run.accelerator, flat_settings(run.config), run.raw_model,
+                             run.ema, run.optimizer, run.dataset)
 
     def evaluate(self, step):
         """Score the EMA weights; the best FID's checkpoint becomes checkpoints/best.pt before the
@@ -459,13 +519,15 @@ def make_accelerator(config):
                           f"pip install -e '.[tracking]', or pass --report-to none")
     accelerator = Accelerator(
         cpu=cpu_launch(), gradient_accumulation_steps=config.gradient_accumulation_steps,
-        mixed_precision=mixed_precision, log_with=None if config.report_to == "none" else config.report_to,
-        project_config=ProjectConfiguration(project_dir=str(exp_dir), logging_dir=str(exp_dir / config.logging_dir)))
+        mixed_precision=mixed_precision,
+        log_with=None if config.report_to == "none" else config.report_to,
+        project_config=ProjectConfiguration(project_dir=str(exp_dir),
+                                            logging_dir=str(exp_dir / config.logging_dir)))
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.allow_tf32
     micro_batches = accelerator.num_processes * config.gradient_accumulation_steps
     if config.batch_size % micro_batches:
-        raise RegditError(f"--batch-size {config.batch_size} must be divisible by processes x accumulation steps "
-                          f"({micro_batches})")
+        raise RegditError(f"--batch-size {config.batch_size} must be divisible by processes x "
+                          f"accumulation steps ({micro_batches})")
     return accelerator, mixed_precision
 
 
@@ -478,8 +540,8 @@ def open_data(config):
         raise RegditError(f"{config.data_dir} has {len(dataset)} samples, fewer than one batch of "
                           f"{config.batch_size}: lower --batch-size")
     if dataset.num_classes > config.num_classes:
-        raise RegditError(f"{config.data_dir} has {dataset.num_classes} classes but --num-classes is "
-                          f"{config.num_classes}: pass --num-classes {dataset.num_classes}")
+        raise RegditError(f"{config.data_dir} has {dataset.num_classes} classes but --num-classes "
+                          f"is {config.num_classes}: pass --num-classes {dataset.num_classes}")
     _, moments, _ = dataset[0]
     return dataset, (moments.shape[0] // 2, *moments.shape[1:])
 
@@ -490,9 +552,11 @@ def build_networks(config, latent_shape, device):
     from regdit.encoders import check_encoders, load_encoders
 
     encoders = [] if not METHODS[config.method].encoders else [
-        e.to(device) for e in load_encoders(config.enc_type, config.resolution, config.enc_path, device=device)]
+        e.to(device) for e in load_encoders(config.enc_type, config.resolution, config.enc_path,
+                                            device=device)]
     torch.manual_seed(config.seed)
-    model = SiT(sit_config(config, latent_shape[0], latent_shape[-1], [e.embed_dim for e in encoders]),
+    z_dims = [e.embed_dim for e in encoders]
+    model = SiT(sit_config(config, latent_shape[0], latent_shape[-1], z_dims),
                 fused_attn=config.fused_attn, grad_checkpointing=config.grad_checkpointing)
     if encoders:
         check_encoders(encoders, num_tokens=1 + model.x_embedder.num_patches)
@@ -523,10 +587,11 @@ def start_weights(config, checkpoints, model, ema, optimizer, log):
             ema.load_state_dict(model.state_dict())
         return 0, None, None
     if config.init_from:  # rerunning a fine-tuning command after a kill continues it
-        log(f"note: {checkpoints.dir.parent} has checkpoints: resuming from {resume_path}, so --init-from "
-            f"{config.init_from} is not used (pass a new --exp-name to start a new run from it)")
-    return (*checkpoints.resume(resume_path, checkpoint, flat_settings(config), RESUMABLE, model, ema, optimizer,
-                                log), resume_path)
+        log(f"note: {checkpoints.dir.parent} has checkpoints: resuming from {resume_path}, so "
+            f"--init-from {config.init_from} is not used (pass a new --exp-name to start a new run "
+            "from it)")
+    return (*checkpoints.resume(resume_path, checkpoint, flat_settings(config), RESUMABLE, model,
+                                ema, optimizer, log), resume_path)
 
 
 @contextlib.contextmanager
@@ -541,25 +606,31 @@ def setup(config):
         if accelerator.is_main_process:
             print(message, file=sys.stderr)
 
-    with lock_run(exp_dir, "train", accelerator):  # before any load: a busy experiment is refused at once
+    # before any load: a busy experiment is refused at once
+    with lock_run(exp_dir, "train", accelerator):
         dataset, latent_shape = open_data(config)
         encoders, model = build_networks(config, latent_shape, accelerator.device)
         vae, evaluation = monitoring(config, dataset, accelerator)
         ema = copy.deepcopy(model).requires_grad_(False).eval()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=(config.adam_beta1,
-                                      config.adam_beta2), weight_decay=config.adam_weight_decay,
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
+                                      betas=(config.adam_beta1, config.adam_beta2),
+                                      weight_decay=config.adam_weight_decay,
                                       eps=config.adam_epsilon, fused=True)
         if accelerator.is_main_process:
-            remove_temp_files(exp_dir)  # of writes a kill interrupted; the lock guarantees none is in progress
+            # of writes a kill interrupted; the lock guarantees none is in progress
+            remove_temp_files(exp_dir)
         checkpoints = Checkpoints(exp_dir)
-        step, scaler_state, resumed_from = start_weights(config, checkpoints, model, ema, optimizer, log)
+        step, scaler_state, resumed_from = start_weights(config, checkpoints, model, ema, optimizer,
+                                                         log)
         prepared, optimizer = accelerator.prepare(model, optimizer)
         if scaler_state is not None and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(scaler_state)
-        local_batch = config.batch_size // (accelerator.num_processes * config.gradient_accumulation_steps)
+        micro_batches = accelerator.num_processes * config.gradient_accumulation_steps
+        local_batch = config.batch_size // micro_batches
         run = Run(config, accelerator, exp_dir, dataset, latent_shape, encoders,
                   torch.compile(prepared) if config.compile else prepared, model, ema, optimizer,
-                  loss_from_config(config), checkpoints, step, local_batch, mixed_precision, vae, evaluation)
+                  loss_from_config(config), checkpoints, step, local_batch, mixed_precision, vae,
+                  evaluation)
         if accelerator.is_main_process:
             announce(run, resumed_from)
         yield run
@@ -573,8 +644,10 @@ def announce(run, resumed_from):
         f.write(yaml.safe_dump({**settings, "resume_step": 0}, sort_keys=False))
     accelerator.init_trackers(config.exp_name, config={k: str(v) for k, v in settings.items()})
     parameters = sum(p.numel() for p in run.raw_model.parameters()) / 1e6
-    print(f"{run.raw_model.config.label} ({parameters:.1f}M parameters), {len(run.dataset)} samples, "
-          f"{accelerator.num_processes} process(es) x batch {run.local_batch} x {config.gradient_accumulation_steps} "
-          f"accumulation, mixed precision {run.mixed_precision}"
-          + (f", resumed from {resumed_from}" if resumed_from else
-             f", initialised from {config.init_from} ({config.init_weights})" if config.init_from else ""))
+    origin = (f", resumed from {resumed_from}" if resumed_from else
+              f", initialised from {config.init_from} ({config.init_weights})" if config.init_from
+              else "")
+    print(f"{run.raw_model.config.label} ({parameters:.1f}M parameters), {len(run.dataset)} "
+          f"samples, {accelerator.num_processes} process(es) x batch {run.local_batch} x "
+          f"{config.gradient_accumulation_steps} accumulation, mixed precision "
+          f"{run.mixed_precision}{origin}")
