@@ -27,7 +27,7 @@ import regdit
 from regdit import RegditError
 from regdit.checkpoint import load_checkpoint
 from regdit.cli import COMMANDS, main
-from regdit.config import YAML_MAX_BYTES, field_type
+from regdit.config import YAML_MAX_BYTES, field_type, flag_names, leaf_fields
 from regdit.encoders import save_random_encoder
 from regdit.evaluate import save_random_inception_weights
 from regdit.export import ExportConfig, export
@@ -347,19 +347,19 @@ def test_every_float_setting_is_finite_unless_its_help_says_what_inf_means():
     opted_in = []
     for module_name, config_name, _, _ in COMMANDS.values():
         config_class = getattr(importlib.import_module(module_name), config_name)
-        for field in dataclasses.fields(config_class):
-            if field_type(config_class, field.name)[0] is not float:
+        for _, field, prefix, owner in leaf_fields(config_class):  # nested settings too (--eval-cfg-scale)
+            if field_type(owner, field.name)[0] is not float:
                 continue
             assert field.metadata["allow_inf"] == ("inf:" in field.metadata["help"]), field.name
-            flag_and = f"^--{field.name.replace('_', '-')} "
+            flag_and = "^" + re.escape("/".join(flag_names(field, prefix))) + " "
             if field.metadata["allow_inf"]:
                 opted_in.append(field.name)
-                config_class(**{field.name: math.inf})
+                owner(**{field.name: math.inf})
                 with pytest.raises(RegditError, match=rf"{flag_and}-inf: must be above 0$"):  # its range
-                    config_class(**{field.name: -math.inf})
+                    owner(**{field.name: -math.inf})
             for value in (math.nan,) if field.metadata["allow_inf"] else (math.inf, -math.inf, math.nan):
                 with pytest.raises(RegditError, match=rf"{flag_and}{value}: must be a finite number$"):
-                    config_class(**{field.name: value})
+                    owner(**{field.name: value})
     assert opted_in == ["max_grad_norm"]
 
 
