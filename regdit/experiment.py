@@ -13,7 +13,12 @@ from pathlib import Path
 import torch
 
 from regdit import RegditError
-from regdit.checkpoint import check_weights, load_checkpoint, load_state_dict_checked, save_checkpoint
+from regdit.checkpoint import (
+    check_weights,
+    load_checkpoint,
+    load_state_dict_checked,
+    save_checkpoint,
+)
 from regdit.config import changed_setting, read_yaml
 from regdit.files import TEMP_SUFFIX, atomic_write, check_output, read_head
 from regdit.models import SiTConfig
