@@ -118,7 +118,7 @@ def open_dataset(data_dir, resolution=None, seed=0):
                       f"`regdit prepare images` then `regdit prepare latents` to create a dataset")
 
 
-# ------------------------------------------------------------------------------------------------ readers
+# --------------------------------------------------------------------------------- readers
 
 
 class _Dataset(torch.utils.data.Dataset):
@@ -286,7 +286,7 @@ class OfficialDataset(_Dataset):
         return torch.from_numpy(image.copy()), torch.from_numpy(moments), int(self.labels[index])
 
 
-# ------------------------------------------------------------------------------------------------ writers
+# --------------------------------------------------------------------------------- writers
 
 
 class _Writer:

@@ -136,8 +136,8 @@ def encode_moments(vae, images):
     if vae is None:
         mean = images.float() / 127.5 - 1
         return torch.cat([mean, torch.zeros_like(mean)], dim=1)
-    # Contiguous NCHW: images from HWC decoders arrive channels-last, where the encoder runs 20%
-    # slower on GPU.
+    # Contiguous NCHW: images from HWC decoders arrive channels-last, where the encoder runs slower
+    # on GPU (benchmarks/RESULTS.md, section 'Latent preparation and loading').
     x = images.to(vae.device, memory_format=torch.contiguous_format).float() / 127.5 - 1
     dist = vae.encode(x.to(vae.dtype)).latent_dist
     return torch.cat([dist.mean, dist.std], dim=1).float()
