@@ -37,7 +37,7 @@ COLOURS = [(235, 235, 235)] * 5 + [(230, 40, 40), (40, 200, 60), (60, 100, 245),
 TRAIN_RECIPE = dict(resolution=32, model="SiT-S/1", depth=3, hidden_size=128, num_heads=2,
                     encoder_depth=1, projector_dim=128, enc_type="mae-vit-b", learning_rate=3e-3,
                     ema_decay=0.995)
-SAMPLE_RECIPE = dict(mode="sde", cfg_scale=2.0, cls_cfg_scale=2.0)
+SAMPLE_RECIPE = dict(sampler="sde", cfg_scale=2.0, cls_cfg_scale=2.0)
 
 
 def draw_shape(label, rng, size=32):
