@@ -23,8 +23,8 @@ def fit_classifier(images, labels, num_classes, steps=300, batch_size=64, seed=0
         model = nn.Sequential(
             nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(), nn.Linear(128, num_classes))
+            nn.Conv2d(64, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, num_classes))
     x, y = _batch(images), torch.as_tensor(np.asarray(labels), dtype=torch.long)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
@@ -52,14 +52,16 @@ def predict(model, images, batch_size=500):
                            for i in range(0, len(images), batch_size)])
 
 
-def class_score(real_images, real_labels, num_classes, samples, sample_labels, held_out=0.2, seed=0):
+def class_score(real_images, real_labels, num_classes, samples, sample_labels, held_out=0.2,
+                seed=0):
     """(score, held-out accuracy): fit on a random (1 - held_out) share of the real images; the
     score is the share of samples predicted as their conditioning class, the accuracy that of the
     remaining real images."""
     real_labels = np.asarray(real_labels)
     order = np.random.default_rng(seed).permutation(len(real_images))
     cut = len(order) - max(int(held_out * len(order)), 1)
-    model = fit_classifier(real_images[order[:cut]], real_labels[order[:cut]], num_classes, seed=seed)
+    model = fit_classifier(real_images[order[:cut]], real_labels[order[:cut]], num_classes,
+                           seed=seed)
     accuracy = float((predict(model, real_images[order[cut:]]) == real_labels[order[cut:]]).mean())
     score = float((predict(model, samples) == np.asarray(sample_labels)).mean())
     return score, accuracy

@@ -14,7 +14,12 @@ import tempfile
 import traceback
 
 from regdit import RegditError, __version__
-from regdit.config import add_dataclass_arguments, config_from_args, missing_required, preset_and_yaml_defaults
+from regdit.config import (
+    add_dataclass_arguments,
+    config_from_args,
+    missing_required,
+    preset_and_yaml_defaults,
+)
 from regdit.files import describe_os_error
 from regdit.runlock import stop_with_launcher
 
@@ -31,14 +36,17 @@ COMMANDS = {  # name -> (module, config class, function, one-line help)
     "eval": ("regdit.evaluate", "EvalConfig", "run_eval",
              "IS / FID / sFID / precision / recall of a sample .npz (ADM evaluator)"),
     "export": ("regdit.export", "ExportConfig", "export",
-               "export a checkpoint's EMA weights to safetensors + config JSON + model card (--push-to-hub)"),
+               "export a checkpoint's EMA weights to safetensors + config JSON + model card "
+               "(--push-to-hub)"),
     "report": ("regdit.report", "ReportConfig", "report",
-               "one figure of runs: loss terms, speed, FID/IS against iterations and the paper's points"),
+               "one figure of runs: loss terms, speed, FID/IS against iterations and the paper's "
+               "points"),
     "demo": ("regdit.demo", "DemoConfig", "run_demo",
              "the whole pipeline on a tiny built-in dataset, on CPU, in minutes"),
 }
 GROUPS = {"prepare": "prepare images (crop, labels), VAE latents for training, or a small VAE"}
-RESUMABLE_COMMANDS = ("prepare images", "prepare latents", "train", "sample", "demo")  # a rerun continues
+# commands whose rerun continues
+RESUMABLE_COMMANDS = ("prepare images", "prepare latents", "train", "sample", "demo")
 
 
 class Parser(argparse.ArgumentParser):
@@ -50,7 +58,8 @@ class Parser(argparse.ArgumentParser):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # no "(default: None)" on required flags or twice on explained defaults
+    # no "(default: None)" on required flags or twice on explained defaults
+    def _get_help_string(self, action):
         if action.required or action.default is None or "(default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
@@ -59,7 +68,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def command_of(argv):
     """The command named in argv ("train", "prepare latents"), "" if none."""
     words = [a for a in argv if not a.startswith("-")][:2]
-    return next((name for name in (" ".join(words), words[0] if words else "") if name in COMMANDS), "")
+    candidates = (" ".join(words), words[0] if words else "")
+    return next((name for name in candidates if name in COMMANDS), "")
 
 
 def build_parser(command):
@@ -73,7 +83,8 @@ def build_parser(command):
     for name, (module_name, config_name, _, help_text) in COMMANDS.items():
         group, _, sub_name = name.rpartition(" ")
         sub = (groups[group] if group else subparsers).add_parser(
-            sub_name, help=help_text, description=help_text, allow_abbrev=False, formatter_class=HelpFormatter)
+            sub_name, help=help_text, description=help_text, allow_abbrev=False,
+            formatter_class=HelpFormatter)
         if name == command:
             add_dataclass_arguments(sub, getattr(importlib.import_module(module_name), config_name))
             parser.command_parser = sub
@@ -85,9 +96,11 @@ def _parse(parser, argv):
     suggested."""
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        options = [o for action in parser.command_parser._actions for o in action.option_strings if o != "--help"]
-        hints = [f"{u} (did you mean {', '.join(close)}?)" if (close := difflib.get_close_matches(u, options, 2, 0.7))
-                 else u for u in unknown]
+        options = [o for action in parser.command_parser._actions for o in action.option_strings
+                   if o != "--help"]
+        hints = [f"{u} (did you mean {', '.join(close)}?)"
+                 if (close := difflib.get_close_matches(u, options, 2, 0.7)) else u
+                 for u in unknown]
         parser.command_parser.error(f"unrecognized arguments: {' '.join(hints)}")
     return args
 
@@ -118,15 +131,18 @@ def internal_error(command, argv, error):
     opened with O_EXCL: no file or link planted there is followed), named in the line."""
     fd, log = tempfile.mkstemp(prefix="regdit-", suffix=".log", text=True)
     with os.fdopen(fd, "w") as f:
-        f.write(f"regdit {__version__}, python {sys.version.split()[0]}: regdit {shlex.join(argv)}\n")
+        f.write(f"regdit {__version__}, python {sys.version.split()[0]}: "
+                f"regdit {shlex.join(argv)}\n")
         traceback.print_exception(error, file=f)
     first_line = next((line.strip() for line in str(error).splitlines() if line.strip()), "")[:300]
     summary = f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
-    return f"regdit {command}: internal error: {summary}; full traceback in {log} (REGDIT_DEBUG=1 prints it instead)"
+    return (f"regdit {command}: internal error: {summary}; full traceback in {log} "
+            "(REGDIT_DEBUG=1 prints it instead)")
 
 
 def main(argv=None):
-    stop_with_launcher()  # a worker of a killed torchrun / accelerate launch ends instead of writing on
+    # a worker of a killed torchrun / accelerate launch ends instead of writing on
+    stop_with_launcher()
     argv = sys.argv[1:] if argv is None else argv
     command = command_of(argv)
     try:
@@ -135,9 +151,11 @@ def main(argv=None):
     except RegditError as error:
         # a DataLoader worker's error arrives as "Caught RegditError in DataLoader worker
         # ...\n<traceback>\n regdit.RegditError: <message>": the message is the last line
-        message = str(error).strip().splitlines()[-1].removeprefix(f"{RegditError.__module__}.RegditError: ")
+        message = str(error).strip().splitlines()[-1].removeprefix(
+            f"{RegditError.__module__}.RegditError: ")
         sys.exit(f"regdit {command}: error: {message}")
-    except KeyboardInterrupt:  # every finished file is complete (atomic writes): nothing to clean up
+    except KeyboardInterrupt:
+        # every finished file is complete (atomic writes): nothing to clean up
         resumes = " (rerun the same command to continue)" if command in RESUMABLE_COMMANDS else ""
         print(f"\nregdit {command}: interrupted{resumes}", file=sys.stderr)
         sys.exit(130)

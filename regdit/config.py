@@ -27,16 +27,19 @@ NOT_FOR_ARGPARSE = ("aliases", "positional", "required", "allow_inf", "nested", 
 # and time spent on it, and anchors and aliases are refused because a few hundred bytes of nested
 # aliases compose to gigabytes.
 YAML_MAX_BYTES = 1 << 20
-YAML_MAX_DEPTH = 32  # nested collections; PyYAML's scanner slows quadratically with depth, its composer recurses
+# nested collections; PyYAML's scanner slows quadratically with depth, its composer recurses
+YAML_MAX_DEPTH = 32
 YAML_OPENS = (yaml.BlockMappingStartToken, yaml.BlockSequenceStartToken, yaml.FlowMappingStartToken,
               yaml.FlowSequenceStartToken)
 YAML_CLOSES = (yaml.BlockEndToken, yaml.FlowMappingEndToken, yaml.FlowSequenceEndToken)
-YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser when installed: ten times faster
-SCALARS = (str, int, float, bool, datetime.date)  # what YAML gives for one value (an unquoted date is a date)
+# libyaml's parser when installed: ten times faster
+YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+# what YAML gives for one value (an unquoted date is a date)
+SCALARS = (str, int, float, bool, datetime.date)
 
 
-def flag(default, help, *, aliases=(), positional=False, required=False, at_least=None, above=None, at_most=None,
-         below=None, allow_inf=False, **argparse_kwargs):
+def flag(default, help, *, aliases=(), positional=False, required=False, at_least=None, above=None,
+         at_most=None, below=None, allow_inf=False, **argparse_kwargs):
     """A dataclass field that is also the command-line flag `--field-name` (or a positional
     argument).
 
@@ -45,8 +48,9 @@ def flag(default, help, *, aliases=(), positional=False, required=False, at_leas
     accepted range, checked when a `Settings` config is made. A float must be finite unless
     `allow_inf` (say in `help` what infinity means). Other keywords go to `argparse.add_argument`
     (choices, metavar, action)."""
-    metadata = dict(help=help, aliases=list(aliases), positional=positional, required=required, at_least=at_least,
-                    above=above, at_most=at_most, below=below, allow_inf=allow_inf, **argparse_kwargs)
+    metadata = dict(help=help, aliases=list(aliases), positional=positional, required=required,
+                    at_least=at_least, above=above, at_most=at_most, below=below,
+                    allow_inf=allow_inf, **argparse_kwargs)
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -90,8 +94,10 @@ class Settings:
         for field in dataclasses.fields(self):
             if field.metadata.get("nested"):  # checked when it was made, under its own flag names
                 continue
-            value, bounds = getattr(self, field.name), {k: field.metadata.get(k) for k in RANGE_KEYS}
-            name = "/".join(flag_names(field, self.FLAG_PREFIX))  # an alias may be what the user wrote
+            value = getattr(self, field.name)
+            bounds = {k: field.metadata.get(k) for k in RANGE_KEYS}
+            # an alias may be what the user wrote
+            name = "/".join(flag_names(field, self.FLAG_PREFIX))
             if isinstance(value, float) and not (math.isfinite(value) or math.isinf(value)
                                                  and field.metadata.get("allow_inf")):
                 raise RegditError(f"{name} {value}: must be a finite number")
@@ -101,10 +107,11 @@ class Settings:
                     or bounds["above"] is not None and value <= bounds["above"]
                     or bounds["at_most"] is not None and value > bounds["at_most"]
                     or bounds["below"] is not None and value >= bounds["below"]):
-                accepted = " and ".join(f"{key.replace('_', ' ')} {bound}" for key, bound in bounds.items()
-                                        if bound is not None)
+                accepted = " and ".join(f"{key.replace('_', ' ')} {bound}"
+                                        for key, bound in bounds.items() if bound is not None)
                 raise RegditError(f"{name} {value}: must be {accepted}")
-            choices = field.metadata.get("choices")  # argparse checks them on the command line, this everywhere
+            # argparse checks them on the command line, this everywhere
+            choices = field.metadata.get("choices")
             if choices is not None and value is not None and value not in choices:
                 raise RegditError(f"{name} {value}: must be one of {', '.join(map(str, choices))}")
         self.check()
@@ -115,7 +122,8 @@ class Settings:
     def flag_of(self, name):
         """The flag of the field `name` with its aliases, as the user writes them
         (`--sampler/--mode`)."""
-        return "/".join(flag_names(next(f for f in dataclasses.fields(self) if f.name == name), self.FLAG_PREFIX))
+        field = next(f for f in dataclasses.fields(self) if f.name == name)
+        return "/".join(flag_names(field, self.FLAG_PREFIX))
 
 
 def field_type(config_class, name):
@@ -146,11 +154,14 @@ def add_dataclass_arguments(parser, config_class):
         if field.metadata.get("positional"):
             parser.add_argument(field.name, **{"nargs": "?", **kwargs}, default=field.default)
         else:
-            parser.add_argument(*flag_names(field, prefix), dest=name, default=field.default, **kwargs)
-    parser.add_argument("--config", type=Path, default=None, help="YAML file of settings (names with - or _)")
+            parser.add_argument(*flag_names(field, prefix), dest=name, default=field.default,
+                                **kwargs)
+    parser.add_argument("--config", type=Path, default=None,
+                        help="YAML file of settings (names with - or _)")
     presets = getattr(config_class, "PRESETS", None)
     if presets:
-        parser.add_argument("--preset", choices=sorted(presets), default=None, help="a named recipe of the paper")
+        parser.add_argument("--preset", choices=sorted(presets), default=None,
+                            help="a named recipe of the paper")
 
 
 def checked_values(parser, values, source):
@@ -171,14 +182,18 @@ def checked_values(parser, values, source):
             raise RegditError(f"{source}: {action.dest} {value!r} is not a list")
         items = []
         for item in value if action.nargs == "*" else [value]:
-            if not isinstance(item, SCALARS):  # str() would make a list a folder name, a mapping a number's text
-                kind = {dict: "a mapping", list: "a list", type(None): "empty"}.get(type(item), type(item).__name__)
-                raise RegditError(f"{source}: {action.dest}{' item' * (action.nargs == '*')} {item!r} is {kind}, not "
-                                  "a single value")
+            # str() would make a list a folder name, a mapping a number's text
+            if not isinstance(item, SCALARS):
+                kinds = {dict: "a mapping", list: "a list", type(None): "empty"}
+                kind = kinds.get(type(item), type(item).__name__)
+                raise RegditError(f"{source}: {action.dest}{' item' * (action.nargs == '*')} "
+                                  f"{item!r} is {kind}, not a single value")
             try:
-                item = action.type(str(item)) if action.type else item  # str(): YAML's 3.5 is not an int
+                # str(): YAML's 3.5 is not an int
+                item = action.type(str(item)) if action.type else item
             except (TypeError, ValueError):
-                raise RegditError(f"{source}: {action.dest} {item!r} is not a valid {action.type.__name__}") from None
+                raise RegditError(f"{source}: {action.dest} {item!r} is not a valid "
+                                  f"{action.type.__name__}") from None
             if action.choices is not None and item not in action.choices:
                 raise RegditError(f"{source}: {action.dest} {item!r} is not one of "
                                   f"{', '.join(map(str, action.choices))}")
@@ -201,26 +216,31 @@ def read_yaml(path, what):
     with open(path, "rb") as f:
         data = f.read(YAML_MAX_BYTES + 1)
     if len(data) > YAML_MAX_BYTES:
-        raise RegditError(f"{what} {path} is larger than {YAML_MAX_BYTES >> 20} MB: pass a YAML file of settings")
+        raise RegditError(f"{what} {path} is larger than {YAML_MAX_BYTES >> 20} MB: pass a YAML "
+                          "file of settings")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise RegditError(f"{what} {path} is not UTF-8 text (byte {error.start} is 0x{data[error.start]:02x}): pass a "
-                          "YAML file of settings, saved as UTF-8") from None
+        raise RegditError(f"{what} {path} is not UTF-8 text (byte {error.start} is "
+                          f"0x{data[error.start]:02x}): pass a YAML file of settings, saved as "
+                          "UTF-8") from None
     try:
         depth = 0
         for token in yaml.scan(text, Loader=YAML_LOADER):
             depth += isinstance(token, YAML_OPENS) - isinstance(token, YAML_CLOSES)
             if isinstance(token, (yaml.AnchorToken, yaml.AliasToken)):
-                problem = "YAML anchors and aliases (&NAME, *NAME) are not accepted; write each value out"
+                problem = ("YAML anchors and aliases (&NAME, *NAME) are not accepted; "
+                           "write each value out")
             elif depth > YAML_MAX_DEPTH:
-                problem = f"nested more than {YAML_MAX_DEPTH} levels deep; settings are a mapping of names to values"
+                problem = (f"nested more than {YAML_MAX_DEPTH} levels deep; settings are a mapping "
+                           "of names to values")
             else:
                 continue
             raise RegditError(f"{what} {path} line {token.start_mark.line + 1}: {problem}")
         return yaml.load(text, Loader=YAML_LOADER)
     except yaml.YAMLError as error:
-        raise RegditError(f"{what} {path} is not valid YAML ({' '.join(str(error).split())})") from None
+        raise RegditError(f"{what} {path} is not valid YAML "
+                          f"({' '.join(str(error).split())})") from None
 
 
 def read_yaml_config(path, config_class, command):
@@ -228,11 +248,14 @@ def read_yaml_config(path, config_class, command):
     values = read_yaml(path, "config file") or {}
     if not isinstance(values, dict):
         raise RegditError(f"config file {path} must be a mapping of setting names to values")
-    names = {}  # spelling in the file -> flat setting name: the names, and the flags with their aliases
+    # spelling in the file -> flat setting name: the names, and the flags with their aliases
+    names = {}
     for name, field, prefix, _ in leaf_fields(config_class):
-        names.update({flag[2:].replace("-", "_"): name for flag in flag_names(field, prefix) if flag[:2] == "--"})
+        names.update({flag[2:].replace("-", "_"): name for flag in flag_names(field, prefix)
+                      if flag[:2] == "--"})
         names[name] = name
-    values = {names.get(key, key): value for key, value in ((str(k).replace("-", "_"), v) for k, v in values.items())}
+    spelled = ((str(k).replace("-", "_"), v) for k, v in values.items())
+    values = {names.get(key, key): value for key, value in spelled}
     unknown = sorted(set(values) - set(names.values()))
     if unknown:
         raise RegditError(f"config file {path} has unknown settings {', '.join(unknown)}: "
@@ -245,7 +268,8 @@ def preset_and_yaml_defaults(args, config_class, parser, command):
     flags still win."""
     defaults = {}
     if getattr(args, "preset", None):
-        defaults = checked_values(parser, config_class.PRESETS[args.preset], f"preset {args.preset}")
+        defaults = checked_values(parser, config_class.PRESETS[args.preset],
+                                  f"preset {args.preset}")
     if args.config is not None:
         values = read_yaml_config(args.config, config_class, command)
         defaults.update(checked_values(parser, values, f"config file {args.config}"))
@@ -288,4 +312,5 @@ def missing_required(config):
 def changed_setting(previous, current, may_change):
     """The first setting, other than those in `may_change`, whose value in a run's saved settings
     `previous` differs from `current` (both dicts); None when a rerun may continue that run."""
-    return next((k for k in current if k not in may_change and k in previous and previous[k] != current[k]), None)
+    return next((k for k in current if k not in may_change and k in previous
+                 and previous[k] != current[k]), None)

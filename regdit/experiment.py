@@ -13,7 +13,12 @@ from pathlib import Path
 import torch
 
 from regdit import RegditError
-from regdit.checkpoint import check_weights, load_checkpoint, load_state_dict_checked, save_checkpoint
+from regdit.checkpoint import (
+    check_weights,
+    load_checkpoint,
+    load_state_dict_checked,
+    save_checkpoint,
+)
 from regdit.config import changed_setting, read_yaml
 from regdit.files import TEMP_SUFFIX, atomic_write, check_output, read_head
 from regdit.models import SiTConfig
@@ -38,8 +43,8 @@ class Checkpoints:
         """checkpoints/<resume_step>.pt, or the latest checkpoint when resume_step is 0 (None if
         there is none)."""
         if resume_step and not self.path(resume_step).is_file():
-            raise RegditError(f"--resume-step {resume_step}: {self.path(resume_step)} does not exist; "
-                              f"{self.others_hint(resume_step)}")
+            raise RegditError(f"--resume-step {resume_step}: {self.path(resume_step)} does not "
+                              f"exist; {self.others_hint(resume_step)}")
         return self.path(resume_step) if resume_step else (self.all() or [None])[-1]
 
     def others_hint(self, step):
@@ -63,8 +68,8 @@ class Checkpoints:
             except RegditError as error:
                 log(f"warning: {error}; resuming from the checkpoint before it")
         if self.all():
-            raise RegditError(f"no readable checkpoint in {self.dir}: restore one, or move them away (or pass a new "
-                              "--exp-name) to start a new run")
+            raise RegditError(f"no readable checkpoint in {self.dir}: restore one, or move them "
+                              "away (or pass a new --exp-name) to start a new run")
         return None, None
 
     def resume(self, path, checkpoint, settings, may_change, model, ema, optimizer, log):
@@ -74,18 +79,19 @@ class Checkpoints:
         changed data or encoder path is said."""
         missing = [key for key in ("model", "ema", "opt", "steps") if key not in checkpoint]
         if missing:
-            raise RegditError(f"{path} has no {', '.join(missing)}: it cannot continue a run; start one from its "
-                              f"weights with --init-from {path} (and a new --exp-name)")
+            raise RegditError(f"{path} has no {', '.join(missing)}: it cannot continue a run; "
+                              f"start one from its weights with --init-from {path} (and a new "
+                              "--exp-name)")
         saved = checkpoint.get("config")
         changed = saved is not None and changed_setting(saved, settings, may_change)
         if changed:
-            raise RegditError(f"{path} was trained with --{changed.replace('_', '-')} {saved[changed]}, not "
-                              f"{settings[changed]}: pass the same settings to resume, or a new --exp-name to "
-                              "start another run")
+            raise RegditError(f"{path} was trained with --{changed.replace('_', '-')} "
+                              f"{saved[changed]}, not {settings[changed]}: pass the same settings "
+                              "to resume, or a new --exp-name to start another run")
         for name in ("data_dir", "enc_path"):
             if saved is not None and saved.get(name) != settings[name]:
-                log(f"note: resuming with --{name.replace('_', '-')} {settings[name]} (the run was trained "
-                    f"with {saved.get(name)})")
+                log(f"note: resuming with --{name.replace('_', '-')} {settings[name]} "
+                    f"(the run was trained with {saved.get(name)})")
         load_state_dict_checked(model, checkpoint["model"], path)
         load_state_dict_checked(ema, checkpoint["ema"], path)
         optimizer.load_state_dict(checkpoint["opt"])
@@ -110,11 +116,14 @@ class Checkpoints:
         (`config.flat_settings`)."""
         finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
         if not accelerator.gather(finite[None]).all():
-            raise RegditError(f"non-finite weights at step {step}: not saving; the last good checkpoint is kept")
+            raise RegditError(f"non-finite weights at step {step}: not saving; the last good "
+                              "checkpoint is kept")
         if accelerator.is_main_process:
             state = dict(model=model.state_dict(), ema=ema.state_dict(), opt=optimizer.state_dict(),
-                         args=Namespace(**settings), steps=step, model_config=model.config.to_dict(),
-                         latents=dict(vae=dataset.vae, scale=dataset.latent_scale, resolution=dataset.resolution),
+                         args=Namespace(**settings), steps=step,
+                         model_config=model.config.to_dict(),
+                         latents=dict(vae=dataset.vae, scale=dataset.latent_scale,
+                                      resolution=dataset.resolution),
                          config=settings)
             if accelerator.scaler is not None:
                 state["scaler"] = accelerator.scaler.state_dict()
@@ -131,7 +140,8 @@ class MetricLog:
     metrics.jsonl keeps the lines up to the checkpoint's step only, so each step's lines appear
     once."""
 
-    def __init__(self, accelerator, path, batch_size, flops_per_image, start_step, check_grad_norm=True):
+    def __init__(self, accelerator, path, batch_size, flops_per_image, start_step,
+                 check_grad_norm=True):
         self.accelerator, self.path, self.batch_size = accelerator, path, batch_size
         self.flops_per_image, self.check_grad_norm = flops_per_image, check_grad_norm
         self.sums = None
@@ -140,9 +150,10 @@ class MetricLog:
         self.start, self.paused, self.logged, self.evaluations = time.perf_counter(), 0.0, [], []
         # a killed run may have logged past its checkpoint; every process reads which steps were
         # evaluated
-        lines = [line for line in path.read_text().splitlines() if logged_step(line) <= start_step] if path.is_file() \
-            else []
-        self.fid = {entry["step"]: entry["eval/fid"] for entry in map(json.loads, lines) if "eval/fid" in entry}
+        lines = path.read_text().splitlines() if path.is_file() else []
+        lines = [line for line in lines if logged_step(line) <= start_step]
+        self.fid = {entry["step"]: entry["eval/fid"] for entry in map(json.loads, lines)
+                    if "eval/fid" in entry}
         if accelerator.is_main_process and path.is_file():
             with atomic_write(path, "w") as f:
                 f.write("".join(line + "\n" for line in lines))
@@ -181,7 +192,8 @@ class MetricLog:
 
     def log_eval(self, step, values, seconds):
         """An evaluation's metrics (logged last: a kill before this line redoes the evaluation)."""
-        entry = {"step": step, **{f"eval/{name}": value for name, value in values.items()}, "eval/seconds": seconds}
+        entry = {"step": step, **{f"eval/{name}": value for name, value in values.items()},
+                 "eval/seconds": seconds}
         self.fid[step] = values["fid"]
         self.evaluations.append(entry)
         if self.accelerator.is_main_process:
@@ -193,15 +205,19 @@ class MetricLog:
         """Mean over the interval and the processes; the one host sync of the interval."""
         accelerator = self.accelerator
         if accelerator.gather(self.nonfinite[None]).any():
-            raise RegditError(f"non-finite loss or gradient before step {step}: stopping; the last good checkpoint in "
-                              f"{checkpoint_dir} is kept (try a lower --learning-rate or bf16)")
+            raise RegditError(f"non-finite loss or gradient before step {step}: stopping; the last "
+                              f"good checkpoint in {checkpoint_dir} is kept (try a lower "
+                              "--learning-rate or bf16)")
         means = accelerator.reduce(self.sums / self.steps, "mean")
-        images_per_sec = self.steps * self.batch_size / (time.perf_counter() - self.start - self.paused)
+        elapsed = time.perf_counter() - self.start - self.paused
+        images_per_sec = self.steps * self.batch_size / elapsed
+        tflops = images_per_sec * self.flops_per_image / accelerator.num_processes / 1e12
         metrics = dict(zip(self.names, means.tolist()), step=step, images_per_sec=images_per_sec,
-                       tflops_per_process=images_per_sec * self.flops_per_image / accelerator.num_processes / 1e12)
+                       tflops_per_process=tflops)
         self.logged.append(metrics)
         if accelerator.is_main_process:
-            with open(self.path, "a") as f:  # one short line per interval: appended, each line whole
+            # one short line per interval: appended, each line whole
+            with open(self.path, "a") as f:
                 f.write(json.dumps(metrics) + "\n")
             accelerator.log(metrics, step=step)
         self.sums, self.steps = None, 0
@@ -212,7 +228,8 @@ class MetricLog:
 RUN_FLAG = "--output-dir/--exp-name"
 
 
-RUN_SETTINGS = ("data_dir", "output_dir", "exp_name", "resume_step")  # keys of every config.yaml a run wrote
+# keys of every config.yaml a run wrote
+RUN_SETTINGS = ("data_dir", "output_dir", "exp_name", "resume_step")
 
 
 def check_run_files(exp_dir):
@@ -255,7 +272,8 @@ def log_image(accelerator, name, image, step):
             tracker.run.log({name: wandb.Image(image.permute(1, 2, 0).numpy())}, step=step)
 
 
-PREVIEW = Sampling(sampler="ode", num_steps=50, cfg_scale=4.0)  # official train.py: 50 Euler steps, cfg 4
+# official train.py: 50 Euler steps, cfg 4
+PREVIEW = Sampling(sampler="ode", num_steps=50, cfg_scale=4.0)
 
 
 class SamplePreview:
@@ -266,9 +284,11 @@ class SamplePreview:
         g = torch.Generator().manual_seed(config.seed)
         self.labels = (torch.arange(num_samples) % config.num_classes).to(device)
         self.noise = torch.randn(num_samples, *latent_shape, generator=g).to(device)
-        self.cls_noise = torch.randn(num_samples, cls_dim, generator=g).to(device) if cls_dim else None
+        self.cls_noise = (torch.randn(num_samples, cls_dim, generator=g).to(device) if cls_dim
+                          else None)
         self.vae, self.path_type = vae, config.path_type
-        self.sampling = PREVIEW if config.class_dropout_prob > 0 else dataclasses.replace(PREVIEW, cfg_scale=1.0)
+        self.sampling = (PREVIEW if config.class_dropout_prob > 0
+                         else dataclasses.replace(PREVIEW, cfg_scale=1.0))
 
     def save(self, ema, path):
         """Write the grid to `path`; returns it (3, H, W) in [0, 1] for the trackers."""
@@ -277,7 +297,8 @@ class SamplePreview:
         from regdit.vae import decode_latents
         latents = SAMPLERS[self.sampling.sampler](ema, self.noise, self.cls_noise, self.labels,
                                                   **self.sampling.arguments(self.path_type))
-        images = decode_latents(self.vae, latents.float()).permute(0, 3, 1, 2).float() / 255  # (N, 3, H, W)
+        # (N, 3, H, W)
+        images = decode_latents(self.vae, latents.float()).permute(0, 3, 1, 2).float() / 255
         grid = make_grid(images, nrow=math.ceil(math.sqrt(len(images))), padding=0).cpu()
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(path) as f:
@@ -297,8 +318,8 @@ def load_init_weights(model, path, weights="ema", log=print):
     line."""
     checkpoint = load_checkpoint(path)
     if weights not in checkpoint:
-        raise RegditError(f"--init-from {path} has no {weights} weights (an export holds EMA weights only): pass "
-                          "--init-weights ema")
+        raise RegditError(f"--init-from {path} has no {weights} weights (an export holds EMA "
+                          "weights only): pass --init-weights ema")
     check_weights(checkpoint[weights], f"--init-from {path}")
     state = dict(checkpoint[weights])
     source, table = state.get(CLASS_TABLE), model.state_dict()[CLASS_TABLE]
@@ -306,15 +327,17 @@ def load_init_weights(model, path, weights="ema", log=print):
         # official checkpoints store no config: they were trained with label dropout, so their last
         # row is null
         stored = checkpoint.get("model_config")
-        source_classes = SiTConfig.from_dict(stored, f"--init-from {path}").num_classes if stored else len(source) - 1
+        source_classes = (SiTConfig.from_dict(stored, f"--init-from {path}").num_classes if stored
+                          else len(source) - 1)
         common, resized = min(source_classes, model.num_classes), table.clone()
         resized[:common] = source[:common]
         null_moved = len(source) > source_classes and len(table) > model.num_classes
         if null_moved:
             resized[model.num_classes] = source[source_classes]
         state[CLASS_TABLE] = resized
-        log(f"--init-from {path}: class embedding resized from {source_classes} to {model.num_classes} classes "
-            f"(rows 0-{common - 1} copied" + (f", null class moved to row {model.num_classes}" if null_moved else "")
-            + (f", {model.num_classes - common} new rows freshly initialised" if model.num_classes > common else "")
-            + ")")
+        moved = f", null class moved to row {model.num_classes}" if null_moved else ""
+        fresh = (f", {model.num_classes - common} new rows freshly initialised"
+                 if model.num_classes > common else "")
+        log(f"--init-from {path}: class embedding resized from {source_classes} to "
+            f"{model.num_classes} classes (rows 0-{common - 1} copied{moved}{fresh})")
     load_state_dict_checked(model, state, f"--init-from {path}")

@@ -27,7 +27,8 @@ def atomic_write(path, mode="wb", sync=True):
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as error:  # name the file being written, not its temp file (or none: a failed write)
+    except OSError as error:
+        # name the file being written, not its temp file (or none: a failed write)
         if error.filename in (None, str(tmp)):
             error.filename = str(path)
         raise
@@ -54,12 +55,13 @@ def check_writable(path, flag):
     if not existing.is_dir():
         raise RegditError(f"{flag} {path}: {existing} is a file, not a folder; pass a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise RegditError(f"{flag} {path}: {existing} is not writable (read-only or no permission); pass a writable "
-                          "folder")
+        raise RegditError(f"{flag} {path}: {existing} is not writable (read-only or no "
+                          "permission); pass a writable folder")
 
 
-FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
-              (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+              (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+              (stat.S_ISSOCK, "a socket"))
 
 
 def file_kind(mode):
@@ -81,8 +83,8 @@ def check_output(path, flag=None, foreign=None, inputs=None, folder=False):
     fix = f"move it away or pass another {flag}" if flag else "move it away"
     for name, source in (inputs or {}).items():
         if source is not None and _same_file(path, source):
-            raise RegditError(f"cannot write {path}: it is the {name} {source}, which this command reads; pass "
-                              f"another {flag}")
+            raise RegditError(f"cannot write {path}: it is the {name} {source}, which this command "
+                              f"reads; pass another {flag}")
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
@@ -121,7 +123,8 @@ def check_regular_file(path):
     folder, FIFO, device or socket named like an image or array would fail late, block (a FIFO waits
     for a writer) or read without end. A missing path is left to the open that follows."""
     if os.path.exists(path) and not os.path.isfile(path):
-        raise RegditError(f"{path} is not a regular file; remove it or replace it with the file it stands for")
+        raise RegditError(f"{path} is not a regular file; remove it or replace it with the file it "
+                          "stands for")
 
 
 def npz_headers(path):

@@ -43,13 +43,14 @@ def open_image(file):
     """`PIL.Image.open(file)`, lazily as PIL opens, refusing an image over MAX_PIXELS with
     ImageTooLarge from the size in its header; PIL's own DecompressionBombError (above 179 MP, and
     not an OSError) becomes one too."""
-    with warnings.catch_warnings():  # PIL warns from 89.5 MP: those images are refused below, in one line
+    # PIL warns from 89.5 MP: those images are refused below, in one line
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
         try:
             image = PIL.Image.open(file)
         except PIL.Image.DecompressionBombError:
-            raise ImageTooLarge(f"over {2 * PIL.Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels, above "
-                                f"{PIXEL_LIMIT}") from None
+            raise ImageTooLarge(f"over {2 * PIL.Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels, "
+                                f"above {PIXEL_LIMIT}") from None
     width, height = image.size
     if width * height > MAX_PIXELS:
         image.close()
@@ -73,11 +74,11 @@ def read_image(path, shape=None):
     except (OSError, SyntaxError, ValueError, PIL.Image.DecompressionBombError) as error:
         # PIL's unreadable, truncated or foreign file, or a GIF frame or TIFF tile over PIL's limit
         # (while decoding)
-        raise RegditError(f"{path} is not a readable image ({type(error).__name__}: {error}); remove or replace "
-                          "it") from None
+        raise RegditError(f"{path} is not a readable image ({type(error).__name__}: {error}); "
+                          "remove or replace it") from None
     if pixels is None:
         raise RegditError(f"{path} is {mode}, not 8-bit RGB; {CONVERT}")
     if shape is not None and pixels.shape != tuple(shape):
-        raise RegditError(f"{path} is {pixels.shape[1]}x{pixels.shape[0]}, expected {shape[1]}x{shape[0]} like the "
-                          f"first image; {CONVERT}")
+        raise RegditError(f"{path} is {pixels.shape[1]}x{pixels.shape[0]}, expected "
+                          f"{shape[1]}x{shape[0]} like the first image; {CONVERT}")
     return pixels

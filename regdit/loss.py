@@ -50,7 +50,8 @@ class REGLoss:
         0 without a class token). Arguments as `terms`."""
         terms = self.terms(model, x, y, target_zs, cls_token, **kwargs)
         denoise = terms["denoise"].mean()
-        cls = self.cls_coeff * terms["cls"].mean() if terms["cls"] is not None else torch.zeros_like(denoise)
+        cls = (self.cls_coeff * terms["cls"].mean() if terms["cls"] is not None
+               else torch.zeros_like(denoise))
         loss = denoise + self.proj_coeff * terms["proj"] + cls
         logs = dict(loss_final=loss, loss_mean=denoise, proj_loss=terms["proj"], loss_mean_cls=cls)
         for name, weight in self.extra_terms.items():
@@ -58,7 +59,8 @@ class REGLoss:
             loss = logs["loss_final"] = loss + logs[name]
         return loss, {name: value.detach() for name, value in logs.items()}
 
-    def terms(self, model, x, y, target_zs=(), cls_token=None, time=None, noise=None, noise_cls=None, **model_kwargs):
+    def terms(self, model, x, y, target_zs=(), cls_token=None, time=None, noise=None,
+              noise_cls=None, **model_kwargs):
         """Per-sample terms: x (N, C, H, W) clean latents, y (N,) labels, target_zs [(N, 1+T', D_k)]
         encoder features, cls_token (N, D_0) clean class token; model_kwargs go to the model (e.g.
         force_drop_ids). Returns dict(denoise (N,), cls (N,) or None, proj scalar) and what they
@@ -67,8 +69,8 @@ class REGLoss:
         n = x.shape[0]
         time = self.sample_time(n, x.device) if time is None else time
         noise = torch.randn_like(x) if noise is None else noise
-        alpha, sigma, d_alpha, d_sigma = (c.to(x.dtype).view(n, 1, 1, 1)
-                                          for c in path_coefficients(time.to(x.device), self.path_type))
+        coefficients = path_coefficients(time.to(x.device), self.path_type)
+        alpha, sigma, d_alpha, d_sigma = (c.to(x.dtype).view(n, 1, 1, 1) for c in coefficients)
         x_t = alpha * x + sigma * noise
         target = d_alpha * x + d_sigma * noise
         cls_t = cls_target = None
@@ -77,16 +79,20 @@ class REGLoss:
             a, s, da, ds = (c.flatten(1) for c in (alpha, sigma, d_alpha, d_sigma))
             cls_t, cls_target = a * cls_token + s * noise_cls, da * cls_token + ds * noise_cls
             if self.official_cosine_cls_target and self.path_type == "cosine":
-                cls_target = d_alpha * cls_token + d_sigma * noise_cls  # (N, 1, N, D), see the class docstring
+                # (N, 1, N, D), see the class docstring
+                cls_target = d_alpha * cls_token + d_sigma * noise_cls
 
-        velocity, zs, cls_velocity = model(x_t, time.to(x.dtype), y, cls_token=cls_t, **model_kwargs)
+        velocity, zs, cls_velocity = model(x_t, time.to(x.dtype), y, cls_token=cls_t,
+                                           **model_kwargs)
         denoise = mean_flat((velocity.float() - target.float()) ** 2)
-        cls = mean_flat((cls_velocity.float() - cls_target.float()) ** 2) if cls_token is not None else None
+        cls = (mean_flat((cls_velocity.float() - cls_target.float()) ** 2) if cls_token is not None
+               else None)
         # plain SiT has no projector: a zero on the model's device (a CPU zero would cost a copy
         # every step)
         proj = projection_loss(target_zs, zs) if zs else denoise.new_zeros(())
-        return dict(denoise=denoise, cls=cls, proj=proj, x=x, x_t=x_t, time=time, target=target, velocity=velocity,
-                    zs=zs, target_zs=target_zs, cls_t=cls_t, cls_target=cls_target, cls_velocity=cls_velocity)
+        return dict(denoise=denoise, cls=cls, proj=proj, x=x, x_t=x_t, time=time, target=target,
+                    velocity=velocity, zs=zs, target_zs=target_zs, cls_t=cls_t,
+                    cls_target=cls_target, cls_velocity=cls_velocity)
 
 
 def projection_loss(target_zs, zs):

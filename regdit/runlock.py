@@ -8,18 +8,17 @@ started}. A lock left by a crash is stale, and replaced, when
 
 - its host is this host and its pid is not alive, or
 - its mtime is older than `STALE_AFTER` seconds: while held, a daemon thread touches it every
-`HEARTBEAT` seconds, so
-  a lock from a crashed run on another node expires `STALE_AFTER` after its last beat (the gap tolerates clock skew
-  between nodes and slow filesystems). An empty or unparsable lock (a crash between create and write) is stale only
-  by this rule.
+  `HEARTBEAT` seconds, so a lock from a crashed run on another node expires `STALE_AFTER` after its
+  last beat (the gap tolerates clock skew between nodes and slow filesystems). An empty or
+  unparsable lock (a crash between create and write) is stale only by this rule.
 
 Usage, one `with` line per command (`state` is the accelerate `PartialState` or `Accelerator` of the
 run; only the main process holds the lock, and every process raises the same RegditError when it is
 taken):
 
-    with lock_run(exp_dir, "train", accelerator): ...          # regdit train
-    with lock_run(folder, "sample", state): ...                # regdit sample
-    with RunLock(dest, "prepare"): ...                         # one process, no accelerate state (prepare images)
+    with lock_run(exp_dir, "train", accelerator): ...  # regdit train
+    with lock_run(folder, "sample", state): ...        # regdit sample
+    with RunLock(dest, "prepare"): ...                 # regdit prepare: no accelerate state
 
 Take the lock before the first write to the folder; code that lists the folder must ignore LOCK_NAME
 (and LOCK_NAME + ".break", a guard that exists for milliseconds while a stale lock is replaced).
@@ -64,12 +63,16 @@ class RunLock:
 
     def __enter__(self):
         check_output(self.folder, folder=True)
-        check_output(self.path)  # a regular file or none: reading a FIFO would block, a folder cannot be replaced
-        self._created = [p for p in (self.folder, *self.folder.absolute().parents) if not p.exists()]
+        # a regular file or none: reading a FIFO would block, a folder cannot be replaced
+        check_output(self.path)
+        self._created = [p for p in (self.folder, *self.folder.absolute().parents)
+                         if not p.exists()]
         self.folder.mkdir(parents=True, exist_ok=True)
-        self._content = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "command": self.command,
-                                    "started": datetime.datetime.now().isoformat(timespec="seconds")}).encode()
-        for _ in range(50):  # each round takes the lock, raises, or replaces a stale lock (or waits on a replacer)
+        self._content = json.dumps({
+            "host": socket.gethostname(), "pid": os.getpid(), "command": self.command,
+            "started": datetime.datetime.now().isoformat(timespec="seconds")}).encode()
+        # each round takes the lock, raises, or replaces a stale lock (or waits on a replacer)
+        for _ in range(50):
             if self._create():
                 self._beat.start()
                 return self
@@ -80,7 +83,8 @@ class RunLock:
                     raise RegditError(self._in_use(holder))
                 if not self._replace(seen):
                     time.sleep(0.1)
-        raise RegditError(f"{self.folder} is in use: its lock {self.path} keeps changing; retry in a minute")
+        raise RegditError(f"{self.folder} is in use: its lock {self.path} keeps changing; "
+                          "retry in a minute")
 
     def __exit__(self, *exc):
         self._stop.set()
@@ -104,7 +108,8 @@ class RunLock:
             with os.fdopen(fd, "wb") as f:
                 f.write(self._content)
         except BaseException:
-            self.path.unlink(missing_ok=True)  # an empty lock would hold the folder until it expires
+            # an empty lock would hold the folder until it expires
+            self.path.unlink(missing_ok=True)
             raise
         return True
 
@@ -141,7 +146,8 @@ class RunLock:
             try:
                 seen = self._read()
                 if seen is None or seen[0] != self._content:
-                    return  # removed, or replaced after a stall longer than STALE_AFTER: no longer ours
+                    # removed, or replaced after a stall longer than STALE_AFTER: no longer ours
+                    return
                 os.utime(self.path)
             except OSError:  # a filesystem hiccup: beat again next time
                 pass
@@ -150,11 +156,13 @@ class RunLock:
         if holder is None:
             who = f"another regdit process (its lock {self.path} is still being written)"
         else:
-            command = str(holder.get("command")).removeprefix("regdit ")  # another writer may have put "regdit X"
+            # another writer may have put "regdit X"
+            command = str(holder.get("command")).removeprefix("regdit ")
             who = (f"regdit {command} (pid {holder.get('pid')} on host {holder.get('host')}, "
                    f"since {holder.get('started')})")
-        message = (f"{self.folder} is in use by {who}: wait for it to finish, or stop it; a lock left by a crashed "
-                   f"run on another host expires {STALE_AFTER / 60:g} minutes after its last heartbeat")
+        message = (f"{self.folder} is in use by {who}: wait for it to finish, or stop it; a lock "
+                   f"left by a crashed run on another host expires {STALE_AFTER / 60:g} minutes "
+                   "after its last heartbeat")
         return " ".join(message.splitlines())
 
 
@@ -177,7 +185,9 @@ def _stale(holder, age):
     except ProcessLookupError:
         return True
     except (OSError, LookupError, ValueError, TypeError, OverflowError):
-        pass  # alive under another user (PermissionError), or a pid this check cannot read: the mtime decides
+        # alive under another user (PermissionError), or a pid this check cannot read: the mtime
+        # decides
+        pass
     return False
 
 
@@ -191,7 +201,8 @@ def lock_run(folder, command, state):
         if state.is_main_process:
             try:
                 stack.enter_context(RunLock(folder, command))
-            except Exception as e:  # also an unexpected one: the other processes must not wait on the broadcast
+            except Exception as e:
+                # also an unexpected one: the other processes must not wait on the broadcast
                 error = e
         if state.num_processes > 1:
             from accelerate.utils import broadcast_object_list
@@ -219,7 +230,8 @@ def stop_with_launcher():
     accelerate launch start workers from their main thread. Call it first thing in the process,
     before the process group starts.
     """
-    if not sys.platform.startswith("linux") or not ({"LOCAL_RANK", "TORCHELASTIC_RUN_ID"} & os.environ.keys()):
+    launched = {"LOCAL_RANK", "TORCHELASTIC_RUN_ID"} & os.environ.keys()
+    if not sys.platform.startswith("linux") or not launched:
         return
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
