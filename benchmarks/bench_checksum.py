@@ -1,14 +1,16 @@
-"""What the checkpoint checksum (`regdit.checkpoint.tensor_checksum`) costs on SiT-XL/2-sized training state, per
-candidate hash, next to `torch.save` (+ fsync, as `save_checkpoint` does) and `torch.load` of the same state.
+"""What the checkpoint checksum (`regdit.checkpoint.tensor_checksum`) costs on SiT-XL/2-sized
+training state, per candidate hash, next to `torch.save` (+ fsync, as `save_checkpoint` does) and
+`torch.load` of the same state.
 
-    python benchmarks/bench_checksum.py                 # full size: model + EMA + AdamW exp_avg, exp_avg_sq, 10.8 GB
+    python benchmarks/bench_checksum.py                 # full size: 10.8 GB of training state
     python benchmarks/bench_checksum.py --scale 0.25    # a quarter of it
     python benchmarks/bench_checksum.py --tiny          # a few MB, a CPU smoke run
 
-The state is SiT-XL/2's 675M float32 parameters four times over (model, EMA, the two AdamW moments), built as a few
-large random float32 tensors rather than the real model to keep memory to the state itself: each tensor is made in
-place and hashed, saved and loaded without copies. The file goes to --dir (default: the system temp folder) and is
-deleted. torch.load reads it back right after the save, mostly from the page cache: a best case for the load.
+The state is SiT-XL/2's 675M float32 parameters four times over (model, EMA, the two AdamW moments),
+built as a few large random float32 tensors rather than the real model to keep memory to the state
+itself: each tensor is made in place and hashed, saved and loaded without copies. The file goes to
+--dir (default: the system temp folder) and is deleted. torch.load reads it back right after the
+save, mostly from the page cache: a best case for the load.
 """
 import argparse
 import os
@@ -25,18 +27,20 @@ PARTS = ("model", "ema", "exp_avg", "exp_avg_sq")
 
 
 def training_state(parameters, tensors_per_part):
-    """{model, ema, opt: {state: {i: {exp_avg, exp_avg_sq}}}}, each part `parameters` float32 values split into
-    `tensors_per_part` tensors, the layout a checkpoint has."""
+    """{model, ema, opt: {state: {i: {exp_avg, exp_avg_sq}}}}, each part `parameters` float32 values
+    split into `tensors_per_part` tensors, the layout a checkpoint has."""
     generator = torch.Generator().manual_seed(0)
-    sizes = [parameters // tensors_per_part + (i < parameters % tensors_per_part) for i in range(tensors_per_part)]
+    sizes = [parameters // tensors_per_part + (i < parameters % tensors_per_part)
+             for i in range(tensors_per_part)]
 
     def part():
-        return {f"blocks.{i}.weight": torch.empty(n).uniform_(-1, 1, generator=generator) for i, n in enumerate(sizes)}
+        return {f"blocks.{i}.weight": torch.empty(n).uniform_(-1, 1, generator=generator)
+                for i, n in enumerate(sizes)}
     model, ema, exp_avg, exp_avg_sq = (part() for _ in PARTS)
     state = {i: {"step": torch.tensor(1.0), "exp_avg": exp_avg[k], "exp_avg_sq": exp_avg_sq[k]}
              for i, k in enumerate(model)}
-    return dict(model=model, ema=ema, opt=dict(state=state, param_groups=[dict(lr=1e-4, params=list(state))]),
-                steps=1)
+    return dict(model=model, ema=ema,
+                opt=dict(state=state, param_groups=[dict(lr=1e-4, params=list(state))]), steps=1)
 
 
 def timed(function, repeats):
@@ -57,14 +61,21 @@ def save_synced(state, path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scale", type=float, default=1.0, help="fraction of the SiT-XL/2 state (1: 10.8 GB)")
-    parser.add_argument("--tiny", action="store_true", help="a few MB (--scale 0.001), repeats 3: a smoke run")
-    parser.add_argument("--tensors-per-part", type=int, default=4, help="tensors making up each of the four parts")
-    parser.add_argument("--kinds", default=",".join(CHECKSUMS), help=f"hashes to time, of {', '.join(CHECKSUMS)}")
-    parser.add_argument("--repeats", type=int, default=None, help="best of N (default 1, 3 with --tiny)")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="fraction of the SiT-XL/2 state (1: 10.8 GB)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="a few MB (--scale 0.001), repeats 3: a smoke run")
+    parser.add_argument("--tensors-per-part", type=int, default=4,
+                        help="tensors making up each of the four parts")
+    parser.add_argument("--kinds", default=",".join(CHECKSUMS),
+                        help=f"hashes to time, of {', '.join(CHECKSUMS)}")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="best of N (default 1, 3 with --tiny)")
     parser.add_argument("--no-save", action="store_true", help="skip torch.save / torch.load")
-    parser.add_argument("--dir", default=None, help="folder for the torch.save file (default: the temp folder)")
+    parser.add_argument("--dir", default=None,
+                        help="folder for the torch.save file (default: the temp folder)")
     args = parser.parse_args(argv)
     scale = 0.001 if args.tiny else args.scale
     repeats = args.repeats or (3 if args.tiny else 1)
@@ -79,8 +90,8 @@ def main(argv=None):
     size = 4 * len(PARTS) * parameters  # bytes
     print(f"state: {len(PARTS)} x {parameters / 1e6:.1f}M float32 = {size / 1e9:.3f} GB "
           f"({scale:g} of SiT-XL/2 training state), {len(PARTS) * args.tensors_per_part} tensors, "
-          f"made in {time.perf_counter() - start:.1f} s; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"best of {repeats}")
+          f"made in {time.perf_counter() - start:.1f} s; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, best of {repeats}")
     rows, digests = [], {}
     for kind in kinds:
         digests[kind], seconds = timed(lambda kind=kind: tensor_checksum(state, kind), repeats)
@@ -94,7 +105,8 @@ def main(argv=None):
             del state  # the load needs the memory
             loaded, seconds = timed(lambda: torch.load(path, weights_only=True), repeats)
             rows.append(("torch.load (page cache)", seconds))
-            assert tensor_checksum(loaded, kinds[0]) == digests[kinds[0]]  # what load_checkpoint verifies
+            # what load_checkpoint verifies
+            assert tensor_checksum(loaded, kinds[0]) == digests[kinds[0]]
         finally:
             path.unlink(missing_ok=True)
     save_seconds = dict(rows).get("torch.save + fsync")

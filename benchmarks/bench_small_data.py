@@ -1,11 +1,13 @@
-"""The demo's small-scale recipe on real small datasets: `regdit demo` on its built-in shapes and on scikit-learn's
-handwritten digits (1,797 grey 8x8 images of 10 classes, shipped inside scikit-learn, upsampled to 32 px).
+"""The demo's small-scale recipe on real small datasets: `regdit demo` on its built-in shapes and on
+scikit-learn's handwritten digits (1,797 grey 8x8 images of 10 classes, shipped inside scikit-learn,
+upsampled to 32 px).
 
     pip install -e '.[bench]'   # scikit-learn, for its digits
     python benchmarks/bench_small_data.py [--datasets shapes,digits] [--steps N] [--output DIR]
 
-Prints, per dataset: images, classes, the classifier score of the samples (the share a small CNN fitted on 80% of
-the real images assigns to their class), that CNN's accuracy on the other 20%, and the minutes of the whole run.
+Prints, per dataset: images, classes, the classifier score of the samples (the share a small CNN
+fitted on 80% of the real images assigns to their class), that CNN's accuracy on the other 20%, and
+the minutes of the whole run.
 """
 import argparse
 import json
@@ -31,10 +33,13 @@ def write_digits(folder):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", default="shapes,digits", help="comma-separated: shapes, digits")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", default="shapes,digits",
+                        help="comma-separated: shapes, digits")
     parser.add_argument("--steps", type=int, default=DemoConfig.steps, help="training steps")
-    parser.add_argument("--output", default=None, help="folder for the runs (default: a temporary folder)")
+    parser.add_argument("--output", default=None,
+                        help="folder for the runs (default: a temporary folder)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as temp:
         root = Path(args.output or temp)
@@ -43,13 +48,14 @@ def main():
             data = None if name == "shapes" else str(write_digits(root / "digits-source"))
             summary = run_demo(DemoConfig(output=str(root / name), data=data, steps=args.steps))
             rows.append((name, summary))
-    print("\n| dataset | images | classes | steps | classifier score | held-out real accuracy | minutes |\n"
-          "|---|---|---|---|---|---|---|")
+    print("\n| dataset | images | classes | steps | classifier score | held-out real accuracy "
+          "| minutes |\n|---|---|---|---|---|---|---|")
     for name, s in rows:
-        print(f"| {name} | {s['training_images']} | {len(s['classes'])} | {s['steps']} | {s['classifier_score']:.1%} "
-              f"| {s['classifier_held_out_accuracy']:.1%} | {sum(s['timings_seconds'].values()) / 60:.1f} |")
-    print(json.dumps({name: {k: s[k] for k in ("classifier_score", "classifier_held_out_accuracy", "timings_seconds")}
-                      for name, s in rows}))
+        print(f"| {name} | {s['training_images']} | {len(s['classes'])} | {s['steps']} "
+              f"| {s['classifier_score']:.1%} | {s['classifier_held_out_accuracy']:.1%} "
+              f"| {sum(s['timings_seconds'].values()) / 60:.1f} |")
+    keys = ("classifier_score", "classifier_held_out_accuracy", "timings_seconds")
+    print(json.dumps({name: {k: s[k] for k in keys} for name, s in rows}))
 
 
 if __name__ == "__main__":

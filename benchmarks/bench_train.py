@@ -1,18 +1,21 @@
-"""Training throughput (images/s), model FLOP utilisation and peak memory of one REG training step, regdit against
-an official-style baseline on the same device. Prints one table.
+"""Training throughput (images/s), model FLOP utilisation and peak memory of one REG training step,
+regdit against an official-style baseline on the same device. Prints one table.
 
     python benchmarks/bench_train.py --tiny                      # CPU, seconds
     python benchmarks/bench_train.py --models SiT-B/2,SiT-L/2,SiT-XL/2 --batch-size 64
 
-A step = frozen DINOv2-B forward on 256 px images (regdit's Encoder) + SiT forward/backward of the REG loss + clip +
-AdamW + EMA, on random weights and random data already on the device (the data loader is measured by bench_data.py).
-Variants, one per table row (`--variants`, comma-separated):
-  official  fp16 autocast + GradScaler, foreach AdamW, per-parameter EMA loop, loss/grad-norm `.item()` every step
-  regdit    bf16 autocast, fused AdamW, foreach EMA, no host synchronisation; options appended with `+`:
-            +compile (torch.compile the SiT), +checkpointing (activation checkpointing of every block),
-            +fp16 (fp16 autocast + GradScaler instead of bf16), +foreach (foreach instead of fused AdamW; with
-            +fp16 the GradScaler then reads its overflow flag on the host every step, as in the official step)
-MFU = (3 x SiT forward FLOPs + encoder forward FLOPs, the analytic `SiT.flops` / `Encoder.flops`) x images/s / peak.
+A step = frozen DINOv2-B forward on 256 px images (regdit's Encoder) + SiT forward/backward of the
+REG loss + clip + AdamW + EMA, on random weights and random data already on the device (the data
+loader is measured by bench_data.py). Variants, one per table row (`--variants`, comma-separated):
+  official  fp16 autocast + GradScaler, foreach AdamW, per-parameter EMA loop, loss/grad-norm
+            `.item()` every step
+  regdit    bf16 autocast, fused AdamW, foreach EMA, no host synchronisation; options appended
+            with `+`: +compile (torch.compile the SiT), +checkpointing (activation checkpointing
+            of every block), +fp16 (fp16 autocast + GradScaler instead of bf16), +foreach (foreach
+            instead of fused AdamW; with +fp16 the GradScaler then reads its overflow flag on the
+            host every step, as in the official step)
+MFU = (3 x SiT forward FLOPs + encoder forward FLOPs, the analytic `SiT.flops` /
+`Encoder.flops`) x images/s / peak.
 """
 import argparse
 import copy
@@ -26,8 +29,10 @@ from regdit.loss import REGLoss
 from regdit.models import create_model
 from regdit.train import update_ema
 
-# dense bf16/fp16 TFLOP/s from the datasheets, the first name contained in the device's name counts (SXM: plain "H100")
-PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "H200": 989.4, "A100": 312.0}
+# dense bf16/fp16 TFLOP/s from the datasheets, the first name contained in the device's name counts
+# (SXM: plain "H100")
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.4, "H200": 989.4,
+                    "A100": 312.0}
 OPTIONS = {"compile", "checkpointing", "fp16", "foreach"}
 
 
@@ -35,9 +40,10 @@ def variant_list(text):
     """Comma-separated variants, each checked: `official`, or `regdit` with any `+option`s."""
     for variant in text.split(","):
         base, *options = variant.split("+")
-        if base not in ("official", "regdit") or not set(options) <= OPTIONS or (base == "official" and options):
-            raise argparse.ArgumentTypeError(f"unknown variant {variant!r}: official, or regdit with any of "
-                                             f"+{', +'.join(sorted(OPTIONS))}")
+        if (base not in ("official", "regdit") or not set(options) <= OPTIONS
+                or (base == "official" and options)):
+            raise argparse.ArgumentTypeError(f"unknown variant {variant!r}: official, or regdit "
+                                             f"with any of +{', +'.join(sorted(OPTIONS))}")
     return text.split(",")
 
 
@@ -81,7 +87,8 @@ def make_step(variant, model, encoder, batch, device):
 
 
 def dinov2_b(resolution, tiny, device):
-    """DINOv2-B/14 with random weights behind regdit's Encoder (REG preprocessing); a 1-block width-32 one if tiny."""
+    """DINOv2-B/14 with random weights behind regdit's Encoder (REG preprocessing); a 1-block
+    width-32 one if tiny."""
     spec, size = ENCODER_TYPES["dinov2-vit-b"], encoder_input_size("dinov2-vit-b", resolution)
     shape = dict(patch_size=7, embed_dim=32, depth=1, num_heads=2) if tiny else {}
     vit = timm.create_model(spec.arch, img_size=size, num_classes=0, **spec.model_args, **shape)
@@ -105,42 +112,54 @@ def timed(step, steps, warmup, device):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--models", default="SiT-B/2,SiT-L/2,SiT-XL/2", help="comma-separated SiT names")
+    parser.add_argument("--models", default="SiT-B/2,SiT-L/2,SiT-XL/2",
+                        help="comma-separated SiT names")
     parser.add_argument("--batch-size", type=int, default=64, help="images per step")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (after warm-up)")
     parser.add_argument("--variants", type=variant_list, default="official,regdit,regdit+compile",
                         help="comma-separated table rows; the first is the speed-up baseline")
-    parser.add_argument("--tiny", action="store_true", help="CPU smoke mode: tiny SiT and encoder at 32 px, seconds")
+    parser.add_argument("--tiny", action="store_true",
+                        help="CPU smoke mode: tiny SiT and encoder at 32 px")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     resolution = 32 if args.tiny else 256
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    name = (torch.cuda.get_device_name() if device.type == "cuda"
+            else f"CPU ({torch.get_num_threads()} threads)")
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
     encoder = dinov2_b(resolution, args.tiny, device)
-    print(f"device: {name}, torch {torch.__version__}, batch {args.batch_size}, {args.steps} timed steps, "
-          f"{resolution} px")
-    print(f"{'model':<10} {'variant':<28} {'images/s':>9} {'speed-up':>8} {'GFLOP/img':>10} {'TFLOP/s':>8} {'MFU':>6} "
-          f"{'peak GiB':>8}", flush=True)
+    print(f"device: {name}, torch {torch.__version__}, batch {args.batch_size}, "
+          f"{args.steps} timed steps, {resolution} px")
+    print(f"{'model':<10} {'variant':<28} {'images/s':>9} {'speed-up':>8} {'GFLOP/img':>10} "
+          f"{'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>8}", flush=True)
     for model_name in ["SiT-S/8"] if args.tiny else args.models.split(","):
-        n, (channels, size) = args.batch_size, (3, 32) if args.tiny else (4, resolution // 8)  # tiny: pixel space
-        tiny = dict(depth=2, hidden_size=64, num_heads=2, projector_dim=64, encoder_depth=1) if args.tiny else {}
-        base = create_model(model_name, input_size=size, in_channels=channels, z_dims=[encoder.embed_dim], **tiny)
-        batch = (torch.randint(0, 256, (n, 3, resolution, resolution), device=device, dtype=torch.uint8),
-                 torch.randn(n, 2 * channels, size, size, device=device), torch.randint(0, 1000, (n,), device=device))
+        # tiny: pixel space
+        n, (channels, size) = args.batch_size, (3, 32) if args.tiny else (4, resolution // 8)
+        tiny = (dict(depth=2, hidden_size=64, num_heads=2, projector_dim=64, encoder_depth=1)
+                if args.tiny else {})
+        base = create_model(model_name, input_size=size, in_channels=channels,
+                            z_dims=[encoder.embed_dim], **tiny)
+        image_shape = (n, 3, resolution, resolution)
+        batch = (torch.randint(0, 256, image_shape, device=device, dtype=torch.uint8),
+                 torch.randn(n, 2 * channels, size, size, device=device),
+                 torch.randint(0, 1000, (n,), device=device))
         flops = 3 * base.flops() + encoder.flops()
         baseline = None
-        for variant in args.variants:  # each row is printed when measured: a timeout keeps the rows before it
-            model = copy.deepcopy(base).to(device).train()  # `base` stays on the CPU: not in the peak memory
+        # each row is printed when measured: a timeout keeps the rows before it
+        for variant in args.variants:
+            # `base` stays on the CPU: not in the peak memory
+            model = copy.deepcopy(base).to(device).train()
             step = make_step(variant, model, encoder, batch, device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            rate = n * args.steps / timed(step, args.steps, 5 if "compile" in variant else 3, device)
-            memory = f"{torch.cuda.max_memory_allocated() / 2 ** 30:.1f}" if device.type == "cuda" else "-"
+            warmup = 5 if "compile" in variant else 3
+            rate = n * args.steps / timed(step, args.steps, warmup, device)
+            memory = (f"{torch.cuda.max_memory_allocated() / 2 ** 30:.1f}" if device.type == "cuda"
+                      else "-")
             baseline, tflops = baseline or rate, rate * flops / 1e12
             mfu = f"{tflops / peak:.1%}" if peak else "-"
-            print(f"{model_name:<10} {variant:<28} {rate:>9.1f} {rate / baseline:>7.2f}x {flops / 1e9:>10.4g} "
-                  f"{tflops:>8.3g} {mfu:>6} {memory:>8}", flush=True)
+            print(f"{model_name:<10} {variant:<28} {rate:>9.1f} {rate / baseline:>7.2f}x "
+                  f"{flops / 1e9:>10.4g} {tflops:>8.3g} {mfu:>6} {memory:>8}", flush=True)
             del model, step
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -1,8 +1,8 @@
 """The `regdit` command line: one subcommand per pipeline stage.
 
-Each command is a config dataclass and a function that takes it (`train(TrainConfig)`); the flags are the dataclass
-fields (`regdit.config`). Modules are imported only when their command runs (or `--help` is asked for), so
-`regdit --help` stays fast.
+Each command is a config dataclass and a function that takes it (`train(TrainConfig)`); the flags
+are the dataclass fields (`regdit.config`). Modules are imported only when their command runs (or
+`--help` is asked for), so `regdit --help` stays fast.
 """
 import argparse
 import difflib
@@ -13,8 +13,14 @@ import sys
 import tempfile
 import traceback
 
-from regdit import RegditError, __version__, describe_os_error
-from regdit.config import add_dataclass_arguments, config_from_args, missing_required, preset_and_yaml_defaults
+from regdit import RegditError, __version__
+from regdit.config import (
+    add_dataclass_arguments,
+    config_from_args,
+    missing_required,
+    preset_and_yaml_defaults,
+)
+from regdit.files import describe_os_error
 from regdit.runlock import stop_with_launcher
 
 COMMANDS = {  # name -> (module, config class, function, one-line help)
@@ -29,26 +35,31 @@ COMMANDS = {  # name -> (module, config class, function, one-line help)
                "generate class-conditional samples to PNGs and an ADM .npz"),
     "eval": ("regdit.evaluate", "EvalConfig", "run_eval",
              "IS / FID / sFID / precision / recall of a sample .npz (ADM evaluator)"),
-    "export": ("regdit.checkpoint", "ExportConfig", "export",
-               "export a checkpoint's EMA weights to safetensors + config JSON + model card (--push-to-hub)"),
+    "export": ("regdit.export", "ExportConfig", "export",
+               "export a checkpoint's EMA weights to safetensors + config JSON + model card "
+               "(--push-to-hub)"),
     "report": ("regdit.report", "ReportConfig", "report",
-               "one figure of runs: loss terms, speed, FID/IS against iterations and the paper's points"),
+               "one figure of runs: loss terms, speed, FID/IS against iterations and the paper's "
+               "points"),
     "demo": ("regdit.demo", "DemoConfig", "run_demo",
              "the whole pipeline on a tiny built-in dataset, on CPU, in minutes"),
 }
 GROUPS = {"prepare": "prepare images (crop, labels), VAE latents for training, or a small VAE"}
-RESUMABLE_COMMANDS = ("prepare images", "prepare latents", "train", "sample", "demo")  # a rerun continues
+# commands whose rerun continues
+RESUMABLE_COMMANDS = ("prepare images", "prepare latents", "train", "sample", "demo")
 
 
 class Parser(argparse.ArgumentParser):
-    """One-line errors: a subcommand's usage runs to dozens of lines, and `--help` shows it anyway."""
+    """One-line errors: a subcommand's usage runs to dozens of lines, and `--help` shows it
+    anyway."""
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # no "(default: None)" on required flags or twice on explained defaults
+    # no "(default: None)" on required flags or twice on explained defaults
+    def _get_help_string(self, action):
         if action.required or action.default is None or "(default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
@@ -57,11 +68,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def command_of(argv):
     """The command named in argv ("train", "prepare latents"), "" if none."""
     words = [a for a in argv if not a.startswith("-")][:2]
-    return next((name for name in (" ".join(words), words[0] if words else "") if name in COMMANDS), "")
+    candidates = (" ".join(words), words[0] if words else "")
+    return next((name for name in candidates if name in COMMANDS), "")
 
 
 def build_parser(command):
-    """The parser of all commands; only `command`'s module is imported and its flags added (`.command_parser`)."""
+    """The parser of all commands; only `command`'s module is imported and its flags added
+    (`.command_parser`)."""
     parser = Parser(prog="regdit", description=__doc__.splitlines()[0], allow_abbrev=False)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     groups = {name: subparsers.add_parser(name, help=help, description=help, allow_abbrev=False)
@@ -70,7 +83,8 @@ def build_parser(command):
     for name, (module_name, config_name, _, help_text) in COMMANDS.items():
         group, _, sub_name = name.rpartition(" ")
         sub = (groups[group] if group else subparsers).add_parser(
-            sub_name, help=help_text, description=help_text, allow_abbrev=False, formatter_class=HelpFormatter)
+            sub_name, help=help_text, description=help_text, allow_abbrev=False,
+            formatter_class=HelpFormatter)
         if name == command:
             add_dataclass_arguments(sub, getattr(importlib.import_module(module_name), config_name))
             parser.command_parser = sub
@@ -78,18 +92,22 @@ def build_parser(command):
 
 
 def _parse(parser, argv):
-    """parse_args, with unknown flags reported by the subcommand and the closest valid names suggested."""
+    """parse_args, with unknown flags reported by the subcommand and the closest valid names
+    suggested."""
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        options = [o for action in parser.command_parser._actions for o in action.option_strings if o != "--help"]
-        hints = [f"{u} (did you mean {', '.join(close)}?)" if (close := difflib.get_close_matches(u, options, 2, 0.7))
-                 else u for u in unknown]
+        options = [o for action in parser.command_parser._actions for o in action.option_strings
+                   if o != "--help"]
+        hints = [f"{u} (did you mean {', '.join(close)}?)"
+                 if (close := difflib.get_close_matches(u, options, 2, 0.7)) else u
+                 for u in unknown]
         parser.command_parser.error(f"unrecognized arguments: {' '.join(hints)}")
     return args
 
 
 def parse_config(argv):
-    """(command, its module, its config): flags over `--config FILE.yaml` over `--preset` over the defaults."""
+    """(command, its module, its config): flags over `--config FILE.yaml` over `--preset` over the
+    defaults."""
     command = command_of(argv)
     parser = build_parser(command)
     args = _parse(parser, argv)  # without a valid command this prints the usage and exits
@@ -108,36 +126,42 @@ def parse_config(argv):
 
 
 def internal_error(command, argv, error):
-    """The line for an exception regdit did not expect (a bug, not the user's mistake): its traceback goes to a new
-    file in the temp folder, one per process, made by mkstemp (a fresh name, opened with O_EXCL: no file or link
-    planted there is followed), named in the line."""
+    """The line for an exception regdit did not expect (a bug, not the user's mistake): its
+    traceback goes to a new file in the temp folder, one per process, made by mkstemp (a fresh name,
+    opened with O_EXCL: no file or link planted there is followed), named in the line."""
     fd, log = tempfile.mkstemp(prefix="regdit-", suffix=".log", text=True)
     with os.fdopen(fd, "w") as f:
-        f.write(f"regdit {__version__}, python {sys.version.split()[0]}: regdit {shlex.join(argv)}\n")
+        f.write(f"regdit {__version__}, python {sys.version.split()[0]}: "
+                f"regdit {shlex.join(argv)}\n")
         traceback.print_exception(error, file=f)
     first_line = next((line.strip() for line in str(error).splitlines() if line.strip()), "")[:300]
     summary = f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
-    return f"regdit {command}: internal error: {summary}; full traceback in {log} (REGDIT_DEBUG=1 prints it instead)"
+    return (f"regdit {command}: internal error: {summary}; full traceback in {log} "
+            "(REGDIT_DEBUG=1 prints it instead)")
 
 
 def main(argv=None):
-    stop_with_launcher()  # a worker of a killed torchrun / accelerate launch ends instead of writing on
+    # a worker of a killed torchrun / accelerate launch ends instead of writing on
+    stop_with_launcher()
     argv = sys.argv[1:] if argv is None else argv
     command = command_of(argv)
     try:
         command, module, config = parse_config(argv)
         getattr(module, COMMANDS[command][2])(config)
     except RegditError as error:
-        # a DataLoader worker's error arrives as "Caught RegditError in DataLoader worker ...\n<traceback>\n
-        # regdit.RegditError: <message>": the message is the last line
-        message = str(error).strip().splitlines()[-1].removeprefix(f"{RegditError.__module__}.RegditError: ")
+        # a DataLoader worker's error arrives as "Caught RegditError in DataLoader worker
+        # ...\n<traceback>\n regdit.RegditError: <message>": the message is the last line
+        message = str(error).strip().splitlines()[-1].removeprefix(
+            f"{RegditError.__module__}.RegditError: ")
         sys.exit(f"regdit {command}: error: {message}")
-    except KeyboardInterrupt:  # every finished file is complete (atomic writes): nothing to clean up
+    except KeyboardInterrupt:
+        # every finished file is complete (atomic writes): nothing to clean up
         resumes = " (rerun the same command to continue)" if command in RESUMABLE_COMMANDS else ""
         print(f"\nregdit {command}: interrupted{resumes}", file=sys.stderr)
         sys.exit(130)
     except Exception as error:
-        # a full disk, a read-only folder, a missing file: the user's to fix, said in one line; anything else is a bug
+        # a full disk, a read-only folder, a missing file: the user's to fix, said in one line;
+        # anything else is a bug
         if isinstance(error, OSError) and describe_os_error(error) is not None:
             sys.exit(f"regdit {command}: error: {describe_os_error(error)}")
         if os.environ.get("REGDIT_DEBUG") == "1":

@@ -1,10 +1,11 @@
 """Frozen representation encoders: REPA's alignment targets and REG's entangled class token.
 
-Every encoder is a timm VisionTransformer, the ViT code whose `resample_abs_pos_embed` the official code used.
-Weights come from the Hugging Face Hub (`timm/<arch>.<tag>`, offline from the cache with HF_HUB_OFFLINE=1) or from a
-local weights file or timm folder given by `--enc-path` or REGDIT_ENCODER_PATH. An `Encoder` maps uint8 images to
-`(class_token (N, D), dense (N, 1 + T', D))`: the final-norm class token and [class token; patch tokens], as the
-official REG `x_norm_clstoken` / `x_norm_patchtokens`, register tokens dropped.
+Every encoder is a timm VisionTransformer, the ViT code whose `resample_abs_pos_embed` the official
+code used. Weights come from the Hugging Face Hub (`timm/<arch>.<tag>`, offline from the cache with
+HF_HUB_OFFLINE=1) or from a local weights file or timm folder given by `--enc-path` or
+REGDIT_ENCODER_PATH. An `Encoder` maps uint8 images to `(class_token (N, D), dense (N, 1 + T', D))`:
+the final-norm class token and [class token; patch tokens], as the official REG `x_norm_clstoken` /
+`x_norm_patchtokens`, register tokens dropped.
 """
 import json
 import math
@@ -27,16 +28,18 @@ from regdit.hub import resolve_path
 from regdit.models import attention_flops, matmul_flops
 
 ENV_PATH = "REGDIT_ENCODER_PATH"
-RESIZED_FAMILIES = ("dinov2", "clip", "jepa")  # resized to 224 * R // 256 px; MAE and MoCo-v3 take R px
 
 
 @dataclass(frozen=True)
 class EncoderSpec:
-    family: str  # preprocessing and checkpoint layout: dinov2 (with or without registers), clip, mae, mocov3, jepa
+    # preprocessing and checkpoint layout: dinov2 (with or without registers), clip, mae,
+    # mocov3, jepa
+    family: str
     arch: str  # timm architecture
     embed_dim: int
     tag: str | None = None  # timm pretrained tag: the weights are on the Hub as timm/<arch>.<tag>
-    url: str | None = None  # official weights where the Hub has none (download once, then --enc-path)
+    # official weights where the Hub has none (download once, then --enc-path)
+    url: str | None = None
     model_args: dict = field(default_factory=dict)
 
     @property
@@ -61,42 +64,68 @@ ENCODER_TYPES = {  # the official --enc-type names
     "mae-vit-h": EncoderSpec("mae", "vit_huge_patch14_224", 1280, "mae"),
     # MoCo-v3's ViT-S has 12 heads, not timm's 6 (moco-v3 vits.py)
     "mocov3-vit-s": EncoderSpec("mocov3", "vit_small_patch16_224", 384,
-                                url=f"{_MOCOV3}/vit-s-300ep/vit-s-300ep.pth.tar", model_args=dict(num_heads=12)),
+                                url=f"{_MOCOV3}/vit-s-300ep/vit-s-300ep.pth.tar",
+                                model_args=dict(num_heads=12)),
     "mocov3-vit-b": EncoderSpec("mocov3", "vit_base_patch16_224", 768,
                                 url=f"{_MOCOV3}/vit-b-300ep/vit-b-300ep.pth.tar"),
     "mocov3-vit-l": EncoderSpec("mocov3", "vit_large_patch16_224", 1024),
-    "jepa-vit-h": EncoderSpec("jepa", "vit_huge_patch14_gap_224", 1280,
-                              url="https://dl.fbaipublicfiles.com/ijepa/IN1K-vit.h.14-300e.pth.tar"),
+    "jepa-vit-h": EncoderSpec(
+        "jepa", "vit_huge_patch14_gap_224", 1280,
+        url="https://dl.fbaipublicfiles.com/ijepa/IN1K-vit.h.14-300e.pth.tar"),
+}
+
+
+@dataclass(frozen=True)
+class Family:
+    """How a family of encoders takes images (the official `preprocess_raw_image`): x / 255
+    normalised by `mean` and `std`, and for a `resized` family a bicubic resize to 224 * R // 256
+    px, before the normalisation when `resize_first`."""
+    mean: tuple
+    std: tuple
+    resized: bool
+    resize_first: bool = False
+
+
+# the family of an ENCODER_TYPES entry also names its checkpoint layout (see _load_vit)
+FAMILIES = {
+    "dinov2": Family(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resized=True),
+    "clip": Family(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, resized=True, resize_first=True),
+    "mae": Family(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resized=False),
+    "mocov3": Family(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resized=False),
+    "jepa": Family(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resized=True),
 }
 
 
 def encoder_input_size(enc_type, resolution):
-    """Side of the encoder's input. The official resize is to 224 * (R // 256); 224 * R // 256 is the same for R a
-    multiple of 256 and also serves small demo images (R = 32 -> 28 px). At 256 px a patch-14 DINOv2 sees 16x16
-    patches, the official `16 * (R // 256)` grid."""
-    return 224 * resolution // 256 if ENCODER_TYPES[enc_type].family in RESIZED_FAMILIES else resolution
+    """Side of the encoder's input. The official resize is to 224 * (R // 256); 224 * R // 256 is
+    the same for R a multiple of 256 and also serves small demo images (R = 32 -> 28 px). At 256 px
+    a patch-14 DINOv2 sees 16x16 patches, the official `16 * (R // 256)` grid."""
+    resized = FAMILIES[ENCODER_TYPES[enc_type].family].resized
+    return 224 * resolution // 256 if resized else resolution
 
 
 def preprocess_raw_image(x, enc_type):
-    """The official `preprocess_raw_image` on raw images (N, 3, R, R) in [0, 255], per family and in its order."""
-    family = ENCODER_TYPES[enc_type].family
+    """The official `preprocess_raw_image` on raw images (N, 3, R, R) in [0, 255], as its family
+    takes them."""
+    family = FAMILIES[ENCODER_TYPES[enc_type].family]
     size = encoder_input_size(enc_type, x.shape[-1])
     x = x / 255.0
-    if family == "clip":  # resize, then the CLIP normalisation
+    if family.resized and family.resize_first:  # CLIP
         x = F.interpolate(x, size, mode="bicubic")
-        return normalize(x, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
-    x = normalize(x, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
-    if family in RESIZED_FAMILIES:  # DINOv2, I-JEPA: ImageNet normalisation, then resize
+    x = normalize(x, family.mean, family.std)
+    if family.resized and not family.resize_first:  # DINOv2, I-JEPA
         x = F.interpolate(x, size, mode="bicubic")
     return x
 
 
 class Encoder(nn.Module):
-    """A frozen ViT giving `(class_token (N, D), dense (N, 1 + T', D))` from uint8 images (N, 3, R, R).
+    """A frozen ViT giving `(class_token (N, D), dense (N, 1 + T', D))` from uint8 images (N, 3, R,
+    R).
 
-    Tokens are taken after the final norm (DINOv2's `x_norm_clstoken` / `x_norm_patchtokens`); register tokens are
-    dropped. I-JEPA has no class token: the mean of its final-norm patch tokens stands in (timm's 'avg' pooling of the
-    model). It runs under the caller's autocast, as the official code runs it under the training autocast.
+    Tokens are taken after the final norm (DINOv2's `x_norm_clstoken` / `x_norm_patchtokens`);
+    register tokens are dropped. I-JEPA has no class token: the mean of its final-norm patch tokens
+    stands in (timm's 'avg' pooling of the model). It runs under the caller's autocast, as the
+    official code runs it under the training autocast.
     """
 
     def __init__(self, name, model, resolution):
@@ -108,22 +137,24 @@ class Encoder(nn.Module):
         self.train(False)
 
     def train(self, mode=True):
-        return super().train(False)  # a frozen target: `model.train()` on a parent must not switch it
+        # a frozen target: `model.train()` on a parent must not switch it
+        return super().train(False)
 
     def flops(self):
         """Analytic forward FLOPs of one image (matmuls, 2 per multiply-add), as `SiT.flops`."""
         patches = self.model.patch_embed.num_patches
         tokens = patches + self.model.num_prefix_tokens
         return matmul_flops(self.model.patch_embed, patches) + sum(
-            matmul_flops(b.attn, tokens) + matmul_flops(b.mlp, tokens) + attention_flops(tokens, self.embed_dim)
-            for b in self.model.blocks)
+            matmul_flops(b.attn, tokens) + matmul_flops(b.mlp, tokens)
+            + attention_flops(tokens, self.embed_dim) for b in self.model.blocks)
 
     def preprocess(self, images):
         return preprocess_raw_image(images, self.name)
 
     @torch.no_grad()
     def forward(self, images):
-        tokens = self.model.forward_features(self.preprocess(images))  # final norm applied to every token
+        # final norm applied to every token
+        tokens = self.model.forward_features(self.preprocess(images))
         patches = tokens[:, self.model.num_prefix_tokens:]  # drops the class and register tokens
         cls = tokens[:, 0] if self.model.cls_token is not None else patches.mean(dim=1)
         return cls, torch.cat([cls.unsqueeze(1), patches], dim=1)
@@ -132,19 +163,22 @@ class Encoder(nn.Module):
 def load_encoders(enc_type, resolution, enc_path=None, device="cpu"):
     """Frozen encoders for a comma-separated `enc_type`; the first gives REG's class token.
 
-    `enc_path` (else REGDIT_ENCODER_PATH) holds one weights file or timm folder per encoder (local or `hf://`),
-    comma-separated; an empty entry, or no path at all, loads the Hub weights.
+    `enc_path` (else REGDIT_ENCODER_PATH) holds one weights file or timm folder per encoder (local
+    or `hf://`), comma-separated; an empty entry, or no path at all, loads the Hub weights.
     """
     names = [name.strip() for name in enc_type.split(",")]
     for name in names:
         if name not in ENCODER_TYPES:
-            raise RegditError(f"unknown --enc-type {name!r}: choose from {', '.join(ENCODER_TYPES)}")
+            raise RegditError(f"unknown --enc-type {name!r}: "
+                              f"choose from {', '.join(ENCODER_TYPES)}")
     enc_path = enc_path or os.environ.get(ENV_PATH)
     paths = [path.strip() for path in enc_path.split(",")] if enc_path else [""] * len(names)
     if len(paths) != len(names):
-        raise RegditError(f"--enc-path / {ENV_PATH} {enc_path!r} gives {len(paths)} paths for the {len(names)} "
-                          f"encoders of --enc-type {enc_type}: give one per encoder, comma-separated (empty: Hub)")
-    return [Encoder(name, _load_vit(name, resolution, resolve_path(path, "encoder weights") if path else None),
+        raise RegditError(f"--enc-path / {ENV_PATH} {enc_path!r} gives {len(paths)} paths for the "
+                          f"{len(names)} encoders of --enc-type {enc_type}: give one per encoder, "
+                          "comma-separated (empty: Hub)")
+    return [Encoder(name, _load_vit(name, resolution,
+                                    resolve_path(path, "encoder weights") if path else None),
                     resolution).to(device) for name, path in zip(names, paths)]
 
 
@@ -167,62 +201,72 @@ def _load_vit(name, resolution, path):
         model = timm.create_model(model_name, num_classes=0, img_size=size, **model_args)
     patch = model.patch_embed.patch_size[0]
     if size % patch:
-        raise RegditError(f"encoder {name} (patch {patch}) cannot tile its {size} px input at --resolution "
-                          f"{resolution}: choose a resolution whose encoder input is a multiple of {patch}")
-    # timm's filter maps the official DINOv2 / OpenAI-CLIP / I-JEPA layouts to timm names and resamples the position
-    # embeddings to the input grid with resample_abs_pos_embed (bicubic, antialias), as the official code does once
+        raise RegditError(f"encoder {name} (patch {patch}) cannot tile its {size} px input at "
+                          f"--resolution {resolution}: choose a resolution whose encoder input is "
+                          f"a multiple of {patch}")
+    # timm's filter maps the official DINOv2 / OpenAI-CLIP / I-JEPA layouts to timm names and
+    # resamples the position embeddings to the input grid with resample_abs_pos_embed (bicubic,
+    # antialias), as the official code does once
     state = checkpoint_filter_fn(state, model)
-    # official: encoder.head = nn.Identity(); weights in float32 like the official modules they are copied into
+    # official: encoder.head = nn.Identity(); weights in float32 like the official modules they are
+    # copied into
     state = {k: v.float() for k, v in state.items() if not k.startswith("head.")}
     try:
         model.load_state_dict(state, assign=True)
     except RuntimeError as error:
         detail = " ".join(str(error).split())[:300]
-        raise RegditError(f"encoder weights {source} do not fit {name} ({spec.arch}): pass that encoder's "
-                          f"checkpoint ({detail})") from None
+        raise RegditError(f"encoder weights {source} do not fit {name} ({spec.arch}): pass that "
+                          f"encoder's checkpoint ({detail})") from None
     return model
 
 
 def _hub_state_dict(name, spec):
     if spec.hub_id is None:
         where = f"download {spec.url}" if spec.url else "get its checkpoint"
-        raise RegditError(f"encoder {name} has no Hugging Face Hub weights: {where} and pass it with --enc-path "
-                          f"or {ENV_PATH}")
+        raise RegditError(f"encoder {name} has no Hugging Face Hub weights: {where} and pass it "
+                          f"with --enc-path or {ENV_PATH}")
     try:
         return load_state_dict_from_hf(spec.hub_id)
     except LocalEntryNotFoundError:
-        raise RegditError(f"encoder {name}: {spec.hub_id} is not in the Hugging Face cache and the Hub cannot be "
-                          f"reached: pass --enc-path (weights file or folder) or set {ENV_PATH}, or fill the cache "
-                          f"once with `hf download {spec.hub_id}` (then HF_HUB_OFFLINE=1 works)") from None
+        raise RegditError(f"encoder {name}: {spec.hub_id} is not in the Hugging Face cache and the "
+                          f"Hub cannot be reached: pass --enc-path (weights file or folder) or set "
+                          f"{ENV_PATH}, or fill the cache once with `hf download {spec.hub_id}` "
+                          "(then HF_HUB_OFFLINE=1 works)") from None
 
 
 def _read_weights(path):
-    try:  # timm's reader: safetensors, or torch.load(weights_only=True), unwrapping "state_dict" / "model"
+    # timm's reader: safetensors, or torch.load(weights_only=True); it unwraps a checkpoint's
+    # "state_dict" / "model"
+    try:
         return load_state_dict(str(path))
-    except Exception as error:  # any unreadable file (truncated, pickled code, TorchScript) is a bad input
+    except Exception as error:
+        # any unreadable file (truncated, pickled code, TorchScript) is a bad input
         detail = " ".join(str(error).split())[:200]
-        raise RegditError(f"cannot read encoder weights {path} ({type(error).__name__}: {detail}): pass a state "
-                          f"dict file (.safetensors, .pth, .bin) or a timm model folder with --enc-path") from None
+        raise RegditError(f"cannot read encoder weights {path} ({type(error).__name__}: {detail}): "
+                          "pass a state dict file (.safetensors, .pth, .bin) or a timm model "
+                          "folder with --enc-path") from None
 
 
 def _folder_weights(name, path):
-    """The weights file of a timm model folder (as saved by timm or downloaded from the Hub), checked against
-    the architecture `name` expects."""
-    config, weights = path / "config.json", [path / f for f in ("model.safetensors", "pytorch_model.bin")]
+    """The weights file of a timm model folder (as saved by timm or downloaded from the Hub),
+    checked against the architecture `name` expects."""
+    config = path / "config.json"
+    weights = [path / f for f in ("model.safetensors", "pytorch_model.bin")]
     weights = [f for f in weights if f.is_file()]
     if not config.is_file() or not weights:
-        raise RegditError(f"{path} is not a timm model folder (config.json + model.safetensors): pass such a folder "
-                          f"or the weights file itself with --enc-path")
+        raise RegditError(f"{path} is not a timm model folder (config.json + model.safetensors): "
+                          "pass such a folder or the weights file itself with --enc-path")
     arch, expected = json.loads(config.read_text()).get("architecture"), ENCODER_TYPES[name].arch
     if arch != expected:
-        raise RegditError(f"{config} describes a {arch} but --enc-type {name} is a {expected}: fix --enc-type "
-                          f"or --enc-path")
+        raise RegditError(f"{config} describes a {arch} but --enc-type {name} is a {expected}: "
+                          "fix --enc-type or --enc-path")
     return weights[0]
 
 
 def _from_mocov3(state):
-    """MoCo-v3 checkpoints keep the ViT under `module.base_encoder.` (timm's loader already strips `module.`);
-    REPA's `fix_mocov3_state_dict` also renames the misnamed blocks 13/14 of some checkpoints."""
+    """MoCo-v3 checkpoints keep the ViT under `module.base_encoder.` (timm's loader already strips
+    `module.`); REPA's `fix_mocov3_state_dict` also renames the misnamed blocks 13/14 of some
+    checkpoints."""
     prefix = "base_encoder."
     if not any(k.startswith(prefix) for k in state):
         return state  # already a plain ViT state dict
@@ -238,31 +282,28 @@ def _from_mocov3(state):
     return out
 
 
-def check_encoders(encoders, num_tokens, cls_dim=None, z_dims=None):
-    """Fail before training when the SiT and the encoders disagree: token count (SiT T + 1 against the encoder's
-    1 + T'), class token width (`--cls`) or projector widths (`--projector-embed-dims`)."""
+def check_encoders(encoders, num_tokens):
+    """Fail before training when the SiT and the encoders disagree on the token count (SiT T + 1
+    against the encoder's 1 + T')."""
     for encoder in encoders:
         if encoder.num_tokens != num_tokens:
             side = math.isqrt(encoder.num_tokens - 1)
-            raise RegditError(f"encoder {encoder.name} gives 1+{encoder.num_tokens - 1} tokens at resolution "
-                              f"{encoder.resolution} but the SiT has 1+{num_tokens - 1}: use a --model whose patch "
-                              f"size gives a {side}x{side} token grid (SiT-*/2 with DINOv2 at 256 px), or change "
-                              f"--enc-type / --resolution")
-    widths = [encoder.embed_dim for encoder in encoders]
-    if cls_dim is not None and cls_dim != widths[0]:
-        raise RegditError(f"--cls {cls_dim} does not match the class token width {widths[0]} of encoder "
-                          f"{encoders[0].name}: set --cls {widths[0]}")
-    if z_dims is not None and list(z_dims) != widths:
-        raise RegditError(f"--projector-embed-dims {','.join(map(str, z_dims))} does not match the encoder widths "
-                          f"{','.join(map(str, widths))}: set --projector-embed-dims {','.join(map(str, widths))}")
+            raise RegditError(f"encoder {encoder.name} gives 1+{encoder.num_tokens - 1} tokens at "
+                              f"resolution {encoder.resolution} but the SiT has "
+                              f"1+{num_tokens - 1}: use a --model whose patch size gives a "
+                              f"{side}x{side} token grid (SiT-*/2 with DINOv2 at 256 px), or "
+                              "change --enc-type / --resolution")
 
 
-def save_random_encoder(enc_type, path, patch_size, embed_dim=32, depth=2, num_heads=2, grid=8, seed=0):
-    """Save a tiny random-weight encoder of `enc_type`'s architecture as a timm folder (config.json +
-    model.safetensors) that `load_encoders(enc_type, R, enc_path=path)` loads, for tests and the demo.
+def save_random_encoder(enc_type, path, patch_size, embed_dim=32, depth=2, num_heads=2, grid=8,
+                        seed=0):
+    """Save a tiny random-weight encoder of `enc_type`'s architecture as a timm folder (config.json
+    + model.safetensors) that `load_encoders(enc_type, R, enc_path=path)` loads, for tests and the
+    demo.
 
-    It is 'pretrained' on a `grid` x `grid` patch grid, so loading resamples its position embeddings like the real
-    ones. For R = 32: patch 7 gives DINOv2 / CLIP / I-JEPA 4x4 patches of their 28 px input, patch 8 MAE / MoCo-v3.
+    It is 'pretrained' on a `grid` x `grid` patch grid, so loading resamples its position embeddings
+    like the real ones. For R = 32: patch 7 gives DINOv2 / CLIP / I-JEPA 4x4 patches of their 28 px
+    input, patch 8 MAE / MoCo-v3.
     """
     spec = ENCODER_TYPES[enc_type]
     args = {**spec.model_args, "embed_dim": embed_dim, "depth": depth, "num_heads": num_heads,
@@ -270,7 +311,8 @@ def save_random_encoder(enc_type, path, patch_size, embed_dim=32, depth=2, num_h
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
         model = timm.create_model(spec.arch, num_classes=0, **args)
-        # LayerScale starts at 1e-5 and biases at 0: perturb every weight so that each layer shapes the output
+        # LayerScale starts at 1e-5 and biases at 0: perturb every weight so that each layer shapes
+        # the output
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
     save_for_hf(model, path, safe_serialization=True)

@@ -1,12 +1,13 @@
 """`hf://` paths: files and folders of Hugging Face Hub repositories, wherever regdit reads a file.
 
-`hf://[datasets/]OWNER/REPO/PATH[@REVISION]` (or huggingface_hub's own `hf://OWNER/REPO@REVISION/PATH`) names a file
-when the last part of PATH has a suffix (`4000000.pt`, `model.safetensors`), else a folder (`vae`, or the whole
-repository when PATH is empty). `resolve_path` fetches it through huggingface_hub: its cache (HF_HUB_CACHE), its
-progress bars and its token (HF_TOKEN or `hf auth login`); with HF_HUB_OFFLINE=1 the cache alone serves. Any other
-path is returned as it is: nothing is downloaded unless an `hf://` path asks for it. A URL is parsed strictly (see
-`parse`) and what it resolves to must lie inside its repository's cache folder. `model_card` and `push_folder`
-publish an export (`regdit export --push-to-hub`).
+`hf://[datasets/]OWNER/REPO/PATH[@REVISION]` (or huggingface_hub's own
+`hf://OWNER/REPO@REVISION/PATH`) names a file when the last part of PATH has a suffix (`4000000.pt`,
+`model.safetensors`), else a folder (`vae`, or the whole repository when PATH is empty).
+`resolve_path` fetches it through huggingface_hub: its cache (HF_HUB_CACHE), its progress bars and
+its token (HF_TOKEN or `hf auth login`); with HF_HUB_OFFLINE=1 the cache alone serves. Any other
+path is returned as it is: nothing is downloaded unless an `hf://` path asks for it. A URL is parsed
+strictly (see `parse`) and what it resolves to must lie inside its repository's cache folder.
+`model_card` and `push_folder` publish an export (`regdit export --push-to-hub`).
 """
 import contextlib
 import os
@@ -14,8 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-import huggingface_hub
-from huggingface_hub import CommitOperationAdd, ModelCardData, constants, hf_hub_download, snapshot_download
+from huggingface_hub import constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
@@ -53,7 +53,8 @@ class HubPath:
     def at(self, path):
         """The `hf://` URL of `path` in the same repository and revision."""
         prefix = "datasets/" if self.repo_type == "dataset" else ""
-        return f"{PREFIX}{prefix}{self.repo_id}/{path.strip('/')}" + (f"@{self.revision}" if self.revision else "")
+        revision = f"@{self.revision}" if self.revision else ""
+        return f"{PREFIX}{prefix}{self.repo_id}/{path.strip('/')}{revision}"
 
     def download_command(self):
         """The `hf download` command that puts this file or folder into the cache."""
@@ -63,13 +64,14 @@ class HubPath:
         return " ".join(part for part in ("hf download", self.repo_id, target, *options) if part)
 
 
-REVISION = re.compile(r"[\w][\w.+-]*")  # a branch, tag or commit hash: letters, digits and _ . + - after the first
+# a branch, tag or commit hash: letters, digits and _ . + - after the first
+REVISION = re.compile(r"[\w][\w.+-]*")
 
 
 def _revision_and_path(rest):
-    """(revision or None, PATH) of what follows OWNER/REPO: `@REVISION/PATH`, `/PATH@REVISION` or `/PATH`. A
-    revision holds no '/' but huggingface_hub's special refs (refs/pr/N, refs/convert/NAME) in either place: any
-    other would make the PATH ambiguous."""
+    """(revision or None, PATH) of what follows OWNER/REPO: `@REVISION/PATH`, `/PATH@REVISION` or
+    `/PATH`. A revision holds no '/' but huggingface_hub's special refs (refs/pr/N,
+    refs/convert/NAME) in either place: any other would make the PATH ambiguous."""
     if "@" not in rest:
         return None, rest
     if rest.startswith("@"):  # huggingface_hub's form
@@ -84,10 +86,10 @@ def _revision_and_path(rest):
 
 
 def parse(url, what=None):
-    """The repository, path and revision of an `hf://` URL. Strict: PATH has no '.', '..' or empty parts and no
-    backslash, there is at most one @REVISION (right after the repository or at the very end), and a revision is a
-    branch, tag, commit hash or special ref (see _revision_and_path). Anything else is a one-line RegditError
-    naming `what` and the URL."""
+    """The repository, path and revision of an `hf://` URL. Strict: PATH has no '.', '..' or empty
+    parts and no backslash, there is at most one @REVISION (right after the repository or at the
+    very end), and a revision is a branch, tag, commit hash or special ref (see _revision_and_path).
+    Anything else is a one-line RegditError naming `what` and the URL."""
     def refuse(reason):
         return RegditError(f"{what + ' ' if what else ''}{url} is not a Hub path ({reason}): write "
                            "hf://OWNER/REPO/PATH[@REVISION]")
@@ -111,8 +113,8 @@ def parse(url, what=None):
     revision, path = _revision_and_path(rest)
     if revision is not None and not (REVISION.fullmatch(revision) and revision != "refs"
                                      or SPECIAL_REFS_REVISION_REGEX.fullmatch(revision)):
-        raise refuse(f"revision {revision!r} is not a branch, tag or commit hash, nor refs/pr/N or refs/convert/NAME"
-                     if revision else "an empty revision after @")
+        raise refuse(f"revision {revision!r} is not a branch, tag or commit hash, nor refs/pr/N or "
+                     "refs/convert/NAME" if revision else "an empty revision after @")
     path = path.removeprefix("/").removesuffix("/")  # a trailing / may mark a folder
     if path and any(part in ("", ".", "..") for part in path.split("/")):
         raise refuse(f"the path {path!r} has an empty, '.' or '..' part")
@@ -121,9 +123,10 @@ def parse(url, what=None):
 
 def _not_cached(hub, what):
     reason = "HF_HUB_OFFLINE=1 is set" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
-    return RegditError(f"{what} {hub.url} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {reason}: "
-                       f"fetch it once with `{hub.download_command()}` on a machine with network (same "
-                       "HF_HUB_CACHE), then HF_HUB_OFFLINE=1 works")
+    return RegditError(f"{what} {hub.url} is not in the Hugging Face cache "
+                       f"({constants.HF_HUB_CACHE}) and {reason}: fetch it once with "
+                       f"`{hub.download_command()}` on a machine with network (same HF_HUB_CACHE), "
+                       "then HF_HUB_OFFLINE=1 works")
 
 
 @contextlib.contextmanager
@@ -135,11 +138,11 @@ def _hub_errors(hub, what):
     except LocalEntryNotFoundError:  # offline, or the Hub unreachable, and not in the cache
         raise _not_cached(hub, what) from None
     except GatedRepoError:
-        raise RegditError(f"{where}: {hub.repo_id} is gated: accept its terms on huggingface.co, then log in "
-                          "(`hf auth login` or HF_TOKEN)") from None
+        raise RegditError(f"{where}: {hub.repo_id} is gated: accept its terms on huggingface.co, "
+                          "then log in (`hf auth login` or HF_TOKEN)") from None
     except RepositoryNotFoundError:
-        raise RegditError(f"{where}: no repository {hub.repo_id} on the Hub, or it is private: check the name, or "
-                          "log in (`hf auth login` or HF_TOKEN)") from None
+        raise RegditError(f"{where}: no repository {hub.repo_id} on the Hub, or it is private: "
+                          "check the name, or log in (`hf auth login` or HF_TOKEN)") from None
     except RevisionNotFoundError:
         raise RegditError(f"{where}: {hub.repo_id} has no revision {hub.revision}") from None
     except EntryNotFoundError:
@@ -150,9 +153,10 @@ def _hub_errors(hub, what):
 
 
 def resolve_path(path, what, beside=()):
-    """The local Path of `path` (`what` names it in errors: "checkpoint", "VAE folder"). An `hf://` file is
-    downloaded into the cache with the files named in `beside` from its folder (an export's config.json); an `hf://`
-    folder with all its files. Every other path comes back unchanged, as a Path."""
+    """The local Path of `path` (`what` names it in errors: "checkpoint", "VAE folder"). An `hf://`
+    file is downloaded into the cache with the files named in `beside` from its folder (an export's
+    config.json); an `hf://` folder with all its files. Every other path comes back unchanged, as a
+    Path."""
     if not is_hub_url(path):
         return Path(path)
     hub = parse(path, what)
@@ -162,82 +166,37 @@ def resolve_path(path, what, beside=()):
             local = Path(hf_hub_download(filename=hub.path, **location))
         _check_inside_cache(hub, local, what)
         for name in beside:
-            resolve_path(hub.at(str(PurePosixPath(hub.path).with_name(name))), f"{name} of {what} {path}")
+            resolve_path(hub.at(str(PurePosixPath(hub.path).with_name(name))),
+                         f"{name} of {what} {path}")
         return local
     with _hub_errors(hub, what):
-        # offline, snapshot_download returns the cached snapshot without checking that it holds the folder
-        local = Path(snapshot_download(allow_patterns=[f"{hub.path}/*"] if hub.path else None, **location)) / hub.path
+        # offline, snapshot_download returns the cached snapshot without checking that it holds the
+        # folder
+        patterns = [f"{hub.path}/*"] if hub.path else None
+        local = Path(snapshot_download(allow_patterns=patterns, **location)) / hub.path
     if not local.is_dir() or not any(local.iterdir()):
         if constants.HF_HUB_OFFLINE:
             raise _not_cached(hub, what)
-        raise RegditError(f"{what} {path}: {hub.repo_id} has no folder {hub.path}: check the path on "
-                          f"https://huggingface.co/{hub.repo_id}")
+        raise RegditError(f"{what} {path}: {hub.repo_id} has no folder {hub.path}: check the path "
+                          f"on https://huggingface.co/{hub.repo_id}")
     _check_inside_cache(hub, local, what)
     return local
 
 
 def _check_inside_cache(hub, local, what):
-    """Refuse a file or folder of the cache that leads out of its repository's cache folder. The cache links each
-    file of a snapshot to its blobs/ (or copies it where links are unsupported), so every real path, symbolic links
-    followed, of `local` and of all it holds must lie inside that folder."""
-    repo_cache = os.path.realpath(Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=hub.repo_id,
-                                                                                  repo_type=hub.repo_type))
-    entries = [local] + [Path(folder) / name for folder, folders, files in os.walk(local) for name in folders + files]
+    """Refuse a file or folder of the cache that leads out of its repository's cache folder. The
+    cache links each file of a snapshot to its blobs/ (or copies it where links are unsupported), so
+    every real path, symbolic links followed, of `local` and of all it holds must lie inside that
+    folder."""
+    repo_folder = repo_folder_name(repo_id=hub.repo_id, repo_type=hub.repo_type)
+    repo_cache = os.path.realpath(Path(constants.HF_HUB_CACHE) / repo_folder)
+    entries = [local] + [Path(folder) / name for folder, folders, files in os.walk(local)
+                         for name in folders + files]
     for entry in entries:
         real = os.path.realpath(entry)
         if os.path.commonpath([real, repo_cache]) != repo_cache:
-            raise RegditError(f"{what} {hub.url}: {entry} in the Hugging Face cache leads to {real}, outside the "
-                              f"cache folder of {hub.repo_id} ({repo_cache}); delete that folder and fetch the path "
-                              "again")
+            raise RegditError(f"{what} {hub.url}: {entry} in the Hugging Face cache leads to "
+                              f"{real}, outside the cache folder of {hub.repo_id} ({repo_cache}); "
+                              "delete that folder and fetch the path again")
 
 
-def check_repo_id(repo_id, flag):
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as error:
-        raise RegditError(f"{flag} {repo_id}: not a Hub repository id ({str(error).splitlines()[0]}); write "
-                          "OWNER/NAME") from None
-
-
-def model_card(title, settings, metrics, grid, ckpt, pretrained, license):
-    """README.md of an export: a Hub model card, its YAML front matter from huggingface_hub's `ModelCardData`
-    (license, library, tags: what the Hub shows and filters on), then the model and training `settings`, the
-    `metrics` of a `regdit eval` JSON ((names -> values, eval settings) or None), the sample `grid` image (a file
-    name in the folder, or None) and how to sample `ckpt` / load `pretrained`."""
-    data = ModelCardData(license=license, library_name="regdit", pipeline_tag="unconditional-image-generation",
-                         tags=["regdit", "diffusion", "sit", "reg", "repa", "class-conditional", "image-generation"])
-    lines = [f"---\n{data.to_yaml()}\n---", f"# {title}", "",
-             "A class-conditional SiT diffusion transformer trained with regdit (REG, Representation Entanglement for "
-             "Generation, arXiv 2507.01467). `model.safetensors` holds the EMA weights, `config.json` the "
-             "architecture.", ""]
-    if grid:
-        lines += [f"![samples]({grid})", ""]
-    lines += ["## Settings", "", "| setting | value |", "|---|---|"]
-    lines += [f"| {name} | {value} |" for name, value in settings.items()]
-    if metrics:
-        values, eval_settings = metrics
-        ref = Path(str(eval_settings.get("ref_batch", "not recorded"))).name
-        lines += ["", "## Metrics", "", f"`regdit eval` (ADM evaluator) on {eval_settings.get('num_samples', '?')} "
-                  f"samples against `{ref}`:", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {name} | {value:.4f} |" for name, value in values.items()]
-    lines += ["", "## Use", "", "With regdit (REG's published guidance: `--cfg-scale 2.3 --cls-cfg-scale 2.3 "
-              "--guidance-high 0.85`):", "", "```bash", f"regdit sample --ckpt {ckpt} --num-fid-samples 50000", "```",
-              "", "```python",
-              "from regdit.models import SiT", "", f'model = SiT.from_pretrained("{pretrained}")', "```", ""]
-    return "\n".join(lines)
-
-
-def push_folder(folder, files, repo_id, private, message):
-    """Create the Hub repository `repo_id` if missing and upload exactly `files` (names in `folder`) in one commit:
-    nothing else that lies in the folder is sent. Returns the repository's URL."""
-    api = huggingface_hub.HfApi()
-    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(Path(folder) / name)) for name in files]
-    try:
-        url = api.create_repo(repo_id, private=private, exist_ok=True)
-        api.create_commit(repo_id, operations, commit_message=message)
-    except Exception as error:  # authentication, permissions, network: all the user's to fix, said in one line
-        detail = (str(error).splitlines() or [""])[0][:200]
-        raise RegditError(f"cannot push {folder} to {repo_id} ({type(error).__name__}: {detail}): log in with write "
-                          "access (`hf auth login` or HF_TOKEN); the export is complete, and the same command pushes "
-                          "it again") from None
-    return str(url)

@@ -1,5 +1,6 @@
-"""The interpolation paths x_t = alpha_t x + sigma_t eps between data (t = 0) and noise (t = 1), shared by the loss
-(training targets) and the samplers (score from velocity), and the training-time distribution of t."""
+"""The interpolation paths x_t = alpha_t x + sigma_t eps between data (t = 0) and noise (t = 1),
+shared by the loss (training targets) and the samplers (score from velocity), and the training-time
+distribution of t."""
 import math
 
 import torch
@@ -21,7 +22,8 @@ def path_coefficients(t, path_type):
 
 
 def sample_time(n, weighting, path_type, device=None, generator=None):
-    """t ~ U(0, 1) ("uniform"), or "lognormal": s = exp(N(0, 1)) mapped to (0, 1) by the path (official)."""
+    """t ~ U(0, 1) ("uniform"), or "lognormal": s = exp(N(0, 1)) mapped to (0, 1) by the path
+    (official)."""
     if weighting == "uniform":
         return torch.rand(n, device=device, generator=generator)
     if weighting == "lognormal":

@@ -1,14 +1,15 @@
-"""SiT with REG: a diffusion transformer that denoises VAE latent patches and one entangled class token.
+"""SiT with REG: a diffusion transformer that denoises VAE latent patches and one entangled class
+token.
 
-Parameter names, shapes, initialisation and outputs mirror the official REG `models/sit.py` (itself REPA's SiT, built
-on DiT), so official checkpoints load with `strict=True`. One class covers the three methods as settings:
-REG (`use_cls_token=True`, the default), REPA (`use_cls_token=False`) and plain SiT (`z_dims=()`: no projectors).
+Parameter names, shapes, initialisation and outputs mirror the official REG `models/sit.py` (itself
+REPA's SiT, built on DiT), so official checkpoints load with `strict=True`. One class covers the
+three methods as settings: REG (`use_cls_token=True`, the default), REPA (`use_cls_token=False`) and
+plain SiT (`z_dims=()`: no projectors).
 """
 import dataclasses
 import functools
 import math
 import numbers
-import os
 
 import numpy as np
 import torch
@@ -32,24 +33,26 @@ class TimestepEmbedder(nn.Module):
 
     def __init__(self, hidden_size, frequency_embedding_size=256):
         super().__init__()
-        self.mlp = nn.Sequential(
-            nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
+                                 nn.Linear(hidden_size, hidden_size))
         self.frequency_embedding_size = frequency_embedding_size
 
     @staticmethod
     def timestep_embedding(t, dim, max_period=10000):
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        freqs = torch.exp(-math.log(max_period)
+                          * torch.arange(half, dtype=torch.float32, device=t.device) / half)
         args = t[:, None].float() * freqs[None]
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, dim); dim is even here
 
     def forward(self, t):
-        t_freq = self.timestep_embedding(t, self.frequency_embedding_size).to(self.mlp[0].weight.dtype)
-        return self.mlp(t_freq)
+        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))
 
 
 class LabelEmbedder(nn.Module):
-    """Class embedding with a null class (index `num_classes`) for classifier-free guidance dropout."""
+    """Class embedding with a null class (index `num_classes`) for classifier-free guidance
+    dropout."""
 
     def __init__(self, num_classes, hidden_size, dropout_prob):
         super().__init__()
@@ -58,7 +61,8 @@ class LabelEmbedder(nn.Module):
         self.dropout_prob = dropout_prob
 
     def forward(self, labels, train, force_drop_ids=None):
-        """force_drop_ids (N,) bool: the caller decides which labels to drop (DiT), e.g. from its own generator."""
+        """force_drop_ids (N,) bool: the caller decides which labels to drop (DiT), e.g. from its
+        own generator."""
         if force_drop_ids is None and train and self.dropout_prob > 0:
             force_drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
         if force_drop_ids is not None:
@@ -67,12 +71,14 @@ class LabelEmbedder(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """(N, C, H, W) -> (N, T, D) with T = (H / p) * (W / p); the official code uses timm's PatchEmbed."""
+    """(N, C, H, W) -> (N, T, D) with T = (H / p) * (W / p); the official code uses timm's
+    PatchEmbed."""
 
     def __init__(self, input_size, patch_size, in_channels, hidden_size):
         super().__init__()
         self.num_patches = (input_size // patch_size) ** 2
-        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size,
+                              bias=True)
 
     def forward(self, x):
         return self.proj(x).flatten(2).transpose(1, 2)
@@ -83,10 +89,12 @@ class PatchEmbed(nn.Module):
 #################################################################################
 
 class Attention(nn.Module):
-    """Multi-head self-attention with timm's parameter names (`qkv`, optional `q_norm`/`k_norm`, `proj`).
+    """Multi-head self-attention with timm's parameter names (`qkv`, optional `q_norm`/`k_norm`,
+    `proj`).
 
-    `fused_attn=True` uses `F.scaled_dot_product_attention` (flash / memory-efficient kernels on GPU); False is the
-    explicit softmax(q k^T / sqrt(d)) v of the reference implementation, kept for parity checks.
+    `fused_attn=True` uses `F.scaled_dot_product_attention` (flash / memory-efficient kernels on
+    GPU); False is the explicit softmax(q k^T / sqrt(d)) v of the reference implementation, kept for
+    parity checks.
     """
 
     def __init__(self, dim, num_heads, qk_norm=False, fused_attn=True):
@@ -94,13 +102,15 @@ class Attention(nn.Module):
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.fused_attn = fused_attn
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
-        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()  # timm's default norm layer
+        # timm's default norm layer
+        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
         N, T, D = x.shape
-        q, k, v = self.qkv(x).reshape(N, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3x (N, h, T, d)
+        # 3x (N, h, T, d)
+        q, k, v = self.qkv(x).reshape(N, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.q_norm(q), self.k_norm(k)
         if self.fused_attn:
             x = F.scaled_dot_product_attention(q, k, v)
@@ -122,7 +132,8 @@ class Mlp(nn.Module):
 
 
 class SiTBlock(nn.Module):
-    """Transformer block with adaLN-Zero conditioning (DiT): shift, scale and gate for attention and MLP from c."""
+    """Transformer block with adaLN-Zero conditioning (DiT): shift, scale and gate for attention and
+    MLP from c."""
 
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, qk_norm=False, fused_attn=True):
         super().__init__()
@@ -130,17 +141,20 @@ class SiTBlock(nn.Module):
         self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm, fused_attn=fused_attn)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(),
+                                              nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
     def forward(self, x, c):
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+            self.adaLN_modulation(c).chunk(6, dim=-1))
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
 
 class FinalLayer(nn.Module):
-    """adaLN-modulated output layer: `linear` maps patch tokens to patches, `linear_cls` token 0 to the cls velocity."""
+    """adaLN-modulated output layer: `linear` maps patch tokens to patches, `linear_cls` token 0 to
+    the cls velocity."""
 
     def __init__(self, hidden_size, patch_size, out_channels, cls_dim=None):
         super().__init__()
@@ -148,7 +162,8 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
         if cls_dim is not None:
             self.linear_cls = nn.Linear(hidden_size, cls_dim, bias=True)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(),
+                                              nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
     def forward(self, x, c, has_cls_token):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
@@ -159,9 +174,10 @@ class FinalLayer(nn.Module):
 
 
 def matmul_flops(module, rows):
-    """FLOPs (2 per multiply-add) of every Linear and Conv2d weight in `module` applied to `rows` tokens (a conv to
-    `rows` patches), the count torch.utils.flop_counter gives for these layers."""
-    return 2 * rows * sum(m.weight.numel() for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+    """FLOPs (2 per multiply-add) of every Linear and Conv2d weight in `module` applied to `rows`
+    tokens (a conv to `rows` patches), the count torch.utils.flop_counter gives for these layers."""
+    return 2 * rows * sum(m.weight.numel() for m in module.modules()
+                          if isinstance(m, (nn.Linear, nn.Conv2d)))
 
 
 def attention_flops(tokens, width):
@@ -181,9 +197,11 @@ def build_mlp(hidden_size, projector_dim, z_dim):
 
 @dataclasses.dataclass(frozen=True)
 class SiTConfig:
-    """The architecture of a SiT: all that rebuilds it. Every checkpoint and export stores it as a dict (`to_dict`).
+    """The architecture of a SiT: all that rebuilds it. Every checkpoint and export stores it as a
+    dict (`to_dict`).
 
-    REG is `use_cls_token=True`; REPA is `use_cls_token=False`; plain SiT is also `z_dims=()` (no projectors).
+    REG is `use_cls_token=True`; REPA is `use_cls_token=False`; plain SiT is also `z_dims=()` (no
+    projectors).
     """
     input_size: int = 32  # latent side: image side / VAE downsampling
     patch_size: int = 2
@@ -192,67 +210,78 @@ class SiTConfig:
     depth: int = 28
     num_heads: int = 16
     mlp_ratio: float = 4.0
-    class_dropout_prob: float = 0.1  # > 0 adds the null class (index num_classes) for classifier-free guidance
+    # > 0 adds the null class (index num_classes) for classifier-free guidance
+    class_dropout_prob: float = 0.1
     num_classes: int = 1000
-    z_dims: tuple = (768,)  # widths of the aligned encoders; z_dims[0] is the entangled class token's width
+    # widths of the aligned encoders; z_dims[0] is the entangled class token's width
+    z_dims: tuple = (768,)
     projector_dim: int = 2048
-    encoder_depth: int = 8  # the block (1-based) whose tokens the projectors align with the encoders
+    # the block (1-based) whose tokens the projectors align with the encoders
+    encoder_depth: int = 8
     qk_norm: bool = False
     use_cls_token: bool = True
 
     def __post_init__(self):
-        """Types and ranges first (a config may come from any file, e.g. an export's config.json): integers are
-        integers of at least 1 (not bools, floats or strings), numbers finite, switches true or false."""
+        """Types and ranges first (a config may come from any file, e.g. an export's config.json):
+        integers are integers of at least 1 (not bools, floats or strings), numbers finite, switches
+        true or false."""
         def whole(value):
-            return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+            return (isinstance(value, numbers.Integral) and not isinstance(value, bool)
+                    and value >= 1)
 
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if field.type is int and not whole(value):
-                raise RegditError(f"{field.name} must be an integer of at least 1, not {value!r:.40}")
+                raise RegditError(f"{field.name} must be an integer of at least 1, "
+                                  f"not {value!r:.40}")
             if field.type is bool and not isinstance(value, bool):
                 raise RegditError(f"{field.name} must be true or false, not {value!r:.40}")
-            if field.type is float and not (isinstance(value, numbers.Real) and not isinstance(value, bool)
+            if field.type is float and not (isinstance(value, numbers.Real)
+                                            and not isinstance(value, bool)
                                             and math.isfinite(value)):
                 raise RegditError(f"{field.name} must be a finite number, not {value!r:.40}")
             if field.type in (int, float):
                 object.__setattr__(self, field.name, field.type(value))
         if not (isinstance(self.z_dims, (list, tuple)) and all(map(whole, self.z_dims))):
-            raise RegditError(f"z_dims must be a list of integers of at least 1 (the encoder widths), not "
-                              f"{self.z_dims!r:.60}")
+            raise RegditError(f"z_dims must be a list of integers of at least 1 "
+                              f"(the encoder widths), not {self.z_dims!r:.60}")
         object.__setattr__(self, "z_dims", tuple(int(d) for d in self.z_dims))
         if self.mlp_ratio <= 0:
             raise RegditError(f"mlp_ratio {self.mlp_ratio} must be above 0")
         if not 0 <= self.class_dropout_prob <= 1:
-            raise RegditError(f"class_dropout_prob {self.class_dropout_prob} must be between 0 and 1")
+            raise RegditError(f"class_dropout_prob {self.class_dropout_prob} must be between 0 "
+                              "and 1")
         if self.use_cls_token and not self.z_dims:
-            raise RegditError("the REG class token needs an encoder: give z_dims (the encoder widths) or "
-                              "use_cls_token=False")
+            raise RegditError("the REG class token needs an encoder: give z_dims (the encoder "
+                              "widths) or use_cls_token=False")
         if self.hidden_size % self.num_heads:
-            raise RegditError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}: pick a "
-                              "width that is a multiple of the heads (--hidden-size, --num-heads)")
-        if self.hidden_size % 4:  # get_2d_sincos_pos_embed: sin and cos of the row and of the column, a quarter each
-            raise RegditError(f"hidden_size {self.hidden_size} is not a multiple of 4, as the sin-cos position "
-                              "embedding needs: pick a multiple of 4 (--hidden-size)")
+            raise RegditError(f"hidden_size {self.hidden_size} is not divisible by num_heads "
+                              f"{self.num_heads}: pick a width that is a multiple of the heads "
+                              "(--hidden-size, --num-heads)")
+        # get_2d_sincos_pos_embed: sin and cos of the row and of the column, a quarter each
+        if self.hidden_size % 4:
+            raise RegditError(f"hidden_size {self.hidden_size} is not a multiple of 4, as the "
+                              "sin-cos position embedding needs: pick a multiple of 4 "
+                              "(--hidden-size)")
         if self.input_size % self.patch_size:
-            raise RegditError(f"the {self.input_size}x{self.input_size} latent does not tile into {self.patch_size}x"
-                              f"{self.patch_size} patches: use a resolution whose latent side is a multiple of "
-                              f"{self.patch_size}, or a model with a smaller patch")
+            raise RegditError(f"the {self.input_size}x{self.input_size} latent does not tile into "
+                              f"{self.patch_size}x{self.patch_size} patches: use a resolution "
+                              f"whose latent side is a multiple of {self.patch_size}, or a model "
+                              "with a smaller patch")
         if self.z_dims and not 1 <= self.encoder_depth <= self.depth:
-            raise RegditError(f"encoder_depth {self.encoder_depth} must be between 1 and the model depth {self.depth}")
+            raise RegditError(f"encoder_depth {self.encoder_depth} must be between 1 and the model "
+                              f"depth {self.depth}")
 
     @classmethod
     def from_dict(cls, values, source="model config"):
-        """The stored dict back as a config; an unknown name is a one-line error (`name`, the label stored by
-        earlier versions, is dropped)."""
+        """The stored dict back as a config; an unknown name is a one-line error."""
         if not isinstance(values, dict):
-            raise RegditError(f"{source}: the model settings are a {type(values).__name__}, not a dict of SiTConfig "
-                              "fields")
-        values = {k: v for k, v in values.items() if k != "name"}
+            raise RegditError(f"{source}: the model settings are a {type(values).__name__}, not a "
+                              "dict of SiTConfig fields")
         unknown = sorted(map(str, set(values) - {f.name for f in dataclasses.fields(cls)}))
         if unknown:
-            raise RegditError(f"{source}: unknown model settings {', '.join(unknown)}; it was written by another "
-                              "program or a newer regdit")
+            raise RegditError(f"{source}: unknown model settings {', '.join(unknown)}; it was "
+                              "written by another program or a newer regdit")
         try:
             return cls(**values)
         except RegditError as error:
@@ -264,47 +293,57 @@ class SiTConfig:
     @property
     def label(self):
         """`SiT-XL/2` for a standard size, else `SiT-custom/2`."""
-        size = next((s for s, (d, w, _) in MODEL_SIZES.items() if (d, w) == (self.depth, self.hidden_size)), "custom")
+        size = next((s for s, (d, w, _) in MODEL_SIZES.items()
+                     if (d, w) == (self.depth, self.hidden_size)), "custom")
         return f"SiT-{size}/{self.patch_size}"
 
 
 class SiT(nn.Module):
     """SiT diffusion transformer with REPA projectors and the REG entangled class token.
 
-    forward(x, t, y, cls_token) -> (velocity (N, C, H, W), zs [(N, T+1, z_dim_k)], cls_velocity (N, z_dims[0])).
-    REPA (`use_cls_token=False`) returns cls_velocity None and zs of T tokens; plain SiT (`z_dims=()`) returns zs [].
-    `fused_attn` and `grad_checkpointing` choose how it runs, not what it computes, so they are not in the config.
+    forward(x, t, y, cls_token) -> (velocity (N, C, H, W), zs [(N, T+1, z_dim_k)], cls_velocity (N,
+    z_dims[0])). REPA (`use_cls_token=False`) returns cls_velocity None and zs of T tokens; plain
+    SiT (`z_dims=()`) returns zs []. `fused_attn` and `grad_checkpointing` choose how it runs, not
+    what it computes, so they are not in the config.
     """
 
     def __init__(self, config: SiTConfig, fused_attn=True, grad_checkpointing=False):
         super().__init__()
         self.config = config
-        self.input_size, self.in_channels, self.out_channels = config.input_size, config.in_channels, config.in_channels
-        self.patch_size, self.num_heads, self.num_classes = config.patch_size, config.num_heads, config.num_classes
+        self.input_size, self.patch_size = config.input_size, config.patch_size
+        self.in_channels, self.out_channels = config.in_channels, config.in_channels
+        self.num_heads, self.num_classes = config.num_heads, config.num_classes
         self.z_dims = list(config.z_dims)
         self.encoder_depth = config.encoder_depth if self.z_dims else 0
         self.use_cls_token = config.use_cls_token
-        self.grad_checkpointing = grad_checkpointing  # recompute block activations in backward: less memory
+        # recompute block activations in backward: less memory
+        self.grad_checkpointing = grad_checkpointing
         hidden_size = config.hidden_size
 
-        self.x_embedder = PatchEmbed(config.input_size, config.patch_size, config.in_channels, hidden_size)
+        self.x_embedder = PatchEmbed(config.input_size, config.patch_size, config.in_channels,
+                                     hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(config.num_classes, hidden_size, config.class_dropout_prob)
         num_tokens = self.x_embedder.num_patches + int(self.use_cls_token)
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, hidden_size), requires_grad=False)  # fixed sin-cos
-        self.blocks = nn.ModuleList([SiTBlock(hidden_size, config.num_heads, config.mlp_ratio, qk_norm=config.qk_norm,
-                                              fused_attn=fused_attn) for _ in range(config.depth)])
-        self.projectors = nn.ModuleList([build_mlp(hidden_size, config.projector_dim, z_dim) for z_dim in self.z_dims])
+        # fixed sin-cos
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList([SiTBlock(hidden_size, config.num_heads, config.mlp_ratio,
+                                              qk_norm=config.qk_norm, fused_attn=fused_attn)
+                                     for _ in range(config.depth)])
+        self.projectors = nn.ModuleList([build_mlp(hidden_size, config.projector_dim, z_dim)
+                                         for z_dim in self.z_dims])
         self.final_layer = FinalLayer(hidden_size, config.patch_size, self.out_channels,
                                       cls_dim=self.z_dims[0] if self.use_cls_token else None)
-        if self.use_cls_token:  # the entangled class token enters through a linear map and a LayerNorm (token 0)
+        if self.use_cls_token:
+            # the entangled class token enters through a linear map and a LayerNorm (token 0)
             self.cls_projectors2 = nn.Linear(self.z_dims[0], hidden_size, bias=True)
             self.wg_norm = nn.LayerNorm(hidden_size, elementwise_affine=True, eps=1e-6)
         self.initialize_weights()
 
     def initialize_weights(self):
-        # A meta-device SiT holds shapes only (checkpoint.build_model_from_checkpoint compares them with a file's
-        # weights): nothing to fill, and the sin-cos table would take the memory that the file's settings claim.
+        # A meta-device SiT holds shapes only (checkpoint.build_model_from_checkpoint compares them
+        # with a file's weights): nothing to fill, and the sin-cos table would take the memory that
+        # the file's settings claim.
         if self.pos_embed.is_meta:
             return
 
@@ -316,7 +355,8 @@ class SiT(nn.Module):
         self.apply(_basic_init)
 
         grid_size = int(self.x_embedder.num_patches ** 0.5)
-        pos_embed = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid_size, extra_tokens=int(self.use_cls_token))
+        pos_embed = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid_size,
+                                            extra_tokens=int(self.use_cls_token))
         self.pos_embed.data.copy_(torch.from_numpy(pos_embed).float().unsqueeze(0))
 
         w = self.x_embedder.proj.weight.data  # initialise the patch embedding like a Linear layer
@@ -335,43 +375,20 @@ class SiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    @classmethod
-    def from_pretrained(cls, source, weights="ema", fused_attn=True):
-        """A SiT in eval mode from an export (its folder or its model.safetensors, local or `hf://`), a Hub
-        repository id `OWNER/NAME[@REVISION]` holding an export at its root, or a training checkpoint (.pt, its
-        `weights`: ema or model). The reader is `regdit.checkpoint.load_checkpoint` (checksum verified)."""
-        from regdit import hub  # lazily: checkpoint and hub import this module
-        from regdit.checkpoint import build_model_from_checkpoint, load_checkpoint
-
-        source = str(source)
-        if not hub.is_hub_url(source) and not os.path.exists(source) and source.count("/") == 1:
-            source = hub.PREFIX + source  # a repository id, as huggingface_hub's from_pretrained takes
-        if hub.is_hub_url(source) and not hub.parse(source).is_file:
-            location = hub.parse(source)
-            source = location.at(f"{location.path}/model.safetensors")
-        elif os.path.isdir(source):
-            source = os.path.join(source, "model.safetensors")
-        return build_model_from_checkpoint(load_checkpoint(source), source, weights, fused_attn=fused_attn).eval()
-
-    def save_pretrained(self, save_directory, latents=None, path_type=None):
-        """Write these weights in the export format (`model.safetensors` + `config.json`, what `regdit export`
-        writes and `from_pretrained` reads) into `save_directory`; `latents` ({"vae", "scale", "resolution"}) and
-        `path_type` tell `regdit sample` how to sample and decode. Returns the path of the weights."""
-        from regdit.checkpoint import write_export
-
-        return write_export(save_directory, self.state_dict(), self.config, latents, path_type)
-
     def flops(self):
-        """Analytic forward FLOPs of one image (matmuls, 2 per multiply-add); a training step costs 3x this."""
+        """Analytic forward FLOPs of one image (matmuls, 2 per multiply-add); a training step costs
+        3x this."""
         tokens, width = self.pos_embed.shape[1:]
         patches = self.x_embedder.num_patches
-        per_sample = [self.t_embedder, self.final_layer.adaLN_modulation] + [b.adaLN_modulation for b in self.blocks]
+        per_sample = ([self.t_embedder, self.final_layer.adaLN_modulation]
+                      + [b.adaLN_modulation for b in self.blocks])
         if self.use_cls_token:
             per_sample += [self.cls_projectors2, self.final_layer.linear_cls]
         return (sum(matmul_flops(m, 1) for m in per_sample) + matmul_flops(self.x_embedder, patches)
-                + matmul_flops(self.final_layer.linear, patches) + matmul_flops(self.projectors, tokens)
-                + sum(matmul_flops(b.attn, tokens) + matmul_flops(b.mlp, tokens) + attention_flops(tokens, width)
-                      for b in self.blocks))
+                + matmul_flops(self.final_layer.linear, patches)
+                + matmul_flops(self.projectors, tokens)
+                + sum(matmul_flops(b.attn, tokens) + matmul_flops(b.mlp, tokens)
+                      + attention_flops(tokens, width) for b in self.blocks))
 
     def unpatchify(self, x):
         """(N, T, p*p*C) -> (N, C, H, W)."""
@@ -381,12 +398,14 @@ class SiT(nn.Module):
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
 
     def forward(self, x, t, y, cls_token=None, force_drop_ids=None):
-        """x (N, C, H, W) noisy latents, t (N,) in [0, 1], y (N,) labels (num_classes = null), cls_token (N, z_dims[0]);
-        force_drop_ids (N,) bool replaces the random label dropout of training mode (deterministic training)."""
+        """x (N, C, H, W) noisy latents, t (N,) in [0, 1], y (N,) labels (num_classes = null),
+        cls_token (N, z_dims[0]); force_drop_ids (N,) bool replaces the random label dropout of
+        training mode (deterministic training)."""
         x = self.x_embedder(x)  # (N, T, D)
         if self.use_cls_token:
             if cls_token is None:
-                raise ValueError("this REG model denoises a class token: pass cls_token (N, z_dims[0])")
+                raise ValueError("this REG model denoises a class token: "
+                                 "pass cls_token (N, z_dims[0])")
             cls_embed = self.wg_norm(self.cls_projectors2(cls_token))  # (N, D)
             x = torch.cat([cls_embed.unsqueeze(1), x], dim=1)  # (N, T+1, D)
         x = x + self.pos_embed
@@ -398,8 +417,10 @@ class SiT(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False)
             else:
                 x = block(x, c)
-            if i + 1 == self.encoder_depth:  # REPA: align this layer's tokens with the encoder's features
-                zs = [projector(x.reshape(-1, D)).reshape(N, T, -1) for projector in self.projectors]
+            if i + 1 == self.encoder_depth:
+                # REPA: align this layer's tokens with the encoder's features
+                zs = [projector(x.reshape(-1, D)).reshape(N, T, -1)
+                      for projector in self.projectors]
         x, cls_velocity = self.final_layer(x, c, self.use_cls_token)
         return self.unpatchify(x), zs, cls_velocity
 
@@ -412,7 +433,8 @@ def get_2d_sincos_pos_embed(embed_dim, grid_size, extra_tokens=0):
     """(extra_tokens + grid_size**2, embed_dim); extra (class) token rows are zero."""
     grid_h = np.arange(grid_size, dtype=np.float32)
     grid_w = np.arange(grid_size, dtype=np.float32)
-    grid = np.stack(np.meshgrid(grid_w, grid_h), axis=0).reshape([2, 1, grid_size, grid_size])  # w goes first
+    # w goes first
+    grid = np.stack(np.meshgrid(grid_w, grid_h), axis=0).reshape([2, 1, grid_size, grid_size])
     emb_h = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid[0])
     emb_w = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid[1])
     pos_embed = np.concatenate([emb_h, emb_w], axis=1)
@@ -429,28 +451,33 @@ def get_1d_sincos_pos_embed_from_grid(embed_dim, pos):
 #                                  SiT configs                                  #
 #################################################################################
 
-MODEL_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}  # depth, width, heads
-# Arguments of the official SiT that have no effect here: the path lives in the loss and the samplers, the final
-# layer's width is always hidden_size, guidance is the samplers' and the class-token width is z_dims[0].
+# depth, width, heads
+MODEL_SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+# Arguments of the official SiT that have no effect here: the path lives in the loss and the
+# samplers, the final layer's width is always hidden_size, guidance is the samplers' and the
+# class-token width is z_dims[0].
 OFFICIAL_ONLY_ARGUMENTS = ("path_type", "decoder_hidden_size", "use_cfg", "cls_token_dim")
 
 
 def create_sit(fused_attn=True, grad_checkpointing=False, **arguments):
-    """`SiT(SiTConfig(**arguments))` for the official keyword call: OFFICIAL_ONLY_ARGUMENTS are dropped, any other
-    unknown keyword is an error."""
+    """`SiT(SiTConfig(**arguments))` for the official keyword call: OFFICIAL_ONLY_ARGUMENTS are
+    dropped, any other unknown keyword is an error."""
     config = SiTConfig(**{k: v for k, v in arguments.items() if k not in OFFICIAL_ONLY_ARGUMENTS})
     return SiT(config, fused_attn=fused_attn, grad_checkpointing=grad_checkpointing)
 
 
-# keyword arguments override the size (small experiments: e.g. SiT_models["SiT-B/2"](depth=2, hidden_size=64)).
-# The official patches are 2, 4 and 8; patch 1 (a token per latent cell) suits small latents such as the demo's 8x8.
+# keyword arguments override the size (small experiments: e.g. SiT_models["SiT-B/2"](depth=2,
+# hidden_size=64)). The official patches are 2, 4 and 8; patch 1 (a token per latent cell) suits
+# small latents such as the demo's 8x8.
 SiT_models = {f"SiT-{size}/{p}": functools.partial(create_sit, depth=depth, hidden_size=hidden_size,
                                                     num_heads=num_heads, patch_size=p)
-              for size, (depth, hidden_size, num_heads) in MODEL_SIZES.items() for p in (1, 2, 4, 8)}
+              for size, (depth, hidden_size, num_heads) in MODEL_SIZES.items()
+              for p in (1, 2, 4, 8)}
 
 
 def model_arguments(name):
-    """The SiTConfig fields a model name fixes (its size and patch), with a one-line error listing the valid names."""
+    """The SiTConfig fields a model name fixes (its size and patch), with a one-line error listing
+    the valid names."""
     if name not in SiT_models:
         raise RegditError(f"unknown model {name!r}: use one of {', '.join(SiT_models)}")
     return dict(SiT_models[name].keywords)

@@ -1,10 +1,11 @@
 """Watching a run converge: FID-K of the EMA weights while training (`regdit train --eval-every N`).
 
-An evaluation is `regdit sample` + `regdit eval` without the files: the same per-index seeds (`global_seed` = the
-run's --seed), batches of --eval-batch-size consecutive indices handed round-robin to the processes, Inception
-features of each batch computed where it was sampled and gathered, and the metrics of `evaluate.Reference`. So its
-numbers equal those of `regdit sample --per-proc-batch-size B` and `regdit eval --batch-size B` on the same
-checkpoint, bit for bit, for any number of processes.
+An evaluation is `regdit sample` + `regdit eval` without the files: the same per-index seeds
+(`global_seed` = the run's --seed), batches of --eval-batch-size consecutive indices handed
+round-robin to the processes, Inception features of each batch computed where it was sampled and
+gathered, and the metrics of `evaluate.Reference`. So its numbers equal those of `regdit sample
+--per-proc-batch-size B` and `regdit eval --batch-size B` on the same checkpoint, bit for bit, for
+any number of processes.
 """
 import time
 
@@ -28,45 +29,52 @@ from regdit.sample import sample_batch
 
 
 class TrainingEvaluation:
-    """Everything an evaluation needs, checked before training starts: the reference batch (readable, statistics
-    of the right shape, the data's resolution), the Inception weights, the VAE. Calling it scores an EMA model."""
+    """Everything an evaluation needs, checked before training starts: the reference batch
+    (readable, statistics of the right shape, the data's resolution), the Inception weights, the
+    VAE. Calling it scores an EMA model."""
 
     def __init__(self, config, dataset, state, vae):
         if config.ref_batch is None:
-            raise RegditError(f"--eval-every {config.eval_every} needs --ref-batch REF.npz (build one from the "
-                              "training images with `regdit eval --make-ref IMAGES --output REF.npz`)")
+            raise RegditError(f"--eval-every {config.eval_every} needs --ref-batch REF.npz (build "
+                              "one from the training images with "
+                              "`regdit eval --make-ref IMAGES --output REF.npz`)")
         self.config, self.state, self.vae = config, state, vae
-        with state.main_process_first():  # one process downloads what is missing, the others then read the cache
+        # one process downloads what is missing, the others then read the cache
+        with state.main_process_first():
             self.inception = load_inception(config.inception_weights, state.device)
             ref_batch = reference_batch_path(config.ref_batch)  # local, hf:// or ADM's by name
         with load_npz_images(ref_batch) as images:
             shape = (config.eval_samples, dataset.resolution, dataset.resolution, 3)
             check_resolutions(ref_batch, images.shape, "of this run", shape)
-            self.reference = Reference.from_batch(ref_batch, images, self.inception, config.eval_batch_size, state)
+            self.reference = Reference.from_batch(ref_batch, images, self.inception,
+                                                  config.eval_batch_size, state)
         warn_if_few((ref_batch, len(self.reference.pool)), ("--eval-samples", config.eval_samples))
-        self.guidance = dict(cfg_scale=config.eval_cfg_scale, cls_cfg_scale=config.eval_cls_cfg_scale,
-                             guidance_low=config.eval_guidance_low, guidance_high=config.eval_guidance_high,
-                             path_type=config.path_type)
 
     def __call__(self, ema):
-        """(metrics, seconds): IS, FID, sFID, precision and recall of `config.eval_samples` samples of `ema`."""
+        """(metrics, seconds): IS, FID, sFID, precision and recall of `config.eval_samples` samples
+        of `ema`."""
         config, state = self.config, self.state
         started = time.perf_counter()
         starts = range(0, config.eval_samples, config.eval_batch_size)
         features = {}
-        with tf32(True):  # as `regdit sample` samples (its --tf32 default, cuDNN's default): the same numbers on GPU
+        # as `regdit sample` samples (its --tf32 default, cuDNN's default): the same numbers on GPU
+        with tf32(True):
             for k in range(state.process_index, len(starts), state.num_processes):
-                indices = range(starts[k], min(starts[k] + config.eval_batch_size, config.eval_samples))
-                images = sample_batch(ema, self.vae, indices, config.seed, False, config.eval_mode, config.eval_steps,
-                                      config.eval_mixed_precision, **self.guidance)
+                end = min(starts[k] + config.eval_batch_size, config.eval_samples)
+                indices = range(starts[k], end)
+                images = sample_batch(ema, self.vae, indices, config.eval, config.seed, False,
+                                      config.eval_mixed_precision, config.path_type)
                 features[k] = batch_activations(images, self.inception)
         batches = gather_batches(features, state)
         metrics = None
-        if state.is_main_process:  # the metrics once (two 2048 x 2048 matrix square roots), then to every process
-            sample = {name: np.concatenate([batches[k][name] for k in range(len(starts))]) for name in FEATURES}
+        # the metrics once (two 2048 x 2048 matrix square roots), then to every process
+        if state.is_main_process:
+            sample = {name: np.concatenate([batches[k][name] for k in range(len(starts))])
+                      for name in FEATURES}
             try:
                 metrics = self.reference.metrics(sample, state.device)
-            except RegditError as error:  # e.g. an FID that cannot be computed: said, and training goes on
+            except RegditError as error:
+                # e.g. an FID that cannot be computed: said, and training goes on
                 metrics = {"error": str(error)}
         if state.num_processes > 1:
             metrics = broadcast_object_list([metrics])[0]

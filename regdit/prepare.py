@@ -1,10 +1,11 @@
-"""`regdit prepare images|latents|vae`: raw images -> square RGB PNGs + labels -> VAE posterior moments, and a
-small VAE fitted to the images where no pretrained one covers them.
+"""`regdit prepare images|latents|vae`: raw images -> square RGB PNGs + labels -> VAE posterior
+moments, and a small VAE fitted to the images where no pretrained one covers them.
 
-Each step checks every setting before it creates anything (the config's ranges, then `check_paths`), and is resumable:
-finished work is recorded atomically (a file is written under a temporary name, then renamed), so rerunning the same
-command after a kill, or after a full disk, continues where it stopped (`prepare vae`, a minute of work, starts its fit
-over). `prepare latents` runs on every process of `accelerate launch` / `torchrun`, each encoding its own shards.
+Each step checks every setting before it creates anything (the config's ranges, then `check_paths`),
+and is resumable: finished work is recorded atomically (a file is written under a temporary name,
+then renamed), so rerunning the same command after a kill, or after a full disk, continues where it
+stopped (`prepare vae`, a minute of work, starts its fit over). `prepare latents` runs on every
+process of `accelerate launch` / `torchrun`, each encoding its own shards.
 """
 import functools
 import json
@@ -23,37 +24,40 @@ import PIL.ImageOps
 import torch
 from tqdm import tqdm
 
-from regdit import RegditError, atomic_write, check_regular_file, cpu_launch, remove_temp_files, writing_into
+from regdit import RegditError, cpu_launch
 from regdit import vae as vae_lib
 from regdit.config import Settings, flag
 from regdit.data import LAYOUTS, PROGRESS, read_json, read_labels, write_json
+from regdit.files import atomic_write, check_regular_file, remove_temp_files, writing_into
 from regdit.hub import is_hub_url, parse
 from regdit.images import image_extensions, list_files, open_image, read_image
 from regdit.runlock import LOCK_NAME, RunLock, lock_run
 
-# ------------------------------------------------------------------------------------------------ pixels and crops
+# --------------------------------------------------------------------------------- pixels and crops
 
+# how PIL reports a bad file; open_image's ImageTooLarge too
 UNREADABLE = (OSError, SyntaxError, ValueError, EOFError, zipfile.BadZipFile, zlib.error,
-              PIL.Image.DecompressionBombError)  # how PIL reports a bad file; open_image's ImageTooLarge too
-# The white level of each high-bit-depth mode PIL's convert("RGB") would clip at 255; the first that holds every
-# value of an image wins (see to_rgb).
+              PIL.Image.DecompressionBombError)
+# The white level of each high-bit-depth mode PIL's convert("RGB") would clip at 255; the first that
+# holds every value of an image wins (see to_rgb).
 WHITE_LEVELS = {"I;16": (65535,), "I": (65535,), "F": (1, 255)}
 
 
 def to_rgb(image):
     """`image` upright and 8-bit RGB, as an image viewer shows it.
 
-    The EXIF orientation is applied first (cameras store portraits as rotated landscapes plus a tag; the official
-    converter ignores the tag, so the few tagged ImageNet JPEGs crop differently here). High-bit-depth grayscale is
-    scaled, not clipped by convert("RGB") (which turns a 16-bit PNG almost white and a [0, 1] float TIFF black):
-    - 16-bit integer (I;16, I;16B, I;16L, ...): value / 257, so 0..65535 spans 0..255 (a 16-bit copy of 8-bit data,
-      v * 257, gives v back);
-    - 32-bit integer (I): the same when every value lies in 0..65535 (16-bit data, as some readers load it), else
-      the image's min..max spans 0..255;
-    - 32-bit float (F): value * 255 when every value lies in [0, 1]; the value itself in [0, 255] (PIL's scale for
-      8-bit data made float); else min..max spans 0..255.
-    NaN and infinite floats become black. Every other mode (palette, RGBA, LA, CMYK, 8-bit grayscale...) goes through
-    convert("RGB") like the official converter.
+    The EXIF orientation is applied first (cameras store portraits as rotated landscapes plus a tag;
+    the official converter ignores the tag, so the few tagged ImageNet JPEGs crop differently here).
+    High-bit-depth grayscale is scaled, not clipped by convert("RGB") (which turns a 16-bit PNG
+    almost white and a [0, 1] float TIFF black):
+    - 16-bit integer (I;16, I;16B, I;16L, ...): value / 257, so 0..65535 spans 0..255 (a 16-bit
+      copy of 8-bit data, v * 257, gives v back);
+    - 32-bit integer (I): the same when every value lies in 0..65535 (16-bit data, as some readers
+      load it), else the image's min..max spans 0..255;
+    - 32-bit float (F): value * 255 when every value lies in [0, 1]; the value itself in [0, 255]
+      (PIL's scale for 8-bit data made float); else min..max spans 0..255.
+    NaN and infinite floats become black. Every other mode (palette, RGBA, LA, CMYK, 8-bit
+    grayscale...) goes through convert("RGB") like the official converter.
     """
     PIL.ImageOps.exif_transpose(image, in_place=True)
     white_levels = WHITE_LEVELS.get(image.mode[:4])
@@ -68,7 +72,8 @@ def to_rgb(image):
 
 
 def center_crop_dhariwal(image, resolution):
-    """ADM's center_crop_arr (guided-diffusion image_datasets.py), the official `--transform=center-crop-dhariwal`."""
+    """ADM's center_crop_arr (guided-diffusion image_datasets.py), the official
+    `--transform=center-crop-dhariwal`."""
     while min(*image.size) >= 2 * resolution:
         image = image.resize(tuple(x // 2 for x in image.size), resample=PIL.Image.BOX)
     scale = resolution / min(*image.size)
@@ -89,11 +94,12 @@ def center_crop(image, resolution):
 TRANSFORMS = {"center-crop-dhariwal": center_crop_dhariwal, "center-crop": center_crop}
 
 
-# ------------------------------------------------------------------------------------------------ resumable output
+# --------------------------------------------------------------------------------- resumable output
 
 
 def claim_dest(out, settings, finished_path):
-    """Check that `out` is new or holds a run with the same settings; True when that run has finished."""
+    """Check that `out` is new or holds a run with the same settings; True when that run has
+    finished."""
     settings_path = os.path.join(out, PROGRESS, "settings.json")
     fix = f"use a new --dest or delete {out}"
     if os.path.isfile(settings_path):
@@ -106,27 +112,33 @@ def claim_dest(out, settings, finished_path):
         return False
     if previous != settings:
         changed = sorted(k for k in settings if (previous or {}).get(k) != settings[k])
-        raise RegditError(f"{out} holds a run with other settings ({', '.join(changed) or 'unknown'}); {fix}")
+        raise RegditError(f"{out} holds a run with other settings "
+                          f"({', '.join(changed) or 'unknown'}); {fix}")
     return not os.path.isfile(settings_path)
 
 
 def check_paths(source, dest, accepted):
-    """--source must exist and be accepted ("folder" or "folder or .zip"); --dest must be a folder or not exist yet,
-    and lie outside --source (its files would become source images). Both are local: `prepare` reads no hf:// path."""
+    """--source must exist and be accepted ("folder" or "folder or .zip"); --dest must be a folder
+    or not exist yet, and lie outside --source (its files would become source images). Both are
+    local: `prepare` reads no hf:// path."""
     if is_hub_url(source):
-        raise RegditError(f"--source {source}: prepare reads local files only, not hf:// paths; download it first "
-                          f"(`{parse(source).download_command()} --local-dir DIR`) and pass --source DIR")
+        raise RegditError(f"--source {source}: prepare reads local files only, not hf:// paths; "
+                          f"download it first (`{parse(source).download_command()} --local-dir "
+                          "DIR`) and pass --source DIR")
     if is_hub_url(dest):
-        raise RegditError(f"--dest {dest}: prepare writes local folders only, not hf:// paths; pass a local folder")
+        raise RegditError(f"--dest {dest}: prepare writes local folders only, not hf:// paths; "
+                          "pass a local folder")
     source, dest = os.path.abspath(source), os.path.abspath(dest)
     if not os.path.exists(source):
         raise RegditError(f"--source {source}: does not exist; pass a {accepted} of images")
     if not os.path.isdir(source) and not ("zip" in accepted and zipfile.is_zipfile(source)):
         raise RegditError(f"--source {source}: is not a {accepted}; pass a {accepted} of images")
     if os.path.commonpath([source, dest]) == source:
-        raise RegditError(f"--dest {dest}: is --source or lies inside it; choose a --dest outside {source}")
+        raise RegditError(f"--dest {dest}: is --source or lies inside it; "
+                          f"choose a --dest outside {source}")
     if os.path.exists(dest) and not os.path.isdir(dest):
-        raise RegditError(f"--dest {dest}: is a file; pass a new folder (or the folder of an earlier run to resume)")
+        raise RegditError(f"--dest {dest}: is a file; pass a new folder (or the folder of an "
+                          "earlier run to resume)")
 
 
 def start_progress(out, settings):
@@ -138,7 +150,7 @@ def image_name(index):
     return f"{index:08d}"[:5] + f"/img{index:08d}.png"  # the official dataset_tools.py naming
 
 
-# ------------------------------------------------------------------------------------------------ prepare images
+# --------------------------------------------------------------------------------- prepare images
 
 
 @functools.lru_cache(maxsize=1)
@@ -154,7 +166,8 @@ def _open_source(source, name):
 
 
 def source_labels(source, names):
-    """(labels, class names): the source's dataset.json, else the sorted top-level folder names (like EDM2)."""
+    """(labels, class names): the source's dataset.json, else the sorted top-level folder names
+    (like EDM2)."""
     path, fix = f"{source}/dataset.json", "fix it or remove dataset.json to label by folder name"
     try:
         with _open_source(source, "dataset.json") as f:
@@ -167,7 +180,8 @@ def source_labels(source, names):
         labels = read_labels(meta, path, fix)
         missing = [n for n in names if n not in labels]
         if missing:
-            raise RegditError(f"{path}: {len(missing)} images have no label (first: {missing[0]}); {fix}")
+            raise RegditError(f"{path}: {len(missing)} images have no label (first: {missing[0]}); "
+                              f"{fix}")
         return [labels[n] for n in names], meta.get("classes")
     folders = [n.split("/")[0] if "/" in n else "" for n in names]
     classes = sorted(set(folders))  # one folder, or none: a single class 0
@@ -176,10 +190,12 @@ def source_labels(source, names):
 
 
 def _convert(job):
-    """Convert one image; returns (index, None) or (index, why it was skipped). Runs in the worker processes."""
+    """Convert one image; returns (index, None) or (index, why it was skipped). Runs in the worker
+    processes."""
     index, source, name, out_path, resolution, transform = job
     path = os.path.join(source, name)
-    if os.path.isdir(source) and os.path.exists(path) and not os.path.isfile(path):  # opening a FIFO would block
+    # opening a FIFO would block
+    if os.path.isdir(source) and os.path.exists(path) and not os.path.isfile(path):
         return index, "not a regular file but a FIFO, device or socket"
     try:
         with _open_source(source, name) as f, open_image(f) as image:
@@ -189,14 +205,16 @@ def _convert(job):
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
     # Uncompressed PNG like the official converter: larger files, but decoding is cheap.
     with atomic_write(out_path, sync=False) as f:
-        PIL.Image.fromarray(TRANSFORMS[transform](image, resolution)).save(f, format="png", compress_level=0)
+        PIL.Image.fromarray(TRANSFORMS[transform](image, resolution)).save(
+            f, format="png", compress_level=0)
     return index, None
 
 
 
 
 def _is_complete(job):
-    """(path, whether the PNG there is a whole resolution^2 RGB image). Runs in the worker processes."""
+    """(path, whether the PNG there is a whole resolution^2 RGB image). Runs in the worker
+    processes."""
     path, resolution = job
     try:
         with PIL.Image.open(path) as image:  # an empty file fails here
@@ -208,10 +226,11 @@ def _is_complete(job):
 
 
 def finished_images(dest, resolution, pool):
-    """The output names (`image_name`) an earlier run finished. Removes the PNGs that are not whole images (a write
-    killed on a file system without atomic rename, or damage after it) so that they are converted again."""
-    pngs = [(os.path.join(folder, name), resolution) for folder, _, files in os.walk(dest) for name in files
-            if name.endswith(".png")]
+    """The output names (`image_name`) an earlier run finished. Removes the PNGs that are not whole
+    images (a write killed on a file system without atomic rename, or damage after it) so that they
+    are converted again."""
+    pngs = [(os.path.join(folder, name), resolution) for folder, _, files in os.walk(dest)
+            for name in files if name.endswith(".png")]
     finished = set()
     for path, complete in pool.imap_unordered(_is_complete, pngs, chunksize=64):
         if complete:
@@ -223,24 +242,25 @@ def finished_images(dest, resolution, pool):
 
 @dataclass
 class PrepareImagesConfig(Settings):
-    source: str | None = flag(None, "folder or .zip of images; labels from its dataset.json, else from the sorted "
-                                    "top-level folder names (ImageNet synset folders give the standard 0..999)",
-                              required=True)
+    source: str | None = flag(None, "folder or .zip of images; labels from its dataset.json, else "
+                                    "from the sorted top-level folder names (ImageNet synset "
+                                    "folders give the standard 0..999)", required=True)
     dest: str | None = flag(None, "output folder", required=True)
     resolution: int = flag(256, "side of the square output images", at_least=1)
-    transform: str = flag("center-crop-dhariwal", "center-crop-dhariwal: ADM's crop (the official setting); "
-                                                  "center-crop: largest centred square, LANCZOS resize",
-                          choices=list(TRANSFORMS))
+    transform: str = flag(
+        "center-crop-dhariwal", "center-crop-dhariwal: ADM's crop (the official setting); "
+        "center-crop: largest centred square, LANCZOS resize", choices=list(TRANSFORMS))
     workers: int = flag(os.cpu_count(), "decoding processes (0: in-process)", at_least=0)
     strict: bool = flag(False, "fail on the first unreadable image instead of skipping it")
 
 
 def prepare_images(config: PrepareImagesConfig):
-    """Crop and resize every image of a folder or zip to resolution^2 RGB PNGs with a dataset.json of labels.
+    """Crop and resize every image of a folder or zip to resolution^2 RGB PNGs with a dataset.json
+    of labels.
 
-    Output names follow the source's sorted order, `{i:08d}[:5]/img{i:08d}.png`, like the official converter;
-    unreadable images are skipped with a line on stderr (their index stays unused) or, with strict, raise.
-    Returns {"images", "converted", "skipped" (names), "num_classes"}.
+    Output names follow the source's sorted order, `{i:08d}[:5]/img{i:08d}.png`, like the official
+    converter; unreadable images are skipped with a line on stderr (their index stays unused) or,
+    with strict, raise. Returns {"images", "converted", "skipped" (names), "num_classes"}.
     """
     source, dest = os.path.abspath(config.source), os.path.abspath(config.dest)
     check_paths(config.source, config.dest, "folder or .zip")
@@ -248,16 +268,19 @@ def prepare_images(config: PrepareImagesConfig):
     if os.path.isdir(source):
         names = list_files(source)
     else:
-        names = sorted(n for n in _open_zip(source).namelist() if os.path.splitext(n)[1].lower() in image_extensions())
+        names = sorted(n for n in _open_zip(source).namelist()
+                       if os.path.splitext(n)[1].lower() in image_extensions())
     if not names:
-        raise RegditError(f"{source} contains no images ({', '.join(sorted(image_extensions())[:6])}, ...)")
+        raise RegditError(f"{source} contains no images "
+                          f"({', '.join(sorted(image_extensions())[:6])}, ...)")
     labels, classes = source_labels(source, names)
     settings = {"source": source, "resolution": resolution, "transform": transform}
     skipped = []
     with RunLock(dest, "prepare images"), writing_into(dest), (
-            # each worker opens the zip itself: a descriptor inherited from the parent shares its file offset
-            multiprocessing.Pool(config.workers, initializer=_open_zip.cache_clear) if config.workers
-            else _InProcess()) as pool:
+            # each worker opens the zip itself: a descriptor inherited from the parent shares its
+            # file offset
+            multiprocessing.Pool(config.workers, initializer=_open_zip.cache_clear)
+            if config.workers else _InProcess()) as pool:
         claim_dest(dest, settings, os.path.join(dest, "dataset.json"))
         remove_temp_files(dest)
         start_progress(dest, settings)
@@ -267,14 +290,16 @@ def prepare_images(config: PrepareImagesConfig):
         for index, error in tqdm(pool.imap_unordered(_convert, jobs, chunksize=16), total=len(jobs),
                                  desc="prepare images", unit="img"):
             if error and config.strict:
-                raise RegditError(f"{source}/{names[index]}: unreadable image ({error}); remove or replace it, or "
-                                  f"drop --strict to skip it")
+                raise RegditError(f"{source}/{names[index]}: unreadable image ({error}); remove or "
+                                  "replace it, or drop --strict to skip it")
             if error:
                 # tqdm.write keeps the progress bar below the line
-                tqdm.write(f"skipping unreadable image {source}/{names[index]} ({error})", file=sys.stderr)
+                tqdm.write(f"skipping unreadable image {source}/{names[index]} ({error})",
+                           file=sys.stderr)
                 skipped.append(names[index])
         if len(skipped) == len(names):
-            raise RegditError(f"{source}: none of the {len(names)} images could be read; check the files")
+            raise RegditError(f"{source}: none of the {len(names)} images could be read; "
+                              "check the files")
 
         skipped_set = set(skipped)
         kept = [i for i, n in enumerate(names) if n not in skipped_set]
@@ -283,16 +308,17 @@ def prepare_images(config: PrepareImagesConfig):
                    {"labels": [[image_name(i), labels[i]] for i in kept], "classes": classes,
                     "skipped": sorted(skipped), "settings": settings})
         shutil.rmtree(os.path.join(dest, PROGRESS))
-    summary = {"images": len(kept), "converted": len(jobs) - len(skipped), "skipped": sorted(skipped),
-               "num_classes": num_classes}
-    print(f"{dest}: {summary['images']} images of {resolution}x{resolution} in {num_classes} classes "
-          f"({summary['converted']} converted now, {len(kept) - summary['converted']} by an earlier run), "
-          f"{len(skipped)} unreadable skipped")
+    summary = {"images": len(kept), "converted": len(jobs) - len(skipped),
+               "skipped": sorted(skipped), "num_classes": num_classes}
+    print(f"{dest}: {summary['images']} images of {resolution}x{resolution} in {num_classes} "
+          f"classes ({summary['converted']} converted now, {len(kept) - summary['converted']} "
+          f"by an earlier run), {len(skipped)} unreadable skipped")
     return summary
 
 
 class _InProcess:
-    """The part of multiprocessing.Pool used above, without processes (workers=0: small jobs, debugging)."""
+    """The part of multiprocessing.Pool used above, without processes (workers=0: small jobs,
+    debugging)."""
 
     def __enter__(self):
         return self
@@ -305,7 +331,7 @@ class _InProcess:
         return map(function, jobs)
 
 
-# ------------------------------------------------------------------------------------------------ prepare latents
+# --------------------------------------------------------------------------------- prepare latents
 
 
 class SourceImages(torch.utils.data.Dataset):
@@ -318,12 +344,14 @@ class SourceImages(torch.utils.data.Dataset):
         return len(self.names)
 
     def __getitem__(self, index):
-        pixels = read_image(os.path.join(self.root, self.names[index]), (self.resolution, self.resolution, 3))
+        pixels = read_image(os.path.join(self.root, self.names[index]),
+                            (self.resolution, self.resolution, 3))
         return torch.from_numpy(pixels.copy()).permute(2, 0, 1)  # copy: PIL's pixels are read-only
 
 
 def read_image_folder(source):
-    """(names, labels, num_classes, resolution) of a folder written by `prepare images` / the official convert."""
+    """(names, labels, num_classes, resolution) of a folder written by `prepare images` / the
+    official convert."""
     meta_path = os.path.join(source, "dataset.json")
     fix = f"run `regdit prepare images --dest {source}` first"
     meta = read_json(meta_path, fix) if os.path.exists(meta_path) else {}
@@ -335,8 +363,8 @@ def read_image_folder(source):
     if not names:
         raise RegditError(f"{source} holds no images; {fix}")
     if missing:
-        raise RegditError(f"{meta_path}: {len(missing)} of {len(names)} images have no label (first: {missing[0]}); "
-                          f"{fix}")
+        raise RegditError(f"{meta_path}: {len(missing)} of {len(names)} images have no label "
+                          f"(first: {missing[0]}); {fix}")
     labels = [labels[n] for n in names]
     num_classes = len(meta["classes"]) if meta.get("classes") else max(labels) + 1
     height, width, _ = read_image(os.path.join(source, names[0])).shape
@@ -346,7 +374,8 @@ def read_image_folder(source):
 
 
 def shard_batches(num_images, shard_size, batch_size, shards):
-    """Batches of consecutive indices that never straddle a shard, so a shard is done with its last batch."""
+    """Batches of consecutive indices that never straddle a shard, so a shard is done with its last
+    batch."""
     return [list(range(start, min(start + batch_size, end)))
             for s in shards for end in [min((s + 1) * shard_size, num_images)]
             for start in range(s * shard_size, end, batch_size)]
@@ -354,31 +383,35 @@ def shard_batches(num_images, shard_size, batch_size, shards):
 
 @dataclass
 class PrepareLatentsConfig(Settings):
-    source: str | None = flag(None, "folder written by `regdit prepare images` (or the official dataset_tools.py "
-                                    "convert)", required=True)
+    source: str | None = flag(None, "folder written by `regdit prepare images` (or the official "
+                                    "dataset_tools.py convert)", required=True)
     dest: str | None = flag(None, "dataset folder to write", required=True)
     vae: str = flag("mse", "ema, mse, a Hub id, a save_pretrained folder, or none (pixel space)")
     batch_size: int = flag(64, "images per encoder call and process", at_least=1)
-    flip: bool = flag(False, "also store the moments of the mirrored images (random flips in training)")
-    layout: str = flag("regdit", "regdit: memory-mapped arrays in DEST; official: DEST/imagenet_{R}_vae + "
-                                 "DEST/vae-sd", choices=list(LAYOUTS))
+    flip: bool = flag(False, "also store the moments of the mirrored images (random flips in "
+                             "training)")
+    layout: str = flag("regdit", "regdit: memory-mapped arrays in DEST; official: "
+                                 "DEST/imagenet_{R}_vae + DEST/vae-sd", choices=LAYOUTS)
     shard_size: int = flag(1024, "images per resumable unit of work", at_least=1)
-    workers: int = flag(min(8, os.cpu_count()), "PNG decoding workers per process (0: in-process)", at_least=0)
+    workers: int = flag(min(8, os.cpu_count()), "PNG decoding workers per process (0: in-process)",
+                        at_least=0)
 
 
 def prepare_latents(config: PrepareLatentsConfig):
-    """Encode a `prepare images` folder to VAE posterior moments (float32 means then stds), with images and labels.
+    """Encode a `prepare images` folder to VAE posterior moments (float32 means then stds), with
+    images and labels.
 
-    The layout's writer (regdit.data.LAYOUTS) decides the files: "regdit": DEST/{regdit.json, images.npy,
-    moments.npy[, moments_flip.npy], labels.npy}; "official": DEST/imagenet_{R}_vae/ (the images) +
-    DEST/vae-sd/{...npy, dataset.json}.
-    Every process of an accelerate/torchrun launch encodes the shards of `shard_size` images with
-    shard % num_processes == process index; finished shards are skipped on a rerun. Returns dest.
+    The layout's writer (regdit.data.LAYOUTS) decides the files: "regdit": DEST/{regdit.json,
+    images.npy, moments.npy[, moments_flip.npy], labels.npy}; "official": DEST/imagenet_{R}_vae/
+    (the images) + DEST/vae-sd/{...npy, dataset.json}. Every process of an accelerate/torchrun
+    launch encodes the shards of `shard_size` images with shard % num_processes == process index;
+    finished shards are skipped on a rerun. Returns dest.
     """
     check_paths(config.source, config.dest, "folder")
     from accelerate import PartialState
 
-    # accelerate picks gloo only when told the processes use the CPU: say so when launched without CUDA.
+    # accelerate picks gloo only when told the processes use the CPU: say so when launched without
+    # CUDA.
     state = PartialState(cpu=cpu_launch())
     source, dest = os.path.abspath(config.source), os.path.abspath(config.dest)
     flip, shard_size = config.flip, config.shard_size
@@ -388,7 +421,8 @@ def prepare_latents(config: PrepareLatentsConfig):
                 "vae": vae_lib.resolve_vae_name(config.vae), "flip": flip, "layout": config.layout,
                 "shard_size": shard_size}
     with lock_run(dest, "prepare latents", state), writing_into(dest):
-        if claim_dest(writer.out, settings, writer.finished_path):  # every process checks before the main one writes
+        # every process checks before the main one writes
+        if claim_dest(writer.out, settings, writer.finished_path):
             if state.is_main_process:
                 print(f"{dest}: already prepared with these settings")
             return dest
@@ -397,96 +431,117 @@ def prepare_latents(config: PrepareLatentsConfig):
             remove_temp_files(dest)
 
         vae_model = vae_lib.load_vae(config.vae, state.device)
-        blank = torch.zeros(1, 3, resolution, resolution, dtype=torch.uint8)
-        moments_shape = tuple(vae_lib.encode_moments(vae_model, blank).shape[1:])
-        factor = resolution // moments_shape[1]
-        # The SD-VAE halves the size 3 times, rounding down: only multiples of 8 give an exact power-of-two factor
-        # (20 px gives a 2x2 latent, a factor of 10).
-        if factor * moments_shape[1] != resolution or factor & (factor - 1):
-            raise RegditError(f"{source}: {resolution} px images give a {moments_shape[1]}x{moments_shape[2]} latent "
-                              f"that does not tile them; prepare the images at a multiple of 8 px")
+        moments_shape = latent_moments_shape(vae_model, source, resolution)
         state.wait_for_everyone()
         if state.is_main_process:
             start_progress(writer.out, settings)
             writer.start(labels, resolution, moments_shape)
         state.wait_for_everyone()
-
         num_shards = -(-len(names) // shard_size)
         done_path = os.path.join(writer.out, PROGRESS, "shard-{:06d}.done").format
-        shards = [s for s in range(state.process_index, num_shards, state.num_processes)
-                  if not os.path.exists(done_path(s))]
-        batches = shard_batches(len(names), shard_size, config.batch_size, shards)
-        loader = torch.utils.data.DataLoader(SourceImages(source, names, resolution), batch_sampler=batches,
-                                             num_workers=config.workers, pin_memory=state.device.type == "cuda")
-        writer.open()
-        processes = f"{state.num_processes} process{'es' * (state.num_processes > 1)}"
-
-        def save(indices, images, moments):
-            writer.write(indices, images, *(moments.chunk(2) if flip else (moments, None)))
-            if indices[-1] + 1 == min((indices[-1] // shard_size + 1) * shard_size, len(names)):  # shard complete
-                writer.sync()
-                write_json(done_path(indices[-1] // shard_size), {})
-            progress.update(len(indices))
-
-        # One writer thread: batch k is written while batch k+1 is encoded (+10% images/s measured on an H200).
-        with tqdm(total=sum(map(len, batches)), desc=f"encode ({processes})", unit="img",
-                  disable=not state.is_main_process) as progress, ThreadPoolExecutor(1) as background:
-            saved = background.submit(lambda: None)
-            for indices, images in zip(batches, loader):
-                moments = vae_lib.encode_moments(vae_model, torch.cat([images, images.flip(-1)]) if flip else images)
-                moments = moments.cpu()
-                saved.result()  # also raises the writer's errors here
-                saved = background.submit(save, indices, images, moments)
-            saved.result()
-        writer.close()
+        encode_shards(config, writer, SourceImages(source, names, resolution), vae_model, state,
+                      done_path)
         state.wait_for_everyone()
 
         if state.is_main_process:
             missing = [s for s in range(num_shards) if not os.path.exists(done_path(s))]
             if missing:
-                raise RegditError(f"{writer.out}: shards {missing[:5]} were not encoded; rerun the same command")
-            writer.finish(settings, labels, num_classes, vae_lib.latent_scale(vae_model), moments_shape)
+                raise RegditError(f"{writer.out}: shards {missing[:5]} were not encoded; "
+                                  "rerun the same command")
+            writer.finish(settings, labels, num_classes, vae_lib.latent_scale(vae_model),
+                          moments_shape)
             shutil.rmtree(os.path.join(writer.out, PROGRESS))
-            print(f"{dest}: {len(names)} images, moments {list(moments_shape)}{' (+ mirrored)' if flip else ''}, "
-                  f"{num_classes} classes, {config.layout} layout")
+            print(f"{dest}: {len(names)} images, moments {list(moments_shape)}"
+                  f"{' (+ mirrored)' if flip else ''}, {num_classes} classes, "
+                  f"{config.layout} layout")
     return dest
 
 
-# ------------------------------------------------------------------------------------------------ prepare vae
+def latent_moments_shape(vae, source, resolution):
+    """The (2C, h, w) moments of `resolution` px images, refused when the latent does not tile them:
+    the SD-VAE halves the size 3 times, rounding down, so only multiples of 8 give an exact
+    power-of-two factor (20 px gives a 2x2 latent, a factor of 10)."""
+    blank = torch.zeros(1, 3, resolution, resolution, dtype=torch.uint8)
+    shape = tuple(vae_lib.encode_moments(vae, blank).shape[1:])
+    factor = resolution // shape[1]
+    if factor * shape[1] != resolution or factor & (factor - 1):
+        raise RegditError(f"{source}: {resolution} px images give a {shape[1]}x{shape[2]} latent "
+                          "that does not tile them; prepare the images at a multiple of 8 px")
+    return shape
+
+
+def encode_shards(config, writer, images, vae, state, done_path):
+    """Encode this process's unfinished shards of `images` (SourceImages) and hand them to the
+    layout's writer; a shard's done-marker is written once its rows reached the disk."""
+    flip, shard_size, count = config.flip, config.shard_size, len(images)
+    num_shards = -(-count // shard_size)
+    shards = [s for s in range(state.process_index, num_shards, state.num_processes)
+              if not os.path.exists(done_path(s))]
+    batches = shard_batches(count, shard_size, config.batch_size, shards)
+    loader = torch.utils.data.DataLoader(images, batch_sampler=batches, num_workers=config.workers,
+                                         pin_memory=state.device.type == "cuda")
+    writer.open()
+    processes = f"{state.num_processes} process{'es' * (state.num_processes > 1)}"
+
+    def save(indices, images, moments):
+        writer.write(indices, images, *(moments.chunk(2) if flip else (moments, None)))
+        # the shard is complete
+        if indices[-1] + 1 == min((indices[-1] // shard_size + 1) * shard_size, count):
+            writer.sync()
+            write_json(done_path(indices[-1] // shard_size), {})
+        progress.update(len(indices))
+
+    # One writer thread: batch k is written while batch k+1 is encoded (chosen by measurement,
+    # benchmarks/RESULTS.md, section 'Latent preparation and loading').
+    with tqdm(total=sum(map(len, batches)), desc=f"encode ({processes})", unit="img",
+              disable=not state.is_main_process) as progress, ThreadPoolExecutor(1) as background:
+        saved = background.submit(lambda: None)
+        for indices, batch in zip(batches, loader):
+            pixels = torch.cat([batch, batch.flip(-1)]) if flip else batch
+            moments = vae_lib.encode_moments(vae, pixels).cpu()
+            saved.result()  # also raises the writer's errors here
+            saved = background.submit(save, indices, batch, moments)
+        saved.result()
+    writer.close()
+
+# --------------------------------------------------------------------------------- prepare vae
 
 @dataclass
 class PrepareVaeConfig(Settings):
     source: str | None = flag(None, "folder written by `regdit prepare images`", required=True)
-    dest: str | None = flag(None, "folder for the fitted VAE (an AutoencoderKL.save_pretrained folder, for --vae)",
-                            required=True)
-    steps: int = flag(1200, "training steps (about a minute on 2 CPU cores at 32 px)", at_least=1)
+    dest: str | None = flag(None, "folder for the fitted VAE (an AutoencoderKL.save_pretrained "
+                                  "folder, for --vae)", required=True)
+    steps: int = flag(1200, "training steps", at_least=1)
     batch_size: int = flag(8, "images per step", at_least=1)
     seed: int = flag(0, "seed of the initial weights and the batches", at_least=0)
 
 
 def prepare_vae(config: PrepareVaeConfig):
-    """Fit a small VAE (regdit.vae.fit_vae) to a `prepare images` folder, for data no pretrained VAE covers; pass
-    DEST as --vae to `prepare latents`. The weights are saved once fitted, with DEST/fit.json last, so an interrupted
-    run leaves no VAE that passes for done and its rerun fits again. Returns dest."""
+    """Fit a small VAE (regdit.vae.fit_vae) to a `prepare images` folder, for data no pretrained VAE
+    covers; pass DEST as --vae to `prepare latents`. The weights are saved once fitted, with
+    DEST/fit.json last, so an interrupted run leaves no VAE that passes for done and its rerun fits
+    again. Returns dest."""
     source, dest = os.path.abspath(config.source), os.path.abspath(config.dest)
     check_paths(config.source, config.dest, "folder")
     names, _, _, resolution = read_image_folder(source)
     if resolution % 4:
-        raise RegditError(f"{source}: {resolution} px images do not tile into the VAE's 4x4 latent cells; prepare "
-                          "the images at a multiple of 4 px")
-    settings = {"source": source, "num_images": len(names), "resolution": resolution, "steps": config.steps,
-                "batch_size": config.batch_size, "seed": config.seed}
+        raise RegditError(f"{source}: {resolution} px images do not tile into the VAE's 4x4 latent "
+                          "cells; prepare the images at a multiple of 4 px")
+    settings = {"source": source, "num_images": len(names), "resolution": resolution,
+                "steps": config.steps, "batch_size": config.batch_size, "seed": config.seed}
     finished_path = os.path.join(dest, "fit.json")
     with RunLock(dest, "prepare vae"), writing_into(dest):
         if claim_dest(dest, settings, finished_path):
             print(f"{dest}: already prepared with these settings")
             return dest
         start_progress(dest, settings)
-        images = np.stack([read_image(os.path.join(source, n), (resolution, resolution, 3)) for n in names])
+        images = np.stack([read_image(os.path.join(source, n), (resolution, resolution, 3))
+                           for n in names])
         vae, loss = vae_lib.fit_vae(images, config.steps, config.batch_size, seed=config.seed)
         vae_lib.save_vae(vae, dest)
         write_json(finished_path, {"settings": settings, "final_loss": loss})
         shutil.rmtree(os.path.join(dest, PROGRESS))
-    print(f"{dest}: VAE fitted to {len(names)} images ({resolution} px -> {resolution // 4}x{resolution // 4}x4 "
-          f"latents), final loss {loss:.4f}; pass --vae {dest}")
+    print(f"{dest}: VAE fitted to {len(names)} images ({resolution} px -> "
+          f"{resolution // 4}x{resolution // 4}x4 latents), final loss {loss:.4f}; "
+          f"pass --vae {dest}")
     return dest

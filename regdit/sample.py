@@ -1,23 +1,28 @@
-"""`regdit sample`: class-conditional samples as `%06d.png` files and an ADM `.npz`, like the official generate.py,
-deterministic per sample index, resumable, on one or many processes (`accelerate launch` / `torchrun`).
+"""`regdit sample`: class-conditional samples as `%06d.png` files and an ADM `.npz`, like the
+official generate.py, deterministic per sample index, resumable, on one or many processes
+(`accelerate launch` / `torchrun`).
 
-Seeds. Sample index i has its own random stream, `torch.Generator(device).manual_seed(global_seed * 2**32 + i)`,
-which draws, in this order: the label (uniform over the classes like the official code, or i % num_classes with
---balanced), the initial latents (C, h, w), the class token (cls,), then the SDE noise of every step. An image is
-therefore a function of its index and the settings, not of the number of processes or of the batch it is drawn in.
-Batches are chunks of --per-proc-batch-size consecutive indices, handed round-robin to the processes, so runs with
-the same batch size sample the very same batches and give bitwise-equal images for any number of processes.
-A different batch size changes only the float rounding of the batched matrix products (BLAS kernels depend on the
+Seeds. Sample index i has its own random stream, `torch.Generator(device).manual_seed(global_seed *
+2**32 + i)`, which draws, in this order: the label (uniform over the classes like the official code,
+or i % num_classes with --balanced), the initial latents (C, h, w), the class token (cls,), then the
+SDE noise of every step. An image is therefore a function of its index and the settings, not of the
+number of processes or of the batch it is drawn in. Batches are chunks of --per-proc-batch-size
+consecutive indices, handed round-robin to the processes, so runs with the same batch size sample
+the very same batches and give bitwise-equal images for any number of processes. A different batch
+size changes only the float rounding of the batched matrix products (BLAS kernels depend on the
 matrix size), which can move a rare pixel by one level.
 
-Files. SAMPLE_DIR/RUN/%06d.png by global index, RUN/labels.npy, RUN/sample_settings.json (every setting), then
-SAMPLE_DIR/RUN.npz with `arr_0` (uint8 N x H x W x 3, the ADM format) and `labels` (int64 N). RUN is derived from the
-settings in the official style (`SiT-XL-2-last-size-256-vae-ema-cfg-2.3-...-seed-0-sde-250`).
+Files. SAMPLE_DIR/RUN/%06d.png by global index, RUN/labels.npy, RUN/sample_settings.json (every
+setting), then SAMPLE_DIR/RUN.npz with `arr_0` (uint8 N x H x W x 3, the ADM format) and `labels`
+(int64 N). RUN is derived from the settings in the official style
+(`SiT-XL-2-last-size-256-vae-ema-cfg-2.3-...-seed-0-sde-250`).
 
-Resume. Every file is written to a temp file and renamed, so a file that exists is complete. A chunk with a missing
-PNG is sampled again whole, which reproduces its finished images bitwise, and only its missing PNGs are written.
+Resume. Every file is written to a temp file and renamed, so a file that exists is complete. A chunk
+with a missing PNG is sampled again whole, which reproduces its finished images bitwise, and only
+its missing PNGs are written.
 """
 import argparse
+import dataclasses
 import inspect
 import json
 from dataclasses import dataclass
@@ -29,58 +34,55 @@ import torch
 from accelerate import PartialState
 from tqdm import tqdm
 
-from regdit import (
-    RegditError,
-    __version__,
-    atomic_write,
-    check_output,
-    check_writable,
-    cpu_launch,
-    npz_arrays,
-    remove_temp_files,
-)
+from regdit import RegditError, __version__, cpu_launch
 from regdit.checkpoint import build_model_from_checkpoint, load_checkpoint, local_checkpoint
-from regdit.config import Settings, changed_setting, flag
+from regdit.config import Settings, changed_setting, flag, nested
 from regdit.data import load_array
+from regdit.files import atomic_write, check_output, check_writable, npz_arrays, remove_temp_files
 from regdit.images import read_image
 from regdit.interpolants import PATH_TYPES
-from regdit.models import SiT_models
+from regdit.models import SiT_models, SiTConfig
 from regdit.runlock import lock_run
 from regdit.samplers import SAMPLERS
 from regdit.vae import decode_latents, load_vae, resolve_vae_name
 
 SETTINGS, LABELS = "sample_settings.json", "labels.npy"
 AUTOCAST_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Settings that may change when a run is resumed: they do not decide which image an index gets (the batch size only
-# at float-rounding level).
+# Settings that may change when a run is resumed: they do not decide which image an index gets (the
+# batch size only at float-rounding level).
 RESUMABLE = ("num_fid_samples", "per_proc_batch_size", "num_processes", "compile", "regdit_version",
              "torch_version")
 
 
 def vae_geometry(vae):
-    """(latent channels, downsampling factor) of a diffusers AutoencoderKL; pixel space (None) is (3, 1)."""
+    """(latent channels, downsampling factor) of a diffusers AutoencoderKL; pixel space (None) is
+    (3, 1)."""
     if vae is None:
         return 3, 1
     return vae.config.latent_channels, 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def build_model(checkpoint, source, vae, config):
-    """The SiT of a checkpoint's EMA weights, loaded strictly. Each setting comes from its generate.py flag in the
-    SampleConfig if given, else from the checkpoint (stored settings, or those its weights tell)."""
+    """The SiT of a checkpoint's EMA weights, loaded strictly. Each SiTConfig field comes from the
+    setting of the same name if given, else from the checkpoint (stored settings, or those its
+    weights tell)."""
     _, downsampling = vae_geometry(vae)
-    overrides = dict(input_size=config.resolution // downsampling if config.resolution else None,
-                     num_classes=config.num_classes, encoder_depth=config.encoder_depth, qk_norm=config.qk_norm,
-                     z_dims=[int(d) for d in config.projector_embed_dims.split(",")]
-                     if config.projector_embed_dims else None)
-    model = build_model_from_checkpoint(checkpoint, source, model_name=config.model, legacy=config.legacy,
-                                        fused_attn=config.fused_attn,
-                                        **{k: v for k, v in overrides.items() if v is not None})
-    cls = config.cls
-    if cls is not None and not model.use_cls_token:
-        raise RegditError(f"--cls {cls}: {source} has no class token (REPA/SiT weights); drop --cls")
-    if cls is not None and cls != model.z_dims[0]:
-        raise RegditError(f"--cls {cls} is not the class-token width {model.z_dims[0]} of {source}; "
-                          f"pass --cls {model.z_dims[0]}")
+    overrides = {f.name: getattr(config, f.name) for f in dataclasses.fields(SiTConfig)
+                 if getattr(config, f.name, None) is not None}
+    if config.resolution:
+        overrides["input_size"] = config.resolution // downsampling
+    if config.z_dims:
+        overrides["z_dims"] = [int(d) for d in config.z_dims.split(",")]
+    model = build_model_from_checkpoint(checkpoint, source, model_name=config.model,
+                                        legacy=config.legacy, fused_attn=config.fused_attn,
+                                        **overrides)
+    cls_dim = config.cls_dim
+    if cls_dim is not None and not model.use_cls_token:
+        raise RegditError(f"--cls-dim {cls_dim}: {source} has no class token (REPA/SiT weights); "
+                          "drop --cls-dim")
+    if cls_dim is not None and cls_dim != model.z_dims[0]:
+        raise RegditError(f"--cls-dim {cls_dim} is not the class-token width {model.z_dims[0]} of "
+                          f"{source}; pass --cls-dim {model.z_dims[0]}")
     return model
 
 
@@ -89,10 +91,12 @@ def sample_generators(indices, global_seed, device):
 
 
 def draw_labels(generators, indices, num_classes, balanced):
-    """The first draw of each sample's stream: a uniform label (official), or index % num_classes when balanced."""
+    """The first draw of each sample's stream: a uniform label (official), or index % num_classes
+    when balanced."""
     if balanced:
         return torch.tensor([i % num_classes for i in indices], device=generators[0].device)
-    return torch.stack([torch.randint(num_classes, (), generator=g, device=g.device) for g in generators])
+    return torch.stack([torch.randint(num_classes, (), generator=g, device=g.device)
+                        for g in generators])
 
 
 def png_path(folder, index):
@@ -103,8 +107,8 @@ PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the empty IEND chunk every PNG en
 
 
 def png_done(path):
-    """A sample PNG that is whole: it exists and ends with the IEND chunk (an empty or cut file is sampled again).
-    Reads 12 bytes, so checking 50k samples at start costs little."""
+    """A sample PNG that is whole: it exists and ends with the IEND chunk (an empty or cut file is
+    sampled again). Reads 12 bytes, so checking 50k samples at start costs little."""
     try:
         with open(path, "rb") as f:
             f.seek(-len(PNG_END), 2)
@@ -121,221 +125,301 @@ def check_resumable(folder, settings):
     previous, current = json.loads(path.read_text()), json.loads(json.dumps(settings))
     changed = changed_setting(previous, current, RESUMABLE)
     if changed:
-        raise RegditError(f"{folder} holds samples made with other settings ({changed} {previous.get(changed)!r} "
-                          f"there, {current[changed]!r} now): pass another --sample-dir, or delete that folder to "
-                          "start over")
+        raise RegditError(f"{folder} holds samples made with other settings ({changed} "
+                          f"{previous.get(changed)!r} there, {current[changed]!r} now): pass "
+                          "another --sample-dir, or delete that folder to start over")
 
 
 def foreign_to_samples(path):
-    """None for a samples .npz that `regdit sample` wrote (`arr_0` and `labels`), else what it is."""
-    return None if {"arr_0", "labels"} <= npz_arrays(path) else "it is not a samples .npz of `regdit sample`"
+    """None for a samples .npz that `regdit sample` wrote (`arr_0` and `labels`), else what it
+    is."""
+    return (None if {"arr_0", "labels"} <= npz_arrays(path)
+            else "it is not a samples .npz of `regdit sample`")
 
 
 def pack_npz(folder, num_samples, npz_path):
-    """The PNGs 0..num_samples-1 and their labels as an ADM .npz: `arr_0` uint8 (N, H, W, 3), `labels` int64 (N,)."""
+    """The PNGs 0..num_samples-1 and their labels as an ADM .npz: `arr_0` uint8 (N, H, W, 3),
+    `labels` int64 (N,)."""
     missing = [i for i in range(num_samples) if not png_done(png_path(folder, i))]
     if missing:
-        raise RegditError(f"{folder} has {num_samples - len(missing)} of the {num_samples} samples asked for "
-                          f"(missing {png_path(folder, missing[0]).name} and {len(missing) - 1} more): "
-                          "run the same command again to sample the rest")
+        raise RegditError(f"{folder} has {num_samples - len(missing)} of the {num_samples} samples "
+                          f"asked for (missing {png_path(folder, missing[0]).name} and "
+                          f"{len(missing) - 1} more): run the same command again to sample "
+                          "the rest")
     images = None
     for i in tqdm(range(num_samples), desc="packing", unit="image", dynamic_ncols=True):
         try:
             image = read_image(png_path(folder, i), None if images is None else images.shape[1:])
         except RegditError as error:  # whole on disk (IEND) yet undecodable: damaged after writing
             png_path(folder, i).unlink()
-            raise RegditError(f"{error}; it was removed: run the same command again to draw it anew") from None
+            raise RegditError(f"{error}; it was removed: run the same command again to draw "
+                              "it anew") from None
         if images is None:  # filled in place: 50k images at 256 px are 9.8 GB, held once
             images = np.empty((num_samples, *image.shape), dtype=np.uint8)
         images[i] = image
-    labels = load_array(folder / LABELS, "delete the run folder to sample again")[:num_samples].astype(np.int64)
+    labels = load_array(folder / LABELS, "delete the run folder to sample again")
+    labels = labels[:num_samples].astype(np.int64)
     with atomic_write(npz_path) as f:
         np.savez(f, arr_0=images, labels=labels)
 
 
 def load_model_and_vae(config, device, model=None):
-    """(model in eval mode on the device, VAE module or None, VAE name, checkpoint path or None, stored settings).
+    """(model in eval mode on the device, VAE module or None, VAE name, checkpoint path or None,
+    stored settings).
 
-    `model`: a SiT, else the checkpoint `config.ckpt` (an official or regdit `.pt`, its EMA weights, or a
-    `.safetensors` export) built by `build_model`. The VAE: `config.vae` (ema, mse, a Hub id, a `save_pretrained`
-    folder or none); unset: the checkpoint's, else none for a 3-channel (pixel-space) model, else ema (official).
-    The stored settings hold the training path type when the checkpoint has one.
+    `model`: a SiT, else the checkpoint `config.ckpt` (an official or regdit `.pt`, its EMA weights,
+    or a `.safetensors` export) built by `build_model`. The VAE: `config.vae` (ema, mse, a Hub id, a
+    `save_pretrained` folder or none); unset: the checkpoint's, else none for a 3-channel
+    (pixel-space) model, else ema (official). The stored settings hold the training path type when
+    the checkpoint has one.
     """
     ckpt, stored, vae = None, {}, config.vae
     if model is None:
-        ckpt = local_checkpoint(config.ckpt)  # an hf:// one is downloaded: its local name names the run
+        # an hf:// one is downloaded: its local name names the run
+        ckpt = local_checkpoint(config.ckpt)
         checkpoint = load_checkpoint(ckpt)
-        # regdit checkpoints record the dataset's VAE; official and regdit ones the training path in their args
+        # regdit checkpoints record the dataset's VAE; official and regdit ones the training path in
+        # their args
         stored = dict(vae=checkpoint.get("latents", {}).get("vae"), steps=checkpoint.get("steps"),
                       path_type=getattr(checkpoint.get("args"), "path_type", None))
         patch_embedding = checkpoint.get("ema", {}).get("x_embedder.proj.weight")
         if not isinstance(patch_embedding, torch.Tensor) or patch_embedding.dim() != 4:
-            raise RegditError(f"{ckpt} has no EMA SiT weights (ema/x_embedder.proj.weight): pass a regdit or official "
-                              "training checkpoint or an export")
+            raise RegditError(f"{ckpt} has no EMA SiT weights (ema/x_embedder.proj.weight): pass a "
+                              "regdit or official training checkpoint or an export")
         in_channels = patch_embedding.shape[1]
     else:
         in_channels = model.in_channels
     if stored.get("vae") == "none" and vae not in (None, "none"):  # refused before a VAE download
-        raise RegditError(f"{ckpt} was trained in pixel space: pass --vae none (or leave --vae unset)")
-    vae = vae or stored.get("vae") or ("none" if in_channels == 3 else "ema")  # 3 channels: RGB pixels
-    with PartialState().main_process_first():  # one process fills the Hub cache, the others then read it
+        raise RegditError(f"{ckpt} was trained in pixel space: pass --vae none "
+                          "(or leave --vae unset)")
+    # 3 channels: RGB pixels
+    vae = vae or stored.get("vae") or ("none" if in_channels == 3 else "ema")
+    # one process fills the Hub cache, the others then read it
+    with PartialState().main_process_first():
         vae_model = load_vae(vae, device)
     if ckpt is not None:
         model = build_model(checkpoint, ckpt, vae_model, config)
     channels, _ = vae_geometry(vae_model)
     if model.in_channels != channels:
-        raise RegditError(f"the model denoises {model.in_channels}-channel latents but --vae {vae} gives {channels}: "
-                          "pass the VAE the model was trained with (none for pixel space)")
+        raise RegditError(f"the model denoises {model.in_channels}-channel latents but --vae {vae} "
+                          f"gives {channels}: pass the VAE the model was trained with "
+                          "(none for pixel space)")
     return model.eval().to(device), vae_model, vae, ckpt, stored
 
 
 @torch.no_grad()
-def sample_batch(model, vae, indices, global_seed=0, balanced=False, sampler="sde", num_steps=250,
-                 mixed_precision="no", **guidance):
-    """uint8 images (N, H, W, 3) of the sample indices, each drawn from its own stream (see the module docstring),
-    with SAMPLERS[sampler]. `guidance`: cfg_scale, cls_cfg_scale, guidance_low, guidance_high, path_type."""
+def sample_batch(model, vae, indices, sampling, global_seed=0, balanced=False, mixed_precision="no",
+                 path_type="linear"):
+    """uint8 images (N, H, W, 3) of the sample indices, each drawn from its own stream (see the
+    module docstring), as `sampling` (a Sampling) says; `path_type` is the model's, used unless
+    `sampling` names one."""
     device = model.pos_embed.device
     generators = sample_generators(indices, global_seed, device)
     y = draw_labels(generators, indices, model.num_classes, balanced)
-    x = torch.stack([torch.randn(model.in_channels, model.input_size, model.input_size, generator=g, device=device)
-                     for g in generators])
-    cls = (torch.stack([torch.randn(model.z_dims[0], generator=g, device=device) for g in generators])
+    x = torch.stack([torch.randn(model.in_channels, model.input_size, model.input_size,
+                                 generator=g, device=device) for g in generators])
+    cls = (torch.stack([torch.randn(model.z_dims[0], generator=g, device=device)
+                        for g in generators])
            if model.use_cls_token else None)
-    with torch.autocast(device.type, dtype=AUTOCAST_DTYPES[mixed_precision], enabled=mixed_precision != "no"):
-        x = SAMPLERS[sampler](model, x, cls, y, num_steps=num_steps, generator=generators, **guidance)
-    return decode_latents(vae, x.float()).cpu().numpy()  # float32 latents to the VAE, as generate.py
+    with torch.autocast(device.type, dtype=AUTOCAST_DTYPES[mixed_precision],
+                        enabled=mixed_precision != "no"):
+        x = SAMPLERS[sampling.sampler](model, x, cls, y, generator=generators,
+                                       **sampling.arguments(path_type))
+    # float32 latents to the VAE, as generate.py
+    return decode_latents(vae, x.float()).cpu().numpy()
+
+
+@dataclass
+class Sampling(Settings):
+    """How to sample: a sampler of regdit.samplers.SAMPLERS and its steps, classifier-free guidance
+    of the image and of the class token inside a time interval, and the path. `regdit sample`, the
+    training previews and the evaluations during training each take one."""
+    sampler: str = flag("sde", "sde: the official Euler-Maruyama sampler; ode: Euler on the "
+                               "velocity; heun: Heun on it; any other entry of "
+                               "regdit.samplers.SAMPLERS", choices=SAMPLERS, aliases=("--mode",))
+    num_steps: int | None = flag(None, "sampling steps (default: the sampler's: 250 for sde, 50 "
+                                       "for ode and heun)", at_least=1)
+    heun: bool = flag(False, "the official spelling of --sampler heun, with --mode ode")
+    cfg_scale: float = flag(1.0, "classifier-free guidance scale (1: none)", at_least=1)
+    cls_cfg_scale: float = flag(0.0, "guidance scale of the class token (0: its conditional drift)",
+                                at_least=0)
+    guidance_low: float = flag(0.0, "guidance only for t >= this", at_least=0, at_most=1)
+    guidance_high: float = flag(1.0, "guidance only for t <= this", at_least=0, at_most=1)
+    path_type: str | None = flag(None, "interpolation path (default: the model's training path, "
+                                       "else linear)", choices=PATH_TYPES)
+
+    def check(self):
+        if self.heun:  # an alias, resolved here so that the settings say which sampler runs
+            if self.sampler not in ("ode", "heun"):
+                raise RegditError(f"{self.flag_of('heun')} applies to {self.flag_of('sampler')} "
+                                  "ode only (Heun steps on the probability-flow ODE)")
+            self.sampler, self.heun = "heun", False
+        if self.guidance_low > self.guidance_high:
+            raise RegditError(f"{self.flag_of('guidance_low')} {self.guidance_low} is above "
+                              f"{self.flag_of('guidance_high')} {self.guidance_high}: guidance "
+                              "applies for guidance_low <= t <= guidance_high")
+
+    @property
+    def steps(self):
+        if self.num_steps:
+            return self.num_steps
+        return inspect.signature(SAMPLERS[self.sampler]).parameters["num_steps"].default
+
+    def arguments(self, path_type="linear"):
+        """The keyword arguments of the sampler; `path_type` (the model's) unless the settings name
+        a path."""
+        return dict(num_steps=self.steps, cfg_scale=self.cfg_scale,
+                    cls_cfg_scale=self.cls_cfg_scale, guidance_low=self.guidance_low,
+                    guidance_high=self.guidance_high,
+                    path_type=self.path_type or path_type)
 
 
 @dataclass
 class SampleConfig(Settings):
-    """The official generate.py flags. Model flags left unset take the checkpoint's settings: stored in regdit
-    checkpoints and exports, read off the weights of official ones."""
-    ckpt: str | None = flag(None, "checkpoint: official or regdit .pt (EMA weights are used) or a .safetensors export, "
-                                  "local or hf://OWNER/REPO/PATH[@REVISION]", required=True)
+    """The official generate.py flags (their spellings are aliases). Model settings are SiTConfig
+    fields by name; left unset they take the checkpoint's: stored in regdit checkpoints and exports,
+    read off the weights of official ones."""
+    ckpt: str | None = flag(None, "checkpoint: official or regdit .pt (EMA weights are used) or a "
+                                  ".safetensors export, local or hf://OWNER/REPO/PATH[@REVISION]",
+                            required=True)
     # model
     model: str | None = flag(None, f"model size and patch, one of {', '.join(SiT_models)}",
                              choices=SiT_models, metavar="NAME")
     resolution: int | None = flag(None, "image resolution", at_least=1)
     num_classes: int | None = flag(None, "number of classes", at_least=1)
-    projector_embed_dims: str | None = flag(None, "encoder widths, comma-separated")
-    encoder_depth: int | None = flag(None, "block of the projection layer (official checkpoints: their saved args, "
-                                           "else 8)", at_least=1)
-    cls: int | None = flag(None, "width of the entangled class token, checked against the checkpoint's; REPA/SiT "
-                                 "checkpoints have none", at_least=1)
-    qk_norm: bool | None = flag(None, "per-head q/k LayerNorm", action=argparse.BooleanOptionalAction)
+    z_dims: str | None = flag(None, "widths of the aligned encoders, comma-separated",
+                              aliases=("--projector-embed-dims",))
+    encoder_depth: int | None = flag(None, "block of the projection layer (official checkpoints: "
+                                           "their saved args, else 8)", at_least=1)
+    cls_dim: int | None = flag(None, "width of the entangled class token, checked against the "
+                                     "checkpoint's; REPA/SiT checkpoints have none",
+                               at_least=1, aliases=("--cls",))
+    qk_norm: bool | None = flag(None, "per-head q/k LayerNorm",
+                                action=argparse.BooleanOptionalAction)
     fused_attn: bool = flag(True, "attention through F.scaled_dot_product_attention")
-    legacy: bool = flag(False, "early REPA checkpoints: rename decoder_blocks.i to blocks.{i + encoder depth}")
+    legacy: bool = flag(False, "early REPA checkpoints: rename decoder_blocks.i to "
+                               "blocks.{i + encoder depth}")
+    vae: str | None = flag(None, "ema, mse, a Hub id, a save_pretrained folder (local or hf://), "
+                                 "or none for pixel space; unset: the checkpoint's VAE, else none "
+                                 "for 3-channel (pixel) models, else ema")
     # sampling
-    vae: str | None = flag(None, "ema, mse, a Hub id, a save_pretrained folder (local or hf://), or none for pixel "
-                                 "space; unset: the checkpoint's VAE, else none for 3-channel (pixel) models, else ema")
-    mode: str = flag("sde", "sde: the official Euler-Maruyama sampler; ode: Euler (or --heun) on the velocity",
-                     choices=["sde", "ode"])
-    num_steps: int | None = flag(None, "sampling steps; unset: 250 for sde, 50 for ode", at_least=1)
-    heun: bool = flag(False, "Heun steps for --mode ode")
-    cfg_scale: float = flag(1.0, "classifier-free guidance scale (1: none)", at_least=1)
-    cls_cfg_scale: float = flag(0.0, "guidance scale of the class token (0: its conditional drift)", at_least=0)
-    guidance_low: float = flag(0.0, "guidance only for t >= this", at_least=0, at_most=1)
-    guidance_high: float = flag(1.0, "guidance only for t <= this", at_least=0, at_most=1)
-    path_type: str | None = flag(None, "interpolation path; unset: the checkpoint's training setting, else linear",
-                                 choices=list(PATH_TYPES))
+    sampling: Sampling = nested(Sampling, "how to sample")
     global_seed: int = flag(0, "seed; sample i uses global_seed * 2**32 + i", at_least=0)
-    balanced: bool = flag(False, "label i %% num_classes (equal counts) instead of uniform random labels")
+    balanced: bool = flag(False, "label i %% num_classes (equal counts) instead of uniform random "
+                                 "labels")
     # output and speed
     num_fid_samples: int = flag(50_000, "number of samples", at_least=1)
     per_proc_batch_size: int = flag(32, "batch size of each process", at_least=1)
     sample_dir: str = flag("samples", "parent folder of the run folder and its .npz")
-    mixed_precision: str = flag("no", "autocast of the model call (no: float32, as the official code)",
-                                choices=list(AUTOCAST_DTYPES))
-    tf32: bool = flag(True, "TF32 matmuls on the GPU for float32 (the official default; --no-tf32: full float32)")
+    mixed_precision: str = flag("no", "autocast of the model call (no: float32, as the official "
+                                      "code)", choices=list(AUTOCAST_DTYPES))
+    tf32: bool = flag(True, "TF32 matmuls on the GPU for float32 (the official default; --no-tf32: "
+                            "full float32)")
     compile: bool = flag(False, "torch.compile the model")
-
-    def check(self):
-        if self.heun and self.mode != "ode":
-            raise RegditError("--heun applies to --mode ode only (the SDE sampler is Euler-Maruyama)")
-        if self.guidance_low > self.guidance_high:
-            raise RegditError(f"--guidance-low {self.guidance_low} is above --guidance-high {self.guidance_high}: "
-                              "guidance applies for guidance_low <= t <= guidance_high")
-
-    @property
-    def sampler(self):
-        """The SAMPLERS entry: the official --mode, with --heun for Heun steps on the ODE."""
-        return "heun" if self.heun else self.mode
 
 
 def sample(config: SampleConfig, model=None):
-    """Sample `num_fid_samples` images into SAMPLE_DIR/RUN/ and pack them into SAMPLE_DIR/RUN.npz (the main process
-    writes it); returns the .npz path. `model`: a SiT to sample instead of `config.ckpt` (put in eval mode and
-    moved to the device). `tf32` sets torch's global TF32 matmul switch, as generate.py does.
+    """Sample `num_fid_samples` images into SAMPLE_DIR/RUN/ and pack them into SAMPLE_DIR/RUN.npz
+    (the main process writes it); returns the .npz path. `model`: a SiT to sample instead of
+    `config.ckpt` (put in eval mode and moved to the device). `tf32` sets torch's global TF32 matmul
+    switch, as generate.py does.
     """
-    num_samples, batch_size = config.num_fid_samples, config.per_proc_batch_size
     check_writable(config.sample_dir, "--sample-dir")
-    if num_samples < 1 or batch_size < 1:
-        raise RegditError(f"--num-fid-samples {num_samples} and --per-proc-batch-size {batch_size} must be positive")
-    sampler = SAMPLERS[config.sampler]
-    num_steps = config.num_steps or inspect.signature(sampler).parameters["num_steps"].default
     torch.backends.cuda.matmul.allow_tf32 = config.tf32
     state = PartialState(cpu=cpu_launch())
     model, vae_model, vae, ckpt, stored = load_model_and_vae(config, state.device, model)
-    path_type = config.path_type or stored.get("path_type") or "linear"
-    if config.cfg_scale > 1 and model.y_embedder.dropout_prob == 0:
-        raise RegditError("this model was trained without label dropout (--cfg-prob 0), so it has no null class for "
-                          "guidance: pass --cfg-scale 1")
-    channels, downsampling = vae_geometry(vae_model)
-    latent_size = model.input_size
-    guidance = dict(cfg_scale=config.cfg_scale, cls_cfg_scale=config.cls_cfg_scale, guidance_low=config.guidance_low,
-                    guidance_high=config.guidance_high, path_type=path_type)
-    settings = dict(
-        ckpt=str(ckpt.resolve()) if ckpt else None, ckpt_steps=stored.get("steps"), model=model.config.label,
-        num_classes=model.num_classes, latent_shape=[channels, latent_size, latent_size],
-        cls_dim=model.z_dims[0] if model.use_cls_token else None,
-        vae=resolve_vae_name(vae), resolution=latent_size * downsampling, mode=config.mode, num_steps=num_steps,
-        heun=config.heun, **guidance, global_seed=config.global_seed, sample_seed="global_seed * 2**32 + index",
-        balanced=config.balanced, mixed_precision=config.mixed_precision, tf32=config.tf32, device=state.device.type,
-        num_fid_samples=num_samples, per_proc_batch_size=batch_size, num_processes=state.num_processes,
-        compile=config.compile, regdit_version=__version__, torch_version=torch.__version__)
-    # best.pt changes as a run trains: its step names the run folder (and is a setting: another one is refused)
-    weights = "model" if ckpt is None else f"best-{stored['steps']}" if ckpt.stem == "best" else ckpt.stem
-    run_name = (f"{settings['model'].replace('/', '-')}-{weights}-size-{settings['resolution']}"
-                f"-vae-{Path(vae).name}-cfg-{float(config.cfg_scale)}-cls-cfg-{float(config.cls_cfg_scale)}"
-                f"-interval-{float(config.guidance_low)}-{float(config.guidance_high)}-seed-{config.global_seed}"
-                f"-{config.mode}-{num_steps}" + "-heun" * config.heun + "-balanced" * config.balanced
-                + f"-{config.mixed_precision}" * (config.mixed_precision != "no"))
-    folder = Path(config.sample_dir) / run_name
+    if config.sampling.cfg_scale > 1 and model.y_embedder.dropout_prob == 0:
+        raise RegditError("this model was trained without label dropout (--cfg-prob 0), so it has "
+                          "no null class for guidance: pass --cfg-scale 1")
+    settings = run_settings(config, model, vae_model, vae, ckpt, stored, state)
+    folder = Path(config.sample_dir) / run_name(config, settings, ckpt, stored, vae)
     npz_path = folder.parent / f"{folder.name}.npz"
     check_output(folder, "--sample-dir", folder=True)
     check_output(npz_path, "--sample-dir", foreign_to_samples, {"--ckpt": ckpt})
-
     with lock_run(folder, "sample", state):  # one writer per run folder
         if state.is_main_process:
             remove_temp_files(folder)  # of writes a kill interrupted
         check_resumable(folder, settings)  # on every process, so that all of them stop together
         if state.is_main_process:
-            folder.mkdir(parents=True, exist_ok=True)
-            with atomic_write(folder / SETTINGS, "w") as f:
-                f.write(json.dumps(settings, indent=2) + "\n")
-            # a label is the first draw of its index's stream: all of them up front, for packing and for resumed runs
-            labels = draw_labels(sample_generators(range(num_samples), config.global_seed, state.device),
-                                 range(num_samples), model.num_classes, config.balanced)
-            with atomic_write(folder / LABELS) as f:
-                np.save(f, labels.cpu().numpy().astype(np.int64))
+            start_run_folder(folder, settings, config, model.num_classes, state.device)
         state.wait_for_everyone()
-        chunks = [range(start, min(start + batch_size, num_samples)) for start in range(0, num_samples, batch_size)]
-        pending = [chunk for chunk in chunks if not all(png_done(png_path(folder, i)) for i in chunk)]
-        state.wait_for_everyone()  # all processes listed the same finished chunks before any writes new ones
-        state.print(f"{folder}: {num_samples - sum(map(len, pending))} of {num_samples} samples done, "
-                    f"sampling {sum(map(len, pending))} on {state.num_processes} process(es)")
-
-        net = torch.compile(model) if config.compile else model
-        for chunk in tqdm(pending[state.process_index::state.num_processes], desc="sampling", unit="batch",
-                          disable=not state.is_main_process, dynamic_ncols=True):
-            images = sample_batch(net, vae_model, chunk, config.global_seed, config.balanced, config.sampler, num_steps,
-                                  config.mixed_precision, **guidance)
-            for i, image in zip(chunk, images):
-                if not png_done(png_path(folder, i)):
-                    with atomic_write(png_path(folder, i), sync=False) as f:
-                        PIL.Image.fromarray(image).save(f, format="PNG")
-        state.wait_for_everyone()
-        if state.is_main_process:  # no barrier after packing: it can outlast the collective timeout (10 min on NCCL)
-            pack_npz(folder, num_samples, npz_path)
+        draw_pending(config, folder, model, vae_model, settings["path_type"], state)
+        # no barrier after packing: it can outlast the collective timeout (10 min on NCCL)
+        if state.is_main_process:
+            pack_npz(folder, config.num_fid_samples, npz_path)
         state.print(f"wrote {npz_path}")
         return npz_path
+
+
+def run_settings(config, model, vae_model, vae, ckpt, stored, state):
+    """Every setting of a run, recorded in its sample_settings.json: those that decide the images
+    must match for a rerun to continue it."""
+    channels, downsampling = vae_geometry(vae_model)
+    sampling = config.sampling
+    path_type = sampling.path_type or stored.get("path_type") or "linear"
+    return dict(
+        ckpt=str(ckpt.resolve()) if ckpt else None, ckpt_steps=stored.get("steps"),
+        model=model.config.label, num_classes=model.num_classes,
+        latent_shape=[channels, model.input_size, model.input_size],
+        cls_dim=model.z_dims[0] if model.use_cls_token else None, vae=resolve_vae_name(vae),
+        resolution=model.input_size * downsampling, **sampling.arguments(path_type),
+        sampler=sampling.sampler, global_seed=config.global_seed,
+        sample_seed="global_seed * 2**32 + index", balanced=config.balanced,
+        mixed_precision=config.mixed_precision, tf32=config.tf32, device=state.device.type,
+        num_fid_samples=config.num_fid_samples, per_proc_batch_size=config.per_proc_batch_size,
+        num_processes=state.num_processes, compile=config.compile, regdit_version=__version__,
+        torch_version=torch.__version__)
+
+
+def run_name(config, settings, ckpt, stored, vae):
+    """The run folder's name in the official style, from the settings that decide the images."""
+    # best.pt changes as a run trains: its step names the run folder (and is a setting: another one
+    # is refused)
+    weights = ("model" if ckpt is None else f"best-{stored['steps']}" if ckpt.stem == "best"
+               else ckpt.stem)
+    sampler = settings["sampler"]
+    # the official name of the ODE, Heun steps marked at the end
+    mode = "ode" if sampler == "heun" else sampler
+    return (f"{settings['model'].replace('/', '-')}-{weights}-size-{settings['resolution']}"
+            f"-vae-{Path(vae).name}"
+            f"-cfg-{float(settings['cfg_scale'])}-cls-cfg-{float(settings['cls_cfg_scale'])}"
+            f"-interval-{float(settings['guidance_low'])}-{float(settings['guidance_high'])}"
+            f"-seed-{config.global_seed}-{mode}-{settings['num_steps']}"
+            + "-heun" * (sampler == "heun") + "-balanced" * config.balanced
+            + f"-{config.mixed_precision}" * (config.mixed_precision != "no"))
+
+
+def start_run_folder(folder, settings, config, num_classes, device):
+    """The run's settings and every label: a label is the first draw of its index's stream, all of
+    them are drawn up front for packing and for resumed runs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_write(folder / SETTINGS, "w") as f:
+        f.write(json.dumps(settings, indent=2) + "\n")
+    indices = range(config.num_fid_samples)
+    generators = sample_generators(indices, config.global_seed, device)
+    labels = draw_labels(generators, indices, num_classes, config.balanced)
+    with atomic_write(folder / LABELS) as f:
+        np.save(f, labels.cpu().numpy().astype(np.int64))
+
+
+def draw_pending(config, folder, model, vae, path_type, state):
+    """Sample the chunks of --per-proc-batch-size indices that miss a PNG, round-robin over the
+    processes, and write their missing PNGs."""
+    num_samples, batch_size = config.num_fid_samples, config.per_proc_batch_size
+    chunks = [range(start, min(start + batch_size, num_samples))
+              for start in range(0, num_samples, batch_size)]
+    pending = [chunk for chunk in chunks if not all(png_done(png_path(folder, i)) for i in chunk)]
+    # all processes listed the same finished chunks before any writes new ones
+    state.wait_for_everyone()
+    state.print(f"{folder}: {num_samples - sum(map(len, pending))} of {num_samples} samples done, "
+                f"sampling {sum(map(len, pending))} on {state.num_processes} process(es)")
+    net = torch.compile(model) if config.compile else model
+    for chunk in tqdm(pending[state.process_index::state.num_processes], desc="sampling",
+                      unit="batch", disable=not state.is_main_process, dynamic_ncols=True):
+        images = sample_batch(net, vae, chunk, config.sampling, config.global_seed, config.balanced,
+                              config.mixed_precision, path_type)
+        for i, image in zip(chunk, images):
+            if not png_done(png_path(folder, i)):
+                with atomic_write(png_path(folder, i), sync=False) as f:
+                    PIL.Image.fromarray(image).save(f, format="PNG")
+    state.wait_for_everyone()

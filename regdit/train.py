@@ -1,27 +1,24 @@
-"""`regdit train`: the official REG train.py semantics with accelerate, made fast, deterministic and resumable.
+"""`regdit train`: the official REG train.py semantics with accelerate, made fast, deterministic and
+resumable.
 
-Determinism: every random draw of an optimizer step (posterior sample, time, noise, class-token noise, label dropout)
-comes from a generator seeded by (seed, step) that draws the whole batch of the step, of which each process and each
-accumulation micro-batch takes its slice; the data order is a per-epoch permutation of (seed, epoch). So a run's
-randomness is a function of its step alone: resuming needs only the weights, the optimizer state and the step, and
-N processes x A accumulation steps x batch B train like one process with batch N * A * B.
+Read it top to bottom: the settings (`TrainConfig`, the paper's `PRESETS`, the `METHODS`), `setup`
+(data, encoders, model, EMA, optimizer, resume), `train_step` (one optimizer step), and `train_loop`
+(data -> step -> periodic work: log, checkpoint, preview, evaluation). The run's files are
+`regdit.experiment`'s; the objective is `regdit.loss.REGLoss`.
 
-`train()` reads as the recipe: `setup` (data, encoders, model, EMA, optimizer, resume), then per optimizer step
-`encode_batch` and the loss on each micro-batch, clipping, the AdamW step, `update_ema`; `MetricLog` accumulates on
-the device and flushes every --log-every steps; `Checkpoints` reads and writes the run's files; `SamplePreview` draws
-the EMA sample grids.
+Determinism: every random draw of an optimizer step (posterior sample, time, noise, class-token
+noise, label dropout) comes from a generator seeded by (seed, step) that draws the whole batch of
+the step, of which each process and each accumulation micro-batch takes its slice; the data order is
+a per-epoch permutation of (seed, epoch). So a run's randomness is a function of its step alone:
+resuming needs only the weights, the optimizer state and the step, and N processes x A accumulation
+steps x batch B train like one process with batch N * A * B.
 """
 import contextlib
 import copy
 import dataclasses
-import errno
-import json
-import math
-import os
-import shutil
+import itertools
 import sys
 import time
-from argparse import Namespace
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -33,91 +30,134 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, is_tensorboard_available, is_wandb_available
 from tqdm import tqdm
 
-from regdit import (
-    TEMP_SUFFIX,
-    RegditError,
-    atomic_write,
-    check_output,
-    check_writable,
-    cpu_launch,
-    read_head,
-    remove_temp_files,
+from regdit import RegditError, cpu_launch
+from regdit.config import Settings, flag, flat_settings, leaf_fields, nested
+from regdit.experiment import (
+    Checkpoints,
+    MetricLog,
+    SamplePreview,
+    check_run_files,
+    load_init_weights,
+    log_image,
 )
-from regdit.checkpoint import load_checkpoint, load_init_weights, load_state_dict_checked, save_checkpoint
-from regdit.config import Settings, changed_setting, flag, read_yaml
+from regdit.files import atomic_write, check_writable, remove_temp_files
 from regdit.interpolants import PATH_TYPES, WEIGHTINGS
-from regdit.loss import REGLoss
+from regdit.loss import LOSS_TERMS, REGLoss
 from regdit.models import SiT, SiT_models, SiTConfig, model_arguments
 from regdit.runlock import lock_run
-from regdit.samplers import SAMPLERS
+from regdit.sample import Sampling
+
+
+@dataclass(frozen=True)
+class Method:
+    """What a method trains besides denoising the image latents."""
+    encoders: bool  # frozen encoders give the REPA alignment targets (the projection loss)
+    cls_token: bool  # the first encoder's class token is denoised jointly with the image (REG)
+
+
+METHODS = {"reg": Method(encoders=True, cls_token=True),
+           "repa": Method(encoders=True, cls_token=False),
+           "sit": Method(encoders=False, cls_token=False)}
 
 # The paper's recipes (REG, arXiv 2507.01467, and its baselines), as flag values.
 PRESETS = {
-    "reg-sit-xl2-dinov2b": dict(model="SiT-XL/2", method="reg", enc_type="dinov2-vit-b", encoder_depth=8,
-                                proj_coeff=0.5, cls=0.03, batch_size=256, max_train_steps=4_000_000),
-    "reg-sit-l2-dinov2b": dict(model="SiT-L/2", method="reg", enc_type="dinov2-vit-b", encoder_depth=8,
-                               proj_coeff=0.5, cls=0.03, batch_size=256, max_train_steps=400_000),
-    "reg-sit-b2-dinov2b": dict(model="SiT-B/2", method="reg", enc_type="dinov2-vit-b", encoder_depth=4,
-                               proj_coeff=0.5, cls=0.03, batch_size=256, max_train_steps=400_000),
-    "repa-sit-xl2-dinov2b": dict(model="SiT-XL/2", method="repa", enc_type="dinov2-vit-b", encoder_depth=8,
-                                 proj_coeff=0.5, batch_size=256, max_train_steps=4_000_000),
-    "sit-xl2": dict(model="SiT-XL/2", method="sit", proj_coeff=0.0, batch_size=256, max_train_steps=7_000_000),
+    "reg-sit-xl2-dinov2b": dict(model="SiT-XL/2", method="reg", enc_type="dinov2-vit-b",
+                                encoder_depth=8, proj_coeff=0.5, cls_coeff=0.03, batch_size=256,
+                                max_train_steps=4_000_000),
+    "reg-sit-l2-dinov2b": dict(model="SiT-L/2", method="reg", enc_type="dinov2-vit-b",
+                               encoder_depth=8, proj_coeff=0.5, cls_coeff=0.03, batch_size=256,
+                               max_train_steps=400_000),
+    "reg-sit-b2-dinov2b": dict(model="SiT-B/2", method="reg", enc_type="dinov2-vit-b",
+                               encoder_depth=4, proj_coeff=0.5, cls_coeff=0.03, batch_size=256,
+                               max_train_steps=400_000),
+    "repa-sit-xl2-dinov2b": dict(model="SiT-XL/2", method="repa", enc_type="dinov2-vit-b",
+                                 encoder_depth=8, proj_coeff=0.5, batch_size=256,
+                                 max_train_steps=4_000_000),
+    "sit-xl2": dict(model="SiT-XL/2", method="sit", proj_coeff=0.0, batch_size=256,
+                    max_train_steps=7_000_000),
 }
-# 512 px, which the official code supports with DINOv2 encoders: DINOv2 sees 224 * 512 / 256 = 448 px, 32x32 patches
-# of 14, as many as the SiT-*/2 tokens of 64x64 latents. The paper reports no 512 run: lengths are the 256 px ones.
-PRESETS.update({f"{name}-512": {**recipe, "resolution": 512} for name, recipe in list(PRESETS.items())
+# 512 px, which the official code supports with DINOv2 encoders: DINOv2 sees 224 * 512 / 256 = 448
+# px, 32x32 patches of 14, as many as the SiT-*/2 tokens of 64x64 latents. The paper reports no 512
+# run: lengths are the 256 px ones.
+PRESETS.update({f"{name}-512": {**recipe, "resolution": 512}
+                for name, recipe in list(PRESETS.items())
                 if recipe.get("enc_type", "").startswith("dinov2")})
 
 
 @dataclass
+class EvalSampling(Sampling):
+    """The sampling of the evaluations during training (`--eval-*`): by default the paper's
+    protocol, the SDE with 250 steps and no guidance."""
+    FLAG_PREFIX: ClassVar[str] = "eval"
+
+
+@dataclass
 class TrainConfig(Settings):
+    """The official train.py flags (their spellings are aliases) and regdit's. Model settings are
+    SiTConfig fields and loss settings REGLoss fields, by the same names."""
     PRESETS: ClassVar[dict] = PRESETS
     # experiment
     output_dir: str = flag("exps", "folder of experiments")
-    exp_name: str = flag("reg", "experiment name: OUTPUT_DIR/EXP_NAME holds checkpoints, metrics and samples")
+    exp_name: str = flag("reg", "experiment name: OUTPUT_DIR/EXP_NAME holds checkpoints, metrics "
+                                "and samples")
     logging_dir: str = flag("logs", "tracker folder inside the experiment (tensorboard)")
     report_to: str = flag("none", "accelerate tracker (metrics.jsonl is always written)",
                           choices=["none", "tensorboard", "wandb"])
-    log_every: int = flag(100, "average and log the metrics every N steps (the only host synchronisation)", at_least=1)
-    sampling_steps: int = flag(10000, "save a grid of EMA samples every N steps (0: never)", at_least=0)
+    log_every: int = flag(100, "average and log the metrics every N steps (the only host "
+                               "synchronisation)", at_least=1)
+    sampling_steps: int = flag(10000, "save a grid of EMA samples every N steps (0: never)",
+                               at_least=0)
     checkpointing_steps: int = flag(10000, "save a checkpoint every N steps", at_least=1)
-    resume_step: int = flag(0, "resume from checkpoints/<step>.pt; 0 resumes from the latest good checkpoint if any",
-                            at_least=0)
-    init_from: str | None = flag(None, "start a new run (fresh optimizer, step 0) from these weights: a regdit or "
-                                       "official .pt or an export, local or hf://; any dataset and class count (the "
-                                       "class embedding is resized). An experiment with checkpoints resumes from "
-                                       "them instead, with a note that --init-from is not used", metavar="CKPT")
-    init_weights: str = flag("ema", "which weights of --init-from to start from", choices=["ema", "model"])
-    # model
+    resume_step: int = flag(0, "resume from checkpoints/<step>.pt; 0 resumes from the latest good "
+                               "checkpoint if any", at_least=0)
+    init_from: str | None = flag(None, "start a new run (fresh optimizer, step 0) from these "
+                                       "weights: a regdit or official .pt or an export, local or "
+                                       "hf://; any dataset and class count (the class embedding is "
+                                       "resized). An experiment with checkpoints resumes from them "
+                                       "instead, with a note that --init-from is not used",
+                                 metavar="CKPT")
+    init_weights: str = flag("ema", "which weights of --init-from to start from",
+                             choices=["ema", "model"])
+    # model: SiTConfig fields
     model: str = flag("SiT-XL/2", "model size and patch", choices=SiT_models)
-    method: str = flag("reg", "reg (entangled class token + REPA), repa (projection loss only) or sit (neither)",
-                       choices=["reg", "repa", "sit"])
+    method: str = flag("reg", "reg (entangled class token + REPA), repa (projection loss only) or "
+                              "sit (neither)", choices=METHODS)
     num_classes: int = flag(1000, "number of classes (the null class is this index)", at_least=1)
-    encoder_depth: int = flag(8, "SiT block (1-based) whose output is aligned with the encoder (REPA)", at_least=1)
+    class_dropout_prob: float = flag(0.1, "label dropout probability for classifier-free guidance",
+                                     at_least=0, at_most=1, aliases=("--cfg-prob",))
+    encoder_depth: int = flag(8, "SiT block (1-based) whose output is aligned with the encoder "
+                                 "(REPA)", at_least=1)
     projector_dim: int = flag(2048, "hidden width of the projector MLPs", at_least=1)
-    fused_attn: bool = flag(True, "attention through F.scaled_dot_product_attention")
     qk_norm: bool = flag(False, "per-head LayerNorm of queries and keys")
     depth: int | None = flag(None, "override the model's depth (small experiments)", at_least=1)
-    hidden_size: int | None = flag(None, "override the model's width (small experiments)", at_least=1)
-    num_heads: int | None = flag(None, "override the model's attention heads (small experiments)", at_least=1)
+    hidden_size: int | None = flag(None, "override the model's width (small experiments)",
+                                   at_least=1)
+    num_heads: int | None = flag(None, "override the model's attention heads (small experiments)",
+                                 at_least=1)
+    fused_attn: bool = flag(True, "attention through F.scaled_dot_product_attention")
     # data
-    data_dir: str = flag("../data/imagenet256", "dataset folder (regdit or official layout, see README)")
+    data_dir: str = flag("../data/imagenet256", "dataset folder (regdit or official layout, see "
+                                                "README)")
     resolution: int = flag(256, "image resolution of the dataset", at_least=8)
-    batch_size: int = flag(256, "global batch size of one optimizer step (all processes, all accumulation steps)",
-                           at_least=1)
+    batch_size: int = flag(256, "global batch size of one optimizer step (all processes, all "
+                                "accumulation steps)", at_least=1)
     num_workers: int = flag(4, "data loader workers per process", at_least=0)
-    vae: str | None = flag(None, "VAE of the preview grids and evaluations: ema, mse, a Hub id or folder (default: "
-                                 "the dataset's, else ema as the official code and `regdit sample`)")
+    vae: str | None = flag(None, "VAE of the preview grids and evaluations: ema, mse, a Hub id or "
+                                 "folder (default: the dataset's, else ema as the official code "
+                                 "and `regdit sample`)")
     # encoders
-    enc_type: str = flag("dinov2-vit-b", "frozen encoder(s), comma-separated; the first gives the class token")
-    enc_path: str | None = flag(None, "local weights file/folder of the encoder(s), comma-separated "
-                                      "(default: $REGDIT_ENCODER_PATH, else the Hub)")
+    enc_type: str = flag("dinov2-vit-b", "frozen encoder(s), comma-separated; the first gives the "
+                                         "class token")
+    enc_path: str | None = flag(None, "local weights file/folder of the encoder(s), "
+                                      "comma-separated (default: $REGDIT_ENCODER_PATH, else the "
+                                      "Hub)")
     # precision and speed
     mixed_precision: str | None = flag(None, "no, fp16 or bf16 (default: bf16 on GPU, no on CPU)",
                                        choices=["no", "fp16", "bf16"])
     allow_tf32: bool = flag(False, "TF32 matmuls for the float32 parts")
     compile: bool = flag(False, "torch.compile the model")
-    grad_checkpointing: bool = flag(False, "recompute each block's activations in the backward pass (less memory)")
+    grad_checkpointing: bool = flag(False, "recompute each block's activations in the backward "
+                                           "pass (less memory)")
     # optimisation
     epochs: int = flag(1400, "stop after this many epochs", at_least=1)
     max_train_steps: int = flag(400000, "stop after this many optimizer steps", at_least=1)
@@ -127,90 +167,124 @@ class TrainConfig(Settings):
     adam_beta2: float = flag(0.999, "AdamW beta2", at_least=0, below=1)
     adam_weight_decay: float = flag(0.0, "AdamW weight decay", at_least=0)
     adam_epsilon: float = flag(1e-8, "AdamW epsilon", above=0)
-    max_grad_norm: float = flag(1.0, "gradient clipping norm (inf: no clipping)", above=0, allow_inf=True)
+    max_grad_norm: float = flag(1.0, "gradient clipping norm (inf: no clipping)",
+                                above=0, allow_inf=True)
     ema_decay: float = flag(0.9999, "EMA decay, applied every step", at_least=0, below=1)
-    seed: int = flag(0, "seed of every random draw (data order, noise, time, label dropout)", at_least=0)
-    # loss
-    path_type: str = flag("linear", "interpolation path", choices=list(PATH_TYPES))
+    seed: int = flag(0, "seed of every random draw (data order, noise, time, label dropout)",
+                     at_least=0)
+    # loss: REGLoss fields
+    path_type: str = flag("linear", "interpolation path", choices=PATH_TYPES)
     prediction: str = flag("v", "model target (the official code implements v only)", choices=["v"])
-    weighting: str = flag("uniform", "time distribution", choices=list(WEIGHTINGS))
-    cfg_prob: float = flag(0.1, "label dropout probability for classifier-free guidance", at_least=0, at_most=1)
+    weighting: str = flag("uniform", "time distribution", choices=WEIGHTINGS)
     proj_coeff: float = flag(0.5, "weight of the REPA projection loss", at_least=0)
-    cls: float = flag(0.03, "weight of the class-token denoising loss (REG)", at_least=0)
-    legacy: bool = flag(False, "also drop labels outside the model, as early REPA runs did (double dropout)")
-    official_cosine_cls_target: bool = flag(False, "replay the official broadcast of the cosine-path class-token "
-                                                   "target (see regdit.loss.REGLoss)")
-    # evaluation while training: FID-K of the EMA weights, by default with the paper's protocol (SDE, 250 steps, no
-    # guidance); numbers equal `regdit sample` + `regdit eval` with the same settings
-    eval_every: int = flag(0, "evaluate the EMA weights every N steps: FID, sFID, IS, precision, recall to "
-                              "metrics.jsonl and the tracker, the best FID's checkpoint as checkpoints/best.pt "
-                              "(0: never)", at_least=0)
+    cls_coeff: float = flag(0.03, "weight of the class-token denoising loss (REG)",
+                            at_least=0, aliases=("--cls",))
+    extra_terms: list[str] | None = flag(None, "further weighted loss terms of "
+                                               "regdit.loss.LOSS_TERMS, as NAME=WEIGHT",
+                                         metavar="NAME=WEIGHT")
+    legacy: bool = flag(False, "also drop labels outside the model, as early REPA runs did (double "
+                               "dropout)")
+    official_cosine_cls_target: bool = flag(False, "replay the official broadcast of the "
+                                                   "cosine-path class-token target (see "
+                                                   "regdit.loss.REGLoss)")
+    # evaluation while training: FID-K of the EMA weights; its numbers equal `regdit sample` +
+    # `regdit eval`
+    eval_every: int = flag(0, "evaluate the EMA weights every N steps: FID, sFID, IS, precision, "
+                              "recall to metrics.jsonl and the tracker, the best FID's checkpoint "
+                              "as checkpoints/best.pt (0: never)", at_least=0)
     eval_samples: int = flag(10000, "samples per evaluation (FID-K)", at_least=4)
-    ref_batch: str | None = flag(None, "reference batch of --eval-every (ADM .npz; `regdit eval --make-ref` builds "
-                                       "one; ADM's by name, e.g. imagenet256, downloaded once)")
+    ref_batch: str | None = flag(None, "reference batch of --eval-every (ADM .npz; "
+                                       "`regdit eval --make-ref` builds one; ADM's by name, e.g. "
+                                       "imagenet256, downloaded once)")
     inception_weights: str | None = flag(None, "Inception weights of --eval-every (default: "
-                                               "$REGDIT_INCEPTION_WEIGHTS, else torch-fidelity's cache, downloaded "
-                                               "there on first use)")
-    eval_mode: str = flag("sde", "sampler of the evaluation samples", choices=list(SAMPLERS))
-    eval_steps: int = flag(250, "sampling steps of the evaluation samples", at_least=1)
-    eval_cfg_scale: float = flag(1.0, "guidance scale of the evaluation samples (1: none)", at_least=1)
-    eval_cls_cfg_scale: float = flag(0.0, "class-token guidance scale of the evaluation samples", at_least=0)
-    eval_guidance_low: float = flag(0.0, "evaluation guidance only for t >= this", at_least=0, at_most=1)
-    eval_guidance_high: float = flag(1.0, "evaluation guidance only for t <= this", at_least=0, at_most=1)
-    eval_batch_size: int = flag(64, "evaluation samples (and Inception images) per batch and process", at_least=1)
-    eval_mixed_precision: str = flag("no", "autocast of the evaluation sampling (no: float32, as `regdit sample`)",
-                                     choices=["no", "bf16", "fp16"])
+                                               "$REGDIT_INCEPTION_WEIGHTS, else torch-fidelity's "
+                                               "cache, downloaded there on first use)")
+    eval: EvalSampling = nested(EvalSampling, "how the evaluation samples are drawn")
+    eval_batch_size: int = flag(64, "evaluation samples (and Inception images) per batch and "
+                                    "process", at_least=1)
+    eval_mixed_precision: str = flag("no", "autocast of the evaluation sampling (no: float32, as "
+                                           "`regdit sample`)", choices=["no", "bf16", "fp16"])
 
     def check(self):
-        if self.eval_guidance_low > self.eval_guidance_high:
-            raise RegditError(f"--eval-guidance-low {self.eval_guidance_low} is above --eval-guidance-high "
-                              f"{self.eval_guidance_high}")
-        if self.eval_cfg_scale > 1 and self.cfg_prob == 0:
-            raise RegditError(f"--eval-cfg-scale {self.eval_cfg_scale} needs a null class: train with --cfg-prob > 0, "
-                              "or evaluate with --eval-cfg-scale 1")
+        if self.eval.cfg_scale > 1 and self.class_dropout_prob == 0:
+            raise RegditError(f"--eval-cfg-scale {self.eval.cfg_scale} needs a null class: train "
+                              "with --cfg-prob > 0, or evaluate with --eval-cfg-scale 1")
+        if self.eval.path_type not in (None, self.path_type):
+            raise RegditError(f"--eval-path-type {self.eval.path_type}: the model is trained on "
+                              f"--path-type {self.path_type}; leave --eval-path-type unset")
+        self.extra_weights()  # every NAME=WEIGHT is checked when the config is made
+
+    def extra_weights(self):
+        """{term name: weight} of --extra-terms."""
+        weights = {}
+        for item in self.extra_terms or ():
+            name, _, weight = item.partition("=")
+            try:
+                weights[name] = float(weight)
+            except ValueError:
+                weights[name] = float("nan")
+            if name not in LOSS_TERMS or not np.isfinite(weights[name]):
+                raise RegditError(f"--extra-terms {item}: must be NAME=WEIGHT with NAME one of "
+                                  f"{', '.join(LOSS_TERMS) or 'regdit.loss.LOSS_TERMS (empty)'} "
+                                  "and a finite WEIGHT")
+        return weights
 
 
-# Settings a resumed run may change: they do not alter what is trained (paths, logging, length, speed).
-RESUMABLE = {"output_dir", "exp_name", "logging_dir", "report_to", "log_every", "sampling_steps", "checkpointing_steps",
-             "resume_step", "max_train_steps", "epochs", "data_dir", "num_workers", "vae", "enc_path", "compile",
-             "grad_checkpointing", "ref_batch", "inception_weights", "init_from", "init_weights",
-             # the global batch and every random draw are the same on any number of processes and accumulation steps
+# Settings a resumed run may change: they do not alter what is trained (paths, logging, length,
+# speed).
+RESUMABLE = {"output_dir", "exp_name", "logging_dir", "report_to", "log_every", "sampling_steps",
+             "checkpointing_steps", "resume_step", "max_train_steps", "epochs", "data_dir",
+             "num_workers", "vae", "enc_path", "compile", "grad_checkpointing", "ref_batch",
+             "inception_weights", "init_from", "init_weights",
+             # the global batch and every random draw are the same on any number of processes and
+             # accumulation steps
              "gradient_accumulation_steps", "allow_tf32", "fused_attn",
-             *(f.name for f in dataclasses.fields(TrainConfig) if f.name.startswith("eval_"))}
+             *(name for name, *_ in leaf_fields(TrainConfig) if name.startswith("eval_"))}
 
 
 def sit_config(config, latent_channels, latent_size, z_dims):
-    """The SiTConfig of a training run: the named size, --depth/--hidden-size/--num-heads overrides, the data's
-    latent shape and the encoders' widths."""
-    overrides = {k: getattr(config, k) for k in ("depth", "hidden_size", "num_heads") if getattr(config, k)}
-    return SiTConfig(**{**model_arguments(config.model), **overrides}, input_size=latent_size,
-                     in_channels=latent_channels, num_classes=config.num_classes, class_dropout_prob=config.cfg_prob,
-                     z_dims=z_dims, projector_dim=config.projector_dim, encoder_depth=config.encoder_depth,
-                     qk_norm=config.qk_norm, use_cls_token=config.method == "reg")
+    """The SiTConfig of a run: the named size, the settings named after SiTConfig fields (--depth,
+    --num-classes, ...), the data's latent shape, the encoders' widths and the method's class
+    token."""
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(SiTConfig)
+              if getattr(config, f.name, None) is not None}
+    return SiTConfig(**{**model_arguments(config.model), **fields}, input_size=latent_size,
+                     in_channels=latent_channels, z_dims=z_dims,
+                     use_cls_token=METHODS[config.method].cls_token)
 
 
 def loss_from_config(config):
-    return REGLoss(config.path_type, config.weighting, config.proj_coeff, config.cls, config.official_cosine_cls_target)
+    """The REGLoss of a run: its fields from the settings of the same names (--extra-terms
+    parsed)."""
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(REGLoss)
+              if hasattr(config, f.name)}
+    return REGLoss(**{**fields, "extra_terms": config.extra_weights()})
 
 
 class ShardedBatchSampler(torch.utils.data.Sampler):
-    """The batches of optimizer steps are consecutive slices of a per-epoch permutation; micro-batch m of process r
-    takes slice m * num_processes + r of its step's batch. Starts at step `start` of the epoch (resume)."""
+    """The batches of optimizer steps are consecutive slices of a per-epoch permutation; micro-batch
+    m of process r takes slice m * num_processes + r of its step's batch. Starts at step `start` of
+    the epoch (resume)."""
 
-    def __init__(self, num_samples, batch_size, local_batch, rank, num_processes, seed, epoch, start=0):
+    def __init__(self, num_samples, batch_size, local_batch, rank, num_processes, seed, epoch,
+                 start=0):
         self.num_steps = num_samples // batch_size  # drop the last incomplete batch
-        self.batch_size, self.local_batch, self.rank, self.num_processes = batch_size, local_batch, rank, num_processes
-        self.order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed + epoch))
+        self.batch_size, self.local_batch = batch_size, local_batch
+        self.rank, self.num_processes = rank, num_processes
+        self.order = torch.randperm(num_samples,
+                                    generator=torch.Generator().manual_seed(seed + epoch))
         self.start = start
 
     def __iter__(self):
         for step in range(self.start, self.num_steps):
             for micro in range(self.batch_size // (self.local_batch * self.num_processes)):
-                first = step * self.batch_size + local_slice(micro, self.rank, self.num_processes, self.local_batch)
+                first = step * self.batch_size + local_slice(micro, self.rank, self.num_processes,
+                                                             self.local_batch)
                 yield self.order[first:first + self.local_batch].tolist()
 
     def __len__(self):
-        return (self.num_steps - self.start) * self.batch_size // (self.local_batch * self.num_processes)
+        steps = self.num_steps - self.start
+        return steps * self.batch_size // (self.local_batch * self.num_processes)
 
 
 def local_slice(micro, rank, num_processes, local_batch):
@@ -218,19 +292,64 @@ def local_slice(micro, rank, num_processes, local_batch):
     return (micro * num_processes + rank) * local_batch
 
 
-def step_randomness(config, step, global_batch, latent_shape, cls_dim, device):
-    """All random draws of one optimizer step for its whole batch, from a generator seeded by (seed, step)."""
+@dataclass
+class Run:
+    """Everything a set-up run holds."""
+    config: TrainConfig
+    accelerator: Accelerator
+    exp_dir: Path
+    dataset: torch.utils.data.Dataset
+    latent_shape: tuple
+    encoders: list
+    # prepared by accelerate (and compiled with --compile); raw_model is the SiT itself
+    model: torch.nn.Module
+    raw_model: SiT
+    ema: SiT
+    optimizer: torch.optim.Optimizer
+    loss: REGLoss
+    checkpoints: Checkpoints
+    step: int
+    local_batch: int
+    mixed_precision: str
+    vae: torch.nn.Module | None
+    evaluation: object  # regdit.monitor.TrainingEvaluation, or None without --eval-every
+
+    @property
+    def cls_dim(self):
+        return self.raw_model.z_dims[0] if self.raw_model.use_cls_token else 0
+
+
+def step_randomness(run, step):
+    """All random draws of one optimizer step for its whole batch, from a generator seeded by (seed,
+    step)."""
+    config, device, batch = run.config, run.accelerator.device, run.config.batch_size
     seed = int(np.random.SeedSequence([config.seed, step]).generate_state(1)[0])
     g = torch.Generator(device).manual_seed(seed)
-    draws = dict(posterior=torch.randn(global_batch, *latent_shape, generator=g, device=device),
-                 time=loss_from_config(config).sample_time(global_batch, device, g),
-                 noise=torch.randn(global_batch, *latent_shape, generator=g, device=device),
-                 drop=torch.rand(global_batch, generator=g, device=device) < config.cfg_prob)
-    if cls_dim:
-        draws["noise_cls"] = torch.randn(global_batch, cls_dim, generator=g, device=device)
+    draws = dict(posterior=torch.randn(batch, *run.latent_shape, generator=g, device=device),
+                 time=run.loss.sample_time(batch, device, g),
+                 noise=torch.randn(batch, *run.latent_shape, generator=g, device=device),
+                 drop=torch.rand(batch, generator=g, device=device) < config.class_dropout_prob)
+    if run.cls_dim:
+        draws["noise_cls"] = torch.randn(batch, run.cls_dim, generator=g, device=device)
     if config.legacy:
-        draws["legacy_drop"] = torch.rand(global_batch, generator=g, device=device) < config.cfg_prob
+        draws["legacy_drop"] = (torch.rand(batch, generator=g, device=device)
+                                < config.class_dropout_prob)
     return draws
+
+
+@torch.no_grad()
+def encode_batch(run, images, moments, labels, draws):
+    """(x, labels, encoder features, class token) of a micro-batch: a fresh posterior sample of the
+    latents each step, the frozen encoders' features (the first encoder's class token is REG's
+    entangled token)."""
+    mean, std = moments.chunk(2, dim=1)
+    x = (mean + std * draws["posterior"]) * run.dataset.latent_scale
+    if run.config.legacy:
+        labels = torch.where(draws["legacy_drop"], run.config.num_classes, labels)
+    with run.accelerator.autocast():
+        features = [encoder(images) for encoder in run.encoders]
+    cls_token = features[0][0].float() if run.raw_model.use_cls_token else None
+    return x, labels, [dense for _, dense in features], cls_token
 
 
 @torch.no_grad()
@@ -240,473 +359,295 @@ def update_ema(ema_params, params, decay):
     torch._foreach_add_(ema_params, params, alpha=1 - decay)
 
 
-class Checkpoints:
-    """The run's checkpoints, EXP/checkpoints/%07d.pt: the official keys plus what exact resume and sampling need."""
-
-    def __init__(self, exp_dir):
-        self.dir = Path(exp_dir) / "checkpoints"
-
-    def path(self, step):
-        return self.dir / f"{step:07d}.pt"
-
-    def all(self):
-        return sorted(self.dir.glob("[0-9]" * 7 + ".pt"))
-
-    def find(self, resume_step=0):
-        """checkpoints/<resume_step>.pt, or the latest checkpoint when resume_step is 0 (None if there is none)."""
-        if resume_step and not self.path(resume_step).is_file():
-            raise RegditError(f"--resume-step {resume_step}: {self.path(resume_step)} does not exist; "
-                              f"{self.others_hint(resume_step)}")
-        return self.path(resume_step) if resume_step else (self.all() or [None])[-1]
-
-    def others_hint(self, step):
-        others = [int(p.stem) for p in self.all() if int(p.stem) != step]
-        return (f"pass --resume-step with one of {', '.join(map(str, others))}" if others
-                else "no other checkpoint is in " + str(self.dir))
-
-    def load(self, resume_step, log):
-        """(path, checkpoint) to resume from, (None, None) for a new run. Without --resume-step an unreadable or
-        corrupt latest checkpoint is reported through `log` and the newest good one is used; when none is good the
-        run stops rather than start again from scratch beside them."""
-        if resume_step:
-            path = self.find(resume_step)
-            try:
-                return path, load_checkpoint(path)
-            except RegditError as error:
-                raise RegditError(f"{error}; or {self.others_hint(resume_step)}") from None
-        for path in reversed(self.all()):
-            try:
-                return path, load_checkpoint(path)
-            except RegditError as error:
-                log(f"warning: {error}; resuming from the checkpoint before it")
-        if self.all():
-            raise RegditError(f"no readable checkpoint in {self.dir}: restore one, or move them away (or pass a new "
-                              "--exp-name) to start a new run")
-        return None, None
-
-    def resume(self, path, checkpoint, config, model, ema, optimizer, log):
-        """Load model, EMA and optimizer; returns (step, grad scaler state or None). A run resumes only with settings
-        that train the same thing (official checkpoints store none: their args are the user's to match); a changed
-        data or encoder path is said."""
-        missing = [key for key in ("model", "ema", "opt", "steps") if key not in checkpoint]
-        if missing:
-            raise RegditError(f"{path} has no {', '.join(missing)}: it cannot continue a run; start one from its "
-                              f"weights with --init-from {path} (and a new --exp-name)")
-        saved = checkpoint.get("config")
-        changed = saved is not None and changed_setting(saved, dataclasses.asdict(config), RESUMABLE)
-        if changed:
-            raise RegditError(f"{path} was trained with --{changed.replace('_', '-')} {saved[changed]}, not "
-                              f"{getattr(config, changed)}: pass the same settings to resume, or a new --exp-name to "
-                              "start another run")
-        for name in ("data_dir", "enc_path"):
-            if saved is not None and saved.get(name) != getattr(config, name):
-                log(f"note: resuming with --{name.replace('_', '-')} {getattr(config, name)} (the run was trained "
-                    f"with {saved.get(name)})")
-        load_state_dict_checked(model, checkpoint["model"], path)
-        load_state_dict_checked(ema, checkpoint["ema"], path)
-        optimizer.load_state_dict(checkpoint["opt"])
-        return int(checkpoint["steps"]), checkpoint.get("scaler")
-
-    def keep_best(self, step):
-        """checkpoints/best.pt := the checkpoint of `step` (its "steps" records which), a hard link where the file
-        system allows (no copy of a large file), else a copy; atomic either way."""
-        best, temporary = self.dir / "best.pt", self.dir / f".best.pt{TEMP_SUFFIX}{os.getpid()}"
-        temporary.unlink(missing_ok=True)
-        try:
-            os.link(self.path(step), temporary)
-        except OSError as error:
-            if error.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
-                raise
-            shutil.copyfile(self.path(step), temporary)
-        os.replace(temporary, best)
-
-    def save(self, step, accelerator, config, model, ema, optimizer, dataset):
-        """Every process checks its weights are finite (all stop, not only the one that saves); the main process
-        writes atomically."""
-        finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
-        if not accelerator.gather(finite[None]).all():
-            raise RegditError(f"non-finite weights at step {step}: not saving; the last good checkpoint is kept")
-        if accelerator.is_main_process:
-            state = dict(model=model.state_dict(), ema=ema.state_dict(), opt=optimizer.state_dict(),
-                         args=Namespace(**dataclasses.asdict(config)), steps=step, model_config=model.config.to_dict(),
-                         latents=dict(vae=dataset.vae, scale=dataset.latent_scale, resolution=dataset.resolution),
-                         config=dataclasses.asdict(config))
-            if accelerator.scaler is not None:
-                state["scaler"] = accelerator.scaler.state_dict()
-            save_checkpoint(state, self.path(step))
-        accelerator.wait_for_everyone()
+def train_step(run, micro_batches, step):
+    """One optimizer step on the micro-batches of this process: the step's randomness, then per
+    micro-batch the encoders, the loss and its backward pass; gradient clipping, AdamW and the EMA
+    update. Returns the mean of the loss's logs over the micro-batches, with the gradient norm
+    (tensors on the device: no host sync)."""
+    accelerator, model, config = run.accelerator, run.model, run.config
+    draws = step_randomness(run, step)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    logs = []
+    for micro, (images, moments, labels) in enumerate(micro_batches):
+        first = local_slice(micro, rank, world, run.local_batch)
+        draw = {name: value[first:first + run.local_batch] for name, value in draws.items()}
+        x, labels, targets, cls_token = encode_batch(run, images, moments, labels, draw)
+        with accelerator.accumulate(model):
+            with accelerator.autocast():
+                loss, micro_logs = run.loss(model, x, labels, targets, cls_token, time=draw["time"],
+                                            noise=draw["noise"], noise_cls=draw.get("noise_cls"),
+                                            force_drop_ids=draw["drop"])
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        logs.append(micro_logs)
+    update_ema(list(run.ema.parameters()), list(run.raw_model.parameters()), config.ema_decay)
+    logs = {name: torch.stack([entry[name] for entry in logs]).mean() for name in logs[0]}
+    return {**logs, "grad_norm": grad_norm.detach()}
 
 
-class MetricLog:
-    """Sums the loss's logs and the gradient norm on the device (no host sync per step) and flushes their means every
-    --log-every steps to metrics.jsonl, the tracker and the progress bar, with images/s and model TFLOP/s per
-    process; evaluations add lines of `eval/` metrics. After a resume, metrics.jsonl keeps the lines up to the
-    checkpoint's step only, so each step's lines appear once."""
-
-    def __init__(self, accelerator, path, batch_size, flops_per_image, start_step):
-        self.accelerator, self.path, self.batch_size = accelerator, path, batch_size
-        self.flops_per_image = flops_per_image
-        self.sums, self.grad_norm_sum = None, torch.zeros((), device=accelerator.device)
-        self.nonfinite = torch.zeros((), dtype=torch.bool, device=accelerator.device)
-        self.micro_batches = self.steps = 0
-        self.start, self.paused, self.logged, self.evaluations = time.perf_counter(), 0.0, [], []
-        # a killed run may have logged past its checkpoint; every process reads which steps were evaluated
-        lines = [line for line in path.read_text().splitlines() if logged_step(line) <= start_step] if path.is_file() \
-            else []
-        self.fid = {entry["step"]: entry["eval/fid"] for entry in map(json.loads, lines) if "eval/fid" in entry}
-        if accelerator.is_main_process and path.is_file():
-            with atomic_write(path, "w") as f:
-                f.write("".join(line + "\n" for line in lines))
-
-    @staticmethod
-    def foreign(path):
-        """None for a metrics.jsonl that a run wrote (empty, or lines of JSON objects), else what it is."""
-        if not b'{"'.startswith(read_head(path, 2)):
-            return "it is not the metrics log of a `regdit train` run (JSON lines)"
-        return None
-
-    def add(self, logs):
-        """The logs of one micro-batch (detached scalars)."""
-        values = torch.stack(list(logs.values()))
-        self.names = list(logs)
-        self.sums = values if self.sums is None else self.sums + values
-        self.nonfinite |= ~torch.isfinite(logs["loss_final"])
-        self.micro_batches += 1
-
-    def add_step(self, grad_norm, check_grad_norm):
-        """One optimizer step; under fp16 the grad scaler skips overflowing steps by design (`check_grad_norm` off)."""
-        self.grad_norm_sum += grad_norm.detach()
-        if check_grad_norm:
-            self.nonfinite |= ~torch.isfinite(grad_norm)
-        self.steps += 1
-
-    def exclude(self, seconds):
-        """Time spent on checkpoints and previews, not counted against images/s."""
-        self.paused += seconds
-
-    def best_step(self):
-        """The evaluated step of the lowest finite FID, None before any."""
-        finite = {step: fid for step, fid in self.fid.items() if math.isfinite(fid)}
-        return min(finite, key=finite.get) if finite else None
-
-    def improves(self, fid):
-        """True when `fid` is finite and below every FID logged so far."""
-        best = self.best_step()
-        return math.isfinite(fid) and (best is None or fid < self.fid[best])
-
-    def log_eval(self, step, values, seconds):
-        """An evaluation's metrics (logged last: a kill before this line redoes the evaluation)."""
-        entry = {"step": step, **{f"eval/{name}": value for name, value in values.items()}, "eval/seconds": seconds}
-        self.fid[step] = values["fid"]
-        self.evaluations.append(entry)
-        if self.accelerator.is_main_process:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(entry) + "\n")
-            self.accelerator.log(entry, step=step)
-
-    def flush(self, step, checkpoint_dir):
-        """Mean over the interval and the processes; the one host sync of the interval."""
-        accelerator = self.accelerator
-        if accelerator.gather(self.nonfinite[None]).any():
-            raise RegditError(f"non-finite loss or gradient before step {step}: stopping; the last good checkpoint in "
-                              f"{checkpoint_dir} is kept (try a lower --learning-rate or bf16)")
-        means = accelerator.reduce(torch.cat([self.sums / self.micro_batches, self.grad_norm_sum[None] / self.steps]),
-                                   "mean")
-        images_per_sec = self.steps * self.batch_size / (time.perf_counter() - self.start - self.paused)
-        metrics = dict(zip([*self.names, "grad_norm"], means.tolist()), step=step, images_per_sec=images_per_sec,
-                       tflops_per_process=images_per_sec * self.flops_per_image / accelerator.num_processes / 1e12)
-        self.logged.append(metrics)
-        if accelerator.is_main_process:
-            with open(self.path, "a") as f:  # one short line per interval: appended, each line whole
-                f.write(json.dumps(metrics) + "\n")
-            accelerator.log(metrics, step=step)
-        self.sums, self.micro_batches, self.steps = None, 0, 0
-        self.grad_norm_sum.zero_()
-        self.start, self.paused = time.perf_counter(), 0.0
-        return metrics
+def train(config: TrainConfig):
+    """Train until max_train_steps (or epochs); returns a summary dict (steps, logged metrics,
+    paths, models)."""
+    with setup(config) as run:
+        return train_loop(run)
 
 
-RUN_FLAG = "--output-dir/--exp-name"
-RUN_SETTINGS = ("data_dir", "output_dir", "exp_name", "resume_step")  # keys of every config.yaml a run wrote
+def train_loop(run):
+    """The optimizer steps of a set-up run: data -> train_step -> periodic work, until
+    --max-train-steps or --epochs."""
+    config, accelerator, step = run.config, run.accelerator, run.step
+    work = PeriodicWork(run)
+    steps_per_epoch = len(run.dataset) // config.batch_size
+    run.model.train()
+    while step < config.max_train_steps and step // steps_per_epoch < config.epochs:
+        epoch, start = divmod(step, steps_per_epoch)
+        for micro_batches in step_batches(run, epoch, start):
+            work.metrics.add(train_step(run, micro_batches, step))
+            step += 1
+            work.after_step(step)
+            if step >= config.max_train_steps:
+                break
+    work.progress.close()
+    if step % config.checkpointing_steps and step != config.max_train_steps:
+        work.save(step)  # the epoch limit ended the run between checkpoints
+    accelerator.end_training()
+    return dict(steps=step, metrics=work.metrics.logged, evaluations=work.metrics.evaluations,
+                exp_dir=run.exp_dir, checkpoint=run.checkpoints.path(step), model=run.raw_model,
+                ema=run.ema)
 
 
-def check_run_files(exp_dir):
-    """A one-line refusal, before any work, when a path the run writes in `exp_dir` is taken by something that it
-    did not write: a file as checkpoints/, a folder, FIFO or foreign file as metrics.jsonl or config.yaml."""
-    check_output(exp_dir / "checkpoints", RUN_FLAG, folder=True)
-    check_output(exp_dir / "metrics.jsonl", RUN_FLAG, MetricLog.foreign)
-    check_output(exp_dir / "config.yaml", RUN_FLAG, foreign_to_settings)
+def step_batches(run, epoch, start):
+    """This process's micro-batches of the epoch's optimizer steps from step `start` of the epoch, a
+    list per step, on the device."""
+    config, accelerator = run.config, run.accelerator
+    run.dataset.set_epoch(epoch)
+    sampler = ShardedBatchSampler(len(run.dataset), config.batch_size, run.local_batch,
+                                  accelerator.process_index, accelerator.num_processes, config.seed,
+                                  epoch, start)
+    loader = iter(torch.utils.data.DataLoader(run.dataset, batch_sampler=sampler,
+                                              num_workers=config.num_workers,
+                                              pin_memory=accelerator.device.type == "cuda"))
+    while micro_batches := list(itertools.islice(loader, config.gradient_accumulation_steps)):
+        yield [[t.to(accelerator.device, non_blocking=True) for t in batch]
+               for batch in micro_batches]
 
 
-def foreign_to_settings(path):
-    """None for the config.yaml of a run (its resolved settings), else what it is."""
-    try:
-        settings = read_yaml(path, "run settings")
-    except RegditError:
-        settings = None
-    if not isinstance(settings, dict) or not all(key in settings for key in RUN_SETTINGS):
-        return "it is not the settings file of a `regdit train` run"
-    return None
+class PeriodicWork:
+    """What the loop does between steps: log every --log-every, checkpoint every
+    --checkpointing-steps, draw a preview every --sampling-steps and evaluate every --eval-every
+    steps; their time is not counted in images/s."""
+
+    def __init__(self, run):
+        self.run, config, accelerator = run, run.config, run.accelerator
+        self.preview = None
+        if config.sampling_steps and accelerator.is_main_process:
+            self.preview = SamplePreview(config, run.vae, run.latent_shape, run.cls_dim,
+                                         accelerator.device)
+        # model FLOPs of one training image (forward + backward of the SiT, the frozen encoders'
+        # forward): MFU's numerator
+        flops_per_image = (3 * run.raw_model.flops()
+                           + sum(encoder.flops() for encoder in run.encoders))
+        self.metrics = MetricLog(accelerator, run.exp_dir / "metrics.jsonl", config.batch_size,
+                                 flops_per_image, run.step,
+                                 check_grad_norm=run.mixed_precision != "fp16")
+        self.progress = tqdm(total=config.max_train_steps, initial=run.step,
+                             disable=not accelerator.is_main_process, desc="train", unit="step",
+                             dynamic_ncols=True)
+        best = self.metrics.best_step()
+        if run.evaluation is not None and accelerator.is_main_process and best \
+                and run.checkpoints.path(best).is_file():
+            # after a resume from an earlier step: best of the kept lines
+            run.checkpoints.keep_best(best)
+        if run.evaluation is not None and run.step and run.step % config.eval_every == 0 \
+                and run.step not in self.metrics.fid:
+            # a run killed in this evaluation redoes it: the same numbers
+            self.metrics.exclude(self.evaluate(run.step))
+
+    def after_step(self, step):
+        run, config = self.run, self.run.config
+        self.progress.update(1)
+        if step % config.log_every == 0 or step == config.max_train_steps:
+            logged = self.metrics.flush(step, run.checkpoints.dir)
+            self.progress.set_postfix(loss=f"{logged['loss_final']:.4f}",
+                                      img_s=f"{logged['images_per_sec']:.1f}")
+        pause = time.perf_counter()
+        if step % config.checkpointing_steps == 0 or step == config.max_train_steps:
+            self.save(step)
+        if self.preview is not None and step % config.sampling_steps == 0:
+            grid = self.preview.save(run.ema, run.exp_dir / "samples" / f"{step:07d}.png")
+            log_image(run.accelerator, "samples", grid, step)
+        if run.evaluation is not None and step % config.eval_every == 0:
+            if step % config.checkpointing_steps and step != config.max_train_steps:
+                self.save(step)  # best.pt is the evaluated step's checkpoint
+            self.evaluate(step)
+        self.metrics.exclude(time.perf_counter() - pause)
+
+    def save(self, step):
+        run = self.run
+        run.checkpoints.save(step, run.accelerator, flat_settings(run.config), run.raw_model,
+                             run.ema, run.optimizer, run.dataset)
+
+    def evaluate(self, step):
+        """Score the EMA weights; the best FID's checkpoint becomes checkpoints/best.pt before the
+        line is logged."""
+        run, accelerator = self.run, self.run.accelerator
+        values, seconds = run.evaluation(run.ema)
+        if "error" in values:  # a failed evaluation is said; training goes on
+            accelerator.print(f"warning: the evaluation of step {step} failed: {values['error']}")
+            return seconds
+        if accelerator.is_main_process and self.metrics.improves(values["fid"]):
+            run.checkpoints.keep_best(step)
+        self.metrics.log_eval(step, values, seconds)
+        accelerator.print(f"step {step}: FID-{run.config.eval_samples} {values['fid']:.3f}, IS "
+                          f"{values['inception_score']:.2f} ({seconds:.0f} s)")
+        return seconds
 
 
-def logged_step(line):
-    """The step of a metrics.jsonl line; infinity for a line cut short by a kill, so that it is dropped."""
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return math.inf
-
-
-@contextlib.contextmanager
-def setup(config):
-    """Everything a run needs, resumed from its latest good checkpoint (or --resume-step) when there is one, holding
-    the experiment folder's lock for the run's lifetime (one writer per experiment)."""
-    from regdit.data import open_dataset
-    from regdit.encoders import check_encoders, load_encoders
-
-    check_writable(Path(config.output_dir) / config.exp_name, "--output-dir/--exp-name")
-    check_run_files(Path(config.output_dir) / config.exp_name)
+def make_accelerator(config):
+    """The run's Accelerator (after the cheap refusals: the experiment folder, its files, the
+    tracker) and its mixed precision."""
+    exp_dir = Path(config.output_dir) / config.exp_name
+    check_writable(exp_dir, "--output-dir/--exp-name")
+    check_run_files(exp_dir)
     mixed_precision = config.mixed_precision or ("bf16" if torch.cuda.is_available() else "no")
     tracker_installed = dict(tensorboard=is_tensorboard_available, wandb=is_wandb_available)
     if config.report_to != "none" and not tracker_installed[config.report_to]():
         raise RegditError(f"--report-to {config.report_to}: {config.report_to} is not installed; "
                           f"pip install -e '.[tracking]', or pass --report-to none")
-    exp_dir = Path(config.output_dir) / config.exp_name
     accelerator = Accelerator(
         cpu=cpu_launch(), gradient_accumulation_steps=config.gradient_accumulation_steps,
-        mixed_precision=mixed_precision, log_with=None if config.report_to == "none" else config.report_to,
-        project_config=ProjectConfiguration(project_dir=str(exp_dir), logging_dir=str(exp_dir / config.logging_dir)))
-    device, world = accelerator.device, accelerator.num_processes
+        mixed_precision=mixed_precision,
+        log_with=None if config.report_to == "none" else config.report_to,
+        project_config=ProjectConfiguration(project_dir=str(exp_dir),
+                                            logging_dir=str(exp_dir / config.logging_dir)))
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.allow_tf32
-
-    micro_batches = world * config.gradient_accumulation_steps
+    micro_batches = accelerator.num_processes * config.gradient_accumulation_steps
     if config.batch_size % micro_batches:
-        raise RegditError(f"--batch-size {config.batch_size} must be divisible by processes x accumulation steps "
-                          f"({micro_batches})")
-    with lock_run(exp_dir, "train", accelerator):  # before any load: a busy experiment is refused at once
-        dataset = open_dataset(config.data_dir, config.resolution, seed=config.seed)
-        if len(dataset) < config.batch_size:
-            raise RegditError(f"{config.data_dir} has {len(dataset)} samples, fewer than one batch of "
-                              f"{config.batch_size}: lower --batch-size")
-        if dataset.num_classes > config.num_classes:
-            raise RegditError(f"{config.data_dir} has {dataset.num_classes} classes but --num-classes is "
-                              f"{config.num_classes}: pass --num-classes {dataset.num_classes}")
-        _, moments, _ = dataset[0]
-        latent_shape = (moments.shape[0] // 2, *moments.shape[1:])
+        raise RegditError(f"--batch-size {config.batch_size} must be divisible by processes x "
+                          f"accumulation steps ({micro_batches})")
+    return accelerator, mixed_precision
 
-        encoders = [] if config.method == "sit" else [
-            e.to(device) for e in load_encoders(config.enc_type, config.resolution, config.enc_path, device=device)]
-        torch.manual_seed(config.seed)  # the same initial weights on every process
-        model = SiT(sit_config(config, latent_shape[0], latent_shape[-1], [e.embed_dim for e in encoders]),
-                    fused_attn=config.fused_attn, grad_checkpointing=config.grad_checkpointing)
-        if encoders:
-            check_encoders(encoders, num_tokens=1 + model.x_embedder.num_patches)
-        vae = None  # decodes previews and evaluation samples
-        if config.sampling_steps or config.eval_every:
-            from regdit.vae import load_vae
-            vae = load_vae(config.vae or dataset.vae or "ema", device=device)
-        evaluation = None  # refuses an unusable reference, weights or settings before anything is written
-        if config.eval_every:
-            from regdit.monitor import TrainingEvaluation
-            evaluation = TrainingEvaluation(config, dataset, accelerator.state, vae)
-        model.to(device)
-        ema = copy.deepcopy(model).requires_grad_(False).eval()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=(config.adam_beta1,
-                                      config.adam_beta2), weight_decay=config.adam_weight_decay,
-                                      eps=config.adam_epsilon, fused=True)
 
-        def log(message):  # warnings and notes, once
-            if accelerator.is_main_process:
-                print(message, file=sys.stderr)
+def open_data(config):
+    """The dataset, checked against the settings, and its latent shape (C, h, w)."""
+    from regdit.data import open_dataset
 
-        if accelerator.is_main_process:
-            remove_temp_files(exp_dir)  # of writes a kill interrupted; the lock guarantees none is in progress
-        checkpoints = Checkpoints(exp_dir)
-        (resume_path, checkpoint), step, scaler_state = checkpoints.load(config.resume_step, log), 0, None
-        if resume_path is not None:
-            step, scaler_state = checkpoints.resume(resume_path, checkpoint, config, model, ema, optimizer, log)
-            if config.init_from:  # rerunning a fine-tuning command after a kill continues it
-                log(f"note: {exp_dir} has checkpoints: resuming from {resume_path}, so --init-from "
-                    f"{config.init_from} is not used (pass a new --exp-name to start a new run from it)")
-        elif config.init_from:  # a new run only: a resumed one continues from its own weights
+    dataset = open_dataset(config.data_dir, config.resolution, seed=config.seed)
+    if len(dataset) < config.batch_size:
+        raise RegditError(f"{config.data_dir} has {len(dataset)} samples, fewer than one batch of "
+                          f"{config.batch_size}: lower --batch-size")
+    if dataset.num_classes > config.num_classes:
+        raise RegditError(f"{config.data_dir} has {dataset.num_classes} classes but --num-classes "
+                          f"is {config.num_classes}: pass --num-classes {dataset.num_classes}")
+    _, moments, _ = dataset[0]
+    return dataset, (moments.shape[0] // 2, *moments.shape[1:])
+
+
+def build_networks(config, latent_shape, device):
+    """(frozen encoders, SiT) of a new run; the SiT's initial weights are the same on every
+    process."""
+    from regdit.encoders import check_encoders, load_encoders
+
+    encoders = [] if not METHODS[config.method].encoders else [
+        e.to(device) for e in load_encoders(config.enc_type, config.resolution, config.enc_path,
+                                            device=device)]
+    torch.manual_seed(config.seed)
+    z_dims = [e.embed_dim for e in encoders]
+    model = SiT(sit_config(config, latent_shape[0], latent_shape[-1], z_dims),
+                fused_attn=config.fused_attn, grad_checkpointing=config.grad_checkpointing)
+    if encoders:
+        check_encoders(encoders, num_tokens=1 + model.x_embedder.num_patches)
+    return encoders, model.to(device)
+
+
+def monitoring(config, dataset, accelerator):
+    """(VAE, evaluation) of the previews and of --eval-every; an unusable reference, weights or
+    evaluation settings are refused here, before anything is written."""
+    vae = evaluation = None
+    if config.sampling_steps or config.eval_every:
+        from regdit.vae import load_vae
+        vae = load_vae(config.vae or dataset.vae or "ema", device=accelerator.device)
+    if config.eval_every:
+        from regdit.monitor import TrainingEvaluation
+        evaluation = TrainingEvaluation(config, dataset, accelerator.state, vae)
+    return vae, evaluation
+
+
+def start_weights(config, checkpoints, model, ema, optimizer, log):
+    """(step, grad scaler state, checkpoint resumed or None): resumed from the experiment's latest
+    good checkpoint (or --resume-step), else --init-from's weights, else the fresh ones at step
+    0."""
+    resume_path, checkpoint = checkpoints.load(config.resume_step, log)
+    if resume_path is None:
+        if config.init_from:
             load_init_weights(model, config.init_from, config.init_weights, log)
             ema.load_state_dict(model.state_dict())
-        raw_model = model
-        model, optimizer = accelerator.prepare(model, optimizer)
+        return 0, None, None
+    if config.init_from:  # rerunning a fine-tuning command after a kill continues it
+        log(f"note: {checkpoints.dir.parent} has checkpoints: resuming from {resume_path}, so "
+            f"--init-from {config.init_from} is not used (pass a new --exp-name to start a new run "
+            "from it)")
+    return (*checkpoints.resume(resume_path, checkpoint, flat_settings(config), RESUMABLE, model,
+                                ema, optimizer, log), resume_path)
+
+
+@contextlib.contextmanager
+def setup(config):
+    """Everything a run needs (a Run), resumed from its latest good checkpoint (or --resume-step)
+    when there is one, holding the experiment folder's lock for the run's lifetime (one writer per
+    experiment)."""
+    accelerator, mixed_precision = make_accelerator(config)
+    exp_dir = Path(config.output_dir) / config.exp_name
+
+    def log(message):  # warnings and notes, once
+        if accelerator.is_main_process:
+            print(message, file=sys.stderr)
+
+    # before any load: a busy experiment is refused at once
+    with lock_run(exp_dir, "train", accelerator):
+        dataset, latent_shape = open_data(config)
+        encoders, model = build_networks(config, latent_shape, accelerator.device)
+        vae, evaluation = monitoring(config, dataset, accelerator)
+        ema = copy.deepcopy(model).requires_grad_(False).eval()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
+                                      betas=(config.adam_beta1, config.adam_beta2),
+                                      weight_decay=config.adam_weight_decay,
+                                      eps=config.adam_epsilon, fused=True)
+        if accelerator.is_main_process:
+            # of writes a kill interrupted; the lock guarantees none is in progress
+            remove_temp_files(exp_dir)
+        checkpoints = Checkpoints(exp_dir)
+        step, scaler_state, resumed_from = start_weights(config, checkpoints, model, ema, optimizer,
+                                                         log)
+        prepared, optimizer = accelerator.prepare(model, optimizer)
         if scaler_state is not None and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(scaler_state)
+        micro_batches = accelerator.num_processes * config.gradient_accumulation_steps
+        local_batch = config.batch_size // micro_batches
+        run = Run(config, accelerator, exp_dir, dataset, latent_shape, encoders,
+                  torch.compile(prepared) if config.compile else prepared, model, ema, optimizer,
+                  loss_from_config(config), checkpoints, step, local_batch, mixed_precision, vae,
+                  evaluation)
         if accelerator.is_main_process:
-            settings = dataclasses.asdict(config)
-            with atomic_write(exp_dir / "config.yaml", "w") as f:  # a --config that continues the run, not step K again
-                f.write(yaml.safe_dump({**settings, "resume_step": 0}, sort_keys=False))
-            accelerator.init_trackers(config.exp_name, config={k: str(v) for k, v in settings.items()})
-            parameters = sum(p.numel() for p in raw_model.parameters()) / 1e6
-            print(f"{raw_model.config.label} ({parameters:.1f}M parameters), {len(dataset)} samples, {world} "
-                  f"process(es) x batch {config.batch_size // micro_batches} x {config.gradient_accumulation_steps} "
-                  f"accumulation, mixed precision {mixed_precision}"
-                  + (f", resumed from {resume_path}" if resume_path else
-                     f", initialised from {config.init_from} ({config.init_weights})" if config.init_from else ""))
-        yield Namespace(accelerator=accelerator, exp_dir=exp_dir, dataset=dataset, latent_shape=latent_shape,
-                        encoders=encoders, raw_model=raw_model, model=torch.compile(model) if config.compile else model,
-                        ema=ema, optimizer=optimizer, checkpoints=checkpoints, step=step,
-                        local_batch=config.batch_size // micro_batches, mixed_precision=mixed_precision, vae=vae,
-                        evaluation=evaluation)
+            announce(run, resumed_from)
+        yield run
 
 
-@torch.no_grad()
-def encode_batch(config, run, images, moments, labels, draws):
-    """(x, labels, encoder features, class token) of a micro-batch: a fresh posterior sample of the latents each step,
-    the frozen encoders' features (the first encoder's class token is REG's entangled token)."""
-    mean, std = moments.chunk(2, dim=1)
-    x = (mean + std * draws["posterior"]) * run.dataset.latent_scale
-    if config.legacy:
-        labels = torch.where(draws["legacy_drop"], config.num_classes, labels)
-    targets, cls_token = [], None
-    with run.accelerator.autocast():
-        for encoder in run.encoders:
-            encoder_cls, dense = encoder(images)
-            targets.append(dense)
-            cls_token = encoder_cls.float() if cls_token is None and config.method == "reg" else cls_token
-    return x, labels, targets, cls_token
-
-
-def train(config: TrainConfig):
-    """Train until max_train_steps (or epochs); returns a summary dict (steps, logged metrics, paths, models)."""
-    with setup(config) as run:
-        return train_loop(config, run)
-
-
-def train_loop(config, run):
-    """The optimizer steps of a set-up run."""
-    accelerator, dataset, model, optimizer, step = run.accelerator, run.dataset, run.model, run.optimizer, run.step
-    rank, world, local_batch = accelerator.process_index, accelerator.num_processes, run.local_batch
-    loss_fn = loss_from_config(config)
-    cls_dim = run.raw_model.z_dims[0] if config.method == "reg" else 0
-    preview = None
-    if config.sampling_steps and accelerator.is_main_process:
-        preview = SamplePreview(config, run.vae, run.latent_shape, cls_dim, accelerator.device)
-    # model FLOPs of one training image (forward + backward of the SiT, the frozen encoders' forward): MFU's numerator
-    flops_per_image = 3 * run.raw_model.flops() + sum(encoder.flops() for encoder in run.encoders)
-    metrics = MetricLog(accelerator, run.exp_dir / "metrics.jsonl", config.batch_size, flops_per_image, step)
-    ema_params, model_params = list(run.ema.parameters()), list(run.raw_model.parameters())
-    steps_per_epoch = len(dataset) // config.batch_size
-    progress = tqdm(total=config.max_train_steps, initial=step, disable=not accelerator.is_main_process,
-                    desc="train", unit="step", dynamic_ncols=True)
-
-    def save(step):
-        run.checkpoints.save(step, accelerator, config, run.raw_model, run.ema, optimizer, dataset)
-
-    def evaluate(step):
-        """Score the EMA weights; the best FID's checkpoint becomes checkpoints/best.pt before the line is logged."""
-        values, seconds = run.evaluation(run.ema)
-        if "error" in values:  # a failed evaluation is said; training goes on
-            accelerator.print(f"warning: the evaluation of step {step} failed: {values['error']}")
-            return seconds
-        if accelerator.is_main_process and metrics.improves(values["fid"]):
-            run.checkpoints.keep_best(step)
-        metrics.log_eval(step, values, seconds)
-        accelerator.print(f"step {step}: FID-{config.eval_samples} {values['fid']:.3f}, IS "
-                          f"{values['inception_score']:.2f} ({seconds:.0f} s)")
-        return seconds
-
-    best = metrics.best_step()
-    if run.evaluation is not None and accelerator.is_main_process and best and run.checkpoints.path(best).is_file():
-        run.checkpoints.keep_best(best)  # after a resume from an earlier step: best of the kept lines
-    if run.evaluation is not None and step and step % config.eval_every == 0 and step not in metrics.fid:
-        metrics.exclude(evaluate(step))  # a run killed during this evaluation redoes it: the same numbers
-
-    model.train()
-    while step < config.max_train_steps and step // steps_per_epoch < config.epochs:
-        epoch, start = divmod(step, steps_per_epoch)
-        dataset.set_epoch(epoch)
-        sampler = ShardedBatchSampler(len(dataset), config.batch_size, local_batch, rank, world, config.seed, epoch,
-                                      start)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=config.num_workers,
-                                             pin_memory=accelerator.device.type == "cuda")
-        for micro, batch in enumerate(loader):
-            images, moments, labels = (t.to(accelerator.device, non_blocking=True) for t in batch)
-            micro %= config.gradient_accumulation_steps
-            if micro == 0:
-                step_draws = step_randomness(config, step, config.batch_size, run.latent_shape, cls_dim,
-                                             accelerator.device)
-            first = local_slice(micro, rank, world, local_batch)
-            draws = {k: v[first:first + local_batch] for k, v in step_draws.items()}
-            x, labels, targets, cls_token = encode_batch(config, run, images, moments, labels, draws)
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    loss, logs = loss_fn(model, x, labels, targets, cls_token, time=draws["time"],
-                                         noise=draws["noise"], noise_cls=draws.get("noise_cls"),
-                                         force_drop_ids=draws["drop"])
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            metrics.add(logs)
-            if not accelerator.sync_gradients:
-                continue
-            metrics.add_step(grad_norm, check_grad_norm=run.mixed_precision != "fp16")
-            update_ema(ema_params, model_params, config.ema_decay)
-            step += 1
-            progress.update(1)
-
-            if step % config.log_every == 0 or step == config.max_train_steps:
-                logged = metrics.flush(step, run.checkpoints.dir)
-                progress.set_postfix(loss=f"{logged['loss_final']:.4f}", img_s=f"{logged['images_per_sec']:.1f}")
-            pause = time.perf_counter()
-            if step % config.checkpointing_steps == 0 or step == config.max_train_steps:
-                save(step)
-            if preview is not None and step % config.sampling_steps == 0:
-                log_image(accelerator, "samples", preview.save(run.ema, run.exp_dir / "samples" / f"{step:07d}.png"),
-                          step)
-            if run.evaluation is not None and step % config.eval_every == 0:
-                if step % config.checkpointing_steps and step != config.max_train_steps:
-                    save(step)  # best.pt is the evaluated step's checkpoint
-                evaluate(step)
-            metrics.exclude(time.perf_counter() - pause)
-            if step >= config.max_train_steps:
-                break
-    progress.close()
-    if step % config.checkpointing_steps and step != config.max_train_steps:
-        save(step)  # the epoch limit ended the run between checkpoints
-    accelerator.end_training()
-    return dict(steps=step, metrics=metrics.logged, evaluations=metrics.evaluations, exp_dir=run.exp_dir,
-                checkpoint=run.checkpoints.path(step), model=run.raw_model, ema=run.ema)
-
-
-def log_image(accelerator, name, image, step):
-    """An image (3, H, W) in [0, 1] to the run's trackers (tensorboard, wandb); metrics.jsonl holds no images."""
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_image(name, image, step)
-        elif tracker.name == "wandb":
-            import wandb
-            tracker.run.log({name: wandb.Image(image.permute(1, 2, 0).numpy())}, step=step)
-
-
-class SamplePreview:
-    """A grid of EMA samples from fixed noise and labels (official train.py: ODE, 50 Euler steps, cfg 4)."""
-
-    def __init__(self, config, vae, latent_shape, cls_dim, device, num_samples=16):
-        g = torch.Generator().manual_seed(config.seed)
-        self.labels = (torch.arange(num_samples) % config.num_classes).to(device)
-        self.noise = torch.randn(num_samples, *latent_shape, generator=g).to(device)
-        self.cls_noise = torch.randn(num_samples, cls_dim, generator=g).to(device) if cls_dim else None
-        self.vae = vae
-        self.path_type = config.path_type
-        self.guidance = config.cfg_prob > 0  # without label dropout the model has no null class to guide with
-
-    def save(self, ema, path):
-        """Write the grid to `path`; returns it (3, H, W) in [0, 1] for the trackers."""
-        from torchvision.utils import make_grid, save_image
-
-        from regdit.samplers import SAMPLERS
-        from regdit.vae import decode_latents
-        latents = SAMPLERS["ode"](ema, self.noise, self.cls_noise, self.labels, num_steps=50,
-                                  cfg_scale=4.0 if self.guidance else 1.0, path_type=self.path_type)
-        images = decode_latents(self.vae, latents.float()).permute(0, 3, 1, 2).float() / 255  # (N, 3, H, W)
-        grid = make_grid(images, nrow=math.ceil(math.sqrt(len(images))), padding=0).cpu()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(path) as f:
-            save_image(grid, f, format="png")
-        return grid
+def announce(run, resumed_from):
+    """config.yaml (a --config that continues the run), the trackers, and the run's first line."""
+    config, accelerator = run.config, run.accelerator
+    settings = flat_settings(config)
+    with atomic_write(run.exp_dir / "config.yaml", "w") as f:
+        f.write(yaml.safe_dump({**settings, "resume_step": 0}, sort_keys=False))
+    accelerator.init_trackers(config.exp_name, config={k: str(v) for k, v in settings.items()})
+    parameters = sum(p.numel() for p in run.raw_model.parameters()) / 1e6
+    origin = (f", resumed from {resumed_from}" if resumed_from else
+              f", initialised from {config.init_from} ({config.init_weights})" if config.init_from
+              else "")
+    print(f"{run.raw_model.config.label} ({parameters:.1f}M parameters), {len(run.dataset)} "
+          f"samples, {accelerator.num_processes} process(es) x batch {run.local_batch} x "
+          f"{config.gradient_accumulation_steps} accumulation, mixed precision "
+          f"{run.mixed_precision}{origin}")

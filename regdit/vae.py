@@ -1,7 +1,8 @@
 """The Stable Diffusion VAE (diffusers `AutoencoderKL`) that maps images to latents and back.
 
-`"none"` selects pixel space: the "latent" is the image itself in [-1, 1] (3 channels, scale 1.0). For small data
-that no pretrained VAE covers, `fit_vae` trains a small `AutoencoderKL` in a minute on a CPU.
+`"none"` selects pixel space: the "latent" is the image itself in [-1, 1] (3 channels, scale 1.0).
+For small data that no pretrained VAE covers, `fit_vae` trains a small `AutoencoderKL` in a minute
+on a CPU.
 """
 import logging
 import math
@@ -11,14 +12,17 @@ import warnings
 
 import torch
 
-from regdit import RegditError, atomic_write
+from regdit import RegditError
+from regdit.files import atomic_write
 from regdit.hub import is_hub_url, resolve_path
 
 VAE_ALIASES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 LATENT_SCALE = 0.18215  # SD VAE latent scaling used by the official train.py and generate.py
-# The small VAE of fit_vae: 4x downsampling (two of its three blocks halve the size) to 4 channels, 0.24M parameters.
-SMALL_VAE = dict(down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-                 block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=4, norm_num_groups=16)
+# The small VAE of fit_vae: 4x downsampling (two of its three blocks halve the size) to 4 channels,
+# 0.24M parameters.
+SMALL_VAE = dict(down_block_types=("DownEncoderBlock2D",) * 3,
+                 up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 32),
+                 layers_per_block=1, latent_channels=4, norm_num_groups=16)
 
 
 def resolve_vae_name(name_or_path):
@@ -28,44 +32,53 @@ def resolve_vae_name(name_or_path):
 
 
 def load_vae(name_or_path, device="cpu", dtype=torch.float32):
-    """An eval-mode `AutoencoderKL` from an alias ("ema", "mse"), a Hub id, a `save_pretrained` folder (local or
-    `hf://OWNER/REPO[/FOLDER]`); None for "none".
+    """An eval-mode `AutoencoderKL` from an alias ("ema", "mse"), a Hub id, a `save_pretrained`
+    folder (local or `hf://OWNER/REPO[/FOLDER]`); None for "none".
 
-    Hub ids go through `from_pretrained`, so `HF_HUB_OFFLINE=1` with a filled cache works without the network.
+    Hub ids go through `from_pretrained`, so `HF_HUB_OFFLINE=1` with a filled cache works without
+    the network.
     """
     if name_or_path == "none":
         return None
-    name = str(resolve_path(name_or_path, "VAE folder")) if is_hub_url(name_or_path) else resolve_vae_name(name_or_path)
+    name = (str(resolve_path(name_or_path, "VAE folder")) if is_hub_url(name_or_path)
+            else resolve_vae_name(name_or_path))
     looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1 or os.path.exists(name)
     if looks_local and not os.path.isdir(name):
-        raise RegditError(f"VAE folder {name} not found: pass a folder written by AutoencoderKL.save_pretrained, "
-                          f"a Hub id such as {VAE_ALIASES['mse']}, or one of {sorted(VAE_ALIASES)} or none")
-    from diffusers import AutoencoderKL  # imported here: pixel-space runs should not pay for diffusers
+        raise RegditError(f"VAE folder {name} not found: pass a folder written by "
+                          f"AutoencoderKL.save_pretrained, a Hub id such as {VAE_ALIASES['mse']}, "
+                          f"or one of {sorted(VAE_ALIASES)} or none")
+    # imported here: pixel-space runs should not pay for diffusers
+    from diffusers import AutoencoderKL
 
-    # diffusers logs an error and an "unsafe serialization" warning whenever it falls back from safetensors to .bin
-    # weights, which it then reads with torch.load(weights_only=True): neither is so, and a real failure raises.
+    # diffusers logs an error and an "unsafe serialization" warning whenever it falls back from
+    # safetensors to .bin weights, which it then reads with torch.load(weights_only=True): neither
+    # is so, and a real failure raises.
     modeling_log = logging.getLogger("diffusers.models.modeling_utils")
     modeling_log.addFilter(not_bin_fallback)
     try:
-        # diffusers passes huggingface_hub a deprecated argument on every Hub load: its warning is not the user's.
+        # diffusers passes huggingface_hub a deprecated argument on every Hub load: its warning is
+        # not the user's.
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated")
+            warnings.filterwarnings("ignore",
+                                    message="The `local_dir_use_symlinks` argument is deprecated")
             vae = AutoencoderKL.from_pretrained(name, torch_dtype=dtype)
-    except OSError as error:  # diffusers reports missing files, offline mode and network failures as OSError
+    except OSError as error:
+        # diffusers reports missing files, offline mode and network failures as OSError
         if os.path.isdir(name):
             raise RegditError(f"cannot load VAE folder {name}: {folder_problem(error)}") from None
-        raise RegditError(f"cannot load VAE {name}: it is not in the Hugging Face cache and the Hub cannot be "
-                          f"reached; on a machine with network run `hf download {name} --local-dir DIR` and pass "
-                          f"--vae DIR ({type(error).__name__})") from error
+        raise RegditError(f"cannot load VAE {name}: it is not in the Hugging Face cache and the "
+                          f"Hub cannot be reached; on a machine with network run `hf download "
+                          f"{name} --local-dir DIR` and pass --vae DIR "
+                          f"({type(error).__name__})") from error
     finally:
         modeling_log.removeFilter(not_bin_fallback)
     return vae.to(device).eval().requires_grad_(False)
 
 
 def save_vae(vae, folder):
-    """The files of `vae.save_pretrained(folder)` (config.json, the safetensors weights), which `load_vae` reads. The
-    weights go through `atomic_write`: safetensors' own writer reports a full disk as a SafetensorError, not an
-    OSError, so the command could not say it in one line."""
+    """The files of `vae.save_pretrained(folder)` (config.json, the safetensors weights), which
+    `load_vae` reads. The weights go through `atomic_write`: safetensors' own writer reports a full
+    disk as a SafetensorError, not an OSError, so the command could not say it in one line."""
     from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
     from safetensors.torch import save
 
@@ -82,16 +95,19 @@ def not_bin_fallback(record):
 
 
 def folder_problem(error):
-    """Why diffusers could not load a local VAE folder, and the fix. Its OSError says that weights are unreadable,
-    not why: the cause is the first exception of the chain (torch.load's, safetensors', json's)."""
+    """Why diffusers could not load a local VAE folder, and the fix. Its OSError says that weights
+    are unreadable, not why: the cause is the first exception of the chain (torch.load's,
+    safetensors', json's)."""
     causes = [error]
     while causes[-1].__context__ is not None:
         causes.append(causes[-1].__context__)
     if any(isinstance(cause, pickle.UnpicklingError) for cause in causes):
-        # diffusers reads .bin weights with torch.load(weights_only=True), which refuses anything but tensors
-        return (f"its .bin weights hold pickled objects other than tensors, which are not unpickled since that "
-                f"could run code ({first_sentence(causes[-1])}); if you trust the file, save the VAE again with "
-                "AutoencoderKL.save_pretrained (safetensors by default) and pass that folder")
+        # diffusers reads .bin weights with torch.load(weights_only=True), which refuses anything
+        # but tensors
+        return (f"its .bin weights hold pickled objects other than tensors, which are not "
+                f"unpickled since that could run code ({first_sentence(causes[-1])}); if you trust "
+                "the file, save the VAE again with AutoencoderKL.save_pretrained (safetensors by "
+                "default) and pass that folder")
     reason = first_sentence(error)
     if len(causes) > 1:  # diffusers' "Unable to load weights" over the reader's own error
         reason += f" ({type(causes[-1]).__name__}: {first_sentence(causes[-1])})"
@@ -110,15 +126,18 @@ def latent_scale(vae):
 
 @torch.no_grad()
 def encode_moments(vae, images):
-    """uint8 (N, 3, H, W) images -> float32 posterior moments (N, 2C, h, w): C mean channels, then C std channels.
+    """uint8 (N, 3, H, W) images -> float32 posterior moments (N, 2C, h, w): C mean channels, then C
+    std channels.
 
-    Mirrors the official preprocessing (EDM2's StabilityVAEEncoder): x / 127.5 - 1, then `latent_dist.mean` and
-    `latent_dist.std`. Pixel space (vae None): mean = the image in [-1, 1], std = 0. Runs on the VAE's device.
+    Mirrors the official preprocessing (EDM2's StabilityVAEEncoder): x / 127.5 - 1, then
+    `latent_dist.mean` and `latent_dist.std`. Pixel space (vae None): mean = the image in [-1, 1],
+    std = 0. Runs on the VAE's device.
     """
     if vae is None:
         mean = images.float() / 127.5 - 1
         return torch.cat([mean, torch.zeros_like(mean)], dim=1)
-    # Contiguous NCHW: images from HWC decoders arrive channels-last, where the encoder runs 20% slower on GPU.
+    # Contiguous NCHW: images from HWC decoders arrive channels-last, where the encoder runs slower
+    # on GPU (benchmarks/RESULTS.md, section 'Latent preparation and loading').
     x = images.to(vae.device, memory_format=torch.contiguous_format).float() / 127.5 - 1
     dist = vae.encode(x.to(vae.dtype)).latent_dist
     return torch.cat([dist.mean, dist.std], dim=1).float()
@@ -127,21 +146,24 @@ def encode_moments(vae, images):
 @torch.no_grad()
 def decode_latents(vae, latents):
     """Scaled latents (N, C, h, w) -> uint8 images (N, H, W, 3)."""
-    if vae is None:  # pixel space (regdit's own setting): the exact inverse of encode_moments, rounded
-        return torch.clamp(((latents.float() + 1) * 127.5).round(), 0, 255).permute(0, 2, 3, 1).to(torch.uint8)
+    # pixel space (regdit's own setting): the exact inverse of encode_moments, rounded
+    if vae is None:
+        pixels = torch.clamp(((latents.float() + 1) * 127.5).round(), 0, 255)
+        return pixels.permute(0, 2, 3, 1).to(torch.uint8)
     x = vae.decode((latents / LATENT_SCALE).to(vae.device, vae.dtype)).sample.float()
     # official generate.py: x = (x + 1) / 2, then clamp(255 * x, 0, 255) truncated to uint8
     return torch.clamp(255.0 * ((x + 1) / 2), 0, 255).permute(0, 2, 3, 1).to(torch.uint8)
 
 
 def fit_vae(images, steps=1200, batch_size=8, learning_rate=3e-3, seed=0):
-    """(A small `AutoencoderKL` (SMALL_VAE) fitted to uint8 images (N, H, W, 3) and their mirrors, its last loss).
+    """(A small `AutoencoderKL` (SMALL_VAE) fitted to uint8 images (N, H, W, 3) and their mirrors,
+    its last loss).
 
-    L1 + MSE reconstruction of a posterior sample with a light KL term; the learning rate decays linearly to 0 over
-    the second half. On the demo's shapes this reconstructs to 0.0055 MSE in about a minute on 2 CPU cores; 400 steps
-    at batch 32 without the decay, in the same time, reached 0.015.
-    The latents are then rescaled so that LATENT_SCALE * mean has unit std over the images, as the SD-VAE's have,
-    since REG scales every VAE's latents by that constant.
+    L1 + MSE reconstruction of a posterior sample with a light KL term; the learning rate decays
+    linearly to 0 over the second half; steps, batch size and schedule chosen by measurement
+    (benchmarks/RESULTS.md, section 'On the latents of a small fitted VAE'). The latents are then
+    rescaled so that LATENT_SCALE * mean has unit std over the images, as the SD-VAE's have, since
+    REG scales every VAE's latents by that constant.
     """
     from diffusers import AutoencoderKL
     from tqdm import tqdm
@@ -150,7 +172,8 @@ def fit_vae(images, steps=1200, batch_size=8, learning_rate=3e-3, seed=0):
         torch.manual_seed(seed)
         vae = AutoencoderKL(sample_size=images.shape[1], **SMALL_VAE)
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2)
-    pixels = torch.cat([pixels, pixels.flip(-1)])  # uint8: a float copy of the data would take 4x the memory
+    # uint8: a float copy of the data would take 4x the memory
+    pixels = torch.cat([pixels, pixels.flip(-1)])
 
     def to_unit(batch):
         return batch.float() / 127.5 - 1
@@ -162,7 +185,8 @@ def fit_vae(images, steps=1200, batch_size=8, learning_rate=3e-3, seed=0):
         batch = to_unit(pixels[torch.randint(len(pixels), (batch_size,), generator=generator)])
         posterior = vae.encode(batch).latent_dist
         error = vae.decode(posterior.sample(generator)).sample - batch
-        loss = error.abs().mean() + error.square().mean() + 1e-4 * posterior.kl().mean() / batch[0].numel()
+        loss = (error.abs().mean() + error.square().mean()
+                + 1e-4 * posterior.kl().mean() / batch[0].numel())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -172,12 +196,13 @@ def fit_vae(images, steps=1200, batch_size=8, learning_rate=3e-3, seed=0):
     mean = torch.cat([encode_moments(vae, chunk)[:, :channels] for chunk in pixels.split(256)])
     spread = LATENT_SCALE * mean.std().item()
     if not (math.isfinite(loss.item()) and spread > 0):
-        raise RegditError(f"the VAE fit diverged (last loss {loss.item():.4g}, latent std {spread:.4g}); rerun with "
-                          "another --seed")
+        raise RegditError(f"the VAE fit diverged (last loss {loss.item():.4g}, latent std "
+                          f"{spread:.4g}); rerun with another --seed")
     scale = 1 / spread
     with torch.no_grad():
-        # z -> scale * z: quant_conv gives (mean, logvar), so mean * scale and logvar + 2 log(scale); the decoder's
-        # first layer (post_quant_conv) divides by scale again, leaving every reconstruction as it was.
+        # z -> scale * z: quant_conv gives (mean, logvar), so mean * scale and logvar + 2
+        # log(scale); the decoder's first layer (post_quant_conv) divides by scale again, leaving
+        # every reconstruction as it was.
         vae.quant_conv.weight[:channels] *= scale
         vae.quant_conv.bias[:channels] *= scale
         vae.quant_conv.bias[channels:] += 2 * math.log(scale)

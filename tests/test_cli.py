@@ -1,5 +1,5 @@
-"""One configuration path for every command: flags from the config dataclass, `--config FILE.yaml`, required
-settings, `--help`."""
+"""One configuration path for every command: flags from the config dataclass, `--config FILE.yaml`,
+required settings, `--help`."""
 import dataclasses
 import importlib
 
@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from regdit.cli import COMMANDS, main, parse_config
-from regdit.config import field_type
+from regdit.config import field_type, flag_names, flat_settings, leaf_fields
 
 
 def config_class(command):
@@ -16,7 +16,8 @@ def config_class(command):
 
 
 def filled(command):
-    """The default config of `command` with every required setting given (a list for list settings)."""
+    """The default config of `command` with every required setting given (a list for list
+    settings)."""
     cls = config_class(command)
     given = {f.name: [f"given-{f.name}"] if field_type(cls, f.name)[1] else f"given-{f.name}"
              for f in dataclasses.fields(cls) if f.metadata.get("required")}
@@ -29,15 +30,18 @@ def test_every_command_has_help(command, capsys):
         main([*command.split(), "--help"])
     help_text = capsys.readouterr().out
     assert exit_info.value.code == 0 and "--config" in help_text
-    for field in dataclasses.fields(config_class(command)):  # every setting is a flag (or the positional argument)
-        assert f"--{field.name.replace('_', '-')}" in help_text or field.metadata.get("positional")
+    # every setting is a flag (or the positional one)
+    for _, field, prefix, _ in leaf_fields(config_class(command)):
+        assert all(f"{name} " in help_text or f"{name}," in help_text
+                   for name in flag_names(field, prefix)) or field.metadata.get("positional")
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_every_command_reads_all_its_settings_from_yaml(command, tmp_path):
     expected = filled(command)
-    (tmp_path / "c.yaml").write_text(yaml.safe_dump(dataclasses.asdict(expected)))
-    parsed_command, _, config = parse_config([*command.split(), "--config", str(tmp_path / "c.yaml")])
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(flat_settings(expected)))
+    parsed_command, _, config = parse_config([*command.split(), "--config",
+                                              str(tmp_path / "c.yaml")])
     assert parsed_command == command and config == expected
 
 
@@ -53,5 +57,6 @@ def test_required_settings_are_one_line_errors(command, capsys):
 
 def test_flags_win_over_yaml(tmp_path):
     (tmp_path / "c.yaml").write_text("ckpt: a.pt\nnum-steps: 20\ncfg_scale: 4.0\n")
-    _, _, config = parse_config(["sample", "--config", str(tmp_path / "c.yaml"), "--cfg-scale", "1.5"])
-    assert (config.ckpt, config.num_steps, config.cfg_scale) == ("a.pt", 20, 1.5)
+    _, _, config = parse_config(["sample", "--config", str(tmp_path / "c.yaml"),
+                                 "--cfg-scale", "1.5"])
+    assert (config.ckpt, config.sampling.num_steps, config.sampling.cfg_scale) == ("a.pt", 20, 1.5)

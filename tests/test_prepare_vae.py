@@ -1,4 +1,5 @@
-"""`regdit prepare vae`: a small AutoencoderKL fitted to prepared images, loaded back through the real --vae path."""
+"""`regdit prepare vae`: a small AutoencoderKL fitted to prepared images, loaded back through the
+real --vae path."""
 import numpy as np
 import pytest
 import torch
@@ -14,10 +15,12 @@ from regdit.vae import LATENT_SCALE, decode_latents, encode_moments, fit_vae, lo
 def images(tmp_path_factory):
     root = tmp_path_factory.mktemp("vae")
     make_dataset(root / "raw", images_per_class=4)
-    prepare_images(PrepareImagesConfig(source=str(root / "raw"), dest=str(root / "images"), resolution=32, workers=0))
+    prepare_images(PrepareImagesConfig(source=str(root / "raw"), dest=str(root / "images"),
+                                       resolution=32, workers=0))
     return root / "images"
 
 
+@pytest.mark.slow
 def test_fitted_vae_reconstructs_with_unit_scaled_latents(images, tmp_path, capsys):
     dest = tmp_path / "vae"
     cli_main(["prepare", "vae", "--source", str(images), "--dest", str(dest), "--steps", "150"])
@@ -31,9 +34,11 @@ def test_fitted_vae_reconstructs_with_unit_scaled_latents(images, tmp_path, caps
     assert (LATENT_SCALE * moments[:, :4]).std().item() == pytest.approx(1.0, abs=1e-3)
     decoded = decode_latents(vae, LATENT_SCALE * moments[:40, :4]).float().numpy()
     error = np.square(decoded - real).mean()
-    assert error < 0.5 * np.square(real - real.mean(axis=0)).mean()  # well below the mean image's (measured: 0.37)
+    # well below the mean image's (measured: 0.37)
+    assert error < 0.5 * np.square(real - real.mean(axis=0)).mean()
 
-    # A rerun with the same settings finds the VAE done and leaves it as it is; other settings are refused.
+    # A rerun with the same settings finds the VAE done and leaves it as it is; other settings are
+    # refused.
     weights = next(dest.glob("*.safetensors"))
     written = weights.stat().st_mtime_ns
     cli_main(["prepare", "vae", "--source", str(images), "--dest", str(dest), "--steps", "150"])
@@ -45,5 +50,7 @@ def test_fitted_vae_reconstructs_with_unit_scaled_latents(images, tmp_path, caps
 
 def test_a_diverged_fit_is_one_line():
     pixels = np.random.default_rng(0).integers(0, 255, (8, 32, 32, 3), dtype=np.uint8)
-    with pytest.raises(RegditError, match=r"^the VAE fit diverged \(last loss nan, latent std nan\); rerun with "):
-        fit_vae(pixels, steps=5, batch_size=4, learning_rate=100.0)  # a step this large sends the weights to NaN
+    with pytest.raises(RegditError, match=r"^the VAE fit diverged \(last loss nan, "
+                                          r"latent std nan\); rerun with "):
+        # a step this large sends the weights to NaN
+        fit_vae(pixels, steps=5, batch_size=4, learning_rate=100.0)
