@@ -17,16 +17,18 @@ from regdit.prepare import (
 )
 from regdit.train import TrainConfig
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"  # outputs of the official REG code, see fixtures/README.md
+# outputs of the official REG code, see fixtures/README.md
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 def pytest_addoption(parser):
-    parser.addoption("--all", action="store_true", help="also run the tests marked slow (the README's test "
-                                                        "command; CI runs it)")
+    parser.addoption("--all", action="store_true",
+                     help="also run the tests marked slow (the README's test command; CI runs it)")
 
 
 def pytest_collection_modifyitems(config, items):
-    """The fast tier by default: tests marked slow (minutes of CPU in all) run with --all, or alone with -m slow."""
+    """The fast tier by default: tests marked slow (minutes of CPU in all) run with --all, or alone
+    with -m slow."""
     if config.getoption("--all") or config.getoption("markexpr"):
         return
     slow = [item for item in items if item.get_closest_marker("slow")]
@@ -67,9 +69,10 @@ def tiny_data(tmp_path_factory):
         for i in range(8):
             image = (rng.random((32, 32, 3)) * 60 + c * 60).astype(np.uint8)
             Image.fromarray(image).save(root / "raw" / f"class{c}" / f"{i}.png")
-    prepare_images(PrepareImagesConfig(source=str(root / "raw"), dest=str(root / "images"), resolution=32, workers=0))
-    prepare_latents(PrepareLatentsConfig(source=str(root / "images"), dest=str(root / "data"), vae="none",
-                                         batch_size=16, flip=True, workers=0))
+    prepare_images(PrepareImagesConfig(source=str(root / "raw"), dest=str(root / "images"),
+                                       resolution=32, workers=0))
+    prepare_latents(PrepareLatentsConfig(source=str(root / "images"), dest=str(root / "data"),
+                                         vae="none", batch_size=16, flip=True, workers=0))
     save_random_encoder("dinov2-vit-b", root / "encoder", patch_size=7)
     return root
 
@@ -78,12 +81,14 @@ def tiny_data(tmp_path_factory):
 def inception_weights(tmp_path_factory):
     """Random Inception weights in torch-fidelity's layout: the evaluator's arithmetic is under
     test, not the network's training."""
-    return str(save_random_inception_weights(tmp_path_factory.mktemp("inception") / "random_inception.pth"))
+    path = tmp_path_factory.mktemp("inception") / "random_inception.pth"
+    return str(save_random_inception_weights(path))
 
 
 def tiny_config(root, **overrides):
-    settings = dict(data_dir=str(root / "data"), resolution=32, model="SiT-S/8", depth=2, hidden_size=64,
-                    num_heads=2, encoder_depth=1, projector_dim=64, enc_path=str(root / "encoder"), num_classes=4,
-                    batch_size=8, max_train_steps=6, log_every=2, checkpointing_steps=3, sampling_steps=0,
-                    num_workers=0, output_dir=str(root / "exps"), exp_name="run")
+    settings = dict(data_dir=str(root / "data"), resolution=32, model="SiT-S/8", depth=2,
+                    hidden_size=64, num_heads=2, encoder_depth=1, projector_dim=64,
+                    enc_path=str(root / "encoder"), num_classes=4, batch_size=8, max_train_steps=6,
+                    log_every=2, checkpointing_steps=3, sampling_steps=0, num_workers=0,
+                    output_dir=str(root / "exps"), exp_name="run")
     return TrainConfig(**{**settings, **overrides})

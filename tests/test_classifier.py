@@ -19,7 +19,8 @@ def test_class_score_tells_right_from_wrong_labels():
 
 
 def test_a_short_fit_tells_apart_shapes_of_different_colours():
-    """The fast tier's check of the demo's judge: ten steps separate three classes of distinct colour."""
+    """The fast tier's check of the demo's judge: ten steps separate three classes of distinct
+    colour."""
     rng = np.random.default_rng(1)
     classes = [0, 5, 7]  # a white circle, a red triangle, a blue x
     labels = np.repeat(np.arange(3), 12)

@@ -30,16 +30,18 @@ def test_every_command_has_help(command, capsys):
         main([*command.split(), "--help"])
     help_text = capsys.readouterr().out
     assert exit_info.value.code == 0 and "--config" in help_text
-    for _, field, prefix, _ in leaf_fields(config_class(command)):  # every setting is a flag (or the positional one)
-        assert all(f"{name} " in help_text or f"{name}," in help_text for name in flag_names(field, prefix)) \
-            or field.metadata.get("positional")
+    # every setting is a flag (or the positional one)
+    for _, field, prefix, _ in leaf_fields(config_class(command)):
+        assert all(f"{name} " in help_text or f"{name}," in help_text
+                   for name in flag_names(field, prefix)) or field.metadata.get("positional")
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_every_command_reads_all_its_settings_from_yaml(command, tmp_path):
     expected = filled(command)
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(flat_settings(expected)))
-    parsed_command, _, config = parse_config([*command.split(), "--config", str(tmp_path / "c.yaml")])
+    parsed_command, _, config = parse_config([*command.split(), "--config",
+                                              str(tmp_path / "c.yaml")])
     assert parsed_command == command and config == expected
 
 
@@ -55,5 +57,6 @@ def test_required_settings_are_one_line_errors(command, capsys):
 
 def test_flags_win_over_yaml(tmp_path):
     (tmp_path / "c.yaml").write_text("ckpt: a.pt\nnum-steps: 20\ncfg_scale: 4.0\n")
-    _, _, config = parse_config(["sample", "--config", str(tmp_path / "c.yaml"), "--cfg-scale", "1.5"])
+    _, _, config = parse_config(["sample", "--config", str(tmp_path / "c.yaml"),
+                                 "--cfg-scale", "1.5"])
     assert (config.ckpt, config.sampling.num_steps, config.sampling.cfg_scale) == ("a.pt", 20, 1.5)

@@ -26,11 +26,12 @@ def pixel_dataset(tmp_path_factory):
     for c in range(2):
         os.makedirs(root / "raw" / f"c{c}")
         for i in range(6):
-            PIL.Image.fromarray(rng.integers(0, 256, (16, 20, 3), dtype=np.uint8)).save(root / "raw" / f"c{c}" /
-                                                                                         f"{i}.png")
-    prepare_images(PrepareImagesConfig(source=root / "raw", dest=root / "images", resolution=16, workers=0))
-    return prepare_latents(PrepareLatentsConfig(source=root / "images", dest=root / "ds", vae="none", flip=True,
-                                                shard_size=5, workers=0))
+            image = rng.integers(0, 256, (16, 20, 3), dtype=np.uint8)
+            PIL.Image.fromarray(image).save(root / "raw" / f"c{c}" / f"{i}.png")
+    prepare_images(PrepareImagesConfig(source=root / "raw", dest=root / "images", resolution=16,
+                                       workers=0))
+    return prepare_latents(PrepareLatentsConfig(source=root / "images", dest=root / "ds",
+                                                vae="none", flip=True, shard_size=5, workers=0))
 
 
 def copy_dataset(src, dst):
@@ -51,14 +52,16 @@ def flips(dataset, epochs, num_workers):
         dataset.set_epoch(epoch)
         batch_images = torch.cat([x for x, _, _ in loader])
         flipped = [not torch.equal(a, b) for a, b in zip(batch_images, images)]
-        assert all(torch.equal(a, b.flip(-1) if f else b) for a, b, f in zip(batch_images, images, flipped))
+        assert all(torch.equal(a, b.flip(-1) if f else b)
+                   for a, b, f in zip(batch_images, images, flipped))
         result.append(flipped)
     return result
 
 
 def test_pixel_space_items(pixel_dataset):
     ds = open_dataset(pixel_dataset, resolution=16)
-    assert (len(ds), ds.num_classes, ds.resolution, ds.latent_scale, ds.vae) == (12, 2, 16, 1.0, "none")
+    assert ((len(ds), ds.num_classes, ds.resolution, ds.latent_scale, ds.vae)
+            == (12, 2, 16, 1.0, "none"))
     assert ds.moments_shape == (6, 16, 16) and ds.has_flip
     for epoch in range(2):
         ds.set_epoch(epoch)
@@ -71,7 +74,8 @@ def test_pixel_space_items(pixel_dataset):
 def test_flips_depend_only_on_seed_epoch_and_index(pixel_dataset):
     in_process = flips(open_dataset(pixel_dataset), [0, 1, 0], num_workers=0)
     assert in_process[0] == in_process[2] != in_process[1]
-    assert flips(open_dataset(pixel_dataset), [0, 1], num_workers=2) == in_process[:2]  # workers see set_epoch
+    # workers see set_epoch
+    assert flips(open_dataset(pixel_dataset), [0, 1], num_workers=2) == in_process[:2]
     assert flips(open_dataset(pixel_dataset, seed=1), [0], num_workers=0)[0] != in_process[0]
 
 
@@ -81,7 +85,8 @@ def test_regdit_layout_errors_name_the_file(pixel_dataset, tmp_path):
             open_dataset(path, **kwargs)
         assert "\n" not in str(error.value)
 
-    fails(pixel_dataset, f"{META}: dataset resolution is 16, not 32; pass --resolution 16", resolution=32)
+    fails(pixel_dataset, f"{META}: dataset resolution is 16, not 32; pass --resolution 16",
+          resolution=32)
     ds = copy_dataset(pixel_dataset, tmp_path / "labels")
     labels = np.load(ds / LABELS)
     labels[3] = 2
@@ -97,8 +102,8 @@ def test_regdit_layout_errors_name_the_file(pixel_dataset, tmp_path):
     fails(ds, "no regdit.json .* or vae-sd/")
     os.makedirs(ds / ".prepare-progress")
     fails(ds, "unfinished `regdit prepare latents`")
-    fails(os.path.join(os.path.dirname(pixel_dataset), "images"), "holds images without latents; run `regdit "
-                                                                   "prepare latents")
+    fails(os.path.join(os.path.dirname(pixel_dataset), "images"),
+          "holds images without latents; run `regdit prepare latents")
 
 
 def write_official(root, n=4, resolution=32, labels=None):
@@ -121,13 +126,15 @@ def write_official(root, n=4, resolution=32, labels=None):
 def test_official_layout_reads_and_validates(tmp_path):
     root = write_official(tmp_path / "ok")
     ds = open_dataset(root)
-    assert (len(ds), ds.resolution, ds.num_classes, ds.latent_scale, ds.vae) == (4, 32, 3, 0.18215, None)
+    assert ((len(ds), ds.resolution, ds.num_classes, ds.latent_scale, ds.vae)
+            == (4, 32, 3, 0.18215, None))
     assert ds.moments_shape == (8, 4, 4) and not ds.has_flip
     image, moments, label = ds[3]
     assert image.shape == (3, 32, 32) and moments.shape == (8, 4, 4) and label == 0
     with PIL.Image.open(root / "imagenet_32_vae" / "00000" / "img00000003.png") as f:
         assert torch.equal(image, torch.from_numpy(np.array(f)).permute(2, 0, 1))
-    assert torch.equal(moments, torch.from_numpy(np.load(root / "vae-sd" / "00000" / "img-mean-std-00000003.npy")[0]))
+    stored = np.load(root / "vae-sd" / "00000" / "img-mean-std-00000003.npy")[0]
+    assert torch.equal(moments, torch.from_numpy(stored))
 
     def fails(path, match, **kwargs):
         with pytest.raises(RegditError, match=match) as error:
@@ -143,8 +150,10 @@ def test_official_layout_reads_and_validates(tmp_path):
     root = write_official(tmp_path / "negative", labels=[0, 1, -2, 0])
     fails(root, "labels must be integers >= 0")
     root = write_official(tmp_path / "shape")
-    np.save(root / "vae-sd" / "00000" / "img-mean-std-00000003.npy", np.zeros((1, 8, 8, 8), np.float32))
-    fails(root, r"img-mean-std-00000003.npy: float32 moments of shape \[8, 8, 8\], expected float32 \[2C, 4, 4\]")
+    np.save(root / "vae-sd" / "00000" / "img-mean-std-00000003.npy",
+            np.zeros((1, 8, 8, 8), np.float32))
+    fails(root, r"img-mean-std-00000003.npy: float32 moments of shape \[8, 8, 8\], "
+                r"expected float32 \[2C, 4, 4\]")
     root = write_official(tmp_path / "gray")
     PIL.Image.new("L", (32, 32)).save(root / "imagenet_32_vae" / "00000" / "img00000000.png")
     fails(root, "img00000000.png is L, not 8-bit RGB")

@@ -11,8 +11,8 @@ from regdit.demo import CLASSES, COLOURS, draw_shape
 # A shortened demo: 40 training images per class, half the VAE's steps and a third of the SiT's. Its
 # classifier score was 0.85 when measured (chance: 0.1); the floor leaves room for other CPUs' float
 # rounding.
-SHORT_DEMO = ["--images-per-class", "40", "--vae-steps", "600", "--steps", "500", "--samples-per-class", "4",
-              "--sampling-steps", "50"]
+SHORT_DEMO = ["--images-per-class", "40", "--vae-steps", "600", "--steps", "500",
+              "--samples-per-class", "4", "--sampling-steps", "50"]
 SHORT_DEMO_FLOOR = 0.6
 
 
@@ -22,15 +22,20 @@ def test_shortened_demo_learns_shapes(tmp_path, capsys):
     cli_main(["demo", "--output", str(out), *SHORT_DEMO])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 500 and summary["final_loss"] < summary["first_loss"]
-    assert summary["classifier_held_out_accuracy"] >= 0.95 and summary["classifier_score"] >= SHORT_DEMO_FLOOR
+    assert summary["classifier_held_out_accuracy"] >= 0.95 \
+        and summary["classifier_score"] >= SHORT_DEMO_FLOOR
     for key in ("samples_grid", "loss_curve", "checkpoint", "samples_npz"):
         assert Path(summary[key]).is_file()
-    assert (Path(summary["vae"]) / "fit.json").is_file()  # the fitted VAE that made the latents and decoded samples
-    assert Image.open(summary["samples_grid"]).size == (4 * 32 * 2, len(CLASSES) * 32 * 2)  # a row per class
+    # the fitted VAE that made the latents and decoded samples
+    assert (Path(summary["vae"]) / "fit.json").is_file()
+    # a row per class
+    assert Image.open(summary["samples_grid"]).size == (4 * 32 * 2, len(CLASSES) * 32 * 2)
     with np.load(summary["samples_npz"]) as samples:
-        assert samples["arr_0"].shape == (40, 32, 32, 3) and sorted(set(samples["labels"].tolist())) == list(range(10))
+        assert samples["arr_0"].shape == (40, 32, 32, 3) \
+            and sorted(set(samples["labels"].tolist())) == list(range(10))
     printed = capsys.readouterr().out.strip().splitlines()
-    assert printed[-1].startswith("summary: ") and any(line.startswith("classifier score") for line in printed)
+    assert printed[-1].startswith("summary: ") \
+        and any(line.startswith("classifier score") for line in printed)
 
     # A rerun finds the run finished: it fits and trains nothing, reuses the run's loss curve (its
     # metrics.jsonl) and scores the same samples.
@@ -53,12 +58,15 @@ def test_demo_runs_on_a_folder_of_classes(tmp_path):
     for label, name in ((0, "circles"), (7, "crosses")):
         (tmp_path / "mine" / name).mkdir(parents=True)
         for i in range(6):
-            Image.fromarray(draw_shape(label, rng, size=48)).save(tmp_path / "mine" / name / f"{i}.png")
-    cli_main(["demo", "--output", str(tmp_path / "demo"), "--data", str(tmp_path / "mine"), "--vae-steps", "5",
-              "--steps", "10", "--batch-size", "8", "--samples-per-class", "3", "--sampling-steps", "5"])
+            image = Image.fromarray(draw_shape(label, rng, size=48))
+            image.save(tmp_path / "mine" / name / f"{i}.png")
+    cli_main(["demo", "--output", str(tmp_path / "demo"), "--data", str(tmp_path / "mine"),
+              "--vae-steps", "5", "--steps", "10", "--batch-size", "8", "--samples-per-class", "3",
+              "--sampling-steps", "5"])
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["classes"] == ["circles", "crosses"] and summary["training_images"] == 12
-    assert Image.open(summary["samples_grid"]).size == (3 * 32 * 2, 2 * 32 * 2)  # resized to 32 px, a row per class
+    # resized to 32 px, a row per class
+    assert Image.open(summary["samples_grid"]).size == (3 * 32 * 2, 2 * 32 * 2)
 
 
 def test_demo_classes_differ_in_shape_where_they_share_a_colour():
@@ -66,4 +74,5 @@ def test_demo_classes_differ_in_shape_where_they_share_a_colour():
     rng = np.random.default_rng(0)
     images = np.stack([draw_shape(label, rng) for label in range(len(CLASSES))]).astype(float)
     distances = np.abs(images[:, None] - images[None]).mean(axis=(2, 3, 4))
-    assert (distances + np.eye(len(CLASSES)) * 1e9).min() > 10  # every pair of classes is visibly different
+    # every pair of classes is visibly different
+    assert (distances + np.eye(len(CLASSES)) * 1e9).min() > 10

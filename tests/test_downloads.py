@@ -49,7 +49,8 @@ def server(tmp_path):
     """(base URL, the folder it serves, stop): an HTTP server on 127.0.0.1, in a thread."""
     folder = tmp_path / "served"
     folder.mkdir()
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Files, directory=str(folder)))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                            functools.partial(Files, directory=str(folder)))
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
 
@@ -92,18 +93,21 @@ def closed_port():
         return s.getsockname()[1]
 
 
-def test_inception_weights_download_on_first_use_then_come_from_the_cache(server, caches, weights, monkeypatch,
-                                                                           tmp_path, capsys):
+def test_inception_weights_download_on_first_use_then_come_from_the_cache(
+        server, caches, weights, monkeypatch, tmp_path, capsys):
     url, folder, stop = server
     name = sha256_named(folder, weights)
     monkeypatch.setattr(downloads, "INCEPTION_URL", f"{url}/{name}")
-    np.savez(tmp_path / "images.npz", arr_0=np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), np.uint8))
-    cli_main(["eval", "--make-ref", str(tmp_path / "images.npz"), "--output", str(tmp_path / "ref.npz"), "--device",
-              "cpu"])
+    np.savez(tmp_path / "images.npz",
+             arr_0=np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), np.uint8))
+    cli_main(["eval", "--make-ref", str(tmp_path / "images.npz"),
+              "--output", str(tmp_path / "ref.npz"), "--device", "cpu"])
     cached = caches[0] / name
-    assert f"downloading the Inception weights from {url}/{name} to {cached}\n" in capsys.readouterr().err
+    assert (f"downloading the Inception weights from {url}/{name} to {cached}\n"
+            in capsys.readouterr().err)
     assert cached.read_bytes() == weights and sorted(p.name for p in caches[0].iterdir()) == [name]
-    assert np.load(tmp_path / "ref.npz")["mu"].shape == (2048,)  # the weights computed the statistics
+    # the weights computed the statistics
+    assert np.load(tmp_path / "ref.npz")["mu"].shape == (2048,)
     stop()  # a second use needs no network
     assert inception_weights_path() == str(cached)
     assert "downloading" not in capsys.readouterr().err
@@ -113,7 +117,8 @@ def test_inception_weights_download_on_first_use_then_come_from_the_cache(server
     ("flip", r"has SHA-256 [0-9a-f]{8}\.\.\., not [0-9a-f]{8}\.\.\. as its name says"),
     ("short", r"ended after \d+ of \d+ bytes"),
 ], ids=["hash", "truncated"])
-def test_a_damaged_inception_download_is_refused_and_removed(server, caches, weights, monkeypatch, damage, message):
+def test_a_damaged_inception_download_is_refused_and_removed(server, caches, weights, monkeypatch,
+                                                             damage, message):
     url, folder, _ = server
     name = sha256_named(folder, weights, stem="short-weights" if damage == "short" else "weights")
     if damage == "flip":
@@ -122,56 +127,64 @@ def test_a_damaged_inception_download_is_refused_and_removed(server, caches, wei
     with pytest.raises(RegditError) as error:
         inception_weights_path()
     source, destination = re.escape(f"{url}/{name}"), re.escape(str(caches[0] / name))
-    assert re.fullmatch(rf"the download of the Inception weights from {source} {message}, so it was removed: run "
-                        rf"again, or download {source} on a machine with network and put it at {destination} \(or "
-                        rf"pass --inception-weights PATH\)", str(error.value))
+    assert re.fullmatch(rf"the download of the Inception weights from {source} {message}, "
+                        rf"so it was removed: run again, or download {source} on a machine "
+                        rf"with network and put it at {destination} \(or pass "
+                        rf"--inception-weights PATH\)", str(error.value))
     assert list(caches[0].iterdir()) == []  # neither the file nor a temp file is left
 
 
-def test_offline_or_unreachable_is_one_line_naming_the_url_and_where_to_put_the_file(caches, monkeypatch, tmp_path,
-                                                                                     capsys):
+def test_offline_or_unreachable_is_one_line_naming_the_url_and_where_to_put_the_file(
+        caches, monkeypatch, tmp_path, capsys):
     np.savez(tmp_path / "images.npz", arr_0=np.zeros((5, 16, 16, 3), np.uint8))
-    argv = ["eval", "--ref-batch", str(tmp_path / "images.npz"), "--sample-batch", str(tmp_path / "images.npz"),
-            "--device", "cpu"]
+    argv = ["eval", "--ref-batch", str(tmp_path / "images.npz"),
+            "--sample-batch", str(tmp_path / "images.npz"), "--device", "cpu"]
     destination = caches[0] / "weights-inception-2015-12-05-6726825d.pth"
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert cli_error(capsys, argv) == (
-        "regdit eval: error: not downloading the Inception weights: HF_HUB_OFFLINE=1 is set; download "
-        "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth "
-        f"on a machine with network and put it at {destination} (or pass --inception-weights PATH)")
+        "regdit eval: error: not downloading the Inception weights: HF_HUB_OFFLINE=1 is set; "
+        "download https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+        "weights-inception-2015-12-05-6726825d.pth on a machine with network and put it at "
+        f"{destination} (or pass --inception-weights PATH)")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     unreachable = f"http://127.0.0.1:{closed_port()}/weights-inception-2015-12-05-6726825d.pth"
     monkeypatch.setattr(downloads, "INCEPTION_URL", unreachable)
     message = cli_error(capsys, argv)
-    assert message == (f"regdit eval: error: cannot download the Inception weights from {unreachable} ([Errno 111] "
-                       f"Connection refused): download {unreachable} on a machine with network and put it at "
-                       f"{destination} (or pass --inception-weights PATH)")
+    assert message == (f"regdit eval: error: cannot download the Inception weights from "
+                       f"{unreachable} ([Errno 111] Connection refused): download {unreachable} "
+                       f"on a machine with network and put it at {destination} "
+                       "(or pass --inception-weights PATH)")
     assert not caches[0].exists() or list(caches[0].iterdir()) == []
 
 
-def test_a_stalled_download_times_out_as_one_line_and_leaves_no_file(server, caches, weights, monkeypatch):
+def test_a_stalled_download_times_out_as_one_line_and_leaves_no_file(server, caches, weights,
+                                                                     monkeypatch):
     url, folder, _ = server
     name = sha256_named(folder, weights, stem="stall-weights")
     monkeypatch.setattr(downloads, "INCEPTION_URL", f"{url}/{name}")
     monkeypatch.setattr(downloads, "READ_TIMEOUT", 0.5)
     with pytest.raises(RegditError) as error:
         inception_weights_path()
-    assert str(error.value) == (f"cannot download the Inception weights from {url}/{name} (timed out): download "
-                                f"{url}/{name} on a machine with network and put it at {caches[0] / name} (or pass "
-                                "--inception-weights PATH)")
+    assert str(error.value) == (f"cannot download the Inception weights from {url}/{name} "
+                                f"(timed out): download {url}/{name} on a machine with network and "
+                                f"put it at {caches[0] / name} (or pass --inception-weights PATH)")
     assert list(caches[0].iterdir()) == []
 
 
 def reference(resolution=64, count=5, **changes):
     """The arrays of an ADM reference batch (statistics in float16 to keep it small: only shapes are
     checked)."""
-    arrays = {"arr_0": np.random.default_rng(0).integers(0, 256, (count, resolution, resolution, 3), np.uint8),
-              "arr_1": np.arange(count), "mu": np.zeros(2048, np.float16), "sigma": np.zeros((2048, 2048), np.float16),
-              "mu_s": np.zeros(2023, np.float16), "sigma_s": np.zeros((2023, 2023), np.float16), **changes}
+    shape = (count, resolution, resolution, 3)
+    arrays = {"arr_0": np.random.default_rng(0).integers(0, 256, shape, np.uint8),
+              "arr_1": np.arange(count),
+              "mu": np.zeros(2048, np.float16), "sigma": np.zeros((2048, 2048), np.float16),
+              "mu_s": np.zeros(2023, np.float16), "sigma_s": np.zeros((2023, 2023), np.float16),
+              **changes}
     return {key: value for key, value in arrays.items() if value is not None}
 
 
-def test_a_reference_batch_by_name_is_downloaded_checked_and_reused(server, caches, monkeypatch, tmp_path, capsys):
+def test_a_reference_batch_by_name_is_downloaded_checked_and_reused(server, caches, monkeypatch,
+                                                                    tmp_path, capsys):
     url, folder, stop = server
     (folder / "64").mkdir()
     np.savez(folder / "64" / "VIRTUAL_imagenet64_labeled.npz", **reference())
@@ -180,24 +193,29 @@ def test_a_reference_batch_by_name_is_downloaded_checked_and_reused(server, cach
     # through the command: downloaded, then compared with the samples before any Inception forward
     cached = caches[1] / "VIRTUAL_imagenet64_labeled.npz"
     with pytest.raises(SystemExit) as exit_info:
-        cli_main(["eval", "--ref-batch", "imagenet64", "--sample-batch", str(tmp_path / "samples.npz"), "--device",
-                  "cpu"])
-    assert exit_info.value.code.startswith(f"regdit eval: error: the reference {cached} is 64x64 px but the samples")
-    assert capsys.readouterr().err.startswith(f"downloading ADM's reference batch imagenet64 from {url}/64/"
-                                              f"{cached.name} to {cached}\n")
+        cli_main(["eval", "--ref-batch", "imagenet64",
+                  "--sample-batch", str(tmp_path / "samples.npz"), "--device", "cpu"])
+    assert exit_info.value.code.startswith(f"regdit eval: error: the reference {cached} is 64x64 "
+                                           "px but the samples")
+    assert capsys.readouterr().err.startswith(f"downloading ADM's reference batch imagenet64 from "
+                                              f"{url}/64/{cached.name} to {cached}\n")
     assert cached.read_bytes() == (folder / "64" / "VIRTUAL_imagenet64_labeled.npz").read_bytes()
     stop()
     assert reference_batch_path("imagenet64") == cached  # from the cache, without the network
 
 
 @pytest.mark.parametrize("arrays, problem", [
-    (reference(resolution=32), r"has arr_0 of shape \(5, 32, 32, 3\), not \(N, 64, 64, 3\)"),
-    (reference(arr_0=np.zeros((5, 64, 64, 3), np.float32)), "has arr_0 of dtype float32, not uint8"),
-    (reference(sigma_s=np.zeros((2023, 7))), r"has sigma_s of shape \(2023, 7\), not \(2023, 2023\)"),
+    (reference(resolution=32),
+     r"has arr_0 of shape \(5, 32, 32, 3\), not \(N, 64, 64, 3\)"),
+    (reference(arr_0=np.zeros((5, 64, 64, 3), np.float32)),
+     "has arr_0 of dtype float32, not uint8"),
+    (reference(sigma_s=np.zeros((2023, 7))),
+     r"has sigma_s of shape \(2023, 7\), not \(2023, 2023\)"),
     (reference(mu=None), "has no mu"),
     ("not a zip", "is not a readable .npz"),
 ], ids=["resolution", "dtype", "statistics-shape", "no-statistics", "not-npz"])
-def test_a_wrong_reference_batch_is_refused_and_removed(server, caches, monkeypatch, arrays, problem):
+def test_a_wrong_reference_batch_is_refused_and_removed(server, caches, monkeypatch, arrays,
+                                                        problem):
     url, folder, _ = server
     (folder / "64").mkdir()
     served = folder / "64" / "VIRTUAL_imagenet64_labeled.npz"
@@ -206,16 +224,19 @@ def test_a_wrong_reference_batch_is_refused_and_removed(server, caches, monkeypa
     else:
         np.savez(served, **arrays)
     monkeypatch.setattr(downloads, "REFERENCE_BATCHES_URL", url)
-    source, destination = re.escape(f"{url}/64/{served.name}"), re.escape(str(caches[1] / served.name))
-    with pytest.raises(RegditError, match=rf"^the download of ADM's reference batch imagenet64 from {source} "
-                                          rf"{problem}.*, so it was removed: run again, or download {source} on a "
-                                          rf"machine with network and put it at {destination} \(or pass --ref-batch "
-                                          rf"PATH\)$"):
+    source = re.escape(f"{url}/64/{served.name}")
+    destination = re.escape(str(caches[1] / served.name))
+    with pytest.raises(RegditError, match=rf"^the download of ADM's reference batch imagenet64 "
+                                          rf"from {source} {problem}.*, so it was removed: run "
+                                          rf"again, or download {source} on a machine with "
+                                          rf"network and put it at {destination} \(or pass "
+                                          rf"--ref-batch PATH\)$"):
         reference_batch_path("imagenet64")
     assert list(caches[1].iterdir()) == []
 
 
-def test_train_evaluation_takes_a_reference_batch_by_name_offline_as_one_line(caches, monkeypatch, tmp_path):
+def test_train_evaluation_takes_a_reference_batch_by_name_offline_as_one_line(caches, monkeypatch,
+                                                                              tmp_path):
     from accelerate import PartialState
 
     from regdit.monitor import TrainingEvaluation
@@ -225,7 +246,7 @@ def test_train_evaluation_takes_a_reference_batch_by_name_offline_as_one_line(ca
     with pytest.raises(RegditError) as error:
         TrainingEvaluation(config, None, PartialState(), None)
     assert str(error.value) == (
-        "not downloading ADM's reference batch imagenet256: HF_HUB_OFFLINE=1 is set; download https://openaipublic."
-        "blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/VIRTUAL_imagenet256_labeled.npz on a "
-        f"machine with network and put it at {caches[1] / 'VIRTUAL_imagenet256_labeled.npz'} (or pass --ref-batch "
-        "PATH)")
+        "not downloading ADM's reference batch imagenet256: HF_HUB_OFFLINE=1 is set; download "
+        "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
+        "VIRTUAL_imagenet256_labeled.npz on a machine with network and put it at "
+        f"{caches[1] / 'VIRTUAL_imagenet256_labeled.npz'} (or pass --ref-batch PATH)")

@@ -37,7 +37,7 @@ def _images(count, size=16, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (count, size, size, 3), dtype=np.uint8)
 
 
-# ---- images and weights: one-line errors ------------------------------------------------------------------------
+# ---- images and weights: one-line errors ---------------------------------------------------------
 
 
 def test_npz_images_are_read_in_slices_from_plain_and_compressed_archives(tmp_path):
@@ -64,15 +64,18 @@ def test_bad_npz_gives_one_line_error_naming_the_file(tmp_path, arrays, message)
     np.savez(path, **arrays)
     with pytest.raises(RegditError) as error:
         load_npz_images(path, num_images=3)
-    assert message in str(error.value) and str(path) in str(error.value) and "\n" not in str(error.value)
+    assert message in str(error.value) and str(path) in str(error.value) \
+        and "\n" not in str(error.value)
 
 
 def test_zip_without_arr_0_lists_a_few_keys_and_what_is_expected(tmp_path):
-    torch.save({str(index): torch.zeros(1) for index in range(100)}, tmp_path / "some.pt")  # a zip of 100+ members
+    # a zip of 100+ members
+    torch.save({str(index): torch.zeros(1) for index in range(100)}, tmp_path / "some.pt")
     with pytest.raises(RegditError) as error:
         load_npz_images(tmp_path / "some.pt")
     message = str(error.value)
-    assert "some.pt has no arr_0 (keys: " in message and "in all)" in message and "archive/data/99" not in message
+    assert "some.pt has no arr_0 (keys: " in message and "in all)" in message \
+        and "archive/data/99" not in message
     assert "ADM-style .npz with arr_0 = uint8 N x H x W x 3" in message and "\n" not in message
 
 
@@ -106,7 +109,8 @@ def test_image_folder_reads_nested_images_in_relative_path_order(tmp_path):
     for image, name in zip(images, ("a.png", "b/c.PNG", "b.jpg")):
         Image.fromarray(image).save(tmp_path / name, format="PNG")  # lossless whatever the suffix
     with ImageFolder(tmp_path, num_images=3) as folder:
-        assert [path.removeprefix(str(tmp_path)) for path in folder.paths] == ["/a.png", "/b.jpg", "/b/c.PNG"]
+        assert [path.removeprefix(str(tmp_path)) for path in folder.paths] \
+            == ["/a.png", "/b.jpg", "/b/c.PNG"]
         np.testing.assert_array_equal(folder[0:3], images[[0, 2, 1]])
     with pytest.raises(RegditError, match="holds 3 images, fewer than the 4 asked for"):
         ImageFolder(tmp_path, num_images=4)
@@ -118,22 +122,26 @@ def test_image_folder_reads_nested_images_in_relative_path_order(tmp_path):
 def test_missing_inception_weights_say_where_to_get_them(tmp_path, monkeypatch):
     import huggingface_hub
     from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # torch-fidelity's download cache lives here
+    # torch-fidelity's download cache lives here
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.delenv("REGDIT_INCEPTION_WEIGHTS", raising=False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no download (test_downloads downloads)
+    # no download (test_downloads downloads)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(RegditError) as error:
         load_inception(device="cpu")
     assert str(error.value) == (
-        f"not downloading the Inception weights: HF_HUB_OFFLINE=1 is set; download {URL_INCEPTION_V3} on a machine "
-        f"with network and put it at {tmp_path / 'torch' / 'hub' / 'checkpoints' / INCEPTION_WEIGHTS_FILE} (or pass "
-        "--inception-weights PATH)")
+        "not downloading the Inception weights: HF_HUB_OFFLINE=1 is set; "
+        f"download {URL_INCEPTION_V3} on a machine with network and put it at "
+        f"{tmp_path / 'torch' / 'hub' / 'checkpoints' / INCEPTION_WEIGHTS_FILE} "
+        "(or pass --inception-weights PATH)")
     monkeypatch.setenv("REGDIT_INCEPTION_WEIGHTS", str(tmp_path / "elsewhere.pth"))
     with pytest.raises(RegditError, match="elsewhere.pth"):
         load_inception(device="cpu")
 
 
 def test_weights_that_are_not_an_inception_state_dict_are_refused(tmp_path):
-    torch.save({"config": datetime.date(2015, 12, 5)}, tmp_path / "pickled.pth")  # needs unpickling code
+    # needs unpickling code
+    torch.save({"config": datetime.date(2015, 12, 5)}, tmp_path / "pickled.pth")
     with pytest.raises(RegditError, match="not a loadable Inception state dict"):
         load_inception(tmp_path / "pickled.pth", device="cpu")
     torch.save([torch.zeros(1)], tmp_path / "list.pth")
@@ -153,64 +161,78 @@ def test_weights_file_is_read_once_and_only_with_weights_only(weights, monkeypat
 
     monkeypatch.setattr(torch, "load", recording_load)  # torch-fidelity calls torch.load too
     model = load_inception(weights, device="cpu")
-    file_loads = [(source, weights_only) for source, weights_only in loads if isinstance(source, (str, os.PathLike))]
+    file_loads = [(source, weights_only) for source, weights_only in loads
+                  if isinstance(source, (str, os.PathLike))]
     assert file_loads == [(weights, True)]
     expected = torch_load(weights, weights_only=True)
     assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in expected.items())
 
 
-# ---- Inception features ----------------------------------------------------------------------------------------
+# ---- Inception features --------------------------------------------------------------------------
 
 
 def test_activations_are_pool3_unbiased_logits_and_mixed_6d_branch1x1_in_hwc_order(weights):
     model = load_inception(weights, device="cpu")
     images = _images(2)
     tf32_flags, taps = [], []
-    hook = model.Mixed_6d.branch1x1.register_forward_hook(lambda module, inputs, output: tf32_flags.append(
-        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)))
+    hook = model.Mixed_6d.branch1x1.register_forward_hook(
+        lambda module, inputs, output: tf32_flags.append((torch.backends.cuda.matmul.allow_tf32,
+                                                          torch.backends.cudnn.allow_tf32)))
     features = compute_activations(images, model, batch_size=1)
     hook.remove()
     assert tf32_flags == [(False, False)] * 2
-    hook = model.Mixed_6d.branch1x1.register_forward_hook(lambda module, inputs, output: taps.append(output))
+    hook = model.Mixed_6d.branch1x1.register_forward_hook(
+        lambda module, inputs, output: taps.append(output))
     with torch.no_grad():
-        pool = torch.cat([model(torch.from_numpy(image[None]).permute(0, 3, 1, 2))[0] for image in images])
+        pool = torch.cat([model(torch.from_numpy(image[None]).permute(0, 3, 1, 2))[0]
+                          for image in images])
     hook.remove()
     mixed_6 = torch.cat(taps)
     assert features["pool"].shape == (2, 2048) and features["logits"].shape == (2, 1008)
     assert features["spatial"].shape == (2, 17 * 17 * 7)
-    np.testing.assert_allclose(features["spatial"], mixed_6.permute(0, 2, 3, 1)[..., :7].reshape(2, -1))  # NHWC
+    np.testing.assert_allclose(features["spatial"],
+                               mixed_6.permute(0, 2, 3, 1)[..., :7].reshape(2, -1))  # NHWC
     assert not np.allclose(features["spatial"], mixed_6[:, :7].reshape(2, -1))  # not C, H, W order
     np.testing.assert_allclose(features["pool"], pool)
     np.testing.assert_allclose(features["logits"], pool @ model.fc.weight.T, rtol=1e-4, atol=1e-5)
-    assert not np.allclose(features["logits"], pool @ model.fc.weight.T + model.fc.bias, atol=1e-3)  # no bias
+    assert not np.allclose(features["logits"], pool @ model.fc.weight.T + model.fc.bias,
+                           atol=1e-3)  # no bias
 
 
-# ---- metrics ---------------------------------------------------------------------------------------------------
+# ---- metrics -------------------------------------------------------------------------------------
 
 
 def test_frechet_distance_of_known_gaussians():
     rng = np.random.default_rng(0)
     mu1, mu2 = rng.normal(size=4), rng.normal(size=4)
     a, b = rng.uniform(0.5, 2, 4), rng.uniform(0.5, 2, 4)
-    rotation = np.linalg.qr(rng.normal(size=(4, 4)))[0]  # commuting covariances with a shared eigenbasis
+    # commuting covariances with a shared eigenbasis
+    rotation = np.linalg.qr(rng.normal(size=(4, 4)))[0]
     closed_form = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
-    assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(closed_form, rel=1e-10)
+    assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) \
+        == pytest.approx(closed_form, rel=1e-10)
     assert frechet_distance(mu1, rotation @ np.diag(a) @ rotation.T, mu2,
-                            rotation @ np.diag(b) @ rotation.T) == pytest.approx(closed_form, rel=1e-8)
-    assert frechet_distance(0.0, 4.0, 1.0, 9.0) == pytest.approx(1 + (2 - 3) ** 2)  # 1-D: (m1-m2)^2 + (s1-s2)^2
+                            rotation @ np.diag(b) @ rotation.T) \
+        == pytest.approx(closed_form, rel=1e-8)
+    # 1-D: (m1-m2)^2 + (s1-s2)^2
+    assert frechet_distance(0.0, 4.0, 1.0, 9.0) == pytest.approx(1 + (2 - 3) ** 2)
 
 
 def test_frechet_distance_is_real_for_nearly_singular_covariances():
     rng = np.random.default_rng(1)
     x, y = rng.normal(size=(20, 64)), rng.normal(size=(20, 64)) + 0.3
     (mu1, sigma1), (mu2, sigma2) = fid_statistics(x), fid_statistics(y)  # rank 19 in 64 dimensions
-    assert np.iscomplexobj(linalg.sqrtm(sigma1 @ sigma2))  # the case that needs ADM's imaginary-part handling
+    # the case that needs ADM's imaginary-part handling
+    assert np.iscomplexobj(linalg.sqrtm(sigma1 @ sigma2))
     fid = frechet_distance(mu1, sigma1, mu2, sigma2)
-    root1 = linalg.sqrtm(sigma1).real  # tr sqrt(s1 s2) = sum of sqrt(eigenvalues of s1^1/2 s2 s1^1/2)
+    # tr sqrt(s1 s2) = sum of sqrt(eigenvalues of s1^1/2 s2 s1^1/2)
+    root1 = linalg.sqrtm(sigma1).real
     eigenvalues = np.clip(np.linalg.eigvalsh(root1 @ sigma2 @ root1), 0, None)
-    expected = np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sqrt(eigenvalues).sum()
+    expected = (np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2)
+                - 2 * np.sqrt(eigenvalues).sum())
     assert isinstance(fid, float) and np.isfinite(fid)
-    assert fid == pytest.approx(expected, rel=1e-3)  # sqrtm of a singular product is only this accurate (as ADM's)
+    # sqrtm of a singular product is only this accurate (as ADM's)
+    assert fid == pytest.approx(expected, rel=1e-3)
 
 
 def test_frechet_distance_retries_with_eps_and_rejects_imaginary_roots():
@@ -235,13 +257,15 @@ def _adm_inception_score(preds, split_size=5000):
 
 def test_inception_score_uses_contiguous_5000_sample_splits():
     rng = np.random.default_rng(0)
-    logits = rng.normal(size=(12000, 10)) * np.linspace(0.1, 5, 12000)[:, None]  # confidence grows along the batch
+    # confidence grows along the batch
+    logits = rng.normal(size=(12000, 10)) * np.linspace(0.1, 5, 12000)[:, None]
     probs = special.softmax(logits, axis=1)
     score = inception_score(probs)
     assert score == pytest.approx(_adm_inception_score(probs), rel=1e-12)
     manual = np.mean([_adm_inception_score(probs[s:s + 5000], 5000) for s in (0, 5000, 10000)])
     assert score == pytest.approx(manual, rel=1e-12)
-    assert score != pytest.approx(inception_score(probs[rng.permutation(12000)]), rel=1e-3)  # no shuffle
+    # no shuffle
+    assert score != pytest.approx(inception_score(probs[rng.permutation(12000)]), rel=1e-3)
     assert score != pytest.approx(inception_score(probs, split_size=12000), rel=1e-3)
 
 
@@ -249,7 +273,8 @@ def test_inception_score_closed_form():
     classes = 4
     probs = np.full((8, classes), 0.1 / classes) + 0.9 * np.eye(classes)[np.arange(8) % classes]
     confident, other = 0.9 + 0.1 / classes, 0.1 / classes  # the marginal is uniform
-    expected = np.exp(confident * np.log(confident * classes) + (classes - 1) * other * np.log(other * classes))
+    expected = np.exp(confident * np.log(confident * classes)
+                      + (classes - 1) * other * np.log(other * classes))
     assert inception_score(probs) == pytest.approx(expected, rel=1e-12)
     assert inception_score(np.full((6, 5), 0.2)) == pytest.approx(1.0)
 
@@ -281,9 +306,10 @@ def _adm_manifold_radii(features, row_batch_size, col_batch_size, nhood_sizes=(3
         row_batch = features[begin1:end1]
         for begin2 in range(0, num_images, col_batch_size):
             end2 = min(begin2 + col_batch_size, num_images)
-            distance_batch[0:end1 - begin1, begin2:end2] = _adm_pairwise_distances(row_batch,
-                                                                                   features[begin2:end2])
-        radii[begin1:end1, :] = np.partition(distance_batch[0:end1 - begin1, :], seq, axis=1)[:, list(nhood_sizes)]
+            distance_batch[0:end1 - begin1, begin2:end2] = _adm_pairwise_distances(
+                row_batch, features[begin2:end2])
+        partitioned = np.partition(distance_batch[0:end1 - begin1, :], seq, axis=1)
+        radii[begin1:end1, :] = partitioned[:, list(nhood_sizes)]
     return radii
 
 
@@ -324,8 +350,10 @@ def test_precision_recall_equal_adm_manifold_estimator_transcription():
     assert not np.array_equal(large.astype(np.float16).astype(np.float32), large)
     small = ref[:140]  # no overflow: every distance is a float16 value, rounded from the exact one
     radii_small = estimator.manifold_radii(small)[:, 0]
-    exact = np.partition(((small[:, None].astype(np.float64) - small[None]) ** 2).sum(-1), 3, axis=1)[:, 3]
-    assert np.array_equal(radii_small.astype(np.float16), radii_small) and not np.array_equal(radii_small, exact)
+    squared_distances = ((small[:, None].astype(np.float64) - small[None]) ** 2).sum(-1)
+    exact = np.partition(squared_distances, 3, axis=1)[:, 3]
+    assert np.array_equal(radii_small.astype(np.float16), radii_small) \
+        and not np.array_equal(radii_small, exact)
     precision, recall = estimator.evaluate_pr(ref, radii_ref, samples, radii_samples)
     adm_precision, adm_recall = _adm_evaluate_pr(ref, radii_ref, samples, radii_samples, 64, 48)
     np.testing.assert_array_equal(precision, adm_precision)
@@ -343,14 +371,16 @@ def test_precision_recall_direction_and_third_neighbour_radii():
     # precision: 3 of 5 samples lie inside the reference manifold, 7 exactly on the radius of 4
     # (<=); recall: the first sample's radius (29.5^2) covers every reference point
     assert estimator.precision_recall(ref, samples) == (0.6, 1.0)
-    assert estimator.precision_recall(ref[::-1], samples[::-1]) == (0.6, 1.0)  # order-free; any numpy strides
+    # order-free; any numpy strides
+    assert estimator.precision_recall(ref[::-1], samples[::-1]) == (0.6, 1.0)
 
 
-# ---- the command ------------------------------------------------------------------------------------------------
+# ---- the command ---------------------------------------------------------------------------------
 
 
 @pytest.mark.slow
-def test_make_ref_then_eval_reads_reference_statistics_and_writes_table_and_json(tmp_path, weights, capsys):
+def test_make_ref_then_eval_reads_reference_statistics_and_writes_table_and_json(tmp_path, weights,
+                                                                                 capsys):
     images = _images(6, seed=3)
     (tmp_path / "folder").mkdir()
     for index, image in enumerate(images[:5]):
@@ -360,7 +390,8 @@ def test_make_ref_then_eval_reads_reference_statistics_and_writes_table_and_json
     assert "statistics of 5 images, arr_0 of 4" in capsys.readouterr().out
     with np.load(tmp_path / "ref.npz") as ref:
         reference = dict(ref)
-    np.testing.assert_array_equal(reference["arr_0"], images[[0, 1, 3, 4]])  # evenly spaced over the folder
+    # evenly spaced over the folder
+    np.testing.assert_array_equal(reference["arr_0"], images[[0, 1, 3, 4]])
     assert reference["mu"].shape == (2048,) and reference["sigma_s"].shape == (2023, 2023)
 
     # The samples are the 5 folder images, so with the reference means shifted and its covariances
@@ -369,22 +400,29 @@ def test_make_ref_then_eval_reads_reference_statistics_and_writes_table_and_json
     rng = np.random.default_rng(5)
     shift, shift_s = rng.uniform(0, 0.1, 2048), rng.uniform(0, 0.1, 2023)
     np.savez(tmp_path / "shifted.npz", arr_0=reference["arr_0"], mu=reference["mu"] + shift,
-             sigma=np.zeros((2048, 2048)), mu_s=reference["mu_s"] + shift_s, sigma_s=np.zeros((2023, 2023)))
+             sigma=np.zeros((2048, 2048)), mu_s=reference["mu_s"] + shift_s,
+             sigma_s=np.zeros((2023, 2023)))
     np.savez(tmp_path / "samples.npz", arr_0=images, labels=np.arange(6))
-    cli.main(["eval", "--ref-batch", str(tmp_path / "shifted.npz"), "--sample_batch", str(tmp_path / "samples.npz"),
-              "--num-samples", "5", "--inception-weights", weights, "--device", "cpu"])
+    cli.main(["eval", "--ref-batch", str(tmp_path / "shifted.npz"),
+              "--sample_batch", str(tmp_path / "samples.npz"), "--num-samples", "5",
+              "--inception-weights", weights, "--device", "cpu"])
     out, err = capsys.readouterr()
-    warnings = [line for line in err.splitlines() if "warning:" in line]  # FID from 4 and 5 images: one line
-    assert len(warnings) == 1 and "shifted.npz (4) and " in warnings[0] and "samples.npz (5)" in warnings[0]
+    # FID from 4 and 5 images: one line
+    warnings = [line for line in err.splitlines() if "warning:" in line]
+    assert len(warnings) == 1 and "shifted.npz (4) and " in warnings[0] \
+        and "samples.npz (5)" in warnings[0]
     assert "not comparable to 50k-sample numbers" in warnings[0]
     results = json.loads((tmp_path / "samples.metrics.json").read_text())
-    assert results["fid"] == pytest.approx(np.sum(shift ** 2) + np.trace(reference["sigma"]), rel=1e-6)
-    assert results["sfid"] == pytest.approx(np.sum(shift_s ** 2) + np.trace(reference["sigma_s"]), rel=1e-6)
+    assert results["fid"] == pytest.approx(np.sum(shift ** 2) + np.trace(reference["sigma"]),
+                                           rel=1e-6)
+    assert results["sfid"] == pytest.approx(np.sum(shift_s ** 2) + np.trace(reference["sigma_s"]),
+                                            rel=1e-6)
     assert 1 <= results["inception_score"] <= 1008
     assert results["recall"] == 1.0  # every reference image is a sample
     assert results["precision"] in (0.8, 1.0)  # 4 samples are reference images; the third is not
     assert results["settings"]["num_samples"] == 5 and results["settings"]["num_ref"] == 4
-    assert results["settings"]["ref_statistics_from"] == "npz" and results["settings"]["inception_weights"] == weights
+    assert results["settings"]["ref_statistics_from"] == "npz" \
+        and results["settings"]["inception_weights"] == weights
     for name in ("Inception Score", "FID", "sFID", "Precision", "Recall"):
         assert name in out
     assert f"{results['fid']:.4f}" in out
@@ -393,13 +431,15 @@ def test_make_ref_then_eval_reads_reference_statistics_and_writes_table_and_json
 @pytest.mark.parametrize("argv, message", [
     (["--ref_batch", "REF"], "needs --ref_batch REF.npz and --sample_batch SAMPLES.npz"),
     (["--make-ref", "DIR"], "needs --output REF.npz"),
-    (["--ref_batch", "REF", "--sample_batch", "SAMPLES", "--num-samples", "7"], "holds 6 images, fewer than the 7"),
+    (["--ref_batch", "REF", "--sample_batch", "SAMPLES", "--num-samples", "7"],
+     "holds 6 images, fewer than the 7"),
     (["--ref_batch", "REF", "--sample_batch", "SAMPLES", "--inception-weights", "absent.pth"],
      "Inception weights not found at absent.pth"),
 ])
 def test_eval_command_errors_are_one_line(tmp_path, argv, message):
     np.savez(tmp_path / "images.npz", arr_0=_images(6))
-    paths = {"REF": str(tmp_path / "images.npz"), "SAMPLES": str(tmp_path / "images.npz"), "DIR": str(tmp_path)}
+    paths = {"REF": str(tmp_path / "images.npz"), "SAMPLES": str(tmp_path / "images.npz"),
+             "DIR": str(tmp_path)}
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["eval", *[paths.get(arg, arg) for arg in argv], "--device", "cpu"])
     assert message in str(exit_info.value) and "\n" not in str(exit_info.value)
@@ -412,13 +452,17 @@ def test_two_processes_give_the_numbers_of_one(tmp_path):
     weights = str(save_random_inception_weights(tmp_path / "inception.pth"))
     rng = np.random.default_rng(0)
     for name in ("ref", "samples"):
-        np.savez(tmp_path / f"{name}.npz", arr_0=rng.integers(0, 255, (11, 32, 32, 3), dtype=np.uint8))
-    argv = ["--ref-batch", str(tmp_path / "ref.npz"), "--sample-batch", str(tmp_path / "samples.npz"),
-            "--inception-weights", weights, "--batch-size", "3"]
+        np.savez(tmp_path / f"{name}.npz",
+                 arr_0=rng.integers(0, 255, (11, 32, 32, 3), dtype=np.uint8))
+    argv = ["--ref-batch", str(tmp_path / "ref.npz"),
+            "--sample-batch", str(tmp_path / "samples.npz"), "--inception-weights", weights,
+            "--batch-size", "3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for launcher, output in ((["-m", "regdit"], "one.json"), (["-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                                               "-m", "regdit"], "two.json")):
-        run = subprocess.run([sys.executable, *launcher, "eval", *argv, "--output", str(tmp_path / output)],
+    for launcher, output in ((["-m", "regdit"], "one.json"),
+                             (["-m", "torch.distributed.run", "--nproc_per_node", "2",
+                               "-m", "regdit"], "two.json")):
+        run = subprocess.run([sys.executable, *launcher, "eval", *argv,
+                              "--output", str(tmp_path / output)],
                              env=env, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr[-3000:]
     one, two = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))
@@ -429,14 +473,19 @@ def test_two_processes_give_the_numbers_of_one(tmp_path):
 @pytest.mark.slow
 def test_make_ref_on_two_processes_writes_the_reference_of_one(tmp_path):
     weights = str(save_random_inception_weights(tmp_path / "inception.pth"))
-    np.savez(tmp_path / "images.npz", arr_0=np.random.default_rng(1).integers(0, 255, (7, 32, 32, 3), dtype=np.uint8))
+    np.savez(tmp_path / "images.npz",
+             arr_0=np.random.default_rng(1).integers(0, 255, (7, 32, 32, 3), dtype=np.uint8))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for launcher, output in ((["-m", "regdit"], "one.npz"), (["-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                                              "-m", "regdit"], "two.npz")):
-        run = subprocess.run([sys.executable, *launcher, "eval", "--make-ref", str(tmp_path / "images.npz"),
-                              "--output", str(tmp_path / output), "--inception-weights", weights, "--batch-size", "2"],
+    for launcher, output in ((["-m", "regdit"], "one.npz"),
+                             (["-m", "torch.distributed.run", "--nproc_per_node", "2",
+                               "-m", "regdit"], "two.npz")):
+        run = subprocess.run([sys.executable, *launcher, "eval",
+                              "--make-ref", str(tmp_path / "images.npz"),
+                              "--output", str(tmp_path / output), "--inception-weights", weights,
+                              "--batch-size", "2"],
                              env=env, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr[-3000:]
         assert run.stdout.count("wrote ") == 1  # one process writes and says so
     with np.load(tmp_path / "one.npz") as one, np.load(tmp_path / "two.npz") as two:
-        assert all(np.array_equal(one[key], two[key]) for key in ("arr_0", "mu", "sigma", "mu_s", "sigma_s"))
+        assert all(np.array_equal(one[key], two[key])
+                   for key in ("arr_0", "mu", "sigma", "mu_s", "sigma_s"))

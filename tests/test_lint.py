@@ -14,8 +14,8 @@ MAX_FUNCTION_LINES = 80
 
 
 def test_ruff_check_is_clean():
-    result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", str(ROOT)], capture_output=True,
-                            text=True, cwd=ROOT)
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", str(ROOT)],
+                            capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -24,10 +24,13 @@ def regdit_imports(module):
     itself)."""
     found = set()
     for node in ast.walk(ast.parse((PACKAGE / f"{module}.py").read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "regdit":
+        if (isinstance(node, ast.ImportFrom) and node.module
+                and node.module.split(".")[0] == "regdit"):
             names = [node.module.removeprefix("regdit").lstrip(".") or None]
-            if node.module == "regdit":  # from regdit import vae: a module, or a name of the package
-                names = [a.name if (PACKAGE / f"{a.name}.py").exists() else None for a in node.names]
+            # from regdit import vae: a module, or a name of the package
+            if node.module == "regdit":
+                names = [a.name if (PACKAGE / f"{a.name}.py").exists() else None
+                         for a in node.names]
             found.update(name or "regdit" for name in names)
         elif isinstance(node, ast.Import):
             found.update(a.name.split(".")[1] for a in node.names if a.name.startswith("regdit."))

@@ -8,8 +8,9 @@ from regdit.models import SiT, SiTConfig, create_sit
 
 def _official_terms(model, io, path_type, **kwargs):
     with torch.no_grad():
-        return REGLoss(path_type, **kwargs).terms(model, io["x"], io["y"], io["loss_target_zs"], io["cls_token"],
-                                                  time=io["loss_time"], noise=io["loss_noise"],
+        return REGLoss(path_type, **kwargs).terms(model, io["x"], io["y"], io["loss_target_zs"],
+                                                  io["cls_token"], time=io["loss_time"],
+                                                  noise=io["loss_noise"],
                                                   noise_cls=io["loss_noise_cls"])
 
 
@@ -37,21 +38,26 @@ def test_cosine_path_loss_terms_match_official(official_model):
     # differs from
     default = _official_terms(model, io, "cosine")
     torch.testing.assert_close(default["denoise"], io["cosine"]["denoise"], atol=1e-5, rtol=0)
-    alpha, sigma, d_alpha, d_sigma = (c[:, None] for c in path_coefficients(io["loss_time"], "cosine"))
+    alpha, sigma, d_alpha, d_sigma = (c[:, None]
+                                      for c in path_coefficients(io["loss_time"], "cosine"))
     with torch.no_grad():
-        cls_out = model(alpha[..., None, None] * io["x"] + sigma[..., None, None] * io["loss_noise"], io["loss_time"],
-                        io["y"], cls_token=alpha * io["cls_token"] + sigma * io["loss_noise_cls"])[2]
-    expected = ((cls_out - (d_alpha * io["cls_token"] + d_sigma * io["loss_noise_cls"])) ** 2).mean(dim=1)
+        x_t = alpha[..., None, None] * io["x"] + sigma[..., None, None] * io["loss_noise"]
+        cls_out = model(x_t, io["loss_time"], io["y"],
+                        cls_token=alpha * io["cls_token"] + sigma * io["loss_noise_cls"])[2]
+    target = d_alpha * io["cls_token"] + d_sigma * io["loss_noise_cls"]
+    expected = ((cls_out - target) ** 2).mean(dim=1)
     torch.testing.assert_close(default["cls"], expected, atol=1e-6, rtol=0)
     assert not torch.allclose(default["cls"], io["cosine"]["cls"])
 
 
 def test_total_loss_uses_the_official_coefficients(monkeypatch):
-    terms = dict(denoise=torch.tensor([1.0, 3.0]), cls=torch.tensor([10.0, 30.0]), proj=torch.tensor(-0.5))
+    terms = dict(denoise=torch.tensor([1.0, 3.0]), cls=torch.tensor([10.0, 30.0]),
+                 proj=torch.tensor(-0.5))
     monkeypatch.setattr(REGLoss, "terms", lambda self, *args, **kwargs: terms)
     loss, logs = REGLoss()(None, None, None)
     assert loss.item() == pytest.approx(2.0 + 0.5 * -0.5 + 0.03 * 20.0)
-    expected = dict(loss_final=loss.item(), loss_mean=2.0, proj_loss=-0.5, loss_mean_cls=0.03 * 20.0)
+    expected = dict(loss_final=loss.item(), loss_mean=2.0, proj_loss=-0.5,
+                    loss_mean_cls=0.03 * 20.0)
     assert {k: v.item() for k, v in logs.items()} == pytest.approx(expected)
     assert not any(v.requires_grad for v in logs.values())
     monkeypatch.setattr(REGLoss, "terms", lambda self, *args, **kwargs: {**terms, "cls": None})
@@ -83,15 +89,16 @@ def test_projection_loss_is_float32_under_autocast_and_drops_cls_for_repa():
     z = torch.randn(2, 5, 8)
     assert projection_loss([z], [z.bfloat16()]).dtype == torch.float32
     assert projection_loss([z], [z]).item() == pytest.approx(-1.0)
-    assert projection_loss([z], [-z[:, 1:]]).item() == pytest.approx(1.0)  # REPA: class token of the target dropped
+    # REPA: class token of the target dropped
+    assert projection_loss([z], [-z[:, 1:]]).item() == pytest.approx(1.0)
     two = projection_loss([z, z], [z, -z])
     assert two.item() == pytest.approx(0.0, abs=1e-6)  # mean over encoders
 
 
 def test_loss_backpropagates_into_every_trainable_parameter():
     torch.manual_seed(0)
-    model = SiT(SiTConfig(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=4,
-                          z_dims=[16], projector_dim=32, encoder_depth=1))
+    model = SiT(SiTConfig(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2,
+                          num_classes=4, z_dims=[16], projector_dim=32, encoder_depth=1))
     x, y, cls = torch.randn(4, 4, 8, 8), torch.randint(0, 4, (4,)), torch.randn(4, 16)
     dropped = torch.tensor([False, True, False, False])  # the null class too
 
@@ -104,7 +111,8 @@ def test_loss_backpropagates_into_every_trainable_parameter():
 
     # adaLN-Zero: at step 0 the zero-initialised output layers (and the projectors) receive gradient
     at_start = gradients()
-    for name in ("final_layer.linear.weight", "final_layer.linear_cls.weight", "projectors.0.0.weight"):
+    for name in ("final_layer.linear.weight", "final_layer.linear_cls.weight",
+                 "projectors.0.0.weight"):
         assert at_start[name].abs().sum() > 0, name
     with torch.no_grad():  # once the gates open, every trainable tensor is reached
         for p in model.parameters():
@@ -112,15 +120,17 @@ def test_loss_backpropagates_into_every_trainable_parameter():
     after = gradients()
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     assert len(trainable) == len(after) - 1  # all but the fixed sin-cos position embedding
-    assert [name for name in trainable if after[name] is None or not after[name].abs().sum() > 0] == []
+    assert [name for name in trainable
+            if after[name] is None or not after[name].abs().sum() > 0] == []
     assert after["pos_embed"] is None
 
 
 def test_plain_sit_has_a_zero_projection_term():
-    model = SiT(SiTConfig(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=4, z_dims=[],
-                          use_cls_token=False))
+    model = SiT(SiTConfig(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2,
+                          num_classes=4, z_dims=[], use_cls_token=False))
     terms = REGLoss().terms(model, torch.randn(2, 4, 8, 8), torch.tensor([0, 1]))
-    assert terms["proj"].item() == 0 and terms["proj"].device == terms["denoise"].device and terms["cls"] is None
+    assert (terms["proj"].item() == 0 and terms["proj"].device == terms["denoise"].device
+            and terms["cls"] is None)
 
 
 @pytest.mark.slow
@@ -128,21 +138,24 @@ def test_compiled_and_bf16_training_steps_match_float32():
     """The speed-ups keep the results: torch.compile within float32 rounding, bf16 autocast within
     bf16 tolerance."""
     torch.manual_seed(0)
-    model = SiT(SiTConfig(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=2, num_classes=4,
-                          z_dims=[16], projector_dim=32, encoder_depth=1))
+    model = SiT(SiTConfig(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=2,
+                          num_classes=4, z_dims=[16], projector_dim=32, encoder_depth=1))
     with torch.no_grad():  # leave adaLN-Zero's identity start so that every layer shapes the result
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    x, y, cls, zs = torch.randn(4, 4, 8, 8), torch.randint(0, 4, (4,)), torch.randn(4, 16), [torch.randn(4, 17, 16)]
+    x, y, cls, zs = (torch.randn(4, 4, 8, 8), torch.randint(0, 4, (4,)), torch.randn(4, 16),
+                     [torch.randn(4, 17, 16)])
+    # force_drop_ids: no random label dropout
     draws = dict(time=torch.rand(4), noise=torch.randn(4, 4, 8, 8), noise_cls=torch.randn(4, 16),
-                 force_drop_ids=torch.tensor([False, True, False, False]))  # no random label dropout
+                 force_drop_ids=torch.tensor([False, True, False, False]))
 
     def loss_and_grads(forward, dtype=None):
         model.zero_grad()
         with torch.autocast("cpu", torch.bfloat16, enabled=dtype is not None):
             loss, _ = REGLoss()(forward, x, y, zs, cls, **draws)
         loss.backward()
-        return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()
+                                         if p.grad is not None])
 
     loss, grads = loss_and_grads(model)
     compiled_loss, compiled_grads = loss_and_grads(torch.compile(model))

@@ -16,8 +16,8 @@ from regdit.models import (
     get_2d_sincos_pos_embed,
 )
 
-TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=4, num_heads=4, num_classes=10,
-            z_dims=[32], projector_dim=128, encoder_depth=2)
+TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=4, num_heads=4,
+            num_classes=10, z_dims=[32], projector_dim=128, encoder_depth=2)
 
 
 def test_official_checkpoint_reproduces_official_outputs(official_tiny):
@@ -29,13 +29,15 @@ def test_official_checkpoint_reproduces_official_outputs(official_tiny):
     torch.testing.assert_close(out, io["out"], atol=1e-5, rtol=0)
     torch.testing.assert_close(zs[0], io["zs"][0], atol=1e-5, rtol=0)
     torch.testing.assert_close(cls_out, io["cls_out"], atol=1e-5, rtol=0)
-    assert [name for name, _ in model.named_parameters()] == list(checkpoint["model"])  # optimizer state order
+    # optimizer state order
+    assert [name for name, _ in model.named_parameters()] == list(checkpoint["model"])
 
 
 def test_sit_xl2_state_dict_equals_official_list():
     reference = json.loads((FIXTURES / "official_sit_xl2_state_dict.json").read_text())
     with torch.device("meta"):  # shapes only: no 675M-parameter allocation
-        model = SiT_models["SiT-XL/2"](z_dims=[768], encoder_depth=8, input_size=32, num_classes=1000)
+        model = SiT_models["SiT-XL/2"](z_dims=[768], encoder_depth=8, input_size=32,
+                                       num_classes=1000)
     ours = [{"name": k, "shape": list(v.shape)} for k, v in model.state_dict().items()]
     assert ours == reference["parameters"]
 
@@ -47,16 +49,19 @@ def test_sdpa_and_explicit_softmax_attention_agree():
     for p in fused.parameters():  # leave the zero-initialised layers non-zero so attention matters
         torch.nn.init.normal_(p, std=0.1)
     explicit.load_state_dict(fused.state_dict())
-    x, t, y, cls = torch.randn(3, 4, 8, 8), torch.rand(3), torch.tensor([0, 5, 10]), torch.randn(3, 32)
+    x, t, y, cls = (torch.randn(3, 4, 8, 8), torch.rand(3), torch.tensor([0, 5, 10]),
+                    torch.randn(3, 32))
     for a, b in zip(fused.eval()(x, t, y, cls_token=cls), explicit.eval()(x, t, y, cls_token=cls)):
-        torch.testing.assert_close(a if torch.is_tensor(a) else a[0], b if torch.is_tensor(b) else b[0])
+        torch.testing.assert_close(a if torch.is_tensor(a) else a[0],
+                                   b if torch.is_tensor(b) else b[0])
 
 
 def test_initialisation_is_adaln_zero_and_outputs_start_at_zero():
     model = SiT(SiTConfig(**TINY))
     for block in model.blocks:
         assert block.adaLN_modulation[-1].weight.abs().sum() == 0
-    out, zs, cls_out = model(torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2]), cls_token=torch.randn(2, 32))
+    out, zs, cls_out = model(torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 2]),
+                             cls_token=torch.randn(2, 32))
     assert out.abs().max() == 0 and cls_out.abs().max() == 0  # final layers zero-initialised
     assert zs[0].shape == (2, 17, 32)
     assert model.pos_embed[0, 0].abs().sum() == 0 and not model.pos_embed.requires_grad
@@ -66,12 +71,14 @@ def test_initialisation_is_adaln_zero_and_outputs_start_at_zero():
 
 
 def test_pos_embed_matches_mae_formula():
-    emb = get_2d_sincos_pos_embed(8, 2, extra_tokens=1)  # rows: cls, (h0,w0), (h0,w1), (h1,w0), (h1,w1)
+    # rows: cls, (h0,w0), (h0,w1), (h1,w0), (h1,w1)
+    emb = get_2d_sincos_pos_embed(8, 2, extra_tokens=1)
     assert emb.shape == (5, 8) and (emb[0] == 0).all()
     # first half of the dims embeds grid[0] = the w coordinate (meshgrid(w, h)), as sin then cos
     omega = 1 / 10000 ** (torch.arange(2, dtype=torch.float64) / 2)
     w_coord = torch.tensor([0.0, 1.0, 0.0, 1.0], dtype=torch.float64)
-    expected = torch.cat([torch.sin(w_coord[:, None] * omega), torch.cos(w_coord[:, None] * omega)], dim=1)
+    expected = torch.cat([torch.sin(w_coord[:, None] * omega), torch.cos(w_coord[:, None] * omega)],
+                         dim=1)
     torch.testing.assert_close(torch.from_numpy(emb[1:, :4]), expected)
 
 
@@ -79,7 +86,8 @@ def test_repa_and_sit_baselines_are_settings_of_the_same_class():
     repa = SiT(SiTConfig(**TINY, use_cls_token=False))
     names = repa.state_dict().keys()
     assert repa.pos_embed.shape == (1, 16, 64)
-    assert not any(k.startswith(("cls_projectors2", "wg_norm", "final_layer.linear_cls")) for k in names)
+    assert not any(k.startswith(("cls_projectors2", "wg_norm", "final_layer.linear_cls"))
+                   for k in names)
     out, zs, cls_out = repa(torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([1, 10]))
     assert out.shape == (2, 4, 8, 8) and zs[0].shape == (2, 16, 32) and cls_out is None
 
@@ -114,9 +122,11 @@ def test_config_round_trips_and_drops_only_the_listed_official_arguments():
     assert SiTConfig.from_dict(config.to_dict()) == config and config.to_dict()["z_dims"] == [32]
     assert SiTConfig(**{**TINY, "depth": 28, "hidden_size": 1152}).label == "SiT-XL/2"
     assert config.label == "SiT-custom/2"
-    official = dict(path_type="linear", decoder_hidden_size=64, use_cfg=True, cls_token_dim=32, fused_attn=False)
+    official = dict(path_type="linear", decoder_hidden_size=64, use_cfg=True, cls_token_dim=32,
+                    fused_attn=False)
     assert set(official) - {"fused_attn"} == set(OFFICIAL_ONLY_ARGUMENTS)
-    model = SiT_models["SiT-S/2"](**{**TINY, **official})  # an official `SiT_models[name](**kwargs)` call
+    # an official `SiT_models[name](**kwargs)` call
+    model = SiT_models["SiT-S/2"](**{**TINY, **official})
     assert model.config == config and not model.blocks[0].attn.fused_attn
     with pytest.raises(TypeError, match="unexpected keyword argument 'encoder_dept'"):
         SiT_models["SiT-S/2"](encoder_dept=4)  # a misspelt keyword is an error
@@ -124,12 +134,19 @@ def test_config_round_trips_and_drops_only_the_listed_official_arguments():
         SiTConfig.from_dict({**TINY, "decoder_depth": 2}, "ckpt.pt")
 
 
+def test_config_refuses_a_name_key():
+    with pytest.raises(RegditError, match="^ckpt.pt: unknown model settings name; ") as error:
+        SiTConfig.from_dict({**TINY, "name": "SiT-S/2"}, "ckpt.pt")
+    assert "\n" not in str(error.value)
+
+
 def test_forced_label_drop_replaces_random_dropout():
     model = SiT(SiTConfig(**TINY)).train()
     x, t, cls = torch.randn(3, 4, 8, 8), torch.rand(3), torch.randn(3, 32)
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.1)
-    forced = model(x, t, torch.tensor([1, 2, 3]), cls_token=cls, force_drop_ids=torch.tensor([True, False, True]))[0]
+    forced = model(x, t, torch.tensor([1, 2, 3]), cls_token=cls,
+                   force_drop_ids=torch.tensor([True, False, True]))[0]
     manual = model.eval()(x, t, torch.tensor([10, 2, 10]), cls_token=cls)[0]
     torch.testing.assert_close(forced, manual)
 
@@ -141,9 +158,11 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.nn.init.normal_(p, std=0.1)
     checkpointed = SiT(SiTConfig(**TINY), grad_checkpointing=True)
     checkpointed.load_state_dict(plain.state_dict())
-    x, t, y, cls = torch.randn(3, 4, 8, 8), torch.rand(3), torch.tensor([0, 5, 10]), torch.randn(3, 32)
+    x, t, y, cls = (torch.randn(3, 4, 8, 8), torch.rand(3), torch.tensor([0, 5, 10]),
+                    torch.randn(3, 32))
     for model in (plain, checkpointed):
-        out, zs, cls_out = model(x, t, y, cls_token=cls, force_drop_ids=torch.zeros(3, dtype=torch.bool))
+        out, zs, cls_out = model(x, t, y, cls_token=cls,
+                                 force_drop_ids=torch.zeros(3, dtype=torch.bool))
         (out.square().mean() + zs[0].mean() + cls_out.square().mean()).backward()
     for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
         if a.grad is not None:
@@ -158,10 +177,11 @@ def counted_flops(model, *args, **kwargs):
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("settings", [{}, dict(use_cls_token=False), dict(z_dims=[], use_cls_token=False),
+@pytest.mark.parametrize("settings", [{}, dict(use_cls_token=False),
+                                      dict(z_dims=[], use_cls_token=False),
                                       dict(z_dims=[32, 16], mlp_ratio=2.0, patch_size=4)])
 def test_analytic_flops_equal_the_counted_flops(settings):
     model = SiT(SiTConfig(**{**TINY, **settings}), fused_attn=False).eval()
     cls_token = torch.randn(1, model.z_dims[0]) if model.use_cls_token else None
-    assert model.flops() == counted_flops(model, torch.randn(1, 4, 8, 8), torch.rand(1), torch.tensor([1]),
-                                          cls_token=cls_token)
+    assert model.flops() == counted_flops(model, torch.randn(1, 4, 8, 8), torch.rand(1),
+                                          torch.tensor([1]), cls_token=cls_token)

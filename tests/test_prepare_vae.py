@@ -15,7 +15,8 @@ from regdit.vae import LATENT_SCALE, decode_latents, encode_moments, fit_vae, lo
 def images(tmp_path_factory):
     root = tmp_path_factory.mktemp("vae")
     make_dataset(root / "raw", images_per_class=4)
-    prepare_images(PrepareImagesConfig(source=str(root / "raw"), dest=str(root / "images"), resolution=32, workers=0))
+    prepare_images(PrepareImagesConfig(source=str(root / "raw"), dest=str(root / "images"),
+                                       resolution=32, workers=0))
     return root / "images"
 
 
@@ -33,7 +34,8 @@ def test_fitted_vae_reconstructs_with_unit_scaled_latents(images, tmp_path, caps
     assert (LATENT_SCALE * moments[:, :4]).std().item() == pytest.approx(1.0, abs=1e-3)
     decoded = decode_latents(vae, LATENT_SCALE * moments[:40, :4]).float().numpy()
     error = np.square(decoded - real).mean()
-    assert error < 0.5 * np.square(real - real.mean(axis=0)).mean()  # well below the mean image's (measured: 0.37)
+    # well below the mean image's (measured: 0.37)
+    assert error < 0.5 * np.square(real - real.mean(axis=0)).mean()
 
     # A rerun with the same settings finds the VAE done and leaves it as it is; other settings are
     # refused.
@@ -48,5 +50,7 @@ def test_fitted_vae_reconstructs_with_unit_scaled_latents(images, tmp_path, caps
 
 def test_a_diverged_fit_is_one_line():
     pixels = np.random.default_rng(0).integers(0, 255, (8, 32, 32, 3), dtype=np.uint8)
-    with pytest.raises(RegditError, match=r"^the VAE fit diverged \(last loss nan, latent std nan\); rerun with "):
-        fit_vae(pixels, steps=5, batch_size=4, learning_rate=100.0)  # a step this large sends the weights to NaN
+    with pytest.raises(RegditError, match=r"^the VAE fit diverged \(last loss nan, "
+                                          r"latent std nan\); rerun with "):
+        # a step this large sends the weights to NaN
+        fit_vae(pixels, steps=5, batch_size=4, learning_rate=100.0)

@@ -31,10 +31,13 @@ def test_512_presets_match_the_official_geometry():
     config = TrainConfig(**PRESETS["reg-sit-xl2-dinov2b-512"])
     size = encoder_input_size(config.enc_type, config.resolution)
     with torch.device("meta"):  # full size, no memory
-        dinov2 = timm.create_model(ENCODER_TYPES[config.enc_type].arch, num_classes=0, img_size=size)
+        dinov2 = timm.create_model(ENCODER_TYPES[config.enc_type].arch, num_classes=0,
+                                   img_size=size)
         sit = SiT(sit_config(config, 4, config.resolution // 8, [768]))
-    assert (size, tuple(dinov2.patch_embed.grid_size), dinov2.patch_embed.patch_size) == (448, (32, 32), (14, 14))
-    assert (sit.config.label, sit.x_embedder.num_patches, sit.pos_embed.shape[1]) == ("SiT-XL/2", 32 * 32, 1 + 1024)
+    assert (size, tuple(dinov2.patch_embed.grid_size), dinov2.patch_embed.patch_size) \
+        == (448, (32, 32), (14, 14))
+    assert (sit.config.label, sit.x_embedder.num_patches, sit.pos_embed.shape[1]) \
+        == ("SiT-XL/2", 32 * 32, 1 + 1024)
 
 
 @pytest.fixture(scope="module")
@@ -46,27 +49,33 @@ def data_512(tmp_path_factory):
     for c in range(2):
         (root / "raw" / f"class{c}").mkdir(parents=True)
         for i in range(2):
-            Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).resize((512, 512)).save(
-                root / "raw" / f"class{c}" / f"{i}.png")
+            image = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+            image.resize((512, 512)).save(root / "raw" / f"class{c}" / f"{i}.png")
     tiny_vae().save_pretrained(root / "vae")
-    prepare_images(PrepareImagesConfig(source=str(root / "raw"), dest=str(root / "images"), resolution=512, workers=0))
-    prepare_latents(PrepareLatentsConfig(source=str(root / "images"), dest=str(root / "data"), vae=str(root / "vae"),
-                                         batch_size=4, workers=0))
+    prepare_images(PrepareImagesConfig(source=str(root / "raw"), dest=str(root / "images"),
+                                       resolution=512, workers=0))
+    prepare_latents(PrepareLatentsConfig(source=str(root / "images"), dest=str(root / "data"),
+                                         vae=str(root / "vae"), batch_size=4, workers=0))
     save_random_encoder("dinov2-vit-b", root / "encoder", patch_size=14, grid=8)
     return root
 
 
 def test_512_preset_trains_end_to_end_at_tiny_width(data_512):
     encoder, = load_encoders("dinov2-vit-b", 512, enc_path=str(data_512 / "encoder"))
-    assert encoder.model.pos_embed.shape == (1, 1 + 32 * 32, 32)  # resampled from 8x8 to the 448 px grid
-    cli_main(["train", "--preset", "reg-sit-xl2-dinov2b-512", "--depth", "2", "--hidden-size", "32", "--num-heads",
-              "2", "--encoder-depth", "1", "--projector-dim", "32", "--num-classes", "2", "--batch-size", "2",
-              "--max-train-steps", "2", "--log-every", "1", "--checkpointing-steps", "2", "--sampling-steps", "0",
-              "--num-workers", "0", "--data-dir", str(data_512 / "data"), "--enc-path", str(data_512 / "encoder"),
-              "--output-dir", str(data_512 / "exps"), "--exp-name", "xl2-512"])
+    # resampled from 8x8 to the 448 px grid
+    assert encoder.model.pos_embed.shape == (1, 1 + 32 * 32, 32)
+    cli_main(["train", "--preset", "reg-sit-xl2-dinov2b-512", "--depth", "2", "--hidden-size", "32",
+              "--num-heads", "2", "--encoder-depth", "1", "--projector-dim", "32",
+              "--num-classes", "2", "--batch-size", "2", "--max-train-steps", "2",
+              "--log-every", "1", "--checkpointing-steps", "2", "--sampling-steps", "0",
+              "--num-workers", "0", "--data-dir", str(data_512 / "data"),
+              "--enc-path", str(data_512 / "encoder"), "--output-dir", str(data_512 / "exps"),
+              "--exp-name", "xl2-512"])
     checkpoint = load_checkpoint(data_512 / "exps" / "xl2-512" / "checkpoints" / "0000002.pt")
     model = checkpoint["model_config"]
-    assert (model["input_size"], model["patch_size"], model["in_channels"], model["z_dims"]) == (64, 2, 4, [32])
-    assert checkpoint["config"]["resolution"] == 512 and checkpoint["config"]["max_train_steps"] == 2
+    assert (model["input_size"], model["patch_size"], model["in_channels"], model["z_dims"]) \
+        == (64, 2, 4, [32])
+    assert checkpoint["config"]["resolution"] == 512 \
+        and checkpoint["config"]["max_train_steps"] == 2
     assert checkpoint["ema"]["pos_embed"].shape == (1, 1 + 32 * 32, 32)
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values())

@@ -23,7 +23,8 @@ for name in ("LOCAL_RANK", "TORCHELASTIC_RUN_ID"):
 
 
 def python(code, env=ENV, **kwargs):
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=env, text=True, **kwargs)
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=env, text=True,
+                            **kwargs)
 
 
 def write_lock(folder, holder, age=0.0):
@@ -75,15 +76,18 @@ def test_held_lock_refuses_second_writer(tmp_path):
 def test_lock_of_dead_pid_on_this_host_is_replaced(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", ""])
     dead.wait()
-    write_lock(tmp_path, {"host": socket.gethostname(), "pid": dead.pid, "command": "train", "started": "x"})
+    write_lock(tmp_path, {"host": socket.gethostname(), "pid": dead.pid, "command": "train",
+                          "started": "x"})
     with RunLock(tmp_path, "train"):
         assert ours(tmp_path)
 
 
 def test_lock_of_other_host_expires_without_heartbeat(tmp_path):
-    holder = {"host": "node7-elsewhere", "pid": 1234, "command": "sample", "started": "2026-11-30T22:40:00"}
+    holder = {"host": "node7-elsewhere", "pid": 1234, "command": "sample",
+              "started": "2026-11-30T22:40:00"}
     write_lock(tmp_path, holder, age=runlock.STALE_AFTER - 30)
-    with pytest.raises(RegditError, match=r"regdit sample \(pid 1234 on host node7-elsewhere, since 2026-11-30T22"), \
+    with pytest.raises(RegditError, match=r"regdit sample \(pid 1234 on host node7-elsewhere, "
+                                          r"since 2026-11-30T22"), \
             RunLock(tmp_path, "train"):
         pass
     write_lock(tmp_path, holder, age=runlock.STALE_AFTER + 30)
@@ -201,12 +205,14 @@ def test_lock_run_stops_every_process(tmp_path):
     script, free, locked = tmp_path / "worker.py", tmp_path / "free", tmp_path / "locked"
     script.write_text(WORKER)
     with RunLock(locked, "train"):
-        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                              str(script), str(free), str(locked)], env=ENV, capture_output=True, text=True,
-                             timeout=60)
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              "--nproc_per_node", "2", str(script), str(free), str(locked)],
+                             env=ENV, capture_output=True, text=True, timeout=60)
     assert run.returncode != 0
     assert "wrote on" not in run.stdout
-    held = f"{locked} is in use by regdit train (pid {os.getpid()} on host {socket.gethostname()}, since "
-    for rank in range(2):  # anywhere in stderr: the two processes' lines can interleave in the shared pipe
+    held = (f"{locked} is in use by regdit train (pid {os.getpid()} "
+            f"on host {socket.gethostname()}, since ")
+    # anywhere in stderr: the two processes' lines can interleave in the shared pipe
+    for rank in range(2):
         assert f"rank {rank}: {held}" in run.stderr, run.stderr
     assert not (free / LOCK_NAME).exists() and not (locked / LOCK_NAME).exists()

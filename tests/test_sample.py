@@ -20,8 +20,8 @@ from regdit.models import SiT, SiTConfig, create_sit
 from regdit.sample import SampleConfig, Sampling, pack_npz
 from regdit.samplers import SAMPLERS
 
-TINY = dict(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10,
-            z_dims=[16], projector_dim=32, encoder_depth=1)
+TINY = dict(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
+            num_classes=10, z_dims=[16], projector_dim=32, encoder_depth=1)
 GUIDED = dict(num_steps=6, cfg_scale=2.0, cls_cfg_scale=2.0, guidance_low=0.0, guidance_high=0.7)
 
 
@@ -43,14 +43,17 @@ def files(tmp_path_factory):
     from diffusers import AutoencoderKL
     root = tmp_path_factory.mktemp("sample")
     torch.manual_seed(0)
-    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8),
-                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                  layers_per_block=1, norm_num_groups=8, sample_size=32).save_pretrained(root / "vae")
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                  block_out_channels=(8, 8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 4,
+                  up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=8,
+                  sample_size=32).save_pretrained(root / "vae")
     weights = tiny_model().state_dict()
     args = argparse.Namespace(model="custom", encoder_depth=1, path_type="linear", cls=0.03)
-    torch.save({"model": weights, "ema": weights, "opt": {}, "args": args, "steps": 1}, root / "last.pt")
+    torch.save({"model": weights, "ema": weights, "opt": {}, "args": args, "steps": 1},
+               root / "last.pt")
     export(ExportConfig(ckpt=str(root / "last.pt"), output=str(root / "export"), num_heads=2))
-    return dict(vae=str(root / "vae"), official=root / "last.pt", export=root / "export" / "model.safetensors")
+    return dict(vae=str(root / "vae"), official=root / "last.pt",
+                export=root / "export" / "model.safetensors")
 
 
 @pytest.fixture
@@ -67,9 +70,11 @@ def sample(ckpt, sample_dir, num_samples, batch_size, **settings):
     """`regdit sample` from Python: `ckpt` a checkpoint path or a SiT object; `settings` of
     SampleConfig or Sampling."""
     model = ckpt if isinstance(ckpt, torch.nn.Module) else None
-    sampling = {f.name: settings.pop(f.name) for f in dataclasses.fields(Sampling) if f.name in settings}
-    config = SampleConfig(ckpt=None if model else str(ckpt), sample_dir=str(sample_dir), num_fid_samples=num_samples,
-                          per_proc_batch_size=batch_size, sampling=Sampling(**sampling), **settings)
+    sampling = {f.name: settings.pop(f.name)
+                for f in dataclasses.fields(Sampling) if f.name in settings}
+    config = SampleConfig(ckpt=None if model else str(ckpt), sample_dir=str(sample_dir),
+                          num_fid_samples=num_samples, per_proc_batch_size=batch_size,
+                          sampling=Sampling(**sampling), **settings)
     return regdit.sample.sample(config, model)
 
 
@@ -79,20 +84,24 @@ def load(npz_path):
 
 
 def test_npz_format_and_images_independent_of_batch_size(files, tmp_path):
-    npz_path = sample(files["export"], tmp_path / "a", vae=files["vae"], num_samples=6, batch_size=6, **GUIDED)
+    npz_path = sample(files["export"], tmp_path / "a", vae=files["vae"], num_samples=6,
+                      batch_size=6, **GUIDED)
     images, labels = load(npz_path)
     assert images.dtype == np.uint8 and images.shape == (6, 32, 32, 3)  # ADM: arr_0 uint8 NHWC
-    assert labels.dtype == np.int64 and labels.shape == (6,) and labels.min() >= 0 and labels.max() < 10
+    assert labels.dtype == np.int64 and labels.shape == (6,) \
+        and labels.min() >= 0 and labels.max() < 10
     folder = npz_path.parent / npz_path.stem
     assert sorted(p.name for p in folder.glob("*.png")) == [f"{i:06d}.png" for i in range(6)]
     assert np.array_equal(np.load(folder / "labels.npy"), labels)
     settings = json.loads((folder / "sample_settings.json").read_text())
-    assert settings["ckpt"] == str(files["export"]) and settings["cfg_scale"] == 2.0 and settings["vae"] == files["vae"]
-    assert settings["latent_shape"] == [4, 4, 4] and settings["cls_dim"] == 16 and settings["num_steps"] == 6
+    assert settings["ckpt"] == str(files["export"]) and settings["cfg_scale"] == 2.0 \
+        and settings["vae"] == files["vae"]
+    assert settings["latent_shape"] == [4, 4, 4] and settings["cls_dim"] == 16 \
+        and settings["num_steps"] == 6
     assert np.abs(images[0].astype(int) - images[1]).mean() > 5  # each index has its own noise
 
-    other, other_labels = load(sample(files["export"], tmp_path / "b", vae=files["vae"], num_samples=6, batch_size=4,
-                                      **GUIDED))
+    other, other_labels = load(sample(files["export"], tmp_path / "b", vae=files["vae"],
+                                      num_samples=6, batch_size=4, **GUIDED))
     # Batches of 4 + 2 instead of 6: the batched matrix products round differently, which may move a
     # rare pixel by one level; any seeding that depended on the batch would change whole images.
     assert np.array_equal(other_labels, labels)
@@ -102,17 +111,21 @@ def test_npz_format_and_images_independent_of_batch_size(files, tmp_path):
 
 @pytest.mark.slow
 def test_same_images_with_one_and_two_processes(files, tmp_path, one_thread):
-    settings = ["--vae", files["vae"], "--num-fid-samples", "6", "--per-proc-batch-size", "2", "--num-steps", "6",
-                "--cfg-scale", "2.0", "--cls-cfg-scale", "2.0", "--guidance-high", "0.7"]
-    single = sample(files["export"], tmp_path / "one", vae=files["vae"], num_samples=6, batch_size=2, **GUIDED)
+    settings = ["--vae", files["vae"], "--num-fid-samples", "6", "--per-proc-batch-size", "2",
+                "--num-steps", "6", "--cfg-scale", "2.0", "--cls-cfg-scale", "2.0",
+                "--guidance-high", "0.7"]
+    single = sample(files["export"], tmp_path / "one", vae=files["vae"], num_samples=6,
+                    batch_size=2, **GUIDED)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "regdit",
-                          "sample", "--ckpt", str(files["export"]), "--sample-dir", str(tmp_path / "two"), *settings],
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "-m", "regdit", "sample", "--ckpt", str(files["export"]),
+                          "--sample-dir", str(tmp_path / "two"), *settings],
                          capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     two = tmp_path / "two" / single.name
     assert f"wrote {two}" in run.stdout
-    assert json.loads((two.with_name(two.stem) / "sample_settings.json").read_text())["num_processes"] == 2
+    settings_file = two.with_name(two.stem) / "sample_settings.json"
+    assert json.loads(settings_file.read_text())["num_processes"] == 2
     for a, b in zip(load(single), load(two)):
         assert np.array_equal(a, b)
 
@@ -139,17 +152,20 @@ def test_resume_after_interruption_gives_the_same_npz(files, tmp_path, monkeypat
     folder = next((tmp_path / "resumed").iterdir())
     assert sorted(p.name for p in folder.glob("*.png")) == [f"{i:06d}.png" for i in range(4)]
     (folder / "000003.png").unlink()  # as if killed while saving the second batch
-    with pytest.raises(RegditError, match=r"has 3 of the 8 samples asked for \(missing 000003.png and 4 more\)"):
+    with pytest.raises(RegditError,
+                       match=r"has 3 of the 8 samples asked for \(missing 000003.png and 4 more\)"):
         pack_npz(folder, 8, tmp_path / "partial.npz")
 
     calls.clear()
     monkeypatch.setitem(SAMPLERS, "sde", recorded)
     resumed = load(sample(files["export"], tmp_path / "resumed", **run))
-    assert calls == [2, 2, 2]  # the unfinished batch [2, 3] again, then [4, 5] and [6, 7]; [0, 1] is not redone
+    # the unfinished batch [2, 3] again, then [4, 5] and [6, 7]; [0, 1] is not redone
+    assert calls == [2, 2, 2]
     for a, b in zip(reference, resumed):
         assert np.array_equal(a, b)
 
-    with pytest.raises(RegditError, match=r"holds samples made with other settings \(path_type 'linear' there"):
+    with pytest.raises(RegditError,
+                       match=r"holds samples made with other settings \(path_type 'linear' there"):
         sample(files["export"], tmp_path / "resumed", path_type="cosine", **run)
 
 
@@ -157,8 +173,8 @@ def test_official_checkpoint_from_flags_samples_like_its_export(files, tmp_path,
     # official checkpoints are built from the flags (generate.py); a tiny size stands in for
     # SiT-XL/2
     monkeypatch.setitem(regdit.models.SiT_models, "SiT-T/2",
-                        functools.partial(create_sit, depth=2, hidden_size=32, num_heads=2, patch_size=2,
-                                          projector_dim=32))
+                        functools.partial(create_sit, depth=2, hidden_size=32, num_heads=2,
+                                          patch_size=2, projector_dim=32))
     run = dict(vae=files["vae"], num_samples=2, batch_size=2, sampler="ode", heun=True, num_steps=3)
     official = sample(files["official"], tmp_path, model="SiT-T/2", resolution=32, num_classes=10,
                       z_dims="16", encoder_depth=1, cls_dim=16, **run)
@@ -172,25 +188,33 @@ def test_official_checkpoint_of_a_standard_size_needs_no_model_flags(files, tmp_
     # a REG SiT-S/2 with 2 encoders; generate.py would need --model, --projector-embed-dims,
     # --encoder-depth, ...
     torch.manual_seed(0)
-    model = regdit.models.SiT_models["SiT-S/2"](input_size=4, num_classes=10, z_dims=[16, 8], projector_dim=32,
-                                                encoder_depth=3)
+    model = regdit.models.SiT_models["SiT-S/2"](input_size=4, num_classes=10, z_dims=[16, 8],
+                                                projector_dim=32, encoder_depth=3)
     args = argparse.Namespace(model="SiT-S/2", encoder_depth=3, path_type="linear")
     torch.save({"ema": model.state_dict(), "args": args, "steps": 1}, tmp_path / "s2.pt")
-    built, vae, *_ = regdit.sample.load_model_and_vae(SampleConfig(ckpt=tmp_path / "s2.pt", vae=files["vae"]), "cpu")
-    assert (len(built.blocks), built.num_heads, built.z_dims, built.encoder_depth) == (12, 6, [16, 8], 3)
+    built, vae, *_ = regdit.sample.load_model_and_vae(SampleConfig(ckpt=tmp_path / "s2.pt",
+                                                                   vae=files["vae"]), "cpu")
+    assert (len(built.blocks), built.num_heads, built.z_dims, built.encoder_depth) \
+        == (12, 6, [16, 8], 3)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in built.state_dict().items())
-    with pytest.raises(RegditError, match="cannot tell the number of attention heads .* pass --model"):
-        regdit.sample.load_model_and_vae(SampleConfig(ckpt=files["official"], vae=files["vae"]), "cpu")  # custom size
+    with pytest.raises(RegditError,
+                       match="cannot tell the number of attention heads .* pass --model"):
+        regdit.sample.load_model_and_vae(SampleConfig(ckpt=files["official"], vae=files["vae"]),
+                                         "cpu")  # custom size
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--projector-embed-dims", "8"], r"model.safetensors does not match the model: .*check .*--z-dims"),
+    (["--projector-embed-dims", "8"],
+     r"model.safetensors does not match the model: .*check .*--z-dims"),
     (["--resolution", "64"], r"does not match the model: .*check --resolution"),
-    (["--cls", "8"], r"--cls-dim 8 is not the class-token width 16 of .*model.safetensors; pass --cls-dim 16"),
-    (["--vae", "none"], r"denoises 4-channel latents but --vae none gives 3: pass the VAE the model was trained with"),
+    (["--cls", "8"],
+     r"--cls-dim 8 is not the class-token width 16 of .*model.safetensors; pass --cls-dim 16"),
+    (["--vae", "none"],
+     r"denoises 4-channel latents but --vae none gives 3: pass the VAE the model was trained with"),
 ])
 def test_checkpoint_that_does_not_match_the_flags(files, tmp_path, flags, message):
-    argv = ["sample", "--ckpt", str(files["export"]), "--vae", files["vae"], "--sample-dir", str(tmp_path), *flags]
+    argv = ["sample", "--ckpt", str(files["export"]), "--vae", files["vae"],
+            "--sample-dir", str(tmp_path), *flags]
     with pytest.raises(SystemExit) as error:
         cli_main(argv)
     assert "\n" not in str(error.value)
@@ -207,18 +231,19 @@ def test_pixel_space_repa_model_object_with_balanced_labels(tmp_path):
     images, labels = load(npz_path)
     assert not model.training
     assert images.shape == (12, 8, 8, 3) and labels.tolist() == [i % 10 for i in range(12)]
-    assert npz_path.name == ("SiT-custom-2-model-size-8-vae-none-cfg-1.5-cls-cfg-0.0-interval-0.0-1.0-seed-0-ode-4-"
-                             "balanced-bf16.npz")
+    assert npz_path.name == ("SiT-custom-2-model-size-8-vae-none-cfg-1.5-cls-cfg-0.0-"
+                             "interval-0.0-1.0-seed-0-ode-4-balanced-bf16.npz")
     assert images.std() > 10
 
 
 def test_pixel_space_checkpoint_refuses_a_vae_before_loading_it(tmp_path):
     model = tiny_model(input_size=8, in_channels=3, use_cls_token=False)
     config = {**TINY, "input_size": 8, "in_channels": 3, "use_cls_token": False}
-    torch.save({"ema": model.state_dict(), "model_config": config, "latents": {"vae": "none"}}, tmp_path / "pixel.pt")
+    torch.save({"ema": model.state_dict(), "model_config": config, "latents": {"vae": "none"}},
+               tmp_path / "pixel.pt")
     with pytest.raises(SystemExit, match=r"pixel.pt was trained in pixel space: pass --vae none"):
-        cli_main(["sample", "--ckpt", str(tmp_path / "pixel.pt"), "--vae", "stabilityai/no-such-vae",
-                  "--sample-dir", str(tmp_path)])
+        cli_main(["sample", "--ckpt", str(tmp_path / "pixel.pt"),
+                  "--vae", "stabilityai/no-such-vae", "--sample-dir", str(tmp_path)])
 
 
 @pytest.mark.slow
@@ -233,12 +258,14 @@ def test_damaged_pngs_are_drawn_again(files, tmp_path):
     npz.unlink()
     for a, b in zip(reference, load(sample(files["export"], tmp_path / "damaged", **run))):
         assert np.array_equal(a, b)
-    broken = folder / "000002.png"  # whole on disk, undecodable inside: refused at packing and removed
+    # whole on disk, undecodable inside: refused at packing and removed
+    broken = folder / "000002.png"
     data = bytearray(broken.read_bytes())
     data[60:-20] = bytes(len(data) - 80)
     broken.write_bytes(bytes(data))
     npz.unlink()
-    with pytest.raises(RegditError, match="000002.png is not a readable image .* removed: run the same command again"):
+    with pytest.raises(RegditError, match="000002.png is not a readable image .* removed: "
+                                          "run the same command again"):
         sample(files["export"], tmp_path / "damaged", **run)
     assert not broken.exists()
     for a, b in zip(reference, load(sample(files["export"], tmp_path / "damaged", **run))):
@@ -250,8 +277,9 @@ def test_best_pt_is_sampled_by_its_step(files, tmp_path):
     mixed with the samples of an older one."""
     names = []
     for step in (1, 2):
-        torch.save({"ema": tiny_model().state_dict(), "model_config": TINY, "steps": step}, tmp_path / "best.pt")
-        npz = sample(tmp_path / "best.pt", tmp_path / "samples", num_samples=2, batch_size=2, vae=files["vae"],
-                     num_steps=2)
+        torch.save({"ema": tiny_model().state_dict(), "model_config": TINY, "steps": step},
+                   tmp_path / "best.pt")
+        npz = sample(tmp_path / "best.pt", tmp_path / "samples", num_samples=2, batch_size=2,
+                     vae=files["vae"], num_steps=2)
         names.append(npz.name)
     assert "-best-1-" in names[0] and "-best-2-" in names[1]

@@ -17,7 +17,8 @@ class GaussianVelocity(torch.nn.Module):
         self.calls = []
 
     def velocity(self, x, t, mean, std):
-        alpha, sigma, d_alpha, d_sigma = path_coefficients(t.view(-1, *[1] * (x.dim() - 1)).double(), self.path_type)
+        t = t.view(-1, *[1] * (x.dim() - 1)).double()
+        alpha, sigma, d_alpha, d_sigma = path_coefficients(t, self.path_type)
         var = alpha ** 2 * std ** 2 + sigma ** 2
         residual = x.double() - alpha * mean
         x0 = mean + alpha * std ** 2 * residual / var
@@ -33,7 +34,8 @@ class GaussianVelocity(torch.nn.Module):
 
 def _noise(n=4000, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 4, 2, 2, generator=g), torch.randn(n, 8, generator=g), torch.zeros(n, dtype=torch.long)
+    return (torch.randn(n, 4, 2, 2, generator=g), torch.randn(n, 8, generator=g),
+            torch.zeros(n, dtype=torch.long))
 
 
 @pytest.mark.parametrize("path_type", ["linear", "cosine"])
@@ -44,7 +46,8 @@ def test_sde_sampler_returns_the_data_distribution(path_type):
     out = euler_maruyama_sampler(model, x, cls, y, num_steps=250, path_type=path_type, generator=g)
     assert out.dtype == torch.float64
     assert abs(out.mean().item() - 1.5) < 0.02 and abs(out.std().item() - 0.5) < 0.02
-    assert len(model.calls) == 250 and all(n == 4000 for n, _, _ in model.calls)  # no guidance at cfg 1
+    # no guidance at cfg 1
+    assert len(model.calls) == 250 and all(n == 4000 for n, _, _ in model.calls)
 
 
 @pytest.mark.parametrize("heun,steps", [(False, 50), (True, 20)])
@@ -53,7 +56,8 @@ def test_ode_sampler_returns_the_data_distribution(heun, steps):
     x, cls, y = _noise()
     out = euler_sampler(model, x, cls, y, num_steps=steps, heun=heun)
     assert abs(out.mean().item() - 1.5) < 0.02 and abs(out.std().item() - 0.5) < 0.02
-    assert len(model.calls) == (2 * steps - 1 if heun else steps)  # Heun: no correction on the last step
+    # Heun: no correction on the last step
+    assert len(model.calls) == (2 * steps - 1 if heun else steps)
 
 
 @pytest.mark.parametrize("name,steps", [("sde", 100), ("ode", 50), ("heun", 20)])
@@ -61,8 +65,9 @@ def test_every_registered_sampler_takes_the_common_signature(name, steps):
     assert {"sde", "ode", "heun"} <= set(SAMPLERS)  # extensions may add more (test_extensions.py)
     model = GaussianVelocity("cosine")
     x, cls, y = _noise()
-    out = SAMPLERS[name](model, x, cls, y, num_steps=steps, cfg_scale=1.0, cls_cfg_scale=0.0, guidance_low=0.0,
-                         guidance_high=1.0, path_type="cosine", generator=torch.Generator().manual_seed(1))
+    out = SAMPLERS[name](model, x, cls, y, num_steps=steps, cfg_scale=1.0, cls_cfg_scale=0.0,
+                         guidance_low=0.0, guidance_high=1.0, path_type="cosine",
+                         generator=torch.Generator().manual_seed(1))
     assert abs(out.mean().item() - 1.5) < 0.03 and abs(out.std().item() - 0.5) < 0.03
     assert len(model.calls) == (2 * steps - 1 if name == "heun" else steps)
 
@@ -71,7 +76,8 @@ def test_ode_transports_the_class_token_too():
     model = GaussianVelocity("linear")
     x, cls, y = _noise()
     euler_sampler(model, x, cls, y, num_steps=50)
-    cls_last = model.last_cls_input.double()  # state at t = 1/50; finish the last Euler step by hand
+    # state at t = 1/50; finish the last Euler step by hand
+    cls_last = model.last_cls_input.double()
     cls_final = cls_last - 1 / 50 * model.velocity(cls_last, torch.tensor([1 / 50]), *model.cls)
     assert abs(cls_final.mean().item() + 1.0) < 0.05 and abs(cls_final.std().item() - 2.0) < 0.05
 
@@ -106,16 +112,19 @@ def test_class_token_guidance_scale(cls_cfg_scale, cls_drift):
     # ODE, 4 steps of dt = -1/4: guided drift = u + s (c - u) = s * y since the null drift u is 0
     x, cls, _ = _noise(2)
     model = LabelShiftVelocity()
-    out = euler_sampler(model, x, cls, torch.tensor([2, 2]), num_steps=4, cfg_scale=1.5, cls_cfg_scale=cls_cfg_scale)
+    out = euler_sampler(model, x, cls, torch.tensor([2, 2]), num_steps=4, cfg_scale=1.5,
+                        cls_cfg_scale=cls_cfg_scale)
     torch.testing.assert_close(out, x.double() - 1.5 * 2.0)
-    cls_after_three_steps = model.last_cls_input[:2].double()  # the doubled batch: the conditional half
+    # the doubled batch: the conditional half
+    cls_after_three_steps = model.last_cls_input[:2].double()
     torch.testing.assert_close(cls_after_three_steps, cls.double() - 0.75 * cls_drift)
 
 
 def test_sampler_works_without_class_token():
     model = GaussianVelocity("linear")
     x, _, y = _noise(500)
-    out = euler_maruyama_sampler(model, x, None, y, num_steps=50, cfg_scale=1.0, generator=torch.Generator())
+    out = euler_maruyama_sampler(model, x, None, y, num_steps=50, cfg_scale=1.0,
+                                 generator=torch.Generator())
     assert out.shape == x.shape and torch.isfinite(out).all()
 
 
@@ -128,7 +137,8 @@ def test_per_sample_generators_make_noise_independent_of_the_batch():
     x, cls, y = _noise(6)
     gens = lambda ids: [torch.Generator().manual_seed(i) for i in ids]
     full = euler_maruyama_sampler(model, x, cls, y, num_steps=20, generator=gens(range(6)))
-    halves = torch.cat([euler_maruyama_sampler(model, x[:3], cls[:3], y[:3], num_steps=20, generator=gens(range(3))),
+    halves = torch.cat([euler_maruyama_sampler(model, x[:3], cls[:3], y[:3], num_steps=20,
+                                               generator=gens(range(3))),
                         euler_maruyama_sampler(model, x[3:], cls[3:], y[3:], num_steps=20,
                                                generator=gens(range(3, 6)))])
     torch.testing.assert_close(full, halves)
@@ -139,15 +149,17 @@ def test_bf16_sampling_stays_within_bf16_tolerance_of_float32():
     rounding only: the state stays float64, so the errors of 50 steps do not compound."""
     from regdit.models import SiT, SiTConfig
     torch.manual_seed(0)
-    model = SiT(SiTConfig(input_size=4, patch_size=2, hidden_size=64, depth=2, num_heads=2, num_classes=10,
-                          z_dims=[8], projector_dim=32, encoder_depth=1)).eval()
+    model = SiT(SiTConfig(input_size=4, patch_size=2, hidden_size=64, depth=2, num_heads=2,
+                          num_classes=10, z_dims=[8], projector_dim=32, encoder_depth=1)).eval()
     with torch.no_grad():  # leave adaLN-Zero's identity start: a zero model samples nothing
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     x, cls, y = torch.randn(16, 4, 4, 4), torch.randn(16, 8), torch.arange(16) % 10
-    run = lambda: euler_sampler(model, x, cls, y, num_steps=50, heun=True, cfg_scale=2.0, cls_cfg_scale=2.0)
+    run = lambda: euler_sampler(model, x, cls, y, num_steps=50, heun=True, cfg_scale=2.0,
+                                cls_cfg_scale=2.0)
     exact = run()
     with torch.autocast("cpu", torch.bfloat16):
         fast = run()
     assert fast.dtype == torch.float64 and not torch.equal(fast, exact)
-    assert (fast - exact).abs().max() < 0.01 * exact.std()  # measured: 0.004 of a std 1.1, samples 1.1 from the noise
+    # measured: 0.004 of a std 1.1, samples 1.1 from the noise
+    assert (fast - exact).abs().max() < 0.01 * exact.std()

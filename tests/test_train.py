@@ -45,11 +45,13 @@ def assert_states_equal(a, b, exact=True):
             if exact:
                 assert torch.equal(value, b[key][name]), f"{key}.{name} differs"
             else:
-                torch.testing.assert_close(value, b[key][name], atol=2e-5, rtol=1e-4, msg=f"{key}.{name}")
+                torch.testing.assert_close(value, b[key][name], atol=2e-5, rtol=1e-4,
+                                           msg=f"{key}.{name}")
 
 
 def test_one_step_equals_hand_computed_loss_adamw_and_ema(tiny_data):
-    config = tiny_config(tiny_data, max_train_steps=1, exp_name="one_step", learning_rate=1e-3, ema_decay=0.9)
+    config = tiny_config(tiny_data, max_train_steps=1, exp_name="one_step", learning_rate=1e-3,
+                         ema_decay=0.9)
     result = train(config)
 
     # the same step by hand: initial weights, first batch, the step's random draws
@@ -59,19 +61,23 @@ def test_one_step_equals_hand_computed_loss_adamw_and_ema(tiny_data):
     model = SiT(sit_config(config, 3, 32, [encoder.embed_dim]))
     initial = {k: v.clone() for k, v in model.named_parameters()}
     indices = next(iter(ShardedBatchSampler(len(dataset), 8, 8, 0, 1, config.seed, epoch=0)))
-    images, moments, labels = (torch.stack([torch.as_tensor(dataset[i][j]) for i in indices]) for j in range(3))
+    images, moments, labels = (torch.stack([torch.as_tensor(dataset[i][j]) for i in indices])
+                               for j in range(3))
     with setup(config) as run:  # the run's own draws of step 0
         draws = step_randomness(run, 0)
     mean, std = moments.chunk(2, dim=1)
     x = mean + std * draws["posterior"]  # pixel space: scale 1
     cls_token, dense = encoder(images)
-    alpha, sigma, d_alpha, d_sigma = (c.view(-1, 1) for c in path_coefficients(draws["time"], "linear"))
+    alpha, sigma, d_alpha, d_sigma = (c.view(-1, 1)
+                                      for c in path_coefficients(draws["time"], "linear"))
     x_t = alpha[..., None, None] * x + sigma[..., None, None] * draws["noise"]
     cls_t = alpha * cls_token + sigma * draws["noise_cls"]
     y = torch.where(draws["drop"], 4, labels)
     model.train()
-    v, zs, cls_v = model(x_t, draws["time"], y, cls_token=cls_t, force_drop_ids=torch.zeros(8, dtype=torch.bool))
-    denoise = ((v - (d_alpha[..., None, None] * x + d_sigma[..., None, None] * draws["noise"])) ** 2).mean()
+    v, zs, cls_v = model(x_t, draws["time"], y, cls_token=cls_t,
+                         force_drop_ids=torch.zeros(8, dtype=torch.bool))
+    target = d_alpha[..., None, None] * x + d_sigma[..., None, None] * draws["noise"]
+    denoise = ((v - target) ** 2).mean()
     cls_loss = ((cls_v - (d_alpha * cls_token + d_sigma * draws["noise_cls"])) ** 2).mean()
     proj = -F.cosine_similarity(zs[0], dense, dim=-1).mean()
     (denoise + 0.5 * proj + 0.03 * cls_loss).backward()
@@ -90,8 +96,8 @@ def test_one_step_equals_hand_computed_loss_adamw_and_ema(tiny_data):
         expected = p0 - 1e-3 * g / (g.abs() + 1e-8)
         torch.testing.assert_close(trained[name], expected, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(ema[name], 0.9 * p0 + 0.1 * expected, atol=1e-6, rtol=1e-5)
-    assert result["metrics"][-1]["loss_final"] == pytest.approx((denoise + 0.5 * proj + 0.03 * cls_loss).item(),
-                                                                rel=1e-5)
+    assert result["metrics"][-1]["loss_final"] \
+        == pytest.approx((denoise + 0.5 * proj + 0.03 * cls_loss).item(), rel=1e-5)
 
 
 def test_killed_run_resumes_bitwise(tiny_data, monkeypatch):
@@ -109,7 +115,8 @@ def test_killed_run_resumes_bitwise(tiny_data, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train(crashing)
     monkeypatch.undo()
-    assert sorted(p.name for p in (tiny_data / "exps" / "killed" / "checkpoints").iterdir()) == ["0000003.pt"]
+    assert sorted(p.name for p in (tiny_data / "exps" / "killed" / "checkpoints").iterdir()) \
+        == ["0000003.pt"]
     resumed = train(crashing)  # the same command again
     assert resumed["steps"] == 6
     final, expected = (load_checkpoint(r["checkpoint"]) for r in (resumed, reference))
@@ -122,12 +129,14 @@ def test_killed_run_resumes_bitwise(tiny_data, monkeypatch):
 def test_two_processes_equal_one_with_twice_the_batch(tiny_data):
     single = train(tiny_config(tiny_data, exp_name="single", max_train_steps=3))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "regdit", "train",
-               "--data-dir", str(tiny_data / "data"), "--resolution", "32", "--model", "SiT-S/8", "--depth", "2",
-               "--hidden-size", "64", "--num-heads", "2", "--encoder-depth", "1", "--projector-dim", "64",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "-m", "regdit", "train", "--data-dir", str(tiny_data / "data"), "--resolution", "32",
+               "--model", "SiT-S/8", "--depth", "2", "--hidden-size", "64", "--num-heads", "2",
+               "--encoder-depth", "1", "--projector-dim", "64",
                "--enc-path", str(tiny_data / "encoder"), "--num-classes", "4", "--batch-size", "8",
-               "--max-train-steps", "3", "--log-every", "2", "--checkpointing-steps", "3", "--sampling-steps", "0",
-               "--num-workers", "0", "--output-dir", str(tiny_data / "exps"), "--exp-name", "double"]
+               "--max-train-steps", "3", "--log-every", "2", "--checkpointing-steps", "3",
+               "--sampling-steps", "0", "--num-workers", "0",
+               "--output-dir", str(tiny_data / "exps"), "--exp-name", "double"]
     subprocess.run(command, check=True, env=env, capture_output=True)
     double = load_checkpoint(tiny_data / "exps" / "double" / "checkpoints" / "0000003.pt")
     assert_states_equal(double, load_checkpoint(single["checkpoint"]), exact=False)
@@ -137,40 +146,47 @@ def test_gradient_accumulation_equals_the_full_batch(tiny_data):
     full = train(tiny_config(tiny_data, exp_name="full", max_train_steps=3))
     accumulated = train(tiny_config(tiny_data, exp_name="accumulated", max_train_steps=3,
                                     gradient_accumulation_steps=2))
-    assert_states_equal(load_checkpoint(accumulated["checkpoint"]), load_checkpoint(full["checkpoint"]), exact=False)
+    assert_states_equal(load_checkpoint(accumulated["checkpoint"]),
+                        load_checkpoint(full["checkpoint"]), exact=False)
 
 
 def test_official_checkpoint_resumes_training(tmp_path, official_tiny):
     """The official tiny checkpoint (8x8x4 latents, z_dims [32]) continues training from its
     step."""
     from diffusers import AutoencoderKL
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8),
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                        block_out_channels=(8, 8, 8, 8),
+                        down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4,
                         layers_per_block=1, norm_num_groups=8, sample_size=64)
     vae.save_pretrained(tmp_path / "vae")
     rng = np.random.default_rng(0)
     for c in range(10):
         (tmp_path / "raw" / f"c{c}").mkdir(parents=True)
-        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "raw" / f"c{c}" / "0.png")
-    prepare_images(PrepareImagesConfig(source=str(tmp_path / "raw"), dest=str(tmp_path / "images"), resolution=64,
-                                       workers=0))
-    prepare_latents(PrepareLatentsConfig(source=str(tmp_path / "images"), dest=str(tmp_path / "data"),
-                                         vae=str(tmp_path / "vae"), batch_size=10, workers=0))
+        image = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+        image.save(tmp_path / "raw" / f"c{c}" / "0.png")
+    prepare_images(PrepareImagesConfig(source=str(tmp_path / "raw"), dest=str(tmp_path / "images"),
+                                       resolution=64, workers=0))
+    prepare_latents(PrepareLatentsConfig(source=str(tmp_path / "images"),
+                                         dest=str(tmp_path / "data"), vae=str(tmp_path / "vae"),
+                                         batch_size=10, workers=0))
     # DINOv2 at 64 px sees 56 px: patch 14 gives the 4x4 grid of the SiT's 8x8 latents with patch 2
     save_random_encoder("dinov2-vit-b", tmp_path / "encoder", patch_size=14, embed_dim=32)
     checkpoints = tmp_path / "exps" / "official" / "checkpoints"
     checkpoints.mkdir(parents=True)
     (checkpoints / "0000001.pt").write_bytes((FIXTURES / "official_tiny_a_ckpt.pt").read_bytes())
-    config = TrainConfig(data_dir=str(tmp_path / "data"), resolution=64, model="SiT-S/2", depth=4, hidden_size=64,
-                         num_heads=4, encoder_depth=2, projector_dim=128, enc_path=str(tmp_path / "encoder"),
-                         num_classes=10, batch_size=5, max_train_steps=3, log_every=1, checkpointing_steps=3,
-                         sampling_steps=0, num_workers=0, output_dir=str(tmp_path / "exps"), exp_name="official",
+    config = TrainConfig(data_dir=str(tmp_path / "data"), resolution=64, model="SiT-S/2", depth=4,
+                         hidden_size=64, num_heads=4, encoder_depth=2, projector_dim=128,
+                         enc_path=str(tmp_path / "encoder"), num_classes=10, batch_size=5,
+                         max_train_steps=3, log_every=1, checkpointing_steps=3, sampling_steps=0,
+                         num_workers=0, output_dir=str(tmp_path / "exps"), exp_name="official",
                          resume_step=1)
     result = train(config)
     assert result["steps"] == 3 and [m["step"] for m in result["metrics"]] == [2, 3]
     official = load_checkpoint(checkpoints / "0000001.pt")
     resumed = load_checkpoint(checkpoints / "0000003.pt")
-    assert not torch.equal(resumed["model"]["blocks.0.attn.qkv.weight"], official["model"]["blocks.0.attn.qkv.weight"])
+    assert not torch.equal(resumed["model"]["blocks.0.attn.qkv.weight"],
+                           official["model"]["blocks.0.attn.qkv.weight"])
     assert resumed["opt"]["state"][1]["step"].item() == 3  # the official AdamW state was continued
 
 
@@ -180,10 +196,12 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_data, monkeypa
     def nan_loss(self, *args, **kwargs):
         loss, logs = real_loss(self, *args, **kwargs)
         return loss * float("nan"), {**logs, "loss_final": logs["loss_final"] * float("nan")}
-    config = tiny_config(tiny_data, exp_name="nan", max_train_steps=3, checkpointing_steps=1, log_every=1)
+    config = tiny_config(tiny_data, exp_name="nan", max_train_steps=3, checkpointing_steps=1,
+                         log_every=1)
     train(config)
     monkeypatch.setattr(REGLoss, "__call__", nan_loss)
-    with pytest.raises(RegditError, match="non-finite loss or gradient before step 4.*last good checkpoint"):
+    with pytest.raises(RegditError,
+                       match="non-finite loss or gradient before step 4.*last good checkpoint"):
         train(dataclasses.replace(config, max_train_steps=5))
     checkpoints = sorted(p.name for p in (tiny_data / "exps" / "nan" / "checkpoints").iterdir())
     assert checkpoints == ["0000001.pt", "0000002.pt", "0000003.pt"]
@@ -195,11 +213,13 @@ def test_sample_grid_and_metrics_are_written(tiny_data):
     grid = Image.open(result["exp_dir"] / "samples" / "0000002.png")
     assert grid.size == (4 * 32, 4 * 32)
     lines = (result["exp_dir"] / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 1 and all(k in lines[0] for k in ("loss_final", "proj_loss", "loss_mean_cls", "grad_norm"))
+    assert len(lines) == 1 \
+        and all(k in lines[0] for k in ("loss_final", "proj_loss", "loss_mean_cls", "grad_norm"))
     metrics, = result["metrics"]
     encoder, = load_encoders("dinov2-vit-b", 32, str(tiny_data / "encoder"))
     flops_per_image = 3 * result["model"].flops() + encoder.flops()
-    assert metrics["tflops_per_process"] == pytest.approx(metrics["images_per_sec"] * flops_per_image / 1e12)
+    assert metrics["tflops_per_process"] \
+        == pytest.approx(metrics["images_per_sec"] * flops_per_image / 1e12)
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -207,10 +227,11 @@ def test_sample_grid_and_metrics_are_written(tiny_data):
     (["--model", "SiT-S/4"], "gives 1\\+16 tokens .* the SiT has 1\\+64"),
 ])
 def test_bad_settings_fail_before_training(tiny_data, flags, message, capsys):
-    base = ["train", "--data-dir", str(tiny_data / "data"), "--resolution", "32", "--model", "SiT-S/8", "--depth",
-            "2", "--hidden-size", "64", "--num-heads", "2", "--encoder-depth", "1", "--enc-path",
-            str(tiny_data / "encoder"), "--num-classes", "4", "--batch-size", "8", "--num-workers", "0",
-            "--max-train-steps", "1", "--output-dir", str(tiny_data / "exps"), "--exp-name", "bad"]
+    base = ["train", "--data-dir", str(tiny_data / "data"), "--resolution", "32",
+            "--model", "SiT-S/8", "--depth", "2", "--hidden-size", "64", "--num-heads", "2",
+            "--encoder-depth", "1", "--enc-path", str(tiny_data / "encoder"), "--num-classes", "4",
+            "--batch-size", "8", "--num-workers", "0", "--max-train-steps", "1",
+            "--output-dir", str(tiny_data / "exps"), "--exp-name", "bad"]
     with pytest.raises(SystemExit) as error:
         cli_main(base + flags)
     assert "regdit train: error:" in str(error.value)
@@ -219,14 +240,16 @@ def test_bad_settings_fail_before_training(tiny_data, flags, message, capsys):
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--learning-rat", "1e-4"], "unrecognized arguments: --learning-rat (did you mean --learning-rate?) 1e-4"),
+    (["--learning-rat", "1e-4"],
+     "unrecognized arguments: --learning-rat (did you mean --learning-rate?) 1e-4"),
     (["--model", "SiT-Q/2"], "argument --model: invalid choice: 'SiT-Q/2'"),
 ])
 def test_bad_flags_are_one_line_errors(argv, message, capsys):
     with pytest.raises(SystemExit):
         cli_main(["train", *argv])
     err = capsys.readouterr().err
-    assert err.startswith(f"regdit train: error: {message}") and err.endswith(" (see regdit train --help)\n")
+    assert err.startswith(f"regdit train: error: {message}") \
+        and err.endswith(" (see regdit train --help)\n")
     assert err.count("\n") == 1, err
 
 
@@ -237,14 +260,16 @@ def test_interrupt_is_one_line(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli_main(["train"])
     assert exit_.value.code == 130
-    assert capsys.readouterr().err == "\nregdit train: interrupted (rerun the same command to continue)\n"
+    assert capsys.readouterr().err \
+        == "\nregdit train: interrupted (rerun the same command to continue)\n"
 
 
 def test_yaml_config_and_preset_precedence(tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(train_module, "train", lambda config: seen.setdefault("config", config))
     (tmp_path / "c.yaml").write_text("learning-rate: 2.0e-4\nbatch_size: 64\n")
-    cli_main(["train", "--preset", "reg-sit-b2-dinov2b", "--config", str(tmp_path / "c.yaml"), "--batch-size", "32"])
+    cli_main(["train", "--preset", "reg-sit-b2-dinov2b", "--config", str(tmp_path / "c.yaml"),
+              "--batch-size", "32"])
     config = seen["config"]
     assert config.model == "SiT-B/2" and config.encoder_depth == 4  # preset
     assert config.learning_rate == 2e-4  # YAML over preset and default
@@ -252,31 +277,38 @@ def test_yaml_config_and_preset_precedence(tmp_path, monkeypatch):
     (tmp_path / "bad.yaml").write_text("learning_rat: 1\n")
     with pytest.raises(SystemExit, match="unknown settings learning_rat"):
         cli_main(["train", "--config", str(tmp_path / "bad.yaml")])
-    assert set(TrainConfig.PRESETS) >= {"reg-sit-xl2-dinov2b", "reg-sit-b2-dinov2b", "repa-sit-xl2-dinov2b", "sit-xl2"}
+    assert set(TrainConfig.PRESETS) >= {"reg-sit-xl2-dinov2b", "reg-sit-b2-dinov2b",
+                                        "repa-sit-xl2-dinov2b", "sit-xl2"}
 
 
 def test_rerun_with_other_settings_refuses_to_resume(tiny_data):
     train(tiny_config(tiny_data, exp_name="settings", max_train_steps=2, checkpointing_steps=2))
-    with pytest.raises(RegditError, match="trained with --learning-rate 0.0001, not 0.01.*new --exp-name"):
+    with pytest.raises(RegditError,
+                       match="trained with --learning-rate 0.0001, not 0.01.*new --exp-name"):
         train(tiny_config(tiny_data, exp_name="settings", max_train_steps=4, learning_rate=1e-2))
-    assert train(tiny_config(tiny_data, exp_name="settings", max_train_steps=3, log_every=1))["steps"] == 3
+    result = train(tiny_config(tiny_data, exp_name="settings", max_train_steps=3, log_every=1))
+    assert result["steps"] == 3
 
 
 def test_fewer_classes_than_the_dataset_is_an_error(tiny_data):
-    with pytest.raises(RegditError, match="has 4 classes but --num-classes is 3: pass --num-classes 4"):
+    with pytest.raises(RegditError,
+                       match="has 4 classes but --num-classes is 3: pass --num-classes 4"):
         train(tiny_config(tiny_data, exp_name="classes", num_classes=3))
 
 
 def test_no_label_dropout_previews_without_guidance(tiny_data, tmp_path):
-    """Without label dropout the model has no null class: its preview is the guidance-free grid of the official
-    ODE preview, drawn from the run's fixed noise."""
-    config = tiny_config(tiny_data, exp_name="no_cfg", class_dropout_prob=0.0, max_train_steps=2, sampling_steps=2)
+    """Without label dropout the model has no null class: its preview is the guidance-free grid of
+    the official ODE preview, drawn from the run's fixed noise."""
+    config = tiny_config(tiny_data, exp_name="no_cfg", class_dropout_prob=0.0, max_train_steps=2,
+                         sampling_steps=2)
     result = train(config)
     preview = SamplePreview(config, None, (3, 32, 32), result["ema"].z_dims[0], torch.device("cpu"))
-    assert (preview.sampling.sampler, preview.sampling.num_steps, preview.sampling.cfg_scale) == ("ode", 50, 1.0)
+    assert (preview.sampling.sampler, preview.sampling.num_steps, preview.sampling.cfg_scale) \
+        == ("ode", 50, 1.0)
     preview.save(result["ema"], tmp_path / "expected.png")
-    saved, expected = (np.asarray(Image.open(path)) for path in (result["exp_dir"] / "samples" / "0000002.png",
-                                                                   tmp_path / "expected.png"))
+    saved, expected = (np.asarray(Image.open(path))
+                       for path in (result["exp_dir"] / "samples" / "0000002.png",
+                                    tmp_path / "expected.png"))
     assert saved.shape == (128, 128, 3) and np.array_equal(saved, expected)
 
 
@@ -288,16 +320,20 @@ def test_a_runs_config_yaml_is_a_valid_config(tiny_data, monkeypatch):
     monkeypatch.setattr(train_module, "train", lambda config: seen.update(config=config))
     cli_main(["train", "--config", str(written)])
     assert seen["config"] == tiny_config(tiny_data, exp_name="yaml", max_train_steps=1)
-    (tiny_data / "hand.yaml").write_text("mixed-precision: no\nbatch-size: '16'\nlearning-rate: 1e-4\n")
+    (tiny_data / "hand.yaml").write_text("mixed-precision: no\nbatch-size: '16'\n"
+                                         "learning-rate: 1e-4\n")
     cli_main(["train", "--config", str(tiny_data / "hand.yaml")])
-    assert (seen["config"].mixed_precision, seen["config"].batch_size) == ("no", 16)  # YAML 1.1: no is false
+    # YAML 1.1: no is false
+    assert (seen["config"].mixed_precision, seen["config"].batch_size) == ("no", 16)
 
 
-@pytest.mark.parametrize("text,message", [("path-type: cosin\n", "path_type 'cosin' is not one of linear, cosine"),
-                                          ("method: [reg\n", "is not valid YAML"),
-                                          ("batch_size: abc\n", "c.yaml: batch_size 'abc' is not a valid int"),
-                                          ("batch_size: 3.5\n", "c.yaml: batch_size 3.5 is not a valid int"),
-                                          ("compile: maybe\n", "c.yaml: compile 'maybe' is not true or false")])
+@pytest.mark.parametrize("text,message", [
+    ("path-type: cosin\n", "path_type 'cosin' is not one of linear, cosine"),
+    ("method: [reg\n", "is not valid YAML"),
+    ("batch_size: abc\n", "c.yaml: batch_size 'abc' is not a valid int"),
+    ("batch_size: 3.5\n", "c.yaml: batch_size 3.5 is not a valid int"),
+    ("compile: maybe\n", "c.yaml: compile 'maybe' is not true or false"),
+])
 def test_bad_yaml_values_are_one_line_errors(tmp_path, text, message):
     (tmp_path / "c.yaml").write_text(text)
     with pytest.raises(SystemExit, match=message):
@@ -306,19 +342,24 @@ def test_bad_yaml_values_are_one_line_errors(tmp_path, text, message):
 
 def test_tracker_must_be_installed(tiny_data, monkeypatch):
     import accelerate.utils
-    config = tiny_config(tiny_data, exp_name="untracked", max_train_steps=1, report_to="tensorboard")
-    monkeypatch.setattr(train_module, "is_tensorboard_available", lambda: False)  # as on a machine without it
-    with pytest.raises(RegditError, match="tensorboard is not installed; pip install -e '.\\[tracking\\]'"):
+    config = tiny_config(tiny_data, exp_name="untracked", max_train_steps=1,
+                         report_to="tensorboard")
+    # as on a machine without it
+    monkeypatch.setattr(train_module, "is_tensorboard_available", lambda: False)
+    with pytest.raises(RegditError,
+                       match="tensorboard is not installed; pip install -e '.\\[tracking\\]'"):
         train(config)
-    assert accelerate.utils.is_tensorboard_available()  # the dev extra installs it: the next test uses it
+    # the dev extra installs it: the next test uses it
+    assert accelerate.utils.is_tensorboard_available()
 
 
 @pytest.mark.slow
 def test_tensorboard_receives_metrics_and_preview_grids(tiny_data):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    train(tiny_config(tiny_data, exp_name="tracked", max_train_steps=2, log_every=1, sampling_steps=2,
-                      report_to="tensorboard"))
-    events = EventAccumulator(str(next((tiny_data / "exps" / "tracked" / "logs").rglob("events.out.tfevents.*"))))
+    train(tiny_config(tiny_data, exp_name="tracked", max_train_steps=2, log_every=1,
+                      sampling_steps=2, report_to="tensorboard"))
+    event_file = next((tiny_data / "exps" / "tracked" / "logs").rglob("events.out.tfevents.*"))
+    events = EventAccumulator(str(event_file))
     events.Reload()
     assert [event.step for event in events.Scalars("loss_final")] == [1, 2]
     image, = events.Images("samples")
@@ -327,47 +368,58 @@ def test_tensorboard_receives_metrics_and_preview_grids(tiny_data):
 
 @pytest.mark.parametrize("method", ["repa", "sit"])
 def test_baselines_train_from_the_same_code(tiny_data, method):
-    result = train(tiny_config(tiny_data, exp_name=method, method=method, max_train_steps=2, log_every=1))
+    result = train(tiny_config(tiny_data, exp_name=method, method=method, max_train_steps=2,
+                               log_every=1))
     names = result["model"].state_dict().keys()
-    assert "cls_projectors2.weight" not in names and ("projectors.0.0.weight" in names) == (method == "repa")
-    assert result["metrics"][-1]["loss_mean_cls"] == 0 and np.isfinite(result["metrics"][-1]["loss_final"])
+    assert "cls_projectors2.weight" not in names \
+        and ("projectors.0.0.weight" in names) == (method == "repa")
+    assert result["metrics"][-1]["loss_mean_cls"] == 0 \
+        and np.isfinite(result["metrics"][-1]["loss_final"])
     assert (result["metrics"][-1]["proj_loss"] == 0) == (method == "sit")
 
 
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_newest_good_one(tiny_data, capsys):
-    reference = train(tiny_config(tiny_data, exp_name="intact", max_train_steps=4, checkpointing_steps=2))
+    reference = train(tiny_config(tiny_data, exp_name="intact", max_train_steps=4,
+                                  checkpointing_steps=2))
     config = tiny_config(tiny_data, exp_name="corrupt", max_train_steps=4, checkpointing_steps=2)
     latest = train(config)["checkpoint"]
-    latest.write_bytes(latest.read_bytes()[:1000])  # cut short, as by a full disk outside regdit's atomic writes
-    with pytest.raises(RegditError, match=r"0000004.pt is unreadable .*; or pass --resume-step with one of 2$"):
+    # cut short, as by a full disk outside regdit's atomic writes
+    latest.write_bytes(latest.read_bytes()[:1000])
+    with pytest.raises(RegditError,
+                       match=r"0000004.pt is unreadable .*; or pass --resume-step with one of 2$"):
         train(dataclasses.replace(config, resume_step=4))
     capsys.readouterr()
     resumed = train(config)
     printed = capsys.readouterr()
-    assert "0000004.pt is unreadable" in printed.err and "resumed from" in printed.out and "0000002.pt" in printed.out
-    assert_states_equal(load_checkpoint(resumed["checkpoint"]), load_checkpoint(reference["checkpoint"]))
+    assert "0000004.pt is unreadable" in printed.err and "resumed from" in printed.out \
+        and "0000002.pt" in printed.out
+    assert_states_equal(load_checkpoint(resumed["checkpoint"]),
+                        load_checkpoint(reference["checkpoint"]))
     lines = (resumed["exp_dir"] / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [2, 4]  # each step once after the resume
     for path in (resumed["exp_dir"] / "checkpoints").iterdir():
         path.write_bytes(b"")
-    with pytest.raises(RegditError, match="no readable checkpoint in .*checkpoints: restore one, or move them away"):
+    with pytest.raises(RegditError, match="no readable checkpoint in .*checkpoints: "
+                                          "restore one, or move them away"):
         train(config)
 
 
 def test_a_checkpoint_copied_into_a_new_experiment_continues_there(tiny_data, capsys):
     """The official way to continue a run: copy its checkpoint into another experiment's folder. The
     experiment name is not a training setting; a moved dataset is said, not silent."""
-    source = train(tiny_config(tiny_data, exp_name="original", max_train_steps=2, checkpointing_steps=2))
+    source = train(tiny_config(tiny_data, exp_name="original", max_train_steps=2,
+                               checkpointing_steps=2))
     copy = tiny_data / "exps" / "continued" / "checkpoints"
     copy.mkdir(parents=True)
     (copy / "0000002.pt").write_bytes(source["checkpoint"].read_bytes())
     moved = tiny_data / "data-moved"
     moved.symlink_to(tiny_data / "data")
     capsys.readouterr()
-    result = train(tiny_config(tiny_data, exp_name="continued", max_train_steps=3, data_dir=str(moved)))
+    result = train(tiny_config(tiny_data, exp_name="continued", max_train_steps=3,
+                               data_dir=str(moved)))
     assert result["steps"] == 3
-    assert f"note: resuming with --data-dir {moved} (the run was trained with {tiny_data / 'data'})" in (
-        capsys.readouterr().err)
+    assert (f"note: resuming with --data-dir {moved} (the run was trained with "
+            f"{tiny_data / 'data'})") in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -376,7 +428,8 @@ def reference(tiny_data):
     arithmetic is what is under test, not the network's training)."""
     from regdit.evaluate import make_reference, save_random_inception_weights
     weights = save_random_inception_weights(tiny_data / "inception.pth")
-    make_reference(tiny_data / "images", tiny_data / "ref.npz", inception_weights=weights, batch_size=4, num_images=8)
+    make_reference(tiny_data / "images", tiny_data / "ref.npz", inception_weights=weights,
+                   batch_size=4, num_images=8)
     return dict(ref_batch=str(tiny_data / "ref.npz"), inception_weights=str(weights))
 
 
@@ -390,8 +443,8 @@ def evaluated(tiny_data, reference):
     """A run evaluated at steps 2 and 4, killed during its second evaluation and rerun (an
     evaluation costs two 2048 x 2048 matrix square roots: the tests share this one run)."""
     from regdit.monitor import TrainingEvaluation
-    config = tiny_config(tiny_data, exp_name="evaluated", max_train_steps=4, checkpointing_steps=4, **EVAL,
-                         eval=EvalSampling(**EVAL_SAMPLING), **reference)
+    config = tiny_config(tiny_data, exp_name="evaluated", max_train_steps=4, checkpointing_steps=4,
+                         **EVAL, eval=EvalSampling(**EVAL_SAMPLING), **reference)
     real_call, calls = TrainingEvaluation.__call__, []
 
     def killed_in_the_second_evaluation(self, ema):
@@ -404,7 +457,8 @@ def evaluated(tiny_data, reference):
         with pytest.raises(KeyboardInterrupt):
             train(config)
     files = sorted(p.name for p in (tiny_data / "exps" / "evaluated" / "checkpoints").iterdir())
-    result = train(config)  # the rerun redoes the evaluation of step 4 first, then finds the run done
+    # the rerun redoes the evaluation of step 4 first, then finds the run done
+    result = train(config)
     return dict(config=config, result=result, files_after_kill=files)
 
 
@@ -424,13 +478,16 @@ def test_evaluation_while_training_equals_sample_then_eval(evaluated, reference,
     checkpoints = result["exp_dir"] / "checkpoints"
     assert evaluated["files_after_kill"] == ["0000002.pt", "0000004.pt", "best.pt"]
     evaluations = logged_evaluations(result["exp_dir"])
-    assert [entry["step"] for entry in evaluations] == [2, 4] and result["evaluations"] == evaluations[1:]
-    entry = evaluations[1]  # the redone evaluation has the numbers of the two commands on the step's checkpoint
+    assert [entry["step"] for entry in evaluations] == [2, 4] \
+        and result["evaluations"] == evaluations[1:]
+    # the redone evaluation has the numbers of the two commands on the step's checkpoint
+    entry = evaluations[1]
     npz = sample(SampleConfig(ckpt=str(checkpoints / "0000004.pt"), sample_dir=str(tiny_data / "s"),
-                              num_fid_samples=6, per_proc_batch_size=4, sampling=Sampling(**EVAL_SAMPLING),
-                              global_seed=config.seed))
+                              num_fid_samples=6, per_proc_batch_size=4,
+                              sampling=Sampling(**EVAL_SAMPLING), global_seed=config.seed))
     scores = evaluate(reference["ref_batch"], npz, reference["inception_weights"], batch_size=4)
-    assert {name: entry[f"eval/{name}"] for name in EVAL_METRICS} == {name: scores[name] for name in EVAL_METRICS}
+    assert {name: entry[f"eval/{name}"] for name in EVAL_METRICS} \
+        == {name: scores[name] for name in EVAL_METRICS}
     best = min(evaluations, key=lambda entry: entry["eval/fid"])["step"]
     assert load_checkpoint(checkpoints / "best.pt")["steps"] == best
 
@@ -439,16 +496,19 @@ def test_evaluation_while_training_equals_sample_then_eval(evaluated, reference,
 def test_two_processes_evaluate_like_one(evaluated, reference, tiny_data):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**EVAL_FLAGS, **reference}.items()]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "regdit", "train",
-               "--data-dir", str(tiny_data / "data"), "--resolution", "32", "--model", "SiT-S/8", "--depth", "2",
-               "--hidden-size", "64", "--num-heads", "2", "--encoder-depth", "1", "--projector-dim", "64",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "-m", "regdit", "train", "--data-dir", str(tiny_data / "data"), "--resolution", "32",
+               "--model", "SiT-S/8", "--depth", "2", "--hidden-size", "64", "--num-heads", "2",
+               "--encoder-depth", "1", "--projector-dim", "64",
                "--enc-path", str(tiny_data / "encoder"), "--num-classes", "4", "--batch-size", "8",
-               "--max-train-steps", "2", "--log-every", "2", "--checkpointing-steps", "3", "--sampling-steps", "0",
-               "--num-workers", "0", "--output-dir", str(tiny_data / "exps"), "--exp-name", "eval_double", *flags]
+               "--max-train-steps", "2", "--log-every", "2", "--checkpointing-steps", "3",
+               "--sampling-steps", "0", "--num-workers", "0",
+               "--output-dir", str(tiny_data / "exps"), "--exp-name", "eval_double", *flags]
     run = subprocess.run(command, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     double, = logged_evaluations(tiny_data / "exps" / "eval_double")
-    single = logged_evaluations(evaluated["result"]["exp_dir"])[0]  # step 2 of the same training on one process
+    # step 2 of the same training on one process
+    single = logged_evaluations(evaluated["result"]["exp_dir"])[0]
     # the weights differ by the float rounding of the gradient all-reduce, the evaluation itself
     # adds none (the exact equality of one evaluation on 1 and 2 processes is test_evaluate's)
     assert {name: double[f"eval/{name}"] for name in EVAL_METRICS} == pytest.approx(
@@ -459,7 +519,8 @@ def test_an_unusable_reference_is_refused_before_training(tiny_data, reference):
     with pytest.raises(RegditError, match="--eval-every 2 needs --ref-batch REF.npz"):
         train(tiny_config(tiny_data, exp_name="no_ref", **EVAL))
     np.savez(tiny_data / "ref64.npz", arr_0=np.zeros((8, 64, 64, 3), np.uint8))
-    with pytest.raises(RegditError, match="ref64.npz is 64x64 px but the samples of this run are 32x32 px"):
+    with pytest.raises(RegditError,
+                       match="ref64.npz is 64x64 px but the samples of this run are 32x32 px"):
         train(tiny_config(tiny_data, exp_name="no_ref", **EVAL,
                           **{**reference, "ref_batch": str(tiny_data / "ref64.npz")}))
     assert not (tiny_data / "exps" / "no_ref").exists()
@@ -469,12 +530,15 @@ def test_an_unusable_reference_is_refused_before_training(tiny_data, reference):
 def test_report_overlays_runs_with_and_without_evaluations(tiny_data, evaluated):
     from regdit.cli import main
     evaluated = evaluated["result"]["exp_dir"]
-    plain = train(tiny_config(tiny_data, exp_name="report_plain", max_train_steps=4, log_every=1))["exp_dir"]
-    for exp_dirs, name in (([plain], "plain.png"), ([evaluated, plain], "both.png"), ([evaluated], "page.html")):
+    plain = train(tiny_config(tiny_data, exp_name="report_plain", max_train_steps=4,
+                              log_every=1))["exp_dir"]
+    for exp_dirs, name in (([plain], "plain.png"), ([evaluated, plain], "both.png"),
+                           ([evaluated], "page.html")):
         main(["report", *map(str, exp_dirs), "--output", str(tiny_data / name)])
     for name in ("plain.png", "both.png"):
         image = np.asarray(Image.open(tiny_data / name).convert("L"), dtype=float)
-        assert image.shape == (900, 1600) and image.std() > 20 and (image < 128).mean() > 0.01  # drawn on, not blank
+        # drawn on, not blank
+        assert image.shape == (900, 1600) and image.std() > 20 and (image < 128).mean() > 0.01
     page = (tiny_data / "page.html").read_text()
     assert "<td>evaluated</td>" in page and "data:image/png;base64," in page
     assert re.search(r"<td>\d+\.\d{3} at [24]</td>", page)  # the best FID and its step
