@@ -5,12 +5,18 @@ training state, per candidate hash, next to `torch.save` (+ fsync, as `save_chec
     python benchmarks/bench_checksum.py                 # full size: 10.8 GB of training state
     python benchmarks/bench_checksum.py --scale 0.25    # a quarter of it
     python benchmarks/bench_checksum.py --tiny          # a few MB, a CPU smoke run
+    python benchmarks/bench_checksum.py --stall         # what a checkpoint costs training
 
 The state is SiT-XL/2's 675M float32 parameters four times over (model, EMA, the two AdamW moments),
 built as a few large random float32 tensors rather than the real model to keep memory to the state
 itself: each tensor is made in place and hashed, saved and loaded without copies. The file goes to
 --dir (default: the system temp folder) and is deleted. torch.load reads it back right after the
 save, mostly from the page cache: a best case for the load.
+
+--stall times how long training waits for a checkpoint: before, for `save_checkpoint` (checksum,
+torch.save and fsync of the whole state); now, for `experiment.to_host`, the copy to host memory
+that `Checkpoints.save` hands to its background writer. The copy is timed part by part (model, EMA,
+each AdamW moment), each copy freed before the next, so that memory holds the state and one part.
 """
 import argparse
 import os
@@ -20,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from regdit.checkpoint import CHECKSUMS, tensor_checksum
+from regdit.checkpoint import CHECKSUMS, save_checkpoint, tensor_checksum
+from regdit.experiment import to_host
 
 SIT_XL2_PARAMETERS = 675_129_632  # SiT-XL/2 (REG adds ~4M for its projector and class token)
 PARTS = ("model", "ema", "exp_avg", "exp_avg_sq")
@@ -74,6 +81,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=None,
                         help="best of N (default 1, 3 with --tiny)")
     parser.add_argument("--no-save", action="store_true", help="skip torch.save / torch.load")
+    parser.add_argument("--stall", action="store_true",
+                        help="time the stall of a checkpoint, written at once or behind")
     parser.add_argument("--dir", default=None,
                         help="folder for the torch.save file (default: the temp folder)")
     args = parser.parse_args(argv)
@@ -92,6 +101,8 @@ def main(argv=None):
           f"({scale:g} of SiT-XL/2 training state), {len(PARTS) * args.tensors_per_part} tensors, "
           f"made in {time.perf_counter() - start:.1f} s; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, best of {repeats}")
+    if args.stall:
+        return print_stall(state, size, Path(args.dir or tempfile.gettempdir()), repeats)
     rows, digests = [], {}
     for kind in kinds:
         digests[kind], seconds = timed(lambda kind=kind: tensor_checksum(state, kind), repeats)
@@ -115,6 +126,26 @@ def main(argv=None):
         ratio = f"{seconds / save_seconds:.2f}x" if save_seconds else "-"
         print(f"{what:<26} {seconds:>9.4f} {size / seconds / 1e9:>8.2f} {ratio:>12}")
 
+
+def print_stall(state, size, folder, repeats):
+    """The seconds training stops for a checkpoint of `state`: before, and now for the first
+    checkpoint of a run (which allocates the host copy) and the later ones (which reuse it)."""
+    path = folder / f"bench_checksum_{os.getpid()}.pt"
+    try:
+        _, before = timed(lambda: save_checkpoint(state, path), repeats)
+    finally:
+        path.unlink(missing_ok=True)
+    first = later = 0.0
+    for part in (state["model"], state["ema"], state["opt"]["state"]):
+        copy, seconds = timed(lambda part=part: to_host(part), 1)
+        first += seconds
+        later += timed(lambda part=part, copy=copy: to_host(part, copy), repeats)[1]
+        del copy
+    print(f"{'training stops for':<58} {'seconds':>9} {'GB/s':>8}")
+    for what, seconds in (("save_checkpoint (checksum, torch.save, fsync): before", before),
+                          ("to_host, the first checkpoint of a run (allocates): now", first),
+                          ("to_host, later checkpoints (into the same memory): now", later)):
+        print(f"{what:<58} {seconds:>9.3f} {size / seconds / 1e9:>8.2f}")
 
 if __name__ == "__main__":
     main()

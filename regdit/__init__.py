@@ -9,6 +9,14 @@ class RegditError(ValueError):
     the fix)."""
 
 
+class Stopped(Exception):
+    """A command stopped at a safe point on a signal (regdit.preemption); the message says where and
+    how to continue. The command line prints it and exits with EXIT_STOPPED."""
+
+
+EXIT_STOPPED = 75  # EX_TEMPFAIL: not finished, run the same command again to continue
+
+
 def cpu_launch():
     """True for a launch of several processes (torchrun, accelerate launch) on a machine without
     GPUs: accelerate then needs `cpu=True` to start its gloo process group, else every process

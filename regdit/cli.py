@@ -13,7 +13,7 @@ import sys
 import tempfile
 import traceback
 
-from regdit import RegditError, __version__
+from regdit import EXIT_STOPPED, RegditError, Stopped, __version__
 from regdit.config import (
     add_dataclass_arguments,
     config_from_args,
@@ -143,6 +143,9 @@ def internal_error(command, argv, error):
 def main(argv=None):
     # a worker of a killed torchrun / accelerate launch ends instead of writing on
     stop_with_launcher()
+    if "TORCHELASTIC_RESTART_COUNT" in os.environ:  # a torchrun worker, maybe of a restart
+        from regdit.preemption import join_process_group
+        join_process_group()
     argv = sys.argv[1:] if argv is None else argv
     command = command_of(argv)
     try:
@@ -154,6 +157,9 @@ def main(argv=None):
         message = str(error).strip().splitlines()[-1].removeprefix(
             f"{RegditError.__module__}.RegditError: ")
         sys.exit(f"regdit {command}: error: {message}")
+    except Stopped as stopped:  # on a signal, at a safe point (regdit.preemption)
+        print(f"regdit {command}: {stopped}", file=sys.stderr)
+        sys.exit(EXIT_STOPPED)
     except KeyboardInterrupt:
         # every finished file is complete (atomic writes): nothing to clean up
         resumes = " (rerun the same command to continue)" if command in RESUMABLE_COMMANDS else ""

@@ -8,6 +8,7 @@ import os
 import shutil
 import time
 from argparse import Namespace
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -26,12 +27,37 @@ from regdit.sample import Sampling
 from regdit.samplers import SAMPLERS
 
 
+def to_host(obj, into=None):
+    """`obj` (dicts, lists, tuples of tensors and other values) with every tensor copied to host
+    memory: a step's state, kept as it was while training goes on changing the device's. The copies
+    go into the tensors of `into`, an earlier result of the same layout, where they fit: allocating
+    (and first touching) gigabytes of memory costs more than copying into it. Copies from a GPU go
+    to pinned memory, asynchronously: synchronize before reading them."""
+    if isinstance(obj, torch.Tensor):
+        if not (isinstance(into, torch.Tensor) and into.shape == obj.shape
+                and into.dtype == obj.dtype):
+            into = torch.empty(obj.shape, dtype=obj.dtype, pin_memory=obj.is_cuda)
+        return into.copy_(obj.detach(), non_blocking=obj.is_cuda)
+    if isinstance(obj, dict):
+        into = into if isinstance(into, dict) else {}
+        return {key: to_host(value, into.get(key)) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        if not (isinstance(into, (list, tuple)) and len(into) == len(obj)):
+            into = [None] * len(obj)
+        return type(obj)(to_host(value, other) for value, other in zip(obj, into))
+    return obj
+
+
 class Checkpoints:
     """The run's checkpoints, EXP/checkpoints/%07d.pt: the official keys plus what exact resume and
-    sampling need."""
+    sampling need. A save copies the state to host memory and writes it in the background, at most
+    one write at a time (`wait`): training stalls for the copy, not for the checksum and the disk
+    (benchmarks/RESULTS.md, section 'Checkpoints in the background')."""
 
     def __init__(self, exp_dir):
         self.dir = Path(exp_dir) / "checkpoints"
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="regdit-checkpoint")
+        self.writing = self.host = None  # the write in flight, the host copy it writes
 
     def path(self, step):
         return self.dir / f"{step:07d}.pt"
@@ -100,6 +126,7 @@ class Checkpoints:
     def keep_best(self, step):
         """checkpoints/best.pt := the checkpoint of `step` (its "steps" records which), a hard link
         where the file system allows (no copy of a large file), else a copy; atomic either way."""
+        self.wait()
         best, temporary = self.dir / "best.pt", self.dir / f".best.pt{TEMP_SUFFIX}{os.getpid()}"
         temporary.unlink(missing_ok=True)
         try:
@@ -112,8 +139,8 @@ class Checkpoints:
 
     def save(self, step, accelerator, settings, model, ema, optimizer, dataset):
         """Every process checks its weights are finite (all stop, not only the one that saves); the
-        main process writes atomically. `settings`: the run's flag values
-        (`config.flat_settings`)."""
+        main process copies the state to host memory and writes it atomically in the background.
+        `settings`: the run's flag values (`config.flat_settings`)."""
         finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
         if not accelerator.gather(finite[None]).all():
             raise RegditError(f"non-finite weights at step {step}: not saving; the last good "
@@ -127,8 +154,18 @@ class Checkpoints:
                          config=settings)
             if accelerator.scaler is not None:
                 state["scaler"] = accelerator.scaler.state_dict()
-            save_checkpoint(state, self.path(step))
+            self.wait()  # the previous write is done: its host memory takes this state
+            self.host = to_host(state, self.host)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()  # the copies to pinned memory have landed
+            self.writing = self.writer.submit(save_checkpoint, self.host, self.path(step))
         accelerator.wait_for_everyone()
+
+    def wait(self):
+        """Return once the checkpoint being written is on disk, raising its write's error."""
+        writing, self.writing = self.writing, None
+        if writing is not None:
+            writing.result()
 
 
 class MetricLog:

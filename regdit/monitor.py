@@ -50,21 +50,26 @@ class TrainingEvaluation:
                                                   config.eval_batch_size, state)
         warn_if_few((ref_batch, len(self.reference.pool)), ("--eval-samples", config.eval_samples))
 
-    def __call__(self, ema):
+    def __call__(self, ema, stop=None):
         """(metrics, seconds): IS, FID, sFID, precision and recall of `config.eval_samples` samples
-        of `ema`."""
+        of `ema`. `stop` (a preemption.StopVote) is asked after each round of batches (one a
+        process): when it says so, the evaluation is abandoned and the metrics are None."""
         config, state = self.config, self.state
         started = time.perf_counter()
         starts = range(0, config.eval_samples, config.eval_batch_size)
         features = {}
         # as `regdit sample` samples (its --tf32 default, cuDNN's default): the same numbers on GPU
         with tf32(True):
-            for k in range(state.process_index, len(starts), state.num_processes):
-                end = min(starts[k] + config.eval_batch_size, config.eval_samples)
-                indices = range(starts[k], end)
-                images = sample_batch(ema, self.vae, indices, config.eval, config.seed, False,
-                                      config.eval_mixed_precision, config.path_type)
-                features[k] = batch_activations(images, self.inception)
+            for first in range(0, len(starts), state.num_processes):
+                k = first + state.process_index
+                if k < len(starts):
+                    end = min(starts[k] + config.eval_batch_size, config.eval_samples)
+                    images = sample_batch(ema, self.vae, range(starts[k], end), config.eval,
+                                          config.seed, False, config.eval_mixed_precision,
+                                          config.path_type)
+                    features[k] = batch_activations(images, self.inception)
+                if stop is not None and stop():  # every process asks as often: the same rounds
+                    return None, time.perf_counter() - started
         batches = gather_batches(features, state)
         metrics = None
         # the metrics once (two 2048 x 2048 matrix square roots), then to every process

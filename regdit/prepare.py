@@ -24,13 +24,14 @@ import PIL.ImageOps
 import torch
 from tqdm import tqdm
 
-from regdit import RegditError, cpu_launch
+from regdit import RegditError, Stopped, cpu_launch
 from regdit import vae as vae_lib
 from regdit.config import Settings, flag
 from regdit.data import LAYOUTS, PROGRESS, read_json, read_labels, write_json
 from regdit.files import atomic_write, check_regular_file, remove_temp_files, writing_into
 from regdit.hub import is_hub_url, parse
 from regdit.images import image_extensions, list_files, open_image, read_image
+from regdit.preemption import StopSignals, StopVote
 from regdit.runlock import LOCK_NAME, RunLock, lock_run
 
 # --------------------------------------------------------------------------------- pixels and crops
@@ -405,8 +406,15 @@ def prepare_latents(config: PrepareLatentsConfig):
     images.npy, moments.npy[, moments_flip.npy], labels.npy}; "official": DEST/imagenet_{R}_vae/
     (the images) + DEST/vae-sd/{...npy, dataset.json}. Every process of an accelerate/torchrun
     launch encodes the shards of `shard_size` images with shard % num_processes == process index;
-    finished shards are skipped on a rerun. Returns dest.
+    finished shards are skipped on a rerun. On SIGTERM, SIGUSR1 or SIGINT every process finishes
+    its shard and the command stops (regdit.Stopped). Returns dest.
     """
+    with StopSignals() as signals:
+        return prepare_latents_with(config, signals)
+
+
+def prepare_latents_with(config, signals):
+    """`prepare_latents`, stopping when `signals` says so."""
     check_paths(config.source, config.dest, "folder")
     from accelerate import PartialState
 
@@ -440,7 +448,7 @@ def prepare_latents(config: PrepareLatentsConfig):
         num_shards = -(-len(names) // shard_size)
         done_path = os.path.join(writer.out, PROGRESS, "shard-{:06d}.done").format
         encode_shards(config, writer, SourceImages(source, names, resolution), vae_model, state,
-                      done_path)
+                      done_path, StopVote(signals, state.num_processes))
         state.wait_for_everyone()
 
         if state.is_main_process:
@@ -470,16 +478,20 @@ def latent_moments_shape(vae, source, resolution):
     return shape
 
 
-def encode_shards(config, writer, images, vae, state, done_path):
+def encode_shards(config, writer, images, vae, state, done_path, stop):
     """Encode this process's unfinished shards of `images` (SourceImages) and hand them to the
-    layout's writer; a shard's done-marker is written once its rows reached the disk."""
+    layout's writer; a shard's done-marker is written once its rows reached the disk. The shards go
+    in rounds of one a process; `stop` (a preemption.StopVote) is asked after each round."""
     flip, shard_size, count = config.flip, config.shard_size, len(images)
     num_shards = -(-count // shard_size)
-    shards = [s for s in range(state.process_index, num_shards, state.num_processes)
-              if not os.path.exists(done_path(s))]
-    batches = shard_batches(count, shard_size, config.batch_size, shards)
-    loader = torch.utils.data.DataLoader(images, batch_sampler=batches, num_workers=config.workers,
-                                         pin_memory=state.device.type == "cuda")
+    mine = [first + state.process_index for first in range(0, num_shards, state.num_processes)]
+    rounds = [shard_batches(count, shard_size, config.batch_size, [shard])
+              if shard < num_shards and not os.path.exists(done_path(shard)) else []
+              for shard in mine]
+    batches = [batch for round_batches in rounds for batch in round_batches]
+    loader = iter(torch.utils.data.DataLoader(images, batch_sampler=batches,
+                                              num_workers=config.workers,
+                                              pin_memory=state.device.type == "cuda"))
     writer.open()
     processes = f"{state.num_processes} process{'es' * (state.num_processes > 1)}"
 
@@ -496,13 +508,21 @@ def encode_shards(config, writer, images, vae, state, done_path):
     with tqdm(total=sum(map(len, batches)), desc=f"encode ({processes})", unit="img",
               disable=not state.is_main_process) as progress, ThreadPoolExecutor(1) as background:
         saved = background.submit(lambda: None)
-        for indices, batch in zip(batches, loader):
-            pixels = torch.cat([batch, batch.flip(-1)]) if flip else batch
-            moments = vae_lib.encode_moments(vae, pixels).cpu()
-            saved.result()  # also raises the writer's errors here
-            saved = background.submit(save, indices, batch, moments)
-        saved.result()
-    writer.close()
+        try:
+            for round_batches in rounds:
+                for indices, batch in zip(round_batches, loader):
+                    pixels = torch.cat([batch, batch.flip(-1)]) if flip else batch
+                    moments = vae_lib.encode_moments(vae, pixels).cpu()
+                    saved.result()  # also raises the writer's errors here
+                    saved = background.submit(save, indices, batch, moments)
+                if stop():  # every process asks as often: the same rounds
+                    saved.result()
+                    done = sum(os.path.exists(done_path(shard)) for shard in range(num_shards))
+                    raise Stopped(f"stopped by {stop.signals.name} with {done} of {num_shards} "
+                                  "shards encoded; run the same command to continue")
+            saved.result()
+        finally:
+            writer.close()
 
 # --------------------------------------------------------------------------------- prepare vae
 

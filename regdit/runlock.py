@@ -218,15 +218,16 @@ def stop_with_launcher():
     """Make this process end when its launcher dies (Linux, under torchrun / accelerate launch; else
     a no-op).
 
-    The kernel sends SIGTERM to this process when its parent (the launcher) exits, also when the
-    launcher is killed by SIGKILL and cannot stop its workers itself. Python keeps the default
-    SIGTERM action, which ends the process at once, also one blocked in a collective; every regdit
-    output is written to a temporary file and renamed (`regdit.files.atomic_write`), so nothing
-    half-written remains, and a rerun resumes. The default action skips `finally` blocks, so a
-    killed main process leaves its RunLock file: a rerun on the same host replaces it at once (dead
-    pid), one on another host after STALE_AFTER. A parent pid of 1 proves nothing (the launcher is
-    pid 1 as a container's entrypoint), so a launcher that died in the instant before this call is
-    not caught. The kernel signals when the thread that started this process exits; torchrun and
+    The kernel sends SIGKILL to this process when its parent (the launcher) exits, also when the
+    launcher is killed by SIGKILL and cannot stop its workers itself. Not SIGTERM: regdit stops
+    gracefully on it (regdit.preemption), which needs the other processes, and a dead launcher
+    says nothing of them; the launcher's own SIGTERM, which it forwards to its workers, is how a
+    cluster asks for a graceful stop. Every regdit output is written to a temporary file and renamed
+    (`regdit.files.atomic_write`), so nothing half-written remains, and a rerun resumes. A killed
+    main process leaves its RunLock file: a rerun on the same host replaces it at once (dead pid),
+    one on another host after STALE_AFTER. A parent pid of 1 proves nothing (the launcher is pid 1
+    as a container's entrypoint), so a launcher that died in the instant before this call is not
+    caught. The kernel signals when the thread that started this process exits; torchrun and
     accelerate launch start workers from their main thread. Call it first thing in the process,
     before the process group starts.
     """
@@ -234,5 +235,5 @@ def stop_with_launcher():
     if not sys.platform.startswith("linux") or not launched:
         return
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")

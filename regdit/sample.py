@@ -34,7 +34,7 @@ import torch
 from accelerate import PartialState
 from tqdm import tqdm
 
-from regdit import RegditError, __version__, cpu_launch
+from regdit import RegditError, Stopped, __version__, cpu_launch
 from regdit.checkpoint import build_model_from_checkpoint, load_checkpoint, local_checkpoint
 from regdit.config import Settings, changed_setting, flag, nested
 from regdit.data import load_array
@@ -42,6 +42,7 @@ from regdit.files import atomic_write, check_output, check_writable, npz_arrays,
 from regdit.images import read_image
 from regdit.interpolants import PATH_TYPES
 from regdit.models import SiT_models, SiTConfig
+from regdit.preemption import StopSignals, StopVote
 from regdit.runlock import lock_run
 from regdit.samplers import SAMPLERS
 from regdit.vae import decode_latents, load_vae, resolve_vae_name
@@ -322,8 +323,15 @@ def sample(config: SampleConfig, model=None):
     """Sample `num_fid_samples` images into SAMPLE_DIR/RUN/ and pack them into SAMPLE_DIR/RUN.npz
     (the main process writes it); returns the .npz path. `model`: a SiT to sample instead of
     `config.ckpt` (put in eval mode and moved to the device). `tf32` sets torch's global TF32 matmul
-    switch, as generate.py does.
+    switch, as generate.py does. On SIGTERM, SIGUSR1 or SIGINT every process finishes its batch and
+    the command stops (regdit.Stopped); the same command samples the rest.
     """
+    with StopSignals() as signals:
+        return sample_with(config, model, signals)
+
+
+def sample_with(config, model, signals):
+    """`sample`, stopping when `signals` says so."""
     check_writable(config.sample_dir, "--sample-dir")
     torch.backends.cuda.matmul.allow_tf32 = config.tf32
     state = PartialState(cpu=cpu_launch())
@@ -343,7 +351,8 @@ def sample(config: SampleConfig, model=None):
         if state.is_main_process:
             start_run_folder(folder, settings, config, model.num_classes, state.device)
         state.wait_for_everyone()
-        draw_pending(config, folder, model, vae_model, settings["path_type"], state)
+        draw_pending(config, folder, model, vae_model, settings["path_type"], state,
+                     StopVote(signals, state.num_processes))
         # no barrier after packing: it can outlast the collective timeout (10 min on NCCL)
         if state.is_main_process:
             pack_npz(folder, config.num_fid_samples, npz_path)
@@ -402,9 +411,10 @@ def start_run_folder(folder, settings, config, num_classes, device):
         np.save(f, labels.cpu().numpy().astype(np.int64))
 
 
-def draw_pending(config, folder, model, vae, path_type, state):
+def draw_pending(config, folder, model, vae, path_type, state, stop):
     """Sample the chunks of --per-proc-batch-size indices that miss a PNG, round-robin over the
-    processes, and write their missing PNGs."""
+    processes, and write their missing PNGs; `stop` (a preemption.StopVote) is asked after each
+    round of one chunk a process."""
     num_samples, batch_size = config.num_fid_samples, config.per_proc_batch_size
     chunks = [range(start, min(start + batch_size, num_samples))
               for start in range(0, num_samples, batch_size)]
@@ -414,12 +424,18 @@ def draw_pending(config, folder, model, vae, path_type, state):
     state.print(f"{folder}: {num_samples - sum(map(len, pending))} of {num_samples} samples done, "
                 f"sampling {sum(map(len, pending))} on {state.num_processes} process(es)")
     net = torch.compile(model) if config.compile else model
-    for chunk in tqdm(pending[state.process_index::state.num_processes], desc="sampling",
-                      unit="batch", disable=not state.is_main_process, dynamic_ncols=True):
-        images = sample_batch(net, vae, chunk, config.sampling, config.global_seed, config.balanced,
-                              config.mixed_precision, path_type)
-        for i, image in zip(chunk, images):
-            if not png_done(png_path(folder, i)):
-                with atomic_write(png_path(folder, i), sync=False) as f:
-                    PIL.Image.fromarray(image).save(f, format="PNG")
+    for first in tqdm(range(0, len(pending), state.num_processes), desc="sampling", unit="round",
+                      disable=not state.is_main_process, dynamic_ncols=True):
+        if first + state.process_index < len(pending):
+            chunk = pending[first + state.process_index]
+            images = sample_batch(net, vae, chunk, config.sampling, config.global_seed,
+                                  config.balanced, config.mixed_precision, path_type)
+            for i, image in zip(chunk, images):
+                if not png_done(png_path(folder, i)):
+                    with atomic_write(png_path(folder, i), sync=False) as f:
+                        PIL.Image.fromarray(image).save(f, format="PNG")
+        if stop():  # every process asks as often: the same rounds
+            done = sum(png_done(png_path(folder, i)) for i in range(num_samples))
+            raise Stopped(f"stopped by {stop.signals.name} with {done} of {num_samples} samples "
+                          f"in {folder}; run the same command to continue")
     state.wait_for_everyone()

@@ -30,7 +30,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, is_tensorboard_available, is_wandb_available
 from tqdm import tqdm
 
-from regdit import RegditError, cpu_launch
+from regdit import RegditError, Stopped, cpu_launch
 from regdit.config import Settings, flag, flat_settings, leaf_fields, nested
 from regdit.experiment import (
     Checkpoints,
@@ -44,6 +44,7 @@ from regdit.files import atomic_write, check_writable, remove_temp_files
 from regdit.interpolants import PATH_TYPES, WEIGHTINGS
 from regdit.loss import LOSS_TERMS, REGLoss
 from regdit.models import SiT, SiT_models, SiTConfig, model_arguments
+from regdit.preemption import StopSignals, StopVote
 from regdit.runlock import lock_run
 from regdit.sample import Sampling
 
@@ -313,6 +314,7 @@ class Run:
     mixed_precision: str
     vae: torch.nn.Module | None
     evaluation: object  # regdit.monitor.TrainingEvaluation, or None without --eval-every
+    stop: StopVote  # whether every process is to stop (a signal), asked after each step
 
     @property
     def cls_dim(self):
@@ -390,9 +392,13 @@ def train_step(run, micro_batches, step):
 
 def train(config: TrainConfig):
     """Train until max_train_steps (or epochs); returns a summary dict (steps, logged metrics,
-    paths, models)."""
-    with setup(config) as run:
-        return train_loop(run)
+    paths, models). On SIGTERM, SIGUSR1 or SIGINT it stops after the current step, with its
+    checkpoint written, by raising preemption.Stopped."""
+    with StopSignals() as signals, setup(config, signals) as run:
+        try:
+            return train_loop(run)
+        finally:  # a stop, an error or the end: the checkpoint being written gets written
+            run.checkpoints.wait()
 
 
 def train_loop(run):
@@ -408,6 +414,8 @@ def train_loop(run):
             work.metrics.add(train_step(run, micro_batches, step))
             step += 1
             work.after_step(step)
+            if run.stop():
+                work.stop(step)
             if step >= config.max_train_steps:
                 break
     work.progress.close()
@@ -442,7 +450,7 @@ class PeriodicWork:
 
     def __init__(self, run):
         self.run, config, accelerator = run, run.config, run.accelerator
-        self.preview = None
+        self.preview, self.saved = None, run.step
         if config.sampling_steps and accelerator.is_main_process:
             self.preview = SamplePreview(config, run.vae, run.latent_shape, run.cls_dim,
                                          accelerator.device)
@@ -489,12 +497,27 @@ class PeriodicWork:
         run = self.run
         run.checkpoints.save(step, run.accelerator, flat_settings(run.config), run.raw_model,
                              run.ema, run.optimizer, run.dataset)
+        self.saved = step
+
+    def stop(self, step, during=""):
+        """Stop on a signal with the checkpoint of `step` written (preemption.Stopped)."""
+        run = self.run
+        if step > run.step and self.saved != step:
+            self.save(step)
+        run.checkpoints.wait()
+        self.progress.close()
+        where = f"during the evaluation of step {step} (redone on resume)" if during else \
+            f"after step {step}"
+        raise Stopped(f"stopped by {run.stop.signals.name} {where}: checkpoint "
+                      f"{run.checkpoints.path(step)}; run the same command to continue")
 
     def evaluate(self, step):
         """Score the EMA weights; the best FID's checkpoint becomes checkpoints/best.pt before the
         line is logged."""
         run, accelerator = self.run, self.run.accelerator
-        values, seconds = run.evaluation(run.ema)
+        values, seconds = run.evaluation(run.ema, run.stop)
+        if values is None:  # a signal: the checkpoint of the step is written, the rerun evaluates
+            self.stop(step, during="evaluation")
         if "error" in values:  # a failed evaluation is said; training goes on
             accelerator.print(f"warning: the evaluation of step {step} failed: {values['error']}")
             return seconds
@@ -595,11 +618,12 @@ def start_weights(config, checkpoints, model, ema, optimizer, log):
 
 
 @contextlib.contextmanager
-def setup(config):
+def setup(config, signals=None):
     """Everything a run needs (a Run), resumed from its latest good checkpoint (or --resume-step)
     when there is one, holding the experiment folder's lock for the run's lifetime (one writer per
-    experiment)."""
+    experiment). `signals` (preemption.StopSignals) are those the run stops on."""
     accelerator, mixed_precision = make_accelerator(config)
+    stop = StopVote(signals or StopSignals(), accelerator.num_processes)
     exp_dir = Path(config.output_dir) / config.exp_name
 
     def log(message):  # warnings and notes, once
@@ -630,7 +654,7 @@ def setup(config):
         run = Run(config, accelerator, exp_dir, dataset, latent_shape, encoders,
                   torch.compile(prepared) if config.compile else prepared, model, ema, optimizer,
                   loss_from_config(config), checkpoints, step, local_batch, mixed_precision, vae,
-                  evaluation)
+                  evaluation, stop)
         if accelerator.is_main_process:
             announce(run, resumed_from)
         yield run
