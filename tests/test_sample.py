@@ -283,3 +283,26 @@ def test_best_pt_is_sampled_by_its_step(files, tmp_path):
                      vae=files["vae"], num_steps=2)
         names.append(npz.name)
     assert "-best-1-" in names[0] and "-best-2-" in names[1]
+
+
+def test_class_label_gives_every_sample_its_class_and_draws_no_label(files, tmp_path):
+    run = dict(vae=files["vae"], num_samples=4, batch_size=4, num_steps=3)
+    fixed = sample(files["export"], tmp_path, class_label=3, **run)
+    images, labels = load(fixed)
+    assert labels.tolist() == [3] * 4 and fixed.name.endswith("-seed-0-sde-3-class-3.npz")
+    settings = json.loads((tmp_path / fixed.stem / "sample_settings.json").read_text())
+    assert settings["class_label"] == 3 and settings["balanced"] is False
+    # Like --balanced, which gives index 3 class 3, it draws no label from an index's stream: that
+    # index's image is the same under both.
+    balanced, _ = load(sample(files["export"], tmp_path, balanced=True, **run))
+    assert np.array_equal(images[3], balanced[3]) and not np.array_equal(images[0], balanced[0])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA's Philox generator takes all 64 bits")
+@pytest.mark.xfail(strict=True, reason="torch's CPU generator (mt19937) keeps the low 32 bits of a "
+                                       "seed, so global_seed * 2**32 + i is i on the CPU")
+def test_another_global_seed_draws_other_images_on_the_cpu(files, tmp_path):
+    run = dict(vae=files["vae"], num_samples=2, batch_size=2, num_steps=2)
+    first, _ = load(sample(files["export"], tmp_path, global_seed=0, **run))
+    second, _ = load(sample(files["export"], tmp_path, global_seed=1, **run))
+    assert not np.array_equal(first, second)
