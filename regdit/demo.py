@@ -9,6 +9,7 @@ accuracy on real images it did not see.
 """
 import json
 import os
+import shlex
 import time
 import zipfile
 from dataclasses import dataclass
@@ -272,3 +273,5 @@ def print_summary(summary, out):
     print(f"VAE: {summary['vae']}")
     print(f"checkpoint: {summary['checkpoint']}")
     print(f"summary: {out / 'summary.json'}")
+    print(f"look at the model in the browser: regdit app --ckpt "
+          f"{shlex.quote(summary['checkpoint'])}")

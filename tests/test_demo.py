@@ -34,8 +34,11 @@ def test_shortened_demo_learns_shapes(tmp_path, capsys):
         assert samples["arr_0"].shape == (40, 32, 32, 3) \
             and sorted(set(samples["labels"].tolist())) == list(range(10))
     printed = capsys.readouterr().out.strip().splitlines()
-    assert printed[-1].startswith("summary: ") \
+    assert printed[-2].startswith("summary: ") \
         and any(line.startswith("classifier score") for line in printed)
+    # its last line opens the model in `regdit app`
+    assert printed[-1] == ("look at the model in the browser: regdit app --ckpt "
+                           f"{summary['checkpoint']}")
 
     # A rerun finds the run finished: it fits and trains nothing, reuses the run's loss curve (its
     # metrics.jsonl) and scores the same samples.
