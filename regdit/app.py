@@ -183,7 +183,7 @@ class Explorer:
         model, config = self.model, self.config
         resolution = model.input_size * vae_geometry(self.vae)[1]
         precision = ", bf16" if config.mixed_precision == "bf16" else ""
-        return (f"**{config.ckpt}**: {model.config.label}, {model.num_classes} classes, "
+        return (f"`{config.ckpt}`: {model.config.label}, {model.num_classes} classes, "
                 f"{resolution} px, on {self.device}{precision}")
 
 
