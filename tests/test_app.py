@@ -227,6 +227,7 @@ def start_chromium():
     for argument in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                      "--no-first-run", "--disable-background-networking",
                      "--disable-component-update", "--disable-sync", "--window-size=1400,1000",
+                     "--disable-dev-shm-usage",  # containers' /dev/shm is often 64 MB
                      "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
                      f"--user-data-dir={tempfile.mkdtemp(prefix='regdit-chromium-')}"):
         options.add_argument(argument)
