@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from regdit import RegditError
+from regdit.data import read_classes
 from regdit.files import atomic_write
 from regdit.hub import PREFIX, is_hub_url, parse, resolve_path
 from regdit.models import SiT, SiTConfig, model_arguments
@@ -101,7 +102,8 @@ def load_checkpoint(path):
     """Read a checkpoint with `weights_only=True`: a `.safetensors` export (its `config.json` beside
     it becomes `model_config`), or a torch file (official or regdit training checkpoint, or a bare
     state dict); local or `hf://`. The checksum that regdit checkpoints and exports record is
-    verified (official files have none). Every failure is a one-line RegditError naming the file."""
+    verified (official files have none). The class names, when recorded, are under "classes". Every
+    failure is a one-line RegditError naming the file."""
     path = local_checkpoint(path)
     if path.is_dir():
         found = sorted(path.glob("model.safetensors")) or sorted(path.glob("checkpoints/*.pt"))[-1:]
@@ -139,6 +141,7 @@ def load_checkpoint(path):
                               f"{', '.join(map(str, checkpoint))}): pass a training checkpoint "
                               "(.pt) or an export (.safetensors)")
         checkpoint = {"ema": checkpoint}
+    read_classes(checkpoint, f"checkpoint {path}", "copy it again or use an earlier checkpoint")
     return checkpoint
 
 
@@ -167,7 +170,8 @@ def _load_export(path):
         _verify(ema, metadata["checksum"], f"export {path}",
                 "exported; copy it again or export it again")
     return {"ema": ema, "model_config": config["model"], "latents": config.get("latents") or {},
-            "args": argparse.Namespace(path_type=config.get("path_type"))}
+            "args": argparse.Namespace(path_type=config.get("path_type")),
+            "classes": read_classes(config, config_path, "copy it again or export again")}
 
 
 def save_checkpoint(obj, path):
@@ -340,14 +344,16 @@ def build_model_from_checkpoint(checkpoint, source="checkpoint", weights="ema", 
     return model
 
 
-def write_export(output_dir, weights, model_config, latents=None, path_type=None):
+def write_export(output_dir, weights, model_config, latents=None, path_type=None, classes=None):
     """The export format, for `regdit export` and `save_pretrained`: `model.safetensors` (`weights`,
     their checksum in its metadata, which `load_checkpoint` verifies) + `config.json` {"model": the
-    SiTConfig dict, "latents", "path_type"}. Returns the path of the weights."""
+    SiTConfig dict, "latents", "path_type", "classes" (the class names, or null)}. Returns the path
+    of the weights."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     weights = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
-    settings = dict(model=model_config.to_dict(), latents=latents, path_type=path_type)
+    settings = dict(model=model_config.to_dict(), latents=latents, path_type=path_type,
+                    classes=classes)
     with atomic_write(output_dir / "config.json", "w") as f:
         f.write(json.dumps(settings, indent=2) + "\n")
     with atomic_write(output_dir / "model.safetensors") as f:
@@ -371,8 +377,10 @@ def from_pretrained(source, weights="ema", fused_attn=True):
                                        fused_attn=fused_attn).eval()
 
 
-def save_pretrained(model, save_directory, latents=None, path_type=None):
+def save_pretrained(model, save_directory, latents=None, path_type=None, classes=None):
     """Write `model`'s weights in the export format (what `regdit export` writes and
     `from_pretrained` reads) into `save_directory`; `latents` ({"vae", "scale", "resolution"}) and
-    `path_type` tell `regdit sample` how to sample and decode. Returns the path of the weights."""
-    return write_export(save_directory, model.state_dict(), model.config, latents, path_type)
+    `path_type` tell `regdit sample` how to sample and decode, `classes` names the classes (for
+    `regdit app`). Returns the path of the weights."""
+    return write_export(save_directory, model.state_dict(), model.config, latents, path_type,
+                        classes)

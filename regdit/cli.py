@@ -43,6 +43,8 @@ COMMANDS = {  # name -> (module, config class, function, one-line help)
                "points"),
     "demo": ("regdit.demo", "DemoConfig", "run_demo",
              "the whole pipeline on a tiny built-in dataset, on CPU, in minutes"),
+    "app": ("regdit.app", "AppConfig", "run_app",
+            "look at a model in the browser: classes, samplers and guidance side by side (Gradio)"),
 }
 GROUPS = {"prepare": "prepare images (crop, labels), VAE latents for training, or a small VAE"}
 # commands whose rerun continues

@@ -4,7 +4,8 @@ in LAYOUTS.
 
 regdit's layout is a folder of memory-mapped arrays, read without decoding:
 
-    regdit.json        metadata, written last: its presence marks a finished dataset
+    regdit.json        metadata, written last: its presence marks a finished dataset (with the
+                       class names of the images' dataset.json, "classes", when it lists them)
     images.npy         uint8 (N, 3, R, R)
     moments.npy        float32 (N, 2C, h, w): C posterior mean channels, then C std channels
     moments_flip.npy   optional: the moments of the horizontally mirrored images
@@ -83,6 +84,16 @@ def read_labels(meta, path, fix):
     return labels
 
 
+def read_classes(meta, path, fix):
+    """The class names that the dataset file `meta` (read from `path`) lists under "classes": a
+    list of strings, or None when it lists none."""
+    classes = meta.get("classes")
+    if classes is not None and not (isinstance(classes, list)
+                                    and all(isinstance(name, str) for name in classes)):
+        raise RegditError(f'{path}: "classes" is {classes!r:.40}, not a list of class names; {fix}')
+    return classes
+
+
 def load_array(path, fix, mmap_mode=None):
     """The array of the .npy file `path`, pickled objects refused (numpy's default: an object array
     would run code); an unreadable, foreign or object-array file is one line naming it and `fix`."""
@@ -108,8 +119,8 @@ def open_dataset(data_dir, resolution=None, seed=0):
 
     Items are (uint8 image (3, R, R), float32 moments (2C, h, w), int label). Attributes:
     num_classes, resolution, latent_scale, vae (name or path used to encode; "none" for pixel space,
-    None if unknown), moments_shape, has_flip, labels (numpy int64); set_epoch(epoch) reseeds the
-    flips.
+    None if unknown), moments_shape, has_flip, labels (numpy int64), classes (the class names, or
+    None); set_epoch(epoch) reseeds the flips.
     """
     data_dir = os.fspath(data_dir)
     for layout in LAYOUTS.values():
@@ -133,6 +144,7 @@ class _Dataset(torch.utils.data.Dataset):
     """A layout's reader: `detect(data_dir)` says whether a folder holds the layout;
     `Reader(data_dir, resolution, seed)` validates it and has the items and attributes listed in
     open_dataset."""
+    classes = None  # the class names, where the layout records them
 
     def __init__(self, seed):
         self.seed = seed
@@ -178,6 +190,7 @@ class RegditDataset(_Dataset):
         except KeyError as key:
             raise RegditError(f"{meta_path}: no {key} entry; "
                               "rerun `regdit prepare latents`") from None
+        self.classes = read_classes(meta, meta_path, "rerun `regdit prepare latents`")
         sizes = [n, self.resolution, self.num_classes,
                  *(self.moments_shape if isinstance(self.moments_shape, list) else [None])]
         if len(sizes) != 6 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
@@ -395,10 +408,16 @@ class RegditWriter(_Writer):
             f.close()
 
     def finish(self, settings, labels, num_classes, latent_scale, moments_shape):
+        # the class names of the images (a dataset.json may name them by numbers), for checkpoints
+        # and `regdit app`
+        images_meta = read_json(os.path.join(settings["source"], "dataset.json"),
+                                "rerun `regdit prepare images`")
+        classes = images_meta.get("classes")
         write_json(self.finished_path, {
             "format": FORMAT, "num_images": len(labels), "resolution": settings["resolution"],
             "num_classes": num_classes, "vae": settings["vae"], "latent_scale": latent_scale,
-            "moments_shape": list(moments_shape), "flip": self.flip, "settings": settings})
+            "moments_shape": list(moments_shape), "flip": self.flip, "settings": settings,
+            "classes": [str(name) for name in classes] if classes else None})
 
 
 def _preallocate(path, shape, dtype):

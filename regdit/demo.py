@@ -9,6 +9,7 @@ accuracy on real images it did not see.
 """
 import json
 import os
+import shlex
 import time
 import zipfile
 from dataclasses import dataclass
@@ -70,12 +71,18 @@ def draw_shape(label, rng, size=32):
 
 
 def make_dataset(folder, images_per_class, seed=0):
+    """One folder of images per class and a dataset.json of their labels and class names (the
+    names of CLASSES, which the checkpoint records for `regdit app`, not the folder names)."""
     rng = np.random.default_rng(seed)
+    labels = []
     for label, name in enumerate(CLASSES):
         class_dir = Path(folder) / f"{label}-{name.replace(' ', '-')}"
         class_dir.mkdir(parents=True, exist_ok=True)
         for i in range(images_per_class):
             Image.fromarray(draw_shape(label, rng)).save(class_dir / f"{i:04d}.png")
+            labels.append([f"{class_dir.name}/{i:04d}.png", label])
+    with atomic_write(Path(folder) / "dataset.json", "w") as f:
+        json.dump({"labels": labels, "classes": CLASSES}, f)
 
 
 def class_grid(images, labels, num_classes, per_row, path):
@@ -272,3 +279,5 @@ def print_summary(summary, out):
     print(f"VAE: {summary['vae']}")
     print(f"checkpoint: {summary['checkpoint']}")
     print(f"summary: {out / 'summary.json'}")
+    print(f"look at the model in the browser: regdit app --ckpt "
+          f"{shlex.quote(summary['checkpoint'])}")

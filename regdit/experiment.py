@@ -151,7 +151,7 @@ class Checkpoints:
                          model_config=model.config.to_dict(),
                          latents=dict(vae=dataset.vae, scale=dataset.latent_scale,
                                       resolution=dataset.resolution),
-                         config=settings)
+                         classes=dataset.classes, config=settings)
             if accelerator.scaler is not None:
                 state["scaler"] = accelerator.scaler.state_dict()
             self.wait()  # the previous write is done: its host memory takes this state

@@ -196,7 +196,8 @@ def export(config: ExportConfig):
     model_config = model_config_from_checkpoint(checkpoint, source=config.ckpt, **overrides)
     latents = checkpoint.get("latents")  # regdit runs' VAE and scale
     path_type = getattr(checkpoint.get("args"), "path_type", None)
-    weights = write_export(output_dir, checkpoint["ema"], model_config, latents, path_type)
+    weights = write_export(output_dir, checkpoint["ema"], model_config, latents, path_type,
+                           checkpoint.get("classes"))
     print(f"wrote {weights}")
     written = [weights.name, "config.json", "README.md"]
     # a regdit run's grid at this checkpoint's step

@@ -2,15 +2,18 @@
 official generate.py, deterministic per sample index, resumable, on one or many processes
 (`accelerate launch` / `torchrun`).
 
-Seeds. Sample index i has its own random stream, `torch.Generator(device).manual_seed(global_seed *
-2**32 + i)`, which draws, in this order: the label (uniform over the classes like the official code,
-or i % num_classes with --balanced), the initial latents (C, h, w), the class token (cls,), then the
-SDE noise of every step. An image is therefore a function of its index and the settings, not of the
-number of processes or of the batch it is drawn in. Batches are chunks of --per-proc-batch-size
-consecutive indices, handed round-robin to the processes, so runs with the same batch size sample
-the very same batches and give bitwise-equal images for any number of processes. A different batch
-size changes only the float rounding of the batched matrix products (BLAS kernels depend on the
-matrix size), which can move a rare pixel by one level.
+Seeds. Sample index i has its own random stream, `torch.Generator(device).manual_seed(
+sample_seed(global_seed, i))`, which draws, in this order: the label (uniform over the classes like
+the official code, or i % num_classes with --balanced), the initial latents (C, h, w), the class
+token (cls,), then the SDE noise of every step. An image is therefore a function of its index and
+the settings, not of the number of processes or of the batch it is drawn in. Batches are chunks of
+--per-proc-batch-size consecutive indices, handed round-robin to the processes, so runs with the
+same batch size sample the very same batches and give bitwise-equal images for any number of
+processes. A different batch size changes only the float rounding of the batched matrix products
+(BLAS kernels depend on the matrix size), which can move a rare pixel by one level.
+
+Labels. `--class-label N` gives every sample class N; like --balanced, it draws no label from the
+stream, so an index keeps its latents and noise from one class to another.
 
 Files. SAMPLE_DIR/RUN/%06d.png by global index, RUN/labels.npy, RUN/sample_settings.json (every
 setting), then SAMPLE_DIR/RUN.npz with `arr_0` (uint8 N x H x W x 3, the ADM format) and `labels`
@@ -87,13 +90,27 @@ def build_model(checkpoint, source, vae, config):
     return model
 
 
+# 2**64 / golden ratio, odd: seeds s * SEED_STRIDE + i of nearby global seeds s lie far apart, also
+# in their low 32 bits, the only bits torch's CPU generator (mt19937) keeps (with a stride of 2**32
+# every global seed drew the same images there)
+SEED_STRIDE = 0x9E3779B97F4A7C15
+
+
+def sample_seed(global_seed, index):
+    """The seed of sample `index`: global seed 0 gives sample i seed i; on the CPU, sets of 50,000
+    indices of global seeds fewer than 18,000 apart share no seed."""
+    return (global_seed * SEED_STRIDE + index) % 2**64
+
+
 def sample_generators(indices, global_seed, device):
-    return [torch.Generator(device).manual_seed(global_seed * 2**32 + i) for i in indices]
+    return [torch.Generator(device).manual_seed(sample_seed(global_seed, i)) for i in indices]
 
 
-def draw_labels(generators, indices, num_classes, balanced):
+def draw_labels(generators, indices, num_classes, balanced, class_label=None):
     """The first draw of each sample's stream: a uniform label (official), or index % num_classes
-    when balanced."""
+    when balanced; `class_label` for every index when given (nothing drawn, as when balanced)."""
+    if class_label is not None:
+        return torch.full((len(indices),), class_label, device=generators[0].device)
     if balanced:
         return torch.tensor([i % num_classes for i in indices], device=generators[0].device)
     return torch.stack([torch.randint(num_classes, (), generator=g, device=g.device)
@@ -171,8 +188,8 @@ def load_model_and_vae(config, device, model=None):
     `model`: a SiT, else the checkpoint `config.ckpt` (an official or regdit `.pt`, its EMA weights,
     or a `.safetensors` export) built by `build_model`. The VAE: `config.vae` (ema, mse, a Hub id, a
     `save_pretrained` folder or none); unset: the checkpoint's, else none for a 3-channel
-    (pixel-space) model, else ema (official). The stored settings hold the training path type when
-    the checkpoint has one.
+    (pixel-space) model, else ema (official). The stored settings hold the training path type and
+    the class names when the checkpoint has them.
     """
     ckpt, stored, vae = None, {}, config.vae
     if model is None:
@@ -182,7 +199,8 @@ def load_model_and_vae(config, device, model=None):
         # regdit checkpoints record the dataset's VAE; official and regdit ones the training path in
         # their args
         stored = dict(vae=checkpoint.get("latents", {}).get("vae"), steps=checkpoint.get("steps"),
-                      path_type=getattr(checkpoint.get("args"), "path_type", None))
+                      path_type=getattr(checkpoint.get("args"), "path_type", None),
+                      classes=checkpoint.get("classes"))
         patch_embedding = checkpoint.get("ema", {}).get("x_embedder.proj.weight")
         if not isinstance(patch_embedding, torch.Tensor) or patch_embedding.dim() != 4:
             raise RegditError(f"{ckpt} has no EMA SiT weights (ema/x_embedder.proj.weight): pass a "
@@ -210,13 +228,13 @@ def load_model_and_vae(config, device, model=None):
 
 @torch.no_grad()
 def sample_batch(model, vae, indices, sampling, global_seed=0, balanced=False, mixed_precision="no",
-                 path_type="linear"):
+                 path_type="linear", class_label=None):
     """uint8 images (N, H, W, 3) of the sample indices, each drawn from its own stream (see the
     module docstring), as `sampling` (a Sampling) says; `path_type` is the model's, used unless
-    `sampling` names one."""
+    `sampling` names one; `class_label`: every sample's class (else drawn, or balanced)."""
     device = model.pos_embed.device
     generators = sample_generators(indices, global_seed, device)
-    y = draw_labels(generators, indices, model.num_classes, balanced)
+    y = draw_labels(generators, indices, model.num_classes, balanced, class_label)
     x = torch.stack([torch.randn(model.in_channels, model.input_size, model.input_size,
                                  generator=g, device=device) for g in generators])
     cls = (torch.stack([torch.randn(model.z_dims[0], generator=g, device=device)
@@ -305,9 +323,12 @@ class SampleConfig(Settings):
                                  "for 3-channel (pixel) models, else ema")
     # sampling
     sampling: Sampling = nested(Sampling, "how to sample")
-    global_seed: int = flag(0, "seed; sample i uses global_seed * 2**32 + i", at_least=0)
+    global_seed: int = flag(0, "seed; sample i uses seed (global_seed * 0x9E3779B97F4A7C15 + i) "
+                               "mod 2**64", at_least=0, below=2**32)
     balanced: bool = flag(False, "label i %% num_classes (equal counts) instead of uniform random "
                                  "labels")
+    class_label: int | None = flag(None, "every sample of this class (like --balanced, no label "
+                                         "is drawn from the index's stream)", at_least=0)
     # output and speed
     num_fid_samples: int = flag(50_000, "number of samples", at_least=1)
     per_proc_batch_size: int = flag(32, "batch size of each process", at_least=1)
@@ -317,6 +338,25 @@ class SampleConfig(Settings):
     tf32: bool = flag(True, "TF32 matmuls on the GPU for float32 (the official default; --no-tf32: "
                             "full float32)")
     compile: bool = flag(False, "torch.compile the model")
+
+    def check(self):
+        if self.balanced and self.class_label is not None:
+            raise RegditError(f"--balanced and --class-label {self.class_label}: pass one of them "
+                              "(--class-label gives every sample the same class)")
+
+
+def check_class_label(class_label, num_classes):
+    """A class the model has (0 to num_classes - 1; num_classes is the null class of guidance)."""
+    if class_label is not None and class_label >= num_classes:
+        raise RegditError(f"--class-label {class_label}: the model has {num_classes} classes; "
+                          f"pass one from 0 to {num_classes - 1}")
+
+
+def check_guidance(model, sampling):
+    """Guidance needs the null class that label dropout trains."""
+    if sampling.cfg_scale > 1 and model.y_embedder.dropout_prob == 0:
+        raise RegditError("this model was trained without label dropout (--cfg-prob 0), so it has "
+                          "no null class for guidance: pass --cfg-scale 1")
 
 
 def sample(config: SampleConfig, model=None):
@@ -336,9 +376,8 @@ def sample_with(config, model, signals):
     torch.backends.cuda.matmul.allow_tf32 = config.tf32
     state = PartialState(cpu=cpu_launch())
     model, vae_model, vae, ckpt, stored = load_model_and_vae(config, state.device, model)
-    if config.sampling.cfg_scale > 1 and model.y_embedder.dropout_prob == 0:
-        raise RegditError("this model was trained without label dropout (--cfg-prob 0), so it has "
-                          "no null class for guidance: pass --cfg-scale 1")
+    check_guidance(model, config.sampling)
+    check_class_label(config.class_label, model.num_classes)
     settings = run_settings(config, model, vae_model, vae, ckpt, stored, state)
     folder = Path(config.sample_dir) / run_name(config, settings, ckpt, stored, vae)
     npz_path = folder.parent / f"{folder.name}.npz"
@@ -373,7 +412,8 @@ def run_settings(config, model, vae_model, vae, ckpt, stored, state):
         cls_dim=model.z_dims[0] if model.use_cls_token else None, vae=resolve_vae_name(vae),
         resolution=model.input_size * downsampling, **sampling.arguments(path_type),
         sampler=sampling.sampler, global_seed=config.global_seed,
-        sample_seed="global_seed * 2**32 + index", balanced=config.balanced,
+        sample_seed="(global_seed * 0x9E3779B97F4A7C15 + index) mod 2**64",
+        balanced=config.balanced, class_label=config.class_label,
         mixed_precision=config.mixed_precision, tf32=config.tf32, device=state.device.type,
         num_fid_samples=config.num_fid_samples, per_proc_batch_size=config.per_proc_batch_size,
         num_processes=state.num_processes, compile=config.compile, regdit_version=__version__,
@@ -395,6 +435,7 @@ def run_name(config, settings, ckpt, stored, vae):
             f"-interval-{float(settings['guidance_low'])}-{float(settings['guidance_high'])}"
             f"-seed-{config.global_seed}-{mode}-{settings['num_steps']}"
             + "-heun" * (sampler == "heun") + "-balanced" * config.balanced
+            + f"-class-{config.class_label}" * (config.class_label is not None)
             + f"-{config.mixed_precision}" * (config.mixed_precision != "no"))
 
 
@@ -406,7 +447,7 @@ def start_run_folder(folder, settings, config, num_classes, device):
         f.write(json.dumps(settings, indent=2) + "\n")
     indices = range(config.num_fid_samples)
     generators = sample_generators(indices, config.global_seed, device)
-    labels = draw_labels(generators, indices, num_classes, config.balanced)
+    labels = draw_labels(generators, indices, num_classes, config.balanced, config.class_label)
     with atomic_write(folder / LABELS) as f:
         np.save(f, labels.cpu().numpy().astype(np.int64))
 
@@ -429,7 +470,8 @@ def draw_pending(config, folder, model, vae, path_type, state, stop):
         if first + state.process_index < len(pending):
             chunk = pending[first + state.process_index]
             images = sample_batch(net, vae, chunk, config.sampling, config.global_seed,
-                                  config.balanced, config.mixed_precision, path_type)
+                                  config.balanced, config.mixed_precision, path_type,
+                                  config.class_label)
             for i, image in zip(chunk, images):
                 if not png_done(png_path(folder, i)):
                     with atomic_write(png_path(folder, i), sync=False) as f:

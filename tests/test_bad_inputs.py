@@ -48,6 +48,7 @@ TRAIN = ["train", "--data-dir", "{W}/data", "--resolution", "32", "--model", "Si
          "--sampling-steps", "0", "--output-dir", "{W}/exps"]
 SAMPLE = ["sample", "--ckpt", "{W}/exps/run/checkpoints/0000001.pt", "--sample-dir", "{W}/samples",
           "--num-fid-samples", "4", "--per-proc-batch-size", "4", "--num-steps", "2"]
+APP = ["app", "--ckpt", "{W}/exps/run/checkpoints/0000001.pt", "--device", "cpu"]
 EVAL = ["eval", "--ref-batch", "{W}/ref32.npz", "--sample-batch", "{W}/samples32.npz",
         "--inception-weights", "{W}/inception.pth", "--device", "cpu"]
 PREPARE_IMAGES = ["prepare", "images", "--source", "{W}/raw", "--dest", "{W}/new-images",
@@ -133,7 +134,8 @@ CASES = [  # (arguments, the one line must match)
     (SAMPLE + ["--heun"], r"--heun applies to --sampler/--mode ode only"),
     (SAMPLE + ["--per-proc-batch-size", "0"], r"--per-proc-batch-size 0: must be at least 1$"),
     (SAMPLE + ["--num-fid-samples", "0"], r"--num-fid-samples 0: must be at least 1$"),
-    (SAMPLE + ["--global-seed", "-1"], r"--global-seed -1: must be at least 0$"),
+    (SAMPLE + ["--global-seed", "-1"],
+     r"--global-seed -1: must be at least 0 and below 4294967296$"),
     (SAMPLE + ["--ckpt", "{W}/zero.pt"], r"zero.pt is empty"),
     (SAMPLE + ["--ckpt", "{W}/garbage.pt"], r"garbage.pt is unreadable"),
     (SAMPLE + ["--ckpt", "{W}/corrupt.pt"],
@@ -144,6 +146,12 @@ CASES = [  # (arguments, the one line must match)
     (SAMPLE + ["--vae", "stabilityai/sd-vae-ft-ema"],
      r"was trained in pixel space: pass --vae none"),
     (SAMPLE + ["--sample-dir", "{W}/afile"], r"--sample-dir .*afile is a file, not a folder"),
+    (SAMPLE + ["--class-label", "4"],
+     r"--class-label 4: the model has 4 classes; pass one from 0 to 3$"),
+    (SAMPLE + ["--class-label", "-1"], r"--class-label -1: must be at least 0$"),
+    (SAMPLE + ["--class-label", "1", "--balanced"], r"--balanced and --class-label 1: pass one"),
+    (SAMPLE + ["--global-seed", "4294967296"],
+     r"--global-seed 4294967296: must be at least 0 and below 4294967296$"),
     (["sample"], r"the following arguments are required: --ckpt"),
     # eval
     (EVAL + ["--batch-size", "0"], r"--batch-size 0: must be at least 1$"),
@@ -178,6 +186,13 @@ CASES = [  # (arguments, the one line must match)
     (PREPARE_VAE + ["--dest", "{W}/afile"], r"--dest .*afile: is a file"),
     (PREPARE_VAE + ["--dest", "{W}/vae", "--seed", "1"],
      r"vae holds a run with other settings \(seed\)"),
+    # app: settings (the refusals once it starts are in test_app.py)
+    (APP + ["--mixed-precision", "bf16"],
+     r"--mixed-precision bf16 runs on a GPU only: pass --mixed-precision no on the CPU$"),
+    (APP + ["--device", "gpu"], r"--device gpu: pass cpu, cuda or cuda:N$"),
+    (APP + ["--port", "70000"], r"--port 70000: must be at least 1 and at most 65535$"),
+    (APP + ["--max-images", "0"], r"--max-images 0: must be at least 1$"),
+    (["app"], r"the following arguments are required: --ckpt"),
     # export and demo
     (["export", "{W}/zero.pt", "--output", "{W}/export-new"], r"zero.pt is empty"),
     (["export", "{W}/exps/run/checkpoints/0000001.pt", "--output", "{W}/export-new",

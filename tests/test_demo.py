@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 from regdit.cli import main as cli_main
-from regdit.demo import CLASSES, COLOURS, draw_shape
+from regdit.demo import CLASSES, COLOURS, draw_shape, make_dataset, read_dataset
+from regdit.prepare import PrepareImagesConfig, prepare_images
 
 # A shortened demo: 40 training images per class, half the VAE's steps and a third of the SiT's. Its
 # classifier score was 0.85 when measured (chance: 0.1); the floor leaves room for other CPUs' float
@@ -34,8 +35,11 @@ def test_shortened_demo_learns_shapes(tmp_path, capsys):
         assert samples["arr_0"].shape == (40, 32, 32, 3) \
             and sorted(set(samples["labels"].tolist())) == list(range(10))
     printed = capsys.readouterr().out.strip().splitlines()
-    assert printed[-1].startswith("summary: ") \
+    assert printed[-2].startswith("summary: ") \
         and any(line.startswith("classifier score") for line in printed)
+    # its last line opens the model in `regdit app`
+    assert printed[-1] == ("look at the model in the browser: regdit app --ckpt "
+                           f"{summary['checkpoint']}")
 
     # A rerun finds the run finished: it fits and trains nothing, reuses the run's loss curve (its
     # metrics.jsonl) and scores the same samples.
@@ -67,6 +71,14 @@ def test_demo_runs_on_a_folder_of_classes(tmp_path):
     assert summary["classes"] == ["circles", "crosses"] and summary["training_images"] == 12
     # resized to 32 px, a row per class
     assert Image.open(summary["samples_grid"]).size == (3 * 32 * 2, 2 * 32 * 2)
+
+
+def test_the_built_in_shapes_are_labelled_by_their_class_names(tmp_path):
+    make_dataset(tmp_path / "raw", images_per_class=2)
+    prepare_images(PrepareImagesConfig(source=str(tmp_path / "raw"), dest=str(tmp_path / "images"),
+                                       resolution=32, workers=0))
+    _, labels, classes = read_dataset(tmp_path / "images")
+    assert classes == CLASSES and labels.tolist() == [c for c in range(len(CLASSES)) for _ in "ab"]
 
 
 def test_demo_classes_differ_in_shape_where_they_share_a_colour():

@@ -283,3 +283,33 @@ def test_best_pt_is_sampled_by_its_step(files, tmp_path):
                      vae=files["vae"], num_steps=2)
         names.append(npz.name)
     assert "-best-1-" in names[0] and "-best-2-" in names[1]
+
+
+def test_class_label_gives_every_sample_its_class_and_draws_no_label(files, tmp_path):
+    run = dict(vae=files["vae"], num_samples=4, batch_size=4, num_steps=3)
+    fixed = sample(files["export"], tmp_path, class_label=3, **run)
+    images, labels = load(fixed)
+    assert labels.tolist() == [3] * 4 and fixed.name.endswith("-seed-0-sde-3-class-3.npz")
+    settings = json.loads((tmp_path / fixed.stem / "sample_settings.json").read_text())
+    assert settings["class_label"] == 3 and settings["balanced"] is False
+    # Like --balanced, which gives index 3 class 3, it draws no label from an index's stream: that
+    # index's image is the same under both.
+    balanced, _ = load(sample(files["export"], tmp_path, balanced=True, **run))
+    assert np.array_equal(images[3], balanced[3]) and not np.array_equal(images[0], balanced[0])
+
+
+def test_another_global_seed_draws_other_images(files, tmp_path):
+    # torch's CPU generator keeps the low 32 bits of a seed: a stride of 2**32 drew the same images
+    run = dict(vae=files["vae"], num_samples=2, batch_size=2, num_steps=2)
+    first, _ = load(sample(files["export"], tmp_path, global_seed=0, **run))
+    second, _ = load(sample(files["export"], tmp_path, global_seed=1, **run))
+    assert not np.array_equal(first[0], second[0]) and not np.array_equal(first[1], second[1])
+
+
+def test_sample_seeds_of_nearby_global_seeds_differ_in_the_bits_the_cpu_generator_keeps():
+    low_bits = [{regdit.sample.sample_seed(s, i) % 2**32 for i in range(50_000)}
+                for s in range(0, 18_000, 997)]
+    assert all(len(seeds) == 50_000 for seeds in low_bits)
+    assert len(set().union(*low_bits)) == 50_000 * len(low_bits)
+    assert [regdit.sample.sample_seed(0, i) for i in range(3)] == [0, 1, 2]  # as before
+    assert regdit.sample.sample_seed(2**32 - 1, 2**20) < 2**64  # a torch seed

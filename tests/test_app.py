@@ -1,0 +1,324 @@
+"""`regdit app`: its grids are `regdit sample`'s bit for bit, class names travel from the images to
+checkpoints and exports, bad input is one line at start and a message in the page, and the page
+works in a real browser (headless Chromium from the system's packages)."""
+import argparse
+import base64
+import io
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import cli_error, tiny_config
+from PIL import Image
+
+from regdit import RegditError
+from regdit.app import (
+    AppConfig,
+    Explorer,
+    class_names,
+    draw_grids,
+    imagenet_classes,
+    model_calls,
+)
+from regdit.checkpoint import load_checkpoint, save_checkpoint
+from regdit.cli import main
+from regdit.demo import CLASSES
+from regdit.export import ExportConfig, export
+from regdit.models import SiT, SiTConfig
+from regdit.train import train
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+# the demo's model on the latents of the demo's VAE (regdit.demo.TRAIN_RECIPE, regdit.vae.SMALL_VAE)
+DEMO_MODEL = dict(input_size=8, patch_size=1, in_channels=4, hidden_size=128, depth=3, num_heads=2,
+                  num_classes=len(CLASSES), z_dims=[64], projector_dim=128, encoder_depth=1)
+GUIDED = dict(sampler="sde", num_steps=6, cfg_scale=2.0, cls_cfg_scale=2.0, guidance_low=0.0,
+              guidance_high=0.7)
+
+
+@pytest.fixture(scope="module")
+def demo_sized(tmp_path_factory):
+    """A checkpoint of the demo's sizes with random weights, its VAE and class names, as
+    `regdit demo` writes it: what the app does with a model does not depend on what it learnt."""
+    from diffusers import AutoencoderKL
+
+    from regdit.vae import SMALL_VAE, save_vae
+    root = tmp_path_factory.mktemp("app")
+    torch.manual_seed(0)
+    save_vae(AutoencoderKL(sample_size=32, **SMALL_VAE), root / "vae")
+    model = SiT(SiTConfig(**DEMO_MODEL))
+    with torch.no_grad():  # no output layer left at zero: images depend on the noise
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    save_checkpoint(dict(ema=model.state_dict(), model_config=DEMO_MODEL, steps=1,
+                         args=argparse.Namespace(path_type="linear"), classes=CLASSES,
+                         latents=dict(vae=str(root / "vae"), scale=0.18215, resolution=32)),
+                    root / "demo.pt")
+    return root / "demo.pt"
+
+
+@pytest.fixture(scope="module")
+def explorer(demo_sized):
+    return Explorer(AppConfig(ckpt=str(demo_sized), device="cpu", max_images=4))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def sample_pngs(command, sample_dir):
+    """The PNGs that the page's `regdit sample` command writes, in index order."""
+    argv = shlex.split(command)
+    assert argv[:2] == ["regdit", "sample"], command
+    main([*argv[1:], "--sample-dir", str(sample_dir)])
+    npz = next(Path(sample_dir).glob("*.npz"))
+    return [np.array(Image.open(path)) for path in sorted(npz.with_suffix("").glob("*.png"))]
+
+
+@pytest.mark.parametrize("settings", [GUIDED, dict(GUIDED, sampler="heun", cfg_scale=1.5)],
+                         ids=["sde", "heun"])
+def test_a_grid_is_regdit_sample_of_its_command_bit_for_bit(explorer, settings, tmp_path):
+    config = explorer.grid_config(class_label=5, seed=3, num_images=3, **settings)
+    calls = []
+    images = explorer.draw(config, lambda: calls.append(1))
+    assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8
+    assert len(calls) == model_calls(config.sampling)  # the progress bar's total
+    command = explorer.command(config)
+    assert "--class-label 5 --global-seed 3 --num-fid-samples 3 --per-proc-batch-size 3" in command
+    pngs = sample_pngs(command, tmp_path)
+    assert len(pngs) == 3 and all(np.array_equal(a, b) for a, b in zip(images, pngs))
+    labels = np.load(next(tmp_path.glob("*/labels.npy")))
+    assert labels.tolist() == [5, 5, 5]
+
+
+@pytest.mark.slow  # importing Gradio takes seconds
+def test_comparison_draws_the_same_seeds_under_a_second_setting(explorer):
+    import gradio as gr
+    progress = []
+    common = dict(class_label=2, seed=1, num_images=2)
+    grids = [GUIDED, dict(GUIDED, cfg_scale=1.0)]
+    first, second = draw_grids(explorer, common, grids, lambda *args, **kwargs: progress.append(
+        args[0]), gr)
+    # grid A is shown before B is drawn
+    assert first[2:] == [gr.skip()] * 2 and second[:2] == first[:2]
+    for (gallery, command), settings in zip([second[:2], second[2:]], grids):
+        config = explorer.grid_config(**common, **settings)
+        assert command == explorer.command(config)
+        assert all(np.array_equal(image, drawn) and caption == f"{i:06d}.png" for i, (
+            (image, caption), drawn) in enumerate(zip(gallery, explorer.draw(config))))
+    assert second[1].replace("--cfg-scale 2.0", "--cfg-scale 1.0") == second[3]
+    total = 2 * GUIDED["num_steps"]
+    assert progress == [(done, total) for done in range(1, total + 1)]
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(num_steps=0), r"^--num-steps 0: must be at least 1$"),
+    (dict(cfg_scale=0.5), r"^--cfg-scale 0.5: must be at least 1$"),
+    (dict(guidance_low=0.9, guidance_high=0.1), r"^--guidance-low 0.9 is above --guidance-high"),
+    (dict(seed=2**32), r"^--global-seed 4294967296: must be at least 0 and below 4294967296$"),
+    (dict(seed=-1), r"^--global-seed -1: must be at least 0"),
+    (dict(num_images=5), r"^5 images: at most 4 per grid \(regdit app --max-images\)$"),
+    (dict(class_label=10), r"^--class-label 10: the model has 10 classes; pass one from 0 to 9$"),
+    (dict(cfg_scale=None), r"^--cfg-scale: empty; enter a value$"),
+    (dict(seed=None), r"^--global-seed: empty; enter a value$"),
+])
+def test_a_bad_value_in_the_page_is_one_line(explorer, change, message):
+    values = {**dict(class_label=0, seed=0, num_images=2), **GUIDED, **change}
+    with pytest.raises(RegditError, match=message):
+        explorer.grid_config(**values)
+
+
+def test_guidance_needs_a_model_trained_with_label_dropout(demo_sized, tmp_path):
+    checkpoint = load_checkpoint(demo_sized)
+    checkpoint["model_config"] = dict(DEMO_MODEL, class_dropout_prob=0.0)
+    # without dropout there is no null-class row
+    checkpoint["ema"]["y_embedder.embedding_table.weight"] = \
+        checkpoint["ema"]["y_embedder.embedding_table.weight"][:-1]
+    save_checkpoint(checkpoint, tmp_path / "no-dropout.pt")
+    explorer = Explorer(AppConfig(ckpt=str(tmp_path / "no-dropout.pt"), device="cpu"))
+    with pytest.raises(RegditError, match="trained without label dropout .*pass --cfg-scale 1"):
+        explorer.grid_config(class_label=0, seed=0, num_images=2, **GUIDED)
+
+
+def test_class_names():
+    imagenet = imagenet_classes()
+    assert len(imagenet) == len(set(imagenet)) == 1000 and all(imagenet)
+    # the standard order of class indices
+    assert (imagenet[0], imagenet[207], imagenet[999]) \
+        == ("tench", "golden retriever", "toilet tissue")
+    assert class_names(1000) == imagenet
+    assert class_names(1000, ["a"] * 1000) == ["a"] * 1000  # the dataset's names come first
+    assert class_names(3) == ["class 0", "class 1", "class 2"]
+    # trained with more classes (--num-classes) than the data named
+    assert class_names(3, ["cat", "dog"]) == ["cat", "dog", "class 2"]
+
+
+def test_class_names_go_from_the_images_to_checkpoints_and_exports(tiny_data, tmp_path):
+    dataset = json.loads((tiny_data / "data" / "regdit.json").read_text())
+    assert dataset["classes"] == ["class0", "class1", "class2", "class3"]  # the folder names
+    result = train(tiny_config(tiny_data, output_dir=str(tmp_path / "exps"), max_train_steps=1,
+                               checkpointing_steps=1))
+    assert load_checkpoint(result["checkpoint"])["classes"] == dataset["classes"]
+    export(ExportConfig(ckpt=str(result["checkpoint"]), output=str(tmp_path / "export")))
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["classes"] == dataset["classes"]
+    assert load_checkpoint(tmp_path / "export" / "model.safetensors")["classes"] \
+        == dataset["classes"]
+    explorer = Explorer(AppConfig(ckpt=str(tmp_path / "export" / "model.safetensors"),
+                                  device="cpu"))
+    assert explorer.classes == dataset["classes"]
+    # names that are not a list of strings are one line naming the file
+    config["classes"] = {"0": "cat"}
+    (tmp_path / "export" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RegditError, match=r'config.json: "classes" is \{\'0\': \'cat\'\}, not a '
+                                          r"list of class names; copy it again or export again$"):
+        load_checkpoint(tmp_path / "export" / "model.safetensors")
+
+
+def test_refusals_at_start_are_one_line(demo_sized, tmp_path, capsys, monkeypatch):
+    port = str(free_port())
+    (tmp_path / "garbage.pt").write_bytes(os.urandom(4096))
+    assert "garbage.pt is unreadable" in cli_error(
+        capsys, ["app", "--ckpt", str(tmp_path / "garbage.pt"), "--port", port])
+    assert "missing.pt does not exist" in cli_error(
+        capsys, ["app", "--ckpt", str(tmp_path / "missing.pt"), "--port", port])
+    with socket.create_server(("127.0.0.1", int(port))):  # a port in use
+        assert cli_error(capsys, ["app", "--ckpt", str(demo_sized), "--port", port]).startswith(
+            f"regdit app: error: --host 127.0.0.1 --port {port}: cannot serve there (")
+    if not torch.cuda.is_available():
+        assert cli_error(capsys, ["app", "--ckpt", str(demo_sized), "--device", "cuda"]) \
+            == "regdit app: error: --device cuda: torch sees no GPU here; pass --device cpu"
+    monkeypatch.setitem(sys.modules, "gradio", None)  # as if not installed
+    assert cli_error(capsys, ["app", "--ckpt", str(demo_sized), "--port", port]) \
+        == "regdit app: error: regdit app needs Gradio: pip install -e '.[app]'"
+
+
+# --------------------------------------------------------------------------------- the browser
+
+
+def start_chromium():
+    """Headless Chromium of the system's packages through its chromedriver (nothing downloaded),
+    every host but this one unresolvable. Missing: a failure where CI is set, else a skip."""
+    missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not os.access(path, os.X_OK)]
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        missing.append("selenium (pip install -e '.[dev]')")
+    if missing:
+        reason = (f"no {', '.join(missing)}: `apt-get install chromium chromium-driver` (.ci/run "
+                  "installs them)")
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                     "--no-first-run", "--disable-background-networking",
+                     "--disable-component-update", "--disable-sync", "--window-size=1400,1000",
+                     "--disable-dev-shm-usage",  # containers' /dev/shm is often 64 MB
+                     "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+                     f"--user-data-dir={tempfile.mkdtemp(prefix='regdit-chromium-')}"):
+        options.add_argument(argument)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+def start_app(ckpt, port, log):
+    """`regdit app` in its own process; returns it once the page answers."""
+    app = subprocess.Popen([sys.executable, "-m", "regdit", "app", "--ckpt", str(ckpt),
+                            "--port", str(port), "--device", "cpu"],
+                           stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        assert app.poll() is None, Path(log.name).read_text()[-3000:]
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5):
+                return app
+        except OSError:
+            time.sleep(0.5)
+    app.kill()
+    pytest.fail(f"regdit app did not answer in 180 s: {Path(log.name).read_text()[-3000:]}")
+
+
+def type_into(driver, element_id, text):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    box = driver.find_element(By.CSS_SELECTOR, f"#{element_id} input")
+    box.click()
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(text)
+    return box
+
+
+def shown_pngs(driver, grid):
+    """The bytes of each image of a gallery, as the browser fetched them, decoded."""
+    from selenium.webdriver.common.by import By
+    sources = [img.get_attribute("src") for img in
+               driver.find_elements(By.CSS_SELECTOR, f"#{grid} .grid-container img")]
+    data = driver.execute_async_script("""
+        const [sources, done] = arguments;
+        Promise.all(sources.map(async source => {
+            const bytes = new Uint8Array(await (await fetch(source)).arrayBuffer());
+            return btoa(Array.from(bytes, b => String.fromCharCode(b)).join(""));
+        })).then(done);""", sources)
+    return [np.array(Image.open(io.BytesIO(base64.b64decode(item)))) for item in data]
+
+
+@pytest.mark.slow
+def test_the_page_in_a_browser_shows_what_regdit_sample_draws(demo_sized, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+    driver = start_chromium()
+    port = free_port()
+    with open(tmp_path / "app.log", "w") as log:
+        app = start_app(demo_sized, port, log)
+    try:
+        wait = WebDriverWait(driver, 120)
+        driver.get(f"http://127.0.0.1:{port}/")
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#generate"))
+        # a class by its name
+        type_into(driver, "class", "red tri")
+        option = "[role=option][aria-label='red triangle (5)']"
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, option))[0].click()
+        type_into(driver, "seed", "7")
+        # out of range: a message in the page
+        type_into(driver, "steps-A", "0").send_keys(Keys.TAB)
+        driver.find_element(By.CSS_SELECTOR, "#generate").click()
+        wait.until(lambda d: "--num-steps 0: must be at least 1" in d.find_element(
+            By.TAG_NAME, "body").text)
+        # the server goes on: a grid
+        type_into(driver, "steps-A", "20").send_keys(Keys.TAB)
+        driver.find_element(By.CSS_SELECTOR, "#generate").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#grid-A .grid-container img"))
+                   == 8)
+        command = driver.find_element(By.CSS_SELECTOR, "#command-A textarea").get_attribute(
+            "value")
+        assert "--class-label 5 --global-seed 7" in command and "--num-steps 20" in command
+        shown = shown_pngs(driver, "grid-A")
+        # nothing came from elsewhere than the app
+        urls = driver.execute_script(
+            "return performance.getEntriesByType('resource').map(entry => entry.name)")
+        assert [u for u in urls if not u.startswith((f"http://127.0.0.1:{port}/", "data:",
+                                                    "blob:"))] == []
+    finally:
+        driver.save_screenshot(str(tmp_path / "app.png"))  # also of a failure
+        print(f"screenshot: {tmp_path / 'app.png'}")
+        driver.quit()
+        app.terminate()
+        app.wait(timeout=30)
+    drawn = sample_pngs(command, tmp_path / "samples")
+    assert len(shown) == len(drawn) == 8
+    assert all(np.array_equal(a, b) for a, b in zip(shown, drawn))
+    assert Image.open(tmp_path / "app.png").width == 1400
