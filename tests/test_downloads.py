@@ -51,7 +51,8 @@ def server(tmp_path):
     folder.mkdir()
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
                                             functools.partial(Files, directory=str(folder)))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    # polled every 50 ms rather than 0.5 s: shutdown() waits for a poll
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
     thread.start()
 
     def stop():
@@ -93,6 +94,7 @@ def closed_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # the Inception weights through a local server, then an evaluation
 def test_inception_weights_download_on_first_use_then_come_from_the_cache(
         server, caches, weights, monkeypatch, tmp_path, capsys):
     url, folder, stop = server

@@ -203,6 +203,7 @@ def test_non_finite_metric_is_refused_naming_it_and_no_metrics_are_written(tmp_p
     assert not (tmp_path / "metrics.json").exists()
 
 
+@pytest.mark.slow  # a whole evaluation
 def test_non_finite_features_give_nan_fid_not_a_crash(tmp_path, capsys, batches, weights):
     ref, samples = batches
     broken = _broken_weights(weights, tmp_path / "broken.pth", "Conv2d_1a_3x3.conv.weight", 1e38)

@@ -355,7 +355,8 @@ def local_hub_online(monkeypatch):
         return real_connect(sock, address)
     monkeypatch.setattr(socket.socket, "connect", loopback_only)
     hub = LocalHub()
-    threading.Thread(target=hub.serve_forever, daemon=True).start()
+    # polled every 50 ms rather than 0.5 s: shutdown() waits for a poll
+    threading.Thread(target=hub.serve_forever, args=(0.05,), daemon=True).start()
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.endpoint)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_TOKEN", "hf_local_test_token")
