@@ -447,11 +447,11 @@ def evaluated(tiny_data, reference):
                          **EVAL, eval=EvalSampling(**EVAL_SAMPLING), **reference)
     real_call, calls = TrainingEvaluation.__call__, []
 
-    def killed_in_the_second_evaluation(self, ema):
+    def killed_in_the_second_evaluation(self, ema, stop):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real_call(self, ema)
+        return real_call(self, ema, stop)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(TrainingEvaluation, "__call__", killed_in_the_second_evaluation)
         with pytest.raises(KeyboardInterrupt):
