@@ -16,6 +16,7 @@ import importlib.util
 import os
 import shlex
 import socket
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -61,12 +62,25 @@ def model_calls(sampling):
     return 2 * sampling.steps - 1 if sampling.sampler == "heun" else sampling.steps
 
 
+def absolute(path):
+    """A local file or folder as an absolute path, so that the command runs from any folder; Hub
+    ids, hf:// paths and VAE names as they are."""
+    return os.path.abspath(path) if path and os.path.exists(path) else path
+
+
+def visible_gpu(index):
+    """What CUDA_VISIBLE_DEVICES names GPU `index` of this process (the variable may renumber)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return visible.split(",")[index].strip() if visible else str(index)
+
+
 def sample_command(config, device):
     """The `regdit sample` command that draws the grid of `config` (a SampleConfig) as the app does:
     every flag that decides the images, and the device when `regdit sample` would pick another
-    (it takes the first GPU when there is one)."""
+    (it takes the first GPU it sees)."""
     sampling = config.sampling
-    flags = ["--ckpt", config.ckpt, *(["--vae", config.vae] if config.vae else []),
+    vae = absolute(config.vae)
+    flags = ["--ckpt", absolute(config.ckpt), *(["--vae", vae] if vae else []),
              "--class-label", config.class_label, "--global-seed", config.global_seed,
              "--num-fid-samples", config.num_fid_samples,
              "--per-proc-batch-size", config.per_proc_batch_size,
@@ -78,8 +92,8 @@ def sample_command(config, device):
     command = shlex.join(["regdit", "sample", *map(str, flags)])
     if device.type == "cpu" and torch.cuda.is_available():
         return "CUDA_VISIBLE_DEVICES= " + command
-    if device.type == "cuda" and device.index:
-        return f"CUDA_VISIBLE_DEVICES={device.index} " + command
+    if device.type == "cuda" and (device.index or os.environ.get("CUDA_VISIBLE_DEVICES")):
+        return f"CUDA_VISIBLE_DEVICES={visible_gpu(device.index or 0)} " + command
     return command
 
 
@@ -98,6 +112,8 @@ class AppConfig(Settings):
     mixed_precision: str = flag("no", "autocast of the model call: no (float32) or bf16 (GPU "
                                       "only)", choices=["no", "bf16"])
     max_images: int = flag(16, "the most images a grid may have", at_least=1)
+    max_steps: int = flag(1000, "the most sampling steps a grid may have (a request holds the "
+                                "model until it is drawn)", at_least=1)
 
     def check(self):
         if self.device is not None:
@@ -135,6 +151,9 @@ class Explorer:
         # Requests run on a server thread, where OpenMP may use another thread count than the main
         # thread's, and the thread count can decide the float rounding on the CPU: theirs is this.
         self.threads = torch.get_num_threads()
+        # One draw at a time on the shared model (the queue serialises the page's requests; this
+        # holds for any other caller too): its forward hook and thread count are per draw.
+        self.lock = threading.Lock()
 
     def grid_config(self, class_label, seed, num_images, **sampling):
         """The SampleConfig of a grid; bad values are one line naming the flag (as on the command
@@ -144,7 +163,7 @@ class Explorer:
                  for name, value in values.items() if value is None]
         if empty:
             raise RegditError(f"{', '.join(empty)}: empty; enter a value")
-        class_label, num_images = int(class_label), int(num_images)
+        class_label, seed, num_images = int(class_label), int(seed), int(num_images)
         if num_images > self.config.max_images:
             raise RegditError(f"{num_images} images: at most {self.config.max_images} per grid "
                               "(regdit app --max-images)")
@@ -156,6 +175,9 @@ class Explorer:
                               class_label=class_label, num_fid_samples=num_images,
                               per_proc_batch_size=num_images,
                               mixed_precision=self.config.mixed_precision)
+        if config.sampling.steps > self.config.max_steps:
+            raise RegditError(f"--num-steps {config.sampling.steps}: at most "
+                              f"{self.config.max_steps} per grid (regdit app --max-steps)")
         check_guidance(self.model, config.sampling)
         check_class_label(config.class_label, self.model.num_classes)
         return config
@@ -163,17 +185,18 @@ class Explorer:
     def draw(self, config, on_model_call=None):
         """uint8 images (N, H, W, 3): sample_batch of indices 0..N-1, as `regdit sample` draws them
         with `config`; `on_model_call()` runs after every model call."""
-        torch.set_num_threads(self.threads)
-        hook = (self.model.register_forward_hook(lambda *_: on_model_call())
-                if on_model_call else None)
-        try:
-            return sample_batch(self.model, self.vae, range(config.num_fid_samples),
-                                config.sampling, config.global_seed,
-                                mixed_precision=config.mixed_precision, path_type=self.path_type,
-                                class_label=config.class_label)
-        finally:
-            if hook is not None:
-                hook.remove()
+        with self.lock:
+            torch.set_num_threads(self.threads)
+            hook = (self.model.register_forward_hook(lambda *_: on_model_call())
+                    if on_model_call else None)
+            try:
+                return sample_batch(self.model, self.vae, range(config.num_fid_samples),
+                                    config.sampling, config.global_seed,
+                                    mixed_precision=config.mixed_precision,
+                                    path_type=self.path_type, class_label=config.class_label)
+            finally:
+                if hook is not None:
+                    hook.remove()
 
     def command(self, config):
         return sample_command(config, self.device)
@@ -315,7 +338,8 @@ def run_app(config: AppConfig):
     check_port(config.host, config.port)
     explorer = Explorer(config)
     page = build_page(import_gradio(), explorer)
-    page.queue(default_concurrency_limit=1)
+    # api_open=False: the REST route that would run requests beside the queue is closed
+    page.queue(default_concurrency_limit=1, api_open=False)
     page.launch(server_name=config.host, server_port=config.port, share=False, quiet=True, css=CSS,
                 prevent_thread_lock=True, show_error=True, run_history=False,
                 enable_monitoring=False, mcp_server=False, pwa=False, ssr_mode=False,

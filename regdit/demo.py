@@ -122,7 +122,8 @@ class DemoConfig(Settings):
     batch_size: int = flag(32, "training batch size", at_least=1)
     samples_per_class: int = flag(10, "samples per class (grid row length)", at_least=1)
     sampling_steps: int = flag(100, "SDE steps when sampling", at_least=1)
-    seed: int = flag(0, "seed of the dataset, the VAE fit and training", at_least=0)
+    seed: int = flag(0, "seed of the dataset, the VAE fit and training", at_least=0,
+                     below=2**32)  # also the samples' --global-seed
 
     def check(self):
         if self.data is not None and not os.path.exists(self.data):

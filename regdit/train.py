@@ -171,8 +171,9 @@ class TrainConfig(Settings):
     max_grad_norm: float = flag(1.0, "gradient clipping norm (inf: no clipping)",
                                 above=0, allow_inf=True)
     ema_decay: float = flag(0.9999, "EMA decay, applied every step", at_least=0, below=1)
+    # below 2**32, as `regdit sample --global-seed`, which redraws the evaluations' samples
     seed: int = flag(0, "seed of every random draw (data order, noise, time, label dropout)",
-                     at_least=0)
+                     at_least=0, below=2**32)
     # loss: REGLoss fields
     path_type: str = flag("linear", "interpolation path", choices=PATH_TYPES)
     prediction: str = flag("v", "model target (the official code implements v only)", choices=["v"])

@@ -11,7 +11,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -29,6 +31,7 @@ from regdit.app import (
     draw_grids,
     imagenet_classes,
     model_calls,
+    sample_command,
 )
 from regdit.checkpoint import load_checkpoint, save_checkpoint
 from regdit.cli import main
@@ -79,9 +82,15 @@ def free_port():
 
 def sample_pngs(command, sample_dir):
     """The PNGs that the page's `regdit sample` command writes, in index order."""
-    argv = shlex.split(command)
+    words = shlex.split(command)
+    env = dict(word.split("=", 1) for word in words[:1] if "=" in word)  # CUDA_VISIBLE_DEVICES=...
+    argv = [*words[len(env):], "--sample-dir", str(sample_dir)]
     assert argv[:2] == ["regdit", "sample"], command
-    main([*argv[1:], "--sample-dir", str(sample_dir)])
+    if env:  # another device than this process sees: run as a user would
+        subprocess.run([sys.executable, "-m", "regdit", *argv[1:]], env={**os.environ, **env},
+                       check=True)
+    else:
+        main(argv[1:])
     npz = next(Path(sample_dir).glob("*.npz"))
     return [np.array(Image.open(path)) for path in sorted(npz.with_suffix("").glob("*.png"))]
 
@@ -129,6 +138,7 @@ def test_comparison_draws_the_same_seeds_under_a_second_setting(explorer):
     (dict(seed=2**32), r"^--global-seed 4294967296: must be at least 0 and below 4294967296$"),
     (dict(seed=-1), r"^--global-seed -1: must be at least 0"),
     (dict(num_images=5), r"^5 images: at most 4 per grid \(regdit app --max-images\)$"),
+    (dict(num_steps=1001), r"^--num-steps 1001: at most 1000 per grid \(regdit app --max-steps\)$"),
     (dict(class_label=10), r"^--class-label 10: the model has 10 classes; pass one from 0 to 9$"),
     (dict(cfg_scale=None), r"^--cfg-scale: empty; enter a value$"),
     (dict(seed=None), r"^--global-seed: empty; enter a value$"),
@@ -137,6 +147,37 @@ def test_a_bad_value_in_the_page_is_one_line(explorer, change, message):
     values = {**dict(class_label=0, seed=0, num_images=2), **GUIDED, **change}
     with pytest.raises(RegditError, match=message):
         explorer.grid_config(**values)
+
+
+def test_draws_from_several_threads_take_turns(explorer):
+    """Each draw's progress counts its own model calls: draws on the shared model (and its forward
+    hook) run one at a time, whoever calls them."""
+    config = explorer.grid_config(class_label=1, seed=0, num_images=2, **GUIDED)
+    counts = [[], []]
+    threads = [threading.Thread(target=explorer.draw, args=(config, lambda c=c: c.append(1)))
+               for c in counts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [len(c) for c in counts] == [model_calls(config.sampling)] * 2
+
+
+def test_the_command_names_files_absolutely_and_the_gpu_as_the_user_sees_it(explorer, tmp_path,
+                                                                            monkeypatch):
+    config = explorer.grid_config(class_label=1, seed=2.0, num_images=2, **GUIDED)
+    assert config.global_seed == 2 and "--global-seed 2 " in explorer.command(config)
+    monkeypatch.chdir(Path(config.ckpt).parent)
+    config.ckpt = Path(config.ckpt).name  # relative to this folder
+    words = shlex.split(sample_command(config, torch.device("cpu")))
+    assert words[words.index("--ckpt") + 1] == str(Path(config.ckpt).resolve())
+    # GPU 1 of a process that sees GPUs 4 and 5 is GPU 5
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    assert sample_command(config, torch.device("cuda:1")).startswith(
+        "CUDA_VISIBLE_DEVICES=5 regdit sample ")
+    assert sample_command(config, torch.device("cuda")).startswith("CUDA_VISIBLE_DEVICES=4 ")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert sample_command(config, torch.device("cuda:2")).startswith("CUDA_VISIBLE_DEVICES=2 ")
 
 
 def test_guidance_needs_a_model_trained_with_label_dropout(demo_sized, tmp_path):
@@ -312,6 +353,12 @@ def test_the_page_in_a_browser_shows_what_regdit_sample_draws(demo_sized, tmp_pa
             "return performance.getEntriesByType('resource').map(entry => entry.name)")
         assert [u for u in urls if not u.startswith((f"http://127.0.0.1:{port}/", "data:",
                                                     "blob:"))] == []
+        # requests go through the queue only: Gradio's REST route beside it is closed
+        post = urllib.request.Request(f"http://127.0.0.1:{port}/gradio_api/run/generate",
+                                      data=b'{"data": []}', method="POST",
+                                      headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError, match="404"):
+            urllib.request.urlopen(post, timeout=30)
     finally:
         driver.save_screenshot(str(tmp_path / "app.png"))  # also of a failure
         print(f"screenshot: {tmp_path / 'app.png'}")

@@ -307,9 +307,13 @@ def test_another_global_seed_draws_other_images(files, tmp_path):
 
 
 def test_sample_seeds_of_nearby_global_seeds_differ_in_the_bits_the_cpu_generator_keeps():
-    low_bits = [{regdit.sample.sample_seed(s, i) % 2**32 for i in range(50_000)}
-                for s in range(0, 18_000, 997)]
-    assert all(len(seeds) == 50_000 for seeds in low_bits)
-    assert len(set().union(*low_bits)) == 50_000 * len(low_bits)
+    # global seeds d apart share a low-32-bit seed over indices 0..49,999 exactly when their
+    # offset, d * SEED_STRIDE mod 2**32, lies within 50,000 of 0 (either way round)
+    offsets = (np.arange(1, 18_000, dtype=np.uint64) * np.uint64(regdit.sample.SEED_STRIDE % 2**32)
+               % np.uint64(2**32)).astype(np.int64)
+    assert np.minimum(offsets, 2**32 - offsets).min() >= 50_000
+    low_bits = {regdit.sample.sample_seed(s, i) % 2**32 for s in (0, 1, 17_999)
+                for i in range(50_000)}
+    assert len(low_bits) == 3 * 50_000
     assert [regdit.sample.sample_seed(0, i) for i in range(3)] == [0, 1, 2]  # as before
     assert regdit.sample.sample_seed(2**32 - 1, 2**20) < 2**64  # a torch seed
