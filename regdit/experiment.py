@@ -142,7 +142,16 @@ class Checkpoints:
         main process copies the state to host memory and writes it atomically in the background.
         `settings`: the run's flag values (`config.flat_settings`)."""
         finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
-        if not accelerator.gather(finite[None]).all():
+        # the previous write's failure (a full disk) stops every process at once, not the main
+        # one alone while the others wait for it
+        write_error = self.write_error()
+        finite, written = accelerator.gather(
+            torch.stack([finite, torch.tensor(write_error is None, device=finite.device)])[None]
+        ).all(dim=0)
+        if not written:
+            raise RegditError(write_error or "the main process could not write the previous "
+                              "checkpoint (its error is in its output)")
+        if not finite:
             raise RegditError(f"non-finite weights at step {step}: not saving; the last good "
                               "checkpoint is kept")
         if accelerator.is_main_process:
@@ -160,6 +169,15 @@ class Checkpoints:
                 torch.cuda.synchronize()  # the copies to pinned memory have landed
             self.writing = self.writer.submit(save_checkpoint, self.host, self.path(step))
         accelerator.wait_for_everyone()
+
+    def write_error(self):
+        """The error of the checkpoint being written, as one line, once it is written (None if it
+        is fine)."""
+        try:
+            self.wait()
+        except (RegditError, OSError) as error:
+            return f"writing the checkpoint failed: {error}"
+        return None
 
     def wait(self):
         """Return once the checkpoint being written is on disk, raising its write's error."""

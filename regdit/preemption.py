@@ -51,7 +51,10 @@ class StopSignals:
 
     @property
     def name(self):
-        return signal.Signals(self.received).name if self.received else None
+        """The signal this process received; another process's when it received none."""
+        if self.received is None:
+            return "a signal to another process"
+        return signal.Signals(self.received).name
 
 
 class StopVote:
@@ -77,6 +80,11 @@ class StopVote:
         self.pending = dist.all_reduce(local, op=dist.ReduceOp.MAX, group=self.group,
                                        async_op=True), local
         return decided
+
+    def barrier(self):
+        """Wait for every process (on the CPU group)."""
+        if self.group is not None:
+            dist.barrier(group=self.group)
 
 
 def join_process_group():

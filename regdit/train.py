@@ -415,7 +415,7 @@ def train_loop(run):
             work.metrics.add(train_step(run, micro_batches, step))
             step += 1
             work.after_step(step)
-            if run.stop():
+            if step < config.max_train_steps and run.stop():  # the last step: the run is done
                 work.stop(step)
             if step >= config.max_train_steps:
                 break
@@ -506,7 +506,11 @@ class PeriodicWork:
         if step > run.step and self.saved != step:
             self.save(step)
         run.checkpoints.wait()
+        # every process leaves once the checkpoint is on disk: a launcher that tears the job down
+        # when one process ends would otherwise kill the write
+        run.stop.barrier()
         self.progress.close()
+        run.accelerator.end_training()
         where = f"during the evaluation of step {step} (redone on resume)" if during else \
             f"after step {step}"
         raise Stopped(f"stopped by {run.stop.signals.name} {where}: checkpoint "

@@ -146,7 +146,9 @@ def test_two_processes_stop_at_the_same_step_and_two_nodes_too(tiny_data):
         launchers[0].send_signal(signal.SIGTERM)  # one node's launcher: a preempted node
         outputs = [launcher.communicate(timeout=240)[1] for launcher in launchers]
         assert all(launcher.returncode != 0 for launcher in launchers)
-        assert any("stopped by SIGTERM after step" in output for output in outputs)
+        assert "stopped by SIGTERM after step" in outputs[0]
+        assert all("stopped by a signal to another process after step" in output
+                   for output in outputs[1:])
         assert not any("Traceback" in output and "stopped by" not in output for output in outputs)
         stopped, = (exp / "checkpoints").iterdir()
         assert 3 <= int(stopped.stem) < STEPS
