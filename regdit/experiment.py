@@ -142,8 +142,8 @@ class Checkpoints:
         main process copies the state to host memory and writes it atomically in the background.
         `settings`: the run's flag values (`config.flat_settings`)."""
         finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
-        # the previous write's failure (a full disk) stops every process at once, not the main
-        # one alone while the others wait for it
+        # the previous write is done (its host memory takes this state), and its failure (a full
+        # disk) stops every process at once, not the main one alone while the others wait for it
         write_error = self.write_error()
         finite, written = accelerator.gather(
             torch.stack([finite, torch.tensor(write_error is None, device=finite.device)])[None]
@@ -163,7 +163,6 @@ class Checkpoints:
                          classes=dataset.classes, config=settings)
             if accelerator.scaler is not None:
                 state["scaler"] = accelerator.scaler.state_dict()
-            self.wait()  # the previous write is done: its host memory takes this state
             self.host = to_host(state, self.host)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()  # the copies to pinned memory have landed
