@@ -21,6 +21,7 @@ from regdit.config import (
     preset_and_yaml_defaults,
 )
 from regdit.files import describe_os_error
+from regdit.plugins import load_plugins, plugin_names
 from regdit.runlock import stop_with_launcher
 
 COMMANDS = {  # name -> (module, config class, function, one-line help)
@@ -151,6 +152,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     command = command_of(argv)
     try:
+        load_plugins(plugin_names(argv))  # before the flags: their choices include the plugins'
         command, module, config = parse_config(argv)
         getattr(module, COMMANDS[command][2])(config)
     except RegditError as error:

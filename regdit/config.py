@@ -158,6 +158,11 @@ def add_dataclass_arguments(parser, config_class):
                                 **kwargs)
     parser.add_argument("--config", type=Path, default=None,
                         help="YAML file of settings (names with - or _)")
+    # read and imported before parsing (regdit.plugins); declared for --help
+    parser.add_argument("--plugin", action="append", metavar="FILE_OR_MODULE",
+                        help="import this file (.py) or module first: the samplers, loss terms, "
+                             "encoders, dataset layouts or methods it registers become choices "
+                             "(repeatable; also `plugin:` in --config)")
     presets = getattr(config_class, "PRESETS", None)
     if presets:
         parser.add_argument("--preset", choices=sorted(presets), default=None,
@@ -254,7 +259,7 @@ def read_yaml_config(path, config_class, command):
         names.update({flag[2:].replace("-", "_"): name for flag in flag_names(field, prefix)
                       if flag[:2] == "--"})
         names[name] = name
-    spelled = ((str(k).replace("-", "_"), v) for k, v in values.items())
+    spelled = ((str(k).replace("-", "_"), v) for k, v in values.items() if k != "plugin")
     values = {names.get(key, key): value for key, value in spelled}
     unknown = sorted(set(values) - set(names.values()))
     if unknown:

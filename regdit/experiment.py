@@ -23,6 +23,7 @@ from regdit.checkpoint import (
 from regdit.config import changed_setting, read_yaml
 from regdit.files import TEMP_SUFFIX, atomic_write, check_output, read_head
 from regdit.models import SiTConfig
+from regdit.plugins import LOADED, require_plugins
 from regdit.sample import Sampling
 from regdit.samplers import SAMPLERS
 
@@ -160,7 +161,7 @@ class Checkpoints:
                          model_config=model.config.to_dict(),
                          latents=dict(vae=dataset.vae, scale=dataset.latent_scale,
                                       resolution=dataset.resolution),
-                         classes=dataset.classes, config=settings)
+                         classes=dataset.classes, config=settings, plugins=list(LOADED))
             if accelerator.scaler is not None:
                 state["scaler"] = accelerator.scaler.state_dict()
             self.host = to_host(state, self.host)
@@ -293,6 +294,13 @@ def check_run_files(exp_dir):
     check_output(exp_dir / "checkpoints", RUN_FLAG, folder=True)
     check_output(exp_dir / "metrics.jsonl", RUN_FLAG, MetricLog.foreign)
     check_output(exp_dir / "config.yaml", RUN_FLAG, foreign_to_run_settings)
+
+
+def check_run_plugins(exp_dir):
+    """Continuing a run needs the plugins it was trained with (its config.yaml lists them)."""
+    path = exp_dir / "config.yaml"
+    if path.is_file():
+        require_plugins(read_yaml(path, "run settings").get("plugin"), exp_dir)
 
 
 def foreign_to_run_settings(path):

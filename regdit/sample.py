@@ -45,6 +45,7 @@ from regdit.files import atomic_write, check_output, check_writable, npz_arrays,
 from regdit.images import read_image
 from regdit.interpolants import PATH_TYPES
 from regdit.models import SiT_models, SiTConfig
+from regdit.plugins import require_plugins
 from regdit.preemption import StopSignals, StopVote
 from regdit.runlock import lock_run
 from regdit.samplers import SAMPLERS
@@ -196,6 +197,7 @@ def load_model_and_vae(config, device, model=None):
         # an hf:// one is downloaded: its local name names the run
         ckpt = local_checkpoint(config.ckpt)
         checkpoint = load_checkpoint(ckpt)
+        require_plugins(checkpoint.get("plugins"), ckpt)
         # regdit checkpoints record the dataset's VAE; official and regdit ones the training path in
         # their args
         stored = dict(vae=checkpoint.get("latents", {}).get("vae"), steps=checkpoint.get("steps"),

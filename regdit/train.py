@@ -37,6 +37,7 @@ from regdit.experiment import (
     MetricLog,
     SamplePreview,
     check_run_files,
+    check_run_plugins,
     load_init_weights,
     log_image,
 )
@@ -44,6 +45,7 @@ from regdit.files import atomic_write, check_writable, remove_temp_files
 from regdit.interpolants import PATH_TYPES, WEIGHTINGS
 from regdit.loss import LOSS_TERMS, REGLoss
 from regdit.models import SiT, SiT_models, SiTConfig, model_arguments
+from regdit.plugins import LOADED
 from regdit.preemption import StopSignals, StopVote
 from regdit.runlock import lock_run
 from regdit.sample import Sampling
@@ -228,7 +230,7 @@ class TrainConfig(Settings):
             if name not in LOSS_TERMS or not np.isfinite(weights[name]):
                 raise RegditError(f"--extra-terms {item}: must be NAME=WEIGHT with NAME one of "
                                   f"{', '.join(LOSS_TERMS) or 'regdit.loss.LOSS_TERMS (empty)'} "
-                                  "and a finite WEIGHT")
+                                  "and a finite WEIGHT (a plugin's term needs its --plugin)")
         return weights
 
 
@@ -637,6 +639,7 @@ def setup(config, signals=None):
 
     # before any load: a busy experiment is refused at once
     with lock_run(exp_dir, "train", accelerator):
+        check_run_plugins(exp_dir)
         dataset, latent_shape = open_data(config)
         encoders, model = build_networks(config, latent_shape, accelerator.device)
         vae, evaluation = monitoring(config, dataset, accelerator)
@@ -670,7 +673,8 @@ def announce(run, resumed_from):
     config, accelerator = run.config, run.accelerator
     settings = flat_settings(config)
     with atomic_write(run.exp_dir / "config.yaml", "w") as f:
-        f.write(yaml.safe_dump({**settings, "resume_step": 0}, sort_keys=False))
+        plugins = {"plugin": LOADED} if LOADED else {}  # a --config that loads them again
+        f.write(yaml.safe_dump({**settings, "resume_step": 0, **plugins}, sort_keys=False))
     accelerator.init_trackers(config.exp_name, config={k: str(v) for k, v in settings.items()})
     parameters = sum(p.numel() for p in run.raw_model.parameters()) / 1e6
     origin = (f", resumed from {resumed_from}" if resumed_from else
