@@ -60,6 +60,12 @@ def nested(settings_class, help):
     return dataclasses.field(default_factory=settings_class, metadata=dict(help=help, nested=True))
 
 
+def redefault(settings_class, name, default):
+    """`settings_class`'s flag `name` with another default, for a subclass of other defaults."""
+    return dataclasses.field(default=default, metadata=settings_class.__dataclass_fields__[name]
+                             .metadata)
+
+
 def flag_name(field, prefix=""):
     if field.metadata.get("positional"):
         return field.name.upper()

@@ -24,7 +24,6 @@ from regdit.config import changed_setting, read_yaml
 from regdit.files import TEMP_SUFFIX, atomic_write, check_output, read_head
 from regdit.models import SiTConfig
 from regdit.plugins import LOADED, require_plugins
-from regdit.sample import Sampling
 from regdit.samplers import SAMPLERS
 
 
@@ -334,13 +333,9 @@ def log_image(accelerator, name, image, step):
             tracker.run.log({name: wandb.Image(image.permute(1, 2, 0).numpy())}, step=step)
 
 
-# official train.py: 50 Euler steps, cfg 4
-PREVIEW = Sampling(sampler="ode", num_steps=50, cfg_scale=4.0)
-
-
 class SamplePreview:
-    """A grid of EMA samples from fixed noise and labels, drawn as PREVIEW says (without guidance
-    when the run has no label dropout, hence no null class)."""
+    """A grid of EMA samples from fixed noise and labels, drawn as --preview-* say (without
+    guidance when the run has no label dropout, hence no null class)."""
 
     def __init__(self, config, vae, latent_shape, cls_dim, device, num_samples=16):
         g = torch.Generator().manual_seed(config.seed)
@@ -349,8 +344,8 @@ class SamplePreview:
         self.cls_noise = (torch.randn(num_samples, cls_dim, generator=g).to(device) if cls_dim
                           else None)
         self.vae, self.path_type = vae, config.path_type
-        self.sampling = (PREVIEW if config.class_dropout_prob > 0
-                         else dataclasses.replace(PREVIEW, cfg_scale=1.0))
+        self.sampling = (config.preview if config.class_dropout_prob > 0
+                         else dataclasses.replace(config.preview, cfg_scale=1.0))
 
     def save(self, ema, path):
         """Write the grid to `path`; returns it (3, H, W) in [0, 1] for the trackers."""

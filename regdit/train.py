@@ -31,7 +31,7 @@ from accelerate.utils import ProjectConfiguration, is_tensorboard_available, is_
 from tqdm import tqdm
 
 from regdit import RegditError, Stopped, cpu_launch
-from regdit.config import Settings, flag, flat_settings, leaf_fields, nested
+from regdit.config import Settings, flag, flat_settings, leaf_fields, nested, redefault
 from regdit.experiment import (
     Checkpoints,
     MetricLog,
@@ -95,6 +95,17 @@ class EvalSampling(Sampling):
 
 
 @dataclass
+class PreviewSampling(Sampling):
+    """The sampling of the preview grids (`--preview-*`): by default the official train.py's, Euler
+    on the ODE in 50 steps with guidance 4 (none in a run without label dropout, which has no null
+    class)."""
+    FLAG_PREFIX: ClassVar[str] = "preview"
+    sampler: str = redefault(Sampling, "sampler", "ode")
+    num_steps: int | None = redefault(Sampling, "num_steps", 50)
+    cfg_scale: float = redefault(Sampling, "cfg_scale", 4.0)
+
+
+@dataclass
 class TrainConfig(Settings):
     """The official train.py flags (their spellings are aliases) and regdit's. Model settings are
     SiTConfig fields and loss settings REGLoss fields, by the same names."""
@@ -108,8 +119,9 @@ class TrainConfig(Settings):
                           choices=["none", "tensorboard", "wandb"])
     log_every: int = flag(100, "average and log the metrics every N steps (the only host "
                                "synchronisation)", at_least=1)
-    sampling_steps: int = flag(10000, "save a grid of EMA samples every N steps (0: never)",
-                               at_least=0)
+    sampling_steps: int = flag(10000, "save a grid of EMA samples every N steps (0: never), drawn "
+                                      "as --preview-* say", at_least=0)
+    preview: PreviewSampling = nested(PreviewSampling, "how the preview grids are drawn")
     checkpointing_steps: int = flag(10000, "save a checkpoint every N steps", at_least=1)
     resume_step: int = flag(0, "resume from checkpoints/<step>.pt; 0 resumes from the latest good "
                                "checkpoint if any", at_least=0)
@@ -213,9 +225,11 @@ class TrainConfig(Settings):
         if self.eval.cfg_scale > 1 and self.class_dropout_prob == 0:
             raise RegditError(f"--eval-cfg-scale {self.eval.cfg_scale} needs a null class: train "
                               "with --cfg-prob > 0, or evaluate with --eval-cfg-scale 1")
-        if self.eval.path_type not in (None, self.path_type):
-            raise RegditError(f"--eval-path-type {self.eval.path_type}: the model is trained on "
-                              f"--path-type {self.path_type}; leave --eval-path-type unset")
+        for sampling in (self.eval, self.preview):
+            if sampling.path_type not in (None, self.path_type):
+                flag_name = sampling.flag_of("path_type")
+                raise RegditError(f"{flag_name} {sampling.path_type}: the model is trained on "
+                                  f"--path-type {self.path_type}; leave {flag_name} unset")
         self.extra_weights()  # every NAME=WEIGHT is checked when the config is made
 
     def extra_weights(self):
@@ -243,7 +257,8 @@ RESUMABLE = {"output_dir", "exp_name", "logging_dir", "report_to", "log_every", 
              # the global batch and every random draw are the same on any number of processes and
              # accumulation steps
              "gradient_accumulation_steps", "allow_tf32", "fused_attn",
-             *(name for name, *_ in leaf_fields(TrainConfig) if name.startswith("eval_"))}
+             *(name for name, *_ in leaf_fields(TrainConfig)
+               if name.startswith(("eval_", "preview_")))}
 
 
 def sit_config(config, latent_channels, latent_size, z_dims):

@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import cli_error
 
 from regdit import report
@@ -89,6 +90,18 @@ def test_a_new_sampler_reaches_regdit_sample(trained, tmp_path, monkeypatch, cap
     expected = sample_batch(model, None, range(4), Sampling(sampler="midpoint", num_steps=3))
     with np.load(npz) as samples:
         assert np.array_equal(samples["arr_0"], expected)
+
+
+def test_a_new_sampler_reaches_the_training_previews(tiny_data, monkeypatch):
+    calls = []
+    monkeypatch.setitem(SAMPLERS, "midpoint", lambda *args, **kwargs: calls.append(kwargs)
+                        or midpoint_sampler(*args, **kwargs))
+    main(train_argv(tiny_data, "midpoint-previews", "--sampling-steps", "2", "--preview-sampler",
+                    "midpoint", "--preview-num-steps", "3", "--preview-cfg-scale", "2"))
+    assert [(call["num_steps"], call["cfg_scale"]) for call in calls] == [(3, 2.0)]
+    config = yaml.safe_load((tiny_data / "exps" / "midpoint-previews" / "config.yaml").read_text())
+    assert (config["preview_sampler"], config["preview_num_steps"]) == ("midpoint", 3)
+    assert (tiny_data / "exps" / "midpoint-previews" / "samples" / "0000002.png").is_file()
 
 
 # ---- a weighted loss term: a function of REGLoss.terms' outputs in LOSS_TERMS,
