@@ -65,7 +65,8 @@ class REGLoss:
         encoder features, cls_token (N, D_0) clean class token; model_kwargs go to the model (e.g.
         force_drop_ids). Returns dict(denoise (N,), cls (N,) or None, proj scalar) and what they
         were computed from, for the terms of LOSS_TERMS: x, x_t, time, target, velocity, zs,
-        target_zs, cls_t, cls_target, cls_velocity."""
+        target_zs, cls_t, cls_target, cls_velocity, and the path: path_type and its coefficients
+        alpha, sigma, d_alpha, d_sigma at `time` (N, 1, 1, 1), x_t = alpha x + sigma noise."""
         n = x.shape[0]
         time = self.sample_time(n, x.device) if time is None else time
         noise = torch.randn_like(x) if noise is None else noise
@@ -92,7 +93,8 @@ class REGLoss:
         proj = projection_loss(target_zs, zs) if zs else denoise.new_zeros(())
         return dict(denoise=denoise, cls=cls, proj=proj, x=x, x_t=x_t, time=time, target=target,
                     velocity=velocity, zs=zs, target_zs=target_zs, cls_t=cls_t,
-                    cls_target=cls_target, cls_velocity=cls_velocity)
+                    cls_target=cls_target, cls_velocity=cls_velocity, path_type=self.path_type,
+                    alpha=alpha, sigma=sigma, d_alpha=d_alpha, d_sigma=d_sigma)
 
 
 def projection_loss(target_zs, zs):

@@ -29,6 +29,20 @@ def test_linear_path_loss_terms_match_official(official_model):
         torch.testing.assert_close(terms[name], io["linear"][name], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("path_type", ["linear", "cosine"])
+def test_loss_terms_receive_the_path_and_its_coefficients(official_model, path_type):
+    """What a term of LOSS_TERMS sees rebuilds x_t and the target from the path."""
+    model, io = official_model
+    terms = _official_terms(model, io, path_type)
+    alpha, sigma, d_alpha, d_sigma = (c.view(-1, 1, 1, 1)
+                                      for c in path_coefficients(io["loss_time"], path_type))
+    assert terms["path_type"] == path_type
+    for name, value in dict(alpha=alpha, sigma=sigma, d_alpha=d_alpha, d_sigma=d_sigma).items():
+        torch.testing.assert_close(terms[name], value, atol=0, rtol=0)
+    torch.testing.assert_close(terms["x_t"], alpha * io["x"] + sigma * io["loss_noise"])
+    torch.testing.assert_close(terms["target"], d_alpha * io["x"] + d_sigma * io["loss_noise"])
+
+
 def test_cosine_path_loss_terms_match_official(official_model):
     model, io = official_model
     terms = _official_terms(model, io, "cosine", official_cosine_cls_target=True)
