@@ -120,7 +120,8 @@ def preprocess_raw_image(x, enc_type):
 
 class Encoder(nn.Module):
     """A frozen ViT giving `(class_token (N, D), dense (N, 1 + T', D))` from uint8 images (N, 3, R,
-    R).
+    R); with `entangled_tokens` K > 1, its first K prefix tokens (N, K, D) (class, then registers)
+    instead of the class token.
 
     Tokens are taken after the final norm (DINOv2's `x_norm_clstoken` / `x_norm_patchtokens`);
     register tokens are dropped. I-JEPA has no class token: the mean of its final-norm patch tokens
@@ -134,6 +135,8 @@ class Encoder(nn.Module):
         self.model = model.requires_grad_(False)
         self.embed_dim = model.embed_dim
         self.num_tokens = 1 + model.patch_embed.num_patches
+        # REG's entangled tokens: the class token alone, or K > 1 prefix tokens (class + registers)
+        self.entangled_tokens = 1
         self.train(False)
 
     def train(self, mode=True):
@@ -157,7 +160,8 @@ class Encoder(nn.Module):
         tokens = self.model.forward_features(self.preprocess(images))
         patches = tokens[:, self.model.num_prefix_tokens:]  # drops the class and register tokens
         cls = tokens[:, 0] if self.model.cls_token is not None else patches.mean(dim=1)
-        return cls, torch.cat([cls.unsqueeze(1), patches], dim=1)
+        entangled = tokens[:, :self.entangled_tokens] if self.entangled_tokens > 1 else cls
+        return entangled, torch.cat([cls.unsqueeze(1), patches], dim=1)
 
 
 def load_encoders(enc_type, resolution, enc_path=None, device="cpu"):
@@ -282,9 +286,16 @@ def _from_mocov3(state):
     return out
 
 
-def check_encoders(encoders, num_tokens):
+def check_encoders(encoders, num_tokens, entangled_tokens=1):
     """Fail before training when the SiT and the encoders disagree on the token count (SiT T + 1
-    against the encoder's 1 + T')."""
+    against the encoder's 1 + T'), or the first encoder has fewer than `entangled_tokens` prefix
+    tokens (class + registers)."""
+    prefix = encoders[0].model.num_prefix_tokens if encoders[0].model.cls_token is not None else 0
+    if entangled_tokens > max(prefix, 1):
+        raise RegditError(f"--entangled-tokens {entangled_tokens}: encoder {encoders[0].name} has "
+                          f"{prefix} prefix token(s) (class + registers); use at most "
+                          f"{max(prefix, 1)} or an encoder with registers")
+    encoders[0].entangled_tokens = entangled_tokens
     for encoder in encoders:
         if encoder.num_tokens != num_tokens:
             side = math.isqrt(encoder.num_tokens - 1)

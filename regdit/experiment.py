@@ -337,12 +337,12 @@ class SamplePreview:
     """A grid of EMA samples from fixed noise and labels, drawn as --preview-* say (without
     guidance when the run has no label dropout, hence no null class)."""
 
-    def __init__(self, config, vae, latent_shape, cls_dim, device, num_samples=16):
+    def __init__(self, config, vae, latent_shape, cls_shape, device, num_samples=16):
         g = torch.Generator().manual_seed(config.seed)
         self.labels = (torch.arange(num_samples) % config.num_classes).to(device)
         self.noise = torch.randn(num_samples, *latent_shape, generator=g).to(device)
-        self.cls_noise = (torch.randn(num_samples, cls_dim, generator=g).to(device) if cls_dim
-                          else None)
+        self.cls_noise = (torch.randn(num_samples, *cls_shape, generator=g).to(device)
+                          if cls_shape else None)
         self.vae, self.path_type = vae, config.path_type
         self.sampling = (config.preview if config.class_dropout_prob > 0
                          else dataclasses.replace(config.preview, cfg_scale=1.0))

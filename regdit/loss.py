@@ -77,7 +77,9 @@ class REGLoss:
         cls_t = cls_target = None
         if cls_token is not None:  # the class token follows the same path at the same time (REG)
             noise_cls = torch.randn_like(cls_token) if noise_cls is None else noise_cls
-            a, s, da, ds = (c.flatten(1) for c in (alpha, sigma, d_alpha, d_sigma))
+            # (N, 1) for (N, D) tokens, (N, 1, 1) for (N, K, D)
+            a, s, da, ds = (c.view(n, *[1] * (cls_token.dim() - 1))
+                            for c in (alpha, sigma, d_alpha, d_sigma))
             cls_t, cls_target = a * cls_token + s * noise_cls, da * cls_token + ds * noise_cls
             if self.official_cosine_cls_target and self.path_type == "cosine":
                 # (N, 1, N, D), see the class docstring
@@ -90,7 +92,9 @@ class REGLoss:
                else None)
         # plain SiT has no projector: a zero on the model's device (a CPU zero would cost a copy
         # every step)
-        proj = projection_loss(target_zs, zs) if zs else denoise.new_zeros(())
+        # zs: each encoder's at each aligned depth, in that order
+        targets = list(target_zs) * (len(zs) // max(len(target_zs), 1))
+        proj = projection_loss(targets, zs) if zs else denoise.new_zeros(())
         return dict(denoise=denoise, cls=cls, proj=proj, x=x, x_t=x_t, time=time, target=target,
                     velocity=velocity, zs=zs, target_zs=target_zs, cls_t=cls_t,
                     cls_target=cls_target, cls_velocity=cls_velocity, path_type=self.path_type,

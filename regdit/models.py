@@ -153,8 +153,8 @@ class SiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """adaLN-modulated output layer: `linear` maps patch tokens to patches, `linear_cls` token 0 to
-    the cls velocity."""
+    """adaLN-modulated output layer: `linear` maps patch tokens to patches, `linear_cls` the
+    entangled tokens to their velocities."""
 
     def __init__(self, hidden_size, patch_size, out_channels, cls_dim=None):
         super().__init__()
@@ -165,12 +165,14 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(),
                                               nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
-    def forward(self, x, c, has_cls_token):
+    def forward(self, x, c, num_entangled):
+        """Patch outputs of the tokens after the first `num_entangled`, and those tokens' outputs
+        (N, K, cls_dim), or None without entangled tokens."""
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
         x = modulate(self.norm_final(x), shift, scale)
-        if not has_cls_token:
+        if not num_entangled:
             return self.linear(x), None
-        return self.linear(x[:, 1:]), self.linear_cls(x[:, 0])
+        return self.linear(x[:, num_entangled:]), self.linear_cls(x[:, :num_entangled])
 
 
 def matmul_flops(module, rows):
@@ -218,8 +220,13 @@ class SiTConfig:
     projector_dim: int = 2048
     # the block (1-based) whose tokens the projectors align with the encoders
     encoder_depth: int = 8
+    # further blocks aligned with the encoders, each through projectors of its own (REPA at several
+    # depths); empty: encoder_depth alone, as the paper
+    align_depths: tuple = ()
     qk_norm: bool = False
     use_cls_token: bool = True
+    # entangled tokens: the first encoder's class token (REG), then its register tokens
+    entangled_tokens: int = 1
 
     def __post_init__(self):
         """Types and ranges first (a config may come from any file, e.g. an export's config.json):
@@ -242,10 +249,12 @@ class SiTConfig:
                 raise RegditError(f"{field.name} must be a finite number, not {value!r:.40}")
             if field.type in (int, float):
                 object.__setattr__(self, field.name, field.type(value))
-        if not (isinstance(self.z_dims, (list, tuple)) and all(map(whole, self.z_dims))):
-            raise RegditError(f"z_dims must be a list of integers of at least 1 "
-                              f"(the encoder widths), not {self.z_dims!r:.60}")
-        object.__setattr__(self, "z_dims", tuple(int(d) for d in self.z_dims))
+        for name in ("z_dims", "align_depths"):
+            value = getattr(self, name)
+            if not (isinstance(value, (list, tuple)) and all(map(whole, value))):
+                raise RegditError(f"{name} must be a list of integers of at least 1, not "
+                                  f"{value!r:.60}")
+            object.__setattr__(self, name, tuple(int(d) for d in value))
         if self.mlp_ratio <= 0:
             raise RegditError(f"mlp_ratio {self.mlp_ratio} must be above 0")
         if not 0 <= self.class_dropout_prob <= 1:
@@ -268,9 +277,18 @@ class SiTConfig:
                               f"{self.patch_size}x{self.patch_size} patches: use a resolution "
                               f"whose latent side is a multiple of {self.patch_size}, or a model "
                               "with a smaller patch")
-        if self.z_dims and not 1 <= self.encoder_depth <= self.depth:
-            raise RegditError(f"encoder_depth {self.encoder_depth} must be between 1 and the model "
-                              f"depth {self.depth}")
+        depths = [("encoder_depth", self.encoder_depth)] + [("align_depths", depth)
+                                                            for depth in self.align_depths]
+        for name, depth in depths if self.z_dims else ():
+            if not 1 <= depth <= self.depth:
+                raise RegditError(f"{name} {depth} must be between 1 and the model depth "
+                                  f"{self.depth}")
+        if len({self.encoder_depth, *self.align_depths}) <= len(self.align_depths):
+            raise RegditError(f"align_depths {list(self.align_depths)} repeat a depth (or "
+                              f"encoder_depth {self.encoder_depth})")
+        if self.entangled_tokens > 1 and not self.use_cls_token:
+            raise RegditError(f"entangled_tokens {self.entangled_tokens} needs the REG class "
+                              "token (--method reg)")
 
     @classmethod
     def from_dict(cls, values, source="model config"):
@@ -288,7 +306,8 @@ class SiTConfig:
             raise RegditError(f"{source}: {error}") from None
 
     def to_dict(self):
-        return {**dataclasses.asdict(self), "z_dims": list(self.z_dims)}
+        return {**dataclasses.asdict(self), "z_dims": list(self.z_dims),
+                "align_depths": list(self.align_depths)}
 
     @property
     def label(self):
@@ -301,10 +320,12 @@ class SiTConfig:
 class SiT(nn.Module):
     """SiT diffusion transformer with REPA projectors and the REG entangled class token.
 
-    forward(x, t, y, cls_token) -> (velocity (N, C, H, W), zs [(N, T+1, z_dim_k)], cls_velocity (N,
-    z_dims[0])). REPA (`use_cls_token=False`) returns cls_velocity None and zs of T tokens; plain
-    SiT (`z_dims=()`) returns zs []. `fused_attn` and `grad_checkpointing` choose how it runs, not
-    what it computes, so they are not in the config.
+    forward(x, t, y, cls_token) -> (velocity (N, C, H, W), zs [(N, T+1, z_dim_k)], cls_velocity
+    shaped as cls_token). The entangled tokens are `cls_shape` per sample: (z_dims[0],) for REG's
+    one class token, (K, z_dims[0]) for K > 1. zs holds the projected tokens of block encoder_depth
+    for each encoder, then those of each of align_depths. REPA (`use_cls_token=False`) returns
+    cls_velocity None and zs of T tokens; plain SiT (`z_dims=()`) returns zs []. `fused_attn` and
+    `grad_checkpointing` choose how it runs, not what it computes, so they are not in the config.
     """
 
     def __init__(self, config: SiTConfig, fused_attn=True, grad_checkpointing=False):
@@ -316,6 +337,8 @@ class SiT(nn.Module):
         self.z_dims = list(config.z_dims)
         self.encoder_depth = config.encoder_depth if self.z_dims else 0
         self.use_cls_token = config.use_cls_token
+        self.num_entangled = config.entangled_tokens if config.use_cls_token else 0
+        self.align_depths = (self.encoder_depth, *config.align_depths) if self.z_dims else ()
         # recompute block activations in backward: less memory
         self.grad_checkpointing = grad_checkpointing
         hidden_size = config.hidden_size
@@ -324,7 +347,7 @@ class SiT(nn.Module):
                                      hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(config.num_classes, hidden_size, config.class_dropout_prob)
-        num_tokens = self.x_embedder.num_patches + int(self.use_cls_token)
+        num_tokens = self.x_embedder.num_patches + self.num_entangled
         # fixed sin-cos
         self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList([SiTBlock(hidden_size, config.num_heads, config.mlp_ratio,
@@ -332,6 +355,10 @@ class SiT(nn.Module):
                                      for _ in range(config.depth)])
         self.projectors = nn.ModuleList([build_mlp(hidden_size, config.projector_dim, z_dim)
                                          for z_dim in self.z_dims])
+        if config.align_depths:  # the official names stay those of encoder_depth's projectors
+            self.depth_projectors = nn.ModuleList([nn.ModuleList([
+                build_mlp(hidden_size, config.projector_dim, z_dim) for z_dim in self.z_dims])
+                for _ in config.align_depths])
         self.final_layer = FinalLayer(hidden_size, config.patch_size, self.out_channels,
                                       cls_dim=self.z_dims[0] if self.use_cls_token else None)
         if self.use_cls_token:
@@ -356,7 +383,7 @@ class SiT(nn.Module):
 
         grid_size = int(self.x_embedder.num_patches ** 0.5)
         pos_embed = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid_size,
-                                            extra_tokens=int(self.use_cls_token))
+                                            extra_tokens=self.num_entangled)
         self.pos_embed.data.copy_(torch.from_numpy(pos_embed).float().unsqueeze(0))
 
         w = self.x_embedder.proj.weight.data  # initialise the patch embedding like a Linear layer
@@ -382,11 +409,13 @@ class SiT(nn.Module):
         patches = self.x_embedder.num_patches
         per_sample = ([self.t_embedder, self.final_layer.adaLN_modulation]
                       + [b.adaLN_modulation for b in self.blocks])
-        if self.use_cls_token:
-            per_sample += [self.cls_projectors2, self.final_layer.linear_cls]
-        return (sum(matmul_flops(m, 1) for m in per_sample) + matmul_flops(self.x_embedder, patches)
+        entangled = ([self.cls_projectors2, self.final_layer.linear_cls] if self.use_cls_token
+                     else [])
+        return (sum(matmul_flops(m, 1) for m in per_sample)
+                + sum(matmul_flops(m, self.num_entangled) for m in entangled)
+                + matmul_flops(self.x_embedder, patches)
                 + matmul_flops(self.final_layer.linear, patches)
-                + matmul_flops(self.projectors, tokens)
+                + len(self.align_depths) * matmul_flops(self.projectors, tokens)
                 + sum(matmul_flops(b.attn, tokens) + matmul_flops(b.mlp, tokens)
                       + attention_flops(tokens, width) for b in self.blocks))
 
@@ -399,30 +428,48 @@ class SiT(nn.Module):
 
     def forward(self, x, t, y, cls_token=None, force_drop_ids=None):
         """x (N, C, H, W) noisy latents, t (N,) in [0, 1], y (N,) labels (num_classes = null),
-        cls_token (N, z_dims[0]); force_drop_ids (N,) bool replaces the random label dropout of
-        training mode (deterministic training)."""
+        cls_token (N, *cls_shape) the noisy entangled tokens; force_drop_ids (N,) bool replaces the
+        random label dropout of training mode (deterministic training)."""
         x = self.x_embedder(x)  # (N, T, D)
         if self.use_cls_token:
-            if cls_token is None:
-                raise ValueError("this REG model denoises a class token: "
-                                 "pass cls_token (N, z_dims[0])")
-            cls_embed = self.wg_norm(self.cls_projectors2(cls_token))  # (N, D)
-            x = torch.cat([cls_embed.unsqueeze(1), x], dim=1)  # (N, T+1, D)
+            if cls_token is None or cls_token.shape[1:] != self.cls_shape:
+                raise ValueError(f"this REG model denoises entangled tokens: pass cls_token (N, "
+                                 f"{', '.join(map(str, self.cls_shape))})")
+            tokens = cls_token.view(len(cls_token), self.num_entangled, -1)
+            cls_embed = self.wg_norm(self.cls_projectors2(tokens))  # (N, K, D)
+            x = torch.cat([cls_embed, x], dim=1)  # (N, K + T, D)
         x = x + self.pos_embed
-        N, T, D = x.shape
         c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
-        zs = []
+        zs = [None] * len(self.align_depths)
         for i, block in enumerate(self.blocks):
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, c, use_reentrant=False)
             else:
                 x = block(x, c)
-            if i + 1 == self.encoder_depth:
+            if i + 1 in self.align_depths:
                 # REPA: align this layer's tokens with the encoder's features
-                zs = [projector(x.reshape(-1, D)).reshape(N, T, -1)
-                      for projector in self.projectors]
-        x, cls_velocity = self.final_layer(x, c, self.use_cls_token)
-        return self.unpatchify(x), zs, cls_velocity
+                zs[self.align_depths.index(i + 1)] = self.project(x, self.align_depths.index(i + 1))
+        x, cls_velocity = self.final_layer(x, c, self.num_entangled)
+        if cls_velocity is not None:
+            cls_velocity = cls_velocity.reshape(cls_token.shape[0], *self.cls_shape)
+        return self.unpatchify(x), [z for depth in zs for z in depth], cls_velocity
+
+    @property
+    def cls_shape(self):
+        """The entangled tokens of one sample: (z_dims[0],) for REG's class token, (K, z_dims[0])
+        for K > 1."""
+        width = (self.z_dims[0],)
+        return width if self.num_entangled == 1 else (self.num_entangled, *width)
+
+    def project(self, x, depth_index):
+        """The projections (N, T', z_dim_k) of block tokens x for each encoder: the first entangled
+        token (the class token) and the patch tokens, the extra entangled tokens left out as the
+        encoder's registers are."""
+        if self.num_entangled > 1:
+            x = torch.cat([x[:, :1], x[:, self.num_entangled:]], dim=1)
+        N, T, D = x.shape
+        projectors = self.depth_projectors[depth_index - 1] if depth_index else self.projectors
+        return [projector(x.reshape(-1, D)).reshape(N, T, -1) for projector in projectors]
 
 
 #################################################################################

@@ -239,7 +239,7 @@ def sample_batch(model, vae, indices, sampling, global_seed=0, balanced=False, m
     y = draw_labels(generators, indices, model.num_classes, balanced, class_label)
     x = torch.stack([torch.randn(model.in_channels, model.input_size, model.input_size,
                                  generator=g, device=device) for g in generators])
-    cls = (torch.stack([torch.randn(model.z_dims[0], generator=g, device=device)
+    cls = (torch.stack([torch.randn(model.cls_shape, generator=g, device=device)
                         for g in generators])
            if model.use_cls_token else None)
     with torch.autocast(device.type, dtype=AUTOCAST_DTYPES[mixed_precision],

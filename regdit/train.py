@@ -142,6 +142,12 @@ class TrainConfig(Settings):
                                      at_least=0, at_most=1, aliases=("--cfg-prob",))
     encoder_depth: int = flag(8, "SiT block (1-based) whose output is aligned with the encoder "
                                  "(REPA)", at_least=1)
+    align_depths: list[int] | None = flag(None, "further SiT blocks aligned with the encoders, "
+                                                "each through projectors of its own (REPA at "
+                                                "several depths)", metavar="DEPTH")
+    entangled_tokens: int = flag(1, "entangled tokens denoised with the image: the first "
+                                    "encoder's class token (REG: 1), then its register tokens",
+                                 at_least=1)
     projector_dim: int = flag(2048, "hidden width of the projector MLPs", at_least=1)
     qk_norm: bool = flag(False, "per-head LayerNorm of queries and keys")
     depth: int | None = flag(None, "override the model's depth (small experiments)", at_least=1)
@@ -335,8 +341,9 @@ class Run:
     stop: StopVote  # whether every process is to stop (a signal), asked after each step
 
     @property
-    def cls_dim(self):
-        return self.raw_model.z_dims[0] if self.raw_model.use_cls_token else 0
+    def cls_shape(self):
+        """One sample's entangled tokens; None without (REPA, SiT)."""
+        return self.raw_model.cls_shape if self.raw_model.use_cls_token else None
 
 
 def step_randomness(run, step):
@@ -349,8 +356,8 @@ def step_randomness(run, step):
                  time=run.loss.sample_time(batch, device, g),
                  noise=torch.randn(batch, *run.latent_shape, generator=g, device=device),
                  drop=torch.rand(batch, generator=g, device=device) < config.class_dropout_prob)
-    if run.cls_dim:
-        draws["noise_cls"] = torch.randn(batch, run.cls_dim, generator=g, device=device)
+    if run.cls_shape:
+        draws["noise_cls"] = torch.randn(batch, *run.cls_shape, generator=g, device=device)
     if config.legacy:
         draws["legacy_drop"] = (torch.rand(batch, generator=g, device=device)
                                 < config.class_dropout_prob)
@@ -470,7 +477,7 @@ class PeriodicWork:
         self.run, config, accelerator = run, run.config, run.accelerator
         self.preview, self.saved = None, run.step
         if config.sampling_steps and accelerator.is_main_process:
-            self.preview = SamplePreview(config, run.vae, run.latent_shape, run.cls_dim,
+            self.preview = SamplePreview(config, run.vae, run.latent_shape, run.cls_shape,
                                          accelerator.device)
         # model FLOPs of one training image (forward + backward of the SiT, the frozen encoders'
         # forward): MFU's numerator
@@ -604,7 +611,7 @@ def build_networks(config, latent_shape, device):
     model = SiT(sit_config(config, latent_shape[0], latent_shape[-1], z_dims),
                 fused_attn=config.fused_attn, grad_checkpointing=config.grad_checkpointing)
     if encoders:
-        check_encoders(encoders, num_tokens=1 + model.x_embedder.num_patches)
+        check_encoders(encoders, 1 + model.x_embedder.num_patches, model.num_entangled or 1)
     return encoders, model.to(device)
 
 

@@ -22,7 +22,8 @@ from regdit.encoders import (
     load_encoders,
     save_random_encoder,
 )
-from regdit.loss import LOSS_TERMS, mean_flat
+from regdit.loss import LOSS_TERMS, REGLoss, mean_flat
+from regdit.models import create_sit
 from regdit.sample import Sampling, sample_batch
 from regdit.samplers import SAMPLERS
 
@@ -211,3 +212,59 @@ def test_a_new_dataset_layout_is_written_by_prepare_and_read_by_train(tiny_data,
         assert np.array_equal(array, np.load(tiny_data / "data" / f"{name}.npy"))
     main(train_argv(tiny_data, "shards", "--data-dir", str(tmp_path / "shards")))
     assert (tiny_data / "exps" / "shards" / "checkpoints" / "0000002.pt").is_file()
+
+
+# ---- the interfaces ideas land on: K entangled tokens, REPA at several depths
+
+
+def test_three_entangled_tokens_and_two_repa_depths_train_and_sample(tiny_data, tmp_path,
+                                                                      capsys):
+    """The class token and two registers of a DINOv2 with registers are denoised with the image,
+    and blocks 1 and 2 are both aligned with the encoder; the run samples through the CLI."""
+    encoder = save_random_encoder("dinov2reg-vit-b", tmp_path / "reg", patch_size=7)
+    flags = ["--enc-type", "dinov2reg-vit-b", "--enc-path", str(encoder)]
+    main(train_argv(tiny_data, "k3", *flags, "--entangled-tokens", "3", "--align-depths", "2"))
+    checkpoint = load_checkpoint(tiny_data / "exps" / "k3" / "checkpoints" / "0000002.pt")
+    assert (checkpoint["model_config"]["entangled_tokens"], checkpoint["model_config"]
+            ["align_depths"]) == (3, [2])
+    model = build_model_from_checkpoint(checkpoint).eval()
+    assert model.cls_shape == (3, 32) and model.pos_embed.shape[1] == 3 + 16
+    tokens, features = load_encoders("dinov2reg-vit-b", 32, str(encoder))[0](
+        torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8))
+    assert tokens.shape == (2, 32) and features.shape == (2, 17, 32)  # one token by default
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+    velocity, zs, cls_velocity = model(x, torch.rand(2), y, cls_token=torch.randn(2, 3, 32))
+    # each depth's projections: the class token and the 16 patches (registers left out)
+    assert cls_velocity.shape == (2, 3, 32) and [z.shape for z in zs] == [(2, 17, 32)] * 2
+    main(["sample", "--ckpt", str(tiny_data / "exps" / "k3" / "checkpoints" / "0000002.pt"),
+          "--num-fid-samples", "4", "--per-proc-batch-size", "4", "--num-steps", "2",
+          "--sample-dir", str(tmp_path / "samples")])
+    (npz,) = (tmp_path / "samples").glob("*.npz")
+    assert np.load(npz)["arr_0"].shape == (4, 32, 32, 3)
+    capsys.readouterr()
+    assert ("--entangled-tokens 6: encoder dinov2reg-vit-b has 5 prefix token(s) (class + "
+            "registers); use at most 5") in cli_error(
+        capsys, train_argv(tiny_data, "k6", *flags, "--entangled-tokens", "6"))
+    assert "entangled_tokens 2 needs the REG class token (--method reg)" in cli_error(
+        capsys, train_argv(tiny_data, "k2", "--method", "repa", "--entangled-tokens", "2"))
+    assert "align_depths 3 must be between 1 and the model depth 2" in cli_error(
+        capsys, train_argv(tiny_data, "deep", "--align-depths", "3"))
+
+
+def test_entangled_tokens_and_depths_reach_the_loss(tiny_data):
+    """With K = 3 and a second aligned depth, the loss's class-token term covers the three
+    tokens and every parameter, the second depth's projectors included, gets a gradient."""
+    model = create_sit(input_size=32, patch_size=8, in_channels=3, hidden_size=64, depth=2,
+                       num_heads=2, num_classes=4, z_dims=[24], projector_dim=32,
+                       encoder_depth=1, align_depths=[2], entangled_tokens=3)
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 3])
+    targets, tokens = [torch.randn(2, 17, 24)], torch.randn(2, 3, 24)
+    terms = REGLoss().terms(model, x, y, targets, tokens)
+    assert terms["cls_target"].shape == (2, 3, 24) and terms["cls"].shape == (2,)
+    with torch.no_grad():  # open the adaLN-Zero gates (see test_loss)
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    REGLoss()(model, x, y, targets, tokens)[0].backward()
+    unreached = [name for name, p in model.named_parameters()
+                 if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert unreached == [] and model.depth_projectors[0][0][0].weight.grad is not None

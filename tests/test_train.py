@@ -302,7 +302,7 @@ def test_no_label_dropout_previews_without_guidance(tiny_data, tmp_path):
     config = tiny_config(tiny_data, exp_name="no_cfg", class_dropout_prob=0.0, max_train_steps=2,
                          sampling_steps=2)
     result = train(config)
-    preview = SamplePreview(config, None, (3, 32, 32), result["ema"].z_dims[0], torch.device("cpu"))
+    preview = SamplePreview(config, None, (3, 32, 32), result["ema"].cls_shape, torch.device("cpu"))
     assert (preview.sampling.sampler, preview.sampling.num_steps, preview.sampling.cfg_scale) \
         == ("ode", 50, 1.0)
     preview.save(result["ema"], tmp_path / "expected.png")
