@@ -1,4 +1,17 @@
-"""regdit: REG (Representation Entanglement for Generation) for SiT diffusion transformers."""
+"""regdit: REG (Representation Entanglement for Generation) for SiT diffusion transformers.
+
+The stable Python surface, importable from here (each loaded on first use, so that `import regdit`
+stays cheap):
+
+    the method     SiT, SiTConfig, create_sit, REGLoss, LOSS_TERMS, SAMPLERS, Sampling,
+                   path_coefficients, sample_time
+    files          load_checkpoint, build_model_from_checkpoint, from_pretrained, save_pretrained,
+                   open_dataset, LAYOUTS
+    encoders, VAE  load_encoders, ENCODER_TYPES, FAMILIES, load_vae
+    commands       TrainConfig, SampleConfig (run by regdit.train.train, regdit.sample.sample; the
+                   submodules keep those names)
+"""
+import importlib
 import os
 
 __version__ = "0.1.0"
@@ -23,3 +36,25 @@ def cpu_launch():
     believes it runs alone."""
     import torch
     return int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.cuda.is_available()
+
+
+PUBLIC = {  # name -> the module that defines it
+    **dict.fromkeys(["SiT", "SiTConfig", "create_sit"], "regdit.models"),
+    **dict.fromkeys(["REGLoss", "LOSS_TERMS"], "regdit.loss"),
+    **dict.fromkeys(["path_coefficients", "sample_time"], "regdit.interpolants"),
+    "SAMPLERS": "regdit.samplers",
+    **dict.fromkeys(["Sampling", "SampleConfig"], "regdit.sample"),
+    **dict.fromkeys(["load_checkpoint", "build_model_from_checkpoint", "from_pretrained",
+                     "save_pretrained"], "regdit.checkpoint"),
+    **dict.fromkeys(["open_dataset", "LAYOUTS"], "regdit.data"),
+    **dict.fromkeys(["load_encoders", "ENCODER_TYPES", "FAMILIES"], "regdit.encoders"),
+    "load_vae": "regdit.vae",
+    "TrainConfig": "regdit.train",
+}
+__all__ = ["RegditError", "Stopped", "EXIT_STOPPED", *PUBLIC]
+
+
+def __getattr__(name):
+    if name not in PUBLIC:
+        raise AttributeError(f"module 'regdit' has no attribute {name!r}")
+    return getattr(importlib.import_module(PUBLIC[name]), name)
