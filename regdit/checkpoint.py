@@ -16,7 +16,7 @@ from safetensors.torch import save
 
 from regdit import RegditError
 from regdit.data import read_classes
-from regdit.files import atomic_write
+from regdit.files import atomic_write, check_regular_file
 from regdit.hub import PREFIX, is_hub_url, parse, resolve_path
 from regdit.models import SiT, SiTConfig, model_arguments
 from regdit.official import PATCH_WEIGHTS, convert_legacy_state_dict, inferred_config, saved_args
@@ -110,6 +110,7 @@ def load_checkpoint(path):
         raise RegditError(f"checkpoint {path} is a folder: pass " + (f"{found[0]}" if found else
                           "a training checkpoint (EXP/checkpoints/NNNNNNN.pt) or an export "
                           "(DIR/model.safetensors)"))
+    check_regular_file(path, "checkpoint")
     if not path.is_file():
         raise RegditError(f"checkpoint {path} does not exist: pass the path of a .pt or "
                           ".safetensors file")
@@ -148,6 +149,7 @@ def load_checkpoint(path):
 def _load_export(path):
     """An export: EMA weights in `path`, its settings in the config.json beside it."""
     config_path = path.with_name("config.json")
+    check_regular_file(config_path)
     if not config_path.is_file():
         raise RegditError(f"export {path} has no config.json beside it: put the config.json that "
                           "`regdit export` wrote in the same folder, or export again")

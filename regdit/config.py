@@ -223,7 +223,7 @@ def read_yaml(path, what):
         raise RegditError(f"{what} {path} does not exist: pass a YAML file of settings")
     if path.is_dir():
         raise RegditError(f"{what} {path} is a folder: pass a YAML file of settings")
-    check_regular_file(path)
+    check_regular_file(path, what)
     with open(path, "rb") as f:
         data = f.read(YAML_MAX_BYTES + 1)
     if len(data) > YAML_MAX_BYTES:

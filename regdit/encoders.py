@@ -24,6 +24,7 @@ from torch import nn
 from torchvision.transforms.functional import normalize
 
 from regdit import RegditError
+from regdit.files import check_regular_file
 from regdit.hub import resolve_path
 from regdit.models import attention_flops, matmul_flops
 
@@ -190,6 +191,8 @@ def _load_vit(name, resolution, path):
     spec = ENCODER_TYPES[name]
     size = encoder_input_size(name, resolution)
     model_name, model_args = spec.arch, spec.model_args
+    if path is not None:
+        check_regular_file(path, "--enc-path", folder=True)
     if path is None:
         source, state = spec.hub_id, _hub_state_dict(name, spec)
     elif Path(path).is_dir():

@@ -31,7 +31,14 @@ from tqdm import tqdm
 
 from regdit import RegditError, cpu_launch, downloads
 from regdit.config import Settings, flag
-from regdit.files import atomic_write, check_output, npz_arrays, npz_headers, read_head
+from regdit.files import (
+    atomic_write,
+    check_output,
+    check_regular_file,
+    npz_arrays,
+    npz_headers,
+    read_head,
+)
 from regdit.hub import is_hub_url, parse, resolve_path
 from regdit.images import list_files, read_image
 
@@ -210,6 +217,7 @@ def inception_weights_path(weights_path=None):
     if not given:
         return str(downloads.inception_weights())
     path = str(resolve_path(given, "Inception weights"))
+    check_regular_file(path, "--inception-weights" if weights_path else INCEPTION_WEIGHTS_ENV)
     if not os.path.isfile(path):
         raise RegditError(f"Inception weights not found at {path}: pass the path of "
                           f"{INCEPTION_WEIGHTS_FILE} (from {URL_INCEPTION_V3}) as "
@@ -223,7 +231,9 @@ def reference_batch_path(ref_batch):
     downloads.REFERENCE_BATCHES), downloaded once, else the path itself (local or `hf://`)."""
     if ref_batch in downloads.REFERENCE_BATCHES:
         return downloads.reference_batch(ref_batch)
-    return resolve_path(ref_batch, "reference batch")
+    path = resolve_path(ref_batch, "reference batch")
+    check_regular_file(path, "--ref-batch")
+    return path
 
 
 def load_inception(weights_path=None, device=None):
@@ -553,6 +563,7 @@ def evaluate(ref_npz, sample_npz, inception_weights=None, batch_size=64, num_sam
     # one process downloads what is missing, the others then read the cache
     with state.main_process_first():
         sample_npz = resolve_path(sample_npz, "sample batch")
+        check_regular_file(sample_npz, "--sample-batch")
         ref_npz = reference_batch_path(ref_npz)
     device = device or state.device
     with (load_npz_images(ref_npz) as ref_images,
@@ -628,6 +639,7 @@ def make_reference(source, output, inception_weights=None, batch_size=64, num_im
     statistics with 10k images for recall)."""
     # several processes share the Inception work; the main one writes
     state = PartialState(cpu=cpu_launch())
+    check_regular_file(source, "--make-ref", folder=True)
     with open_images(source, num_images) as images:
         _check_count(source, len(images))
         # one process downloads the weights if missing, the others then read them

@@ -118,13 +118,22 @@ def npz_arrays(path):
         return set()
 
 
-def check_regular_file(path):
-    """A one-line RegditError when `path` exists but is not a regular file (or a link to one): a
-    folder, FIFO, device or socket named like an image or array would fail late, block (a FIFO waits
-    for a writer) or read without end. A missing path is left to the open that follows."""
-    if os.path.exists(path) and not os.path.isfile(path):
-        raise RegditError(f"{path} is not a regular file; remove it or replace it with the file it "
-                          "stands for")
+def check_regular_file(path, what=None, folder=False):
+    """The rule for every file a command reads: a one-line RegditError naming `what` (the flag or
+    setting that named the file: "--ref-batch", "checkpoint") and `path` when `path` exists but is
+    not a regular file (or a link to one): a folder (unless `folder` allows one), FIFO, device or
+    socket named like an image or array would fail late, block (a FIFO waits for a writer) or read
+    without end. Only stat is called, never open. A missing path is left to the caller, whose
+    message says what to pass."""
+    try:
+        kind = file_kind(os.stat(path).st_mode)
+    except (OSError, ValueError):  # missing, a file on the way, a NUL byte: the caller's open says
+        return
+    if kind == "a file" or folder and kind == "a folder":
+        return
+    wanted = "a file or folder" if folder else "a file"
+    raise RegditError(f"{what + ' ' if what else ''}{path} is not a regular file: it is {kind}; "
+                      f"replace it with {wanted} or pass another path")
 
 
 def npz_headers(path):

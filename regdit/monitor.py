@@ -39,10 +39,11 @@ class TrainingEvaluation:
                               "one from the training images with "
                               "`regdit eval --make-ref IMAGES --output REF.npz`)")
         self.config, self.state, self.vae = config, state, vae
-        # one process downloads what is missing, the others then read the cache
+        # one process downloads what is missing, the others then read the cache; the reference
+        # first: a bad one is refused before the Inception weights are read
         with state.main_process_first():
-            self.inception = load_inception(config.inception_weights, state.device)
             ref_batch = reference_batch_path(config.ref_batch)  # local, hf:// or ADM's by name
+            self.inception = load_inception(config.inception_weights, state.device)
         with load_npz_images(ref_batch) as images:
             shape = (config.eval_samples, dataset.resolution, dataset.resolution, 3)
             check_resolutions(ref_batch, images.shape, "of this run", shape)

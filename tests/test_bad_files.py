@@ -11,6 +11,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 
@@ -62,6 +63,35 @@ CONFIGS = {  # export-NAME: the tiny export with these settings in its config.js
 }
 IMAGE_LABELS = {  # images-NAME: the prepared images with the label of their last image replaced
     "minus1": -1, "99": 99, "1.5": 1.5, "x": "x", "true": True}
+
+EVAL = ["eval", "--output", "{W}/new-metrics.json"]
+TRAIN_DATA = TRAIN + ["{W}/data", "--model", "SiT-S/8", "--num-classes", "2"]  # a 4x4 grid
+FIFO, FOLDER, DEVICE = "a FIFO \\(named pipe\\)", "a folder", "a character device"
+READER_CASES = [  # (arguments, the flag and file named, what it is)
+    (EVAL + ["--ref-batch", "{W}/pipe.npz", "--sample-batch", "{W}/samples.npz"],
+     "--ref-batch", "pipe.npz", FIFO),
+    (EVAL + ["--ref-batch", "/dev/zero", "--sample-batch", "{W}/samples.npz"],
+     "--ref-batch", "/dev/zero", DEVICE),
+    (EVAL + ["--ref-batch", "{W}/samples.npz", "--sample-batch", "{W}/pipe.npz"],
+     "--sample-batch", "pipe.npz", FIFO),
+    (EVAL + ["--ref-batch", "{W}/samples.npz", "--sample-batch", "{W}/folder.npz"],
+     "--sample-batch", "folder.npz", FOLDER),
+    (["eval", "--make-ref", "{W}/pipe.npz", "--output", "{W}/new-ref.npz"],
+     "--make-ref", "pipe.npz", FIFO),
+    (EVAL + ["--ref-batch", "{W}/samples.npz", "--sample-batch", "{W}/samples.npz",
+             "--inception-weights", "{W}/pipe.pth"], "--inception-weights", "pipe.pth", FIFO),
+    (TRAIN_DATA + ["--eval-every", "1", "--ref-batch", "{W}/pipe.npz"],
+     "--ref-batch", "pipe.npz", FIFO),
+    (TRAIN_DATA + ["--eval-every", "1", "--ref-batch", "{W}/samples.npz",
+              "--inception-weights", "{W}/pipe.pth"], "--inception-weights", "pipe.pth", FIFO),
+    (TRAIN_DATA + ["--config", "{W}/pipe.yaml"], "config file", "pipe.yaml", FIFO),
+    (TRAIN_DATA + ["--enc-path", "{W}/pipe.pt"], "--enc-path", "pipe.pt", FIFO),
+    (TRAIN_DATA + ["--init-from", "{W}/pipe.pt"], "checkpoint", "pipe.pt", FIFO),
+    (SAMPLE + ["{W}/pipe.pt"], "checkpoint", "pipe.pt", FIFO),
+    (SAMPLE + ["/dev/zero"], "checkpoint", "/dev/zero", DEVICE),
+    (SAMPLE + ["{W}/export-fifo/model.safetensors"], "", "export-fifo/config.json", FIFO),
+    (EXPORT + ["{W}/pipe.pt"], "checkpoint", "pipe.pt", FIFO),
+]
 
 CASES = [  # (arguments, the one line must match)
     # crafted settings of an export: checked as they enter (see also CRAFTED_SIZES)
@@ -128,6 +158,10 @@ CASES = [  # (arguments, the one line must match)
     # a special file named like data
     (PREPARE_LATENTS + ["{W}/images-fifo"],
      r"images-fifo/dataset.json is not a regular file"),
+    # every file a flag names passes the same rule: a FIFO would block its reader, a device read
+    # without end
+    *[(argv, rf"{flag} \S*{name} is not a regular file: it is {kind}; replace it with ")
+      for argv, flag, name, kind in READER_CASES],
 ]
 # export-NAME: settings that pass every check alone, but ask for more than memory holds
 CRAFTED_SIZES = {
@@ -162,6 +196,18 @@ def blank_png(path, width, height):
     path.write_bytes(b"\x89PNG\r\n\x1a\n"
                      + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
                      + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+
+
+def writing_fifo(path):
+    """A FIFO at `path` whose every reader gets an empty file at once: a reader that opens it fails
+    the test on its message instead of waiting for a writer forever."""
+    os.mkfifo(path)
+
+    def serve():
+        while True:
+            with open(path, "wb"):  # blocks until a reader opens it
+                pass
+    threading.Thread(target=serve, daemon=True).start()
 
 
 @pytest.fixture(scope="module")
@@ -219,6 +265,13 @@ def world(tmp_path_factory):
     for name, index, side in (("bomb-first", 0, 20000), ("bomb", 3, 20000), ("big", 3, 10000)):
         shutil.copytree(root / "images", root / f"images-{name}")
         blank_png(root / f"images-{name}" / "00000" / f"img0000000{index}.png", side, side)
+    np.savez(root / "samples.npz", arr_0=rng.integers(0, 256, (6, 16, 16, 3), dtype=np.uint8))
+    (root / "folder.npz").mkdir()
+    shutil.copytree(root / "export", root / "export-fifo")
+    os.remove(root / "export-fifo" / "config.json")
+    for path in [root / name for name in ("pipe.npz", "pipe.pth", "pipe.pt", "pipe.yaml")] + [
+            root / "export-fifo" / "config.json"]:
+        writing_fifo(path)
     shutil.copytree(root / "raw", root / "raw-fifo")
     os.mkfifo(root / "raw-fifo" / "c0" / "pipe.png")
     shutil.copytree(root / "images", root / "images-fifo")

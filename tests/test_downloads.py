@@ -1,13 +1,18 @@
 """Downloads on first use (regdit.downloads): the Inception weights and ADM's reference batches,
 served by an HTTP server on 127.0.0.1 that the test starts, fetched by the real download code,
 checked, cached and reused."""
+import collections
+import concurrent.futures
+import contextlib
 import functools
 import hashlib
 import http.server
+import io
 import re
 import socket
 import threading
 import time
+import zipfile
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,6 +22,7 @@ from huggingface_hub import constants
 
 from regdit import RegditError, downloads
 from regdit.cli import main as cli_main
+from regdit.downloads import CHUNK
 from regdit.evaluate import (
     inception_weights_path,
     reference_batch_path,
@@ -25,8 +31,33 @@ from regdit.evaluate import (
 
 
 class Files(http.server.SimpleHTTPRequestHandler):
-    """Serves its folder; a file whose name starts with `short-` is announced 100 bytes longer than
-    it is, one starting with `stall-` stops after its first 1000 bytes for 2 s."""
+    """Serves its folder, counting the requests of each path in `requests`; a file whose name starts
+    with `short-` is announced 100 bytes longer than it is, one starting with `stall-` stops after
+    its first 1000 bytes for 2 s, `trickle-` sends a byte every 10 ms, `slow-` waits 1 s before its
+    body. `endless-NAME` streams zeros without end and without a length, `drop-NAME` sends 1000
+    bytes of a chunked body and closes the connection, `loop-NAME` redirects to itself."""
+
+    requests = collections.Counter()
+
+    def do_GET(self):
+        name = self.path.rpartition("/")[2]
+        self.requests[self.path] += 1
+        if name.startswith("loop-"):
+            self.send_response(302)
+            self.send_header("Location", self.path)
+            self.end_headers()
+        elif name.startswith(("endless-", "drop-")):
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            with contextlib.suppress(ConnectionError):  # until the client gives up
+                while True:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (CHUNK, bytes(CHUNK)))
+                    if name.startswith("drop-"):
+                        self.wfile.write(b"%x\r\n" % CHUNK + bytes(1000))
+                        return
+        else:
+            super().do_GET()
 
     def send_header(self, keyword, value):
         if keyword == "Content-Length" and self.path.rpartition("/")[2].startswith("short-"):
@@ -34,10 +65,17 @@ class Files(http.server.SimpleHTTPRequestHandler):
         super().send_header(keyword, value)
 
     def copyfile(self, source, outputfile):
-        if self.path.rpartition("/")[2].startswith("stall-"):
+        name = self.path.rpartition("/")[2]
+        if name.startswith("stall-"):
             outputfile.write(source.read(1000))
             outputfile.flush()
             time.sleep(2)
+        if name.startswith("slow-"):
+            time.sleep(1)
+        while name.startswith("trickle-") and (byte := source.read(1)):
+            outputfile.write(byte)
+            outputfile.flush()
+            time.sleep(0.01)
         super().copyfile(source, outputfile)
 
     def log_message(self, *args):
@@ -215,13 +253,35 @@ def test_a_reference_batch_by_name_is_downloaded_checked_and_reused(server, cach
      r"has sigma_s of shape \(2023, 7\), not \(2023, 2023\)"),
     (reference(mu=None), "has no mu"),
     ("not a zip", "is not a readable .npz"),
-], ids=["resolution", "dtype", "statistics-shape", "no-statistics", "not-npz"])
+    (reference(sigma=np.full((2048, 2048), np.nan, np.float16)),
+     "has non-finite values in sigma"),
+    (reference(mu_s=np.zeros(2023, np.int64)), "has mu_s of dtype int64, not floats"),
+    (reference(count=2), r"has 2 images, not 4 to 20000 \(ADM's reference batches hold 10000\)"),
+    ("crc", r"is damaged \(Bad CRC-32 for file 'arr_0.npy'\)"),
+    ("short arr_0", r"is damaged \(arr_0 holds 61437 bytes of images, not 61440\)"),
+], ids=["resolution", "dtype", "statistics-shape", "no-statistics", "not-npz", "nan-statistics",
+        "integer-statistics", "count", "crc", "short-images"])
 def test_a_wrong_reference_batch_is_refused_and_removed(server, caches, monkeypatch, arrays,
                                                         problem):
     url, folder, _ = server
     (folder / "64").mkdir()
     served = folder / "64" / "VIRTUAL_imagenet64_labeled.npz"
-    if isinstance(arrays, str):
+    if arrays == "crc":  # one image byte flipped after the zip recorded its CRC-32
+        np.savez(served, **reference())
+        data = bytearray(served.read_bytes())
+        data[200] ^= 1
+        served.write_bytes(bytes(data))
+    elif arrays == "short arr_0":  # arr_0 ends 3 bytes before its header says
+        arr_0 = reference()["arr_0"].reshape(-1)
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False,
+                                                      "shape": (5, 64, 64, 3)})
+        with zipfile.ZipFile(served, "w") as archive:
+            archive.writestr("arr_0.npy", header.getvalue() + arr_0.tobytes()[:-3])
+            for key, value in reference(arr_0=None).items():
+                with archive.open(f"{key}.npy", "w") as member:
+                    np.lib.format.write_array(member, value)
+    elif isinstance(arrays, str):
         served.write_text(arrays)
     else:
         np.savez(served, **arrays)
@@ -252,3 +312,85 @@ def test_train_evaluation_takes_a_reference_batch_by_name_offline_as_one_line(ca
         "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/imagenet/256/"
         "VIRTUAL_imagenet256_labeled.npz on a machine with network and put it at "
         f"{caches[1] / 'VIRTUAL_imagenet256_labeled.npz'} (or pass --ref-batch PATH)")
+
+
+def refused(url, destination, problem, alternative="--inception-weights PATH"):
+    """The one line of a download refused for `problem` (a regular expression)."""
+    source, destination = re.escape(url), re.escape(str(destination))
+    return (rf"the download of .* from {source} {problem}, so it was removed: run again, or "
+            rf"download {source} on a machine with network and put it at {destination} \(or pass "
+            rf"{re.escape(alternative)}\)")
+
+
+@pytest.mark.parametrize("stem, bounds, problem", [
+    ("trickle-weights", dict(DEADLINE_SLACK=0.3, MIN_SPEED=1 << 40),
+     r"took longer than 0 s \(at \d+ bytes\)"),
+    ("endless-weights", dict(INCEPTION_MAX_BYTES=3 * CHUNK),
+     rf"went on past {3 * CHUNK} bytes, more than expected"),
+    ("weights", dict(INCEPTION_MAX_BYTES=1000),
+     r"announces \d+ bytes, more than the 1000 expected at most"),
+], ids=["trickles", "never-ends", "too-large"])
+def test_a_download_is_bounded_in_time_and_size(server, caches, weights, monkeypatch, stem, bounds,
+                                                problem):
+    """A server that trickles one byte at a time (never stalling), one that never ends, one that
+    announces more than expected: each ends in one line, and nothing is left in the cache."""
+    url, folder, _ = server
+    # 2000 bytes trickle for 20 s: a download without a deadline fails on its success, not a hang
+    name = sha256_named(folder, weights[:2000] if stem.startswith("trickle") else weights, stem)
+    monkeypatch.setattr(downloads, "INCEPTION_URL", f"{url}/{name}")
+    for constant, value in bounds.items():
+        monkeypatch.setattr(downloads, constant, value)
+    started = time.monotonic()
+    with pytest.raises(RegditError) as error:
+        inception_weights_path()
+    assert re.fullmatch(refused(f"{url}/{name}", caches[0] / name, problem), str(error.value))
+    assert time.monotonic() - started < 10
+    assert list(caches[0].iterdir()) == []
+
+
+@pytest.mark.parametrize("stem, reason", [
+    ("drop-weights", r"the connection closed before the end of the file"),
+    ("loop-weights", r"HTTP 302: the server redirects in a loop or more than 10 times"),
+], ids=["drops", "redirect-loop"])
+def test_a_dropped_or_looping_download_is_one_readable_line(server, caches, monkeypatch, stem,
+                                                            reason):
+    url, _, _ = server
+    source = f"{url}/{stem}-0123abcd.pth"
+    monkeypatch.setattr(downloads, "INCEPTION_URL", source)
+    with pytest.raises(RegditError) as error:
+        inception_weights_path()
+    assert "\n" not in str(error.value)
+    assert re.fullmatch(rf"cannot download the Inception weights from {re.escape(source)} "
+                        rf"\({reason}\): download .* \(or pass --inception-weights PATH\)",
+                        str(error.value))
+    assert list(caches[0].iterdir()) == []
+
+
+def test_concurrent_downloads_into_one_cache_download_once(server, caches, weights, monkeypatch,
+                                                           capsys):
+    """Two downloads of the same file at once (threads open the partial file apart, so they
+    compete for its lock as processes do): one downloads, the other waits and takes its file; the
+    partial file of a killed run and an earlier version's temp file are cleaned up."""
+    url, folder, _ = server
+    name = sha256_named(folder, weights, stem="slow-weights")
+    monkeypatch.setattr(downloads, "INCEPTION_URL", f"{url}/{name}")
+    caches[0].mkdir(parents=True)
+    (caches[0] / f".{name}.part").write_bytes(b"left by a killed run")
+    (caches[0] / f".{name}.tmp4242").write_bytes(b"left by a killed run")
+    Files.requests.clear()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        paths = list(pool.map(lambda _: inception_weights_path(), range(2)))
+    assert paths == [str(caches[0] / name)] * 2 and Files.requests[f"/{name}"] == 1
+    assert (caches[0] / name).read_bytes() == weights
+    assert sorted(p.name for p in caches[0].iterdir()) == [name]
+    err = capsys.readouterr().err
+    assert err.count("waiting for another process downloading the Inception weights into "
+                     f"{caches[0] / f'.{name}.part'}") == 1 and err.count("downloading the") == 2
+
+
+def test_a_special_file_in_the_cache_is_one_line(caches, monkeypatch):
+    name = "weights-inception-2015-12-05-6726825d.pth"
+    (caches[0] / name).mkdir(parents=True)
+    with pytest.raises(RegditError, match=rf"^the Inception weights {re.escape(str(caches[0]))}"
+                                          rf"/{name} is not a regular file: it is a folder; "):
+        inception_weights_path()
