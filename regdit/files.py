@@ -42,10 +42,17 @@ def remove_temp_files(folder):
     holding the folder's lock, when no other writer can be mid-write. Returns how many were
     removed."""
     leftovers = [p for p in Path(folder).rglob(f".*{TEMP_SUFFIX}*")
-                 if p.is_file() and p.name.rpartition(TEMP_SUFFIX)[2].isdigit()]
+                 if p.is_file() and temp_file_target(p.name)]
     for path in leftovers:
         path.unlink(missing_ok=True)
     return len(leftovers)
+
+
+def temp_file_target(name):
+    """The name of the file that the file name `name` is atomic_write's temp file of (`.NAME.tmpPID`
+    -> NAME), else None."""
+    stem, suffix, pid = name.rpartition(TEMP_SUFFIX)
+    return stem[1:] if suffix and stem.startswith(".") and pid.isdigit() else None
 
 
 def check_writable(path, flag):

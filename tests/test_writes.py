@@ -3,12 +3,15 @@ export, a run folder moved or copied elsewhere."""
 import contextlib
 import json
 import re
+import socket
 import subprocess
 
 import pytest
+from conftest import FIXTURES
 
 from regdit.checkpoint import load_checkpoint
 from regdit.cli import main
+from regdit.runlock import LOCK_NAME
 
 
 @contextlib.contextmanager
@@ -58,3 +61,23 @@ def test_a_full_disk_under_a_background_checkpoint_write_stops_at_that_write(tin
         assert 6 <= steps[-1] < 9, steps
         assert sorted(p.name for p in checkpoints.iterdir()) == ["0000003.pt"]
         assert load_checkpoint(checkpoints / "0000003.pt")["steps"] == 3
+
+
+def test_a_killed_export_is_redone_by_the_same_command(tmp_path):
+    """What a SIGKILL during `regdit export` leaves: the written config.json, the weights' temp file
+    and the lock of the dead process. The same command removes them and exports."""
+    argv = ["export", str(FIXTURES / "official_tiny_a_ckpt.pt"), "--output",
+            str(tmp_path / "export"), "--num-heads", "4"]
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / LOCK_NAME).write_text(json.dumps(
+        {"host": socket.gethostname(), "pid": dead.pid, "command": "export",
+         "started": "2026-01-01T00:00:00"}))
+    (tmp_path / "export" / "config.json").write_text('{"model": {}}\n')
+    (tmp_path / "export" / f".model.safetensors.tmp{dead.pid}").write_bytes(b"\0" * 100)
+    main(argv)
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) \
+        == ["README.md", "config.json", "model.safetensors"]
+    # whole: its checksum is verified
+    assert load_checkpoint(tmp_path / "export" / "model.safetensors")["ema"]
