@@ -184,7 +184,31 @@ def save_checkpoint(obj, path):
     obj["checksum"] = tensor_checksum(obj)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as f:
-        torch.save(obj, f)
+        writer = _KeptWriteError(f)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:
+            if writer.error is None:
+                raise
+            raise writer.error from None
+
+
+class _KeptWriteError:
+    """A file for torch.save that keeps the OSError of a failed write: torch's writer turns it (a
+    full disk) into a RuntimeError that names neither the file nor the cause."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self):
+        self.file.flush()
 
 
 

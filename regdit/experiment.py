@@ -21,7 +21,13 @@ from regdit.checkpoint import (
     save_checkpoint,
 )
 from regdit.config import changed_setting, read_yaml
-from regdit.files import TEMP_SUFFIX, atomic_write, check_output, read_head
+from regdit.files import (
+    TEMP_SUFFIX,
+    atomic_write,
+    check_output,
+    describe_os_error,
+    read_head,
+)
 from regdit.models import SiTConfig
 from regdit.plugins import LOADED, require_plugins
 from regdit.samplers import SAMPLERS
@@ -142,16 +148,8 @@ class Checkpoints:
         main process copies the state to host memory and writes it atomically in the background.
         `settings`: the run's flag values (`config.flat_settings`)."""
         finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
-        # the previous write is done (its host memory takes this state), and its failure (a full
-        # disk) stops every process at once, not the main one alone while the others wait for it
-        write_error = self.write_error()
-        finite, written = accelerator.gather(
-            torch.stack([finite, torch.tensor(write_error is None, device=finite.device)])[None]
-        ).all(dim=0)
-        if not written:
-            raise RegditError(write_error or "the main process could not write the previous "
-                              "checkpoint (its error is in its output)")
-        if not finite:
+        # the previous write is done: its host memory takes this state
+        if not self.check_written(accelerator, finite):
             raise RegditError(f"non-finite weights at step {step}: not saving; the last good "
                               "checkpoint is kept")
         if accelerator.is_main_process:
@@ -169,12 +167,35 @@ class Checkpoints:
             self.writing = self.writer.submit(save_checkpoint, self.host, self.path(step))
         accelerator.wait_for_everyone()
 
+    def check_written(self, accelerator, finite=None):
+        """Wait for the checkpoint being written. Its failure (a full disk) stops every process at
+        once, not the main one alone while the others wait for it. With `finite`, this process's
+        weights are finite, the same gather returns whether all are."""
+        write_error = self.write_error()
+        finite = torch.tensor(True, device=accelerator.device) if finite is None else finite
+        finite, written = accelerator.gather(
+            torch.stack([finite, torch.tensor(write_error is None, device=finite.device)])[None]
+        ).all(dim=0)
+        if not written:
+            raise RegditError(write_error or "the main process could not write its checkpoint "
+                              "(its error is in its output)")
+        return bool(finite)
+
+    def failed(self):
+        """True once the checkpoint being written has failed; never waits for it, so the training
+        loop asks after every step and stops at a failed write, not at the next save."""
+        return (self.writing is not None and self.writing.done()
+                and self.writing.exception() is not None)
+
     def write_error(self):
         """The error of the checkpoint being written, as one line, once it is written (None if it
-        is fine)."""
+        is fine). The previous checkpoints are kept: each write goes to a file of its own."""
         try:
             self.wait()
-        except (RegditError, OSError) as error:
+        except OSError as error:
+            described = describe_os_error(error) or f"writing the checkpoint failed: {error}"
+            return f"{described}; the checkpoints before it are kept"
+        except RegditError as error:
             return f"writing the checkpoint failed: {error}"
         return None
 

@@ -23,7 +23,15 @@ from regdit.checkpoint import (
     write_export,
 )
 from regdit.config import Settings, flag
-from regdit.files import atomic_write, check_output, file_kind, read_head
+from regdit.files import (
+    atomic_write,
+    check_output,
+    file_kind,
+    read_head,
+    remove_temp_files,
+    temp_file_target,
+)
+from regdit.runlock import LOCK_NAME, RunLock
 
 # far above any sample grid, below PIL's bomb warning
 MAX_GRID_BYTES, MAX_GRID_PIXELS = 64 << 20, 8192 * 8192
@@ -127,9 +135,14 @@ def check_grid(path):
 
 def foreign_to_export(folder):
     """None for a folder that holds an earlier export alone (EXPORT_FILES and its samples.<ext>
-    grid), else what else is in it."""
+    grid; the temp files and the lock of a killed export, which its rerun removes), else what else
+    is in it."""
+    def exported(path):
+        name = temp_file_target(path.name) or path.name
+        return name in EXPORT_FILES or (Path(name).stem == "samples" and path.is_file())
+
     others = sorted(p.name for p in folder.iterdir()
-                    if p.name not in EXPORT_FILES and not (p.stem == "samples" and p.is_file()))
+                    if not (exported(p) or p.name.startswith(LOCK_NAME)))
     if others:
         return (f"it holds {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}, which an "
                 f"export does not (an export folder holds {', '.join(EXPORT_FILES)} and "
@@ -196,42 +209,50 @@ def export(config: ExportConfig):
     model_config = model_config_from_checkpoint(checkpoint, source=config.ckpt, **overrides)
     latents = checkpoint.get("latents")  # regdit runs' VAE and scale
     path_type = getattr(checkpoint.get("args"), "path_type", None)
-    weights = write_export(output_dir, checkpoint["ema"], model_config, latents, path_type,
-                           checkpoint.get("classes"))
-    print(f"wrote {weights}")
-    written = [weights.name, "config.json", "README.md"]
-    # a regdit run's grid at this checkpoint's step
-    preview = ckpt.parent.parent / "samples" / f"{ckpt.stem}.png"
-    grid = grid or (preview if preview.is_file() else None)
-    if grid is not None:
-        written.append(f"samples{grid.suffix}")
-        with atomic_write(output_dir / written[-1]) as f:
-            f.write(grid.read_bytes())
+    # one export at a time into a folder; a killed one's temp files go
+    with RunLock(output_dir, "export"):
+        remove_temp_files(output_dir)
+        weights = write_export(output_dir, checkpoint["ema"], model_config, latents, path_type,
+                               checkpoint.get("classes"))
+        print(f"wrote {weights}")
+        written = [weights.name, "config.json", "README.md"]
+        # a regdit run's grid at this checkpoint's step
+        preview = ckpt.parent.parent / "samples" / f"{ckpt.stem}.png"
+        grid = grid or (preview if preview.is_file() else None)
+        if grid is not None:
+            written.append(f"samples{grid.suffix}")
+            with atomic_write(output_dir / written[-1]) as f:
+                f.write(grid.read_bytes())
+        rows = card_rows(checkpoint, model_config, latents, path_type)
+        ckpt_ref = (f"hf://{config.push_to_hub}/model.safetensors" if config.push_to_hub
+                    else str(weights))
+        card = model_card(config.push_to_hub or output_dir.name, rows, metrics,
+                          grid and f"samples{grid.suffix}", ckpt_ref,
+                          config.push_to_hub or str(output_dir), config.license)
+        with atomic_write(output_dir / "README.md", "w") as f:
+            f.write(card)
+        print(f"wrote {output_dir / 'README.md'} (model card)"
+              + ("" if grid else "; no sample grid: pass --grid PNG"))
+        if config.push_to_hub:
+            url = push_folder(output_dir, written, config.push_to_hub, config.private,
+                              f"{model_config.label} exported by regdit from {ckpt.name}")
+            print(f"pushed {', '.join(written)} of {output_dir} to {url}")
+    return weights
+
+
+def card_rows(checkpoint, model_config, latents, path_type):
+    """The model card's table of the training settings: {name: value}."""
     training = checkpoint.get("config") or vars(checkpoint.get("args") or argparse.Namespace())
     method = "reg" if model_config.use_cls_token else "repa" if model_config.z_dims else "sit"
     parameters = sum(v.numel() for v in checkpoint["ema"].values()) / 1e6
     recorded = latents or {}
-    rows = {"model": f"{model_config.label} ({parameters:.1f}M parameters)",
+    return {"model": f"{model_config.label} ({parameters:.1f}M parameters)",
             "method": METHODS[method], "training steps": checkpoint.get("steps", "not recorded"),
             "classes": model_config.num_classes,
             "resolution": recorded.get("resolution") or training.get("resolution", "not recorded"),
             "latents": recorded.get("vae") or "not recorded (official checkpoints: sd-vae-ft-ema)",
             "path type": path_type or "linear",
             **{k: training[k] for k in CARD_SETTINGS if training.get(k) is not None}}
-    ckpt_ref = (f"hf://{config.push_to_hub}/model.safetensors" if config.push_to_hub
-                else str(weights))
-    card = model_card(config.push_to_hub or output_dir.name, rows, metrics,
-                      grid and f"samples{grid.suffix}", ckpt_ref,
-                      config.push_to_hub or str(output_dir), config.license)
-    with atomic_write(output_dir / "README.md", "w") as f:
-        f.write(card)
-    print(f"wrote {output_dir / 'README.md'} (model card)"
-          + ("" if grid else "; no sample grid: pass --grid PNG"))
-    if config.push_to_hub:
-        url = push_folder(output_dir, written, config.push_to_hub, config.private,
-                          f"{model_config.label} exported by regdit from {ckpt.name}")
-        print(f"pushed {', '.join(written)} of {output_dir} to {url}")
-    return weights
 
 
 def check_repo_id(repo_id, flag):

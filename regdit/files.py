@@ -3,6 +3,7 @@
 import contextlib
 import errno
 import os
+import shutil
 import stat
 import zipfile
 from pathlib import Path
@@ -41,10 +42,17 @@ def remove_temp_files(folder):
     holding the folder's lock, when no other writer can be mid-write. Returns how many were
     removed."""
     leftovers = [p for p in Path(folder).rglob(f".*{TEMP_SUFFIX}*")
-                 if p.is_file() and p.name.rpartition(TEMP_SUFFIX)[2].isdigit()]
+                 if p.is_file() and temp_file_target(p.name)]
     for path in leftovers:
         path.unlink(missing_ok=True)
     return len(leftovers)
+
+
+def temp_file_target(name):
+    """The name of the file that the file name `name` is atomic_write's temp file of (`.NAME.tmpPID`
+    -> NAME), else None."""
+    stem, suffix, pid = name.rpartition(TEMP_SUFFIX)
+    return stem[1:] if suffix and stem.startswith(".") and pid.isdigit() else None
 
 
 def check_writable(path, flag):
@@ -177,7 +185,23 @@ def describe_os_error(error):
     if error.errno == errno.ENOENT:
         return f"{where}: no such file or folder; check the path"
     fix = WRITE_ERROR_FIXES.get(error.errno)
-    return fix and f"cannot write {where} ({error.strerror or os.strerror(error.errno)}); {fix}"
+    reason = error.strerror or os.strerror(error.errno or 0)
+    if fix == FREE_SPACE and error.filename:
+        reason += f", {free_space(error.filename)} free there"
+    return fix and f"cannot write {where} ({reason}); {fix}"
+
+
+def free_space(path):
+    """The free space of the disk that holds `path` (or its nearest existing folder), in words:
+    "12.3 MiB"."""
+    path = Path(path).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if free < 1024:
+            return f"{free:.3g} {unit}"
+        free /= 1024
+    return f"{free:.3g} TiB"
 
 
 @contextlib.contextmanager

@@ -106,7 +106,8 @@ class StopSignals:
 
 
 class StopVote:
-    """`vote()` -> whether every process is to stop now. With several processes, each call
+    """`vote()` -> whether every process is to stop now: a signal, or `vote(True)` on one process
+    (its own reason to stop: a failed checkpoint write). With several processes, each call
     or-reduces the local flags asynchronously on a gloo group and returns the result of the call
     before, so the answer is the same on every process and the loop never waits on it (a stop lands
     one check later). Every process must call it the same number of times."""
@@ -116,8 +117,8 @@ class StopVote:
         # a group of its own: on GPUs the training collectives run on NCCL, this one on the CPU
         self.group = dist.new_group(backend="gloo") if num_processes > 1 else None
 
-    def __call__(self):
-        local = torch.tensor([self.signals.received is not None], dtype=torch.int32)
+    def __call__(self, stop_here=False):
+        local = torch.tensor([self.signals.received is not None or stop_here], dtype=torch.int32)
         if self.group is None:
             return bool(local)
         decided = False

@@ -439,7 +439,8 @@ def train_loop(run):
             work.metrics.add(train_step(run, micro_batches, step))
             step += 1
             work.after_step(step)
-            if step < config.max_train_steps and run.stop():  # the last step: the run is done
+            # the last step: the run is done; a failed checkpoint write stops it at once
+            if step < config.max_train_steps and run.stop(run.checkpoints.failed()):
                 work.stop(step)
             if step >= config.max_train_steps:
                 break
@@ -529,7 +530,7 @@ class PeriodicWork:
         run = self.run
         if step > run.step and self.saved != step:
             self.save(step)
-        run.checkpoints.wait()
+        run.checkpoints.check_written(run.accelerator)  # a failed write raises on every process
         # every process leaves once the checkpoint is on disk: a launcher that tears the job down
         # when one process ends would otherwise kill the write
         run.stop.barrier()

@@ -450,7 +450,8 @@ def test_prepare_vae_on_a_full_disk_is_one_line_and_the_rerun_finishes(world, mo
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert re.fullmatch(r"regdit prepare vae: error: cannot write \S+vae-full/"
-                        r"diffusion_pytorch_model.safetensors \(No space left on device\); free "
+                        r"diffusion_pytorch_model.safetensors \(No space left on device, [\d.]+ "
+                        r"[KMGT]?i?B free there\); free "
                         r"space on the disk, then rerun the same command to continue",
                         exit_info.value.code), exit_info.value.code
     assert "Traceback" not in capsys.readouterr().err

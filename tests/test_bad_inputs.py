@@ -385,8 +385,8 @@ def test_a_full_disk_is_one_line_and_the_rerun_continues(world, command, capsys,
         main(argv)
     line = exit_info.value.code
     assert re.fullmatch(rf"regdit {command}: error: cannot write \S+(0000002.pt|000001.png) "
-                        r"\(No space left on device\); free space on the disk, then rerun the same "
-                        r"command to continue", line), line
+                        r"\(No space left on device, [\d.]+ [KMGT]?i?B free there\); free space "
+                        r"on the disk, then rerun the same command to continue", line), line
     assert "Traceback" not in capsys.readouterr().err
     monkeypatch.undo()
     main(argv)  # there is space again
