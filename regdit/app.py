@@ -28,6 +28,7 @@ from regdit.sample import (
     Sampling,
     check_class_label,
     check_guidance,
+    load_guide,
     load_model_and_vae,
     sample_batch,
     vae_geometry,
@@ -87,6 +88,8 @@ def sample_command(config, device):
              "--sampler", sampling.sampler, "--num-steps", sampling.steps,
              "--cfg-scale", sampling.cfg_scale, "--cls-cfg-scale", sampling.cls_cfg_scale,
              "--guidance-low", sampling.guidance_low, "--guidance-high", sampling.guidance_high]
+    if sampling.guide_ckpt:
+        flags += ["--guide-ckpt", absolute(sampling.guide_ckpt)]
     if config.mixed_precision != "no":
         flags += ["--mixed-precision", config.mixed_precision]
     command = shlex.join(["regdit", "sample", *map(str, flags)])
@@ -104,6 +107,9 @@ class AppConfig(Settings):
                                   "hf://OWNER/REPO/PATH[@REVISION]", required=True)
     vae: str | None = flag(None, "as `regdit sample --vae` (unset: the checkpoint's VAE, else none "
                                  "for 3-channel models, else ema)")
+    guide_ckpt: str | None = flag(None, "as `regdit sample --guide-ckpt`: autoguidance by this "
+                                        "checkpoint, with the page's guidance scale",
+                                  metavar="CKPT")
     host: str = flag("127.0.0.1", "address to serve the page on (0.0.0.0: every network "
                                   "interface)")
     port: int = flag(7860, "port to serve the page on", at_least=1, at_most=65535)
@@ -147,6 +153,8 @@ class Explorer:
         torch.backends.cuda.matmul.allow_tf32 = defaults.tf32
         self.model, self.vae, _, _, stored = load_model_and_vae(defaults, self.device)
         self.path_type = stored.get("path_type") or "linear"
+        self.latent_norm = stored["latent_norm"]
+        self.guide = load_guide(config.guide_ckpt, self.model, stored, self.device)
         self.classes = class_names(self.model.num_classes, stored.get("classes"))
         # Requests run on a server thread, where OpenMP may use another thread count than the main
         # thread's, and the thread count can decide the float rounding on the CPU: theirs is this.
@@ -171,7 +179,8 @@ class Explorer:
         sampling = {name: float(value) if name in FLOAT_SETTINGS else value
                     for name, value in sampling.items()}
         config = SampleConfig(ckpt=self.config.ckpt, vae=self.config.vae,
-                              sampling=Sampling(**sampling), global_seed=seed,
+                              sampling=Sampling(**sampling, guide_ckpt=self.config.guide_ckpt),
+                              global_seed=seed,
                               class_label=class_label, num_fid_samples=num_images,
                               per_proc_batch_size=num_images,
                               mixed_precision=self.config.mixed_precision)
@@ -193,7 +202,8 @@ class Explorer:
                 return sample_batch(self.model, self.vae, range(config.num_fid_samples),
                                     config.sampling, config.global_seed,
                                     mixed_precision=config.mixed_precision,
-                                    path_type=self.path_type, class_label=config.class_label)
+                                    path_type=self.path_type, class_label=config.class_label,
+                                    latent_norm=self.latent_norm, guide=self.guide)
             finally:
                 if hook is not None:
                     hook.remove()

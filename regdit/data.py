@@ -26,7 +26,7 @@ import torch
 from regdit import RegditError
 from regdit.files import atomic_write, check_regular_file
 from regdit.images import image_extensions, list_files, read_image
-from regdit.vae import LATENT_SCALE
+from regdit.vae import LATENT_SCALE, LatentNorm
 
 META, IMAGES, MOMENTS, MOMENTS_FLIP = "regdit.json", "images.npy", "moments.npy", "moments_flip.npy"
 LABELS = "labels.npy"
@@ -118,9 +118,10 @@ def open_dataset(data_dir, resolution=None, seed=0):
     `data_dir`.
 
     Items are (uint8 image (3, R, R), float32 moments (2C, h, w), int label). Attributes:
-    num_classes, resolution, latent_scale, vae (name or path used to encode; "none" for pixel space,
-    None if unknown), moments_shape, has_flip, labels (numpy int64), classes (the class names, or
-    None); set_epoch(epoch) reseeds the flips.
+    num_classes, resolution, latent_scale, latent_norm (the LatentNorm of the SiT's latents), vae
+    (name or path used to encode; "none" for pixel space, None if unknown), moments_shape,
+    has_flip, labels (numpy int64), classes (the class names, or None); set_epoch(epoch) reseeds
+    the flips.
     """
     data_dir = os.fspath(data_dir)
     for layout in LAYOUTS.values():
@@ -163,6 +164,11 @@ class _Dataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.labels)
 
+    @property
+    def latent_norm(self):
+        """The LatentNorm of the SiT's latents: `latent_scale` where a layout records no other."""
+        return LatentNorm(scale=self.latent_scale)
+
 
 class RegditDataset(_Dataset):
     """regdit's memory-mapped layout (module docstring); mirrored moments, when present, give random
@@ -191,6 +197,10 @@ class RegditDataset(_Dataset):
             raise RegditError(f"{meta_path}: no {key} entry; "
                               "rerun `regdit prepare latents`") from None
         self.classes = read_classes(meta, meta_path, "rerun `regdit prepare latents`")
+        # datasets of earlier versions record the scale alone
+        # datasets of earlier versions record the scale alone
+        self._latent_norm = LatentNorm.from_dict(meta.get("latent_norm",
+                                                          {"scale": self.latent_scale}), meta_path)
         sizes = [n, self.resolution, self.num_classes,
                  *(self.moments_shape if isinstance(self.moments_shape, list) else [None])]
         if len(sizes) != 6 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
@@ -226,6 +236,10 @@ class RegditDataset(_Dataset):
                               f"image {bad[0]} is outside 0..{self.num_classes - 1}; fix the "
                               "source labels and rerun regdit prepare")
         self._arrays = None
+
+    @property
+    def latent_norm(self):
+        return self._latent_norm
 
     def _load(self, name):
         return load_array(os.path.join(self.data_dir, name), "rerun `regdit prepare latents`",
@@ -345,10 +359,14 @@ class _Writer:
                               a batch of consecutive indices (moments_flip None without flip)
     sync()                    the written rows must reach the disk (before a shard's done-marker)
     close()
-    finish(settings, labels, num_classes, latent_scale, moments_shape)
-                              the main process, after every shard
+    finish(settings, labels, num_classes, latent_scale, moments_shape[, latent_norm])
+                              the main process, after every shard; `latent_norm` (a
+                              vae.LatentNorm: a shift, per-channel statistics) for the layouts
+                              that store one (`stores_latent_norm`), which `prepare latents`
+                              requires for anything but a scale
     The steps a layout does not need do nothing here.
     """
+    stores_latent_norm = False
 
     def claim(self, source, names, resolution):
         pass
@@ -370,6 +388,8 @@ class RegditWriter(_Writer):
     """Fills the preallocated arrays of regdit's layout row by row. Plain writes, not a shared
     memory map: processes on other nodes of a network file system then never rewrite each other's
     pages."""
+
+    stores_latent_norm = True
 
     def __init__(self, dest, flip, vae):
         self.out, self.finished_path, self.flip = dest, os.path.join(dest, META), flip
@@ -407,7 +427,12 @@ class RegditWriter(_Writer):
         for f, _, _ in self.files.values():
             f.close()
 
-    def finish(self, settings, labels, num_classes, latent_scale, moments_shape):
+    def moments(self):
+        """The posterior moments written, a memory map (for `prepare latents --latent-norm
+        channel`)."""
+        return np.load(os.path.join(self.out, MOMENTS), mmap_mode="r")
+
+    def finish(self, settings, labels, num_classes, latent_scale, moments_shape, latent_norm):
         # the class names of the images (a dataset.json may name them by numbers), for checkpoints
         # and `regdit app`
         images_meta = read_json(os.path.join(settings["source"], "dataset.json"),
@@ -416,6 +441,7 @@ class RegditWriter(_Writer):
         write_json(self.finished_path, {
             "format": FORMAT, "num_images": len(labels), "resolution": settings["resolution"],
             "num_classes": num_classes, "vae": settings["vae"], "latent_scale": latent_scale,
+            "latent_norm": latent_norm.to_dict(),
             "moments_shape": list(moments_shape), "flip": self.flip, "settings": settings,
             "classes": [str(name) for name in classes] if classes else None})
 

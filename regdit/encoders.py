@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from huggingface_hub.errors import LocalEntryNotFoundError
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from timm.models import load_state_dict, load_state_dict_from_hf, save_for_hf
+from timm.models.eva import checkpoint_filter_fn as eva_checkpoint_filter_fn
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 from torchvision.transforms.functional import normalize
@@ -34,7 +35,7 @@ ENV_PATH = "REGDIT_ENCODER_PATH"
 @dataclass(frozen=True)
 class EncoderSpec:
     # preprocessing and checkpoint layout: dinov2 (with or without registers), clip, mae,
-    # mocov3, jepa
+    # mocov3, jepa, dinov3, siglip
     family: str
     arch: str  # timm architecture
     embed_dim: int
@@ -73,7 +74,17 @@ ENCODER_TYPES = {  # the official --enc-type names
     "jepa-vit-h": EncoderSpec(
         "jepa", "vit_huge_patch14_gap_224", 1280,
         url="https://dl.fbaipublicfiles.com/ijepa/IN1K-vit.h.14-300e.pth.tar"),
+    # DINOv3 (LVD-1689M): patch 16 and RoPE, 4 registers; at 256 px 16x16 patches, SiT-*/2's grid
+    "dinov3-vit-s": EncoderSpec("dinov3", "vit_small_patch16_dinov3", 384, "lvd1689m"),
+    "dinov3-vit-b": EncoderSpec("dinov3", "vit_base_patch16_dinov3", 768, "lvd1689m"),
+    "dinov3-vit-l": EncoderSpec("dinov3", "vit_large_patch16_dinov3", 1024, "lvd1689m"),
+    # SigLIP 2 (WebLI), its 256 px models: no class token, the attention-pooled embedding stands in
+    "siglip2-vit-b": EncoderSpec("siglip", "vit_base_patch16_siglip_256", 768, "v2_webli"),
+    "siglip2-vit-l": EncoderSpec("siglip", "vit_large_patch16_siglip_256", 1024, "v2_webli"),
 }
+# DINOv2 with registers under the names REG's users ask for (REG issue 9)
+ENCODER_TYPES.update({f"dinov2-vit-{size}-reg": ENCODER_TYPES[f"dinov2reg-vit-{size}"]
+                      for size in "sblg"})
 
 
 @dataclass(frozen=True)
@@ -85,6 +96,11 @@ class Family:
     std: tuple
     resized: bool
     resize_first: bool = False
+    # timm's filter from a published checkpoint's names to the model's
+    checkpoint_filter: object = checkpoint_filter_fn
+    # the model computes buffers when built (DINOv3's RoPE periods), which a model built on the meta
+    # device would lack: it is built on the CPU
+    computed_buffers: bool = False
 
 
 # the family of an ENCODER_TYPES entry also names its checkpoint layout (see _load_vit)
@@ -94,6 +110,12 @@ FAMILIES = {
     "mae": Family(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resized=False),
     "mocov3": Family(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resized=False),
     "jepa": Family(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resized=True),
+    # the published preprocessing of timm's pretrained configs: DINOv3 at 256 px with ImageNet's
+    # mean and std, SigLIP 2's 256 px models with mean and std 0.5; both patch 16, so R px images
+    # are taken at R px
+    "dinov3": Family(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, resized=False,
+                     checkpoint_filter=eva_checkpoint_filter_fn, computed_buffers=True),
+    "siglip": Family((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), resized=False),
 }
 
 
@@ -126,8 +148,9 @@ class Encoder(nn.Module):
 
     Tokens are taken after the final norm (DINOv2's `x_norm_clstoken` / `x_norm_patchtokens`);
     register tokens are dropped. I-JEPA has no class token: the mean of its final-norm patch tokens
-    stands in (timm's 'avg' pooling of the model). It runs under the caller's autocast, as the
-    official code runs it under the training autocast.
+    stands in (timm's 'avg' pooling of the model); SigLIP has none either: its attention-pooled
+    image embedding (the 'map' head before the projection) stands in. It runs under the caller's
+    autocast, as the official code runs it under the training autocast.
     """
 
     def __init__(self, name, model, resolution):
@@ -160,7 +183,12 @@ class Encoder(nn.Module):
         # final norm applied to every token
         tokens = self.model.forward_features(self.preprocess(images))
         patches = tokens[:, self.model.num_prefix_tokens:]  # drops the class and register tokens
-        cls = tokens[:, 0] if self.model.cls_token is not None else patches.mean(dim=1)
+        if self.model.cls_token is not None:
+            cls = tokens[:, 0]
+        elif getattr(self.model, "attn_pool", None) is not None:  # SigLIP's MAP head
+            cls = self.model.forward_head(tokens, pre_logits=True)
+        else:
+            cls = patches.mean(dim=1)
         entangled = tokens[:, :self.entangled_tokens] if self.entangled_tokens > 1 else cls
         return entangled, torch.cat([cls.unsqueeze(1), patches], dim=1)
 
@@ -204,7 +232,9 @@ def _load_vit(name, resolution, path):
             state = _from_mocov3(state)
     else:
         raise RegditError(f"encoder weights {path} do not exist: fix --enc-path or {ENV_PATH}")
-    with torch.device("meta"):  # no random init: every weight comes from the checkpoint
+    family = FAMILIES[spec.family]
+    # no random init: every weight comes from the checkpoint
+    with torch.device("cpu" if family.computed_buffers else "meta"):
         model = timm.create_model(model_name, num_classes=0, img_size=size, **model_args)
     patch = model.patch_embed.patch_size[0]
     if size % patch:
@@ -214,7 +244,7 @@ def _load_vit(name, resolution, path):
     # timm's filter maps the official DINOv2 / OpenAI-CLIP / I-JEPA layouts to timm names and
     # resamples the position embeddings to the input grid with resample_abs_pos_embed (bicubic,
     # antialias), as the official code does once
-    state = checkpoint_filter_fn(state, model)
+    state = family.checkpoint_filter(state, model)
     # official: encoder.head = nn.Identity(); weights in float32 like the official modules they are
     # copied into
     state = {k: v.float() for k, v in state.items() if not k.startswith("head.")}

@@ -157,6 +157,7 @@ class Checkpoints:
                          args=Namespace(**settings), steps=step,
                          model_config=model.config.to_dict(),
                          latents=dict(vae=dataset.vae, scale=dataset.latent_scale,
+                                      norm=dataset.latent_norm.to_dict(),
                                       resolution=dataset.resolution),
                          classes=dataset.classes, config=settings, plugins=list(LOADED))
             if accelerator.scaler is not None:
@@ -358,13 +359,14 @@ class SamplePreview:
     """A grid of EMA samples from fixed noise and labels, drawn as --preview-* say (without
     guidance when the run has no label dropout, hence no null class)."""
 
-    def __init__(self, config, vae, latent_shape, cls_shape, device, num_samples=16):
+    def __init__(self, config, vae, latent_shape, cls_shape, device, num_samples=16,
+                 latent_norm=None):
         g = torch.Generator().manual_seed(config.seed)
         self.labels = (torch.arange(num_samples) % config.num_classes).to(device)
         self.noise = torch.randn(num_samples, *latent_shape, generator=g).to(device)
         self.cls_noise = (torch.randn(num_samples, *cls_shape, generator=g).to(device)
                           if cls_shape else None)
-        self.vae, self.path_type = vae, config.path_type
+        self.vae, self.latent_norm, self.path_type = vae, latent_norm, config.path_type
         self.sampling = (config.preview if config.class_dropout_prob > 0
                          else dataclasses.replace(config.preview, cfg_scale=1.0))
 
@@ -376,7 +378,8 @@ class SamplePreview:
         latents = SAMPLERS[self.sampling.sampler](ema, self.noise, self.cls_noise, self.labels,
                                                   **self.sampling.arguments(self.path_type))
         # (N, 3, H, W)
-        images = decode_latents(self.vae, latents.float()).permute(0, 3, 1, 2).float() / 255
+        images = decode_latents(self.vae, latents.float(), self.latent_norm)
+        images = images.permute(0, 3, 1, 2).float() / 255
         grid = make_grid(images, nrow=math.ceil(math.sqrt(len(images))), padding=0).cpu()
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(path) as f:

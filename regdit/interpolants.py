@@ -32,6 +32,12 @@ def sample_time(n, weighting, path_type, device=None, generator=None):
     raise ValueError(f"unknown weighting {weighting!r}: use one of {', '.join(WEIGHTINGS)}")
 
 
+def shift_time(t, shift):
+    """t -> s t / (1 + (s - 1) t), the resolution-dependent time shift of SD3 (Esser et al. 2024,
+    eq. 23) and RAE: s > 1 moves t towards noise (t = 1); s = 1 leaves t as it is."""
+    return t if shift == 1 else shift * t / (1 + (shift - 1) * t)
+
+
 def score_from_velocity(v, x, t, path_type):
     """Score of x_t from the velocity (official get_score_from_velocity):
     (a/a' v - x) / (sigma^2 - a/a' sigma' sigma)."""

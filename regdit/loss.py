@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from regdit.interpolants import path_coefficients, sample_time
+from regdit.interpolants import path_coefficients, sample_time, shift_time
 
 
 def mean_flat(x):
@@ -36,13 +36,15 @@ class REGLoss:
     """
     path_type: str = "linear"
     weighting: str = "uniform"
+    time_shift: float = 1.0  # interpolants.shift_time of the drawn t (SD3, RAE); 1: none
     proj_coeff: float = 0.5
     cls_coeff: float = 0.03
     official_cosine_cls_target: bool = False
     extra_terms: dict = field(default_factory=dict)  # {name in LOSS_TERMS: weight}
 
     def sample_time(self, n, device=None, generator=None):
-        return sample_time(n, self.weighting, self.path_type, device, generator)
+        return shift_time(sample_time(n, self.weighting, self.path_type, device, generator),
+                          self.time_shift)
 
     def __call__(self, model, x, y, target_zs=(), cls_token=None, **kwargs):
         """(loss, logs): the scalar to minimise and a dict of detached scalars with the official

@@ -25,15 +25,15 @@ from regdit.evaluate import (
     tf32,
     warn_if_few,
 )
-from regdit.sample import sample_batch
+from regdit.sample import load_guide, sample_batch
 
 
 class TrainingEvaluation:
     """Everything an evaluation needs, checked before training starts: the reference batch
     (readable, statistics of the right shape, the data's resolution), the Inception weights, the
-    VAE. Calling it scores an EMA model."""
+    VAE, the guide of autoguidance. Calling it scores an EMA model."""
 
-    def __init__(self, config, dataset, state, vae):
+    def __init__(self, config, dataset, state, vae, model=None):
         if config.ref_batch is None:
             raise RegditError(f"--eval-every {config.eval_every} needs --ref-batch REF.npz (build "
                               "one from the training images with "
@@ -44,6 +44,12 @@ class TrainingEvaluation:
         with state.main_process_first():
             ref_batch = reference_batch_path(config.ref_batch)  # local, hf:// or ADM's by name
             self.inception = load_inception(config.inception_weights, state.device)
+            # autoguidance: --eval-guide-ckpt, of the run's (`model`'s) latents and classes
+            self.guide = config.eval.guide_ckpt and load_guide(
+                config.eval.guide_ckpt, model,
+                dict(vae=dataset.vae, latent_norm=dataset.latent_norm), state.device,
+                "--eval-guide-ckpt")
+        self.latent_norm = dataset.latent_norm
         with load_npz_images(ref_batch) as images:
             shape = (config.eval_samples, dataset.resolution, dataset.resolution, 3)
             check_resolutions(ref_batch, images.shape, "of this run", shape)
@@ -67,7 +73,8 @@ class TrainingEvaluation:
                     end = min(starts[k] + config.eval_batch_size, config.eval_samples)
                     images = sample_batch(ema, self.vae, range(starts[k], end), config.eval,
                                           config.seed, False, config.eval_mixed_precision,
-                                          config.path_type)
+                                          config.path_type, latent_norm=self.latent_norm,
+                                          guide=self.guide)
                     features[k] = batch_activations(images, self.inception)
                 if stop is not None and stop():  # every process asks as often: the same rounds
                     return None, time.perf_counter() - started

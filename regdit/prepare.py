@@ -387,7 +387,12 @@ class PrepareLatentsConfig(Settings):
     source: str | None = flag(None, "folder written by `regdit prepare images` (or the official "
                                     "dataset_tools.py convert)", required=True)
     dest: str | None = flag(None, "dataset folder to write", required=True)
-    vae: str = flag("mse", "ema, mse, a Hub id, a save_pretrained folder, or none (pixel space)")
+    vae: str = flag("mse", "ema, mse, a Hub id, a save_pretrained folder (any AutoencoderKL), or "
+                           "none (pixel space)")
+    latent_norm: str = flag("scale", "scale: the VAE config's scaling_factor and shift_factor "
+                                     "(0.18215 for the SD-VAE); channel: per-channel mean and std "
+                                     "of the dataset's latents (LightningDiT)",
+                            choices=vae_lib.LATENT_NORMS)
     batch_size: int = flag(64, "images per encoder call and process", at_least=1)
     flip: bool = flag(False, "also store the moments of the mirrored images (random flips in "
                              "training)")
@@ -427,7 +432,9 @@ def prepare_latents_with(config, signals):
     names, labels, num_classes, resolution = read_image_folder(source)
     settings = {"source": source, "num_images": len(names), "resolution": resolution,
                 "vae": vae_lib.resolve_vae_name(config.vae), "flip": flip, "layout": config.layout,
-                "shard_size": shard_size}
+                "shard_size": shard_size,
+                # recorded when not the default, so that datasets prepared before it resume
+                **({"latent_norm": config.latent_norm} if config.latent_norm != "scale" else {})}
     with lock_run(dest, "prepare latents", state), writing_into(dest):
         # every process checks before the main one writes
         if claim_dest(writer.out, settings, writer.finished_path):
@@ -439,6 +446,7 @@ def prepare_latents_with(config, signals):
             remove_temp_files(dest)
 
         vae_model = vae_lib.load_vae(config.vae, state.device)
+        check_layout_norm(config, writer, vae_model)
         moments_shape = latent_moments_shape(vae_model, source, resolution)
         state.wait_for_everyone()
         if state.is_main_process:
@@ -456,13 +464,38 @@ def prepare_latents_with(config, signals):
             if missing:
                 raise RegditError(f"{writer.out}: shards {missing[:5]} were not encoded; "
                                   "rerun the same command")
-            writer.finish(settings, labels, num_classes, vae_lib.latent_scale(vae_model),
-                          moments_shape)
+            norm = dataset_latent_norm(config.latent_norm, vae_model, writer, moments_shape)
+            writer.finish(settings, labels, num_classes, norm.scale, moments_shape,
+                          **({"latent_norm": norm} if writer.stores_latent_norm else {}))
             shutil.rmtree(os.path.join(writer.out, PROGRESS))
             print(f"{dest}: {len(names)} images, moments {list(moments_shape)}"
                   f"{' (+ mirrored)' if flip else ''}, {num_classes} classes, "
                   f"{config.layout} layout")
     return dest
+
+
+def check_layout_norm(config, writer, vae):
+    """A layout that records only a scale takes neither per-channel statistics nor a VAE whose
+    latents are shifted."""
+    if writer.stores_latent_norm:
+        return
+    if config.latent_norm != "scale" or vae_lib.vae_latent_norm(vae).shift:
+        raise RegditError(f"--layout {config.layout} records a latent scale only, not "
+                          + ("--latent-norm channel's statistics" if config.latent_norm != "scale"
+                             else f"the shift_factor of --vae {config.vae}")
+                          + ": use --layout regdit")
+
+
+def dataset_latent_norm(kind, vae, writer, moments_shape):
+    """The LatentNorm of a dataset: the VAE's scale, or the statistics of its latents."""
+    if kind == "scale":
+        return vae_lib.vae_latent_norm(vae)
+    mean, std = vae_lib.channel_statistics(writer.moments(), moments_shape[0] // 2)
+    if not (std > 0).all():
+        raise RegditError(f"{writer.out}: latent channel(s) {np.flatnonzero(std <= 0).tolist()} "
+                          "are constant over the dataset, so they cannot be normalised per "
+                          "channel; pass --latent-norm scale")
+    return vae_lib.LatentNorm("channel", mean=tuple(mean.tolist()), std=tuple(std.tolist()))
 
 
 def latent_moments_shape(vae, source, resolution):
@@ -473,8 +506,10 @@ def latent_moments_shape(vae, source, resolution):
     shape = tuple(vae_lib.encode_moments(vae, blank).shape[1:])
     factor = resolution // shape[1]
     if factor * shape[1] != resolution or factor & (factor - 1):
+        cells = 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
         raise RegditError(f"{source}: {resolution} px images give a {shape[1]}x{shape[2]} latent "
-                          "that does not tile them; prepare the images at a multiple of 8 px")
+                          "that does not tile them; prepare the images at a multiple of "
+                          f"{cells} px")
     return shape
 
 

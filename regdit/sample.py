@@ -49,7 +49,7 @@ from regdit.plugins import require_plugins
 from regdit.preemption import StopSignals, StopVote
 from regdit.runlock import lock_run
 from regdit.samplers import SAMPLERS
-from regdit.vae import decode_latents, load_vae, resolve_vae_name
+from regdit.vae import LatentNorm, decode_latents, load_vae, resolve_vae_name, vae_latent_norm
 
 SETTINGS, LABELS = "sample_settings.json", "labels.npy"
 AUTOCAST_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -190,7 +190,8 @@ def load_model_and_vae(config, device, model=None):
     or a `.safetensors` export) built by `build_model`. The VAE: `config.vae` (ema, mse, a Hub id, a
     `save_pretrained` folder or none); unset: the checkpoint's, else none for a 3-channel
     (pixel-space) model, else ema (official). The stored settings hold the training path type and
-    the class names when the checkpoint has them.
+    the class names when the checkpoint has them, and the LatentNorm of its latents under
+    "latent_norm" (recorded in regdit checkpoints and exports, else the VAE's scale and shift).
     """
     ckpt, stored, vae = None, {}, config.vae
     if model is None:
@@ -200,9 +201,12 @@ def load_model_and_vae(config, device, model=None):
         require_plugins(checkpoint.get("plugins"), ckpt)
         # regdit checkpoints record the dataset's VAE; official and regdit ones the training path in
         # their args
-        stored = dict(vae=checkpoint.get("latents", {}).get("vae"), steps=checkpoint.get("steps"),
+        latents = checkpoint.get("latents") or {}
+        stored = dict(vae=latents.get("vae"), steps=checkpoint.get("steps"),
                       path_type=getattr(checkpoint.get("args"), "path_type", None),
-                      classes=checkpoint.get("classes"))
+                      classes=checkpoint.get("classes"),
+                      latent_norm=latents.get("norm") and LatentNorm.from_dict(latents["norm"],
+                                                                               str(ckpt)))
         patch_embedding = checkpoint.get("ema", {}).get("x_embedder.proj.weight")
         if not isinstance(patch_embedding, torch.Tensor) or patch_embedding.dim() != 4:
             raise RegditError(f"{ckpt} has no EMA SiT weights (ema/x_embedder.proj.weight): pass a "
@@ -220,6 +224,8 @@ def load_model_and_vae(config, device, model=None):
         vae_model = load_vae(vae, device)
     if ckpt is not None:
         model = build_model(checkpoint, ckpt, vae_model, config)
+    # recorded by regdit runs since any VAE may be the tokenizer; else the VAE's own
+    stored["latent_norm"] = stored.get("latent_norm") or vae_latent_norm(vae_model)
     channels, _ = vae_geometry(vae_model)
     if model.in_channels != channels:
         raise RegditError(f"the model denoises {model.in_channels}-channel latents but --vae {vae} "
@@ -230,10 +236,12 @@ def load_model_and_vae(config, device, model=None):
 
 @torch.no_grad()
 def sample_batch(model, vae, indices, sampling, global_seed=0, balanced=False, mixed_precision="no",
-                 path_type="linear", class_label=None):
+                 path_type="linear", class_label=None, latent_norm=None, guide=None):
     """uint8 images (N, H, W, 3) of the sample indices, each drawn from its own stream (see the
     module docstring), as `sampling` (a Sampling) says; `path_type` is the model's, used unless
-    `sampling` names one; `class_label`: every sample's class (else drawn, or balanced)."""
+    `sampling` names one; `class_label`: every sample's class (else drawn, or balanced);
+    `latent_norm`: the LatentNorm of the model's latents (None: the VAE's own scale and shift);
+    `guide`: the model of `sampling.guide_ckpt` (`load_guide`), for autoguidance."""
     device = model.pos_embed.device
     generators = sample_generators(indices, global_seed, device)
     y = draw_labels(generators, indices, model.num_classes, balanced, class_label)
@@ -245,9 +253,10 @@ def sample_batch(model, vae, indices, sampling, global_seed=0, balanced=False, m
     with torch.autocast(device.type, dtype=AUTOCAST_DTYPES[mixed_precision],
                         enabled=mixed_precision != "no"):
         x = SAMPLERS[sampling.sampler](model, x, cls, y, generator=generators,
-                                       **sampling.arguments(path_type))
+                                       **sampling.arguments(path_type),
+                                       **({"guide": guide} if guide is not None else {}))
     # float32 latents to the VAE, as generate.py
-    return decode_latents(vae, x.float()).cpu().numpy()
+    return decode_latents(vae, x.float(), latent_norm).cpu().numpy()
 
 
 @dataclass
@@ -268,6 +277,13 @@ class Sampling(Settings):
     guidance_high: float = flag(1.0, "guidance only for t <= this", at_least=0, at_most=1)
     path_type: str | None = flag(None, "interpolation path (default: the model's training path, "
                                        "else linear)", choices=PATH_TYPES)
+    time_shift: float = flag(1.0, "shift of the time grid, t -> s t / (1 + (s - 1) t) (SD3, RAE; "
+                                  "1: none)", above=0)
+    guide_ckpt: str | None = flag(None, "autoguidance (Karras et al. 2024): a smaller or earlier "
+                                        "checkpoint of the same latents and classes whose "
+                                        "conditional prediction replaces the unconditional one "
+                                        "inside the guidance interval, with --cfg-scale as w",
+                                  metavar="CKPT")
 
     def check(self):
         if self.heun:  # an alias, resolved here so that the settings say which sampler runs
@@ -292,7 +308,9 @@ class Sampling(Settings):
         return dict(num_steps=self.steps, cfg_scale=self.cfg_scale,
                     cls_cfg_scale=self.cls_cfg_scale, guidance_low=self.guidance_low,
                     guidance_high=self.guidance_high,
-                    path_type=self.path_type or path_type)
+                    path_type=self.path_type or path_type,
+                    # passed when set: samplers of the earlier signature keep working
+                    **({"time_shift": self.time_shift} if self.time_shift != 1 else {}))
 
 
 @dataclass
@@ -355,10 +373,39 @@ def check_class_label(class_label, num_classes):
 
 
 def check_guidance(model, sampling):
-    """Guidance needs the null class that label dropout trains."""
-    if sampling.cfg_scale > 1 and model.y_embedder.dropout_prob == 0:
+    """Classifier-free guidance needs the null class that label dropout trains (autoguidance
+    does not)."""
+    if sampling.cfg_scale > 1 and model.y_embedder.dropout_prob == 0 and not sampling.guide_ckpt:
         raise RegditError("this model was trained without label dropout (--cfg-prob 0), so it has "
                           "no null class for guidance: pass --cfg-scale 1")
+
+
+def load_guide(path, model, stored, device, flag="--guide-ckpt"):
+    """The guiding model of autoguidance from the checkpoint or export `path`, in eval mode on the
+    device: it must denoise the latents of `model` (channels, size, the VAE and normalisation that
+    `stored` records when both record them) for the same classes, and entangled tokens of the same
+    shape when it has them. `None` without a path."""
+    if not path:
+        return None
+    checkpoint = load_checkpoint(local_checkpoint(path))
+    guide = build_model_from_checkpoint(checkpoint, f"{flag} {path}")
+    latents = checkpoint.get("latents") or {}
+    recorded = latents.get("norm") and LatentNorm.from_dict(latents["norm"], f"{flag} {path}")
+    differences = [
+        (name, mine, theirs) for name, mine, theirs in (
+            ("latent channels", model.in_channels, guide.in_channels),
+            ("latent size", model.input_size, guide.input_size),
+            ("classes", model.num_classes, guide.num_classes),
+            ("entangled tokens", model.cls_shape if model.use_cls_token else None,
+             guide.cls_shape if guide.use_cls_token and model.use_cls_token else None),
+            ("VAE", stored.get("vae"), latents.get("vae")),
+            ("latent normalisation", stored.get("latent_norm"), recorded or stored["latent_norm"]))
+        if mine is not None and theirs is not None and mine != theirs]
+    if differences:
+        name, mine, theirs = differences[0]
+        raise RegditError(f"{flag} {path}: its {name} ({theirs}) is not the model's ({mine}); the "
+                          "guide must share the model's latent space and classes")
+    return guide.eval().to(device)
 
 
 def sample(config: SampleConfig, model=None):
@@ -379,6 +426,8 @@ def sample_with(config, model, signals):
     state = PartialState(cpu=cpu_launch())
     model, vae_model, vae, ckpt, stored = load_model_and_vae(config, state.device, model)
     check_guidance(model, config.sampling)
+    with state.main_process_first():  # one process fills the Hub cache
+        guide = load_guide(config.sampling.guide_ckpt, model, stored, state.device)
     check_class_label(config.class_label, model.num_classes)
     settings = run_settings(config, model, vae_model, vae, ckpt, stored, state)
     folder = Path(config.sample_dir) / run_name(config, settings, ckpt, stored, vae)
@@ -393,7 +442,7 @@ def sample_with(config, model, signals):
             start_run_folder(folder, settings, config, model.num_classes, state.device)
         state.wait_for_everyone()
         draw_pending(config, folder, model, vae_model, settings["path_type"], state,
-                     StopVote(signals, state.num_processes))
+                     StopVote(signals, state.num_processes), stored["latent_norm"], guide)
         # no barrier after packing: it can outlast the collective timeout (10 min on NCCL)
         if state.is_main_process:
             pack_npz(folder, config.num_fid_samples, npz_path)
@@ -419,7 +468,9 @@ def run_settings(config, model, vae_model, vae, ckpt, stored, state):
         mixed_precision=config.mixed_precision, tf32=config.tf32, device=state.device.type,
         num_fid_samples=config.num_fid_samples, per_proc_batch_size=config.per_proc_batch_size,
         num_processes=state.num_processes, compile=config.compile, regdit_version=__version__,
-        torch_version=torch.__version__)
+        torch_version=torch.__version__, latent_norm=stored["latent_norm"].to_dict(),
+        guide_ckpt=(str(local_checkpoint(sampling.guide_ckpt).resolve()) if sampling.guide_ckpt
+                    else None))
 
 
 def run_name(config, settings, ckpt, stored, vae):
@@ -438,7 +489,9 @@ def run_name(config, settings, ckpt, stored, vae):
             f"-seed-{config.global_seed}-{mode}-{settings['num_steps']}"
             + "-heun" * (sampler == "heun") + "-balanced" * config.balanced
             + f"-class-{config.class_label}" * (config.class_label is not None)
-            + f"-{config.mixed_precision}" * (config.mixed_precision != "no"))
+            + f"-{config.mixed_precision}" * (config.mixed_precision != "no")
+            + (f"-shift-{float(settings['time_shift'])}" if "time_shift" in settings else "")
+            + (f"-guide-{Path(settings['guide_ckpt']).stem}" if settings["guide_ckpt"] else ""))
 
 
 def start_run_folder(folder, settings, config, num_classes, device):
@@ -454,7 +507,8 @@ def start_run_folder(folder, settings, config, num_classes, device):
         np.save(f, labels.cpu().numpy().astype(np.int64))
 
 
-def draw_pending(config, folder, model, vae, path_type, state, stop):
+def draw_pending(config, folder, model, vae, path_type, state, stop, latent_norm=None,
+                 guide=None):
     """Sample the chunks of --per-proc-batch-size indices that miss a PNG, round-robin over the
     processes, and write their missing PNGs; `stop` (a preemption.StopVote) is asked after each
     round of one chunk a process."""
@@ -473,7 +527,7 @@ def draw_pending(config, folder, model, vae, path_type, state, stop):
             chunk = pending[first + state.process_index]
             images = sample_batch(net, vae, chunk, config.sampling, config.global_seed,
                                   config.balanced, config.mixed_precision, path_type,
-                                  config.class_label)
+                                  config.class_label, latent_norm, guide)
             for i, image in zip(chunk, images):
                 if not png_done(png_path(folder, i)):
                     with atomic_write(png_path(folder, i), sync=False) as f:

@@ -198,6 +198,8 @@ class TrainConfig(Settings):
     path_type: str = flag("linear", "interpolation path", choices=PATH_TYPES)
     prediction: str = flag("v", "model target (the official code implements v only)", choices=["v"])
     weighting: str = flag("uniform", "time distribution", choices=WEIGHTINGS)
+    time_shift: float = flag(1.0, "shift of the drawn times, t -> s t / (1 + (s - 1) t) (SD3, RAE; "
+                                  "1: none); sample with the same --time-shift", above=0)
     proj_coeff: float = flag(0.5, "weight of the REPA projection loss", at_least=0)
     cls_coeff: float = flag(0.03, "weight of the class-token denoising loss (REG)",
                             at_least=0, aliases=("--cls",))
@@ -228,7 +230,7 @@ class TrainConfig(Settings):
                                            "`regdit sample`)", choices=["no", "bf16", "fp16"])
 
     def check(self):
-        if self.eval.cfg_scale > 1 and self.class_dropout_prob == 0:
+        if self.eval.cfg_scale > 1 and self.class_dropout_prob == 0 and not self.eval.guide_ckpt:
             raise RegditError(f"--eval-cfg-scale {self.eval.cfg_scale} needs a null class: train "
                               "with --cfg-prob > 0, or evaluate with --eval-cfg-scale 1")
         for sampling in (self.eval, self.preview):
@@ -370,7 +372,7 @@ def encode_batch(run, images, moments, labels, draws):
     latents each step, the frozen encoders' features (the first encoder's class token is REG's
     entangled token)."""
     mean, std = moments.chunk(2, dim=1)
-    x = (mean + std * draws["posterior"]) * run.dataset.latent_scale
+    x = run.dataset.latent_norm.normalize(mean + std * draws["posterior"])
     if run.config.legacy:
         labels = torch.where(draws["legacy_drop"], run.config.num_classes, labels)
     with run.accelerator.autocast():
@@ -479,7 +481,7 @@ class PeriodicWork:
         self.preview, self.saved = None, run.step
         if config.sampling_steps and accelerator.is_main_process:
             self.preview = SamplePreview(config, run.vae, run.latent_shape, run.cls_shape,
-                                         accelerator.device)
+                                         accelerator.device, latent_norm=run.dataset.latent_norm)
         # model FLOPs of one training image (forward + backward of the SiT, the frozen encoders'
         # forward): MFU's numerator
         flops_per_image = (3 * run.raw_model.flops()
@@ -616,16 +618,17 @@ def build_networks(config, latent_shape, device):
     return encoders, model.to(device)
 
 
-def monitoring(config, dataset, accelerator):
-    """(VAE, evaluation) of the previews and of --eval-every; an unusable reference, weights or
-    evaluation settings are refused here, before anything is written."""
+def monitoring(config, dataset, accelerator, model):
+    """(VAE, evaluation) of the previews and of --eval-every; an unusable reference, weights,
+    guide (of `model`'s latents and classes) or evaluation settings are refused here, before
+    anything is written."""
     vae = evaluation = None
     if config.sampling_steps or config.eval_every:
         from regdit.vae import load_vae
         vae = load_vae(config.vae or dataset.vae or "ema", device=accelerator.device)
     if config.eval_every:
         from regdit.monitor import TrainingEvaluation
-        evaluation = TrainingEvaluation(config, dataset, accelerator.state, vae)
+        evaluation = TrainingEvaluation(config, dataset, accelerator.state, vae, model)
     return vae, evaluation
 
 
@@ -665,7 +668,7 @@ def setup(config, signals=None):
         check_run_plugins(exp_dir)
         dataset, latent_shape = open_data(config)
         encoders, model = build_networks(config, latent_shape, accelerator.device)
-        vae, evaluation = monitoring(config, dataset, accelerator)
+        vae, evaluation = monitoring(config, dataset, accelerator, model)
         ema = copy.deepcopy(model).requires_grad_(False).eval()
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
                                       betas=(config.adam_beta1, config.adam_beta2),

@@ -1,15 +1,20 @@
-"""The Stable Diffusion VAE (diffusers `AutoencoderKL`) that maps images to latents and back.
+"""The tokenizer: any diffusers `AutoencoderKL` (the SD-VAE, SD3/FLUX-style 16-channel VAEs,
+REPA-E's E2E-VAE, ...) that maps images to latents and back, and the `LatentNorm` that maps its
+latents to the SiT's.
 
 `"none"` selects pixel space: the "latent" is the image itself in [-1, 1] (3 channels, scale 1.0).
 For small data that no pretrained VAE covers, `fit_vae` trains a small `AutoencoderKL` in a minute
 on a CPU.
 """
+import dataclasses
+import functools
 import logging
 import math
 import os
 import pickle
 import warnings
 
+import numpy as np
 import torch
 
 from regdit import RegditError
@@ -18,6 +23,7 @@ from regdit.hub import is_hub_url, resolve_path
 
 VAE_ALIASES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 LATENT_SCALE = 0.18215  # SD VAE latent scaling used by the official train.py and generate.py
+LATENT_NORMS = ("scale", "channel")
 # The small VAE of fit_vae: 4x downsampling (two of its three blocks halve the size) to 4 channels,
 # 0.24M parameters.
 SMALL_VAE = dict(down_block_types=("DownEncoderBlock2D",) * 3,
@@ -120,8 +126,93 @@ def first_sentence(error):
     return text.split(". ")[0].removesuffix(".")[:200]
 
 
+@dataclasses.dataclass(frozen=True)
+class LatentNorm:
+    """How the SiT's latents x relate to the VAE's latents z.
+
+    "scale": x = (z - shift) * scale with the VAE config's `scaling_factor` and `shift_factor`
+    (0.18215 and none for the SD-VAE, as the official code; SD3 and FLUX VAEs have both; 1 and 0 in
+    pixel space). "channel": x = (z - mean) / std per channel, measured over the dataset's latents
+    by `prepare latents`, as LightningDiT normalises VA-VAE latents.
+    """
+    kind: str = "scale"
+    scale: float = LATENT_SCALE
+    shift: float = 0.0
+    mean: tuple = ()
+    std: tuple = ()
+
+    def normalize(self, z):
+        if self.kind == "channel":
+            return (z - _per_channel(self.mean, z)) / _per_channel(self.std, z)
+        # no subtraction without a shift: the SD-VAE path stays the official `z * 0.18215`
+        return (z - self.shift) * self.scale if self.shift else z * self.scale
+
+    def denormalize(self, x):
+        if self.kind == "channel":
+            return x * _per_channel(self.std, x) + _per_channel(self.mean, x)
+        z = x / self.scale  # the official `latents / 0.18215`
+        return z + self.shift if self.shift else z
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values, source):
+        """A LatentNorm from its `to_dict()` as a dataset, checkpoint or export records it; one line
+        naming `source` when it is not one."""
+        try:
+            if not isinstance(values, dict):
+                raise TypeError
+            norm = cls(**{**values, "mean": tuple(values.get("mean", ())),
+                          "std": tuple(values.get("std", ()))})
+            numbers = [norm.scale, norm.shift, *norm.mean, *norm.std]
+            valid = (norm.kind in LATENT_NORMS and len(norm.mean) == len(norm.std)
+                     and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                             and math.isfinite(v) for v in numbers)
+                     and norm.scale != 0 and all(v > 0 for v in norm.std)
+                     and (norm.kind == "scale" or norm.std))
+        except TypeError:
+            valid = False
+        if not valid:
+            raise RegditError(f"{source}: latent_norm {values!r:.80} is not a latent normalisation "
+                              "(scale with a finite non-zero scale, or channel with a mean and a "
+                              "positive std per channel); prepare the latents again")
+        return norm
+
+
+@functools.lru_cache(maxsize=32)
+def _channel_tensor(values, device, dtype):
+    # made once per device: a fresh host-to-device copy every training step would synchronise
+    return torch.tensor(values, dtype=dtype, device=device).view(-1, 1, 1)
+
+
+def _per_channel(values, x):
+    return _channel_tensor(values, x.device, x.dtype)
+
+
 def latent_scale(vae):
-    return 1.0 if vae is None else LATENT_SCALE
+    """The VAE config's `scaling_factor` (0.18215 for the SD-VAE); 1 in pixel space."""
+    return 1.0 if vae is None else float(vae.config.scaling_factor)
+
+
+def vae_latent_norm(vae):
+    """The "scale" LatentNorm of a VAE: its config's `scaling_factor` and `shift_factor`."""
+    shift = None if vae is None else getattr(vae.config, "shift_factor", None)
+    return LatentNorm("scale", latent_scale(vae), float(shift or 0.0))
+
+
+def channel_statistics(moments, channels, chunk=4096):
+    """(mean, std) per channel of the posterior means (the first `channels` of the (N, 2C, h, w)
+    `moments`, a memory map), over images and positions, in float64 and two passes (numpy's
+    `mean` and `std` with ddof 0 over axes 0, 2, 3)."""
+    count = len(moments) * moments.shape[2] * moments.shape[3]
+    total = sum(moments[i:i + chunk, :channels].astype(np.float64).sum(axis=(0, 2, 3))
+                for i in range(0, len(moments), chunk))
+    mean = total / count
+    squares = sum(np.square(moments[i:i + chunk, :channels].astype(np.float64)
+                            - mean[:, None, None]).sum(axis=(0, 2, 3))
+                  for i in range(0, len(moments), chunk))
+    return mean, np.sqrt(squares / count)
 
 
 @torch.no_grad()
@@ -144,13 +235,15 @@ def encode_moments(vae, images):
 
 
 @torch.no_grad()
-def decode_latents(vae, latents):
-    """Scaled latents (N, C, h, w) -> uint8 images (N, H, W, 3)."""
+def decode_latents(vae, latents, norm=None):
+    """The SiT's latents (N, C, h, w), normalised by `norm` (a LatentNorm; None: the VAE's own,
+    `vae_latent_norm`) -> uint8 images (N, H, W, 3)."""
+    norm = norm or vae_latent_norm(vae)
     # pixel space (regdit's own setting): the exact inverse of encode_moments, rounded
     if vae is None:
-        pixels = torch.clamp(((latents.float() + 1) * 127.5).round(), 0, 255)
+        pixels = torch.clamp(((norm.denormalize(latents.float()) + 1) * 127.5).round(), 0, 255)
         return pixels.permute(0, 2, 3, 1).to(torch.uint8)
-    x = vae.decode((latents / LATENT_SCALE).to(vae.device, vae.dtype)).sample.float()
+    x = vae.decode(norm.denormalize(latents).to(vae.device, vae.dtype)).sample.float()
     # official generate.py: x = (x + 1) / 2, then clamp(255 * x, 0, 255) truncated to uint8
     return torch.clamp(255.0 * ((x + 1) / 2), 0, 255).permute(0, 2, 3, 1).to(torch.uint8)
 
