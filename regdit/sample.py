@@ -189,7 +189,8 @@ def load_model_and_vae(config, device, model=None):
     or a `.safetensors` export) built by `build_model`. The VAE: `config.vae` (ema, mse, a Hub id, a
     `save_pretrained` folder or none); unset: the checkpoint's, else none for a 3-channel
     (pixel-space) model, else ema (official). The stored settings hold the training path type and
-    the class names when the checkpoint has them.
+    the class names when the checkpoint has them, a regdit run's settings (`config`) and whether it
+    is an official checkpoint (no `model_config`).
     """
     ckpt, stored, vae = None, {}, config.vae
     if model is None:
@@ -200,7 +201,8 @@ def load_model_and_vae(config, device, model=None):
         # their args
         stored = dict(vae=checkpoint.get("latents", {}).get("vae"), steps=checkpoint.get("steps"),
                       path_type=getattr(checkpoint.get("args"), "path_type", None),
-                      classes=checkpoint.get("classes"))
+                      classes=checkpoint.get("classes"), settings=checkpoint.get("config"),
+                      official="model_config" not in checkpoint)
         patch_embedding = checkpoint.get("ema", {}).get("x_embedder.proj.weight")
         if not isinstance(patch_embedding, torch.Tensor) or patch_embedding.dim() != 4:
             raise RegditError(f"{ckpt} has no EMA SiT weights (ema/x_embedder.proj.weight): pass a "
