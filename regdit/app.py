@@ -10,19 +10,31 @@ grid. The comparison mode draws the same seeds under a second setting, side by s
 The page is served by Gradio (`pip install -e '.[app]'`) on --host:--port, without share links or
 telemetry; Gradio keeps the images it serves in its temporary folder (GRADIO_TEMP_DIR).
 """
+import dataclasses
 import html
 import importlib.resources
 import importlib.util
+import math
 import os
+import random
+import re
 import shlex
 import socket
+import tempfile
 import threading
+import zipfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from PIL import Image
 
 from regdit import RegditError
 from regdit.config import Settings, flag
+from regdit.demo import SAMPLE_RECIPE, TRAIN_RECIPE, DemoConfig
+from regdit.experiment import PREVIEW
+from regdit.files import atomic_write
+from regdit.report import model_label
 from regdit.sample import (
     SampleConfig,
     Sampling,
@@ -36,9 +48,12 @@ from regdit.sample import (
 from regdit.samplers import SAMPLERS
 
 INSTALL = "pip install -e '.[app]'"
-FLOAT_SETTINGS = ("cfg_scale", "cls_cfg_scale", "guidance_low", "guidance_high")
+WHOLE_SETTINGS = ("class_label", "seed", "num_images", "num_steps")
 # what the page calls the settings whose field is not the flag's name
 FIELD_NAMES = {"seed": "--global-seed", "num_images": "images"}
+# REG's setting for its published SiT-XL/2 (the official README and eval.sh: FID 1.36)
+PAPER_SAMPLING = Sampling(sampler="sde", num_steps=250, cfg_scale=2.3, cls_cfg_scale=2.3,
+                          guidance_low=0.0, guidance_high=0.85)
 
 
 def imagenet_classes():
@@ -100,6 +115,49 @@ def sample_command(config, device):
     return command
 
 
+def opening_sampling(stored, model_config):
+    """(Sampling, where it comes from) that the page opens on: what the checkpoint was drawn with.
+    REG's paper setting for an official REG checkpoint; the demo's sampling for a run of the demo's
+    recipe (`regdit demo`, or the README's commands); else the run's previews' sampling
+    (experiment.SamplePreview), else its evaluations' (--eval-*), else `regdit sample`'s
+    defaults."""
+    settings = stored.get("settings") or {}
+    if stored.get("official") and model_config.use_cls_token:
+        return PAPER_SAMPLING, "REG's paper setting (SDE 250 steps, guidance 2.3 in [0, 0.85])"
+    if settings and all(settings.get(key) == value for key, value in TRAIN_RECIPE.items()):
+        steps = next(f.default for f in dataclasses.fields(DemoConfig)
+                     if f.name == "sampling_steps")
+        return (Sampling(num_steps=steps, **SAMPLE_RECIPE),
+                f"the demo's sampling (SDE {steps} steps, guidance 2)")
+    if settings.get("sampling_steps"):
+        # drawn without guidance when the run had no label dropout (SamplePreview)
+        preview = (PREVIEW if model_config.class_dropout_prob > 0
+                   else dataclasses.replace(PREVIEW, cfg_scale=1.0))
+        return preview, "the sampling of the run's preview grids"
+    if settings.get("eval_every"):
+        names = [f.name for f in dataclasses.fields(Sampling) if f"eval_{f.name}" in settings]
+        return (Sampling(**{name: settings[f"eval_{name}"] for name in names}),
+                "the sampling of the run's evaluations")
+    return Sampling(), "`regdit sample`'s defaults"
+
+
+def slug(text):
+    """A class name as part of a file name: `red triangle` -> `red-triangle`."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "class"
+
+
+def check_number(value, name, whole=False):
+    """A value of the page (or of a raw queue request) as a number: one line naming the flag when it
+    is not one."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise RegditError(f"{name} {value!r}: enter a number")
+    if not math.isfinite(value):
+        raise RegditError(f"{name} {value}: must be a finite number")
+    if whole and value != int(value):
+        raise RegditError(f"{name} {value}: must be a whole number")
+    return int(value) if whole else float(value)
+
+
 @dataclass
 class AppConfig(Settings):
     ckpt: str | None = flag(None, "checkpoint to look at: a regdit or official .pt (EMA weights) "
@@ -156,6 +214,9 @@ class Explorer:
         self.latent_norm = stored["latent_norm"]
         self.guide = load_guide(config.guide_ckpt, self.model, stored, self.device)
         self.classes = class_names(self.model.num_classes, stored.get("classes"))
+        self.opening = opening_sampling(stored, self.model.config)
+        # the grids' PNGs and zips, served by Gradio under their names; removed at exit
+        self.files = tempfile.TemporaryDirectory(prefix="regdit-app-", dir=gradio_temp_dir())
         # Requests run on a server thread, where OpenMP may use another thread count than the main
         # thread's, and the thread count can decide the float rounding on the CPU: theirs is this.
         self.threads = torch.get_num_threads()
@@ -171,13 +232,15 @@ class Explorer:
                  for name, value in values.items() if value is None]
         if empty:
             raise RegditError(f"{', '.join(empty)}: empty; enter a value")
-        class_label, seed, num_images = int(class_label), int(seed), int(num_images)
+        values = {name: check_number(value, FIELD_NAMES.get(name, f"--{name.replace('_', '-')}"),
+                                     whole=name in WHOLE_SETTINGS)
+                  if name != "sampler" else value for name, value in values.items()}
+        class_label, seed, num_images = (values.pop(name) for name in ("class_label", "seed",
+                                                                        "num_images"))
         if num_images > self.config.max_images:
             raise RegditError(f"{num_images} images: at most {self.config.max_images} per grid "
                               "(regdit app --max-images)")
-        # JSON gives 2 for 2.0: the settings take floats, as the command line gives them
-        sampling = {name: float(value) if name in FLOAT_SETTINGS else value
-                    for name, value in sampling.items()}
+        sampling = values  # checked numbers: floats, whole numbers as int (JSON gives 2 for 2.0)
         config = SampleConfig(ckpt=self.config.ckpt, vae=self.config.vae,
                               sampling=Sampling(**sampling, guide_ckpt=self.config.guide_ckpt),
                               global_seed=seed,
@@ -211,18 +274,37 @@ class Explorer:
     def command(self, config):
         return sample_command(config, self.device)
 
+    def save_grid(self, images, config, command, name):
+        """The grid's PNGs, named like `red-triangle-seed-7-000003.png`, and a zip of them with the
+        command, in a new folder of the app's temporary folder; returns (PNG paths, zip path)."""
+        stem = f"{slug(self.classes[config.class_label])}-seed-{config.global_seed}"
+        folder = Path(tempfile.mkdtemp(prefix=f"grid-{name}-", dir=self.files.name))
+        paths = [folder / f"{stem}-{index:06d}.png" for index in range(len(images))]
+        for path, image in zip(paths, images):
+            Image.fromarray(image).save(path)
+        archive = folder / f"{stem}-grid-{name}.zip"
+        with atomic_write(archive) as f, zipfile.ZipFile(f, "w") as bundle:
+            for path in paths:
+                bundle.write(path, path.name)
+            bundle.writestr("command.txt", command + "\n")
+        return paths, archive
+
     def describe(self):
         """One line: the checkpoint, the model, its classes and resolution, the device."""
         model, config = self.model, self.config
         resolution = model.input_size * vae_geometry(self.vae)[1]
         precision = ", bf16" if config.mixed_precision == "bf16" else ""
-        return (f"`{config.ckpt}`: {model.config.label}, {model.num_classes} classes, "
+        label = model_label(model.config.depth, model.config.hidden_size,
+                            model.config.patch_size)
+        return (f"`{config.ckpt}`: {label}, {model.num_classes} classes, "
                 f"{resolution} px, on {self.device}{precision}")
 
 
-def import_gradio():
-    """Gradio, without telemetry: nothing of the app leaves this machine."""
+def import_gradio(cache):
+    """Gradio, without telemetry: nothing of the app leaves this machine. Matplotlib, which Gradio
+    imports, keeps its cache in `cache` (the app's temporary folder), not in the user's home."""
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    os.environ.setdefault("MPLCONFIGDIR", cache)
     try:
         import gradio
     except ImportError as error:
@@ -241,103 +323,153 @@ def check_port(host, port):
                           "it") from None
 
 
-def settings_column(gr, name):
-    """The sampling settings of one grid, as {Sampling field: component}; labels name the flags."""
-    defaults = Sampling()
+# The page's name, flag and one-line help of each sampling setting.
+SETTING_WORDS = {
+    "sampler": ("Sampler", "--sampler", "sde: the official Euler-Maruyama; ode: Euler; heun: Heun "
+                                        "(two model calls a step)"),
+    "num_steps": ("Steps", "--num-steps", "more steps are slower and finer"),
+    "cfg_scale": ("Guidance", "--cfg-scale", "classifier-free guidance of the image; 1 is none"),
+    "cls_cfg_scale": ("Class-token guidance", "--cls-cfg-scale",
+                      "guidance of REG's class token; 0 follows its conditional drift"),
+    "guidance_low": ("Guidance from t", "--guidance-low", "guidance only where t is at least this"),
+    "guidance_high": ("Guidance up to t", "--guidance-high",
+                      "guidance only where t is at most this (t = 1 is noise)"),
+}
+
+
+def words(name):
+    """gr component keywords: a plain-word label with the flag, and its help."""
+    label, flag_name, help_line = SETTING_WORDS[name]
+    return dict(label=f"{label} ({flag_name})", info=help_line)
+
+
+def settings_column(gr, name, opening, max_steps):
+    """The sampling settings of one grid, as {Sampling field: component}, opening on `opening`;
+    sliders where the range is known."""
     with gr.Row():  # wraps where the column is narrow
         fields = dict(
-            sampler=gr.Dropdown(list(SAMPLERS), value=defaults.sampler,
-                                label="sampler (--sampler)", elem_id=f"sampler-{name}"),
-            num_steps=gr.Number(defaults.steps, precision=0, label="steps (--num-steps)",
-                                elem_id=f"steps-{name}"),
-            cfg_scale=gr.Number(defaults.cfg_scale, label="guidance scale (--cfg-scale)",
+            sampler=gr.Dropdown(list(SAMPLERS), value=opening.sampler, **words("sampler"),
+                                elem_id=f"sampler-{name}"),
+            num_steps=gr.Slider(1, max_steps, value=min(opening.steps, max_steps), step=1,
+                                **words("num_steps"), elem_id=f"steps-{name}"),
+            cfg_scale=gr.Number(opening.cfg_scale, **words("cfg_scale"),
                                 elem_id=f"cfg-{name}"),
-            cls_cfg_scale=gr.Number(defaults.cls_cfg_scale,
-                                    label="class-token guidance (--cls-cfg-scale)",
+            cls_cfg_scale=gr.Number(opening.cls_cfg_scale, **words("cls_cfg_scale"),
                                     elem_id=f"cls-cfg-{name}"),
-            guidance_low=gr.Number(defaults.guidance_low, label="guidance from t (--guidance-low)",
-                                   elem_id=f"low-{name}"),
-            guidance_high=gr.Number(defaults.guidance_high,
-                                    label="guidance up to t (--guidance-high)",
-                                    elem_id=f"high-{name}"))
+            guidance_low=gr.Slider(0, 1, value=opening.guidance_low, step=0.01,
+                                   **words("guidance_low"), elem_id=f"low-{name}"),
+            guidance_high=gr.Slider(0, 1, value=opening.guidance_high, step=0.01,
+                                    **words("guidance_high"), elem_id=f"high-{name}"))
     # each sampler's own number of steps when it is picked
     fields["sampler"].change(lambda sampler: Sampling(sampler=sampler).steps, fields["sampler"],
-                             fields["num_steps"])
+                             fields["num_steps"], api_visibility="private")
     return fields
 
 
 def results(gr, name):
-    gallery = gr.Gallery(label=f"grid {name}", format="png", columns=4,
-                         object_fit="contain", buttons=["download", "fullscreen"],
-                         elem_id=f"grid-{name}")
-    command = gr.Textbox(label=f"the same grid from the command line ({name})", lines=2,
+    """The grid, the command that draws it and its zip, of one column."""
+    gallery = gr.Gallery(label=f"grid {name}", format="png", columns=4, object_fit="contain",
+                         buttons=["download", "fullscreen"], elem_id=f"grid-{name}")
+    command = gr.Textbox(label=f"the same grid from the command line ({name})", lines=3,
                          interactive=False, buttons=["copy"], elem_id=f"command-{name}")
-    return gallery, command
+    archive = gr.DownloadButton("download all (.zip)", visible=False, size="sm",
+                                elem_id=f"zip-{name}")
+    return gallery, command, archive
 
 
 def build_page(gr, explorer):
     """The page: class, seed and number of images for both grids; sampling settings, grid and
-    command per column; the second column only in comparison mode."""
+    command per column, opening on the checkpoint's own sampling; the second column only in
+    comparison mode. Each grid is its own event with its own progress bar, and is drawn again only
+    when its command changed."""
     classes = [(f"{name} ({i})", i) for i, name in enumerate(explorer.classes)]
+    opening, source = explorer.opening
     with gr.Blocks(title="regdit app", analytics_enabled=False, delete_cache=(600, 3600)) as page:
-        gr.Markdown(f"## regdit app\n{explorer.describe()}")
+        gr.Markdown(f"## regdit app\n{explorer.describe()}. Opens on {source}.")
         with gr.Row(equal_height=True):
-            class_label = gr.Dropdown(classes, value=0, label="class (--class-label)", scale=3,
-                                      elem_id="class")
-            seed = gr.Number(0, precision=0, label="seed (--global-seed)", elem_id="seed")
+            class_label = gr.Dropdown(classes, value=0, label="Class (--class-label)", scale=3,
+                                      min_width=200, elem_id="class")
+            seed = gr.Number(0, label="Seed (--global-seed)",
+                             min_width=140, elem_id="seed")
+            randomise = gr.Button("random seed", size="sm", min_width=100, elem_id="random-seed")
             num_images = gr.Slider(1, explorer.config.max_images,
                                    value=min(8, explorer.config.max_images), step=1,
-                                   label="images", elem_id="images")
-            compare = gr.Checkbox(False, label="compare with a second setting", elem_id="compare")
-            button = gr.Button("Generate", variant="primary", elem_id="generate")
-        with gr.Row():
-            with gr.Column():
-                settings_a = settings_column(gr, "A")
-                outputs = results(gr, "A")
-            with gr.Column(visible=False) as column_b:
-                settings_b = settings_column(gr, "B")
-                outputs += results(gr, "B")
-        compare.change(lambda on: gr.Column(visible=on), compare, column_b)
+                                   label="Images (--num-fid-samples)", min_width=180,
+                                   elem_id="images")
+            compare = gr.Checkbox(False, label="compare with a second setting", min_width=160,
+                                  elem_id="compare")
+            button = gr.Button("Generate", variant="primary", min_width=120, elem_id="generate")
+        randomise.click(lambda: random.randrange(2**32), None, seed, api_visibility="private")
+        columns, shown = {}, {}
+        with gr.Row(elem_id="grids"):
+            for name in ("A", "B"):
+                with gr.Column(visible=name == "A", min_width=320) as column:
+                    columns[name] = (settings_column(gr, name, opening, explorer.config.max_steps),
+                                     results(gr, name))
+                    shown[name] = gr.State(None)  # the command of the grid on show
+            column_b = column
+        compare.change(lambda on: gr.Column(visible=on), compare, column_b,
+                       api_visibility="private")
         shared = dict(class_label=class_label, seed=seed, num_images=num_images, compare=compare)
-        inputs = {*shared.values(), *settings_a.values(), *settings_b.values()}
-
-        # Gradio hands its progress tracker to the parameter whose default is one
-        def generate(values, progress=gr.Progress()):  # noqa: B008
-            common = {name: values[component] for name, component in shared.items()}
-            grids = [{name: values[component] for name, component in grid.items()}
-                     for grid in [settings_a] + [settings_b] * common.pop("compare")]
-            try:
-                yield from draw_grids(explorer, common, grids, progress, gr)
-            except RegditError as error:
-                raise gr.Error(html.escape(str(error)), print_exception=False) from None
-
-        button.click(generate, inputs, list(outputs))
+        inputs = {*shared.values(), *shown.values(),
+                  *(field for settings, _ in columns.values() for field in settings.values())}
+        event, settings = button.click, {name: column[0] for name, column in columns.items()}
+        for name, (_, outputs) in columns.items():
+            generate = grid_event(gr, explorer, shared, settings, name, shown[name])
+            event = event(generate, inputs, [*outputs, shown[name]],
+                          show_progress_on=outputs[0], api_visibility="private").success
     return page
 
 
-def draw_grids(explorer, common, grids, progress, gr):
-    """Yields (gallery, command) of each grid as it is drawn, gr.skip() for the others; the progress
-    bar counts model calls. Every grid's settings are checked before the first is drawn."""
-    configs = [explorer.grid_config(common["class_label"], common["seed"], common["num_images"],
-                                    **settings) for settings in grids]
-    total, done = sum(model_calls(config.sampling) for config in configs), 0
+def grid_event(gr, explorer, shared, settings, name, shown):
+    """The function that draws grid `name` (A, or B in comparison mode) from the page's values:
+    every grid's settings are checked first; a grid whose command is the one on show is kept."""
+    def generate(values, progress=gr.Progress()):  # noqa: B008 (Gradio's progress tracker)
+        common = {key: values[component] for key, component in shared.items()}
+        sides = ["A", "B"] if common.pop("compare") else ["A"]
+        if name not in sides:
+            return [gr.skip()] * 4
+        try:
+            configs = {side: explorer.grid_config(**common, **{
+                key: values[component] for key, component in settings[side].items()})
+                for side in sides}
+            config = configs[name]
+            command = explorer.command(config)
+            if command == values[shown]:
+                return [gr.skip()] * 4
+            total, done = model_calls(config.sampling), 0
 
-    def model_called():
-        nonlocal done
-        done += 1
-        progress((min(done, total), total), desc="sampling", unit="model calls")
-    outputs = [gr.skip()] * 4
-    for index, config in enumerate(configs):
-        images = explorer.draw(config, model_called)
-        outputs[2 * index:2 * index + 2] = [
-            [(image, f"{i:06d}.png") for i, image in enumerate(images)], explorer.command(config)]
-        yield list(outputs)  # a copy: the next grid changes outputs
+            def model_called():
+                nonlocal done
+                done += 1
+                progress((min(done, total), total), desc=f"grid {name}", unit="model calls")
+            images = explorer.draw(config, model_called)
+            files, archive = explorer.save_grid(images, config, command, name)
+        except RegditError as error:
+            raise gr.Error(html.escape(str(error)), print_exception=False) from None
+        return [[(str(path), path.name) for path in files], command,
+                gr.DownloadButton(value=archive, visible=True), command]
+    return generate
 
 
 # Small images shown large keep their pixels sharp; a grid is as tall as its images (Gradio's
-# gallery keeps at least 450 px).
+# gallery keeps at least 450 px) and its columns reflow with the width; commands wrap.
 CSS = """#grid-A img, #grid-B img { image-rendering: pixelated; }
-#grid-A .grid-wrap, #grid-B .grid-wrap { min-height: 0; max-height: none; }"""
+#grid-A .grid-wrap, #grid-B .grid-wrap { min-height: 0; max-height: none; }
+#grid-A .grid-container, #grid-B .grid-container {
+  grid-template-columns: repeat(auto-fill, minmax(min(100%, 96px), 1fr)) !important; }
+#command-A textarea, #command-B textarea { overflow-wrap: anywhere; }"""
+
+
+def gradio_temp_dir():
+    """Gradio's temporary folder (GRADIO_TEMP_DIR, else the system's); one line when it is taken by
+    something that is not a folder."""
+    folder = Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio")
+    if folder.exists() and not folder.is_dir():
+        raise RegditError(f"GRADIO_TEMP_DIR={folder} is not a folder: point GRADIO_TEMP_DIR to a "
+                          "folder (or unset it)")
+    folder.mkdir(parents=True, exist_ok=True)
+    return str(folder)
 
 
 def run_app(config: AppConfig):
@@ -346,14 +478,18 @@ def run_app(config: AppConfig):
     if importlib.util.find_spec("gradio") is None:
         raise RegditError(f"regdit app needs Gradio: {INSTALL}")
     check_port(config.host, config.port)
+    gradio_temp_dir()
+    print(f"regdit app: loading {config.ckpt} ...", flush=True)
     explorer = Explorer(config)
-    page = build_page(import_gradio(), explorer)
+    page = build_page(import_gradio(explorer.files.name), explorer)
     # api_open=False: the REST route that would run requests beside the queue is closed
     page.queue(default_concurrency_limit=1, api_open=False)
+    # max_file_size=0: the page takes no upload, so Gradio's upload route stores nothing; no footer
+    # (its "Use via API" page lists the page's inputs as an API)
     page.launch(server_name=config.host, server_port=config.port, share=False, quiet=True, css=CSS,
                 prevent_thread_lock=True, show_error=True, run_history=False,
                 enable_monitoring=False, mcp_server=False, pwa=False, ssr_mode=False,
-                footer_links=["api"])
+                footer_links=[], max_file_size=0)
     print(f"regdit app: {config.ckpt} on http://{config.host}:{config.port} (Ctrl+C stops it)",
           flush=True)
     page.block_thread()

@@ -190,8 +190,9 @@ def load_model_and_vae(config, device, model=None):
     or a `.safetensors` export) built by `build_model`. The VAE: `config.vae` (ema, mse, a Hub id, a
     `save_pretrained` folder or none); unset: the checkpoint's, else none for a 3-channel
     (pixel-space) model, else ema (official). The stored settings hold the training path type and
-    the class names when the checkpoint has them, and the LatentNorm of its latents under
-    "latent_norm" (recorded in regdit checkpoints and exports, else the VAE's scale and shift).
+    the class names when the checkpoint has them, the LatentNorm of its latents under
+    "latent_norm" (recorded in regdit checkpoints and exports, else the VAE's scale and shift), a
+    regdit run's settings (`config`) and whether it is an official checkpoint (no `model_config`).
     """
     ckpt, stored, vae = None, {}, config.vae
     if model is None:
@@ -204,7 +205,8 @@ def load_model_and_vae(config, device, model=None):
         latents = checkpoint.get("latents") or {}
         stored = dict(vae=latents.get("vae"), steps=checkpoint.get("steps"),
                       path_type=getattr(checkpoint.get("args"), "path_type", None),
-                      classes=checkpoint.get("classes"),
+                      classes=checkpoint.get("classes"), settings=checkpoint.get("config"),
+                      official="model_config" not in checkpoint,
                       latent_norm=latents.get("norm") and LatentNorm.from_dict(latents["norm"],
                                                                                str(ckpt)))
         patch_embedding = checkpoint.get("ema", {}).get("x_embedder.proj.weight")

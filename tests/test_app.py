@@ -15,6 +15,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -25,19 +26,23 @@ from PIL import Image
 
 from regdit import RegditError
 from regdit.app import (
+    PAPER_SAMPLING,
     AppConfig,
     Explorer,
     class_names,
-    draw_grids,
+    grid_event,
     imagenet_classes,
     model_calls,
+    opening_sampling,
     sample_command,
 )
 from regdit.checkpoint import load_checkpoint, save_checkpoint
 from regdit.cli import main
-from regdit.demo import CLASSES
+from regdit.demo import CLASSES, TRAIN_RECIPE
+from regdit.experiment import PREVIEW
 from regdit.export import ExportConfig, export
 from regdit.models import SiT, SiTConfig
+from regdit.sample import Sampling
 from regdit.train import train
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -50,7 +55,7 @@ GUIDED = dict(sampler="sde", num_steps=6, cfg_scale=2.0, cls_cfg_scale=2.0, guid
 
 @pytest.fixture(scope="module")
 def demo_sized(tmp_path_factory):
-    """A checkpoint of the demo's sizes with random weights, its VAE and class names, as
+    """A checkpoint of the demo's sizes with random weights, its VAE, class names and recipe, as
     `regdit demo` writes it: what the app does with a model does not depend on what it learnt."""
     from diffusers import AutoencoderKL
 
@@ -64,6 +69,7 @@ def demo_sized(tmp_path_factory):
             p.add_(0.1 * torch.randn_like(p))
     save_checkpoint(dict(ema=model.state_dict(), model_config=DEMO_MODEL, steps=1,
                          args=argparse.Namespace(path_type="linear"), classes=CLASSES,
+                         config=dict(TRAIN_RECIPE, sampling_steps=0, exp_name="train"),
                          latents=dict(vae=str(root / "vae"), scale=0.18215, resolution=32)),
                     root / "demo.pt")
     return root / "demo.pt"
@@ -111,24 +117,82 @@ def test_a_grid_is_regdit_sample_of_its_command_bit_for_bit(explorer, settings, 
     assert labels.tolist() == [5, 5, 5]
 
 
+def page_values(gr, **values):
+    """Components as the page's, and {component: value} of a request that sets `values`."""
+    shared = {name: gr.Number() for name in ("class_label", "seed", "num_images")}
+    shared["compare"] = gr.Checkbox()
+    settings = {side: {name: gr.Number() for name in GUIDED} for side in "AB"}
+    shown = {side: gr.State() for side in "AB"}
+    request = {shared[name]: values.pop(name) for name in shared}
+    for side in "AB":
+        request.update({settings[side][name]: values.get(f"{name}_{side}", GUIDED[name])
+                        for name in GUIDED})
+        request[shown[side]] = values.get(f"shown_{side}")
+    return shared, settings, shown, request
+
+
 @pytest.mark.slow  # importing Gradio takes seconds
-def test_comparison_draws_the_same_seeds_under_a_second_setting(explorer):
+def test_each_grid_is_drawn_again_only_when_its_command_changes(explorer, tmp_path):
     import gradio as gr
+    with gr.Blocks():
+        shared, settings, shown, request = page_values(
+            gr, class_label=5, seed=1, num_images=2, compare=True, cfg_scale_B=1.0)
     progress = []
-    common = dict(class_label=2, seed=1, num_images=2)
-    grids = [GUIDED, dict(GUIDED, cfg_scale=1.0)]
-    first, second = draw_grids(explorer, common, grids, lambda *args, **kwargs: progress.append(
-        args[0]), gr)
-    # grid A is shown before B is drawn
-    assert first[2:] == [gr.skip()] * 2 and second[:2] == first[:2]
-    for (gallery, command), settings in zip([second[:2], second[2:]], grids):
-        config = explorer.grid_config(**common, **settings)
-        assert command == explorer.command(config)
-        assert all(np.array_equal(image, drawn) and caption == f"{i:06d}.png" for i, (
-            (image, caption), drawn) in enumerate(zip(gallery, explorer.draw(config))))
-    assert second[1].replace("--cfg-scale 2.0", "--cfg-scale 1.0") == second[3]
-    total = 2 * GUIDED["num_steps"]
-    assert progress == [(done, total) for done in range(1, total + 1)]
+    events = {side: grid_event(gr, explorer, shared, settings, side, shown[side])
+              for side in "AB"}
+    drawn = {}
+    for side in "AB":
+        gallery, command, archive, on_show = events[side](
+            request, progress=lambda *args, **kwargs: progress.append(args[0]))
+        config = explorer.grid_config(5, 1, 2, **dict(GUIDED, cfg_scale=2.0 if side == "A"
+                                                      else 1.0))
+        assert command == on_show == explorer.command(config)
+        images = explorer.draw(config)
+        # downloads named like their captions; the zip holds them and the command
+        assert [caption for _, caption in gallery] == [
+            f"red-triangle-seed-1-{i:06d}.png" for i in range(2)]
+        assert all(Path(path).name == caption and np.array_equal(np.array(Image.open(path)), image)
+                   for (path, caption), image in zip(gallery, images))
+        with zipfile.ZipFile(archive.value["path"]) as bundle:
+            assert bundle.namelist() == [caption for _, caption in gallery] + ["command.txt"]
+            assert bundle.read("command.txt").decode() == command + "\n"
+        assert Path(archive.value["path"]).name == f"red-triangle-seed-1-grid-{side}.zip"
+        drawn[side] = command
+    # one progress bar per grid, each counting its own model calls
+    steps = GUIDED["num_steps"]
+    assert progress == [(done, steps) for done in range(1, steps + 1)] * 2
+    # only B's guidance changed: A is kept as shown, B drawn again
+    progress.clear()
+    request.update({shown[side]: drawn[side] for side in "AB"})
+    request[settings["B"]["cfg_scale"]] = 1.5
+    assert events["A"](request, progress=lambda *a, **k: progress.append(a[0])) == [gr.skip()] * 4
+    assert "--cfg-scale 1.5" in events["B"](request, progress=lambda *a, **k: None)[1]
+    assert progress == []
+    # without comparison B is not drawn; a bad B is refused before A is drawn
+    assert events["B"]({**request, shared["compare"]: False}, progress=None) == [gr.skip()] * 4
+    request[settings["B"]["num_steps"]] = 0
+    request[shown["A"]] = None
+    with pytest.raises(gr.Error, match="--num-steps 0: must be at least 1"):
+        events["A"](request, progress=lambda *a, **k: progress.append(a[0]))
+    assert progress == []
+
+
+def test_the_page_opens_on_the_sampling_the_checkpoint_was_drawn_with(explorer):
+    config = SiTConfig(**DEMO_MODEL)
+    demo = opening_sampling(dict(settings=dict(TRAIN_RECIPE, sampling_steps=0)), config)
+    assert demo[0] == Sampling(sampler="sde", num_steps=100, cfg_scale=2.0, cls_cfg_scale=2.0)
+    assert explorer.opening == demo and "the demo's sampling" in demo[1]
+    assert opening_sampling(dict(official=True), config)[0] == PAPER_SAMPLING
+    previews = dict(settings=dict(model="SiT-B/2", sampling_steps=5000, eval_every=10000))
+    assert opening_sampling(previews, config)[0] == PREVIEW
+    no_dropout = SiTConfig(**DEMO_MODEL, class_dropout_prob=0.0)
+    assert opening_sampling(previews, no_dropout)[0].cfg_scale == 1.0
+    evaluations = dict(settings=dict(sampling_steps=0, eval_every=10, eval_sampler="ode",
+                                     eval_num_steps=40, eval_cfg_scale=1.5))
+    assert opening_sampling(evaluations, config) == (
+        Sampling(sampler="ode", num_steps=40, cfg_scale=1.5),
+        "the sampling of the run's evaluations")
+    assert opening_sampling(dict(settings={}), config)[0] == Sampling()
 
 
 @pytest.mark.parametrize("change,message", [
@@ -142,6 +206,11 @@ def test_comparison_draws_the_same_seeds_under_a_second_setting(explorer):
     (dict(class_label=10), r"^--class-label 10: the model has 10 classes; pass one from 0 to 9$"),
     (dict(cfg_scale=None), r"^--cfg-scale: empty; enter a value$"),
     (dict(seed=None), r"^--global-seed: empty; enter a value$"),
+    # raw requests to the queue, which the page's own boxes do not send
+    (dict(seed=float("nan")), r"^--global-seed nan: must be a finite number$"),
+    (dict(num_steps=2.5), r"^--num-steps 2.5: must be a whole number$"),
+    (dict(cfg_scale="2"), r"^--cfg-scale '2': enter a number$"),
+    (dict(num_images=[1]), r"^images \[1\]: enter a number$"),
 ])
 def test_a_bad_value_in_the_page_is_one_line(explorer, change, message):
     values = {**dict(class_label=0, seed=0, num_images=2), **GUIDED, **change}
