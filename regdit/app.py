@@ -32,7 +32,6 @@ from PIL import Image
 from regdit import RegditError
 from regdit.config import Settings, flag
 from regdit.demo import SAMPLE_RECIPE, TRAIN_RECIPE, DemoConfig
-from regdit.experiment import PREVIEW
 from regdit.files import atomic_write
 from regdit.report import model_label
 from regdit.sample import (
@@ -46,6 +45,7 @@ from regdit.sample import (
     vae_geometry,
 )
 from regdit.samplers import SAMPLERS
+from regdit.train import EvalSampling, PreviewSampling
 
 INSTALL = "pip install -e '.[app]'"
 WHOLE_SETTINGS = ("class_label", "seed", "num_images", "num_steps")
@@ -131,14 +131,23 @@ def opening_sampling(stored, model_config):
                 f"the demo's sampling (SDE {steps} steps, guidance 2)")
     if settings.get("sampling_steps"):
         # drawn without guidance when the run had no label dropout (SamplePreview)
-        preview = (PREVIEW if model_config.class_dropout_prob > 0
-                   else dataclasses.replace(PREVIEW, cfg_scale=1.0))
+        preview = recorded_sampling(settings, PreviewSampling)
+        if model_config.class_dropout_prob == 0:
+            preview = dataclasses.replace(preview, cfg_scale=1.0)
         return preview, "the sampling of the run's preview grids"
     if settings.get("eval_every"):
-        names = [f.name for f in dataclasses.fields(Sampling) if f"eval_{f.name}" in settings]
-        return (Sampling(**{name: settings[f"eval_{name}"] for name in names}),
-                "the sampling of the run's evaluations")
+        return recorded_sampling(settings, EvalSampling), "the sampling of the run's evaluations"
     return Sampling(), "`regdit sample`'s defaults"
+
+
+def recorded_sampling(settings, sampling_class):
+    """The Sampling of a run's --preview-* or --eval-* settings (the class's defaults for those a
+    run of an earlier regdit did not record), without its guiding model: the page has its own."""
+    prefix = sampling_class.FLAG_PREFIX
+    recorded = {f.name: settings[f"{prefix}_{f.name}"] for f in dataclasses.fields(Sampling)
+                if f"{prefix}_{f.name}" in settings and f.name != "guide_ckpt"}
+    return Sampling(**{f.name: getattr(sampling_class(**recorded), f.name)
+                       for f in dataclasses.fields(Sampling) if f.name != "guide_ckpt"})
 
 
 def slug(text):
