@@ -39,7 +39,6 @@ from regdit.app import (
 from regdit.checkpoint import load_checkpoint, save_checkpoint
 from regdit.cli import main
 from regdit.demo import CLASSES, TRAIN_RECIPE
-from regdit.experiment import PREVIEW
 from regdit.export import ExportConfig, export
 from regdit.models import SiT, SiTConfig
 from regdit.sample import Sampling
@@ -184,7 +183,14 @@ def test_the_page_opens_on_the_sampling_the_checkpoint_was_drawn_with(explorer):
     assert explorer.opening == demo and "the demo's sampling" in demo[1]
     assert opening_sampling(dict(official=True), config)[0] == PAPER_SAMPLING
     previews = dict(settings=dict(model="SiT-B/2", sampling_steps=5000, eval_every=10000))
-    assert opening_sampling(previews, config)[0] == PREVIEW
+    # a run of an earlier regdit recorded no --preview-*: the previews' defaults
+    assert opening_sampling(previews, config)[0] == Sampling(sampler="ode", num_steps=50,
+                                                             cfg_scale=4.0)
+    recorded = dict(settings={**previews["settings"], "preview_sampler": "heun",
+                              "preview_num_steps": 12, "preview_cfg_scale": 3.0})
+    assert opening_sampling(recorded, config) == (
+        Sampling(sampler="heun", num_steps=12, cfg_scale=3.0),
+        "the sampling of the run's preview grids")
     no_dropout = SiTConfig(**DEMO_MODEL, class_dropout_prob=0.0)
     assert opening_sampling(previews, no_dropout)[0].cfg_scale == 1.0
     evaluations = dict(settings=dict(sampling_steps=0, eval_every=10, eval_sampler="ode",
