@@ -14,6 +14,7 @@ from conftest import cli_error
 
 from regdit import RegditError, prepare
 from regdit.cli import main
+from regdit.files import free_space
 from regdit.prepare import PrepareImagesConfig, center_crop, center_crop_dhariwal, prepare_images
 
 
@@ -292,8 +293,10 @@ def test_write_error_is_one_line_and_the_rerun_keeps_finished_images(code, fix, 
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     fourth = out / "00000" / "img00000003.png"  # the file being written is named
+    # a full disk also says how much is free there
+    free = f", {free_space(fourth)} free there" if code == errno.ENOSPC else ""
     assert exit_info.value.code == (f"regdit prepare images: error: cannot write {fourth} "
-                                    f"({os.strerror(code)}); {fix}")
+                                    f"({os.strerror(code)}{free}); {fix}")
     assert "Traceback" not in capsys.readouterr().err
     assert not list(out.rglob(".*.tmp*"))  # the failed write left no temporary file
     kept = {p: os.stat(p).st_mtime_ns for p in written}
