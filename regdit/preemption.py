@@ -63,11 +63,24 @@ def stop_signals_blocked():
 
 
 def ignore_stop_signals(worker_id=None):
-    """A worker's first code (DataLoader's worker_init_fn): STOP_SIGNALS ignored, then unblocked;
-    ignoring discards one that landed while they were blocked."""
+    """A worker's first code (DataLoader's worker_init_fn): SIGINT and SIGUSR1 ignored (ignoring
+    discards one that landed while they were blocked). SIGTERM stays blocked and is read by a
+    thread that ends the worker when its parent sent it, as multiprocessing's terminate() does on
+    exit (the rule of the loader's own SIGTERM handler), and drops it when it came from elsewhere:
+    a signal to the whole job. Without sigwaitinfo (macOS) SIGTERM is ignored."""
     for number in STOP_SIGNALS:
-        signal.signal(number, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        if number != signal.SIGTERM or not hasattr(signal, "sigwaitinfo"):
+            signal.signal(number, signal.SIG_IGN)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [number])
+    if hasattr(signal, "sigwaitinfo"):
+        threading.Thread(target=_end_on_parents_sigterm, name="regdit-sigterm",
+                         daemon=True).start()
+
+
+def _end_on_parents_sigterm():
+    while signal.sigwaitinfo([signal.SIGTERM]).si_pid != os.getppid():
+        pass
+    os._exit(0)
 
 
 class StopSignals:

@@ -4,6 +4,7 @@ write or an evaluation; sample and prepare latents stop after a batch or shard; 
 under torchrun --max-restarts restarts all from the latest checkpoint; the SLURM script starts one
 launcher per node and requeues itself before the time limit. After each, the same command finishes
 the run as if it had never stopped."""
+import contextlib
 import json
 import os
 import re
@@ -194,19 +195,29 @@ def test_a_killed_worker_restarts_all_from_the_latest_checkpoint(tiny_data):
     "fork", pytest.param("spawn", marks=pytest.mark.slow),
     pytest.param("forkserver", marks=pytest.mark.slow)])
 def test_loader_workers_are_deaf_to_stop_signals_from_birth(start_method):
-    """Every stop signal sent to the workers the instant they exist (a spawned one is still
-    starting Python) leaves them working; this process's own signal reaches its handler."""
+    """Every stop signal sent to the workers from outside (a signal to the whole job) the instant
+    they exist (a spawned one is still starting Python) leaves them working; this process's own
+    signal reaches its handler. At exit the workers end: their parent's SIGTERM ends them."""
     data = torch.utils.data.TensorDataset(torch.arange(64))
     with StopSignals() as signals:
         loader = worker_loader(data, batch_size=4, num_workers=2,
                                multiprocessing_context=start_method)
-        for worker in loader._workers:
-            for number in STOP_SIGNALS:
-                os.kill(worker.pid, number)
+        pids = [str(worker.pid) for worker in loader._workers]
+        for number in STOP_SIGNALS:
+            subprocess.run(["kill", f"-{signal.Signals(number).name[3:]}", *pids], check=True)
         os.kill(os.getpid(), signal.SIGTERM)
-        batches = [batch for batch, in loader]
+        batches = [next(loader)[0]]
+        assert all(worker.is_alive() for worker in loader._workers)
+        batches += [batch for batch, in loader]
     assert torch.equal(torch.cat(batches), torch.arange(64))
     assert signals.received == signal.SIGTERM
+    loader = worker_loader(data, batch_size=4, num_workers=1,
+                           multiprocessing_context=start_method)
+    next(loader)
+    worker, = loader._workers
+    worker.terminate()  # what multiprocessing does at exit to the workers still there
+    worker.join(timeout=30)
+    assert worker.exitcode == 0
 
 
 def group_stop(argv, ready, env=ENV):
@@ -217,8 +228,9 @@ def group_stop(argv, ready, env=ENV):
                            text=True, start_new_session=True)
     wait_for(ready, timeout=240)
     for process in psutil.Process(run.pid).children(recursive=True):
-        if not process.children():  # a leaf: a data-loader worker
-            process.send_signal(signal.SIGTERM)
+        with contextlib.suppress(psutil.NoSuchProcess):  # a short-lived helper process
+            if not process.children():  # a leaf: a data-loader worker
+                process.send_signal(signal.SIGTERM)
     os.killpg(run.pid, signal.SIGTERM)
     stderr = run.communicate(timeout=240)[1]
     return run.returncode, stderr
@@ -476,3 +488,23 @@ def test_the_slurm_script_starts_a_launcher_per_node_and_requeues_before_the_tim
     assert (exp / "checkpoints" / f"{STEPS:07d}.pt").is_file()
     assert (tmp_path / "requeue").read_text() == "4242\n"  # it finished: no second requeue
 
+
+@pytest.mark.slow
+def test_scancel_of_a_slurm_job_with_loader_workers_stops_it_with_its_checkpoint(tiny_data,
+                                                                                  tmp_path):
+    """What scancel and preemption do: every process of the job signalled (the loader workers
+    first), under the SLURM script with two processes of two loader workers: they stop after the
+    same step with its checkpoint, and the requeued job finishes the run."""
+    env = slurm_job(tmp_path, nodes=1, gpus_per_node=2)
+    script = [str(ROOT / "scripts" / "slurm" / "regdit.sbatch"),
+              *train_argv(tiny_data, "scancel", "--num-workers", "2")[2:]]
+    exp = tiny_data / "exps" / "scancel"
+    _, stderr = group_stop(["bash", *script], lambda: len(logged_steps(exp)) >= 3, env=env)
+    assert stderr.count("stopped by SIGTERM after step") == 2, stderr
+    assert "DataLoader worker" not in stderr and "internal error" not in stderr, stderr
+    stopped, = (exp / "checkpoints").iterdir()
+    assert 3 <= int(stopped.stem) < STEPS
+    rerun = subprocess.run(["bash", *script], env={**env, "SLURM_RESTART_COUNT": "1"},
+                           capture_output=True, text=True, timeout=240)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert (exp / "checkpoints" / f"{STEPS:07d}.pt").is_file()
