@@ -200,6 +200,7 @@ def test_loader_workers_are_deaf_to_stop_signals_from_birth(start_method):
     signal reaches its handler. At exit the workers end: their parent's SIGTERM ends them."""
     data = torch.utils.data.TensorDataset(torch.arange(64))
     with StopSignals() as signals:
+        signals.start_safe_points()
         loader = worker_loader(data, batch_size=4, num_workers=2,
                                multiprocessing_context=start_method)
         pids = [str(worker.pid) for worker in loader._workers]
@@ -218,6 +219,75 @@ def test_loader_workers_are_deaf_to_stop_signals_from_birth(start_method):
     worker.terminate()  # what multiprocessing does at exit to the workers still there
     worker.join(timeout=30)
     assert worker.exitcode == 0
+
+
+def test_a_signal_stops_set_up_at_once_and_the_steps_at_a_safe_point(capsys):
+    """In set-up a signal raises Stopped where the code is; a write finishes first; after the
+    start of the safe points it only raises the flag; further signals are said, never raised."""
+    with StopSignals() as signals:
+        with pytest.raises(Stopped, match="^stopped by SIGUSR1 during set-up; nothing was saved$"):
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(5)  # a stalled read
+        os.kill(os.getpid(), signal.SIGTERM)  # while the stop is on its way out: said only
+    assert capsys.readouterr().err.strip() == "SIGTERM: already stopping"
+    with StopSignals() as signals:
+        with signals.writing():
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+        signals.start_safe_points()
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert signals.name == "SIGINT" and capsys.readouterr().err.split() == [
+        "SIGINT:", "finishing", "what", "is", "being", "written,", "then", "stopping",
+        "SIGTERM:", "already", "stopping;", "finishing", "what", "is", "being", "written",
+        "SIGTERM:", "already", "stopping"]
+
+
+IN_SETUP = " during set-up; nothing was saved"
+STALLED = {  # a command whose set-up downloads from the Hub, and what its stop line ends with
+    "train": (["train", *TRAIN, "--init-from", "hf://someone/model/w.pt", "--exp-name", "stalled",
+               "--output-dir"], IN_SETUP),
+    "sample": (["sample", "--ckpt", "hf://someone/model/w.pt", "--sample-dir"], IN_SETUP),
+    "prepare latents": (["prepare", "latents", "--vae", "hf://someone/vae", "--dest"], IN_SETUP),
+    "eval": (["eval", "--ref-batch", "hf://someone/data/ref.npz", "--output"],
+             "; nothing was saved"),
+    "export": (["export", "hf://someone/model/w.pt", "--output"],
+               "; the export may be incomplete: run the same command again")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", list(STALLED))
+def test_a_signal_in_set_up_ends_a_stalled_command_in_one_line_and_a_second_changes_nothing(
+        tiny_data, tmp_path, command):
+    """A download that never answers (a Hub on 127.0.0.1 that takes the connection and says
+    nothing): SIGTERM ends the command within seconds, exit 75, one line; a second SIGTERM after
+    that line keeps exit 75 and prints no traceback."""
+    argv, ending = STALLED[command]
+    np.savez(tmp_path / "samples.npz", arr_0=np.zeros((2, 32, 32, 3), np.uint8))
+    sources = {"train": ["--data-dir", str(tiny_data / "data"), "--enc-path",
+                         str(tiny_data / "encoder")],
+               "prepare latents": ["--source", str(tiny_data / "images")],
+               "eval": ["--sample-batch", str(tmp_path / "samples.npz")]}.get(command, [])
+    with socket.create_server(("127.0.0.1", 0)) as hub:
+        env = {**ENV, "HF_ENDPOINT": f"http://127.0.0.1:{hub.getsockname()[1]}",
+               "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf")}
+        run = subprocess.Popen([sys.executable, "-m", "regdit", *argv, str(tmp_path / "out"),
+                                *sources], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+        hub.settimeout(240)
+        connection, _ = hub.accept()  # the download has started, and stalls
+        run.send_signal(signal.SIGTERM)
+        started = time.time()
+        lines = []
+        for line in run.stderr:
+            lines.append(line.strip())
+            if "stopped by" in line:
+                run.send_signal(signal.SIGTERM)
+                break
+        lines += run.communicate(timeout=60)[1].strip().splitlines()
+        connection.close()
+    assert run.returncode == EXIT_STOPPED and time.time() - started < 30, lines
+    assert f"regdit {command}: stopped by SIGTERM{ending}" in lines, lines
+    assert not any("Traceback" in line or "Exception ignored" in line for line in lines), lines
 
 
 def group_stop(argv, ready, env=ENV):
