@@ -22,9 +22,11 @@ class RegditError(ValueError):
     the fix)."""
 
 
-class Stopped(Exception):
-    """A command stopped at a safe point on a signal (regdit.preemption); the message says where and
-    how to continue. The command line prints it and exits with EXIT_STOPPED."""
+class Stopped(BaseException):
+    """A command stopped on a signal (regdit.preemption), at a safe point or in its set-up; the
+    message says where and how to continue. The command line prints it and exits with
+    EXIT_STOPPED. A BaseException, as KeyboardInterrupt: raised by a signal anywhere in set-up,
+    it is no error for code that catches Exception (a file reader would call the file bad)."""
 
 
 EXIT_STOPPED = 75  # EX_TEMPFAIL: not finished, run the same command again to continue

@@ -22,6 +22,7 @@ from regdit.config import (
 )
 from regdit.files import describe_os_error
 from regdit.plugins import load_plugins, plugin_names
+from regdit.preemption import StopSignals, join_process_group
 from regdit.runlock import stop_with_launcher
 
 COMMANDS = {  # name -> (module, config class, function, one-line help)
@@ -50,6 +51,14 @@ COMMANDS = {  # name -> (module, config class, function, one-line help)
 GROUPS = {"prepare": "prepare images (crop, labels), VAE latents for training, or a small VAE"}
 # commands whose rerun continues
 RESUMABLE_COMMANDS = ("prepare images", "prepare latents", "train", "sample", "demo")
+# commands that a signal stops with one line and EXIT_STOPPED, also in set-up (regdit.preemption),
+# and what a stop in set-up leaves; the others end on SIGTERM and are interrupted by Ctrl-C
+IN_SETUP = " during set-up; nothing was saved"
+STOPPABLE_COMMANDS = {
+    "prepare latents": IN_SETUP, "train": IN_SETUP, "sample": IN_SETUP,
+    "eval": "; nothing was saved",
+    "export": "; the export may be incomplete: run the same command again",
+    "demo": "; its finished stages are kept: run the same command to continue"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -146,12 +155,26 @@ def internal_error(command, argv, error):
 def main(argv=None):
     # a worker of a killed torchrun / accelerate launch ends instead of writing on
     stop_with_launcher()
-    if "TORCHELASTIC_RESTART_COUNT" in os.environ:  # a torchrun worker, maybe of a restart
-        from regdit.preemption import join_process_group
-        join_process_group()
     argv = sys.argv[1:] if argv is None else argv
     command = command_of(argv)
+    if command not in STOPPABLE_COMMANDS:
+        return run_command(command, argv)
+    # before anything loads (importing torch alone takes seconds): a signal in set-up ends the
+    # command with one line
+    with StopSignals() as signals:
+        signals.setup_stop = STOPPABLE_COMMANDS[command]
+        try:
+            return run_command(command, argv)
+        finally:
+            if signals.received is not None:  # the process ends: no 143, no atexit traceback
+                signals.ignore_from_now()
+
+
+def run_command(command, argv):
+    """Run `regdit ARGV`; every way it can end is one line and an exit status."""
     try:
+        if "TORCHELASTIC_RESTART_COUNT" in os.environ:  # a torchrun worker, maybe of a restart
+            join_process_group()
         load_plugins(plugin_names(argv))  # before the flags: their choices include the plugins'
         command, module, config = parse_config(argv)
         getattr(module, COMMANDS[command][2])(config)
@@ -161,10 +184,10 @@ def main(argv=None):
         message = str(error).strip().splitlines()[-1].removeprefix(
             f"{RegditError.__module__}.RegditError: ")
         sys.exit(f"regdit {command}: error: {message}")
-    except Stopped as stopped:  # on a signal, at a safe point (regdit.preemption)
+    except Stopped as stopped:  # on a signal: at a safe point, or in set-up (regdit.preemption)
         print(f"regdit {command}: {stopped}", file=sys.stderr)
         sys.exit(EXIT_STOPPED)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C in a command without safe points
         # every finished file is complete (atomic writes): nothing to clean up
         resumes = " (rerun the same command to continue)" if command in RESUMABLE_COMMANDS else ""
         print(f"\nregdit {command}: interrupted{resumes}", file=sys.stderr)

@@ -2,14 +2,17 @@
 shutting down), SIGUSR1 (SLURM's warning before a time limit, `#SBATCH --signal=USR1@SECONDS`) and
 SIGINT (Ctrl-C).
 
-The first signal only raises a flag. A long command checks it where stopping loses nothing: `train`
-after an optimizer step (it then writes that step's checkpoint), `sample` after a round of batches,
-`prepare latents` after a round of shards. Every process of a launch stops at the same point: the
-flags of all processes are or-reduced on a CPU (gloo) group, without waiting on the GPU, and the
-vote of one check is read at the next. The command then raises `regdit.Stopped`, which the command
-line prints as one line before exiting with `regdit.EXIT_STOPPED` (75); the same command continues
-the run. Further signals while stopping are said and otherwise ignored, so that the checkpoint being
-written is finished (a SIGKILL still leaves the previous one whole: every write is atomic).
+In set-up (loading models, a download, reading the data) a signal ends the command at once, with
+one line saying that nothing was saved. Afterwards the first signal only raises a flag. A long
+command checks it where stopping loses nothing: `train` after an optimizer step (it then writes
+that step's checkpoint), `sample` after a round of batches, `prepare latents` after a round of
+shards. Every process of a launch stops at the same point: the processes leave set-up together,
+the flags of all processes are or-reduced on a CPU (gloo) group, without waiting on the GPU, and
+the vote of one check is read at the next. The command then raises `regdit.Stopped`, which the
+command line prints as one line before exiting with `regdit.EXIT_STOPPED` (75); the same command
+continues the run. Further signals while stopping are said and otherwise ignored, so that the
+checkpoint being written is finished (a SIGKILL still leaves the previous one whole: every write is
+atomic), and after the stop line they are ignored: the exit stays 75, without a traceback.
 
 The main process owns the stop. `scancel`, SLURM preemption and `kill -TERM -- -PGID` signal every
 process of the job, data-loader workers included; a worker that died of it would end the run in
@@ -25,8 +28,9 @@ import sys
 import threading
 from multiprocessing import resource_tracker
 
-import torch
-import torch.distributed as dist
+from regdit import Stopped
+
+# torch is imported where it is used: the command line enters StopSignals before anything loads
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
@@ -40,6 +44,8 @@ def worker_loader(dataset, **options):
     process meanwhile waits until the mask is restored, or lands in another of its threads; its
     handler runs in the main thread either way. Persistent workers start here too, on the first
     iter()."""
+    import torch
+
     context = options.get("multiprocessing_context")
     if not hasattr(context, "get_start_method"):
         context = multiprocessing.get_context(context)
@@ -63,19 +69,46 @@ def stop_signals_blocked():
 
 
 def ignore_stop_signals(worker_id=None):
-    """A worker's first code (DataLoader's worker_init_fn): STOP_SIGNALS ignored, then unblocked;
-    ignoring discards one that landed while they were blocked."""
+    """A worker's first code (DataLoader's worker_init_fn): SIGINT and SIGUSR1 ignored (ignoring
+    discards one that landed while they were blocked). SIGTERM stays blocked and is read by a
+    thread that ends the worker when its parent sent it, as multiprocessing's terminate() does on
+    exit (the rule of the loader's own SIGTERM handler), and drops it when it came from elsewhere:
+    a signal to the whole job. Without sigwaitinfo (macOS) SIGTERM is ignored."""
     for number in STOP_SIGNALS:
-        signal.signal(number, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        if number != signal.SIGTERM or not hasattr(signal, "sigwaitinfo"):
+            signal.signal(number, signal.SIG_IGN)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [number])
+    if hasattr(signal, "sigwaitinfo"):
+        threading.Thread(target=_end_on_parents_sigterm, name="regdit-sigterm",
+                         daemon=True).start()
+
+
+def _end_on_parents_sigterm():
+    while signal.sigwaitinfo([signal.SIGTERM]).si_pid != os.getppid():
+        pass
+    os._exit(0)
 
 
 class StopSignals:
-    """While entered, STOP_SIGNALS set `received` (the first signal's number) instead of ending the
-    process. Handlers can only be set from the main thread: elsewhere this does nothing."""
+    """While entered, STOP_SIGNALS stop the command instead of ending the process. The first one
+    (its number is kept in `received`) stops it by what it is doing:
+
+    - in set-up (the default: loading models, a download, reading a file, a FIFO included), at
+      once: Stopped is raised where the main thread is, saying `setup_stop` (by default that
+      nothing was saved);
+    - after `start_safe_points()` (the steps, batches or shards) it only sets `received`, which
+      the command checks where stopping loses nothing;
+    - inside `writing()` the write is finished first, and the command stops at its next safe
+      point (or at the end of set-up, `StopVote.start_safe_points`).
+
+    Further signals are said and otherwise ignored. Handlers can only be set from the main thread:
+    elsewhere this does nothing. `stop_signals()` gives the one entered (the command line enters
+    one before anything loads), so that commands run by another (the demo's) share it."""
 
     def __init__(self):
         self.received, self.previous = None, {}
+        self.safe, self.writes = False, 0
+        self.setup_stop = " during set-up; nothing was saved"
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -89,13 +122,44 @@ class StopSignals:
 
     def handle(self, number, frame):
         name = signal.Signals(number).name
-        if self.received is None:
-            self.received = number
+        if self.received is not None:
+            finishing = "; finishing what is being written" if self.writes else ""
+            print(f"\n{name}: already stopping{finishing}", file=sys.stderr, flush=True)
+            return
+        self.received = number
+        if self.writes:
+            print(f"\n{name}: finishing what is being written, then stopping", file=sys.stderr,
+                  flush=True)
+        elif self.safe:
             print(f"\n{name}: stopping at the next safe point (a checkpoint or a finished batch)",
                   file=sys.stderr, flush=True)
         else:
-            print(f"\n{name}: already stopping; finishing what is being written",
-                  file=sys.stderr, flush=True)
+            raise self.setup_stopped()
+
+    def setup_stopped(self):
+        return Stopped(f"stopped by {self.name}{self.setup_stop}")
+
+    def start_safe_points(self):
+        """From now on (the steps, batches or shards, and what ends the command) a signal only sets
+        `received`."""
+        self.safe = True
+
+    @contextlib.contextmanager
+    def writing(self):
+        """A write that a signal lets finish (the command stops at its next safe point)."""
+        self.writes += 1
+        try:
+            yield
+        finally:
+            self.writes -= 1
+
+    def ignore_from_now(self):
+        """The command ends on a stop: further signals are ignored, also in the work that follows
+        it (atexit: joining worker processes and writer threads), so that the exit stays
+        EXIT_STOPPED and prints no traceback."""
+        for number in self.previous:
+            signal.signal(number, signal.SIG_IGN)
+        self.previous = {}
 
     @property
     def name(self):
@@ -103,6 +167,18 @@ class StopSignals:
         if self.received is None:
             return "a signal to another process"
         return signal.Signals(self.received).name
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """The StopSignals entered in this process (the command line's, entered before anything
+    loads), else a new one entered for the `with`."""
+    entered = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
+    if isinstance(entered, StopSignals):
+        yield entered
+    else:
+        with StopSignals() as signals:
+            yield signals
 
 
 class StopVote:
@@ -113,11 +189,16 @@ class StopVote:
     one check later). Every process must call it the same number of times."""
 
     def __init__(self, signals, num_processes):
+        import torch.distributed as dist
+
         self.signals, self.pending = signals, None
         # a group of its own: on GPUs the training collectives run on NCCL, this one on the CPU
         self.group = dist.new_group(backend="gloo") if num_processes > 1 else None
 
     def __call__(self, stop_here=False):
+        import torch
+        import torch.distributed as dist
+
         local = torch.tensor([self.signals.received is not None or stop_here], dtype=torch.int32)
         if self.group is None:
             return bool(local)
@@ -130,9 +211,31 @@ class StopVote:
                                        async_op=True), local
         return decided
 
+    def start_safe_points(self):
+        """Every process leaves set-up here, together (StopSignals.start_safe_points): a signal to
+        any of them in set-up stops all of them, with nothing saved. A process that stopped in
+        set-up has left, failing the collective: taken for that stop by a process with a signal of
+        its own (a signal to every process: scancel, preemption)."""
+        import torch
+        import torch.distributed as dist
+
+        self.signals.start_safe_points()
+        stopping = torch.tensor([self.signals.received is not None], dtype=torch.int32)
+        if self.group is not None:
+            try:
+                dist.all_reduce(stopping, op=dist.ReduceOp.MAX, group=self.group)
+            except RuntimeError:
+                if self.signals.received is None:
+                    raise
+                stopping[0] = 1
+        if stopping:
+            raise self.signals.setup_stopped()
+
     def barrier(self):
         """Wait for every process (on the CPU group)."""
         if self.group is not None:
+            import torch.distributed as dist
+
             dist.barrier(group=self.group)
 
 
@@ -140,6 +243,9 @@ def join_process_group():
     """Under torchrun, start the process group on a store of this attempt's own: torchrun restarts
     the workers of a failed run (--max-restarts) on the store of the first attempt, where the dead
     workers' addresses would be read. Every other launch is left to accelerate."""
+    import torch
+    import torch.distributed as dist
+
     restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     if restarts is None or int(os.environ.get("WORLD_SIZE", 1)) < 2 or dist.is_initialized():
         return

@@ -31,7 +31,7 @@ from regdit.data import LAYOUTS, PROGRESS, read_json, read_labels, write_json
 from regdit.files import atomic_write, check_regular_file, remove_temp_files, writing_into
 from regdit.hub import is_hub_url, parse
 from regdit.images import image_extensions, list_files, open_image, read_image
-from regdit.preemption import StopSignals, StopVote, worker_loader
+from regdit.preemption import StopVote, stop_signals, worker_loader
 from regdit.runlock import LOCK_NAME, RunLock, lock_run
 
 # --------------------------------------------------------------------------------- pixels and crops
@@ -414,7 +414,7 @@ def prepare_latents(config: PrepareLatentsConfig):
     finished shards are skipped on a rerun. On SIGTERM, SIGUSR1 or SIGINT every process finishes
     its shard and the command stops (regdit.Stopped). Returns dest.
     """
-    with StopSignals() as signals:
+    with stop_signals() as signals:
         return prepare_latents_with(config, signals)
 
 
@@ -455,8 +455,10 @@ def prepare_latents_with(config, signals):
         state.wait_for_everyone()
         num_shards = -(-len(names) // shard_size)
         done_path = os.path.join(writer.out, PROGRESS, "shard-{:06d}.done").format
+        stop = StopVote(signals, state.num_processes)
+        stop.start_safe_points()
         encode_shards(config, writer, SourceImages(source, names, resolution), vae_model, state,
-                      done_path, StopVote(signals, state.num_processes))
+                      done_path, stop)
         state.wait_for_everyone()
 
         if state.is_main_process:

@@ -46,7 +46,7 @@ from regdit.images import read_image
 from regdit.interpolants import PATH_TYPES
 from regdit.models import SiT_models, SiTConfig
 from regdit.plugins import require_plugins
-from regdit.preemption import StopSignals, StopVote
+from regdit.preemption import StopVote, stop_signals
 from regdit.runlock import lock_run
 from regdit.samplers import SAMPLERS
 from regdit.vae import LatentNorm, decode_latents, load_vae, resolve_vae_name, vae_latent_norm
@@ -417,7 +417,7 @@ def sample(config: SampleConfig, model=None):
     switch, as generate.py does. On SIGTERM, SIGUSR1 or SIGINT every process finishes its batch and
     the command stops (regdit.Stopped); the same command samples the rest.
     """
-    with StopSignals() as signals:
+    with stop_signals() as signals:
         return sample_with(config, model, signals)
 
 
@@ -443,11 +443,14 @@ def sample_with(config, model, signals):
         if state.is_main_process:
             start_run_folder(folder, settings, config, model.num_classes, state.device)
         state.wait_for_everyone()
-        draw_pending(config, folder, model, vae_model, settings["path_type"], state,
-                     StopVote(signals, state.num_processes), stored["latent_norm"], guide)
+        stop = StopVote(signals, state.num_processes)
+        stop.start_safe_points()
+        draw_pending(config, folder, model, vae_model, settings["path_type"], state, stop,
+                     stored["latent_norm"], guide)
         # no barrier after packing: it can outlast the collective timeout (10 min on NCCL)
         if state.is_main_process:
-            pack_npz(folder, config.num_fid_samples, npz_path)
+            with signals.writing():
+                pack_npz(folder, config.num_fid_samples, npz_path)
         state.print(f"wrote {npz_path}")
         return npz_path
 

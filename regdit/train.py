@@ -46,7 +46,7 @@ from regdit.interpolants import PATH_TYPES, WEIGHTINGS
 from regdit.loss import LOSS_TERMS, REGLoss
 from regdit.models import SiT, SiT_models, SiTConfig, model_arguments
 from regdit.plugins import LOADED
-from regdit.preemption import StopSignals, StopVote, worker_loader
+from regdit.preemption import StopSignals, StopVote, stop_signals, worker_loader
 from regdit.runlock import lock_run
 from regdit.sample import Sampling
 
@@ -420,12 +420,14 @@ def train_step(run, micro_batches, step):
 def train(config: TrainConfig):
     """Train until max_train_steps (or epochs); returns a summary dict (steps, logged metrics,
     paths, models). On SIGTERM, SIGUSR1 or SIGINT it stops after the current step, with its
-    checkpoint written, by raising preemption.Stopped."""
-    with StopSignals() as signals, setup(config, signals) as run:
+    checkpoint written, by raising preemption.Stopped (in set-up: at once, nothing written)."""
+    with stop_signals() as signals, setup(config, signals) as run:
+        run.stop.start_safe_points()
         try:
             return train_loop(run)
         finally:  # a stop, an error or the end: the checkpoint being written gets written
-            run.checkpoints.wait()
+            with signals.writing():
+                run.checkpoints.wait()
 
 
 def train_loop(run):
@@ -530,9 +532,10 @@ class PeriodicWork:
     def stop(self, step, during=""):
         """Stop on a signal with the checkpoint of `step` written (preemption.Stopped)."""
         run = self.run
-        if step > run.step and self.saved != step:
-            self.save(step)
-        run.checkpoints.check_written(run.accelerator)  # a failed write raises on every process
+        with run.stop.signals.writing():
+            if step > run.step and self.saved != step:
+                self.save(step)
+            run.checkpoints.check_written(run.accelerator)  # a failed write raises everywhere
         # every process leaves once the checkpoint is on disk: a launcher that tears the job down
         # when one process ends would otherwise kill the write
         run.stop.barrier()

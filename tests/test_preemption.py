@@ -4,6 +4,7 @@ write or an evaluation; sample and prepare latents stop after a batch or shard; 
 under torchrun --max-restarts restarts all from the latest checkpoint; the SLURM script starts one
 launcher per node and requeues itself before the time limit. After each, the same command finishes
 the run as if it had never stopped."""
+import contextlib
 import json
 import os
 import re
@@ -194,19 +195,99 @@ def test_a_killed_worker_restarts_all_from_the_latest_checkpoint(tiny_data):
     "fork", pytest.param("spawn", marks=pytest.mark.slow),
     pytest.param("forkserver", marks=pytest.mark.slow)])
 def test_loader_workers_are_deaf_to_stop_signals_from_birth(start_method):
-    """Every stop signal sent to the workers the instant they exist (a spawned one is still
-    starting Python) leaves them working; this process's own signal reaches its handler."""
+    """Every stop signal sent to the workers from outside (a signal to the whole job) the instant
+    they exist (a spawned one is still starting Python) leaves them working; this process's own
+    signal reaches its handler. At exit the workers end: their parent's SIGTERM ends them."""
     data = torch.utils.data.TensorDataset(torch.arange(64))
     with StopSignals() as signals:
+        signals.start_safe_points()
         loader = worker_loader(data, batch_size=4, num_workers=2,
                                multiprocessing_context=start_method)
-        for worker in loader._workers:
-            for number in STOP_SIGNALS:
-                os.kill(worker.pid, number)
+        pids = [str(worker.pid) for worker in loader._workers]
+        for number in STOP_SIGNALS:
+            subprocess.run(["kill", f"-{signal.Signals(number).name[3:]}", *pids], check=True)
         os.kill(os.getpid(), signal.SIGTERM)
-        batches = [batch for batch, in loader]
+        batches = [next(loader)[0]]
+        assert all(worker.is_alive() for worker in loader._workers)
+        batches += [batch for batch, in loader]
     assert torch.equal(torch.cat(batches), torch.arange(64))
     assert signals.received == signal.SIGTERM
+    loader = worker_loader(data, batch_size=4, num_workers=1,
+                           multiprocessing_context=start_method)
+    next(loader)
+    worker, = loader._workers
+    worker.terminate()  # what multiprocessing does at exit to the workers still there
+    worker.join(timeout=30)
+    assert worker.exitcode == 0
+
+
+def test_a_signal_stops_set_up_at_once_and_the_steps_at_a_safe_point(capsys):
+    """In set-up a signal raises Stopped where the code is; a write finishes first; after the
+    start of the safe points it only raises the flag; further signals are said, never raised."""
+    with StopSignals() as signals:
+        with pytest.raises(Stopped, match="^stopped by SIGUSR1 during set-up; nothing was saved$"):
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(5)  # a stalled read
+        os.kill(os.getpid(), signal.SIGTERM)  # while the stop is on its way out: said only
+    assert capsys.readouterr().err.strip() == "SIGTERM: already stopping"
+    with StopSignals() as signals:
+        with signals.writing():
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+        signals.start_safe_points()
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert signals.name == "SIGINT" and capsys.readouterr().err.split() == [
+        "SIGINT:", "finishing", "what", "is", "being", "written,", "then", "stopping",
+        "SIGTERM:", "already", "stopping;", "finishing", "what", "is", "being", "written",
+        "SIGTERM:", "already", "stopping"]
+
+
+IN_SETUP = " during set-up; nothing was saved"
+STALLED = {  # a command whose set-up downloads from the Hub, and what its stop line ends with
+    "train": (["train", *TRAIN, "--init-from", "hf://someone/model/w.pt", "--exp-name", "stalled",
+               "--output-dir"], IN_SETUP),
+    "sample": (["sample", "--ckpt", "hf://someone/model/w.pt", "--sample-dir"], IN_SETUP),
+    "prepare latents": (["prepare", "latents", "--vae", "hf://someone/vae", "--dest"], IN_SETUP),
+    "eval": (["eval", "--ref-batch", "hf://someone/data/ref.npz", "--output"],
+             "; nothing was saved"),
+    "export": (["export", "hf://someone/model/w.pt", "--output"],
+               "; the export may be incomplete: run the same command again")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", list(STALLED))
+def test_a_signal_in_set_up_ends_a_stalled_command_in_one_line_and_a_second_changes_nothing(
+        tiny_data, tmp_path, command):
+    """A download that never answers (a Hub on 127.0.0.1 that takes the connection and says
+    nothing): SIGTERM ends the command within seconds, exit 75, one line; a second SIGTERM after
+    that line keeps exit 75 and prints no traceback."""
+    argv, ending = STALLED[command]
+    np.savez(tmp_path / "samples.npz", arr_0=np.zeros((2, 32, 32, 3), np.uint8))
+    sources = {"train": ["--data-dir", str(tiny_data / "data"), "--enc-path",
+                         str(tiny_data / "encoder")],
+               "prepare latents": ["--source", str(tiny_data / "images")],
+               "eval": ["--sample-batch", str(tmp_path / "samples.npz")]}.get(command, [])
+    with socket.create_server(("127.0.0.1", 0)) as hub:
+        env = {**ENV, "HF_ENDPOINT": f"http://127.0.0.1:{hub.getsockname()[1]}",
+               "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf")}
+        run = subprocess.Popen([sys.executable, "-m", "regdit", *argv, str(tmp_path / "out"),
+                                *sources], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+        hub.settimeout(240)
+        connection, _ = hub.accept()  # the download has started, and stalls
+        run.send_signal(signal.SIGTERM)
+        started = time.time()
+        lines = []
+        for line in run.stderr:
+            lines.append(line.strip())
+            if "stopped by" in line:
+                run.send_signal(signal.SIGTERM)
+                break
+        lines += run.communicate(timeout=60)[1].strip().splitlines()
+        connection.close()
+    assert run.returncode == EXIT_STOPPED and time.time() - started < 30, lines
+    assert f"regdit {command}: stopped by SIGTERM{ending}" in lines, lines
+    assert not any("Traceback" in line or "Exception ignored" in line for line in lines), lines
 
 
 def group_stop(argv, ready, env=ENV):
@@ -217,8 +298,9 @@ def group_stop(argv, ready, env=ENV):
                            text=True, start_new_session=True)
     wait_for(ready, timeout=240)
     for process in psutil.Process(run.pid).children(recursive=True):
-        if not process.children():  # a leaf: a data-loader worker
-            process.send_signal(signal.SIGTERM)
+        with contextlib.suppress(psutil.NoSuchProcess):  # a short-lived helper process
+            if not process.children():  # a leaf: a data-loader worker
+                process.send_signal(signal.SIGTERM)
     os.killpg(run.pid, signal.SIGTERM)
     stderr = run.communicate(timeout=240)[1]
     return run.returncode, stderr
@@ -476,3 +558,23 @@ def test_the_slurm_script_starts_a_launcher_per_node_and_requeues_before_the_tim
     assert (exp / "checkpoints" / f"{STEPS:07d}.pt").is_file()
     assert (tmp_path / "requeue").read_text() == "4242\n"  # it finished: no second requeue
 
+
+@pytest.mark.slow
+def test_scancel_of_a_slurm_job_with_loader_workers_stops_it_with_its_checkpoint(tiny_data,
+                                                                                  tmp_path):
+    """What scancel and preemption do: every process of the job signalled (the loader workers
+    first), under the SLURM script with two processes of two loader workers: they stop after the
+    same step with its checkpoint, and the requeued job finishes the run."""
+    env = slurm_job(tmp_path, nodes=1, gpus_per_node=2)
+    script = [str(ROOT / "scripts" / "slurm" / "regdit.sbatch"),
+              *train_argv(tiny_data, "scancel", "--num-workers", "2")[2:]]
+    exp = tiny_data / "exps" / "scancel"
+    _, stderr = group_stop(["bash", *script], lambda: len(logged_steps(exp)) >= 3, env=env)
+    assert stderr.count("stopped by SIGTERM after step") == 2, stderr
+    assert "DataLoader worker" not in stderr and "internal error" not in stderr, stderr
+    stopped, = (exp / "checkpoints").iterdir()
+    assert 3 <= int(stopped.stem) < STEPS
+    rerun = subprocess.run(["bash", *script], env={**env, "SLURM_RESTART_COUNT": "1"},
+                           capture_output=True, text=True, timeout=240)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert (exp / "checkpoints" / f"{STEPS:07d}.pt").is_file()
