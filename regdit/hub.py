@@ -30,6 +30,7 @@ from huggingface_hub.hf_api import SPECIAL_REFS_REVISION_REGEX
 from huggingface_hub.utils import validate_repo_id
 
 from regdit import RegditError
+from regdit.files import check_regular_file, file_kind
 
 PREFIX = "hf://"
 
@@ -149,7 +150,51 @@ def _hub_errors(hub, what):
         raise RegditError(f"{where}: {hub.repo_id} has no file {hub.path}: check the path on "
                           f"https://huggingface.co/{hub.repo_id}") from None
     except HfHubHTTPError as error:
-        raise RegditError(f"{where}: the Hub refused ({str(error).splitlines()[0]})") from None
+        raise RegditError(f"{where}: the Hub refused ({one_line(error)})") from None
+    except ValueError as error:
+        # huggingface_hub's refusal of a path that would leave its repository's cache folder: a
+        # listed file name with '..', a refs file holding a path
+        raise RegditError(f"{where}: huggingface_hub refused a path of {hub.repo_id} "
+                          f"({one_line(error)}): the repository lists a file outside itself, or "
+                          f"its cache folder {_repo_cache(hub)} is damaged (delete it and fetch "
+                          "the path again)") from None
+
+
+def one_line(error):
+    """The first line of a library's message, which may span several."""
+    return next((line.strip() for line in str(error).splitlines() if line.strip()),
+                type(error).__name__)
+
+
+def _repo_cache(hub):
+    return Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=hub.repo_id,
+                                                           repo_type=hub.repo_type)
+
+
+COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
+
+
+def _check_cache(hub, what):
+    """One line, before huggingface_hub reads or writes its cache, for a cache that cannot work:
+    HF_HUB_CACHE or the repository's folder in it a file or a link that leads nowhere, or the
+    refs file of the revision (`refs/main`) anything but a file holding a commit hash."""
+    where = f"{what} {hub.url}"
+    repo = _repo_cache(hub)
+    for folder in (Path(constants.HF_HUB_CACHE), repo):
+        if os.path.lexists(folder) and not os.path.isdir(folder):
+            kind = ("a link that leads nowhere" if not os.path.exists(folder)
+                    else file_kind(os.stat(folder).st_mode))
+            raise RegditError(f"{where}: the Hugging Face cache folder {folder} is {kind}; remove "
+                              "it or set HF_HUB_CACHE to a folder")
+    revision = hub.revision or "main"
+    refs = repo / "refs" / revision
+    if COMMIT_HASH.fullmatch(revision) or not os.path.lexists(refs):
+        return
+    check_regular_file(refs, f"{where}: the Hugging Face cache's")
+    commit = refs.read_text(errors="replace").strip()
+    if not COMMIT_HASH.fullmatch(commit):
+        raise RegditError(f"{where}: the Hugging Face cache's {refs} holds {commit[:80]!r}, not a "
+                          f"commit hash; delete it and fetch the path again")
 
 
 def resolve_path(path, what, beside=()):
@@ -160,6 +205,7 @@ def resolve_path(path, what, beside=()):
     if not is_hub_url(path):
         return Path(path)
     hub = parse(path, what)
+    _check_cache(hub, what)
     location = dict(repo_id=hub.repo_id, revision=hub.revision, repo_type=hub.repo_type)
     if hub.is_file:
         with _hub_errors(hub, what):
@@ -188,8 +234,7 @@ def _check_inside_cache(hub, local, what):
     cache links each file of a snapshot to its blobs/ (or copies it where links are unsupported), so
     every real path, symbolic links followed, of `local` and of all it holds must lie inside that
     folder."""
-    repo_folder = repo_folder_name(repo_id=hub.repo_id, repo_type=hub.repo_type)
-    repo_cache = os.path.realpath(Path(constants.HF_HUB_CACHE) / repo_folder)
+    repo_cache = os.path.realpath(_repo_cache(hub))
     entries = [local] + [Path(folder) / name for folder, folders, files in os.walk(local)
                          for name in folders + files]
     for entry in entries:

@@ -132,6 +132,7 @@ def check_paths(source, dest, accepted):
     source, dest = os.path.abspath(source), os.path.abspath(dest)
     if not os.path.exists(source):
         raise RegditError(f"--source {source}: does not exist; pass a {accepted} of images")
+    check_regular_file(source, "--source", folder=True)  # is_zipfile would wait on a FIFO
     if not os.path.isdir(source) and not ("zip" in accepted and zipfile.is_zipfile(source)):
         raise RegditError(f"--source {source}: is not a {accepted}; pass a {accepted} of images")
     if os.path.commonpath([source, dest]) == source:

@@ -91,6 +91,7 @@ READER_CASES = [  # (arguments, the flag and file named, what it is)
     (SAMPLE + ["/dev/zero"], "checkpoint", "/dev/zero", DEVICE),
     (SAMPLE + ["{W}/export-fifo/model.safetensors"], "", "export-fifo/config.json", FIFO),
     (EXPORT + ["{W}/pipe.pt"], "checkpoint", "pipe.pt", FIFO),
+    (PREPARE_IMAGES + ["{W}/pipe.zip"], "--source", "pipe.zip", FIFO),
 ]
 
 CASES = [  # (arguments, the one line must match)
@@ -269,9 +270,9 @@ def world(tmp_path_factory):
     (root / "folder.npz").mkdir()
     shutil.copytree(root / "export", root / "export-fifo")
     os.remove(root / "export-fifo" / "config.json")
-    for path in [root / name for name in ("pipe.npz", "pipe.pth", "pipe.pt", "pipe.yaml")] + [
-            root / "export-fifo" / "config.json"]:
-        writing_fifo(path)
+    for name in ("pipe.npz", "pipe.pth", "pipe.pt", "pipe.yaml", "pipe.zip",
+                 "export-fifo/config.json"):
+        writing_fifo(root / name)
     shutil.copytree(root / "raw", root / "raw-fifo")
     os.mkfifo(root / "raw-fifo" / "c0" / "pipe.png")
     shutil.copytree(root / "images", root / "images-fifo")

@@ -1,11 +1,13 @@
 """`hf://` paths served from a Hugging Face cache filled in the test (offline, no network),
 from_pretrained / save_pretrained, and `regdit export --push-to-hub` against a local stand-in for
 the Hub API (test_outputs.LocalHub)."""
+import http.server
 import json
 import re
 import shlex
 import shutil
 import socket
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -410,3 +412,84 @@ def test_readme_samples_the_published_checkpoint_in_one_command():
              sampling.guidance_low, sampling.guidance_high, config.num_fid_samples)
             == ("sde", None, 2.3, 2.3, 0.0, 0.85, 50000))
     assert "FID 1.36" in section
+
+
+ODDITIES = {  # what is odd in the cache -> the one line, after "checkpoint hf://o/r/x.pt: "
+    "refs-path": "the Hugging Face cache's {repo}/refs/main holds '../../../../tmp', not a commit "
+                 "hash; delete it and fetch the path again",
+    "refs-folder": "the Hugging Face cache's {repo}/refs/main is not a regular file: it is a "
+                   "folder; replace it with a file or pass another path",
+    "cache-dangling": "the Hugging Face cache folder {cache} is a link that leads nowhere; remove "
+                      "it or set HF_HUB_CACHE to a folder",
+    "cache-file": "the Hugging Face cache folder {cache} is a file; remove it or set HF_HUB_CACHE "
+                  "to a folder",
+    "repo-dangling": "the Hugging Face cache folder {repo} is a link that leads nowhere; remove it "
+                     "or set HF_HUB_CACHE to a folder",
+    "repo-file": "the Hugging Face cache folder {repo} is a file; remove it or set HF_HUB_CACHE to "
+                 "a folder",
+}
+
+
+@pytest.mark.parametrize("oddity", ODDITIES)
+@pytest.mark.parametrize("url", ["hf://o/r/x.pt", "hf://o/r/vae"])
+def test_hub_cache_oddities_are_one_line_each(hub, tmp_path, oddity, url):
+    hub("o/r", "x.pt", OFFICIAL)
+    cache = Path(huggingface_hub.constants.HF_HUB_CACHE)
+    repo = cache / "models--o--r"
+    if oddity.startswith("refs-"):
+        (repo / "refs" / "main").unlink()
+        if oddity == "refs-path":
+            (repo / "refs" / "main").write_text("../../../../tmp")
+        else:
+            (repo / "refs" / "main").mkdir()
+    else:
+        odd = cache if oddity.startswith("cache-") else repo
+        shutil.rmtree(odd)
+        if oddity.endswith("-file"):
+            odd.write_text("not a folder")
+        else:
+            odd.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(RegditError) as error:
+        resolve_path(url, "checkpoint")
+    assert str(error.value) == f"checkpoint {url}: " + ODDITIES[oddity].format(cache=cache,
+                                                                               repo=repo)
+
+
+class Listing(http.server.BaseHTTPRequestHandler):
+    """The Hub's listing of repository o/r at commit COMMIT, one of whose names climbs out of it."""
+
+    def do_GET(self):
+        listed = [{"type": "file", "path": "../../escape.pt", "size": 3, "oid": "c" * 40}]
+        data = json.dumps(listed if "/tree/" in self.path else
+                          {"id": "o/r", "sha": COMMIT,
+                           "siblings": [{"rfilename": entry["path"]} for entry in listed]}).encode()
+        self.send_response(200 if self.path.startswith("/api/models/o/r") else 404)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_listed_name_with_dots_is_one_line(monkeypatch, tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Listing)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT",
+                        f"http://127.0.0.1:{server.server_address[1]}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    try:
+        with pytest.raises(RegditError) as error:
+            resolve_path("hf://o/r", "VAE folder")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert str(error.value) == (
+        "VAE folder hf://o/r: huggingface_hub refused a path of o/r (Invalid filename "
+        "'../../escape.pt': cannot contain a '..' path segment. Please ask the repository owner "
+        "to rename this file.): the repository lists a file "
+        f"outside itself, or its cache folder {tmp_path / 'cache' / 'models--o--r'} is damaged "
+        "(delete it and fetch the path again)")
+    assert not list(tmp_path.rglob("escape.pt"))
