@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import datetime
 import math
+import os
 import types
 import typing
 from pathlib import Path
@@ -248,10 +249,28 @@ def read_yaml(path, what):
             else:
                 continue
             raise RegditError(f"{what} {path} line {token.start_mark.line + 1}: {problem}")
+        check_unique_keys(yaml.compose(text, Loader=YAML_LOADER), f"{what} {path}")
         return yaml.load(text, Loader=YAML_LOADER)
     except yaml.YAMLError as error:
         raise RegditError(f"{what} {path} is not valid YAML "
                           f"({' '.join(str(error).split())})") from None
+
+
+def check_unique_keys(node, where):
+    """A one-line RegditError for a key given twice in a mapping of the YAML `node`: PyYAML keeps
+    the last one silently."""
+    children = node.value if isinstance(node, yaml.SequenceNode) else []
+    if isinstance(node, yaml.MappingNode):
+        seen = set()
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode):
+                if (key.tag, key.value) in seen:
+                    raise RegditError(f"{where} line {key.start_mark.line + 1}: {key.value} is "
+                                      "given twice; give each key once")
+                seen.add((key.tag, key.value))
+            children += [key, value]
+    for child in children:
+        check_unique_keys(child, where)
 
 
 def read_yaml_config(path, config_class, command):
@@ -265,8 +284,15 @@ def read_yaml_config(path, config_class, command):
         names.update({flag[2:].replace("-", "_"): name for flag in flag_names(field, prefix)
                       if flag[:2] == "--"})
         names[name] = name
-    spelled = ((str(k).replace("-", "_"), v) for k, v in values.items() if k != "plugin")
-    values = {names.get(key, key): value for key, value in spelled}
+    spelled = [(names.get(key, key), str(k)) for k, key in
+               ((k, str(k).replace("-", "_")) for k in values
+                                      if k != "plugin")]
+    for name in {name for name, _ in spelled}:
+        spellings = [written for other, written in spelled if other == name]
+        if len(spellings) > 1:
+            raise RegditError(f"config file {path} gives {name} twice ({', '.join(spellings)}): "
+                              "give each setting once")
+    values = {name: values[written] for name, written in spelled}
     unknown = sorted(set(values) - set(names.values()))
     if unknown:
         raise RegditError(f"config file {path} has unknown settings {', '.join(unknown)}: "
@@ -320,8 +346,30 @@ def missing_required(config):
             if field.metadata.get("required") and flat_settings(config)[name] in (None, [])]
 
 
-def changed_setting(previous, current, may_change):
+# the setting of a run's saved settings that records the folder they were saved in
+FOLDER = "folder"
+
+
+def changed_setting(previous, current, may_change, paths=()):
     """The first setting, other than those in `may_change`, whose value in a run's saved settings
-    `previous` differs from `current` (both dicts); None when a rerun may continue that run."""
-    return next((k for k in current if k not in may_change and k in previous
-                 and previous[k] != current[k]), None)
+    `previous` differs from `current` (both dicts); None when a rerun may continue that run. The
+    settings named in `paths` (absolute paths) are the same also where they lie, relative to the
+    folder of the settings (their setting FOLDER), where they lay: a run folder moved or copied with
+    its inputs beside it continues."""
+    return next(iter(changed_settings(previous, current, may_change, paths)), None)
+
+
+def changed_settings(previous, current, may_change, paths=()):
+    """Every setting that `changed_setting` finds changed, in the order of `current`."""
+    return [k for k in current if k not in may_change and k != FOLDER and k in previous
+            and not (previous[k] == current[k] or k in paths and moved_along(previous, current, k))]
+
+
+def moved_along(previous, current, name):
+    """True when the path setting `name` of `current` lies where that of `previous` lay, relative to
+    the folder of each (FOLDER)."""
+    values = previous[name], current[name], previous.get(FOLDER), current.get(FOLDER)
+    if not all(isinstance(value, str) and os.path.isabs(value) for value in values):
+        return False
+    before, now, folder_before, folder_now = values
+    return os.path.relpath(before, folder_before) == os.path.relpath(now, folder_now)

@@ -55,11 +55,16 @@ def read_json(path, fix):
                           f"{fix}") from error
 
 
+# labels are class indices of int32 range: labels.npy, the model's class embedding and torch's
+# label tensors hold them
+LABEL_LIMIT = 2**31
+
+
 def read_labels(meta, path, fix):
     """{name: label} of a dataset.json's `{"labels": [[name, label], ...], "classes": [...]}`
     (`meta`, read from `path`). Each label must be an integer (not a bool, a float or a string) from
-    0, below the number of "classes" when it lists them; anything else is one line naming the file,
-    the entry and `fix`."""
+    0, below the number of "classes" when it lists them, else below LABEL_LIMIT; anything else is
+    one line naming the file, the entry and `fix`."""
     if not isinstance(meta, dict):
         raise RegditError(f'{path}: holds a JSON {type(meta).__name__}, not '
                           f'{{"labels": [[name, label], ...]}}; {fix}')
@@ -69,7 +74,8 @@ def read_labels(meta, path, fix):
                           f'pairs; {fix}')
     if classes is not None and not isinstance(classes, list):
         raise RegditError(f'{path}: "classes" is {classes!r:.40}, not a list of class names; {fix}')
-    allowed = f"from 0 to {len(classes) - 1} (its {len(classes)} classes)" if classes else ">= 0"
+    allowed = (f"from 0 to {len(classes) - 1} (its {len(classes)} classes)" if classes
+               else "from 0 to 2**31 - 1")
     labels = {}
     for entry in pairs:
         if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)):
@@ -77,7 +83,7 @@ def read_labels(meta, path, fix):
                               f"{fix}")
         name, label = entry
         if (not isinstance(label, int) or isinstance(label, bool) or label < 0
-                or classes and label >= len(classes)):
+                or label >= (len(classes) if classes else LABEL_LIMIT)):
             raise RegditError(f"{path}: label {label!r} of {name}: labels must be integers "
                               f"{allowed}; {fix}")
         labels[name] = label
@@ -124,9 +130,14 @@ def open_dataset(data_dir, resolution=None, seed=0):
     the flips.
     """
     data_dir = os.fspath(data_dir)
-    for layout in LAYOUTS.values():
-        if layout.reader.detect(data_dir):
-            return layout.reader(data_dir, resolution, seed)
+    found = [(name, layout.reader) for name, layout in LAYOUTS.items()
+             if layout.reader.detect(data_dir)]
+    if len(found) > 1:  # which one to read would be a guess
+        names = " and ".join(f"{name} ({reader.marker})" for name, reader in found)
+        raise RegditError(f"{data_dir} holds {len(found)} dataset layouts, {names}: move one into "
+                          "a folder of its own and pass the folder of the one to use")
+    if found:
+        return found[0][1](data_dir, resolution, seed)
     if os.path.isdir(os.path.join(data_dir, PROGRESS)):
         raise RegditError(f"{data_dir}: unfinished `regdit prepare latents` (no {META} yet); "
                           "rerun the same command to finish it")
@@ -142,7 +153,8 @@ def open_dataset(data_dir, resolution=None, seed=0):
 
 
 class _Dataset(torch.utils.data.Dataset):
-    """A layout's reader: `detect(data_dir)` says whether a folder holds the layout;
+    """A layout's reader: `detect(data_dir)` says whether a folder holds the layout (by its file or
+    folder `marker`);
     `Reader(data_dir, resolution, seed)` validates it and has the items and attributes listed in
     open_dataset."""
     classes = None  # the class names, where the layout records them
@@ -173,6 +185,8 @@ class _Dataset(torch.utils.data.Dataset):
 class RegditDataset(_Dataset):
     """regdit's memory-mapped layout (module docstring); mirrored moments, when present, give random
     flips."""
+
+    marker = META
 
     @staticmethod
     def detect(data_dir):
@@ -264,6 +278,8 @@ class RegditDataset(_Dataset):
 class OfficialDataset(_Dataset):
     """The official layout: PNG images and one moments .npy per image, paired by sorted path (no
     flips)."""
+
+    marker = OFFICIAL_LATENTS + "/"
 
     @staticmethod
     def detect(data_dir):

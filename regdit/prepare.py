@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from regdit import RegditError, Stopped, cpu_launch
 from regdit import vae as vae_lib
-from regdit.config import Settings, flag
+from regdit.config import FOLDER, Settings, changed_settings, flag
 from regdit.data import LAYOUTS, PROGRESS, read_json, read_labels, write_json
 from regdit.files import atomic_write, check_regular_file, remove_temp_files, writing_into
 from regdit.hub import is_hub_url, parse
@@ -98,6 +98,11 @@ TRANSFORMS = {"center-crop-dhariwal": center_crop_dhariwal, "center-crop": cente
 # --------------------------------------------------------------------------------- resumable output
 
 
+# settings that are paths: the same where they lie as they lay, relative to the output folder,
+# after it moved or was copied with them (config.changed_setting)
+PATH_SETTINGS = ("source", "vae")
+
+
 def claim_dest(out, settings, finished_path):
     """Check that `out` is new or holds a run with the same settings; True when that run has
     finished."""
@@ -111,8 +116,10 @@ def claim_dest(out, settings, finished_path):
         raise RegditError(f"{out} is not empty and holds no regdit prepare output; {fix}")
     else:
         return False
-    if previous != settings:
-        changed = sorted(k for k in settings if (previous or {}).get(k) != settings[k])
+    previous = previous if isinstance(previous, dict) else {}
+    changed = sorted([k for k in settings if k not in previous and k != FOLDER]
+                     + changed_settings(previous, settings, (), PATH_SETTINGS))
+    if changed or not previous:
         raise RegditError(f"{out} holds a run with other settings "
                           f"({', '.join(changed) or 'unknown'}); {fix}")
     return not os.path.isfile(settings_path)
@@ -276,7 +283,7 @@ def prepare_images(config: PrepareImagesConfig):
         raise RegditError(f"{source} contains no images "
                           f"({', '.join(sorted(image_extensions())[:6])}, ...)")
     labels, classes = source_labels(source, names)
-    settings = {"source": source, "resolution": resolution, "transform": transform}
+    settings = {"source": source, "resolution": resolution, "transform": transform, FOLDER: dest}
     skipped = []
     with RunLock(dest, "prepare images"), writing_into(dest), (
             # each worker opens the zip itself: a descriptor inherited from the parent shares its
@@ -433,7 +440,7 @@ def prepare_latents_with(config, signals):
     names, labels, num_classes, resolution = read_image_folder(source)
     settings = {"source": source, "num_images": len(names), "resolution": resolution,
                 "vae": vae_lib.resolve_vae_name(config.vae), "flip": flip, "layout": config.layout,
-                "shard_size": shard_size,
+                "shard_size": shard_size, FOLDER: writer.out,
                 # recorded when not the default, so that datasets prepared before it resume
                 **({"latent_norm": config.latent_norm} if config.latent_norm != "scale" else {})}
     with lock_run(dest, "prepare latents", state), writing_into(dest):
@@ -586,7 +593,8 @@ def prepare_vae(config: PrepareVaeConfig):
         raise RegditError(f"{source}: {resolution} px images do not tile into the VAE's 4x4 latent "
                           "cells; prepare the images at a multiple of 4 px")
     settings = {"source": source, "num_images": len(names), "resolution": resolution,
-                "steps": config.steps, "batch_size": config.batch_size, "seed": config.seed}
+                "steps": config.steps, "batch_size": config.batch_size, "seed": config.seed,
+                FOLDER: dest}
     finished_path = os.path.join(dest, "fit.json")
     with RunLock(dest, "prepare vae"), writing_into(dest):
         if claim_dest(dest, settings, finished_path):

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from regdit import RegditError, Stopped, __version__, cpu_launch
 from regdit.checkpoint import build_model_from_checkpoint, load_checkpoint, local_checkpoint
-from regdit.config import Settings, changed_setting, flag, nested
+from regdit.config import FOLDER, Settings, changed_setting, flag, nested
 from regdit.data import load_array
 from regdit.files import atomic_write, check_output, check_writable, npz_arrays, remove_temp_files
 from regdit.images import read_image
@@ -137,12 +137,13 @@ def png_done(path):
 
 
 def check_resumable(folder, settings):
-    """A run folder may only be continued with the settings that made its samples."""
+    """A run folder may only be continued with the settings that made its samples (the checkpoint
+    and the VAE may have moved along with the folder)."""
     path = folder / SETTINGS
     if not path.is_file():
         return
     previous, current = json.loads(path.read_text()), json.loads(json.dumps(settings))
-    changed = changed_setting(previous, current, RESUMABLE)
+    changed = changed_setting(previous, current, RESUMABLE, paths=("ckpt", "vae"))
     if changed:
         raise RegditError(f"{folder} holds samples made with other settings ({changed} "
                           f"{previous.get(changed)!r} there, {current[changed]!r} now): pass "
@@ -238,12 +239,15 @@ def load_model_and_vae(config, device, model=None):
 
 @torch.no_grad()
 def sample_batch(model, vae, indices, sampling, global_seed=0, balanced=False, mixed_precision="no",
-                 path_type="linear", class_label=None, latent_norm=None, guide=None):
+                 path_type="linear", class_label=None, latent_norm=None, guide=None,
+                 finite_only=False):
     """uint8 images (N, H, W, 3) of the sample indices, each drawn from its own stream (see the
     module docstring), as `sampling` (a Sampling) says; `path_type` is the model's, used unless
     `sampling` names one; `class_label`: every sample's class (else drawn, or balanced);
     `latent_norm`: the LatentNorm of the model's latents (None: the VAE's own scale and shift);
-    `guide`: the model of `sampling.guide_ckpt` (`load_guide`), for autoguidance."""
+    `guide`: the model of `sampling.guide_ckpt` (`load_guide`), for autoguidance. `finite_only`:
+    latents that are not finite (a guidance scale so large that they overflow) are a RegditError,
+    not images decoded from them (black)."""
     device = model.pos_embed.device
     generators = sample_generators(indices, global_seed, device)
     y = draw_labels(generators, indices, model.num_classes, balanced, class_label)
@@ -257,8 +261,17 @@ def sample_batch(model, vae, indices, sampling, global_seed=0, balanced=False, m
         x = SAMPLERS[sampling.sampler](model, x, cls, y, generator=generators,
                                        **sampling.arguments(path_type),
                                        **({"guide": guide} if guide is not None else {}))
+    if finite_only and not torch.isfinite(x).all():
+        raise RegditError(f"samples {indices[0]}-{indices[-1]} came out not finite (NaN or "
+                          f"infinite) with --cfg-scale {sampling.cfg_scale:g} --cls-cfg-scale "
+                          f"{sampling.cls_cfg_scale:g}: lower the guidance scales, or check the "
+                          "checkpoint; no image written")
     # float32 latents to the VAE, as generate.py
     return decode_latents(vae, x.float(), latent_norm).cpu().numpy()
+
+
+# 40 times the paper's 250 SDE steps; more only costs time
+MAX_STEPS = 10_000
 
 
 @dataclass
@@ -270,7 +283,7 @@ class Sampling(Settings):
                                "velocity; heun: Heun on it; any other entry of "
                                "regdit.samplers.SAMPLERS", choices=SAMPLERS, aliases=("--mode",))
     num_steps: int | None = flag(None, "sampling steps (default: the sampler's: 250 for sde, 50 "
-                                       "for ode and heun)", at_least=1)
+                                       "for ode and heun)", at_least=1, at_most=MAX_STEPS)
     heun: bool = flag(False, "the official spelling of --sampler heun, with --mode ode")
     cfg_scale: float = flag(1.0, "classifier-free guidance scale (1: none)", at_least=1)
     cls_cfg_scale: float = flag(0.0, "guidance scale of the class token (0: its conditional drift)",
@@ -433,6 +446,7 @@ def sample_with(config, model, signals):
     check_class_label(config.class_label, model.num_classes)
     settings = run_settings(config, model, vae_model, vae, ckpt, stored, state)
     folder = Path(config.sample_dir) / run_name(config, settings, ckpt, stored, vae)
+    settings[FOLDER] = str(folder.resolve())
     npz_path = folder.parent / f"{folder.name}.npz"
     check_output(folder, "--sample-dir", folder=True)
     check_output(npz_path, "--sample-dir", foreign_to_samples, {"--ckpt": ckpt})
@@ -445,8 +459,15 @@ def sample_with(config, model, signals):
         state.wait_for_everyone()
         stop = StopVote(signals, state.num_processes)
         stop.start_safe_points()
-        draw_pending(config, folder, model, vae_model, settings["path_type"], state, stop,
-                     stored["latent_norm"], guide)
+        try:
+            draw_pending(config, folder, model, vae_model, settings["path_type"], state, stop,
+                         stored["latent_norm"], guide)
+        except RegditError:
+            if state.is_main_process and not any(folder.glob("*.png")):
+                # nothing sampled: the folder goes (RunLock removes it once empty)
+                for name in (SETTINGS, LABELS):
+                    (folder / name).unlink(missing_ok=True)
+            raise
         # no barrier after packing: it can outlast the collective timeout (10 min on NCCL)
         if state.is_main_process:
             with signals.writing():
@@ -532,7 +553,7 @@ def draw_pending(config, folder, model, vae, path_type, state, stop, latent_norm
             chunk = pending[first + state.process_index]
             images = sample_batch(net, vae, chunk, config.sampling, config.global_seed,
                                   config.balanced, config.mixed_precision, path_type,
-                                  config.class_label, latent_norm, guide)
+                                  config.class_label, latent_norm, guide, finite_only=True)
             for i, image in zip(chunk, images):
                 if not png_done(png_path(folder, i)):
                     with atomic_write(png_path(folder, i), sync=False) as f:

@@ -216,7 +216,9 @@ class TrainConfig(Settings):
     eval_every: int = flag(0, "evaluate the EMA weights every N steps: FID, sFID, IS, precision, "
                               "recall to metrics.jsonl and the tracker, the best FID's checkpoint "
                               "as checkpoints/best.pt (0: never)", at_least=0)
-    eval_samples: int = flag(10000, "samples per evaluation (FID-K)", at_least=4)
+    eval_samples: int = flag(10000, "samples per evaluation (FID-K; at most FID-50K, the paper's: "
+                                    "`regdit sample` + `regdit eval` score more)", at_least=4,
+                             at_most=50_000)
     ref_batch: str | None = flag(None, "reference batch of --eval-every (ADM .npz; "
                                        "`regdit eval --make-ref` builds one; ADM's by name, e.g. "
                                        "imagenet256, downloaded once)")
@@ -245,14 +247,19 @@ class TrainConfig(Settings):
         weights = {}
         for item in self.extra_terms or ():
             name, _, weight = item.partition("=")
+            if name in weights:
+                raise RegditError(f"--extra-terms {item}: {name} is given twice; give each term "
+                                  "once")
             try:
                 weights[name] = float(weight)
             except ValueError:
                 weights[name] = float("nan")
-            if name not in LOSS_TERMS or not np.isfinite(weights[name]):
+            # a negative weight would train the model to raise its term
+            if name not in LOSS_TERMS or not 0 <= weights[name] < float("inf"):
                 raise RegditError(f"--extra-terms {item}: must be NAME=WEIGHT with NAME one of "
                                   f"{', '.join(LOSS_TERMS) or 'regdit.loss.LOSS_TERMS (empty)'} "
-                                  "and a finite WEIGHT (a plugin's term needs its --plugin)")
+                                  "and a finite WEIGHT of at least 0 (a plugin's term needs its "
+                                  "--plugin)")
         return weights
 
 

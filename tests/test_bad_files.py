@@ -145,7 +145,7 @@ CASES = [  # (arguments, the one line must match)
      r'images-5/dataset.json: "labels" is 5, not a list of \[name, label\] pairs'),
     (TRAIN + ["{W}/official-1.5"],
      r"vae-sd/dataset.json: label 1.5 of 00000/img-mean-std-00000002.npy: labels must be "
-     r"integers >= 0"),
+     r"integers from 0 to 2\*\*31 - 1"),
     (TRAIN + ["{W}/data-label5", "--num-classes", "2"],
      r"labels.npy: label 5 of image 5 is outside 0..1"),
     (TRAIN + ["{W}/data-objects", "--num-classes", "2"],

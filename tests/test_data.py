@@ -148,7 +148,7 @@ def test_official_layout_reads_and_validates(tmp_path):
     root = write_official(tmp_path / "nolabel", labels=[0, 1, 2])
     fails(root, r"vae-sd/dataset.json: no label for 00000/img-mean-std-00000003.npy")
     root = write_official(tmp_path / "negative", labels=[0, 1, -2, 0])
-    fails(root, "labels must be integers >= 0")
+    fails(root, r"labels must be integers from 0 to 2\*\*31 - 1")
     root = write_official(tmp_path / "shape")
     np.save(root / "vae-sd" / "00000" / "img-mean-std-00000003.npy",
             np.zeros((1, 8, 8, 8), np.float32))

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import cli_error
 
 import regdit.models
 import regdit.sample
@@ -317,3 +318,20 @@ def test_sample_seeds_of_nearby_global_seeds_differ_in_the_bits_the_cpu_generato
     assert len(low_bits) == 3 * 50_000
     assert [regdit.sample.sample_seed(0, i) for i in range(3)] == [0, 1, 2]  # as before
     assert regdit.sample.sample_seed(2**32 - 1, 2**20) < 2**64  # a torch seed
+
+
+def test_samples_that_come_out_not_finite_are_refused_and_nothing_is_written(files, tmp_path):
+    """A guidance scale so large that the latents overflow: one line, no image, no run folder
+    (today's black images would pass for samples)."""
+    with pytest.raises(RegditError, match=r"^samples 0-1 came out not finite \(NaN or infinite\) "
+                                          r"with --cfg-scale 1e\+308 --cls-cfg-scale 0: lower the "
+                                          r"guidance scales, or check the checkpoint; no image "
+                                          r"written$"):
+        sample(files["export"], tmp_path / "samples", 2, 2, vae=files["vae"], num_steps=2,
+               cfg_scale=1e308)
+    assert not (tmp_path / "samples").exists() or not list((tmp_path / "samples").iterdir())
+
+
+def test_sample_steps_have_a_documented_upper_bound(capsys):
+    assert cli_error(capsys, ["sample", "--ckpt", "x.pt", "--num-steps", str(2**63)]) \
+        == f"regdit sample: error: --num-steps {2**63}: must be at least 1 and at most 10000"

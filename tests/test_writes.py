@@ -3,8 +3,10 @@ export, a run folder moved or copied elsewhere."""
 import contextlib
 import json
 import re
+import shutil
 import socket
 import subprocess
+from pathlib import Path
 
 import pytest
 from conftest import FIXTURES
@@ -81,3 +83,40 @@ def test_a_killed_export_is_redone_by_the_same_command(tmp_path):
         == ["README.md", "config.json", "model.safetensors"]
     # whole: its checksum is verified
     assert load_checkpoint(tmp_path / "export" / "model.safetensors")["ema"]
+
+
+@pytest.mark.slow
+def test_a_copied_run_folder_continues_from_its_new_place(tiny_data, tmp_path, capsys):
+    """A project folder (images, latents, a run and its samples) copied elsewhere: every command
+    rerun on the copy takes its earlier output as its own (paths recorded relative to the output
+    folder), while a source that really differs is still refused."""
+    first = tmp_path / "first"
+    for name in ("raw", "images", "data", "encoder"):
+        shutil.copytree(tiny_data / name, first / name)
+    commands = [
+        ["prepare", "images", "--source", "{P}/raw", "--dest", "{P}/images", "--resolution", "32",
+         "--workers", "0"],
+        ["prepare", "latents", "--source", "{P}/images", "--dest", "{P}/data", "--vae", "none",
+         "--batch-size", "16", "--flip", "--workers", "0"],
+        train_argv(Path("{P}"), "{P}/exps", max_train_steps=1, log_every=1),
+        ["sample", "--ckpt", "{P}/exps/run/checkpoints/0000001.pt", "--sample-dir", "{P}/samples",
+         "--num-fid-samples", "2", "--per-proc-batch-size", "2", "--num-steps", "2", "--vae",
+         "none"]]
+
+    def run(project, argv):
+        main([str(part).replace("{P}", str(project)) for part in argv])
+    for argv in commands[2:]:
+        run(first, argv)
+    copy = tmp_path / "copy"
+    shutil.copytree(first, copy)
+    shutil.rmtree(first)  # nothing of the copy may point into the original
+    capsys.readouterr()
+    for argv in commands:
+        run(copy, argv)
+    out = capsys.readouterr().out
+    assert "already prepared with these settings" in out and "2 of 2 samples done" in out
+    shutil.copytree(copy / "raw", copy / "raw2")
+    with pytest.raises(SystemExit) as exit_info:
+        run(copy, [*commands[0][:3], "{P}/raw2", *commands[0][4:]])
+    assert exit_info.value.code.endswith(f"{copy}/images holds a run with other settings "
+                                         f"(source); use a new --dest or delete {copy}/images")
