@@ -153,7 +153,7 @@ def plot(runs):
 
 def html_page(runs, png):
     """A page with the figure and one table row per run: last logged step, loss, images/s, best
-    FID."""
+    FID and the FD_DINOv2 of its evaluation."""
     rows = []
     for name, settings, lines, evaluations in runs:
         last = lines[-1] if lines else {}
@@ -162,9 +162,12 @@ def html_page(runs, png):
         cells = [name, settings.get("model", "?"), settings.get("method", "?"),
                  last.get("step", ""), f"{value(last, 'loss_final'):.4f}" if last else "",
                  f"{value(last, 'images_per_sec'):.1f}" if last else "",
-                 f"{best['eval/fid']:.3f} at {best['step']}" if best else "-"]
+                 f"{best['eval/fid']:.3f} at {best['step']}" if best else "-",
+                 # with --eval-fd-dinov2
+                 f"{best['eval/fd_dinov2']:.2f}" if best and "eval/fd_dinov2" in best else "-"]
         rows.append("<tr>" + "".join(f"<td>{cell}</td>" for cell in cells) + "</tr>")
-    columns = ("run", "model", "method", "step", "loss", "images/s", "best FID")
+    columns = ("run", "model", "method", "step", "loss", "images/s", "best FID",
+               "FD_DINOv2 there")
     header = "".join(f"<th>{h}</th>" for h in columns)
     return (f"{PAGE_START}</head><body>"
             f"<table border='1' cellpadding='4'><tr>{header}</tr>{''.join(rows)}</table>"
