@@ -781,7 +781,9 @@ def check_output_file(config, path):
                           "pass another --output")
     weights = config.inception_weights or os.environ.get(INCEPTION_WEIGHTS_ENV)
     inputs = {"--ref-batch": config.ref_batch, "--sample-batch": config.sample_batch,
-              "--make-ref": config.make_ref, "Inception weights": weights}
+              "--make-ref": config.make_ref, "Inception weights": weights,
+              "DINOv2 weights": ((config.dinov2_weights or os.environ.get(DINOV2_WEIGHTS_ENV))
+                                 if config.fd_dinov2 else None)}
     foreign = foreign_to_reference if config.make_ref else foreign_to_metrics
     check_output(path, "--output", foreign, inputs)
 
