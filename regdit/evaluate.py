@@ -29,8 +29,10 @@ from torch_fidelity.feature_extractor_inceptionv3 import (
 )
 from tqdm import tqdm
 
-from regdit import RegditError, cpu_launch, downloads
+from regdit import RegditError, cpu_launch, downloads, fd_dinov2
 from regdit.config import Settings, flag
+from regdit.fd_dinov2 import DINOV2_URL
+from regdit.fd_dinov2 import WEIGHTS_ENV as DINOV2_WEIGHTS_ENV
 from regdit.files import (
     atomic_write,
     check_output,
@@ -339,19 +341,44 @@ def gather_batches(batches, state):
     return dict(item for part in gather_object([list(batches.items())]) for item in part)
 
 
-def compute_activations(images_nhwc_uint8, model, batch_size=64, desc="inception", state=None):
-    """Inception features (see batch_activations) of N x H x W x 3 uint8 images (an array, NpzImages
-    or ImageFolder) in batches of `batch_size` consecutive images. With `state` (several processes),
-    batch k is computed by process k % num_processes and the features are gathered on every process:
-    the batches, and so the features, are those of one process, bit for bit."""
+def compute_activations(images_nhwc_uint8, model, batch_size=64, desc="inception", state=None,
+                        features=batch_activations):
+    """Inception features (see batch_activations; or those of `features(images, model)`, a dict of
+    arrays) of N x H x W x 3 uint8 images (an array, NpzImages or ImageFolder) in batches of
+    `batch_size` consecutive images. With `state` (several processes), batch k is computed by
+    process k % num_processes and the features are gathered on every process: the batches, and so
+    the features, are those of one process, bit for bit."""
     rank, world = (state.process_index, state.num_processes) if state is not None else (0, 1)
     starts = range(0, len(images_nhwc_uint8), batch_size)
-    mine = {k: batch_activations(images_nhwc_uint8[start:start + batch_size], model)
+    mine = {k: features(images_nhwc_uint8[start:start + batch_size], model)
             for k, start in tqdm(list(enumerate(starts))[rank::world], desc=desc, unit="batch",
                                  disable=rank != 0)}
     batches = gather_batches(mine, state)
     return {name: np.concatenate([batches[k][name] for k in range(len(starts))])
-            for name in FEATURES}
+            for name in batches[0]}
+
+
+def dinov2_activations(images_nhwc_uint8, model):
+    """FD_DINOv2 features of one batch, as `compute_activations` takes them."""
+    return {"dinov2": fd_dinov2.dinov2_features(images_nhwc_uint8, model)}
+
+
+def dinov2_reference(ref_npz, ref_images, model, weights, batch_size, state):
+    """(mu, sigma) of the FD_DINOv2 features of the reference's images (cached beside ADM's
+    batches: fd_dinov2.reference_statistics)."""
+    return fd_dinov2.reference_statistics(
+        ref_npz, ref_images, fd_dinov2.dinov2_weights_path(weights), state,
+        lambda images: compute_activations(images, model, batch_size, "reference dinov2", state,
+                                           dinov2_activations)["dinov2"])
+
+
+def fd_dinov2_of(ref_npz, ref_images, sample_images, weights, batch_size, device, state):
+    """FD_DINOv2 of the samples against the reference batch's images (fd_dinov2)."""
+    model = fd_dinov2.load_dinov2(weights, device)
+    reference = dinov2_reference(ref_npz, ref_images, model, weights, batch_size, state)
+    sample = compute_activations(sample_images, model, batch_size, "samples dinov2", state,
+                                 dinov2_activations)["dinov2"]
+    return frechet_distance(*fid_statistics(sample), *reference)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -552,10 +579,11 @@ def check_resolutions(ref_npz, ref_shape, sample_npz, sample_shape, allow_mismat
 
 
 def evaluate(ref_npz, sample_npz, inception_weights=None, batch_size=64, num_samples=None,
-             device=None, allow_resolution_mismatch=False):
+             device=None, allow_resolution_mismatch=False, dinov2_weights=None, with_fd=False):
     """IS, FID, sFID, precision and recall of `sample_npz` (`arr_0`; the first `num_samples` if
     given) against `ref_npz` (`arr_0` plus optional `mu, sigma, mu_s, sigma_s`; or an ADM name, see
-    reference_batch_path), as ADM's evaluator computes them.
+    reference_batch_path), as ADM's evaluator computes them; `with_fd`: also FD_DINOv2 against the
+    reference's `arr_0` (regdit.fd_dinov2, the weights `dinov2_weights`).
 
     Both files (local or `hf://`), their sizes and the reference statistics are checked before the
     first Inception forward."""
@@ -573,19 +601,24 @@ def evaluate(ref_npz, sample_npz, inception_weights=None, batch_size=64, num_sam
                           allow_resolution_mismatch, "--allow-resolution-mismatch")
         with state.main_process_first():
             weights = inception_weights_path(inception_weights)
+            # before the Inception work: a download that cannot be is one line at once
+            dinov2 = fd_dinov2.dinov2_weights_path(dinov2_weights) if with_fd else None
         model = load_inception(weights, device)
         reference = Reference.from_batch(ref_npz, ref_images, model, batch_size, state)
         sample = compute_activations(sample_images, model, batch_size, desc="samples", state=state)
         sample_resolution = list(sample_images.shape[1:3])
+        fd = {} if not with_fd else {"fd_dinov2": fd_dinov2_of(
+            ref_npz, ref_images, sample_images, dinov2, batch_size, device, state)}
     warn_if_few((ref_npz, len(reference.pool)), (sample_npz, len(sample["pool"])))
-    return {**reference.metrics(sample, device), "settings": {
+    return {**reference.metrics(sample, device), **fd, "settings": {
         "ref_batch": os.path.abspath(ref_npz), "sample_batch": os.path.abspath(sample_npz),
         "num_ref": len(reference.pool), "num_samples": len(sample["pool"]),
         "ref_statistics_from": reference.statistics_from, "ref_resolution": reference.resolution,
         "sample_resolution": sample_resolution, "batch_size": batch_size,
         "num_processes": state.num_processes, "inception_weights": os.path.abspath(weights),
         "device": str(device), "torch": torch.__version__,
-        "torch_fidelity": torch_fidelity.__version__}}
+        "torch_fidelity": torch_fidelity.__version__,
+        **({"dinov2_weights": os.path.abspath(dinov2)} if with_fd else {})}}
 
 
 def warn_if_few(*counts):
@@ -667,6 +700,7 @@ def make_reference(source, output, inception_weights=None, batch_size=64, num_im
 
 METRIC_NAMES = {"inception_score": "Inception Score", "fid": "FID", "sfid": "sFID",
                 "precision": "Precision", "recall": "Recall"}
+FD_DINOV2_NAME = {"fd_dinov2": "FD_DINOv2"}  # with --fd-dinov2
 NON_FINITE_CAUSES = {  # the likely reason a metric is not a number
     "inception_score": "the Inception logits overflow or are not finite "
                        "(check --inception-weights)",
@@ -674,6 +708,8 @@ NON_FINITE_CAUSES = {  # the likely reason a metric is not a number
            "(check --inception-weights, --device)",
     "sfid": "non-finite Mixed_6d features or a failed covariance square root "
             "(check --inception-weights, --device)",
+    "fd_dinov2": "non-finite DINOv2 features or a failed covariance square root "
+                 "(check --dinov2-weights, --device)",
 }
 
 
@@ -708,6 +744,13 @@ class EvalConfig(Settings):
                               "(hf:// samples: in the current folder). With --make-ref: the "
                               "reference .npz to write", metavar="PATH")
     device: str | None = flag(None, "torch device; None: cuda if available, else cpu")
+    fd_dinov2: bool = flag(False, "also FD_DINOv2 (Stein et al. 2023; DINOv2 ViT-L/14 features "
+                                  "at 224 px, as EDM2) against the reference's arr_0 images")
+    dinov2_weights: str | None = flag(None, "with --fd-dinov2: dinov2_vitl14_pretrain.pth (from "
+                                            f"{DINOV2_URL}); None: ${DINOV2_WEIGHTS_ENV}, else "
+                                            "the torch hub cache, "
+                                            "where it is downloaded on first use",
+                                      metavar="PATH")
     allow_resolution_mismatch: bool = flag(False, "evaluate samples against a reference of another "
                                            "resolution (the metrics are then not comparable to "
                                            "published ones)")
@@ -750,7 +793,9 @@ def check_output_file(config, path):
                           "pass another --output")
     weights = config.inception_weights or os.environ.get(INCEPTION_WEIGHTS_ENV)
     inputs = {"--ref-batch": config.ref_batch, "--sample-batch": config.sample_batch,
-              "--make-ref": config.make_ref, "Inception weights": weights}
+              "--make-ref": config.make_ref, "Inception weights": weights,
+              "DINOv2 weights": ((config.dinov2_weights or os.environ.get(DINOV2_WEIGHTS_ENV))
+                                 if config.fd_dinov2 else None)}
     foreign = foreign_to_reference if config.make_ref else foreign_to_metrics
     check_output(path, "--output", foreign, inputs)
 
@@ -782,9 +827,10 @@ def foreign_to_reference(path):
 def check_finite(results):
     """Refuse metrics that are not numbers (nan, inf): they must not be written as if they were
     scores."""
-    bad = [key for key in METRIC_NAMES if not np.isfinite(results[key])]
+    names = {**METRIC_NAMES, **{k: v for k, v in FD_DINOV2_NAME.items() if k in results}}
+    bad = [key for key in names if not np.isfinite(results[key])]
     if bad:
-        values = ", ".join(f"{METRIC_NAMES[key]} = {results[key]}" for key in bad)
+        values = ", ".join(f"{names[key]} = {results[key]}" for key in bad)
         causes = "; ".join(dict.fromkeys(NON_FINITE_CAUSES.get(key, "non-finite Inception features")
                                          for key in bad))
         raise RegditError(f"{values}: not finite, so no metrics file is written; likely cause: "
@@ -808,13 +854,14 @@ def run_eval(config):
         return summary
     results = evaluate(config.ref_batch, config.sample_batch, config.inception_weights,
                        config.batch_size, config.num_samples, config.device,
-                       config.allow_resolution_mismatch)
+                       config.allow_resolution_mismatch, config.dinov2_weights, config.fd_dinov2)
     check_finite(results)
     # every process computed its share of the features, one writes
     if PartialState().is_main_process:
         print(f"{'metric':<16} {'value':>10}")
-        for key, name in METRIC_NAMES.items():
-            print(f"{name:<16} {results[key]:>10.4f}")
+        for key, name in {**METRIC_NAMES, **FD_DINOV2_NAME}.items():
+            if key in results:
+                print(f"{name:<16} {results[key]:>10.4f}")
         with atomic_write(output) as file:
             file.write(json.dumps(results, indent=2).encode())
         print(f"wrote {output}")

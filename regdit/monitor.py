@@ -14,10 +14,13 @@ from accelerate.utils import broadcast_object_list
 
 from regdit import RegditError
 from regdit.evaluate import (
-    FEATURES,
     Reference,
     batch_activations,
     check_resolutions,
+    dinov2_activations,
+    dinov2_reference,
+    fid_statistics,
+    frechet_distance,
     gather_batches,
     load_inception,
     load_npz_images,
@@ -25,6 +28,7 @@ from regdit.evaluate import (
     tf32,
     warn_if_few,
 )
+from regdit.fd_dinov2 import dinov2_weights_path, load_dinov2
 from regdit.sample import load_guide, sample_batch
 
 
@@ -49,18 +53,24 @@ class TrainingEvaluation:
                 config.eval.guide_ckpt, model,
                 dict(vae=dataset.vae, latent_norm=dataset.latent_norm), state.device,
                 "--eval-guide-ckpt")
+            # FD_DINOv2: its weights before training (a download that cannot be is one line)
+            dinov2 = config.eval_fd_dinov2 and dinov2_weights_path(config.dinov2_weights)
         self.latent_norm = dataset.latent_norm
         with load_npz_images(ref_batch) as images:
             shape = (config.eval_samples, dataset.resolution, dataset.resolution, 3)
             check_resolutions(ref_batch, images.shape, "of this run", shape)
             self.reference = Reference.from_batch(ref_batch, images, self.inception,
                                                   config.eval_batch_size, state)
+            self.dinov2 = dinov2 and load_dinov2(dinov2, state.device)
+            self.dinov2_reference = dinov2 and dinov2_reference(
+                ref_batch, images, self.dinov2, dinov2, config.eval_batch_size, state)
         warn_if_few((ref_batch, len(self.reference.pool)), ("--eval-samples", config.eval_samples))
 
     def __call__(self, ema, stop=None):
-        """(metrics, seconds): IS, FID, sFID, precision and recall of `config.eval_samples` samples
-        of `ema`. `stop` (a preemption.StopVote) is asked after each round of batches (one a
-        process): when it says so, the evaluation is abandoned and the metrics are None."""
+        """(metrics, seconds): IS, FID, sFID, precision and recall (and with --eval-fd-dinov2
+        FD_DINOv2) of `config.eval_samples` samples of `ema`. `stop` (a preemption.StopVote) is
+        asked after each round of batches (one a process): when it says so, the evaluation is
+        abandoned and the metrics are None."""
         config, state = self.config, self.state
         started = time.perf_counter()
         starts = range(0, config.eval_samples, config.eval_batch_size)
@@ -76,6 +86,8 @@ class TrainingEvaluation:
                                           config.path_type, latent_norm=self.latent_norm,
                                           guide=self.guide)
                     features[k] = batch_activations(images, self.inception)
+                    if self.dinov2:
+                        features[k].update(dinov2_activations(images, self.dinov2))
                 if stop is not None and stop():  # every process asks as often: the same rounds
                     return None, time.perf_counter() - started
         batches = gather_batches(features, state)
@@ -83,9 +95,12 @@ class TrainingEvaluation:
         # the metrics once (two 2048 x 2048 matrix square roots), then to every process
         if state.is_main_process:
             sample = {name: np.concatenate([batches[k][name] for k in range(len(starts))])
-                      for name in FEATURES}
+                      for name in batches[0]}
             try:
                 metrics = self.reference.metrics(sample, state.device)
+                if self.dinov2:
+                    metrics["fd_dinov2"] = frechet_distance(*fid_statistics(sample["dinov2"]),
+                                                            *self.dinov2_reference)
             except RegditError as error:
                 # e.g. an FID that cannot be computed: said, and training goes on
                 metrics = {"error": str(error)}

@@ -225,6 +225,11 @@ class TrainConfig(Settings):
     inception_weights: str | None = flag(None, "Inception weights of --eval-every (default: "
                                                "$REGDIT_INCEPTION_WEIGHTS, else torch-fidelity's "
                                                "cache, downloaded there on first use)")
+    eval_fd_dinov2: bool = flag(False, "also FD_DINOv2 (DINOv2 ViT-L/14 features, as `regdit "
+                                       "eval --fd-dinov2`) in every evaluation")
+    dinov2_weights: str | None = flag(None, "DINOv2 weights of --eval-fd-dinov2 (default: "
+                                            "$REGDIT_DINOV2_WEIGHTS, else the torch hub cache, "
+                                            "downloaded there on first use)")
     eval: EvalSampling = nested(EvalSampling, "how the evaluation samples are drawn")
     eval_batch_size: int = flag(64, "evaluation samples (and Inception images) per batch and "
                                     "process", at_least=1)
@@ -268,7 +273,7 @@ class TrainConfig(Settings):
 RESUMABLE = {"output_dir", "exp_name", "logging_dir", "report_to", "log_every", "sampling_steps",
              "checkpointing_steps", "resume_step", "max_train_steps", "epochs", "data_dir",
              "num_workers", "vae", "enc_path", "compile", "grad_checkpointing", "ref_batch",
-             "inception_weights", "init_from", "init_weights",
+             "inception_weights", "dinov2_weights", "init_from", "init_weights",
              # the global batch and every random draw are the same on any number of processes and
              # accumulation steps
              "gradient_accumulation_steps", "allow_tf32", "fused_attn",

@@ -4,13 +4,15 @@ interval."""
 import numpy as np
 import pytest
 import torch
-from conftest import cli_error
+from conftest import cli_error, tiny_config
 
+from regdit import RegditError
 from regdit.checkpoint import save_pretrained
 from regdit.cli import main
 from regdit.models import SiT, SiTConfig
 from regdit.sample import Sampling, sample_batch
 from regdit.samplers import SAMPLERS
+from regdit.train import EvalSampling, train
 
 TINY = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2,
             num_classes=5, z_dims=[16], projector_dim=32, encoder_depth=1)
@@ -109,3 +111,21 @@ def test_a_guide_of_other_latents_or_classes_is_one_line(tmp_path, capsys):
                                   "--guide-ckpt", str(tmp_path / name / "model.safetensors"),
                                   "--cfg-scale", "2", "--sample-dir", str(tmp_path / "s")])
         assert message in line and "must share the model's latent space and classes" in line
+
+
+def test_evaluation_guide_of_other_classes_is_refused_before_training(tiny_data, tmp_path,
+                                                                      inception_weights):
+    """`train --eval-guide-ckpt`: checked against the run's model (32x32 pixel-space latents, 4
+    classes) before any step."""
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, arr_0=np.load(tiny_data / "data" / "images.npy")[:4].transpose(0, 2, 3, 1))
+    save_pretrained(tiny_model(input_size=32, num_classes=7), tmp_path / "guide",
+                    latents={"vae": "none"})
+    guide = str(tmp_path / "guide" / "model.safetensors")
+    config = tiny_config(tiny_data, exp_name="eval-guide", eval_every=2, eval_samples=4,
+                         ref_batch=str(ref), inception_weights=inception_weights,
+                         eval=EvalSampling(cfg_scale=2.0, guide_ckpt=guide))
+    with pytest.raises(RegditError, match=r"--eval-guide-ckpt .*: its classes \(7\) is not the "
+                                          r"model's \(4\)"):
+        train(config)
+    assert not (tiny_data / "exps" / "eval-guide" / "checkpoints").exists()
