@@ -330,7 +330,8 @@ SETTING_WORDS = {
 def words(name):
     """gr component keywords: a plain-word label with the flag, and its help."""
     label, flag_name, help_line = SETTING_WORDS[name]
-    return dict(label=f"{label} ({flag_name})", info=help_line)
+    # wide enough for the label on one line: three to a row at 1400 px, one on a phone
+    return dict(label=f"{label} ({flag_name})", info=help_line, min_width=200)
 
 
 def settings_column(gr, name, opening, max_steps):
