@@ -294,7 +294,7 @@ def import_gradio(cache):
     """Gradio, without telemetry: nothing of the app leaves this machine. Matplotlib, which Gradio
     imports, keeps its cache in `cache` (the app's temporary folder), not in the user's home."""
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-    os.environ.setdefault("MPLCONFIGDIR", cache)
+    os.environ["MPLCONFIGDIR"] = os.environ.get("MPLCONFIGDIR") or cache
     try:
         import gradio
     except ImportError as error:

@@ -309,6 +309,12 @@ def test_refusals_at_start_are_one_line(demo_sized, tmp_path, capsys, monkeypatc
     if not torch.cuda.is_available():
         assert cli_error(capsys, ["app", "--ckpt", str(demo_sized), "--device", "cuda"]) \
             == "regdit app: error: --device cuda: torch sees no GPU here; pass --device cpu"
+    (tmp_path / "taken").write_text("")
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "taken"))
+    assert cli_error(capsys, ["app", "--ckpt", str(demo_sized), "--port", port]) == (
+        f"regdit app: error: GRADIO_TEMP_DIR={tmp_path / 'taken'} is not a folder: point "
+        "GRADIO_TEMP_DIR to a folder (or unset it)")
+    monkeypatch.delenv("GRADIO_TEMP_DIR")
     monkeypatch.setitem(sys.modules, "gradio", None)  # as if not installed
     assert cli_error(capsys, ["app", "--ckpt", str(demo_sized), "--port", port]) \
         == "regdit app: error: regdit app needs Gradio: pip install -e '.[app]'"
@@ -344,11 +350,12 @@ def start_chromium():
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
 
 
-def start_app(ckpt, port, log):
-    """`regdit app` in its own process; returns it once the page answers."""
+def start_app(ckpt, port, log, **env):
+    """`regdit app` in its own process (with `env` over this one's); returns it once the page
+    answers."""
     app = subprocess.Popen([sys.executable, "-m", "regdit", "app", "--ckpt", str(ckpt),
                             "--port", str(port), "--device", "cpu"],
-                           stdout=log, stderr=subprocess.STDOUT)
+                           stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env})
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         assert app.poll() is None, Path(log.name).read_text()[-3000:]
@@ -399,8 +406,10 @@ def test_the_page_in_a_browser_shows_what_regdit_sample_draws(demo_sized, tmp_pa
     from selenium.webdriver.support.ui import WebDriverWait
     driver = start_chromium()
     port = free_port()
+    (tmp_path / "home").mkdir()
     with open(tmp_path / "app.log", "w") as log:
-        app = start_app(demo_sized, port, log)
+        # MPLCONFIGDIR unset: matplotlib, which Gradio imports, would keep its cache in the home
+        app = start_app(demo_sized, port, log, HOME=str(tmp_path / "home"), MPLCONFIGDIR="")
     try:
         wait = WebDriverWait(driver, 120)
         driver.get(f"http://127.0.0.1:{port}/")
@@ -463,6 +472,7 @@ def test_the_page_in_a_browser_shows_what_regdit_sample_draws(demo_sized, tmp_pa
         driver.quit()
         app.terminate()
         app.wait(timeout=30)
+    assert list((tmp_path / "home").iterdir()) == []  # nothing written in the user's home
     drawn = sample_pngs(command, tmp_path / "samples")
     assert len(shown) == len(drawn) == 8
     assert all(np.array_equal(a, b) for a, b in zip(shown, drawn))
