@@ -444,12 +444,14 @@ def grid_event(gr, explorer, shared, settings, name, shown):
 
 
 # Small images shown large keep their pixels sharp; a grid is as tall as its images (Gradio's
-# gallery keeps at least 450 px) and its columns reflow with the width; commands wrap.
+# gallery keeps at least 450 px) and its columns reflow with the width; a command is shown whole at
+# any width (its box grows with its text).
 CSS = """#grid-A img, #grid-B img { image-rendering: pixelated; }
 #grid-A .grid-wrap, #grid-B .grid-wrap { min-height: 0; max-height: none; }
 #grid-A .grid-container, #grid-B .grid-container {
   grid-template-columns: repeat(auto-fill, minmax(min(100%, 96px), 1fr)) !important; }
-#command-A textarea, #command-B textarea { overflow-wrap: anywhere; }"""
+#command-A textarea, #command-B textarea { overflow-wrap: anywhere; field-sizing: content;
+  height: auto !important; max-height: none !important; }"""
 
 
 def gradio_temp_dir():
