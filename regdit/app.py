@@ -313,7 +313,7 @@ def import_gradio(cache):
     """Gradio, without telemetry: nothing of the app leaves this machine. Matplotlib, which Gradio
     imports, keeps its cache in `cache` (the app's temporary folder), not in the user's home."""
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
-    os.environ.setdefault("MPLCONFIGDIR", cache)
+    os.environ["MPLCONFIGDIR"] = os.environ.get("MPLCONFIGDIR") or cache
     try:
         import gradio
     except ImportError as error:
@@ -349,7 +349,8 @@ SETTING_WORDS = {
 def words(name):
     """gr component keywords: a plain-word label with the flag, and its help."""
     label, flag_name, help_line = SETTING_WORDS[name]
-    return dict(label=f"{label} ({flag_name})", info=help_line)
+    # wide enough for the label on one line: three to a row at 1400 px, one on a phone
+    return dict(label=f"{label} ({flag_name})", info=help_line, min_width=200)
 
 
 def settings_column(gr, name, opening, max_steps):
@@ -462,12 +463,14 @@ def grid_event(gr, explorer, shared, settings, name, shown):
 
 
 # Small images shown large keep their pixels sharp; a grid is as tall as its images (Gradio's
-# gallery keeps at least 450 px) and its columns reflow with the width; commands wrap.
+# gallery keeps at least 450 px) and its columns reflow with the width; a command is shown whole at
+# any width (its box grows with its text).
 CSS = """#grid-A img, #grid-B img { image-rendering: pixelated; }
 #grid-A .grid-wrap, #grid-B .grid-wrap { min-height: 0; max-height: none; }
 #grid-A .grid-container, #grid-B .grid-container {
   grid-template-columns: repeat(auto-fill, minmax(min(100%, 96px), 1fr)) !important; }
-#command-A textarea, #command-B textarea { overflow-wrap: anywhere; }"""
+#command-A textarea, #command-B textarea { overflow-wrap: anywhere; field-sizing: content;
+  height: auto !important; max-height: none !important; }"""
 
 
 def gradio_temp_dir():

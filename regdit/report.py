@@ -47,9 +47,9 @@ class ReportConfig(Settings):
     exp_dirs: list[str] | None = flag(
         None, "experiment folders (OUTPUT_DIR/EXP_NAME of `regdit train`)", positional=True,
         required=True, metavar="EXP_DIR")
-    output: str = flag("report.png", "the figure for papers (.png) or the run page (.html): "
-                                     "interactive curves, evaluations, preview grids, settings, "
-                                     "in one file that opens offline")
+    output: str = flag("report.html", "the run page (.html: interactive curves, evaluations, "
+                                      "preview grids, settings, in one file that opens offline) "
+                                      "or a figure for papers (.png)")
 
     def check(self):
         if Path(self.output).suffix not in (".png", ".html"):

@@ -315,6 +315,12 @@ def test_refusals_at_start_are_one_line(demo_sized, tmp_path, capsys, monkeypatc
     if not torch.cuda.is_available():
         assert cli_error(capsys, ["app", "--ckpt", str(demo_sized), "--device", "cuda"]) \
             == "regdit app: error: --device cuda: torch sees no GPU here; pass --device cpu"
+    (tmp_path / "taken").write_text("")
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "taken"))
+    assert cli_error(capsys, ["app", "--ckpt", str(demo_sized), "--port", port]) == (
+        f"regdit app: error: GRADIO_TEMP_DIR={tmp_path / 'taken'} is not a folder: point "
+        "GRADIO_TEMP_DIR to a folder (or unset it)")
+    monkeypatch.delenv("GRADIO_TEMP_DIR")
     monkeypatch.setitem(sys.modules, "gradio", None)  # as if not installed
     assert cli_error(capsys, ["app", "--ckpt", str(demo_sized), "--port", port]) \
         == "regdit app: error: regdit app needs Gradio: pip install -e '.[app]'"
@@ -350,11 +356,12 @@ def start_chromium():
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
 
 
-def start_app(ckpt, port, log):
-    """`regdit app` in its own process; returns it once the page answers."""
+def start_app(ckpt, port, log, **env):
+    """`regdit app` in its own process (with `env` over this one's); returns it once the page
+    answers."""
     app = subprocess.Popen([sys.executable, "-m", "regdit", "app", "--ckpt", str(ckpt),
                             "--port", str(port), "--device", "cpu"],
-                           stdout=log, stderr=subprocess.STDOUT)
+                           stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env})
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         assert app.poll() is None, Path(log.name).read_text()[-3000:]
@@ -370,7 +377,8 @@ def start_app(ckpt, port, log):
 def type_into(driver, element_id, text):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
-    box = driver.find_element(By.CSS_SELECTOR, f"#{element_id} input")
+    # a slider's number box, not its range
+    box = driver.find_element(By.CSS_SELECTOR, f"#{element_id} input:not([type=range])")
     box.click()
     box.send_keys(Keys.CONTROL, "a")
     box.send_keys(text)
@@ -391,6 +399,12 @@ def shown_pngs(driver, grid):
     return [np.array(Image.open(io.BytesIO(base64.b64decode(item)))) for item in data]
 
 
+def overflows(driver):
+    """Whether the page is wider than the window (a horizontal scrollbar)."""
+    return driver.execute_script(
+        "return document.documentElement.scrollWidth > window.innerWidth")
+
+
 @pytest.mark.slow
 def test_the_page_in_a_browser_shows_what_regdit_sample_draws(demo_sized, tmp_path):
     from selenium.webdriver.common.by import By
@@ -398,31 +412,47 @@ def test_the_page_in_a_browser_shows_what_regdit_sample_draws(demo_sized, tmp_pa
     from selenium.webdriver.support.ui import WebDriverWait
     driver = start_chromium()
     port = free_port()
+    (tmp_path / "home").mkdir()
     with open(tmp_path / "app.log", "w") as log:
-        app = start_app(demo_sized, port, log)
+        # MPLCONFIGDIR unset: matplotlib, which Gradio imports, would keep its cache in the home
+        app = start_app(demo_sized, port, log, HOME=str(tmp_path / "home"), MPLCONFIGDIR="")
     try:
         wait = WebDriverWait(driver, 120)
         driver.get(f"http://127.0.0.1:{port}/")
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#generate"))
+        body = driver.find_element(By.TAG_NAME, "body")
+        assert "Opens on the demo's sampling" in body.text and "Use via API" not in body.text
+        assert "SiT/1, depth 3, width 128" in body.text  # the report's label
         # a class by its name
         type_into(driver, "class", "red tri")
         option = "[role=option][aria-label='red triangle (5)']"
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, option))[0].click()
         type_into(driver, "seed", "7")
         # out of range: a message in the page
-        type_into(driver, "steps-A", "0").send_keys(Keys.TAB)
+        type_into(driver, "cfg-A", "0.5").send_keys(Keys.TAB)
         driver.find_element(By.CSS_SELECTOR, "#generate").click()
-        wait.until(lambda d: "--num-steps 0: must be at least 1" in d.find_element(
-            By.TAG_NAME, "body").text)
-        # the server goes on: a grid
-        type_into(driver, "steps-A", "20").send_keys(Keys.TAB)
+        wait.until(lambda d: "--cfg-scale 0.5: must be at least 1" in body.text)
+        # the server goes on: the first grid, on the checkpoint's own sampling
+        type_into(driver, "cfg-A", "2").send_keys(Keys.TAB)
         driver.find_element(By.CSS_SELECTOR, "#generate").click()
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#grid-A .grid-container img"))
                    == 8)
         command = driver.find_element(By.CSS_SELECTOR, "#command-A textarea").get_attribute(
             "value")
-        assert "--class-label 5 --global-seed 7" in command and "--num-steps 20" in command
+        assert "--class-label 5 --global-seed 7" in command
+        assert "--sampler sde --num-steps 100 --cfg-scale 2.0 --cls-cfg-scale 2.0" in command
         shown = shown_pngs(driver, "grid-A")
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#zip-A").is_displayed())
+        # comparison: side by side at 1400 px, one under the other on a phone; nothing sideways
+        driver.find_element(By.CSS_SELECTOR, "#compare input").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#steps-B input"))
+        columns = [driver.find_element(By.CSS_SELECTOR, f"#steps-{side}") for side in "AB"]
+        assert columns[1].location["x"] > columns[0].location["x"] and not overflows(driver)
+        driver.save_screenshot(str(tmp_path / "app-1400.png"))
+        driver.set_window_size(420, 900)
+        wait.until(lambda d: columns[1].location["y"] > columns[0].location["y"])
+        assert not overflows(driver)
+        driver.save_screenshot(str(tmp_path / "app-420.png"))
         # nothing came from elsewhere than the app
         urls = driver.execute_script(
             "return performance.getEntriesByType('resource').map(entry => entry.name)")
@@ -434,13 +464,25 @@ def test_the_page_in_a_browser_shows_what_regdit_sample_draws(demo_sized, tmp_pa
                                       headers={"Content-Type": "application/json"})
         with pytest.raises(urllib.error.HTTPError, match="404"):
             urllib.request.urlopen(post, timeout=30)
+        # the page takes no upload: Gradio's upload route refuses any byte
+        upload = urllib.request.Request(
+            f"http://127.0.0.1:{port}/gradio_api/upload", method="POST",
+            data=b"--x\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.bin\""
+                 b"\r\nContent-Type: application/octet-stream\r\n\r\n0123456789\r\n--x--\r\n",
+            headers={"Content-Type": "multipart/form-data; boundary=x"})
+        with pytest.raises(urllib.error.HTTPError, match="413"):
+            urllib.request.urlopen(upload, timeout=30)
     finally:
         driver.save_screenshot(str(tmp_path / "app.png"))  # also of a failure
-        print(f"screenshot: {tmp_path / 'app.png'}")
+        print(f"screenshots: {tmp_path}")
         driver.quit()
         app.terminate()
         app.wait(timeout=30)
+    assert list((tmp_path / "home").iterdir()) == []  # nothing written in the user's home
     drawn = sample_pngs(command, tmp_path / "samples")
     assert len(shown) == len(drawn) == 8
     assert all(np.array_equal(a, b) for a, b in zip(shown, drawn))
-    assert Image.open(tmp_path / "app.png").width == 1400
+    # the terminal says what it loads at once, and the address once the page answers
+    printed = (tmp_path / "app.log").read_text().splitlines()
+    assert printed[0] == f"regdit app: loading {demo_sized} ..."
+    assert f"regdit app: {demo_sized} on http://127.0.0.1:{port} (Ctrl+C stops it)" in printed

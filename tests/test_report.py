@@ -80,6 +80,13 @@ def test_the_page_is_one_file_with_every_panel_and_the_papers_points(tmp_path):
     assert "settings of xl-run (5)" in page
 
 
+def test_the_page_is_the_default_output(tmp_path, monkeypatch):
+    run = write_run(tmp_path / "run")
+    monkeypatch.chdir(tmp_path)
+    main(["report", str(run)])
+    assert (tmp_path / "report.html").read_text().startswith("<!doctype html>")
+
+
 def test_fd_dinov2_is_shown_when_the_evaluations_have_it(tmp_path):
     page = page_of(tmp_path, write_run(tmp_path / "run", fd_dinov2=True))
     assert 'id="panel-FD_DINOv2"' in page and "<b>FD_DINOv2</b>" not in page
@@ -188,5 +195,12 @@ def test_the_page_fits_a_wide_window_and_a_phone_in_a_browser(tiny_data, tmp_pat
             ActionChains(driver).move_to_element(plot).perform()
             hover = driver.find_element(By.CSS_SELECTOR, "#panel-throughput .hoverlayer").text
             assert "(logged " in hover, hover
+            # the smoothing control: at 0 the curves are the logged values, at 0.6 they are not
+            logged = ("return document.getElementById('panel-throughput').data.every("
+                      "trace => trace.y.every((y, i) => y === trace.customdata[i]))")
+            assert not driver.execute_script(logged)
+            driver.execute_script("const s = document.getElementById('smoothing'); s.value = 0; "
+                                  "s.dispatchEvent(new Event('input'))")
+            assert driver.execute_script(logged)
     finally:
         driver.quit()
