@@ -10,16 +10,64 @@ vote of one check is read at the next. The command then raises `regdit.Stopped`,
 line prints as one line before exiting with `regdit.EXIT_STOPPED` (75); the same command continues
 the run. Further signals while stopping are said and otherwise ignored, so that the checkpoint being
 written is finished (a SIGKILL still leaves the previous one whole: every write is atomic).
+
+The main process owns the stop. `scancel`, SLURM preemption and `kill -TERM -- -PGID` signal every
+process of the job, data-loader workers included; a worker that died of it would end the run in
+"DataLoader worker ... killed", without the stop's checkpoint. So worker processes are started by
+`worker_loader`, deaf to STOP_SIGNALS from birth; they end when their main process lets them go (or
+dies: DataLoader workers watch their parent).
 """
+import contextlib
+import multiprocessing
 import os
 import signal
 import sys
 import threading
+from multiprocessing import resource_tracker
 
 import torch
 import torch.distributed as dist
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def worker_loader(dataset, **options):
+    """`iter(torch.utils.data.DataLoader(dataset, **options))`, its worker processes deaf to
+    STOP_SIGNALS from birth: the signals are blocked in this thread while the workers start, so
+    they are born with them blocked (fork and spawn keep the signal mask; so does the forkserver,
+    started on first use, hence here), and `ignore_stop_signals`, their first code after the
+    loader's own set-up (which puts back a SIGTERM that kills), ignores them. A signal to this
+    process meanwhile waits until the mask is restored, or lands in another of its threads; its
+    handler runs in the main thread either way. Persistent workers start here too, on the first
+    iter()."""
+    context = options.get("multiprocessing_context")
+    if not hasattr(context, "get_start_method"):
+        context = multiprocessing.get_context(context)
+    if options.get("num_workers") and context.get_start_method() != "fork":
+        # spawn and forkserver start multiprocessing's resource tracker on first use, which unblocks
+        # SIGINT and SIGTERM in the starting thread (bpo-33613): start it before blocking
+        resource_tracker.ensure_running()
+    with stop_signals_blocked():
+        return iter(torch.utils.data.DataLoader(dataset, worker_init_fn=ignore_stop_signals,
+                                                **options))
+
+
+@contextlib.contextmanager
+def stop_signals_blocked():
+    """STOP_SIGNALS blocked in the calling thread (and in the processes and threads it starts)."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def ignore_stop_signals(worker_id=None):
+    """A worker's first code (DataLoader's worker_init_fn): STOP_SIGNALS ignored, then unblocked;
+    ignoring discards one that landed while they were blocked."""
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 class StopSignals:

@@ -31,7 +31,7 @@ from regdit.data import LAYOUTS, PROGRESS, read_json, read_labels, write_json
 from regdit.files import atomic_write, check_regular_file, remove_temp_files, writing_into
 from regdit.hub import is_hub_url, parse
 from regdit.images import image_extensions, list_files, open_image, read_image
-from regdit.preemption import StopSignals, StopVote
+from regdit.preemption import StopSignals, StopVote, worker_loader
 from regdit.runlock import LOCK_NAME, RunLock, lock_run
 
 # --------------------------------------------------------------------------------- pixels and crops
@@ -489,9 +489,9 @@ def encode_shards(config, writer, images, vae, state, done_path, stop):
               if shard < num_shards and not os.path.exists(done_path(shard)) else []
               for shard in mine]
     batches = [batch for round_batches in rounds for batch in round_batches]
-    loader = iter(torch.utils.data.DataLoader(images, batch_sampler=batches,
-                                              num_workers=config.workers,
-                                              pin_memory=state.device.type == "cuda"))
+    # workers deaf to stop signals: the main process stops after a round of shards
+    loader = worker_loader(images, batch_sampler=batches, num_workers=config.workers,
+                           pin_memory=state.device.type == "cuda")
     writer.open()
     processes = f"{state.num_processes} process{'es' * (state.num_processes > 1)}"
 

@@ -44,7 +44,7 @@ from regdit.files import atomic_write, check_writable, remove_temp_files
 from regdit.interpolants import PATH_TYPES, WEIGHTINGS
 from regdit.loss import LOSS_TERMS, REGLoss
 from regdit.models import SiT, SiT_models, SiTConfig, model_arguments
-from regdit.preemption import StopSignals, StopVote
+from regdit.preemption import StopSignals, StopVote, worker_loader
 from regdit.runlock import lock_run
 from regdit.sample import Sampling
 
@@ -436,9 +436,9 @@ def step_batches(run, epoch, start):
     sampler = ShardedBatchSampler(len(run.dataset), config.batch_size, run.local_batch,
                                   accelerator.process_index, accelerator.num_processes, config.seed,
                                   epoch, start)
-    loader = iter(torch.utils.data.DataLoader(run.dataset, batch_sampler=sampler,
-                                              num_workers=config.num_workers,
-                                              pin_memory=accelerator.device.type == "cuda"))
+    # workers deaf to stop signals: the main process stops the run, with a checkpoint
+    loader = worker_loader(run.dataset, batch_sampler=sampler, num_workers=config.num_workers,
+                           pin_memory=accelerator.device.type == "cuda")
     while micro_batches := list(itertools.islice(loader, config.gradient_accumulation_steps)):
         yield [[t.to(accelerator.device, non_blocking=True) for t in batch]
                for batch in micro_batches]

@@ -26,6 +26,7 @@ from regdit import EXIT_STOPPED, Stopped
 from regdit import experiment as experiment_module
 from regdit import monitor as monitor_module
 from regdit.checkpoint import load_checkpoint
+from regdit.preemption import STOP_SIGNALS, StopSignals, worker_loader
 from regdit.prepare import PrepareImagesConfig, prepare_images
 from regdit.train import train
 
@@ -187,6 +188,78 @@ def test_a_killed_worker_restarts_all_from_the_latest_checkpoint(tiny_data):
     stderr = launcher.communicate(timeout=240)[1]
     assert launcher.returncode == 0, stderr  # torchrun restarted both; they resumed and finished
     states_equal(final(tiny_data, killed), final(tiny_data, straight))
+
+
+@pytest.mark.parametrize("start_method", [  # a spawned worker imports for seconds
+    "fork", pytest.param("spawn", marks=pytest.mark.slow),
+    pytest.param("forkserver", marks=pytest.mark.slow)])
+def test_loader_workers_are_deaf_to_stop_signals_from_birth(start_method):
+    """Every stop signal sent to the workers the instant they exist (a spawned one is still
+    starting Python) leaves them working; this process's own signal reaches its handler."""
+    data = torch.utils.data.TensorDataset(torch.arange(64))
+    with StopSignals() as signals:
+        loader = worker_loader(data, batch_size=4, num_workers=2,
+                               multiprocessing_context=start_method)
+        for worker in loader._workers:
+            for number in STOP_SIGNALS:
+                os.kill(worker.pid, number)
+        os.kill(os.getpid(), signal.SIGTERM)
+        batches = [batch for batch, in loader]
+    assert torch.equal(torch.cat(batches), torch.arange(64))
+    assert signals.received == signal.SIGTERM
+
+
+def group_stop(argv, ready, env=ENV):
+    """Start `argv` in a process group of its own and, once `ready()`, signal the whole group the
+    way a cluster does (scancel, preemption), the data-loader workers first (the deepest
+    processes); (return code, stderr)."""
+    run = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True)
+    wait_for(ready, timeout=240)
+    for process in psutil.Process(run.pid).children(recursive=True):
+        if not process.children():  # a leaf: a data-loader worker
+            process.send_signal(signal.SIGTERM)
+    os.killpg(run.pid, signal.SIGTERM)
+    stderr = run.communicate(timeout=240)[1]
+    return run.returncode, stderr
+
+
+@pytest.mark.slow
+def test_a_signal_to_the_whole_group_stops_a_run_with_loader_workers_again_and_again(
+        tiny_data, reference):
+    """`--num-workers 2`, every process signalled, the workers first, three times over: each time
+    exit 75 after a step with its checkpoint; the run then ends on the uninterrupted run's
+    weights."""
+    exp = tiny_data / "exps" / "group"
+    argv = [sys.executable, *train_argv(tiny_data, exp.name), "--num-workers", "2"]
+    stops = []
+    for _ in range(3):
+        done = max(logged_steps(exp), default=0)
+        code, stderr = group_stop(argv, lambda done=done: max(logged_steps(exp), default=0)
+                                  >= done + 2)
+        assert code == EXIT_STOPPED and "Traceback" not in stderr, stderr
+        stops.append(int(re.search(r"stopped by SIGTERM after step (\d+): checkpoint", stderr)[1]))
+        assert (exp / "checkpoints" / f"{stops[-1]:07d}.pt").is_file()
+    assert stops == sorted(stops) and stops[-1] < STEPS
+    subprocess.run(argv, env=ENV, check=True, capture_output=True, timeout=240)
+    states_equal(final(tiny_data, exp.name), reference)
+    assert logged_steps(exp) == list(range(1, STEPS + 1))
+
+
+@pytest.mark.slow
+def test_a_signal_to_the_whole_group_stops_torchrun_and_its_loader_workers(tiny_data, reference):
+    """torchrun, two processes of two loader workers each, every process signalled (the workers
+    first): both stop after the same step with its checkpoint, and the rerun finishes."""
+    exp = tiny_data / "exps" / "group-torchrun"
+    argv = torchrun(*train_argv(tiny_data, exp.name, "--num-workers", "2"))
+    code, stderr = group_stop(argv, lambda: len(logged_steps(exp)) >= 3)
+    assert code != 0 and stderr.count("stopped by SIGTERM after step") == 2, stderr
+    # torchrun reports its own SIGTERM with a traceback; the workers stopped cleanly
+    assert "DataLoader worker" not in stderr and "internal error" not in stderr, stderr
+    stopped, = (exp / "checkpoints").iterdir()
+    assert 3 <= int(stopped.stem) < STEPS
+    subprocess.run(argv, env=ENV, check=True, capture_output=True, timeout=240)
+    states_equal(final(tiny_data, exp.name), reference, exact=False)
 
 
 def slow_writes(monkeypatch, seconds):
@@ -363,17 +436,23 @@ esac
 """
 
 
-@pytest.mark.slow
-def test_the_slurm_script_starts_a_launcher_per_node_and_requeues_before_the_time_limit(
-        tiny_data, tmp_path):
+def slurm_job(tmp_path, nodes=2, gpus_per_node=1):
+    """The environment of a SLURM job on this machine, with srun and scontrol's stand-ins."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, text in (("srun", SRUN), ("scontrol", SCONTROL)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
-    env = {**ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_RECORD": str(tmp_path),
-           "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_NNODES": "2",
-           "SLURM_GPUS_ON_NODE": "1", "PYTHON": sys.executable, "RDZV_PORT": str(free_port())}
+    return {**ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_RECORD": str(tmp_path),
+            "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": f"node[1-{nodes}]",
+            "SLURM_NNODES": str(nodes), "SLURM_GPUS_ON_NODE": str(gpus_per_node),
+            "PYTHON": sys.executable, "RDZV_PORT": str(free_port())}
+
+
+@pytest.mark.slow
+def test_the_slurm_script_starts_a_launcher_per_node_and_requeues_before_the_time_limit(
+        tiny_data, tmp_path):
+    env = slurm_job(tmp_path)
     script = [str(ROOT / "scripts" / "slurm" / "regdit.sbatch"),
               *train_argv(tiny_data, "slurm")[2:]]  # the regdit arguments
     job = subprocess.Popen(["bash", *script], env=env, cwd=ROOT, stdout=subprocess.PIPE,
@@ -396,3 +475,4 @@ def test_the_slurm_script_starts_a_launcher_per_node_and_requeues_before_the_tim
     assert rerun.returncode == 0 and "run 2" in rerun.stdout, rerun.stdout + rerun.stderr
     assert (exp / "checkpoints" / f"{STEPS:07d}.pt").is_file()
     assert (tmp_path / "requeue").read_text() == "4242\n"  # it finished: no second requeue
+
