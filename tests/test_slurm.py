@@ -54,6 +54,8 @@ echo "--signals-to-handle --shutdown-timeout"
 # more steps than test_preemption's: USR1 takes a longer way here (slurmctld, slurmd, the batch
 # shell, srun, torchrun) and must still land mid-run
 STEPS = 160
+# data-loader workers of each training process in the SIGTERM test
+DATA_WORKERS = 2
 DAEMONS = ("munged", "slurmctld", "slurmd")
 COMMANDS = ("mungekey", "sbatch", "scancel", "scontrol", "sinfo", "squeue")
 NETWORK = ("ip", "unshare", "nsenter", "mount", "hostname")  # iproute2, util-linux
@@ -430,3 +432,76 @@ def test_two_nodes_train_as_one_process_and_a_stop_before_the_time_limit_requeue
     states_equal(load_checkpoint(exps / "two-nodes-stopped" / "checkpoints" / f"{STEPS:07d}.pt"),
                  two)
     assert logged_steps(exps / "two-nodes-stopped") == list(range(1, STEPS + 1))
+
+
+def stopped_run(log_path, stops):
+    """Wait until the job's log holds `stops` stops of each node (its workers' line and srun's
+    report of its launcher's exit); (the last step both nodes stopped after, the log)."""
+    def stopped(log):
+        return min(len(stop_lines(log)), log.count(": Exited with exit code 75")) >= 2 * stops
+
+    wait_for(lambda: stopped(log_path.read_text()), timeout=240)
+    log = log_path.read_text()
+    last = stop_lines(log)[2 * stops - 2:]
+    assert len(last) == 2 and last[0] == last[1], log
+    return last[0], log
+
+
+@pytest.mark.slow
+def test_sigterm_to_every_process_stops_both_nodes_with_the_checkpoint_every_time(
+        two_nodes, tiny_data, tmp_path):
+    """What `scontrol requeue`, scancel and preemption do, SIGTERM to every process of the job
+    (launchers, workers and their data-loader workers), twice requeued and once cancelled: each
+    time both nodes stop after one step with its checkpoint, the launchers exit 75 (no traceback),
+    SLURM requeues the job where it is asked to and the next run continues from that step."""
+    exp = tiny_data / "exps" / "terminated"
+    job = submit(two_nodes, tiny_data, tmp_path / "logs", exp.name, 100000,
+                 "--checkpointing-steps", "100000", "--num-workers", str(DATA_WORKERS))
+    log_path = tmp_path / "logs" / f"regdit-{job}.out"
+    stopped = 0
+    for stops, command in enumerate((["scontrol", "requeue"], ["scontrol", "requeue"],
+                                     ["scancel"]), start=1):
+        wait_for(lambda stopped=stopped: max(logged_steps(exp), default=0) >= stopped + 3,
+                 timeout=240)
+        two_nodes.run(*command, job)
+        step, log = stopped_run(log_path, stops)
+        assert step > stopped and log.count(": Exited with exit code 75") == 2 * stops, log
+        assert load_checkpoint(exp / "checkpoints" / f"{step:07d}.pt")["steps"] == step
+        stopped = step
+        if command[0] == "scontrol":
+            wait_for(lambda stops=stops: f"job {job}, run {stops + 1}:" in log_path.read_text(),
+                     timeout=240)
+            assert two_nodes.job(job)["Restarts"] == str(stops)
+    wait_for(lambda: not two_nodes.running(job), timeout=240)
+    state, log = two_nodes.job(job), log_path.read_text()
+    assert (state["JobState"], state["ExitCode"], state["Restarts"]) == ("CANCELLED", "75:0", "2")
+    assert "Traceback" not in log, log
+    assert log.count(f"job {job} stopped by TERM with the checkpoint") == 3, log
+    # each run started from the previous one's stop: every step logged once
+    assert logged_steps(exp) == list(range(1, max(logged_steps(exp)) + 1))
+
+
+@pytest.mark.slow
+def test_a_stop_killed_before_its_checkpoint_is_written_keeps_the_previous_one_whole(
+        two_nodes, tiny_data, tmp_path):
+    """SIGTERM to every process, then SIGKILL as soon as the stop begins (what KillWait's end does
+    to a stop whose checkpoint takes longer): the checkpoints written before are untouched, and
+    every checkpoint there loads (the stop's own is there whole or not at all)."""
+    exp = tiny_data / "exps" / "killed"
+    job = submit(two_nodes, tiny_data, tmp_path / "logs", exp.name, 100000,
+                 "--checkpointing-steps", "4")
+    log_path = tmp_path / "logs" / f"regdit-{job}.out"
+    wait_for(lambda: (exp / "checkpoints" / "0000008.pt").is_file(), timeout=240)
+    before = {path.name: path.read_bytes() for path in (exp / "checkpoints").glob("*.pt")}
+    two_nodes.run("scancel", "--signal=TERM", "--full", job)
+    wait_for(lambda: "SIGTERM: stopping at the next safe point" in log_path.read_text(),
+             timeout=60)
+    two_nodes.run("scancel", "--signal=KILL", "--full", job)
+    wait_for(lambda: not two_nodes.running(job), timeout=120)
+    assert two_nodes.job(job)["JobState"] in ("FAILED", "CANCELLED")
+    after = sorted((exp / "checkpoints").glob("*.pt"))
+    for path in after:
+        assert load_checkpoint(path)["steps"] == int(path.stem)
+        if path.name in before:
+            assert path.read_bytes() == before[path.name], path.name
+    assert set(before) <= {path.name for path in after}
