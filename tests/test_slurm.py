@@ -481,27 +481,45 @@ def test_sigterm_to_every_process_stops_both_nodes_with_the_checkpoint_every_tim
     assert logged_steps(exp) == list(range(1, max(logged_steps(exp)) + 1))
 
 
+def kill_step(cluster, job, step="0"):
+    """SIGKILL to every process of a job step, what slurmstepd sends when KillWait is over."""
+    for process in psutil.process_iter():
+        try:
+            env = process.environ()
+            if (env.get("SLURM_CONF"), env.get("SLURM_JOB_ID"), env.get("SLURM_STEP_ID")) == (
+                    cluster.env["SLURM_CONF"], job, step):
+                process.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+
+
 @pytest.mark.slow
 def test_a_stop_killed_before_its_checkpoint_is_written_keeps_the_previous_one_whole(
         two_nodes, tiny_data, tmp_path):
-    """SIGTERM to every process, then SIGKILL as soon as the stop begins (what KillWait's end does
-    to a stop whose checkpoint takes longer): the checkpoints written before are untouched, and
-    every checkpoint there loads (the stop's own is there whole or not at all)."""
+    """SIGTERM to every process of the job's step, then SIGKILL as soon as the stop begins (what
+    the end of KillWait does to a stop whose checkpoint takes longer): the checkpoints written
+    before are untouched, every checkpoint there loads (the stop's own is whole or absent), the
+    job reads as failed, and a resubmitted job continues from the latest checkpoint."""
     exp = tiny_data / "exps" / "killed"
-    job = submit(two_nodes, tiny_data, tmp_path / "logs", exp.name, 100000,
-                 "--checkpointing-steps", "4")
+    flags = (exp.name, 16, "--checkpointing-steps", "4")
+    job = submit(two_nodes, tiny_data, tmp_path / "logs", *flags)
     log_path = tmp_path / "logs" / f"regdit-{job}.out"
     wait_for(lambda: (exp / "checkpoints" / "0000008.pt").is_file(), timeout=240)
     before = {path.name: path.read_bytes() for path in (exp / "checkpoints").glob("*.pt")}
-    two_nodes.run("scancel", "--signal=TERM", "--full", job)
+    two_nodes.run("scancel", "--signal=TERM", job)  # every process of its step
     wait_for(lambda: "SIGTERM: stopping at the next safe point" in log_path.read_text(),
              timeout=60)
-    two_nodes.run("scancel", "--signal=KILL", "--full", job)
+    kill_step(two_nodes, job)
     wait_for(lambda: not two_nodes.running(job), timeout=120)
-    assert two_nodes.job(job)["JobState"] in ("FAILED", "CANCELLED")
+    state, log = two_nodes.job(job), log_path.read_text()
+    assert state["JobState"] == "FAILED" and state["ExitCode"] != "75:0", log
     after = sorted((exp / "checkpoints").glob("*.pt"))
     for path in after:
         assert load_checkpoint(path)["steps"] == int(path.stem)
         if path.name in before:
             assert path.read_bytes() == before[path.name], path.name
     assert set(before) <= {path.name for path in after}
+    rerun = submit(two_nodes, tiny_data, tmp_path / "logs", *flags)
+    wait_for(lambda: not two_nodes.running(rerun), timeout=240)
+    assert two_nodes.job(rerun)["ExitCode"] == "0:0"
+    assert logged_steps(exp) == list(range(1, 17))
