@@ -36,6 +36,10 @@ NUMBER = r"\s+\d+(\.\d+)?"
     ("bench_checksum.py", ["--tiny"],
      [rf"{kind} \(tensor_checksum\){NUMBER}{NUMBER}" for kind in ("crc32", "blake2b", "sha256")]
      + [rf"torch\.save \+ fsync{NUMBER}{NUMBER}", rf"torch\.load \(page cache\){NUMBER}{NUMBER}"]),
+    ("bench_grace.py", ["--tiny"],
+     [r"\| SiT-S/8, a real `regdit train` \(batch 2, CPU, \d+ cores\) \| \d+\.\d+ \| \d+\.\d+ \| "
+      r"\d+\.\d+ \|", r"\| SiT-XL/2 state x 0\.001 \(0\.01 GB\): to_host \d+\.\d s \+ "
+      r"save_checkpoint \d+\.\d s \| - \| \d+\.\d \+ 2 steps \| - \|"]),
 ])
 def test_cpu_mode_prints_its_table(script, flags, rows):
     result = subprocess.run([sys.executable, str(BENCHMARKS / script), *flags], capture_output=True,

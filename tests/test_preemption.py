@@ -545,7 +545,7 @@ def test_the_slurm_script_starts_a_launcher_per_node_and_requeues_before_the_tim
     output = job.communicate(timeout=240)[0]
     assert job.returncode == 0, output
     launch, = (tmp_path / "srun").read_text().splitlines()
-    assert launch.startswith(f"{sys.executable} -m torch.distributed.run --nnodes 2 "
+    assert launch.startswith(f"{sys.executable} -m regdit.launcher --nnodes 2 "
                              "--nproc-per-node 1 --rdzv-backend c10d --rdzv-endpoint 127.0.0.1:")
     assert "--signals-to-handle SIGTERM,SIGINT,SIGUSR1" in launch and " -m regdit train " in launch
     assert (tmp_path / "requeue").read_text() == "4242\n"
