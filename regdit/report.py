@@ -133,9 +133,12 @@ def plot(runs, names=None):
         colour = f"C{run_index}"
         # the loss terms this run logged
         terms = dict.fromkeys(key for line in lines for key in line if key not in NOT_LOSS_TERMS)
-        for term, style in zip(terms, itertools.cycle(("-", "--", ":", "-."))):
-            loss_axes.plot(*series(lines, term), style, color=colour,
-                           label=f"{name}: {term}" if len(runs) > 1 else term)
+        # a line style, then markers as well: the terms stay apart however many a run logs
+        styles = itertools.cycle(itertools.product((None, "o", "s", "^", "x", "D"),
+                                                   ("-", "--", ":", "-.")))
+        for term, (marker, style) in zip(terms, styles):
+            loss_axes.plot(*series(lines, term), style, marker=marker, markevery=0.1,
+                           color=colour, label=f"{name}: {term}" if len(runs) > 1 else term)
         for panel_axes, key, _ in panels:
             panel_axes.plot(*series(lines, key), color=colour, label=name)
         if evaluations:
@@ -309,11 +312,13 @@ def panel_layout(title, y_title, log_x=False):
                 legend=dict(orientation="h", yanchor="top", y=-0.24, x=0))
 
 
-def smoothed_trace(go, steps, values, name, colour, dash="solid"):
-    """A training curve; the page smooths its y, keeping the logged values in customdata (shown on
-    hover)."""
-    return go.Scatter(x=steps, y=values, customdata=values, name=name, mode="lines",
+def smoothed_trace(go, steps, values, name, colour, dash="solid", symbol=None):
+    """A training curve (with markers of `symbol`, if any); the page smooths its y, keeping the
+    logged values in customdata (shown on hover)."""
+    return go.Scatter(x=steps, y=values, customdata=values, name=name,
+                      mode="lines+markers" if symbol else "lines",
                       line=dict(color=colour, dash=dash, width=1.6),
+                      marker=dict(symbol=symbol, size=6, maxdisplayed=12) if symbol else None,
                       hovertemplate="%{y:.4~g} (logged %{customdata:.4~g})")
 
 
@@ -323,12 +328,14 @@ def training_figures(go, runs, names, colours):
     figures = {"training loss terms": loss}
     for title, _, y_title in TRAINING_PANELS:
         figures[title] = go.Figure(layout=panel_layout(title, y_title))
-    dashes = ("solid", "dash", "dot", "dashdot", "longdash")
+    # a dash, then marker symbols as well: the terms stay apart however many a run logs
+    styles = list(itertools.product((None, "circle", "square", "diamond", "x", "triangle-up"),
+                                    ("solid", "dash", "dot", "dashdot", "longdash")))
     for (_, _, lines, _), name, colour in zip(runs, names, colours):
         terms = dict.fromkeys(key for line in lines for key in line if key not in NOT_LOSS_TERMS)
-        for term, dash in zip(terms, itertools.cycle(dashes)):
+        for term, (symbol, dash) in zip(terms, itertools.cycle(styles)):
             loss.add_trace(smoothed_trace(go, *series(lines, term), f"{name}: {term}"
-                                          if len(runs) > 1 else term, colour, dash))
+                                          if len(runs) > 1 else term, colour, dash, symbol))
         for title, key, _ in TRAINING_PANELS:
             figures[title].add_trace(smoothed_trace(go, *series(lines, key), name, colour))
     return figures

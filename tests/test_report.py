@@ -16,12 +16,15 @@ from PIL import Image
 from regdit.cli import main
 from regdit.report import (
     MAX_PREVIEWS,
+    NOT_LOSS_TERMS,
     model_label,
+    plot,
     preview_grids,
     read_run,
     run_model_label,
     run_names,
     summary_rows,
+    training_figures,
     training_seconds,
 )
 from regdit.train import train
@@ -204,3 +207,21 @@ def test_the_page_fits_a_wide_window_and_a_phone_in_a_browser(tiny_data, tmp_pat
             assert driver.execute_script(logged)
     finally:
         driver.quit()
+
+
+def test_any_number_of_loss_terms_are_drawn_apart(tmp_path):
+    """Nine terms (five beyond REG's four) differ in line style or marker on the page and in the
+    figure for papers."""
+    run = write_run(tmp_path / "terms", evaluations=False)
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    extra = [f"term_{i}" for i in range(5)]
+    (run / "metrics.jsonl").write_text("".join(
+        json.dumps({**line, **dict.fromkeys(extra, 0.1)}) + "\n" for line in lines))
+    runs = [read_run(run)]
+    terms = [term for term in lines[0] if term not in NOT_LOSS_TERMS] + extra
+    import plotly.graph_objects as go
+    loss = training_figures(go, runs, ["terms"], ["#1f77b4"])["training loss terms"]
+    styles = [(trace.line.dash, trace.marker.symbol) for trace in loss.data]
+    assert [trace.name for trace in loss.data] == terms and len(set(styles)) == len(terms)
+    lines_drawn = plot(runs).axes[0].get_lines()
+    assert len({(line.get_linestyle(), line.get_marker()) for line in lines_drawn}) == len(terms)
