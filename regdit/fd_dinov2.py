@@ -49,7 +49,11 @@ def dinov2_weights_path(weights=None):
     # architecture, every tensor's name and shape
     return downloads.cached_download(DINOV2_URL, destination, "the DINOv2 ViT-L/14 weights",
                                      lambda path: _read_state(path, "has"),
-                                     "or pass --dinov2-weights PATH")
+                                     "or pass --dinov2-weights PATH", DINOV2_MAX_BYTES)
+
+
+# the file is 1.2 GB (304M float32 parameters); a larger one is not DINOv2 ViT-L/14
+DINOV2_MAX_BYTES = 1536 << 20
 
 
 def _read_state(path, subject):

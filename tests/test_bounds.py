@@ -35,7 +35,8 @@ def test_labels_from_2_to_the_31_are_refused_at_prepare_images(tmp_path, capsys)
     (["velocity_l1=1", "velocity_l1=2"], "--extra-terms velocity_l1=2: velocity_l1 is given twice; "
                                          "give each term once"),
     (["velocity_l1=-0.5"], "--extra-terms velocity_l1=-0.5: must be NAME=WEIGHT with NAME one of "
-                           "velocity_l1 and a finite WEIGHT of at least 0"),
+                           "velocity_l1 and a finite WEIGHT of at least 0 (a plugin's term needs "
+                           "its --plugin)"),
 ], ids=["duplicate", "negative"])
 def test_extra_terms_given_twice_or_with_a_negative_weight_are_refused(terms, message, capsys,
                                                                       monkeypatch):
