@@ -426,7 +426,9 @@ def build_page(gr, explorer):
         event, settings = button.click, {name: column[0] for name, column in columns.items()}
         for name, (_, outputs) in columns.items():
             generate = grid_event(gr, explorer, shared, settings, name, shown[name])
-            event = event(generate, inputs, [*outputs, shown[name]],
+            # preprocess=False: the values as sent, checked by grid_config in one line each (a raw
+            # request to the queue may send anything)
+            event = event(generate, inputs, [*outputs, shown[name]], preprocess=False,
                           show_progress_on=outputs[0], api_visibility="private").success
     return page
 
@@ -456,7 +458,7 @@ def grid_event(gr, explorer, shared, settings, name, shown):
             images = explorer.draw(config, model_called)
             files, archive = explorer.save_grid(images, config, command, name)
         except RegditError as error:
-            raise gr.Error(html.escape(str(error)), print_exception=False) from None
+            raise gr.Error(html.escape(str(error), quote=False), print_exception=False) from None
         return [[(str(path), path.name) for path in files], command,
                 gr.DownloadButton(value=archive, visible=True), command]
     return generate

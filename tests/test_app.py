@@ -174,6 +174,11 @@ def test_each_grid_is_drawn_again_only_when_its_command_changes(explorer, tmp_pa
     with pytest.raises(gr.Error, match="--num-steps 0: must be at least 1"):
         events["A"](request, progress=lambda *a, **k: progress.append(a[0]))
     assert progress == []
+    # the values as a raw request to the queue sends them (the page's event does not preprocess)
+    request[settings["B"]["num_steps"]] = 6
+    request[shared["seed"]] = "abc"
+    with pytest.raises(gr.Error, match=r"--global-seed 'abc': enter a number"):
+        events["A"](request, progress=None)
 
 
 def test_the_page_opens_on_the_sampling_the_checkpoint_was_drawn_with(explorer):
