@@ -290,6 +290,29 @@ def test_a_signal_in_set_up_ends_a_stalled_command_in_one_line_and_a_second_chan
     assert not any("Traceback" in line or "Exception ignored" in line for line in lines), lines
 
 
+@pytest.mark.slow
+def test_a_signal_to_the_whole_group_in_set_up_stops_every_torchrun_process(tiny_data, tmp_path):
+    """torchrun, two processes stalled on a download in set-up, the whole group signalled: each
+    process says it stopped in set-up, none reports an error."""
+    with socket.create_server(("127.0.0.1", 0)) as hub:
+        env = {**ENV, "HF_ENDPOINT": f"http://127.0.0.1:{hub.getsockname()[1]}",
+               "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf")}
+        connections = []
+
+        def stalled():  # both processes are downloading
+            hub.settimeout(0.05)
+            with contextlib.suppress(TimeoutError):
+                connections.append(hub.accept()[0])
+            return len(connections) == 2
+        argv = torchrun(*train_argv(tiny_data, "group-set-up", "--init-from",
+                                    "hf://someone/model/w.pt"))
+        _, stderr = group_stop(argv, stalled, env=env)
+        for connection in connections:
+            connection.close()
+    assert stderr.count("stopped by SIGTERM during set-up; nothing was saved") == 2, stderr
+    assert "internal error" not in stderr and "regdit train: error" not in stderr, stderr
+
+
 def group_stop(argv, ready, env=ENV):
     """Start `argv` in a process group of its own and, once `ready()`, signal the whole group the
     way a cluster does (scancel, preemption), the data-loader workers first (the deepest
