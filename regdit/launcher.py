@@ -26,9 +26,11 @@ class StoppingAgent(LocalElasticAgent):
 
     def _shutdown(self, *args, **kwargs):
         super()._shutdown(*args, **kwargs)
-        handlers = getattr(self._pcontext, "subprocess_handlers", {})
-        StoppingAgent.exit_codes = {rank: handler.proc.returncode
-                                    for rank, handler in handlers.items()}
+        # torchrun runs a command line (`-m regdit ...`): its workers are subprocesses (None: a
+        # signal while they were being started)
+        if self._pcontext is not None:
+            StoppingAgent.exit_codes = {rank: handler.proc.returncode for rank, handler
+                                        in self._pcontext.subprocess_handlers.items()}
 
 
 def ending(code):
@@ -38,7 +40,9 @@ def ending(code):
 
 
 def main(argv=None):
-    api.LocalElasticAgent = StoppingAgent  # the class launch_agent builds its agent from
+    # torchrun has no hook for its workers' exit codes after a signal; launch_agent builds its
+    # agent from this name
+    api.LocalElasticAgent = StoppingAgent
     try:
         torchrun(argv)
     except SignalException as stop:

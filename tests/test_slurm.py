@@ -213,14 +213,22 @@ class Cluster:
         return dict(field.split("=", 1) for field in fields if "=" in field)
 
 
-def require(programs, why):
-    """Missing programs or root: a failure where CI is set, else a skip."""
+def require(programs, why, namespaces=False):
+    """Missing programs, root or (`namespaces`) the right to make namespaces: a failure where CI is
+    set, else a skip."""
     missing = [name for name in programs if shutil.which(name) is None]
+    reason = None
     if missing or os.geteuid() != 0:
         reason = f"no {', '.join(missing)}: {why}" if missing else \
             "slurmd runs jobs as root only, and namespaces need root"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
+    elif namespaces:
+        trial = subprocess.run(["unshare", "--net", "--uts", "--mount", "true"],
+                               capture_output=True, text=True)
+        if trial.returncode:
+            reason = f"cannot make network namespaces here: {trial.stderr.strip()}"
+    if reason and os.environ.get("CI"):
+        pytest.fail(reason)
+    if reason:
         pytest.skip(reason)
 
 
@@ -310,7 +318,8 @@ def two_nodes(tmp_path_factory):
     first. Nothing outside the temporary folder and the namespaces changes; ending the holders ends
     the namespaces."""
     require((*DAEMONS, *COMMANDS, *NETWORK),
-            "`apt-get install slurm-wlm munge iproute2 util-linux` (.ci/run installs them)")
+            "`apt-get install slurm-wlm munge iproute2 util-linux` (.ci/run installs them)",
+            namespaces=True)
     root = tmp_path_factory.mktemp("two-nodes")
     subnet = free_subnet()
     nodes = {f"node{i}": str(subnet[i + 1]) for i in range(2)}
@@ -366,10 +375,10 @@ def test_a_real_slurm_requeues_the_stopped_job_which_then_finishes_bitwise(
         "--checkpointing-steps", str(STEPS), PYTHON=sys.executable, GPUS_PER_NODE="1",
         RDZV_PORT=str(free_port()))
     job = submit.stdout.strip()
-    wait_for(lambda: len(logged_steps(exp)) >= 3, timeout=120)
+    wait_for(lambda: len(logged_steps(exp)) >= 3, timeout=240)
     # the time limit's warning, --signal=B:USR1@300, now
     slurm.run("scancel", "--signal=USR1", "--batch", job)
-    wait_for(lambda: slurm.job(job)["JobState"] in ENDED, timeout=120)
+    wait_for(lambda: slurm.job(job)["JobState"] in ENDED, timeout=300)
     state = slurm.job(job)
     log = (tmp_path / "logs" / f"regdit-{job}.out").read_text()
     assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", log
@@ -510,7 +519,7 @@ def test_a_stop_killed_before_its_checkpoint_is_written_keeps_the_previous_one_w
     wait_for(lambda: "SIGTERM: stopping at the next safe point" in log_path.read_text(),
              timeout=60)
     kill_step(two_nodes, job)
-    wait_for(lambda: not two_nodes.running(job), timeout=120)
+    wait_for(lambda: not two_nodes.running(job), timeout=240)
     state, log = two_nodes.job(job), log_path.read_text()
     assert state["JobState"] == "FAILED" and state["ExitCode"] != "75:0", log
     after = sorted((exp / "checkpoints").glob("*.pt"))
