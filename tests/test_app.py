@@ -132,7 +132,7 @@ def test_comparison_draws_the_same_seeds_under_a_second_setting(explorer):
 
 
 @pytest.mark.parametrize("change,message", [
-    (dict(num_steps=0), r"^--num-steps 0: must be at least 1$"),
+    (dict(num_steps=0), r"^--num-steps 0: must be at least 1 and at most 10000$"),
     (dict(cfg_scale=0.5), r"^--cfg-scale 0.5: must be at least 1$"),
     (dict(guidance_low=0.9, guidance_high=0.1), r"^--guidance-low 0.9 is above --guidance-high"),
     (dict(seed=2**32), r"^--global-seed 4294967296: must be at least 0 and below 4294967296$"),

@@ -121,8 +121,8 @@ CASES = [  # (arguments, the one line must match)
     (TRAIN + ["--exp-name", "run", "--learning-rate", "0.5"],
      r"was trained with --learning-rate 0.0001, not 0.5"),
     # sample
-    (SAMPLE + ["--num-steps", "0"], r"--num-steps 0: must be at least 1$"),
-    (SAMPLE + ["--num-steps", "-3"], r"--num-steps -3: must be at least 1$"),
+    (SAMPLE + ["--num-steps", "0"], r"--num-steps 0: must be at least 1 and at most 10000$"),
+    (SAMPLE + ["--num-steps", "-3"], r"--num-steps -3: must be at least 1 and at most 10000$"),
     (SAMPLE + ["--cfg-scale", "0.5"], r"--cfg-scale 0.5: must be at least 1$"),
     (SAMPLE + ["--cfg-scale", "inf"], r"--cfg-scale inf: must be a finite number$"),
     (SAMPLE + ["--cfg-scale=-inf"], r"--cfg-scale -inf: must be a finite number$"),
