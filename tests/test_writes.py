@@ -44,25 +44,25 @@ def train_argv(root, output_dir, **flags):
 @pytest.mark.slow
 def test_a_full_disk_under_a_background_checkpoint_write_stops_at_that_write(tiny_data, tmp_path,
                                                                             capsys):
-    """A checkpoint is 3.6 MB: a 5 MB disk holds the first (step 3), not the second (step 6). The
-    run stops right after that write fails, long before the next save (step 9), with one line
-    naming the file and the free space; the first checkpoint stays whole."""
+    """A checkpoint is 3.6 MB: a 5 MB disk holds the first (step 5), not the second (step 10). The
+    run stops right after that write fails, before the next save (step 15), with one line naming
+    the file and the free space; the first checkpoint stays whole."""
     with small_disk(tmp_path / "disk", "5m") as disk:
-        argv = train_argv(tiny_data, disk, max_train_steps=30, checkpointing_steps=3, log_every=1)
+        argv = train_argv(tiny_data, disk, max_train_steps=30, checkpointing_steps=5, log_every=1)
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
         line = exit_info.value.code
         checkpoints = disk / "run" / "checkpoints"
-        assert re.fullmatch(rf"regdit train: error: cannot write {checkpoints}/0000006.pt \(No "
+        assert re.fullmatch(rf"regdit train: error: cannot write {checkpoints}/0000010.pt \(No "
                             r"space left on device, [\d.]+ [KM]iB free there\); free space on the "
                             r"disk, then rerun the same command to continue; the checkpoints "
                             r"before it are kept", line), line
         assert "Traceback" not in capsys.readouterr().err
         steps = [json.loads(line)["step"] for line in
                  (disk / "run" / "metrics.jsonl").read_text().splitlines()]
-        assert 6 <= steps[-1] < 9, steps
-        assert sorted(p.name for p in checkpoints.iterdir()) == ["0000003.pt"]
-        assert load_checkpoint(checkpoints / "0000003.pt")["steps"] == 3
+        assert 10 <= steps[-1] < 15, steps
+        assert sorted(p.name for p in checkpoints.iterdir()) == ["0000005.pt"]
+        assert load_checkpoint(checkpoints / "0000005.pt")["steps"] == 5
 
 
 def test_a_killed_export_is_redone_by_the_same_command(tmp_path):
