@@ -79,6 +79,7 @@ def test_scale_and_shift_of_the_vae_config(tiny_data, vae16, tmp_path, capsys):
     assert not np.array_equal(images, unshifted)
 
 
+@pytest.mark.slow
 def test_per_channel_statistics_of_the_dataset(tiny_data, vae16, tmp_path, capsys):
     data_dir = prepared(tiny_data, vae16, tmp_path, "channel")
     dataset = open_dataset(data_dir)
