@@ -29,7 +29,8 @@ from regdit.hub import resolve_path
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth"
 DINOV2_ARCH = "vit_large_patch14_dinov2"
 WEIGHTS_ENV = "REGDIT_DINOV2_WEIGHTS"
-INPUT_SIZE, PATCH, FEATURES = 224, 14, 1024
+INPUT_SIZE, PATCH = 224, 14
+LARGE = dict(embed_dim=1024, depth=24)  # ViT-L/14, the network of FD_DINOv2
 INTERPOLATE_OFFSET = 0.1  # DINOv2's `interpolate_offset`
 
 
@@ -48,7 +49,7 @@ def dinov2_weights_path(weights=None):
     # Meta publishes no hash of the file (its name has none): it is checked by loading it into the
     # architecture, every tensor's name and shape
     return downloads.cached_download(DINOV2_URL, destination, "the DINOv2 ViT-L/14 weights",
-                                     lambda path: _read_state(path, "has"),
+                                     lambda path: _read_state(path, "has", LARGE),
                                      "or pass --dinov2-weights PATH", DINOV2_MAX_BYTES)
 
 
@@ -56,22 +57,38 @@ def dinov2_weights_path(weights=None):
 DINOV2_MAX_BYTES = 1536 << 20
 
 
-def _read_state(path, subject):
-    """The tensors of an official DINOv2 ViT-L/14 checkpoint; one line naming `subject` when it is
-    not one (the keys and shapes of timm's model, after timm's filter)."""
+def dinov2_vit(size, img_size):
+    """timm's DINOv2 ViT/14 of `size` (embed_dim, depth; heads of 64 channels), on the meta
+    device."""
+    with torch.device("meta"):
+        return timm.create_model(DINOV2_ARCH, num_classes=0, img_size=img_size,
+                                 num_heads=size["embed_dim"] // 64, **size)
+
+
+def file_size(state):
+    """(embed_dim, depth) of a DINOv2 state dict: ViT-L/14 for the official file; the tests' random
+    files are smaller ViT/14s of the same layout."""
+    blocks = {int(key.split(".")[1]) for key in state if key.startswith("blocks.")}
+    return dict(embed_dim=state["cls_token"].shape[-1], depth=max(blocks, default=-1) + 1)
+
+
+def _read_state(path, subject, size=None):
+    """The tensors of an official DINOv2 ViT/14 checkpoint (of `size`, if given); one line naming
+    `subject` when it is not one (the keys and shapes of timm's model, after timm's filter)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch.load raises pickle, zip and runtime errors alike
         raise RegditError(f"{subject} no loadable state dict ({type(error).__name__})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise RegditError(f"{subject} no state dict of tensors")
-    with torch.device("meta"):
-        model = timm.create_model(DINOV2_ARCH, num_classes=0, img_size=518)
+    if not isinstance(state.get("cls_token"), torch.Tensor) or state["cls_token"].dim() != 3:
+        raise RegditError(f"{subject} no DINOv2 class token (cls_token)")
+    model = dinov2_vit(size or file_size(state), 518)
     expected, found = model.state_dict(), checkpoint_filter_fn(dict(state), model)
     if {k: tuple(v.shape) for k, v in found.items()} != {k: tuple(v.shape)
                                                         for k, v in expected.items()}:
-        raise RegditError(f"{subject} not the weights of DINOv2 ViT-L/14 (its tensors' names or "
-                          "shapes differ)")
+        raise RegditError(f"{subject} not the weights of DINOv2 ViT{'-L' if size else ''}/14 (its "
+                          "tensors' names or shapes differ)")
     return state
 
 
@@ -94,8 +111,7 @@ def load_dinov2(weights=None, device="cpu"):
     path = dinov2_weights_path(weights)
     state = _read_state(path, f"{path} holds")
     state["pos_embed"] = official_pos_embed(state["pos_embed"], INPUT_SIZE // PATCH)
-    with torch.device("meta"):
-        model = timm.create_model(DINOV2_ARCH, num_classes=0, img_size=INPUT_SIZE)
+    model = dinov2_vit(file_size(state), INPUT_SIZE)
     state = {k: v.float() for k, v in checkpoint_filter_fn(state, model).items()}
     model.load_state_dict(state, assign=True)
     return model.eval().requires_grad_(False).to(device)
@@ -115,18 +131,16 @@ def dinov2_features(images_nhwc_uint8, model):
     return tokens[:, 0].float().cpu().numpy()
 
 
-def save_random_dinov2_weights(path, seed=0):
+def save_random_dinov2_weights(path, seed=0, size=LARGE):
     """Random weights in the official file's layout (its names, 37x37 position embeddings, the mask
-    token), for tests: nothing is downloaded. Normal noise of std 0.02 around 1 for the norms'
-    weights and 0 elsewhere (drawn directly: timm's initialisation of ViT-L takes a minute on a
-    CPU)."""
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in timm.create_model(DINOV2_ARCH, num_classes=0,
-                                                           img_size=518).state_dict().items()}
+    token), for tests: nothing is downloaded; `size` (embed_dim, depth) a smaller ViT/14 for fast
+    ones. Normal noise of std 0.02 around 1 for the norms' weights and 0 elsewhere (drawn directly:
+    timm's initialisation of ViT-L takes a minute on a CPU)."""
+    shapes = {k: v.shape for k, v in dinov2_vit(size, 518).state_dict().items()}
     generator = torch.Generator().manual_seed(seed)
     state = {k: 0.02 * torch.randn(shape, generator=generator) + _is_norm_weight(k)
              for k, shape in shapes.items()}
-    state["mask_token"] = torch.zeros(1, FEATURES)
+    state["mask_token"] = torch.zeros(1, size["embed_dim"])
     torch.save(state, path)
     return path
 
@@ -148,8 +162,9 @@ def reference_statistics(ref_npz, images, weights, state, compute):
     weights_id = f"{weights} {weights.stat().st_size}"
     if cached is not None and cached.is_file():
         with np.load(cached) as stored:
-            if str(stored["weights"]) == weights_id and len(stored["mu"]) == FEATURES:
-                return stored["mu"], stored["sigma"]
+            mu, sigma = stored["mu"], stored["sigma"]
+            if str(stored["weights"]) == weights_id and sigma.shape == (len(mu),) * 2:
+                return mu, sigma
     features = np.asarray(compute(images), np.float64)
     mu, sigma = np.mean(features, axis=0), np.cov(features, rowvar=False)
     if cached is not None and state.is_main_process:

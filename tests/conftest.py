@@ -1,6 +1,8 @@
 import argparse
+import socket
 from pathlib import Path
 
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
@@ -92,3 +94,16 @@ def tiny_config(root, **overrides):
                     log_every=2, checkpointing_steps=3, sampling_steps=0, num_workers=0,
                     output_dir=str(root / "exps"), exp_name="run")
     return TrainConfig(**{**settings, **overrides})
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No network: Hugging Face offline mode on an empty cache, and any socket connection fails."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.delenv("REGDIT_ENCODER_PATH", raising=False)
+
+    def refuse(*args):
+        raise OSError("network is off in tests")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    return tmp_path / "hf-cache"

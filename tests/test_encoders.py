@@ -1,8 +1,6 @@
 """Frozen representation encoders: official preprocessing, loading (Hub cache, files, folders,
 offline), outputs."""
-import socket
 
-import huggingface_hub.constants
 import pytest
 import safetensors.torch
 import timm
@@ -34,19 +32,6 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("encoders")
     return {name: save_random_encoder(name, root / name, patch_size=patch)
             for name, patch in TINY.items()}
-
-
-@pytest.fixture
-def offline(monkeypatch, tmp_path):
-    """No network: Hugging Face offline mode on an empty cache, and any socket connection fails."""
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.delenv("REGDIT_ENCODER_PATH", raising=False)
-
-    def refuse(*args):
-        raise OSError("network is off in tests")
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    return tmp_path / "hf-cache"
 
 
 def images(n, resolution, seed=0):

@@ -1,8 +1,6 @@
 """The newer encoders: DINOv2 with registers (`dinov2-vit-*-reg`), DINOv3 and SigLIP 2, through
 timm, with their published preprocessing; tiny random-weight models saved as timm folders."""
-import socket
 
-import huggingface_hub.constants
 import pytest
 import timm
 import torch
@@ -29,17 +27,6 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("newer-encoders")
     return {name: save_random_encoder(name, root / name, patch_size=patch)
             for name, patch in NEWER.items()}
-
-
-@pytest.fixture
-def offline(monkeypatch, tmp_path):
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.delenv("REGDIT_ENCODER_PATH", raising=False)
-
-    def refuse(*args):
-        raise OSError("network is off in tests")
-    monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
 @pytest.mark.parametrize("name", ["dinov2-vit-s-reg", "dinov2-vit-g-reg", "dinov3-vit-s",

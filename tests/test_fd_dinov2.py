@@ -16,7 +16,13 @@ from timm.models.vision_transformer import checkpoint_filter_fn
 from regdit import RegditError
 from regdit.cli import main
 from regdit.evaluate import evaluate
-from regdit.fd_dinov2 import DINOV2_URL, official_pos_embed, save_random_dinov2_weights
+from regdit.fd_dinov2 import (
+    DINOV2_URL,
+    LARGE,
+    _read_state,
+    official_pos_embed,
+    save_random_dinov2_weights,
+)
 from regdit.sample import SampleConfig, Sampling, sample
 from regdit.train import EvalSampling, train
 
@@ -46,13 +52,18 @@ def test_position_embeddings_as_the_official_model_interpolates_them():
                                                                                    224, 224))
 
 
+# a small ViT/14 in the official file's layout: ViT-L/14 takes about 3 s an image on 2 cores
+SMALL = dict(embed_dim=64, depth=2)
+
+
 def independent_features(weights, images):
-    """EDM2's DINOv2Detector (resize_mode 'torch') on timm's ViT-L/14 with the official model's
-    position embeddings at 224 px."""
+    """EDM2's DINOv2Detector (resize_mode 'torch') on timm's DINOv2 ViT/14 (of SMALL's size) with
+    the official model's position embeddings at 224 px."""
     state = torch.load(weights, weights_only=True)
     state["pos_embed"] = interpolate_pos_encoding(state["pos_embed"], 224, 224)
     with torch.device("meta"):  # every weight comes from the file
-        model = timm.create_model("vit_large_patch14_dinov2", num_classes=0, img_size=224).eval()
+        model = timm.create_model("vit_large_patch14_dinov2", num_classes=0, img_size=224,
+                                  num_heads=1, **SMALL).eval()
     model.load_state_dict(checkpoint_filter_fn(state, model), assign=True)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).to(torch.float32)
     x = F.interpolate(x, size=(224, 224), mode="bicubic", antialias=True) / 255
@@ -72,7 +83,7 @@ def frechet(a, b):
 @pytest.mark.slow
 def test_fd_dinov2_equals_an_independent_computation(tmp_path, inception_weights, monkeypatch):
     monkeypatch.setenv("REGDIT_CACHE", str(tmp_path / "cache"))
-    weights = save_random_dinov2_weights(tmp_path / "dinov2_vitl14_pretrain.pth")
+    weights = save_random_dinov2_weights(tmp_path / "dinov2_vitl14_pretrain.pth", size=SMALL)
     rng = np.random.default_rng(0)
     ref_images = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     samples = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
@@ -109,7 +120,7 @@ def test_offline_without_weights_is_one_line(tmp_path, monkeypatch, capsys, ince
 
 @pytest.fixture(scope="module")
 def dinov2_weights(tmp_path_factory):
-    return save_random_dinov2_weights(tmp_path_factory.mktemp("dinov2") / "dinov2.pth")
+    return save_random_dinov2_weights(tmp_path_factory.mktemp("dinov2") / "dinov2.pth", size=SMALL)
 
 
 def evaluated_config(tiny_data, inception_weights, **overrides):
@@ -146,4 +157,14 @@ def test_evaluation_while_training_reports_the_fd_of_sample_then_eval(
                               sampling=Sampling(num_steps=2), global_seed=config.seed))
     scores = evaluate(config.ref_batch, npz, inception_weights, batch_size=4,
                       dinov2_weights=str(dinov2_weights), with_fd=True)
-    assert entry["eval/fd_dinov2"] == scores["fd_dinov2"] and entry["eval/fid"] == scores["fid"]
+    # the FID bitwise; the DINOv2 features of the two processes round apart in the last bits
+    assert entry["eval/fid"] == scores["fid"]
+    assert entry["eval/fd_dinov2"] == pytest.approx(scores["fd_dinov2"], rel=1e-6, abs=0)
+
+
+def test_a_download_must_be_dinov2_vit_l(tmp_path):
+    """The official file is checked as ViT-L/14: a smaller one in its place is refused."""
+    small = save_random_dinov2_weights(tmp_path / "small.pth", size=SMALL)
+    with pytest.raises(RegditError, match="has not the weights of DINOv2 ViT-L/14"):
+        _read_state(small, "has", LARGE)
+    assert _read_state(small, "holds")["cls_token"].shape == (1, 1, 64)
