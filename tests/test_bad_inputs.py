@@ -345,7 +345,8 @@ def test_bad_input_is_one_line_and_changes_nothing(world, argv, expected, capsys
 
 @pytest.mark.slow
 @pytest.mark.parametrize("argv,expected", [
-    (SAMPLE + ["--num-steps", "0"], r"regdit sample: error: --num-steps 0: must be at least 1"),
+    (SAMPLE + ["--num-steps", "0"],
+     r"regdit sample: error: --num-steps 0: must be at least 1 and at most 10000"),
     # diffusers logs to its own stream handler, out of capsys' sight: its notes of the .bin fallback
     # are not printed
     (PREPARE_LATENTS + ["--vae", "{W}/vae-pickled"],
