@@ -21,6 +21,7 @@ process of the job, data-loader workers included; a worker that died of it would
 dies: DataLoader workers watch their parent).
 """
 import contextlib
+import functools
 import multiprocessing
 import os
 import signal
@@ -54,8 +55,9 @@ def worker_loader(dataset, **options):
         # SIGINT and SIGTERM in the starting thread (bpo-33613): start it before blocking
         resource_tracker.ensure_running()
     with stop_signals_blocked():
-        return iter(torch.utils.data.DataLoader(dataset, worker_init_fn=ignore_stop_signals,
-                                                **options))
+        return iter(torch.utils.data.DataLoader(
+            dataset, worker_init_fn=functools.partial(ignore_stop_signals, loader=os.getpid()),
+            **options))
 
 
 @contextlib.contextmanager
@@ -68,23 +70,24 @@ def stop_signals_blocked():
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def ignore_stop_signals(worker_id=None):
+def ignore_stop_signals(worker_id=None, loader=None):
     """A worker's first code (DataLoader's worker_init_fn): SIGINT and SIGUSR1 ignored (ignoring
     discards one that landed while they were blocked). SIGTERM stays blocked and is read by a
-    thread that ends the worker when its parent sent it, as multiprocessing's terminate() does on
-    exit (the rule of the loader's own SIGTERM handler), and drops it when it came from elsewhere:
-    a signal to the whole job. Without sigwaitinfo (macOS) SIGTERM is ignored."""
+    thread that ends the worker when its parent or the `loader` process (the worker's parent but
+    under forkserver) sent it, as multiprocessing's terminate() does on exit (the rule of the
+    loader's own SIGTERM handler), and drops it when it came from elsewhere: a signal to the whole
+    job. Without sigwaitinfo (macOS) SIGTERM is ignored."""
     for number in STOP_SIGNALS:
         if number != signal.SIGTERM or not hasattr(signal, "sigwaitinfo"):
             signal.signal(number, signal.SIG_IGN)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, [number])
     if hasattr(signal, "sigwaitinfo"):
-        threading.Thread(target=_end_on_parents_sigterm, name="regdit-sigterm",
+        threading.Thread(target=_end_on_parents_sigterm, args=(loader,), name="regdit-sigterm",
                          daemon=True).start()
 
 
-def _end_on_parents_sigterm():
-    while signal.sigwaitinfo([signal.SIGTERM]).si_pid != os.getppid():
+def _end_on_parents_sigterm(loader):
+    while signal.sigwaitinfo([signal.SIGTERM]).si_pid not in (os.getppid(), loader):
         pass
     os._exit(0)
 
