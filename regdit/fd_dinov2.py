@@ -122,7 +122,9 @@ def dinov2_features(images_nhwc_uint8, model):
     """float32 (N, 1024) FD_DINOv2 features of uint8 N x H x W x 3 images (EDM2's DINOv2Detector,
     resize_mode 'torch')."""
     device = next(model.parameters()).device
-    x = torch.as_tensor(np.asarray(images_nhwc_uint8)).to(device).permute(0, 3, 1, 2)
+    # contiguous NCHW whatever the layout of the images (decoded samples arrive channels-last, an
+    # .npz's as NHWC arrays): the convolution's rounding depends on the memory format
+    x = torch.as_tensor(np.asarray(images_nhwc_uint8)).to(device).permute(0, 3, 1, 2).contiguous()
     x = F.interpolate(x.float(), size=(INPUT_SIZE, INPUT_SIZE), mode="bicubic", antialias=True)
     x = x / 255
     mean = torch.tensor(IMAGENET_DEFAULT_MEAN, device=device).view(1, -1, 1, 1)
