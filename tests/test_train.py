@@ -541,7 +541,7 @@ def test_report_overlays_runs_with_and_without_evaluations(tiny_data, evaluated)
         assert image.shape == (900, 1600) and image.std() > 20 and (image < 128).mean() > 0.01
     page = (tiny_data / "page.html").read_text()
     assert "<td>evaluated</td>" in page and "data:image/png;base64," in page
-    assert re.search(r"<td>\d+\.\d{3} at [24]</td>", page)  # the best FID and its step
+    assert re.search(r"<td>\d+\.\d{3} at step [24]</td>", page)  # the best FID and its step
     with pytest.raises(SystemExit, match="has no metrics.jsonl"):
         main(["report", str(tiny_data), "--output", str(tiny_data / "x.png")])
 
