@@ -509,7 +509,7 @@ def test_a_stop_killed_before_its_checkpoint_is_written_keeps_the_previous_one_w
     the end of KillWait does to a stop whose checkpoint takes longer): the checkpoints written
     before are untouched, every checkpoint there loads (the stop's own is whole or absent), the
     job reads as failed, and a resubmitted job continues from the latest checkpoint."""
-    exp = tiny_data / "exps" / "killed"
+    exp = tiny_data / "exps" / "killed_before_checkpoint"
     flags = (exp.name, 16, "--checkpointing-steps", "4")
     job = submit(two_nodes, tiny_data, tmp_path / "logs", *flags)
     log_path = tmp_path / "logs" / f"regdit-{job}.out"
