@@ -1,6 +1,6 @@
-"""What the checkpoint checksum (`regdit.checkpoint.tensor_checksum`) costs on SiT-XL/2-sized
-training state, per candidate hash, next to `torch.save` (+ fsync, as `save_checkpoint` does) and
-`torch.load` of the same state.
+"""What the checkpoint checksum (`regdit.storage.checkpoint.tensor_checksum`) costs on
+SiT-XL/2-sized training state, per candidate hash, next to `torch.save` (+ fsync, as
+`save_checkpoint` does) and `torch.load` of the same state.
 
     python benchmarks/bench_checksum.py                 # full size: 10.8 GB of training state
     python benchmarks/bench_checksum.py --scale 0.25    # a quarter of it
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from regdit.checkpoint import CHECKSUMS, save_checkpoint, tensor_checksum
-from regdit.experiment import to_host
+from regdit.run.experiment import to_host
+from regdit.storage.checkpoint import CHECKSUMS, save_checkpoint, tensor_checksum
 
 SIT_XL2_PARAMETERS = 675_129_632  # SiT-XL/2 (REG adds ~4M for its projector and class token)
 PARTS = ("model", "ema", "exp_avg", "exp_avg_sq")

@@ -6,9 +6,9 @@ loaders.
     python benchmarks/bench_data.py --vae tiny --resolution 64 --num-images 128 --one-at-a-time 16
 
 The VAE has random weights with the SD-VAE (sd-vae-ft-mse) architecture, saved with save_pretrained
-and loaded through regdit.vae.load_vae, so the timings are those of the real model. "official loop"
-mimics the official dataset_tools.py encode: one image at a time decoded, encoded and saved as its
-own .npy.
+and loaded through regdit.storage.vae.load_vae, so the timings are those of the real model.
+"official loop" mimics the official dataset_tools.py encode: one image at a time decoded, encoded
+and saved as its own .npy.
 """
 import argparse
 import os
@@ -20,14 +20,14 @@ import PIL.Image
 import torch
 from diffusers import AutoencoderKL
 
-from regdit.data import open_dataset
-from regdit.prepare import (
+from regdit.commands.prepare import (
     PrepareImagesConfig,
     PrepareLatentsConfig,
     prepare_images,
     prepare_latents,
 )
-from regdit.vae import encode_moments, load_vae
+from regdit.storage.data import open_dataset
+from regdit.storage.vae import encode_moments, load_vae
 
 # the sd-vae-ft-mse architecture
 SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)

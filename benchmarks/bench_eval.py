@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from scipy import special
 
-from regdit.evaluate import (
+from regdit.commands.evaluate import (
     ManifoldEstimator,
     compute_activations,
     exact_float32,

@@ -31,15 +31,15 @@ import numpy as np
 from bench_checksum import SIT_XL2_PARAMETERS, timed, training_state
 from PIL import Image
 
-from regdit.checkpoint import save_checkpoint
-from regdit.encoders import save_random_encoder
-from regdit.experiment import to_host
-from regdit.prepare import (
+from regdit.commands.prepare import (
     PrepareImagesConfig,
     PrepareLatentsConfig,
     prepare_images,
     prepare_latents,
 )
+from regdit.run.experiment import to_host
+from regdit.storage.checkpoint import save_checkpoint
+from regdit.storage.encoders import save_random_encoder
 
 
 def tiny_dataset(root):

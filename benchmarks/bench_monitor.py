@@ -17,14 +17,15 @@ import time
 import numpy as np
 import torch
 
-from regdit.evaluate import (
+from regdit.commands.evaluate import (
     Reference,
     batch_activations,
     load_inception,
     save_random_inception_weights,
 )
-from regdit.models import SiT, SiTConfig, create_model
-from regdit.sample import Sampling, sample_batch
+from regdit.commands.sample import sample_batch
+from regdit.core.models import SiT, SiTConfig, create_model
+from regdit.core.sampling import Sampling
 
 
 def timed(run, device):

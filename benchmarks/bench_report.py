@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from bench_app import full_page_screenshot  # noqa: E402
 from test_app import start_chromium  # noqa: E402
 
-from regdit.cli import main as regdit  # noqa: E402
+from regdit.commands.cli import main as regdit  # noqa: E402
 
 
 def main():

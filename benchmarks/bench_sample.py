@@ -12,10 +12,11 @@ import time
 
 import torch
 
-from regdit.models import SiT, SiTConfig, create_model
-from regdit.sample import Sampling, sample_batch
-from regdit.samplers import SAMPLERS
-from regdit.vae import decode_latents
+from regdit.commands.sample import sample_batch
+from regdit.core.models import SiT, SiTConfig, create_model
+from regdit.core.samplers import SAMPLERS
+from regdit.core.sampling import Sampling
+from regdit.storage.vae import decode_latents
 
 GUIDANCE = dict(cfg_scale=2.3, cls_cfg_scale=2.3, guidance_low=0.0, guidance_high=0.85,
                 path_type="linear")

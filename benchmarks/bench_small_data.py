@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from regdit.demo import DemoConfig, run_demo
+from regdit.extras.demo import DemoConfig, run_demo
 
 
 def write_digits(folder):

@@ -24,10 +24,10 @@ import time
 import timm
 import torch
 
-from regdit.encoders import ENCODER_TYPES, Encoder, encoder_input_size
-from regdit.loss import REGLoss
-from regdit.models import create_model
-from regdit.train import update_ema
+from regdit.commands.train import update_ema
+from regdit.core.loss import REGLoss
+from regdit.core.models import create_model
+from regdit.storage.encoders import ENCODER_TYPES, Encoder, encoder_input_size
 
 # dense bf16/fp16 TFLOP/s from the datasheets, the first name contained in the device's name counts
 # (SXM: plain "H100")

@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from torchvision.utils import save_image
 
-from regdit.encoders import load_encoders
-from regdit.loss import REGLoss
-from regdit.models import SiT, SiTConfig, model_arguments
-from regdit.samplers import SAMPLERS
-from regdit.vae import decode_latents, load_vae
+from regdit.core.loss import REGLoss
+from regdit.core.models import SiT, SiTConfig, model_arguments
+from regdit.core.samplers import SAMPLERS
+from regdit.storage.encoders import load_encoders
+from regdit.storage.vae import decode_latents, load_vae
 
 
 @dataclasses.dataclass

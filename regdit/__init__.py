@@ -8,8 +8,8 @@ stays cheap):
     files          load_checkpoint, build_model_from_checkpoint, from_pretrained, save_pretrained,
                    open_dataset, LAYOUTS
     encoders, VAE  load_encoders, ENCODER_TYPES, FAMILIES, load_vae
-    commands       TrainConfig, SampleConfig (run by regdit.train.train, regdit.sample.sample; the
-                   submodules keep those names)
+    commands       TrainConfig, SampleConfig (run by regdit.commands.train.train and
+                   regdit.commands.sample.sample)
 """
 import importlib
 import os
@@ -23,7 +23,7 @@ class RegditError(ValueError):
 
 
 class Stopped(BaseException):
-    """A command stopped on a signal (regdit.preemption), at a safe point or in its set-up; the
+    """A command stopped on a signal (regdit.run.preemption), at a safe point or in its set-up; the
     message says where and how to continue. The command line prints it and exits with
     EXIT_STOPPED. A BaseException, as KeyboardInterrupt: raised by a signal anywhere in set-up,
     it is no error for code that catches Exception (a file reader would call the file bad)."""
@@ -41,17 +41,18 @@ def cpu_launch():
 
 
 PUBLIC = {  # name -> the module that defines it
-    **dict.fromkeys(["SiT", "SiTConfig", "create_sit"], "regdit.models"),
-    **dict.fromkeys(["REGLoss", "LOSS_TERMS"], "regdit.loss"),
-    **dict.fromkeys(["path_coefficients", "sample_time"], "regdit.interpolants"),
-    "SAMPLERS": "regdit.samplers",
-    **dict.fromkeys(["Sampling", "SampleConfig"], "regdit.sample"),
+    **dict.fromkeys(["SiT", "SiTConfig", "create_sit"], "regdit.core.models"),
+    **dict.fromkeys(["REGLoss", "LOSS_TERMS"], "regdit.core.loss"),
+    **dict.fromkeys(["path_coefficients", "sample_time"], "regdit.core.interpolants"),
+    "SAMPLERS": "regdit.core.samplers",
+    "Sampling": "regdit.core.sampling",
+    "SampleConfig": "regdit.commands.sample",
     **dict.fromkeys(["load_checkpoint", "build_model_from_checkpoint", "from_pretrained",
-                     "save_pretrained"], "regdit.checkpoint"),
-    **dict.fromkeys(["open_dataset", "LAYOUTS"], "regdit.data"),
-    **dict.fromkeys(["load_encoders", "ENCODER_TYPES", "FAMILIES"], "regdit.encoders"),
-    "load_vae": "regdit.vae",
-    "TrainConfig": "regdit.train",
+                     "save_pretrained"], "regdit.storage.checkpoint"),
+    **dict.fromkeys(["open_dataset", "LAYOUTS"], "regdit.storage.data"),
+    **dict.fromkeys(["load_encoders", "ENCODER_TYPES", "FAMILIES"], "regdit.storage.encoders"),
+    "load_vae": "regdit.storage.vae",
+    "TrainConfig": "regdit.commands.train",
 }
 __all__ = ["RegditError", "Stopped", "EXIT_STOPPED", *PUBLIC]
 

@@ -1,3 +1,3 @@
-from regdit.cli import main
+from regdit.commands.cli import main
 
 main()

@@ -165,7 +165,7 @@ def add_dataclass_arguments(parser, config_class):
                                 **kwargs)
     parser.add_argument("--config", type=Path, default=None,
                         help="YAML file of settings (names with - or _)")
-    # read and imported before parsing (regdit.plugins); declared for --help
+    # read and imported before parsing (regdit.run.plugins); declared for --help
     parser.add_argument("--plugin", action="append", metavar="FILE_OR_MODULE",
                         help="import this file (.py) or module first: the samplers, loss terms, "
                              "encoders, dataset layouts or methods it registers become choices "

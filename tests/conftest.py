@@ -8,16 +8,16 @@ import pytest
 import torch
 from PIL import Image
 
-from regdit.cli import main
-from regdit.encoders import save_random_encoder
-from regdit.evaluate import save_random_inception_weights
-from regdit.prepare import (
+from regdit.commands.cli import main
+from regdit.commands.evaluate import save_random_inception_weights
+from regdit.commands.prepare import (
     PrepareImagesConfig,
     PrepareLatentsConfig,
     prepare_images,
     prepare_latents,
 )
-from regdit.train import TrainConfig
+from regdit.commands.train import TrainConfig
+from regdit.storage.encoders import save_random_encoder
 
 # outputs of the official REG code, see fixtures/README.md
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

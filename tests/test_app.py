@@ -25,7 +25,12 @@ from conftest import cli_error, tiny_config
 from PIL import Image
 
 from regdit import RegditError
-from regdit.app import (
+from regdit.commands.cli import main
+from regdit.commands.export import ExportConfig, export
+from regdit.commands.train import train
+from regdit.core.models import SiT, SiTConfig
+from regdit.core.sampling import Sampling
+from regdit.extras.app import (
     PAPER_SAMPLING,
     AppConfig,
     Explorer,
@@ -36,16 +41,12 @@ from regdit.app import (
     opening_sampling,
     sample_command,
 )
-from regdit.checkpoint import load_checkpoint, save_checkpoint
-from regdit.cli import main
-from regdit.demo import CLASSES, TRAIN_RECIPE
-from regdit.export import ExportConfig, export
-from regdit.models import SiT, SiTConfig
-from regdit.sample import Sampling
-from regdit.train import train
+from regdit.extras.demo import CLASSES, TRAIN_RECIPE
+from regdit.storage.checkpoint import load_checkpoint, save_checkpoint
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-# the demo's model on the latents of the demo's VAE (regdit.demo.TRAIN_RECIPE, regdit.vae.SMALL_VAE)
+# the demo's model on the latents of the demo's VAE (regdit.extras.demo.TRAIN_RECIPE,
+# regdit.storage.vae.SMALL_VAE)
 DEMO_MODEL = dict(input_size=8, patch_size=1, in_channels=4, hidden_size=128, depth=3, num_heads=2,
                   num_classes=len(CLASSES), z_dims=[64], projector_dim=128, encoder_depth=1)
 GUIDED = dict(sampler="sde", num_steps=6, cfg_scale=2.0, cls_cfg_scale=2.0, guidance_low=0.0,
@@ -58,7 +59,7 @@ def demo_sized(tmp_path_factory):
     `regdit demo` writes it: what the app does with a model does not depend on what it learnt."""
     from diffusers import AutoencoderKL
 
-    from regdit.vae import SMALL_VAE, save_vae
+    from regdit.storage.vae import SMALL_VAE, save_vae
     root = tmp_path_factory.mktemp("app")
     torch.manual_seed(0)
     save_vae(AutoencoderKL(sample_size=32, **SMALL_VAE), root / "vae")

@@ -7,12 +7,13 @@ import torch
 from conftest import cli_error, tiny_config
 
 from regdit import RegditError
-from regdit.checkpoint import save_pretrained
-from regdit.cli import main
-from regdit.models import SiT, SiTConfig
-from regdit.sample import Sampling, sample_batch
-from regdit.samplers import SAMPLERS
-from regdit.train import EvalSampling, train
+from regdit.commands.cli import main
+from regdit.commands.sample import sample_batch
+from regdit.commands.train import EvalSampling, train
+from regdit.core.models import SiT, SiTConfig
+from regdit.core.samplers import SAMPLERS
+from regdit.core.sampling import Sampling
+from regdit.storage.checkpoint import save_pretrained
 
 TINY = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=2, num_heads=2,
             num_classes=5, z_dims=[16], projector_dim=32, encoder_depth=1)

@@ -22,18 +22,18 @@ from PIL import Image
 from test_bad_inputs import snapshot
 from test_data import write_official
 
-from regdit import vae as vae_lib
-from regdit.checkpoint import save_pretrained
-from regdit.cli import main
-from regdit.encoders import save_random_encoder
-from regdit.files import TEMP_SUFFIX
-from regdit.models import SiT, SiTConfig
-from regdit.prepare import (
+from regdit.commands.cli import main
+from regdit.commands.prepare import (
     PrepareImagesConfig,
     PrepareLatentsConfig,
     prepare_images,
     prepare_latents,
 )
+from regdit.core.models import SiT, SiTConfig
+from regdit.files import TEMP_SUFFIX
+from regdit.storage import vae as vae_lib
+from regdit.storage.checkpoint import save_pretrained
+from regdit.storage.encoders import save_random_encoder
 
 TINY = dict(input_size=32, patch_size=8, in_channels=3, hidden_size=64, depth=2, num_heads=2,
             num_classes=2, z_dims=[32], projector_dim=64, encoder_depth=1)  # pixel space at 32 px

@@ -24,13 +24,10 @@ from PIL import Image
 
 import regdit
 from regdit import RegditError
-from regdit.checkpoint import load_checkpoint
-from regdit.cli import COMMANDS, main
-from regdit.config import YAML_MAX_BYTES, field_type, flag_names, leaf_fields
-from regdit.encoders import save_random_encoder
-from regdit.evaluate import save_random_inception_weights
-from regdit.export import ExportConfig, export
-from regdit.prepare import (
+from regdit.commands.cli import COMMANDS, main
+from regdit.commands.evaluate import save_random_inception_weights
+from regdit.commands.export import ExportConfig, export
+from regdit.commands.prepare import (
     PrepareImagesConfig,
     PrepareLatentsConfig,
     PrepareVaeConfig,
@@ -38,8 +35,11 @@ from regdit.prepare import (
     prepare_latents,
     prepare_vae,
 )
-from regdit.runlock import LOCK_NAME
-from regdit.train import TrainConfig, train
+from regdit.commands.train import TrainConfig, train
+from regdit.config import YAML_MAX_BYTES, field_type, flag_names, leaf_fields
+from regdit.run.runlock import LOCK_NAME
+from regdit.storage.checkpoint import load_checkpoint
+from regdit.storage.encoders import save_random_encoder
 
 TRAIN = ["train", "--data-dir", "{W}/data", "--resolution", "32", "--model", "SiT-S/8",
          "--depth", "2", "--hidden-size", "64", "--num-heads", "2", "--encoder-depth", "1",
@@ -458,10 +458,10 @@ def test_a_busy_experiment_is_refused_before_anything_is_loaded(world, capsys, m
     """The experiment lock comes first: a second `train` with evaluation flags stops at once, not
     after its dataset, encoders, VAE, Inception network and reference (18 s with the real Inception
     weights)."""
-    import regdit.data
-    import regdit.encoders
-    import regdit.monitor
-    import regdit.vae
+    import regdit.commands.monitor
+    import regdit.storage.data
+    import regdit.storage.encoders
+    import regdit.storage.vae
     loaded = []
 
     def recording(name, real):  # the real function, its calls recorded
@@ -469,8 +469,10 @@ def test_a_busy_experiment_is_refused_before_anything_is_loaded(world, capsys, m
             loaded.append(name)
             return real(*args, **kwargs)
         return recorded
-    for module, name in ((regdit.data, "open_dataset"), (regdit.encoders, "load_encoders"),
-                         (regdit.vae, "load_vae"), (regdit.monitor, "TrainingEvaluation")):
+    for module, name in ((regdit.storage.data, "open_dataset"),
+                         (regdit.storage.encoders, "load_encoders"),
+                         (regdit.storage.vae, "load_vae"),
+                         (regdit.commands.monitor, "TrainingEvaluation")):
         monkeypatch.setattr(module, name, recording(name, getattr(module, name)))
     (world / "exps" / "busy" / LOCK_NAME).touch()
     argv = [a.replace("{W}", str(world)) for a in TRAIN + [

@@ -9,8 +9,8 @@ from PIL import Image
 
 from regdit import RegditError
 from regdit.config import read_yaml
-from regdit.data import open_dataset
-from regdit.loss import LOSS_TERMS
+from regdit.core.loss import LOSS_TERMS
+from regdit.storage.data import open_dataset
 
 
 def test_eval_samples_have_a_documented_upper_bound(capsys):

@@ -10,7 +10,8 @@ import torch
 from conftest import FIXTURES
 
 from regdit import RegditError
-from regdit.checkpoint import (
+from regdit.commands.cli import main as cli_main
+from regdit.storage.checkpoint import (
     build_model_from_checkpoint,
     load_checkpoint,
     load_state_dict_checked,
@@ -18,7 +19,6 @@ from regdit.checkpoint import (
     save_checkpoint,
     tensor_checksum,
 )
-from regdit.cli import main as cli_main
 
 
 def test_official_checkpoint_loads_with_weights_only(official_tiny):
@@ -106,7 +106,7 @@ def test_export_to_safetensors_round_trip(official_tiny, tmp_path):
 
 def test_legacy_decoder_blocks_are_renumbered(official_tiny):
     checkpoint, _ = official_tiny
-    from regdit.official import convert_legacy_state_dict
+    from regdit.storage.official import convert_legacy_state_dict
     legacy = {(f"decoder_blocks.{int(k.split('.')[1]) - 2}." + k.split(".", 2)[2]
                if k.startswith("blocks.") and int(k.split(".")[1]) >= 2 else k): v
               for k, v in checkpoint["ema"].items()}

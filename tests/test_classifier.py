@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from regdit.classifier import class_score, fit_classifier, predict
-from regdit.demo import CLASSES, draw_shape
+from regdit.extras.classifier import class_score, fit_classifier, predict
+from regdit.extras.demo import CLASSES, draw_shape
 
 
 @pytest.mark.slow

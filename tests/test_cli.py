@@ -6,7 +6,7 @@ import importlib
 import pytest
 import yaml
 
-from regdit.cli import COMMANDS, main, parse_config
+from regdit.commands.cli import COMMANDS, main, parse_config
 from regdit.config import field_type, flag_names, flat_settings, leaf_fields
 
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from regdit import RegditError
-from regdit.data import IMAGES, LABELS, META, MOMENTS, MOMENTS_FLIP, open_dataset
-from regdit.prepare import (
+from regdit.commands.prepare import (
     PrepareImagesConfig,
     PrepareLatentsConfig,
     prepare_images,
     prepare_latents,
 )
+from regdit.storage.data import IMAGES, LABELS, META, MOMENTS, MOMENTS_FLIP, open_dataset
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from regdit.cli import main as cli_main
-from regdit.demo import CLASSES, COLOURS, draw_shape, make_dataset, read_dataset
-from regdit.prepare import PrepareImagesConfig, prepare_images
+from regdit.commands.cli import main as cli_main
+from regdit.commands.prepare import PrepareImagesConfig, prepare_images
+from regdit.extras.demo import CLASSES, COLOURS, draw_shape, make_dataset, read_dataset
 
 # A shortened demo: 40 training images per class, half the VAE's steps and a third of the SiT's. Its
 # classifier score was 0.85 when measured (chance: 0.1); the floor leaves room for other CPUs' float

@@ -1,6 +1,6 @@
-"""Downloads on first use (regdit.downloads): the Inception weights and ADM's reference batches,
-served by an HTTP server on 127.0.0.1 that the test starts, fetched by the real download code,
-checked, cached and reused."""
+"""Downloads on first use (regdit.storage.downloads): the Inception weights and ADM's reference
+batches, served by an HTTP server on 127.0.0.1 that the test starts, fetched by the real download
+code, checked, cached and reused."""
 import collections
 import concurrent.futures
 import functools
@@ -20,14 +20,15 @@ import pytest
 from conftest import cli_error
 from huggingface_hub import constants
 
-from regdit import RegditError, downloads
-from regdit.cli import main as cli_main
-from regdit.downloads import CHUNK
-from regdit.evaluate import (
+from regdit import RegditError
+from regdit.commands.cli import main as cli_main
+from regdit.commands.evaluate import (
     inception_weights_path,
     reference_batch_path,
     save_random_inception_weights,
 )
+from regdit.storage import downloads
+from regdit.storage.downloads import CHUNK
 
 
 class Files(http.server.SimpleHTTPRequestHandler):
@@ -308,7 +309,7 @@ def test_train_evaluation_takes_a_reference_batch_by_name_offline_as_one_line(ca
                                                                               tmp_path):
     from accelerate import PartialState
 
-    from regdit.monitor import TrainingEvaluation
+    from regdit.commands.monitor import TrainingEvaluation
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     weights = save_random_inception_weights(tmp_path / "inception.pth")
     config = SimpleNamespace(ref_batch="imagenet256", eval_every=1, inception_weights=str(weights))

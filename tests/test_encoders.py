@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.transforms import Normalize
 
 from regdit import RegditError
-from regdit.encoders import (
+from regdit.storage.encoders import (
     ENCODER_TYPES,
     check_encoders,
     encoder_input_size,

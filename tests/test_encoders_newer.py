@@ -8,15 +8,15 @@ from conftest import tiny_config
 from torchvision.transforms.functional import normalize
 
 from regdit import RegditError
-from regdit.checkpoint import load_checkpoint
-from regdit.encoders import (
+from regdit.commands.train import train
+from regdit.storage.checkpoint import load_checkpoint
+from regdit.storage.encoders import (
     ENCODER_TYPES,
     FAMILIES,
     encoder_input_size,
     load_encoders,
     save_random_encoder,
 )
-from regdit.train import train
 
 # patch sizes giving 4x4 patches of 32 px images (DINOv2 sees 28 px)
 NEWER = {"dinov2-vit-b-reg": 7, "dinov3-vit-b": 8, "siglip2-vit-b": 8}

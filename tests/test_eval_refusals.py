@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from regdit import cli
-from regdit import evaluate as evaluate_module
+from regdit.commands import cli
+from regdit.commands import evaluate as evaluate_module
 
 
 @pytest.fixture(scope="session")

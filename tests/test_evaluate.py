@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 from scipy import linalg, special
 
-from regdit import RegditError, cli
-from regdit.evaluate import (
+from regdit import RegditError
+from regdit.commands import cli
+from regdit.commands.evaluate import (
     INCEPTION_WEIGHTS_FILE,
     METRIC_NAMES,
     ImageFolder,

@@ -6,8 +6,8 @@ from pathlib import Path
 import torch
 from conftest import tiny_config
 
-from regdit.checkpoint import load_checkpoint
-from regdit.train import train
+from regdit.commands.train import train
+from regdit.storage.checkpoint import load_checkpoint
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_reg.py"
 

@@ -10,11 +10,24 @@ import torch
 import yaml
 from conftest import cli_error
 
-from regdit import report
-from regdit.checkpoint import build_model_from_checkpoint, load_checkpoint
-from regdit.cli import main
-from regdit.data import LAYOUTS, Layout, _Dataset, _Writer, open_dataset, read_json, write_json
-from regdit.encoders import (
+from regdit.commands.cli import main
+from regdit.commands.sample import sample_batch
+from regdit.core.loss import LOSS_TERMS, REGLoss, mean_flat
+from regdit.core.models import create_sit
+from regdit.core.samplers import SAMPLERS
+from regdit.core.sampling import Sampling
+from regdit.extras import report
+from regdit.storage.checkpoint import build_model_from_checkpoint, load_checkpoint
+from regdit.storage.data import (
+    LAYOUTS,
+    Layout,
+    _Dataset,
+    _Writer,
+    open_dataset,
+    read_json,
+    write_json,
+)
+from regdit.storage.encoders import (
     ENCODER_TYPES,
     FAMILIES,
     EncoderSpec,
@@ -22,10 +35,6 @@ from regdit.encoders import (
     load_encoders,
     save_random_encoder,
 )
-from regdit.loss import LOSS_TERMS, REGLoss, mean_flat
-from regdit.models import create_sit
-from regdit.sample import Sampling, sample_batch
-from regdit.samplers import SAMPLERS
 
 
 def train_argv(root, exp_name, *flags):

@@ -14,17 +14,18 @@ from scipy import linalg
 from timm.models.vision_transformer import checkpoint_filter_fn
 
 from regdit import RegditError
-from regdit.cli import main
-from regdit.evaluate import evaluate
-from regdit.fd_dinov2 import (
+from regdit.commands.cli import main
+from regdit.commands.evaluate import evaluate
+from regdit.commands.fd_dinov2 import (
     DINOV2_URL,
     LARGE,
     _read_state,
     official_pos_embed,
     save_random_dinov2_weights,
 )
-from regdit.sample import SampleConfig, Sampling, sample
-from regdit.train import EvalSampling, train
+from regdit.commands.sample import SampleConfig, sample
+from regdit.commands.train import EvalSampling, train
+from regdit.core.sampling import Sampling
 
 
 def interpolate_pos_encoding(pos_embed, w, h, patch_size=14, interpolate_offset=0.1):

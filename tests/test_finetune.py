@@ -9,18 +9,19 @@ import torch
 from conftest import cli_error
 from PIL import Image
 
-from regdit.checkpoint import from_pretrained, load_checkpoint, save_pretrained
-from regdit.encoders import save_random_encoder
-from regdit.experiment import load_init_weights
-from regdit.models import SiT, SiTConfig
-from regdit.prepare import (
+from regdit.commands.prepare import (
     PrepareImagesConfig,
     PrepareLatentsConfig,
     prepare_images,
     prepare_latents,
 )
-from regdit.sample import SampleConfig, Sampling, sample
-from regdit.train import TrainConfig, train
+from regdit.commands.sample import SampleConfig, sample
+from regdit.commands.train import TrainConfig, train
+from regdit.core.models import SiT, SiTConfig
+from regdit.core.sampling import Sampling
+from regdit.run.experiment import load_init_weights
+from regdit.storage.checkpoint import from_pretrained, load_checkpoint, save_pretrained
+from regdit.storage.encoders import save_random_encoder
 
 # a tiny REG SiT on 32 px pixel space, patch 8: 4x4 tokens, as the tiny DINOv2-B encoder's 28 px
 # input in 7 px patches

@@ -23,21 +23,21 @@ from test_outputs import local_hub_online
 from test_prepare_latents import tiny_vae
 
 from regdit import RegditError
-from regdit.checkpoint import from_pretrained, load_checkpoint, save_pretrained
-from regdit.cli import main as cli_main
-from regdit.cli import parse_config
-from regdit.encoders import load_encoders, save_random_encoder
-from regdit.evaluate import (
+from regdit.commands.cli import main as cli_main
+from regdit.commands.cli import parse_config
+from regdit.commands.evaluate import (
     EvalConfig,
     inception_weights_path,
     load_inception,
     output_path,
     save_random_inception_weights,
 )
-from regdit.export import ExportConfig, export
-from regdit.hub import parse, resolve_path
-from regdit.models import SiT, SiTConfig
-from regdit.vae import load_vae
+from regdit.commands.export import ExportConfig, export
+from regdit.core.models import SiT, SiTConfig
+from regdit.storage.checkpoint import from_pretrained, load_checkpoint, save_pretrained
+from regdit.storage.encoders import load_encoders, save_random_encoder
+from regdit.storage.hub import parse, resolve_path
+from regdit.storage.vae import load_vae
 
 OFFICIAL = FIXTURES / "official_tiny_a_ckpt.pt"
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -243,7 +243,7 @@ def test_eval_reads_reference_samples_and_inception_weights_from_the_hub(hub, tm
 def test_training_evaluation_reads_its_reference_from_the_hub(hub, tmp_path):
     from accelerate import PartialState
 
-    from regdit.monitor import TrainingEvaluation
+    from regdit.commands.monitor import TrainingEvaluation
     weights = hub("regdit-test/inception", "inception.pth",
                   save_random_inception_weights(tmp_path / "inception.pth"))
     config = SimpleNamespace(ref_batch="hf://o/r/ref.npz", eval_every=1, inception_weights=weights)

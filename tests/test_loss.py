@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from regdit.interpolants import path_coefficients, sample_time
-from regdit.loss import REGLoss, projection_loss
-from regdit.models import SiT, SiTConfig, create_sit
+from regdit.core.interpolants import path_coefficients, sample_time
+from regdit.core.loss import REGLoss, projection_loss
+from regdit.core.models import SiT, SiTConfig, create_sit
 
 
 def _official_terms(model, io, path_type, **kwargs):

@@ -6,7 +6,7 @@ from conftest import FIXTURES
 from torch.utils.flop_counter import FlopCounterMode
 
 from regdit import RegditError
-from regdit.models import (
+from regdit.core.models import (
     OFFICIAL_ONLY_ARGUMENTS,
     SiT,
     SiT_models,

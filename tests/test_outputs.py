@@ -24,8 +24,8 @@ from test_bad_inputs import EVAL, SAMPLE, TRAIN, snapshot
 from test_bad_inputs import world as bad_inputs_world  # noqa: F401 (its fixture, built again here)
 
 from regdit import RegditError
-from regdit.cli import main
-from regdit.export import EXPORT_FILES, push_folder
+from regdit.commands.cli import main
+from regdit.commands.export import EXPORT_FILES, push_folder
 from regdit.files import check_output
 
 CKPT = "{W}/exps/run/checkpoints/0000001.pt"
@@ -251,7 +251,7 @@ def test_a_report_leaves_out_non_finite_points(taken, tmp_path):
              {"step": 4, "eval/fid": 20.0, "eval/inception_score": float("inf")}]
     (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     assert "NaN" in (run / "metrics.jsonl").read_text()
-    from regdit.report import read_run, series, summary_rows
+    from regdit.extras.report import read_run, series, summary_rows
     _, _, training, evaluations = read_run(run)
     assert series(training, "loss_final") == ([3.0], [0.5]) \
         and series(training, "loss_mean") == ([1.0], [1.0])

@@ -11,20 +11,21 @@ import yaml
 from conftest import cli_error
 from test_extensions import train_argv
 
-from regdit.checkpoint import load_checkpoint
-from regdit.cli import main
-from regdit.encoders import ENCODER_TYPES, FAMILIES, save_random_encoder
-from regdit.loss import LOSS_TERMS
-from regdit.plugins import LOADED
-from regdit.samplers import SAMPLERS
+from regdit.commands.cli import main
+from regdit.core.loss import LOSS_TERMS
+from regdit.core.samplers import SAMPLERS
+from regdit.run.plugins import LOADED
+from regdit.storage.checkpoint import load_checkpoint
+from regdit.storage.encoders import ENCODER_TYPES, FAMILIES, save_random_encoder
 
 PLUGIN = '''
 """An encoder, a loss term and a sampler of one's own."""
 import torch
 
-from regdit.encoders import ENCODER_TYPES, FAMILIES, EncoderSpec, Family, save_random_encoder
-from regdit.loss import LOSS_TERMS, mean_flat
-from regdit.samplers import SAMPLERS, euler_sampler
+from regdit.storage.encoders import (ENCODER_TYPES, FAMILIES, EncoderSpec, Family,
+                                     save_random_encoder)
+from regdit.core.loss import LOSS_TERMS, mean_flat
+from regdit.core.samplers import SAMPLERS, euler_sampler
 
 FAMILIES["toy"] = Family(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resized=False)
 ENCODER_TYPES["toy-vit"] = EncoderSpec("toy", "vit_small_patch16_224", 24)

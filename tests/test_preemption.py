@@ -24,12 +24,12 @@ from conftest import tiny_config
 from PIL import Image
 
 from regdit import EXIT_STOPPED, Stopped
-from regdit import experiment as experiment_module
-from regdit import monitor as monitor_module
-from regdit.checkpoint import load_checkpoint
-from regdit.preemption import STOP_SIGNALS, StopSignals, worker_loader
-from regdit.prepare import PrepareImagesConfig, prepare_images
-from regdit.train import train
+from regdit.commands import monitor as monitor_module
+from regdit.commands.prepare import PrepareImagesConfig, prepare_images
+from regdit.commands.train import train
+from regdit.run import experiment as experiment_module
+from regdit.run.preemption import STOP_SIGNALS, StopSignals, worker_loader
+from regdit.storage.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -432,7 +432,7 @@ def test_a_second_signal_during_the_checkpoint_write_does_not_corrupt_it(tiny_da
 def test_a_signal_during_an_evaluation_abandons_it_and_the_rerun_redoes_it(tiny_data,
                                                                             inception_weights,
                                                                             monkeypatch):
-    from regdit.evaluate import make_reference
+    from regdit.commands.evaluate import make_reference
     ref = tiny_data / "preemption-ref.npz"
     make_reference(tiny_data / "images", ref, inception_weights=inception_weights, batch_size=8,
                    num_images=8)
@@ -568,7 +568,7 @@ def test_the_slurm_script_starts_a_launcher_per_node_and_requeues_before_the_tim
     output = job.communicate(timeout=240)[0]
     assert job.returncode == 0, output
     launch, = (tmp_path / "srun").read_text().splitlines()
-    assert launch.startswith(f"{sys.executable} -m regdit.launcher --nnodes 2 "
+    assert launch.startswith(f"{sys.executable} -m regdit.run.launcher --nnodes 2 "
                              "--nproc-per-node 1 --rdzv-backend c10d --rdzv-endpoint 127.0.0.1:")
     assert "--signals-to-handle SIGTERM,SIGINT,SIGUSR1" in launch and " -m regdit train " in launch
     assert (tmp_path / "requeue").read_text() == "4242\n"

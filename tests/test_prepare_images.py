@@ -13,9 +13,15 @@ import PIL.Image
 import pytest
 from conftest import cli_error
 
-from regdit import RegditError, prepare
-from regdit.cli import main
-from regdit.prepare import PrepareImagesConfig, center_crop, center_crop_dhariwal, prepare_images
+from regdit import RegditError
+from regdit.commands import prepare
+from regdit.commands.cli import main
+from regdit.commands.prepare import (
+    PrepareImagesConfig,
+    center_crop,
+    center_crop_dhariwal,
+    prepare_images,
+)
 
 
 class Killed(Exception):

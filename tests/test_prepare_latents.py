@@ -1,4 +1,4 @@
-"""`regdit prepare latents` and regdit.vae with a tiny random AutoencoderKL saved by
+"""`regdit prepare latents` and regdit.storage.vae with a tiny random AutoencoderKL saved by
 save_pretrained."""
 import errno
 import os
@@ -16,15 +16,15 @@ from conftest import cli_error
 from diffusers import AutoencoderKL
 
 from regdit import RegditError
-from regdit import vae as vae_lib
-from regdit.cli import main
-from regdit.data import LAYOUTS, MOMENTS, MOMENTS_FLIP, RegditWriter, open_dataset
-from regdit.prepare import (
+from regdit.commands.cli import main
+from regdit.commands.prepare import (
     PrepareImagesConfig,
     PrepareLatentsConfig,
     prepare_images,
     prepare_latents,
 )
+from regdit.storage import vae as vae_lib
+from regdit.storage.data import LAYOUTS, MOMENTS, MOMENTS_FLIP, RegditWriter, open_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

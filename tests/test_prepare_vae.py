@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from regdit import RegditError
-from regdit.cli import main as cli_main
-from regdit.demo import make_dataset, read_dataset
-from regdit.prepare import PrepareImagesConfig, prepare_images
-from regdit.vae import LATENT_SCALE, decode_latents, encode_moments, fit_vae, load_vae
+from regdit.commands.cli import main as cli_main
+from regdit.commands.prepare import PrepareImagesConfig, prepare_images
+from regdit.extras.demo import make_dataset, read_dataset
+from regdit.storage.vae import LATENT_SCALE, decode_latents, encode_moments, fit_vae, load_vae
 
 
 @pytest.fixture(scope="module")

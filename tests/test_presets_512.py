@@ -9,17 +9,22 @@ import torch
 from PIL import Image
 from test_prepare_latents import tiny_vae
 
-from regdit.checkpoint import load_checkpoint
-from regdit.cli import main as cli_main
-from regdit.encoders import ENCODER_TYPES, encoder_input_size, load_encoders, save_random_encoder
-from regdit.models import SiT
-from regdit.prepare import (
+from regdit.commands.cli import main as cli_main
+from regdit.commands.prepare import (
     PrepareImagesConfig,
     PrepareLatentsConfig,
     prepare_images,
     prepare_latents,
 )
-from regdit.train import PRESETS, TrainConfig, sit_config
+from regdit.commands.train import PRESETS, TrainConfig, sit_config
+from regdit.core.models import SiT
+from regdit.storage.checkpoint import load_checkpoint
+from regdit.storage.encoders import (
+    ENCODER_TYPES,
+    encoder_input_size,
+    load_encoders,
+    save_random_encoder,
+)
 
 
 def test_512_presets_match_the_official_geometry():

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from regdit.models import SiT, SiTConfig
+from regdit.core.models import SiT, SiTConfig
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

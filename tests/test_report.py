@@ -13,8 +13,9 @@ import yaml
 from conftest import cli_error, tiny_config
 from PIL import Image
 
-from regdit.cli import main
-from regdit.report import (
+from regdit.commands.cli import main
+from regdit.commands.train import train
+from regdit.extras.report import (
     MAX_PREVIEWS,
     NOT_LOSS_TERMS,
     model_label,
@@ -27,7 +28,6 @@ from regdit.report import (
     training_figures,
     training_seconds,
 )
-from regdit.train import train
 
 
 def write_run(exp_dir, exp_name="reg", evaluations=True, previews=(1000, 2000), fd_dinov2=False,

@@ -1,4 +1,4 @@
-"""regdit.runlock with real processes: a held lock refuses a second writer, stale locks are
+"""regdit.run.runlock with real processes: a held lock refuses a second writer, stale locks are
 replaced, the heartbeat beats, a multi-process run stops together, and launcher workers die with
 their launcher."""
 import json
@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from regdit import RegditError, runlock
-from regdit.runlock import LOCK_NAME, RunLock
+from regdit import RegditError
+from regdit.run import runlock
+from regdit.run.runlock import LOCK_NAME, RunLock
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -52,7 +53,7 @@ def test_held_lock_refuses_second_writer(tmp_path):
     folder = tmp_path / "exps" / "run"
     holder = python(f"""
         import sys
-        from regdit.runlock import RunLock
+        from regdit.run.runlock import RunLock
         with RunLock({str(folder)!r}, "train"):
             print("held", flush=True)
             sys.stdin.read()
@@ -131,7 +132,7 @@ def test_racing_on_stale_lock_one_wins(tmp_path):
     racers = [python(f"""
         import os, time
         from regdit import RegditError
-        from regdit.runlock import RunLock
+        from regdit.run.runlock import RunLock
         while not os.path.exists({str(go)!r}):
             time.sleep(0.005)
         try:
@@ -151,7 +152,7 @@ LAUNCHER = """
     import os, subprocess, sys, time
     worker = subprocess.Popen([sys.executable, "-c", '''
     import time
-    from regdit.runlock import stop_with_launcher
+    from regdit.run.runlock import stop_with_launcher
     stop_with_launcher()
     print("ready", flush=True)
     time.sleep(60)
@@ -184,7 +185,7 @@ WORKER = """
 import os, sys
 from accelerate import PartialState
 from regdit import RegditError
-from regdit.runlock import LOCK_NAME, lock_run
+from regdit.run.runlock import LOCK_NAME, lock_run
 
 state = PartialState(cpu=True)
 free, locked = sys.argv[1:]

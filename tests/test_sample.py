@@ -12,14 +12,15 @@ import pytest
 import torch
 from conftest import cli_error
 
-import regdit.models
-import regdit.sample
+import regdit.commands.sample
+import regdit.core.models
 from regdit import RegditError
-from regdit.cli import main as cli_main
-from regdit.export import ExportConfig, export
-from regdit.models import SiT, SiTConfig, create_sit
-from regdit.sample import SampleConfig, Sampling, pack_npz
-from regdit.samplers import SAMPLERS
+from regdit.commands.cli import main as cli_main
+from regdit.commands.export import ExportConfig, export
+from regdit.commands.sample import SampleConfig, pack_npz
+from regdit.core.models import SiT, SiTConfig, create_sit
+from regdit.core.samplers import SAMPLERS
+from regdit.core.sampling import Sampling
 
 TINY = dict(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
             num_classes=10, z_dims=[16], projector_dim=32, encoder_depth=1)
@@ -76,7 +77,7 @@ def sample(ckpt, sample_dir, num_samples, batch_size, **settings):
     config = SampleConfig(ckpt=None if model else str(ckpt), sample_dir=str(sample_dir),
                           num_fid_samples=num_samples, per_proc_batch_size=batch_size,
                           sampling=Sampling(**sampling), **settings)
-    return regdit.sample.sample(config, model)
+    return regdit.commands.sample.sample(config, model)
 
 
 def load(npz_path):
@@ -173,7 +174,7 @@ def test_resume_after_interruption_gives_the_same_npz(files, tmp_path, monkeypat
 def test_official_checkpoint_from_flags_samples_like_its_export(files, tmp_path, monkeypatch):
     # official checkpoints are built from the flags (generate.py); a tiny size stands in for
     # SiT-XL/2
-    monkeypatch.setitem(regdit.models.SiT_models, "SiT-T/2",
+    monkeypatch.setitem(regdit.core.models.SiT_models, "SiT-T/2",
                         functools.partial(create_sit, depth=2, hidden_size=32, num_heads=2,
                                           patch_size=2, projector_dim=32))
     run = dict(vae=files["vae"], num_samples=2, batch_size=2, sampler="ode", heun=True, num_steps=3)
@@ -189,19 +190,19 @@ def test_official_checkpoint_of_a_standard_size_needs_no_model_flags(files, tmp_
     # a REG SiT-S/2 with 2 encoders; generate.py would need --model, --projector-embed-dims,
     # --encoder-depth, ...
     torch.manual_seed(0)
-    model = regdit.models.SiT_models["SiT-S/2"](input_size=4, num_classes=10, z_dims=[16, 8],
+    model = regdit.core.models.SiT_models["SiT-S/2"](input_size=4, num_classes=10, z_dims=[16, 8],
                                                 projector_dim=32, encoder_depth=3)
     args = argparse.Namespace(model="SiT-S/2", encoder_depth=3, path_type="linear")
     torch.save({"ema": model.state_dict(), "args": args, "steps": 1}, tmp_path / "s2.pt")
-    built, vae, *_ = regdit.sample.load_model_and_vae(SampleConfig(ckpt=tmp_path / "s2.pt",
+    built, vae, *_ = regdit.commands.sample.load_model_and_vae(SampleConfig(ckpt=tmp_path / "s2.pt",
                                                                    vae=files["vae"]), "cpu")
     assert (len(built.blocks), built.num_heads, built.z_dims, built.encoder_depth) \
         == (12, 6, [16, 8], 3)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in built.state_dict().items())
     with pytest.raises(RegditError,
                        match="cannot tell the number of attention heads .* pass --model"):
-        regdit.sample.load_model_and_vae(SampleConfig(ckpt=files["official"], vae=files["vae"]),
-                                         "cpu")  # custom size
+        regdit.commands.sample.load_model_and_vae(
+            SampleConfig(ckpt=files["official"], vae=files["vae"]), "cpu")  # custom size
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -310,14 +311,14 @@ def test_another_global_seed_draws_other_images(files, tmp_path):
 def test_sample_seeds_of_nearby_global_seeds_differ_in_the_bits_the_cpu_generator_keeps():
     # global seeds d apart share a low-32-bit seed over indices 0..49,999 exactly when their
     # offset, d * SEED_STRIDE mod 2**32, lies within 50,000 of 0 (either way round)
-    offsets = (np.arange(1, 18_000, dtype=np.uint64) * np.uint64(regdit.sample.SEED_STRIDE % 2**32)
-               % np.uint64(2**32)).astype(np.int64)
+    stride = np.uint64(regdit.commands.sample.SEED_STRIDE % 2**32)
+    offsets = (np.arange(1, 18_000, dtype=np.uint64) * stride % np.uint64(2**32)).astype(np.int64)
     assert np.minimum(offsets, 2**32 - offsets).min() >= 50_000
-    low_bits = {regdit.sample.sample_seed(s, i) % 2**32 for s in (0, 1, 17_999)
+    low_bits = {regdit.commands.sample.sample_seed(s, i) % 2**32 for s in (0, 1, 17_999)
                 for i in range(50_000)}
     assert len(low_bits) == 3 * 50_000
-    assert [regdit.sample.sample_seed(0, i) for i in range(3)] == [0, 1, 2]  # as before
-    assert regdit.sample.sample_seed(2**32 - 1, 2**20) < 2**64  # a torch seed
+    assert [regdit.commands.sample.sample_seed(0, i) for i in range(3)] == [0, 1, 2]  # as before
+    assert regdit.commands.sample.sample_seed(2**32 - 1, 2**20) < 2**64  # a torch seed
 
 
 def test_samples_that_come_out_not_finite_are_refused_and_nothing_is_written(files, tmp_path):

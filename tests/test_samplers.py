@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from regdit.interpolants import path_coefficients
-from regdit.samplers import SAMPLERS, euler_maruyama_sampler, euler_sampler, randn_like
+from regdit.core.interpolants import path_coefficients
+from regdit.core.samplers import SAMPLERS, euler_maruyama_sampler, euler_sampler, randn_like
 
 
 class GaussianVelocity(torch.nn.Module):
@@ -147,7 +147,7 @@ def test_per_sample_generators_make_noise_independent_of_the_batch():
 def test_bf16_sampling_stays_within_bf16_tolerance_of_float32():
     """The model call under bf16 autocast (`--mixed-precision bf16`) moves the samples by bf16
     rounding only: the state stays float64, so the errors of 50 steps do not compound."""
-    from regdit.models import SiT, SiTConfig
+    from regdit.core.models import SiT, SiTConfig
     torch.manual_seed(0)
     model = SiT(SiTConfig(input_size=4, patch_size=2, hidden_size=64, depth=2, num_heads=2,
                           num_classes=10, z_dims=[8], projector_dim=32, encoder_depth=1)).eval()

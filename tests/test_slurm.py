@@ -31,8 +31,8 @@ from test_preemption import (  # noqa: F401 (its fixture one_thread, one thread 
     wait_for,
 )
 
-from regdit.checkpoint import load_checkpoint
-from regdit.train import train
+from regdit.commands.train import train
+from regdit.storage.checkpoint import load_checkpoint
 
 FAKE_SRUN = """#!/bin/bash
 # srun's stand-in: a launcher that runs until USR1, then exits with $ON_USR1
@@ -148,7 +148,7 @@ def test_usr1_requeues_the_job_only_when_every_launcher_stopped(stand_ins, tmp_p
     status; 0: the run finished meanwhile."""
     code, stdout, stderr = job_script({**stand_ins, "ON_USR1": on_usr1}, signal_after=1)
     launch = (tmp_path / "srun").read_text()
-    assert launch.startswith(f"{tmp_path}/bin/python -m regdit.launcher --nnodes 1 ")
+    assert launch.startswith(f"{tmp_path}/bin/python -m regdit.run.launcher --nnodes 1 ")
     assert (tmp_path / "requeue").exists() == requeued
     assert code == (0 if requeued else int(on_usr1))
     if on_usr1 == "1":
@@ -171,9 +171,10 @@ def test_the_node_launcher_ends_a_stop_without_a_traceback_with_the_workers_verd
     worker = f"trap 'kill %1; {on_term}' TERM; echo started; sleep 60 & wait" if on_term else \
         "echo started; exec sleep 60"
     launcher = subprocess.Popen(
-        [sys.executable, "-m", "regdit.launcher", "--nproc-per-node", "2", "--max-restarts", "3",
-         "--signals-to-handle", "SIGTERM", "--shutdown-timeout", "20", "--no-python", "bash",
-         "-c", worker], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [sys.executable, "-m", "regdit.run.launcher", "--nproc-per-node", "2",
+         "--max-restarts", "3", "--signals-to-handle", "SIGTERM", "--shutdown-timeout", "20",
+         "--no-python", "bash", "-c", worker],
+        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert [launcher.stdout.readline() for _ in range(2)] == ["started\n"] * 2
     time.sleep(0.5)  # torchrun keeps the workers' handles once both started
     launcher.send_signal(signal.SIGTERM)
@@ -182,11 +183,11 @@ def test_the_node_launcher_ends_a_stop_without_a_traceback_with_the_workers_verd
     last = stderr.strip().splitlines()[-1]
     if code == 1:
         ending = "exit code 3" if on_term else "killed by SIGTERM"
-        assert re.fullmatch(rf"regdit.launcher on \S+: stopping on SIGTERM, local worker\(s\) "
+        assert re.fullmatch(rf"regdit.run.launcher on \S+: stopping on SIGTERM, local worker\(s\) "
                             rf"0 \({ending}\), 1 \({ending}\) did not stop with the checkpoint "
                             r"\(their output says why\)", last), last
     else:
-        assert "regdit.launcher" not in stderr
+        assert "regdit.run.launcher" not in stderr
 
 
 class Cluster:

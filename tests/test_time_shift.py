@@ -5,13 +5,14 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from regdit.checkpoint import load_checkpoint
-from regdit.interpolants import shift_time
-from regdit.loss import REGLoss
-from regdit.models import SiT, SiTConfig
-from regdit.sample import Sampling, sample_batch
-from regdit.samplers import SAMPLERS
-from regdit.train import loss_from_config, train
+from regdit.commands.sample import sample_batch
+from regdit.commands.train import loss_from_config, train
+from regdit.core.interpolants import shift_time
+from regdit.core.loss import REGLoss
+from regdit.core.models import SiT, SiTConfig
+from regdit.core.samplers import SAMPLERS
+from regdit.core.sampling import Sampling
+from regdit.storage.checkpoint import load_checkpoint
 
 
 def test_shift_formula():

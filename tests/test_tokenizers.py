@@ -9,12 +9,13 @@ import torch
 from conftest import cli_error
 from diffusers import AutoencoderKL
 
-from regdit.checkpoint import load_checkpoint
-from regdit.cli import main
-from regdit.data import open_dataset
-from regdit.prepare import PrepareLatentsConfig, prepare_latents
-from regdit.sample import SampleConfig, Sampling, load_model_and_vae, sample_batch
-from regdit.vae import LatentNorm, decode_latents, load_vae
+from regdit.commands.cli import main
+from regdit.commands.prepare import PrepareLatentsConfig, prepare_latents
+from regdit.commands.sample import SampleConfig, load_model_and_vae, sample_batch
+from regdit.core.sampling import Sampling
+from regdit.storage.checkpoint import load_checkpoint
+from regdit.storage.data import open_dataset
+from regdit.storage.vae import LatentNorm, decode_latents, load_vae
 
 SCALE, SHIFT = 0.5, 0.1
 

@@ -13,22 +13,15 @@ from conftest import FIXTURES, tiny_config
 from PIL import Image
 
 from regdit import RegditError
-from regdit import train as train_module
-from regdit.checkpoint import load_checkpoint
-from regdit.cli import main as cli_main
-from regdit.data import open_dataset
-from regdit.encoders import load_encoders, save_random_encoder
-from regdit.experiment import SamplePreview
-from regdit.interpolants import path_coefficients
-from regdit.loss import REGLoss
-from regdit.models import SiT
-from regdit.prepare import (
+from regdit.commands import train as train_module
+from regdit.commands.cli import main as cli_main
+from regdit.commands.prepare import (
     PrepareImagesConfig,
     PrepareLatentsConfig,
     prepare_images,
     prepare_latents,
 )
-from regdit.train import (
+from regdit.commands.train import (
     EvalSampling,
     ShardedBatchSampler,
     TrainConfig,
@@ -37,6 +30,13 @@ from regdit.train import (
     step_randomness,
     train,
 )
+from regdit.core.interpolants import path_coefficients
+from regdit.core.loss import REGLoss
+from regdit.core.models import SiT
+from regdit.run.experiment import SamplePreview
+from regdit.storage.checkpoint import load_checkpoint
+from regdit.storage.data import open_dataset
+from regdit.storage.encoders import load_encoders, save_random_encoder
 
 
 def assert_states_equal(a, b, exact=True):
@@ -426,7 +426,7 @@ def test_a_checkpoint_copied_into_a_new_experiment_continues_there(tiny_data, ca
 def reference(tiny_data):
     """A reference batch of the tiny data's images and random Inception weights (the evaluator's
     arithmetic is what is under test, not the network's training)."""
-    from regdit.evaluate import make_reference, save_random_inception_weights
+    from regdit.commands.evaluate import make_reference, save_random_inception_weights
     weights = save_random_inception_weights(tiny_data / "inception.pth")
     make_reference(tiny_data / "images", tiny_data / "ref.npz", inception_weights=weights,
                    batch_size=4, num_images=8)
@@ -442,7 +442,7 @@ EVAL_FLAGS = {**EVAL, **{f"eval_{name}": value for name, value in EVAL_SAMPLING.
 def evaluated(tiny_data, reference):
     """A run evaluated at steps 2 and 4, killed during its second evaluation and rerun (an
     evaluation costs two 2048 x 2048 matrix square roots: the tests share this one run)."""
-    from regdit.monitor import TrainingEvaluation
+    from regdit.commands.monitor import TrainingEvaluation
     config = tiny_config(tiny_data, exp_name="evaluated", max_train_steps=4, checkpointing_steps=4,
                          **EVAL, eval=EvalSampling(**EVAL_SAMPLING), **reference)
     real_call, calls = TrainingEvaluation.__call__, []
@@ -472,8 +472,9 @@ EVAL_METRICS = ("inception_score", "fid", "sfid", "precision", "recall")
 
 @pytest.mark.slow
 def test_evaluation_while_training_equals_sample_then_eval(evaluated, reference, tiny_data):
-    from regdit.evaluate import evaluate
-    from regdit.sample import SampleConfig, Sampling, sample
+    from regdit.commands.evaluate import evaluate
+    from regdit.commands.sample import SampleConfig, sample
+    from regdit.core.sampling import Sampling
     config, result = evaluated["config"], evaluated["result"]
     checkpoints = result["exp_dir"] / "checkpoints"
     assert evaluated["files_after_kill"] == ["0000002.pt", "0000004.pt", "best.pt"]
@@ -528,7 +529,7 @@ def test_an_unusable_reference_is_refused_before_training(tiny_data, reference):
 
 @pytest.mark.slow
 def test_report_overlays_runs_with_and_without_evaluations(tiny_data, evaluated):
-    from regdit.cli import main
+    from regdit.commands.cli import main
     evaluated = evaluated["result"]["exp_dir"]
     plain = train(tiny_config(tiny_data, exp_name="report_plain", max_train_steps=4,
                               log_every=1))["exp_dir"]

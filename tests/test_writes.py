@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from conftest import FIXTURES
 
-from regdit.checkpoint import load_checkpoint
-from regdit.cli import main
-from regdit.runlock import LOCK_NAME
+from regdit.commands.cli import main
+from regdit.run.runlock import LOCK_NAME
+from regdit.storage.checkpoint import load_checkpoint
 
 
 @contextlib.contextmanager

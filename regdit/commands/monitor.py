@@ -13,7 +13,7 @@ import numpy as np
 from accelerate.utils import broadcast_object_list
 
 from regdit import RegditError
-from regdit.evaluate import (
+from regdit.commands.evaluate import (
     Reference,
     batch_activations,
     check_resolutions,
@@ -28,8 +28,8 @@ from regdit.evaluate import (
     tf32,
     warn_if_few,
 )
-from regdit.fd_dinov2 import dinov2_weights_path, load_dinov2
-from regdit.sample import load_guide, sample_batch
+from regdit.commands.fd_dinov2 import dinov2_weights_path, load_dinov2
+from regdit.commands.sample import load_guide, sample_batch
 
 
 class TrainingEvaluation:

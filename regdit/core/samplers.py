@@ -27,7 +27,7 @@ import functools
 
 import torch
 
-from regdit.interpolants import score_from_velocity, shift_time
+from regdit.core.interpolants import score_from_velocity, shift_time
 
 
 def randn_like(x, generator=None):

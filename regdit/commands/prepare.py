@@ -25,14 +25,14 @@ import torch
 from tqdm import tqdm
 
 from regdit import RegditError, Stopped, cpu_launch
-from regdit import vae as vae_lib
 from regdit.config import FOLDER, Settings, changed_settings, flag
-from regdit.data import LAYOUTS, PROGRESS, read_json, read_labels, write_json
 from regdit.files import atomic_write, check_regular_file, remove_temp_files, writing_into
-from regdit.hub import is_hub_url, parse
-from regdit.images import image_extensions, list_files, open_image, read_image
-from regdit.preemption import StopVote, stop_signals, worker_loader
-from regdit.runlock import LOCK_NAME, RunLock, lock_run
+from regdit.run.preemption import StopVote, stop_signals, worker_loader
+from regdit.run.runlock import LOCK_NAME, RunLock, lock_run
+from regdit.storage import vae as vae_lib
+from regdit.storage.data import LAYOUTS, PROGRESS, read_json, read_labels, write_json
+from regdit.storage.hub import is_hub_url, parse
+from regdit.storage.images import image_extensions, list_files, open_image, read_image
 
 # --------------------------------------------------------------------------------- pixels and crops
 
@@ -415,12 +415,13 @@ def prepare_latents(config: PrepareLatentsConfig):
     """Encode a `prepare images` folder to VAE posterior moments (float32 means then stds), with
     images and labels.
 
-    The layout's writer (regdit.data.LAYOUTS) decides the files: "regdit": DEST/{regdit.json,
-    images.npy, moments.npy[, moments_flip.npy], labels.npy}; "official": DEST/imagenet_{R}_vae/
-    (the images) + DEST/vae-sd/{...npy, dataset.json}. Every process of an accelerate/torchrun
-    launch encodes the shards of `shard_size` images with shard % num_processes == process index;
-    finished shards are skipped on a rerun. On SIGTERM, SIGUSR1 or SIGINT every process finishes
-    its shard and the command stops (regdit.Stopped). Returns dest.
+    The layout's writer (regdit.storage.data.LAYOUTS) decides the files: "regdit":
+    DEST/{regdit.json, images.npy, moments.npy[, moments_flip.npy], labels.npy}; "official":
+    DEST/imagenet_{R}_vae/ (the images) + DEST/vae-sd/{...npy, dataset.json}. Every process of an
+    accelerate/torchrun launch encodes the shards of `shard_size` images with shard %
+    num_processes == process index; finished shards are skipped on a rerun. On SIGTERM, SIGUSR1
+    or SIGINT every process finishes its shard and the command stops (regdit.Stopped). Returns
+    dest.
     """
     with stop_signals() as signals:
         return prepare_latents_with(config, signals)
@@ -582,10 +583,10 @@ class PrepareVaeConfig(Settings):
 
 
 def prepare_vae(config: PrepareVaeConfig):
-    """Fit a small VAE (regdit.vae.fit_vae) to a `prepare images` folder, for data no pretrained VAE
-    covers; pass DEST as --vae to `prepare latents`. The weights are saved once fitted, with
-    DEST/fit.json last, so an interrupted run leaves no VAE that passes for done and its rerun fits
-    again. Returns dest."""
+    """Fit a small VAE (regdit.storage.vae.fit_vae) to a `prepare images` folder, for data no
+    pretrained VAE covers; pass DEST as --vae to `prepare latents`. The weights are saved once
+    fitted, with DEST/fit.json last, so an interrupted run leaves no VAE that passes for done and
+    its rerun fits again. Returns dest."""
     source, dest = os.path.abspath(config.source), os.path.abspath(config.dest)
     check_paths(config.source, config.dest, "folder")
     names, _, _, resolution = read_image_folder(source)

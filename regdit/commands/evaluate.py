@@ -29,10 +29,11 @@ from torch_fidelity.feature_extractor_inceptionv3 import (
 )
 from tqdm import tqdm
 
-from regdit import RegditError, cpu_launch, downloads, fd_dinov2
+from regdit import RegditError, cpu_launch
+from regdit.commands import fd_dinov2
+from regdit.commands.fd_dinov2 import DINOV2_URL
+from regdit.commands.fd_dinov2 import WEIGHTS_ENV as DINOV2_WEIGHTS_ENV
 from regdit.config import Settings, flag
-from regdit.fd_dinov2 import DINOV2_URL
-from regdit.fd_dinov2 import WEIGHTS_ENV as DINOV2_WEIGHTS_ENV
 from regdit.files import (
     atomic_write,
     check_output,
@@ -41,8 +42,9 @@ from regdit.files import (
     npz_headers,
     read_head,
 )
-from regdit.hub import is_hub_url, parse, resolve_path
-from regdit.images import list_files, read_image
+from regdit.storage import downloads
+from regdit.storage.hub import is_hub_url, parse, resolve_path
+from regdit.storage.images import list_files, read_image
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_ENV = "REGDIT_INCEPTION_WEIGHTS"
@@ -583,7 +585,7 @@ def evaluate(ref_npz, sample_npz, inception_weights=None, batch_size=64, num_sam
     """IS, FID, sFID, precision and recall of `sample_npz` (`arr_0`; the first `num_samples` if
     given) against `ref_npz` (`arr_0` plus optional `mu, sigma, mu_s, sigma_s`; or an ADM name, see
     reference_batch_path), as ADM's evaluator computes them; `with_fd`: also FD_DINOv2 against the
-    reference's `arr_0` (regdit.fd_dinov2, the weights `dinov2_weights`).
+    reference's `arr_0` (regdit.commands.fd_dinov2, the weights `dinov2_weights`).
 
     Both files (local or `hf://`), their sizes and the reference statistics are checked before the
     first Inception forward."""

@@ -4,7 +4,7 @@ resumable.
 Read it top to bottom: the settings (`TrainConfig`, the paper's `PRESETS`, the `METHODS`), `setup`
 (data, encoders, model, EMA, optimizer, resume), `train_step` (one optimizer step), and `train_loop`
 (data -> step -> periodic work: log, checkpoint, preview, evaluation). The run's files are
-`regdit.experiment`'s; the objective is `regdit.loss.REGLoss`.
+`regdit.run.experiment`'s; the objective is `regdit.core.loss.REGLoss`.
 
 Determinism: every random draw of an optimizer step (posterior sample, time, noise, class-token
 noise, label dropout) comes from a generator seeded by (seed, step) that draws the whole batch of
@@ -32,7 +32,12 @@ from tqdm import tqdm
 
 from regdit import RegditError, Stopped, cpu_launch
 from regdit.config import Settings, flag, flat_settings, leaf_fields, nested, redefault
-from regdit.experiment import (
+from regdit.core.interpolants import PATH_TYPES, WEIGHTINGS
+from regdit.core.loss import LOSS_TERMS, REGLoss
+from regdit.core.models import SiT, SiT_models, SiTConfig, model_arguments
+from regdit.core.sampling import Sampling
+from regdit.files import atomic_write, check_writable, remove_temp_files
+from regdit.run.experiment import (
     Checkpoints,
     MetricLog,
     SamplePreview,
@@ -41,14 +46,9 @@ from regdit.experiment import (
     load_init_weights,
     log_image,
 )
-from regdit.files import atomic_write, check_writable, remove_temp_files
-from regdit.interpolants import PATH_TYPES, WEIGHTINGS
-from regdit.loss import LOSS_TERMS, REGLoss
-from regdit.models import SiT, SiT_models, SiTConfig, model_arguments
-from regdit.plugins import LOADED
-from regdit.preemption import StopSignals, StopVote, stop_signals, worker_loader
-from regdit.runlock import lock_run
-from regdit.sample import Sampling
+from regdit.run.plugins import LOADED
+from regdit.run.preemption import StopSignals, StopVote, stop_signals, worker_loader
+from regdit.run.runlock import lock_run
 
 
 @dataclass(frozen=True)
@@ -204,13 +204,13 @@ class TrainConfig(Settings):
     cls_coeff: float = flag(0.03, "weight of the class-token denoising loss (REG)",
                             at_least=0, aliases=("--cls",))
     extra_terms: list[str] | None = flag(None, "further weighted loss terms of "
-                                               "regdit.loss.LOSS_TERMS, as NAME=WEIGHT",
+                                               "regdit.core.loss.LOSS_TERMS, as NAME=WEIGHT",
                                          metavar="NAME=WEIGHT")
     legacy: bool = flag(False, "also drop labels outside the model, as early REPA runs did (double "
                                "dropout)")
     official_cosine_cls_target: bool = flag(False, "replay the official broadcast of the "
                                                    "cosine-path class-token target (see "
-                                                   "regdit.loss.REGLoss)")
+                                                   "regdit.core.loss.REGLoss)")
     # evaluation while training: FID-K of the EMA weights; its numbers equal `regdit sample` +
     # `regdit eval`
     eval_every: int = flag(0, "evaluate the EMA weights every N steps: FID, sFID, IS, precision, "
@@ -262,7 +262,7 @@ class TrainConfig(Settings):
             # a negative weight would train the model to raise its term
             if name not in LOSS_TERMS or not 0 <= weights[name] < float("inf"):
                 raise RegditError(f"--extra-terms {item}: must be NAME=WEIGHT with NAME one of "
-                                  f"{', '.join(LOSS_TERMS) or 'regdit.loss.LOSS_TERMS (empty)'} "
+                                  f"{', '.join(LOSS_TERMS) or 'LOSS_TERMS (empty)'} "
                                   "and a finite WEIGHT of at least 0 (a plugin's term needs its "
                                   "--plugin)")
         return weights
@@ -351,7 +351,7 @@ class Run:
     local_batch: int
     mixed_precision: str
     vae: torch.nn.Module | None
-    evaluation: object  # regdit.monitor.TrainingEvaluation, or None without --eval-every
+    evaluation: object  # regdit.commands.monitor.TrainingEvaluation, or None without --eval-every
     stop: StopVote  # whether every process is to stop (a signal), asked after each step
 
     @property
@@ -603,7 +603,7 @@ def make_accelerator(config):
 
 def open_data(config):
     """The dataset, checked against the settings, and its latent shape (C, h, w)."""
-    from regdit.data import open_dataset
+    from regdit.storage.data import open_dataset
 
     dataset = open_dataset(config.data_dir, config.resolution, seed=config.seed)
     if len(dataset) < config.batch_size:
@@ -619,7 +619,7 @@ def open_data(config):
 def build_networks(config, latent_shape, device):
     """(frozen encoders, SiT) of a new run; the SiT's initial weights are the same on every
     process."""
-    from regdit.encoders import check_encoders, load_encoders
+    from regdit.storage.encoders import check_encoders, load_encoders
 
     encoders = [] if not METHODS[config.method].encoders else [
         e.to(device) for e in load_encoders(config.enc_type, config.resolution, config.enc_path,
@@ -639,10 +639,10 @@ def monitoring(config, dataset, accelerator, model):
     anything is written."""
     vae = evaluation = None
     if config.sampling_steps or config.eval_every:
-        from regdit.vae import load_vae
+        from regdit.storage.vae import load_vae
         vae = load_vae(config.vae or dataset.vae or "ema", device=accelerator.device)
     if config.eval_every:
-        from regdit.monitor import TrainingEvaluation
+        from regdit.commands.monitor import TrainingEvaluation
         evaluation = TrainingEvaluation(config, dataset, accelerator.state, vae, model)
     return vae, evaluation
 

@@ -25,8 +25,8 @@ import torch
 
 from regdit import RegditError
 from regdit.files import atomic_write, check_regular_file
-from regdit.images import image_extensions, list_files, read_image
-from regdit.vae import LATENT_SCALE, LatentNorm
+from regdit.storage.images import image_extensions, list_files, read_image
+from regdit.storage.vae import LATENT_SCALE, LatentNorm
 
 META, IMAGES, MOMENTS, MOMENTS_FLIP = "regdit.json", "images.npy", "moments.npy", "moments_flip.npy"
 LABELS = "labels.npy"

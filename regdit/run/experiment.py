@@ -14,13 +14,9 @@ from pathlib import Path
 import torch
 
 from regdit import RegditError
-from regdit.checkpoint import (
-    check_weights,
-    load_checkpoint,
-    load_state_dict_checked,
-    save_checkpoint,
-)
 from regdit.config import changed_setting, read_yaml
+from regdit.core.models import SiTConfig
+from regdit.core.samplers import SAMPLERS
 from regdit.files import (
     TEMP_SUFFIX,
     atomic_write,
@@ -28,9 +24,13 @@ from regdit.files import (
     describe_os_error,
     read_head,
 )
-from regdit.models import SiTConfig
-from regdit.plugins import LOADED, require_plugins
-from regdit.samplers import SAMPLERS
+from regdit.run.plugins import LOADED, require_plugins
+from regdit.storage.checkpoint import (
+    check_weights,
+    load_checkpoint,
+    load_state_dict_checked,
+    save_checkpoint,
+)
 
 
 def to_host(obj, into=None):
@@ -374,7 +374,7 @@ class SamplePreview:
         """Write the grid to `path`; returns it (3, H, W) in [0, 1] for the trackers."""
         from torchvision.utils import make_grid, save_image
 
-        from regdit.vae import decode_latents
+        from regdit.storage.vae import decode_latents
         latents = SAMPLERS[self.sampling.sampler](ema, self.noise, self.cls_noise, self.labels,
                                                   **self.sampling.arguments(self.path_type))
         # (N, 3, H, W)

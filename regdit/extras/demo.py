@@ -23,7 +23,7 @@ from torchvision.utils import save_image
 from regdit import RegditError
 from regdit.config import Settings, flag
 from regdit.files import atomic_write
-from regdit.images import image_extensions, list_files, read_image
+from regdit.storage.images import image_extensions, list_files, read_image
 
 # Half the classes are white, so a row of the grid is told from the others by its shape alone.
 CLASSES = ["white circle", "white ring", "white square", "white frame", "white plus",
@@ -135,7 +135,7 @@ def check_classes(data):
     """Refuse --data with fewer than 2 classes, as `prepare images` would label it (its
     dataset.json, else its top-level folders), before any work: with one class every sample is
     classified right, a 100% that says nothing."""
-    from regdit.prepare import source_labels
+    from regdit.commands.prepare import source_labels
 
     if os.path.isdir(data):
         names = list_files(data)
@@ -158,7 +158,7 @@ def check_classes(data):
 
 def read_dataset(folder):
     """(uint8 images (N, H, W, 3), labels, class names) of a `prepare images` folder."""
-    from regdit.prepare import read_image_folder
+    from regdit.commands.prepare import read_image_folder
 
     names, labels, num_classes, _ = read_image_folder(folder)
     classes = json.loads((Path(folder) / "dataset.json").read_text()).get("classes")
@@ -180,8 +180,7 @@ class Laps:
 def prepare_data(config, out, laps):
     """The demo's images (drawn, or --data), the VAE fitted to them, their latents and a
     random-weight encoder; returns (VAE folder, real images, labels, class names)."""
-    from regdit.encoders import save_random_encoder
-    from regdit.prepare import (
+    from regdit.commands.prepare import (
         PrepareImagesConfig,
         PrepareLatentsConfig,
         PrepareVaeConfig,
@@ -189,6 +188,7 @@ def prepare_data(config, out, laps):
         prepare_latents,
         prepare_vae,
     )
+    from regdit.storage.encoders import save_random_encoder
 
     source = config.data
     if source is None:
@@ -213,10 +213,11 @@ def prepare_data(config, out, laps):
 
 def run_demo(config: DemoConfig):
     """Run the demo and return its summary (also written to OUTPUT/summary.json)."""
-    from regdit.classifier import class_score
-    from regdit.experiment import Checkpoints
-    from regdit.sample import SampleConfig, Sampling, sample
-    from regdit.train import TrainConfig, train
+    from regdit.commands.sample import SampleConfig, sample
+    from regdit.commands.train import TrainConfig, train
+    from regdit.core.sampling import Sampling
+    from regdit.extras.classifier import class_score
+    from regdit.run.experiment import Checkpoints
 
     out, seed, steps = Path(config.output), config.seed, config.steps
     if config.data is not None:

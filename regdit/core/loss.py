@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from regdit.interpolants import path_coefficients, sample_time, shift_time
+from regdit.core.interpolants import path_coefficients, sample_time, shift_time
 
 
 def mean_flat(x):

@@ -25,9 +25,9 @@ from torch import nn
 from torchvision.transforms.functional import normalize
 
 from regdit import RegditError
+from regdit.core.models import attention_flops, matmul_flops
 from regdit.files import check_regular_file
-from regdit.hub import resolve_path
-from regdit.models import attention_flops, matmul_flops
+from regdit.storage.hub import resolve_path
 
 ENV_PATH = "REGDIT_ENCODER_PATH"
 

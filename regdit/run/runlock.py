@@ -220,7 +220,7 @@ def stop_with_launcher():
 
     The kernel sends SIGKILL to this process when its parent (the launcher) exits, also when the
     launcher is killed by SIGKILL and cannot stop its workers itself. Not SIGTERM: regdit stops
-    gracefully on it (regdit.preemption), which needs the other processes, and a dead launcher
+    gracefully on it (regdit.run.preemption), which needs the other processes, and a dead launcher
     says nothing of them; the launcher's own SIGTERM, which it forwards to its workers, is how a
     cluster asks for a graceful stop. Every regdit output is written to a temporary file and renamed
     (`regdit.files.atomic_write`), so nothing half-written remains, and a rerun resumes. A killed

@@ -30,11 +30,7 @@ import torch
 from PIL import Image
 
 from regdit import RegditError
-from regdit.config import Settings, flag
-from regdit.demo import SAMPLE_RECIPE, TRAIN_RECIPE, DemoConfig
-from regdit.files import atomic_write
-from regdit.report import model_label
-from regdit.sample import (
+from regdit.commands.sample import (
     SampleConfig,
     Sampling,
     check_class_label,
@@ -44,8 +40,12 @@ from regdit.sample import (
     sample_batch,
     vae_geometry,
 )
-from regdit.samplers import SAMPLERS
-from regdit.train import EvalSampling, PreviewSampling
+from regdit.commands.train import EvalSampling, PreviewSampling
+from regdit.config import Settings, flag
+from regdit.core.samplers import SAMPLERS
+from regdit.extras.demo import SAMPLE_RECIPE, TRAIN_RECIPE, DemoConfig
+from regdit.extras.report import model_label
+from regdit.files import atomic_write
 
 INSTALL = "pip install -e '.[app]'"
 WHOLE_SETTINGS = ("class_label", "seed", "num_images", "num_steps")
@@ -58,7 +58,7 @@ PAPER_SAMPLING = Sampling(sampler="sde", num_steps=250, cfg_scale=2.3, cls_cfg_s
 
 def imagenet_classes():
     """ImageNet's 1000 class names in class-index order (torchvision's list)."""
-    text = importlib.resources.files("regdit").joinpath("imagenet_classes.txt").read_text()
+    text = importlib.resources.files("regdit.extras").joinpath("imagenet_classes.txt").read_text()
     return text.splitlines()
 
 

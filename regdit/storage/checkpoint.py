@@ -15,11 +15,16 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from regdit import RegditError
-from regdit.data import read_classes
+from regdit.core.models import SiT, SiTConfig, model_arguments
 from regdit.files import atomic_write, check_regular_file
-from regdit.hub import PREFIX, is_hub_url, parse, resolve_path
-from regdit.models import SiT, SiTConfig, model_arguments
-from regdit.official import PATCH_WEIGHTS, convert_legacy_state_dict, inferred_config, saved_args
+from regdit.storage.data import read_classes
+from regdit.storage.hub import PREFIX, is_hub_url, parse, resolve_path
+from regdit.storage.official import (
+    PATCH_WEIGHTS,
+    convert_legacy_state_dict,
+    inferred_config,
+    saved_args,
+)
 
 
 class _Crc32:

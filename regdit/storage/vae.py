@@ -19,7 +19,7 @@ import torch
 
 from regdit import RegditError
 from regdit.files import atomic_write
-from regdit.hub import is_hub_url, resolve_path
+from regdit.storage.hub import is_hub_url, resolve_path
 
 VAE_ALIASES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 LATENT_SCALE = 0.18215  # SD VAE latent scaling used by the official train.py and generate.py

@@ -15,13 +15,6 @@ from huggingface_hub.utils import validate_repo_id
 from safetensors import safe_open
 
 from regdit import RegditError
-from regdit.checkpoint import (
-    error_reason,
-    load_checkpoint,
-    local_checkpoint,
-    model_config_from_checkpoint,
-    write_export,
-)
 from regdit.config import Settings, flag
 from regdit.files import (
     atomic_write,
@@ -31,7 +24,14 @@ from regdit.files import (
     remove_temp_files,
     temp_file_target,
 )
-from regdit.runlock import LOCK_NAME, RunLock
+from regdit.run.runlock import LOCK_NAME, RunLock
+from regdit.storage.checkpoint import (
+    error_reason,
+    load_checkpoint,
+    local_checkpoint,
+    model_config_from_checkpoint,
+    write_export,
+)
 
 # far above any sample grid, below PIL's bomb warning
 MAX_GRID_BYTES, MAX_GRID_PIXELS = 64 << 20, 8192 * 8192
@@ -87,7 +87,7 @@ def read_eval_metrics(path):
     """The five metrics and the settings of a `regdit eval` JSON, checked: a one-line error
     otherwise."""
     # the evaluator's imports only when a card shows metrics
-    from regdit.evaluate import METRIC_NAMES
+    from regdit.commands.evaluate import METRIC_NAMES
 
     # never opened: reading a FIFO would wait forever
     if Path(path).exists() and not Path(path).is_file():
@@ -292,7 +292,7 @@ def model_card(title, settings, metrics, grid, ckpt, pretrained, license):
               "With regdit (REG's published guidance: `--cfg-scale 2.3 --cls-cfg-scale 2.3 "
               "--guidance-high 0.85`):", "",
               "```bash", f"regdit sample --ckpt {ckpt} --num-fid-samples 50000", "```", "",
-              "```python", "from regdit.checkpoint import from_pretrained", "",
+              "```python", "from regdit.storage.checkpoint import from_pretrained", "",
               f'model = from_pretrained("{pretrained}")', "```", ""]
     return "\n".join(lines)
 

@@ -21,38 +21,40 @@ from regdit.config import (
     preset_and_yaml_defaults,
 )
 from regdit.files import describe_os_error
-from regdit.plugins import load_plugins, plugin_names
-from regdit.preemption import StopSignals, join_process_group
-from regdit.runlock import stop_with_launcher
+from regdit.run.plugins import load_plugins, plugin_names
+from regdit.run.preemption import StopSignals, join_process_group
+from regdit.run.runlock import stop_with_launcher
 
 COMMANDS = {  # name -> (module, config class, function, one-line help)
-    "prepare images": ("regdit.prepare", "PrepareImagesConfig", "prepare_images",
+    "prepare images": ("regdit.commands.prepare", "PrepareImagesConfig", "prepare_images",
                        "raw image folder/zip -> square RGB PNGs + dataset.json labels"),
-    "prepare latents": ("regdit.prepare", "PrepareLatentsConfig", "prepare_latents",
+    "prepare latents": ("regdit.commands.prepare", "PrepareLatentsConfig", "prepare_latents",
                         "images -> VAE posterior moments (batched, multi-GPU, resumable)"),
-    "prepare vae": ("regdit.prepare", "PrepareVaeConfig", "prepare_vae",
+    "prepare vae": ("regdit.commands.prepare", "PrepareVaeConfig", "prepare_vae",
                     "fit a small VAE to prepared images, for data no pretrained VAE covers"),
-    "train": ("regdit.train", "TrainConfig", "train", "train a SiT/REPA/REG model with accelerate"),
-    "sample": ("regdit.sample", "SampleConfig", "sample",
+    "train": ("regdit.commands.train", "TrainConfig", "train",
+              "train a SiT/REPA/REG model with accelerate"),
+    "sample": ("regdit.commands.sample", "SampleConfig", "sample",
                "generate class-conditional samples to PNGs and an ADM .npz"),
-    "eval": ("regdit.evaluate", "EvalConfig", "run_eval",
+    "eval": ("regdit.commands.evaluate", "EvalConfig", "run_eval",
              "IS / FID / sFID / precision / recall of a sample .npz (ADM evaluator)"),
-    "export": ("regdit.export", "ExportConfig", "export",
+    "export": ("regdit.commands.export", "ExportConfig", "export",
                "export a checkpoint's EMA weights to safetensors + config JSON + model card "
                "(--push-to-hub)"),
-    "report": ("regdit.report", "ReportConfig", "report",
+    "report": ("regdit.extras.report", "ReportConfig", "report",
                "one figure of runs: loss terms, speed, FID/IS against iterations and the paper's "
                "points"),
-    "demo": ("regdit.demo", "DemoConfig", "run_demo",
+    "demo": ("regdit.extras.demo", "DemoConfig", "run_demo",
              "the whole pipeline on a tiny built-in dataset, on CPU, in minutes"),
-    "app": ("regdit.app", "AppConfig", "run_app",
+    "app": ("regdit.extras.app", "AppConfig", "run_app",
             "look at a model in the browser: classes, samplers and guidance side by side (Gradio)"),
 }
 GROUPS = {"prepare": "prepare images (crop, labels), VAE latents for training, or a small VAE"}
 # commands whose rerun continues
 RESUMABLE_COMMANDS = ("prepare images", "prepare latents", "train", "sample", "demo")
-# commands that a signal stops with one line and EXIT_STOPPED, also in set-up (regdit.preemption),
-# and what a stop in set-up leaves; the others end on SIGTERM and are interrupted by Ctrl-C
+# commands that a signal stops with one line and EXIT_STOPPED, also in set-up
+# (regdit.run.preemption), and what a stop in set-up leaves; the others end on SIGTERM and are
+# interrupted by Ctrl-C
 IN_SETUP = " during set-up; nothing was saved"
 STOPPABLE_COMMANDS = {
     "prepare latents": IN_SETUP, "train": IN_SETUP, "sample": IN_SETUP,
@@ -184,7 +186,7 @@ def run_command(command, argv):
         message = str(error).strip().splitlines()[-1].removeprefix(
             f"{RegditError.__module__}.RegditError: ")
         sys.exit(f"regdit {command}: error: {message}")
-    except Stopped as stopped:  # on a signal: at a safe point, or in set-up (regdit.preemption)
+    except Stopped as stopped:  # on a signal: at a safe point, or in set-up (regdit.run.preemption)
         print(f"regdit {command}: {stopped}", file=sys.stderr)
         sys.exit(EXIT_STOPPED)
     except KeyboardInterrupt:  # Ctrl-C in a command without safe points

@@ -1,6 +1,6 @@
 """torchrun for one node of a SLURM job (scripts/slurm/regdit.sbatch): a stop that reads as one.
 
-`python -m regdit.launcher ARGS` is `torchrun ARGS` until a signal of its --signals-to-handle
+`python -m regdit.run.launcher ARGS` is `torchrun ARGS` until a signal of its --signals-to-handle
 arrives. torchrun's agent then passes it to its workers, waits for them (--shutdown-timeout) and
 raises SignalException, which torchrun prints as a traceback and exit code 1 whether the workers
 stopped at a safe point or failed. Here the workers' exit codes decide instead: every worker exited
@@ -53,7 +53,7 @@ def main(argv=None):
         name = signal.Signals(stop.sigval).name
         workers = ", ".join(f"{rank} ({ending(code)})" for rank, code in failed.items()) or \
             "all (still starting)"
-        sys.exit(f"regdit.launcher on {socket.gethostname()}: stopping on {name}, local "
+        sys.exit(f"regdit.run.launcher on {socket.gethostname()}: stopping on {name}, local "
                  f"worker(s) {workers} did not stop with the checkpoint (their output says why)")
 
 

@@ -3,7 +3,7 @@ no SiTConfig), and the early REPA layout (`decoder_blocks`, `--legacy`)."""
 import argparse
 
 from regdit import RegditError
-from regdit.models import MODEL_SIZES
+from regdit.core.models import MODEL_SIZES
 
 PATCH_WEIGHTS = "x_embedder.proj.weight"  # (hidden_size, in_channels, patch_size, patch_size)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from regdit import RegditError
 from regdit.config import Settings, flag, read_yaml
+from regdit.core.models import MODEL_SIZES, SiT_models, model_arguments
 from regdit.files import (
     atomic_write,
     check_output,
@@ -27,7 +28,6 @@ from regdit.files import (
     file_kind,
     read_head,
 )
-from regdit.models import MODEL_SIZES, SiT_models, model_arguments
 
 # ImageNet 256, FID-50k without guidance, against training iterations (REG paper, Table 1), per
 # (model, method).

@@ -22,9 +22,10 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models.vision_transformer import checkpoint_filter_fn
 
-from regdit import RegditError, downloads
+from regdit import RegditError
 from regdit.files import atomic_write
-from regdit.hub import resolve_path
+from regdit.storage import downloads
+from regdit.storage.hub import resolve_path
 
 DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth"
 DINOV2_ARCH = "vit_large_patch14_dinov2"
