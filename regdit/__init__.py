@@ -4,7 +4,7 @@ The stable Python surface, importable from here (each loaded on first use, so th
 stays cheap):
 
     the method     SiT, SiTConfig, create_sit, REGLoss, LOSS_TERMS, SAMPLERS, Sampling,
-                   path_coefficients, sample_time
+                   path_coefficients, sample_time, TIME_DISTRIBUTIONS
     files          load_checkpoint, build_model_from_checkpoint, from_pretrained, save_pretrained,
                    open_dataset, LAYOUTS
     encoders, VAE  load_encoders, ENCODER_TYPES, FAMILIES, load_vae
@@ -43,7 +43,8 @@ def cpu_launch():
 PUBLIC = {  # name -> the module that defines it
     **dict.fromkeys(["SiT", "SiTConfig", "create_sit"], "regdit.core.models"),
     **dict.fromkeys(["REGLoss", "LOSS_TERMS"], "regdit.core.loss"),
-    **dict.fromkeys(["path_coefficients", "sample_time"], "regdit.core.interpolants"),
+    **dict.fromkeys(["path_coefficients", "sample_time", "TIME_DISTRIBUTIONS"],
+                     "regdit.core.interpolants"),
     "SAMPLERS": "regdit.core.samplers",
     "Sampling": "regdit.core.sampling",
     "SampleConfig": "regdit.commands.sample",

@@ -12,6 +12,7 @@ from conftest import cli_error
 
 from regdit.commands.cli import main
 from regdit.commands.sample import sample_batch
+from regdit.core.interpolants import TIME_DISTRIBUTIONS
 from regdit.core.loss import LOSS_TERMS, REGLoss, mean_flat
 from regdit.core.models import create_sit
 from regdit.core.samplers import SAMPLERS
@@ -112,6 +113,27 @@ def test_a_new_sampler_reaches_the_training_previews(tiny_data, monkeypatch):
     config = yaml.safe_load((tiny_data / "exps" / "midpoint-previews" / "config.yaml").read_text())
     assert (config["preview_sampler"], config["preview_num_steps"]) == ("midpoint", 3)
     assert (tiny_data / "exps" / "midpoint-previews" / "samples" / "0000002.png").is_file()
+
+
+# ---- a training distribution of t: a function (n, path_type, device, generator) in
+# TIME_DISTRIBUTIONS, chosen by --weighting
+
+
+def test_a_new_time_distribution_trains(tiny_data, monkeypatch, capsys):
+    calls = []
+
+    def late_time(n, path_type, device=None, generator=None):  # only the noisier half
+        calls.append((n, path_type))
+        return 0.5 + 0.5 * torch.rand(n, device=device, generator=generator)
+    monkeypatch.setitem(TIME_DISTRIBUTIONS, "late", late_time)
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "late" in capsys.readouterr().out  # --weighting takes its choices from the table
+    assert REGLoss(weighting="late").sample_time(64).min() >= 0.5
+    main(train_argv(tiny_data, "late-time", "--weighting", "late"))
+    assert calls[1:] == [(8, "linear")] * 2  # one draw of the batch's times per step
+    config = yaml.safe_load((tiny_data / "exps" / "late-time" / "config.yaml").read_text())
+    assert config["weighting"] == "late"
 
 
 # ---- a weighted loss term: a function of REGLoss.terms' outputs in LOSS_TERMS,

@@ -1,5 +1,6 @@
-"""`--plugin FILE_OR_MODULE`: a researcher's own file registers a sampler, a loss term and an
-encoder, which train, resume and sample through the real command line; the run records it."""
+"""`--plugin FILE_OR_MODULE`: a researcher's own file registers a sampler, a loss term, a time
+distribution and an encoder, which train (with previews by the sampler), resume and sample through
+the real command line; the run records it."""
 import json
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from conftest import cli_error
 from test_extensions import train_argv
 
 from regdit.commands.cli import main
+from regdit.core.interpolants import TIME_DISTRIBUTIONS
 from regdit.core.loss import LOSS_TERMS
 from regdit.core.samplers import SAMPLERS
 from regdit.run.plugins import LOADED
@@ -19,17 +21,26 @@ from regdit.storage.checkpoint import load_checkpoint
 from regdit.storage.encoders import ENCODER_TYPES, FAMILIES, save_random_encoder
 
 PLUGIN = '''
-"""An encoder, a loss term and a sampler of one's own."""
+"""An encoder, a loss term, a time distribution and a sampler of one's own."""
 import torch
 
 from regdit.storage.encoders import (ENCODER_TYPES, FAMILIES, EncoderSpec, Family,
                                      save_random_encoder)
+from regdit.core.interpolants import TIME_DISTRIBUTIONS
 from regdit.core.loss import LOSS_TERMS, mean_flat
 from regdit.core.samplers import SAMPLERS, euler_sampler
 
 FAMILIES["toy"] = Family(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), resized=False)
 ENCODER_TYPES["toy-vit"] = EncoderSpec("toy", "vit_small_patch16_224", 24)
 LOSS_TERMS["velocity_l1"] = lambda out: mean_flat((out["velocity"] - out["target"]).abs().float())
+
+
+def logit_normal(n, path_type, device=None, generator=None):
+    """t = sigmoid(N(0, 1)), SD3's training distribution."""
+    return torch.sigmoid(torch.randn(n, device=device, generator=generator))
+
+
+TIME_DISTRIBUTIONS["logit_normal"] = logit_normal
 
 
 def flipped_euler(model, latents, cls_latents, y, num_steps=5, **kwargs):
@@ -46,7 +57,8 @@ def plugin(tmp_path):
     """The plugin file; what it registers is taken out of the tables again afterwards."""
     path = tmp_path / "my_idea.py"
     path.write_text(textwrap.dedent(PLUGIN))
-    tables = [(table, dict(table)) for table in (ENCODER_TYPES, FAMILIES, LOSS_TERMS, SAMPLERS)]
+    tables = [(table, dict(table))
+              for table in (ENCODER_TYPES, FAMILIES, LOSS_TERMS, SAMPLERS, TIME_DISTRIBUTIONS)]
     loaded = list(LOADED)
     yield path
     for table, before in tables:
@@ -69,8 +81,10 @@ def test_a_plugin_file_trains_resumes_and_samples(tiny_data, tmp_path, plugin, c
     encoder = save_random_encoder("toy-vit", tmp_path / "toy", patch_size=8, embed_dim=24, grid=4)
     flags = ["--enc-type", "toy-vit", "--enc-path", str(encoder)]
     main(train_argv(tiny_data, "plugged", "--plugin", str(plugin), *flags,
-                    "--extra-terms", "velocity_l1=0.1"))
+                    "--extra-terms", "velocity_l1=0.1", "--weighting", "logit_normal",
+                    "--sampling-steps", "2", "--preview-sampler", "flipped-euler"))
     exp = tiny_data / "exps" / "plugged"
+    assert (exp / "samples" / "0000002.png").is_file()  # a preview by the plugin's sampler
     assert load_checkpoint(exp / "checkpoints" / "0000002.pt")["plugins"] == [str(plugin)]
     assert yaml.safe_load((exp / "config.yaml").read_text())["plugin"] == [str(plugin)]
 
@@ -85,7 +99,9 @@ def test_a_plugin_file_trains_resumes_and_samples(tiny_data, tmp_path, plugin, c
 
     # with it, the run continues (the term is logged) and samples with the plugin's sampler
     main(train_argv(tiny_data, "plugged", "--plugin", str(plugin), *flags,
-                    "--extra-terms", "velocity_l1=0.1", "--max-train-steps", "3"))
+                    "--extra-terms", "velocity_l1=0.1", "--weighting", "logit_normal",
+                    "--sampling-steps", "2", "--preview-sampler", "flipped-euler",
+                    "--max-train-steps", "3"))
     lines = [json.loads(line) for line in (exp / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2, 3] and lines[-1]["velocity_l1"] > 0
     config = tmp_path / "sample.yaml"  # the plugin named in a --config file

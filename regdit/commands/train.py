@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from regdit import RegditError, Stopped, cpu_launch
 from regdit.config import Settings, flag, flat_settings, leaf_fields, nested, redefault
-from regdit.core.interpolants import PATH_TYPES, WEIGHTINGS
+from regdit.core.interpolants import PATH_TYPES, TIME_DISTRIBUTIONS
 from regdit.core.loss import LOSS_TERMS, REGLoss
 from regdit.core.models import SiT, SiT_models, SiTConfig, model_arguments
 from regdit.core.sampling import Sampling
@@ -197,7 +197,9 @@ class TrainConfig(Settings):
     # loss: REGLoss fields
     path_type: str = flag("linear", "interpolation path", choices=PATH_TYPES)
     prediction: str = flag("v", "model target (the official code implements v only)", choices=["v"])
-    weighting: str = flag("uniform", "time distribution", choices=WEIGHTINGS)
+    weighting: str = flag("uniform", "time distribution: uniform, lognormal (official) or any "
+                                       "entry of regdit.core.interpolants.TIME_DISTRIBUTIONS",
+                          choices=TIME_DISTRIBUTIONS)
     time_shift: float = flag(1.0, "shift of the drawn times, t -> s t / (1 + (s - 1) t) (SD3, RAE; "
                                   "1: none); sample with the same --time-shift", above=0)
     proj_coeff: float = flag(0.5, "weight of the REPA projection loss", at_least=0)

@@ -6,7 +6,6 @@ import math
 import torch
 
 PATH_TYPES = ("linear", "cosine")
-WEIGHTINGS = ("uniform", "lognormal")
 
 
 def path_coefficients(t, path_type):
@@ -21,15 +20,27 @@ def path_coefficients(t, path_type):
     raise ValueError(f"unknown path type {path_type!r}: use one of {', '.join(PATH_TYPES)}")
 
 
+def uniform_time(n, path_type, device=None, generator=None):
+    """t ~ U(0, 1)."""
+    return torch.rand(n, device=device, generator=generator)
+
+
+def lognormal_time(n, path_type, device=None, generator=None):
+    """s = exp(N(0, 1)) mapped to (0, 1) by the path (official)."""
+    s = torch.randn(n, device=device, generator=generator).exp()
+    return s / (1 + s) if path_type == "linear" else 2 / math.pi * torch.atan(s)
+
+
+# the training distributions of t (`--weighting NAME`); an entry of one's own becomes a choice
+TIME_DISTRIBUTIONS = {"uniform": uniform_time, "lognormal": lognormal_time}
+
+
 def sample_time(n, weighting, path_type, device=None, generator=None):
-    """t ~ U(0, 1) ("uniform"), or "lognormal": s = exp(N(0, 1)) mapped to (0, 1) by the path
-    (official)."""
-    if weighting == "uniform":
-        return torch.rand(n, device=device, generator=generator)
-    if weighting == "lognormal":
-        s = torch.randn(n, device=device, generator=generator).exp()
-        return s / (1 + s) if path_type == "linear" else 2 / math.pi * torch.atan(s)
-    raise ValueError(f"unknown weighting {weighting!r}: use one of {', '.join(WEIGHTINGS)}")
+    """n times drawn from TIME_DISTRIBUTIONS[weighting] for the path."""
+    if weighting not in TIME_DISTRIBUTIONS:
+        raise ValueError(f"unknown weighting {weighting!r}: use one of "
+                         f"{', '.join(TIME_DISTRIBUTIONS)}")
+    return TIME_DISTRIBUTIONS[weighting](n, path_type, device, generator)
 
 
 def shift_time(t, shift):
