@@ -309,7 +309,8 @@ def test_a_signal_to_the_whole_group_in_set_up_stops_every_torchrun_process(tiny
         _, stderr = group_stop(argv, stalled, env=env)
         for connection in connections:
             connection.close()
-    assert stderr.count("stopped by SIGTERM during set-up; nothing was saved") == 2, stderr
+    # one line per node, from its first process
+    assert stderr.count("stopped by SIGTERM during set-up; nothing was saved") == 1, stderr
     assert "internal error" not in stderr and "regdit train: error" not in stderr, stderr
 
 
@@ -358,7 +359,8 @@ def test_a_signal_to_the_whole_group_stops_torchrun_and_its_loader_workers(tiny_
     exp = tiny_data / "exps" / "group-torchrun"
     argv = torchrun(*train_argv(tiny_data, exp.name, "--num-workers", "2"))
     code, stderr = group_stop(argv, lambda: len(logged_steps(exp)) >= 3)
-    assert code != 0 and stderr.count("stopped by SIGTERM after step") == 2, stderr
+    # one line per node, from its first process
+    assert code != 0 and stderr.count("stopped by SIGTERM after step") == 1, stderr
     # torchrun reports its own SIGTERM with a traceback; the workers stopped cleanly
     assert "DataLoader worker" not in stderr and "internal error" not in stderr, stderr
     stopped, = (exp / "checkpoints").iterdir()
@@ -593,7 +595,7 @@ def test_scancel_of_a_slurm_job_with_loader_workers_stops_it_with_its_checkpoint
               *train_argv(tiny_data, "scancel", "--num-workers", "2")[2:]]
     exp = tiny_data / "exps" / "scancel"
     _, stderr = group_stop(["bash", *script], lambda: len(logged_steps(exp)) >= 3, env=env)
-    assert stderr.count("stopped by SIGTERM after step") == 2, stderr
+    assert stderr.count("stopped by SIGTERM after step") == 1, stderr  # one line per node
     assert "DataLoader worker" not in stderr and "internal error" not in stderr, stderr
     stopped, = (exp / "checkpoints").iterdir()
     assert 3 <= int(stopped.stem) < STEPS
