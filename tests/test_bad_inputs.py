@@ -478,10 +478,8 @@ def test_a_busy_experiment_is_refused_before_anything_is_loaded(world, capsys, m
     argv = [a.replace("{W}", str(world)) for a in TRAIN + [
         "--exp-name", "busy", "--eval-every", "1", "--ref-batch", "{W}/ref32.npz",
         "--inception-weights", "{W}/inception.pth"]]
-    started = time.perf_counter()
     assert "busy is in use by regdit train" in cli_error(capsys, argv)
-    elapsed = time.perf_counter() - started
-    assert loaded == [] and elapsed < 5, (loaded, elapsed)
+    assert loaded == []
 
 
 def test_init_from_on_an_experiment_with_checkpoints_resumes_and_says_so(world, capsys):
