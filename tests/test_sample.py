@@ -132,6 +132,43 @@ def test_same_images_with_one_and_two_processes(files, tmp_path, one_thread):
         assert np.array_equal(a, b)
 
 
+NAN_FOR_CLASS_1 = """
+from regdit.core.samplers import SAMPLERS, euler_sampler
+
+def nan_for_class_1(model, x, cls, y, num_steps=2, **kwargs):
+    out = euler_sampler(model, x, cls, y, num_steps, **kwargs)
+    return out * float("nan") if int(y[0]) == 1 else out
+
+SAMPLERS["nan-for-class-1"] = nan_for_class_1
+"""
+
+
+@pytest.mark.slow
+def test_samples_not_finite_on_one_process_end_every_process_in_one_line(files, tmp_path):
+    """Under torchrun, the samples of class 1 (process 1's first chunk, balanced labels) come out
+    NaN: process 1 says so, process 0 says that process 1 failed, and neither meets the dead peer
+    in a collective (an internal error before)."""
+    plugin = tmp_path / "nan_sampler.py"
+    plugin.write_text(NAN_FOR_CLASS_1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "-m", "regdit", "sample", "--plugin", str(plugin), "--ckpt",
+                          str(files["export"]), "--vae", files["vae"], "--sampler",
+                          "nan-for-class-1", "--balanced", "--num-fid-samples", "4",
+                          "--per-proc-batch-size", "1", "--sample-dir", str(tmp_path / "out")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    lines = re.findall(r"regdit sample: .*", run.stderr)  # a progress bar may precede one
+    assert run.returncode != 0 and sorted(lines) == [
+        "regdit sample: error: process 1 failed (its own line says why); what was finished "
+        "before is kept",
+        "regdit sample: error: samples 1-1 came out not finite (NaN or infinite) with --cfg-scale "
+        "1 --cls-cfg-scale 0: lower the guidance scales, or check the checkpoint; no image "
+        "written"], run.stderr[-3000:]
+    assert "internal error" not in run.stderr and "Connection closed" not in run.stderr
+    (folder,) = (tmp_path / "out").iterdir()
+    assert (folder / "000000.png").is_file() and not (folder / "000001.png").exists()
+
+
 class Killed(Exception):
     pass
 

@@ -496,15 +496,20 @@ def draw_pending(config, folder, model, vae, path_type, state, stop, latent_norm
     net = torch.compile(model) if config.compile else model
     for first in tqdm(range(0, len(pending), state.num_processes), desc="sampling", unit="round",
                       disable=not state.is_main_process, dynamic_ncols=True):
+        failure = None
         if first + state.process_index < len(pending):
             chunk = pending[first + state.process_index]
-            images = sample_batch(net, vae, chunk, config.sampling, config.global_seed,
-                                  config.balanced, config.mixed_precision, path_type,
-                                  config.class_label, latent_norm, guide, finite_only=True)
+            try:
+                images = sample_batch(net, vae, chunk, config.sampling, config.global_seed,
+                                      config.balanced, config.mixed_precision, path_type,
+                                      config.class_label, latent_norm, guide, finite_only=True)
+            except RegditError as error:  # samples that are not finite: every process ends
+                failure, images = error, []
             for i, image in zip(chunk, images):
                 if not png_done(png_path(folder, i)):
                     with atomic_write(png_path(folder, i), sync=False) as f:
                         PIL.Image.fromarray(image).save(f, format="PNG")
+        stop.raise_together(failure)
         if stop():  # every process asks as often: the same rounds
             done = sum(png_done(png_path(folder, i)) for i in range(num_samples))
             raise Stopped(f"stopped by {stop.signals.name} with {done} of {num_samples} samples "

@@ -29,7 +29,7 @@ import sys
 import threading
 from multiprocessing import resource_tracker
 
-from regdit import Stopped
+from regdit import RegditError, Stopped
 
 # torch is imported where it is used: the command line enters StopSignals before anything loads
 
@@ -233,6 +233,24 @@ class StopVote:
                 stopping[0] = 1
         if stopping:
             raise self.signals.setup_stopped()
+
+    def raise_together(self, error):
+        """Raise `error` (this process's, or None) on every process once any process has one: a
+        synchronous max-reduce of the failing process's number, so that a failure of one process
+        (samples that are not finite) ends all of them with one line each, where the others would
+        meet a dead peer in their next collective. Every process must call it as often."""
+        import torch
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if self.group is not None else 0
+        failed = torch.tensor([0 if error is None else rank + 1], dtype=torch.int64)
+        if self.group is not None:
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=self.group)
+        if error is not None:
+            raise error
+        if failed:
+            raise RegditError(f"process {int(failed) - 1} failed (its own line says why); what "
+                              "was finished before is kept")
 
     def barrier(self):
         """Wait for every process (on the CPU group)."""
