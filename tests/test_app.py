@@ -117,6 +117,28 @@ def test_a_grid_is_regdit_sample_of_its_command_bit_for_bit(explorer, settings, 
     assert labels.tolist() == [5, 5, 5]
 
 
+def test_an_autoguided_grid_is_regdit_sample_of_its_command_bit_for_bit(demo_sized, explorer,
+                                                                        tmp_path):
+    """`regdit app --guide-ckpt`: the guide (the demo's model with other weights) draws with the
+    page's guidance scale, and the command under the grid names it."""
+    checkpoint = load_checkpoint(demo_sized)
+    torch.manual_seed(1)
+    checkpoint["ema"] = {name: value + 0.05 * torch.randn_like(value)
+                         for name, value in checkpoint["ema"].items()}
+    save_checkpoint(checkpoint, tmp_path / "guide.pt")
+    guided = Explorer(AppConfig(ckpt=str(demo_sized), guide_ckpt=str(tmp_path / "guide.pt"),
+                                device="cpu", max_images=4))
+    settings = dict(GUIDED, cls_cfg_scale=0.0)
+    config = guided.grid_config(class_label=5, seed=3, num_images=3, **settings)
+    images = guided.draw(config)
+    command = guided.command(config)
+    assert f"--guide-ckpt {tmp_path / 'guide.pt'}" in command
+    pngs = sample_pngs(command, tmp_path / "sampled")
+    assert all(np.array_equal(a, b) for a, b in zip(images, pngs))
+    unguided = explorer.draw(explorer.grid_config(class_label=5, seed=3, num_images=3, **settings))
+    assert not np.array_equal(images, unguided)  # the guide took part
+
+
 def page_values(gr, **values):
     """Components as the page's, and {component: value} of a request that sets `values`."""
     shared = {name: gr.Number() for name in ("class_label", "seed", "num_images")}
