@@ -366,7 +366,8 @@ def test_push_to_hub_uploads_the_export_with_a_model_card(exp, local_hub):
             and "regdit" in front["tags"])
     # the Hub's own parser reads it
     assert huggingface_hub.ModelCard(card).data.library_name == "regdit"
-    for line in ("![samples](samples.png)", "| model | SiT-custom/2 (", "| training steps | 1 |",
+    for line in ("![samples](samples.png)", "| model | SiT/2, depth 4, width 64 (",
+                 "| training steps | 1 |",
                  "| method | REG (entangled class token + REPA alignment) |",
                  "| encoder_depth | 2 |", "| FID | 1.3600 |", "| Recall | 0.6600 |",
                  "50000 samples against `VIRTUAL_imagenet256_labeled.npz`",

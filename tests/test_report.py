@@ -15,10 +15,10 @@ from PIL import Image
 
 from regdit.commands.cli import main
 from regdit.commands.train import train
+from regdit.core.models import model_label
 from regdit.extras.report import (
     MAX_PREVIEWS,
     NOT_LOSS_TERMS,
-    model_label,
     plot,
     preview_grids,
     read_run,

@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from regdit import RegditError
 from regdit.config import Settings, flag
+from regdit.core.models import model_label
 from regdit.files import (
     atomic_write,
     check_output,
@@ -246,7 +247,8 @@ def card_rows(checkpoint, model_config, latents, path_type):
     method = "reg" if model_config.use_cls_token else "repa" if model_config.z_dims else "sit"
     parameters = sum(v.numel() for v in checkpoint["ema"].values()) / 1e6
     recorded = latents or {}
-    return {"model": f"{model_config.label} ({parameters:.1f}M parameters)",
+    name = model_label(model_config.depth, model_config.hidden_size, model_config.patch_size)
+    return {"model": f"{name} ({parameters:.1f}M parameters)",
             "method": METHODS[method], "training steps": checkpoint.get("steps", "not recorded"),
             "classes": model_config.num_classes,
             "resolution": recorded.get("resolution") or training.get("resolution", "not recorded"),
@@ -292,7 +294,7 @@ def model_card(title, settings, metrics, grid, ckpt, pretrained, license):
               "With regdit (REG's published guidance: `--cfg-scale 2.3 --cls-cfg-scale 2.3 "
               "--guidance-high 0.85`):", "",
               "```bash", f"regdit sample --ckpt {ckpt} --num-fid-samples 50000", "```", "",
-              "```python", "from regdit.storage.checkpoint import from_pretrained", "",
+              "```python", "from regdit import from_pretrained", "",
               f'model = from_pretrained("{pretrained}")', "```", ""]
     return "\n".join(lines)
 

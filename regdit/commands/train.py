@@ -34,7 +34,7 @@ from regdit import RegditError, Stopped, cpu_launch
 from regdit.config import Settings, flag, flat_settings, leaf_fields, nested, redefault
 from regdit.core.interpolants import PATH_TYPES, TIME_DISTRIBUTIONS
 from regdit.core.loss import LOSS_TERMS, REGLoss
-from regdit.core.models import SiT, SiT_models, SiTConfig, model_arguments
+from regdit.core.models import SiT, SiT_models, SiTConfig, model_arguments, model_label
 from regdit.core.sampling import Sampling
 from regdit.files import atomic_write, check_writable, remove_temp_files
 from regdit.run.experiment import (
@@ -723,7 +723,9 @@ def announce(run, resumed_from):
     origin = (f", resumed from {resumed_from}" if resumed_from else
               f", initialised from {config.init_from} ({config.init_weights})" if config.init_from
               else "")
-    print(f"{run.raw_model.config.label} ({parameters:.1f}M parameters), {len(run.dataset)} "
+    model = run.raw_model.config
+    print(f"{model_label(model.depth, model.hidden_size, model.patch_size)} ({parameters:.1f}M "
+          f"parameters), {len(run.dataset)} "
           f"samples, {accelerator.num_processes} process(es) x batch {run.local_batch} x "
           f"{config.gradient_accumulation_steps} accumulation, mixed precision "
           f"{run.mixed_precision}{origin}")

@@ -42,9 +42,9 @@ from regdit.commands.sample import (
 )
 from regdit.commands.train import EvalSampling, PreviewSampling
 from regdit.config import Settings, flag
+from regdit.core.models import model_label
 from regdit.core.samplers import SAMPLERS
 from regdit.extras.demo import SAMPLE_RECIPE, TRAIN_RECIPE, DemoConfig
-from regdit.extras.report import model_label
 from regdit.files import atomic_write
 
 INSTALL = "pip install -e '.[app]'"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from regdit import RegditError
 from regdit.config import Settings, flag, read_yaml
-from regdit.core.models import MODEL_SIZES, SiT_models, model_arguments
+from regdit.core.models import SiT_models, model_arguments, model_label
 from regdit.files import (
     atomic_write,
     check_output,
@@ -193,14 +193,6 @@ EVAL_PANELS = (("FID", [("eval/fid", "")]), ("sFID", [("eval/sfid", "")]),
                ("FD_DINOv2", [("eval/fd_dinov2", "")]))
 PLOT_CONFIG = {"responsive": True, "displaylogo": False, "scrollZoom": False,
                "toImageButtonOptions": {"format": "png", "scale": 2}}
-
-
-def model_label(depth, width, patch_size):
-    """The one name of a model on every page: `SiT-XL/2` for a standard size, else its depth and
-    width spelt out (`SiT/1, depth 3, width 128`)."""
-    size = next((size for size, (d, w, _) in MODEL_SIZES.items() if (d, w) == (depth, width)),
-                None)
-    return f"SiT-{size}/{patch_size}" if size else f"SiT/{patch_size}, depth {depth}, width {width}"
 
 
 def run_model_label(settings):
