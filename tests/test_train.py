@@ -494,6 +494,30 @@ def test_evaluation_while_training_equals_sample_then_eval(evaluated, reference,
 
 
 @pytest.mark.slow
+def test_an_autoguided_evaluation_while_training_equals_sample_then_eval(evaluated, reference,
+                                                                         tiny_data):
+    """`--eval-guide-ckpt`: the evaluation of step 2 guided by the evaluated run's first
+    checkpoint has the numbers of `regdit sample --guide-ckpt` and `regdit eval` on step 2."""
+    from regdit.commands.evaluate import evaluate
+    from regdit.commands.sample import SampleConfig, sample
+    from regdit.core.sampling import Sampling
+    guide = str(evaluated["result"]["exp_dir"] / "checkpoints" / "0000002.pt")
+    sampling = dict(EVAL_SAMPLING, cls_cfg_scale=0.0)
+    config = tiny_config(tiny_data, exp_name="eval-guided", max_train_steps=2,
+                         checkpointing_steps=2, **EVAL,
+                         eval=EvalSampling(**sampling, guide_ckpt=guide), **reference)
+    result = train(config)
+    entry, = logged_evaluations(result["exp_dir"])
+    npz = sample(SampleConfig(ckpt=str(result["exp_dir"] / "checkpoints" / "0000002.pt"),
+                              sample_dir=str(tiny_data / "s-guided"), num_fid_samples=6,
+                              per_proc_batch_size=4, global_seed=config.seed,
+                              sampling=Sampling(**sampling, guide_ckpt=guide)))
+    scores = evaluate(reference["ref_batch"], npz, reference["inception_weights"], batch_size=4)
+    assert {name: entry[f"eval/{name}"] for name in EVAL_METRICS} \
+        == {name: scores[name] for name in EVAL_METRICS}
+
+
+@pytest.mark.slow
 def test_two_processes_evaluate_like_one(evaluated, reference, tiny_data):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**EVAL_FLAGS, **reference}.items()]
