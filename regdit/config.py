@@ -168,8 +168,8 @@ def add_dataclass_arguments(parser, config_class):
     # read and imported before parsing (regdit.run.plugins); declared for --help
     parser.add_argument("--plugin", action="append", metavar="FILE_OR_MODULE",
                         help="import this file (.py) or module first: the samplers, loss terms, "
-                             "encoders, dataset layouts or methods it registers become choices "
-                             "(repeatable; also `plugin:` in --config)")
+                             "time distributions, encoders, dataset layouts or methods it "
+                             "registers become choices (repeatable; also `plugin:` in --config)")
     presets = getattr(config_class, "PRESETS", None)
     if presets:
         parser.add_argument("--preset", choices=sorted(presets), default=None,

@@ -187,8 +187,9 @@ def run_command(command, argv):
             f"{RegditError.__module__}.RegditError: ")
         sys.exit(f"regdit {command}: error: {message}")
     except Stopped as stopped:  # on a signal: at a safe point, or in set-up (regdit.run.preemption)
-        # every process stopped at the same point: one line per node (its first process) says so
-        if os.environ.get("LOCAL_RANK", "0") == "0":
+        # every process of a launch stopped at the same point: one line per node (its first
+        # process) says so
+        if int(os.environ.get("WORLD_SIZE", 1)) == 1 or os.environ.get("LOCAL_RANK", "0") == "0":
             print(f"regdit {command}: {stopped}", file=sys.stderr)
         sys.exit(EXIT_STOPPED)
     except KeyboardInterrupt:  # Ctrl-C in a command without safe points

@@ -235,8 +235,10 @@ def export(config: ExportConfig):
         print(f"wrote {output_dir / 'README.md'} (model card)"
               + ("" if grid else "; no sample grid: pass --grid PNG"))
         if config.push_to_hub:
+            name = model_label(model_config.depth, model_config.hidden_size,
+                               model_config.patch_size)
             url = push_folder(output_dir, written, config.push_to_hub, config.private,
-                              f"{model_config.label} exported by regdit from {ckpt.name}")
+                              f"{name} exported by regdit from {ckpt.name}")
             print(f"pushed {', '.join(written)} of {output_dir} to {url}")
     return weights
 

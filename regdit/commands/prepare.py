@@ -563,6 +563,7 @@ def encode_shards(config, writer, images, vae, state, done_path, stop):
                     saved = background.submit(save, indices, batch, moments)
                 if stop():  # every process asks as often: the same rounds
                     saved.result()
+                    stop.barrier()  # every process's shards written: the count is the rerun's
                     done = sum(os.path.exists(done_path(shard)) for shard in range(num_shards))
                     raise Stopped(f"stopped by {stop.signals.name} with {done} of {num_shards} "
                                   "shards encoded; run the same command to continue")

@@ -41,7 +41,14 @@ from regdit.config import FOLDER, Settings, changed_setting, flag, nested
 from regdit.core.models import SiT_models, SiTConfig
 from regdit.core.samplers import SAMPLERS
 from regdit.core.sampling import Sampling
-from regdit.files import atomic_write, check_output, check_writable, npz_arrays, remove_temp_files
+from regdit.files import (
+    atomic_write,
+    check_output,
+    check_writable,
+    describe_os_error,
+    npz_arrays,
+    remove_temp_files,
+)
 from regdit.run.plugins import require_plugins
 from regdit.run.preemption import StopVote, stop_signals
 from regdit.run.runlock import lock_run
@@ -499,16 +506,20 @@ def draw_pending(config, folder, model, vae, path_type, state, stop, latent_norm
         failure = None
         if first + state.process_index < len(pending):
             chunk = pending[first + state.process_index]
-            try:
+            try:  # a failure of one process (samples not finite, a full disk) ends every process
                 images = sample_batch(net, vae, chunk, config.sampling, config.global_seed,
                                       config.balanced, config.mixed_precision, path_type,
                                       config.class_label, latent_norm, guide, finite_only=True)
-            except RegditError as error:  # samples that are not finite: every process ends
-                failure, images = error, []
-            for i, image in zip(chunk, images):
-                if not png_done(png_path(folder, i)):
-                    with atomic_write(png_path(folder, i), sync=False) as f:
-                        PIL.Image.fromarray(image).save(f, format="PNG")
+                for i, image in zip(chunk, images):
+                    if not png_done(png_path(folder, i)):
+                        with atomic_write(png_path(folder, i), sync=False) as f:
+                            PIL.Image.fromarray(image).save(f, format="PNG")
+            except RegditError as error:
+                failure = error
+            except OSError as error:
+                if describe_os_error(error) is None:
+                    raise
+                failure = RegditError(describe_os_error(error))
         stop.raise_together(failure)
         if stop():  # every process asks as often: the same rounds
             done = sum(png_done(png_path(folder, i)) for i in range(num_samples))

@@ -198,7 +198,7 @@ class TrainConfig(Settings):
     path_type: str = flag("linear", "interpolation path", choices=PATH_TYPES)
     prediction: str = flag("v", "model target (the official code implements v only)", choices=["v"])
     weighting: str = flag("uniform", "time distribution: uniform, lognormal (official) or any "
-                                       "entry of regdit.core.interpolants.TIME_DISTRIBUTIONS",
+                                       "entry of regdit.TIME_DISTRIBUTIONS",
                           choices=TIME_DISTRIBUTIONS)
     time_shift: float = flag(1.0, "shift of the drawn times, t -> s t / (1 + (s - 1) t) (SD3, RAE; "
                                   "1: none); sample with the same --time-shift", above=0)
@@ -206,13 +206,13 @@ class TrainConfig(Settings):
     cls_coeff: float = flag(0.03, "weight of the class-token denoising loss (REG)",
                             at_least=0, aliases=("--cls",))
     extra_terms: list[str] | None = flag(None, "further weighted loss terms of "
-                                               "regdit.core.loss.LOSS_TERMS, as NAME=WEIGHT",
+                                               "regdit.LOSS_TERMS, as NAME=WEIGHT",
                                          metavar="NAME=WEIGHT")
     legacy: bool = flag(False, "also drop labels outside the model, as early REPA runs did (double "
                                "dropout)")
     official_cosine_cls_target: bool = flag(False, "replay the official broadcast of the "
                                                    "cosine-path class-token target (see "
-                                                   "regdit.core.loss.REGLoss)")
+                                                   "regdit.REGLoss)")
     # evaluation while training: FID-K of the EMA weights; its numbers equal `regdit sample` +
     # `regdit eval`
     eval_every: int = flag(0, "evaluate the EMA weights every N steps: FID, sFID, IS, precision, "
@@ -264,7 +264,7 @@ class TrainConfig(Settings):
             # a negative weight would train the model to raise its term
             if name not in LOSS_TERMS or not 0 <= weights[name] < float("inf"):
                 raise RegditError(f"--extra-terms {item}: must be NAME=WEIGHT with NAME one of "
-                                  f"{', '.join(LOSS_TERMS) or 'LOSS_TERMS (empty)'} "
+                                  f"{', '.join(LOSS_TERMS) or 'regdit.LOSS_TERMS (empty)'} "
                                   "and a finite WEIGHT of at least 0 (a plugin's term needs its "
                                   "--plugin)")
         return weights

@@ -20,7 +20,7 @@ class Sampling(Settings):
     `regdit sample`, the training previews and the evaluations during training each take one."""
     sampler: str = flag("sde", "sde: the official Euler-Maruyama sampler; ode: Euler on the "
                                "velocity; heun: Heun on it; any other entry of "
-                               "regdit.core.samplers.SAMPLERS", choices=SAMPLERS,
+                               "regdit.SAMPLERS", choices=SAMPLERS,
                           aliases=("--mode",))
     num_steps: int | None = flag(None, "sampling steps (default: the sampler's: 250 for sde, 50 "
                                        "for ode and heun)", at_least=1, at_most=MAX_STEPS)

@@ -1,7 +1,7 @@
 """`--plugin FILE_OR_MODULE`: a researcher's own code, imported before the flags are parsed, so that
-what it registers (a sampler in `SAMPLERS`, a loss term in `LOSS_TERMS`, an encoder in
-`ENCODER_TYPES`/`FAMILIES`, a dataset layout in `LAYOUTS`, a method in `METHODS`) is a choice of the
-command, listed by `--help`.
+what it registers (a sampler in `SAMPLERS`, a loss term in `LOSS_TERMS`, a distribution of t in
+`TIME_DISTRIBUTIONS`, an encoder in `ENCODER_TYPES`/`FAMILIES`, a dataset layout in `LAYOUTS`, a
+method in `METHODS`) is a choice of the command, listed by `--help`.
 
 Only what the user names is imported: `--plugin` on the command line (repeatable) or `plugin:` (a
 name or a list) in the `--config` file. A training run records its plugins in its checkpoints and
