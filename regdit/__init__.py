@@ -7,7 +7,7 @@ stays cheap):
                    path_coefficients, sample_time, TIME_DISTRIBUTIONS
     files          load_checkpoint, build_model_from_checkpoint, from_pretrained, save_pretrained,
                    open_dataset, LAYOUTS
-    encoders, VAE  load_encoders, ENCODER_TYPES, FAMILIES, load_vae
+    encoders, VAE  load_encoders, ENCODER_TYPES, FAMILIES, load_vae, decode_latents
     commands       TrainConfig, SampleConfig (run by regdit.commands.train.train and
                    regdit.commands.sample.sample)
 """
@@ -52,7 +52,7 @@ PUBLIC = {  # name -> the module that defines it
                      "save_pretrained"], "regdit.storage.checkpoint"),
     **dict.fromkeys(["open_dataset", "LAYOUTS"], "regdit.storage.data"),
     **dict.fromkeys(["load_encoders", "ENCODER_TYPES", "FAMILIES"], "regdit.storage.encoders"),
-    "load_vae": "regdit.storage.vae",
+    **dict.fromkeys(["load_vae", "decode_latents"], "regdit.storage.vae"),
     "TrainConfig": "regdit.commands.train",
 }
 __all__ = ["RegditError", "Stopped", "EXIT_STOPPED", *PUBLIC]

@@ -13,7 +13,7 @@ from regdit.commands.cli import main
 from regdit.commands.prepare import PrepareLatentsConfig, prepare_latents
 from regdit.commands.sample import SampleConfig, load_model_and_vae, sample_batch
 from regdit.core.sampling import Sampling
-from regdit.storage.checkpoint import load_checkpoint
+from regdit.storage.checkpoint import from_pretrained, load_checkpoint
 from regdit.storage.data import open_dataset
 from regdit.storage.vae import LatentNorm, decode_latents, load_vae
 
@@ -111,6 +111,12 @@ def test_per_channel_statistics_of_the_dataset(tiny_data, vae16, tmp_path, capsy
     model, vae, *_ = load_model_and_vae(SampleConfig(ckpt=str(ckpt)), torch.device("cpu"))
     assert np.array_equal(sample_batch(model, vae, range(3), Sampling(num_steps=3),
                                        latent_norm=norm), images)
+    # in Python, from_pretrained brings what decodes it
+    pretrained = from_pretrained(tmp_path / "export")
+    assert pretrained.latent_norm.to_dict() == norm.to_dict()
+    assert np.array_equal(sample_batch(pretrained, load_vae(pretrained.latents["vae"]), range(3),
+                                       Sampling(num_steps=3),
+                                       latent_norm=pretrained.latent_norm), images)
 
 
 def test_a_layout_without_statistics_refuses_them(tiny_data, vae16, tmp_path, capsys):

@@ -25,6 +25,7 @@ from regdit.storage.official import (
     inferred_config,
     saved_args,
 )
+from regdit.storage.vae import LatentNorm
 
 
 class _Crc32:
@@ -395,7 +396,10 @@ def write_export(output_dir, weights, model_config, latents=None, path_type=None
 def from_pretrained(source, weights="ema", fused_attn=True):
     """A SiT in eval mode from an export (its folder or its model.safetensors, local or `hf://`), a
     Hub repository id `OWNER/NAME[@REVISION]` holding an export at its root, or a training
-    checkpoint (.pt, its `weights`: ema or model), read by `load_checkpoint` (checksum verified)."""
+    checkpoint (.pt, its `weights`: ema or model), read by `load_checkpoint` (checksum verified).
+    What decodes its samples comes with it: `model.latents` (the recorded VAE, scale and
+    resolution; {} for official checkpoints) and `model.latent_norm` (the LatentNorm for
+    `decode_latents`; None: the VAE's own scale and shift)."""
     source = str(source)
     if not is_hub_url(source) and not os.path.exists(source) and source.count("/") == 1:
         source = PREFIX + source  # a repository id, as huggingface_hub's from_pretrained takes
@@ -404,8 +408,12 @@ def from_pretrained(source, weights="ema", fused_attn=True):
         source = location.at(f"{location.path}/model.safetensors")
     elif os.path.isdir(source):
         source = os.path.join(source, "model.safetensors")
-    return build_model_from_checkpoint(load_checkpoint(source), source, weights,
-                                       fused_attn=fused_attn).eval()
+    checkpoint = load_checkpoint(source)
+    model = build_model_from_checkpoint(checkpoint, source, weights, fused_attn=fused_attn).eval()
+    model.latents = checkpoint.get("latents") or {}
+    model.latent_norm = model.latents.get("norm") and LatentNorm.from_dict(model.latents["norm"],
+                                                                            source)
+    return model
 
 
 def save_pretrained(model, save_directory, latents=None, path_type=None, classes=None):
