@@ -42,8 +42,8 @@ COMMANDS = {  # name -> (module, config class, function, one-line help)
                "export a checkpoint's EMA weights to safetensors + config JSON + model card "
                "(--push-to-hub)"),
     "report": ("regdit.extras.report", "ReportConfig", "report",
-               "one figure of runs: loss terms, speed, FID/IS against iterations and the paper's "
-               "points"),
+               "the run page of one or more runs (one HTML file: curves, evaluations against the "
+               "paper's points, previews, settings), or a PNG figure"),
     "demo": ("regdit.extras.demo", "DemoConfig", "run_demo",
              "the whole pipeline on a tiny built-in dataset, on CPU, in minutes"),
     "app": ("regdit.extras.app", "AppConfig", "run_app",

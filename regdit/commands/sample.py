@@ -517,9 +517,10 @@ def draw_pending(config, folder, model, vae, path_type, state, stop, latent_norm
             except RegditError as error:
                 failure = error
             except OSError as error:
-                if describe_os_error(error) is None:
+                message = describe_os_error(error)
+                if message is None:  # not the user's to fix: a bug, with its traceback
                     raise
-                failure = RegditError(describe_os_error(error))
+                failure = RegditError(message)
         stop.raise_together(failure)
         if stop():  # every process asks as often: the same rounds
             done = sum(png_done(png_path(folder, i)) for i in range(num_samples))

@@ -723,9 +723,8 @@ def announce(run, resumed_from):
     origin = (f", resumed from {resumed_from}" if resumed_from else
               f", initialised from {config.init_from} ({config.init_weights})" if config.init_from
               else "")
-    model = run.raw_model.config
-    print(f"{model_label(model.depth, model.hidden_size, model.patch_size)} ({parameters:.1f}M "
-          f"parameters), {len(run.dataset)} "
-          f"samples, {accelerator.num_processes} process(es) x batch {run.local_batch} x "
-          f"{config.gradient_accumulation_steps} accumulation, mixed precision "
-          f"{run.mixed_precision}{origin}")
+    sit = run.raw_model.config
+    print(f"{model_label(sit.depth, sit.hidden_size, sit.patch_size)} ({parameters:.1f}M "
+          f"parameters), {len(run.dataset)} samples, {accelerator.num_processes} process(es) x "
+          f"batch {run.local_batch} x {config.gradient_accumulation_steps} accumulation, mixed "
+          f"precision {run.mixed_precision}{origin}")
