@@ -27,7 +27,7 @@ from regdit.core.loss import REGLoss
 from regdit.core.models import SiT, SiTConfig, model_arguments
 from regdit.core.samplers import SAMPLERS
 from regdit.storage.encoders import load_encoders
-from regdit.storage.vae import decode_latents, load_vae
+from regdit.storage.vae import LatentNorm, decode_latents, load_vae
 
 
 @dataclasses.dataclass
@@ -68,6 +68,10 @@ class LatentDataset(torch.utils.data.Dataset):
         self.images, self.moments, self.labels = (load(name) for name in
                                                   ("images.npy", "moments.npy", "labels.npy"))
         self.moments_flip = load("moments_flip.npy") if self.meta["flip"] else None
+        # what the SiT sees: (z - shift) * scale, or per channel (datasets of earlier versions
+        # record the scale alone)
+        self.latent_norm = LatentNorm.from_dict(
+            self.meta.get("latent_norm", {"scale": self.meta["latent_scale"]}), folder)
         self.seed, self.epoch = seed, 0
 
     def __len__(self):
@@ -122,7 +126,7 @@ def build_model(config, dataset, encoder):
 
 def train(config):
     dataset = LatentDataset(config.data_dir, config.seed)
-    resolution, latent_scale = dataset.meta["resolution"], dataset.meta["latent_scale"]
+    resolution = dataset.meta["resolution"]
     encoder, = load_encoders(config.enc_type, resolution, config.enc_path or None)
     model = build_model(config, dataset, encoder)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
@@ -136,7 +140,8 @@ def train(config):
         draws = step_draws(config, step, len(labels), latent_shape, encoder.embed_dim, loss_fn)
         with torch.no_grad():
             mean, std = moments.chunk(2, dim=1)
-            x = (mean + std * draws["posterior"]) * latent_scale  # a fresh posterior sample
+            # a fresh posterior sample, normalised
+            x = dataset.latent_norm.normalize(mean + std * draws["posterior"])
             cls_token, features = encoder(images)  # REG's token, REPA's targets
         loss, logs = loss_fn(model, x, labels, [features], cls_token.float(), time=draws["time"],
                              noise=draws["noise"], noise_cls=draws["noise_cls"],
@@ -165,7 +170,8 @@ def draw_samples(config, ema, cls_dim, latent_shape, dataset, count=16):
     latents = SAMPLERS["sde"](ema, noise, cls_noise, labels, num_steps=config.sample_steps,
                               cfg_scale=config.cfg_scale, cls_cfg_scale=config.cfg_scale,
                               generator=g)
-    images = decode_latents(load_vae(dataset.meta["vae"]), latents.float())  # "none": pixels
+    images = decode_latents(load_vae(dataset.meta["vae"]), latents.float(),  # "none": pixels
+                            dataset.latent_norm)
     save_image(images.permute(0, 3, 1, 2).float() / 255, os.path.join(config.out, "samples.png"),
                nrow=int(count ** 0.5))
 

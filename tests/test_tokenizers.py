@@ -9,6 +9,7 @@ import torch
 from conftest import cli_error
 from diffusers import AutoencoderKL
 
+from regdit import RegditError
 from regdit.commands.cli import main
 from regdit.commands.prepare import PrepareLatentsConfig, prepare_latents
 from regdit.commands.sample import SampleConfig, load_model_and_vae, sample_batch
@@ -125,3 +126,15 @@ def test_a_layout_without_statistics_refuses_them(tiny_data, vae16, tmp_path, ca
                                   "--dest", str(tmp_path / "official"), "--vae", vae16,
                                   "--layout", "official", "--workers", "0", *flags])
         assert "--layout official records a latent scale only" in line, line
+
+
+def test_channel_statistics_of_another_width_are_one_line(tiny_data, vae16, tmp_path):
+    data_dir = prepared(tiny_data, vae16, tmp_path, "channel")
+    meta_path = tmp_path / "data-channel" / "regdit.json"
+    meta = json.loads(meta_path.read_text())
+    for name in ("mean", "std"):
+        meta["latent_norm"][name] = meta["latent_norm"][name][:4]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(RegditError, match=r"regdit\.json: latent_norm holds 4 channel statistics "
+                                          r"for latents of 16 channels; rerun"):
+        open_dataset(data_dir)

@@ -66,7 +66,7 @@ def dinov2_vit(size, img_size):
                                  num_heads=size["embed_dim"] // 64, **size)
 
 
-def file_size(state):
+def vit_size(state):
     """(embed_dim, depth) of a DINOv2 state dict: ViT-L/14 for the official file; the tests' random
     files are smaller ViT/14s of the same layout."""
     blocks = {int(key.split(".")[1]) for key in state if key.startswith("blocks.")}
@@ -84,7 +84,7 @@ def _read_state(path, subject, size=None):
         raise RegditError(f"{subject} no state dict of tensors")
     if not isinstance(state.get("cls_token"), torch.Tensor) or state["cls_token"].dim() != 3:
         raise RegditError(f"{subject} no DINOv2 class token (cls_token)")
-    model = dinov2_vit(size or file_size(state), 518)
+    model = dinov2_vit(size or vit_size(state), 518)
     expected, found = model.state_dict(), checkpoint_filter_fn(dict(state), model)
     if {k: tuple(v.shape) for k, v in found.items()} != {k: tuple(v.shape)
                                                         for k, v in expected.items()}:
@@ -112,7 +112,7 @@ def load_dinov2(weights=None, device="cpu"):
     path = dinov2_weights_path(weights)
     state = _read_state(path, f"{path} holds")
     state["pos_embed"] = official_pos_embed(state["pos_embed"], INPUT_SIZE // PATCH)
-    model = dinov2_vit(file_size(state), INPUT_SIZE)
+    model = dinov2_vit(vit_size(state), INPUT_SIZE)
     state = {k: v.float() for k, v in checkpoint_filter_fn(state, model).items()}
     model.load_state_dict(state, assign=True)
     return model.eval().requires_grad_(False).to(device)

@@ -411,8 +411,8 @@ def from_pretrained(source, weights="ema", fused_attn=True):
     checkpoint = load_checkpoint(source)
     model = build_model_from_checkpoint(checkpoint, source, weights, fused_attn=fused_attn).eval()
     model.latents = checkpoint.get("latents") or {}
-    model.latent_norm = model.latents.get("norm") and LatentNorm.from_dict(model.latents["norm"],
-                                                                            source)
+    norm = model.latents.get("norm")
+    model.latent_norm = LatentNorm.from_dict(norm, source) if norm else None
     return model
 
 

@@ -212,7 +212,6 @@ class RegditDataset(_Dataset):
                               "rerun `regdit prepare latents`") from None
         self.classes = read_classes(meta, meta_path, "rerun `regdit prepare latents`")
         # datasets of earlier versions record the scale alone
-        # datasets of earlier versions record the scale alone
         self._latent_norm = LatentNorm.from_dict(meta.get("latent_norm",
                                                           {"scale": self.latent_scale}), meta_path)
         sizes = [n, self.resolution, self.num_classes,
@@ -229,6 +228,10 @@ class RegditDataset(_Dataset):
                               f"{resolution}; pass --resolution {self.resolution} or prepare the "
                               f"data at {resolution}")
         channels, h, w = self.moments_shape
+        if self._latent_norm.kind == "channel" and len(self._latent_norm.mean) != channels // 2:
+            raise RegditError(f"{meta_path}: latent_norm holds {len(self._latent_norm.mean)} "
+                              f"channel statistics for latents of {channels // 2} channels; "
+                              "rerun `regdit prepare latents`")
         expected = {IMAGES: ((n, 3, self.resolution, self.resolution), np.uint8),
                     MOMENTS: ((n, channels, h, w), np.float32), LABELS: ((n,), np.int64)}
         if self.has_flip:
