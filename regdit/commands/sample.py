@@ -521,8 +521,7 @@ def draw_pending(config, folder, model, vae, path_type, state, stop, latent_norm
                 if message is None:  # not the user's to fix: a bug, with its traceback
                     raise
                 failure = RegditError(message)
-        stop.raise_together(failure)
-        if stop():  # every process asks as often: the same rounds
+        if stop.now(failure):  # every process asks as often: the same rounds
             done = sum(png_done(png_path(folder, i)) for i in range(num_samples))
             raise Stopped(f"stopped by {stop.signals.name} with {done} of {num_samples} samples "
                           f"in {folder}; run the same command to continue")

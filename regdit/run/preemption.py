@@ -189,7 +189,8 @@ class StopVote:
     (its own reason to stop: a failed checkpoint write). With several processes, each call
     or-reduces the local flags asynchronously on a gloo group and returns the result of the call
     before, so the answer is the same on every process and the loop never waits on it (a stop lands
-    one check later). Every process must call it the same number of times."""
+    one check later); `now()` is the synchronous form, which also ends every process on one's
+    error. Every process must call them the same number of times."""
 
     def __init__(self, signals, num_processes):
         import torch.distributed as dist
@@ -234,23 +235,28 @@ class StopVote:
         if stopping:
             raise self.signals.setup_stopped()
 
-    def raise_together(self, error):
-        """Raise `error` (this process's, or None) on every process once any process has one: a
-        synchronous max-reduce of the failing process's number, so that a failure of one process
-        (samples that are not finite) ends all of them with one line each, where the others would
-        meet a dead peer in their next collective. Every process must call it as often."""
+    def now(self, error=None):
+        """A synchronous vote, for loops whose rounds are long (sampling): raises `error` (this
+        process's, or None) on every process once any process has one, so that a failure of one
+        (samples that are not finite, a full disk) ends all of them with one line each where the
+        others would meet a dead peer in their next collective; else whether every process is to
+        stop now. One max-reduce of (the failing process's number, a signal); every process must
+        call it as often."""
         import torch
         import torch.distributed as dist
 
         rank = dist.get_rank() if self.group is not None else 0
-        failed = torch.tensor([0 if error is None else rank + 1], dtype=torch.int64)
+        votes = torch.tensor([0 if error is None else rank + 1, self.signals.received is not None],
+                             dtype=torch.int64)
         if self.group is not None:
-            dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=self.group)
+            dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=self.group)
+        failed, stopping = votes.tolist()
         if error is not None:
             raise error
         if failed:
-            raise RegditError(f"process {int(failed) - 1} failed (its own line says why); what "
-                              "was finished before is kept")
+            raise RegditError(f"process {failed - 1} failed (its own line says why); what was "
+                              "finished before is kept")
+        return bool(stopping)
 
     def barrier(self):
         """Wait for every process (on the CPU group)."""
