@@ -64,7 +64,8 @@ class REGLoss:
     def terms(self, model, x, y, target_zs=(), cls_token=None, time=None, noise=None,
               noise_cls=None, **model_kwargs):
         """Per-sample terms: x (N, C, H, W) clean latents, y (N,) labels, target_zs [(N, 1+T', D_k)]
-        encoder features, cls_token (N, D_0) clean class token; model_kwargs go to the model (e.g.
+        encoder features, cls_token (N, D_0) or (N, K, D_0) clean entangled tokens (the model's
+        cls_shape); model_kwargs go to the model (e.g.
         force_drop_ids). Returns dict(denoise (N,), cls (N,) or None, proj scalar) and what they
         were computed from, for the terms of LOSS_TERMS: x, x_t, time, target, velocity, zs,
         target_zs, cls_t, cls_target, cls_velocity, and the path: path_type and its coefficients

@@ -191,7 +191,8 @@ def _check_cache(hub, what):
     if COMMIT_HASH.fullmatch(revision) or not os.path.lexists(refs):
         return
     check_regular_file(refs, f"{where}: the Hugging Face cache's")
-    commit = refs.read_text(errors="replace").strip()
+    with open(refs, "rb") as f:  # a commit hash is 40 characters: read no more than a line
+        commit = f.read(128).decode(errors="replace").strip()
     if not COMMIT_HASH.fullmatch(commit):
         raise RegditError(f"{where}: the Hugging Face cache's {refs} holds {commit[:80]!r}, not a "
                           f"commit hash; delete it and fetch the path again")
