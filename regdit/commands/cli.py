@@ -22,7 +22,7 @@ from regdit.config import (
 )
 from regdit.files import describe_os_error
 from regdit.run.plugins import load_plugins, plugin_names
-from regdit.run.preemption import StopSignals, join_process_group
+from regdit.run.preemption import IN_SETUP, StopSignals, join_process_group
 from regdit.run.runlock import stop_with_launcher
 
 COMMANDS = {  # name -> (module, config class, function, one-line help)
@@ -55,7 +55,6 @@ RESUMABLE_COMMANDS = ("prepare images", "prepare latents", "train", "sample", "d
 # commands that a signal stops with one line and EXIT_STOPPED, also in set-up
 # (regdit.run.preemption), and what a stop in set-up leaves; the others end on SIGTERM and are
 # interrupted by Ctrl-C
-IN_SETUP = " during set-up; nothing was saved"
 STOPPABLE_COMMANDS = {
     "prepare latents": IN_SETUP, "train": IN_SETUP, "sample": IN_SETUP,
     "eval": "; nothing was saved",

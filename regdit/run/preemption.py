@@ -92,6 +92,9 @@ def _end_on_parents_sigterm(loader):
     os._exit(0)
 
 
+IN_SETUP = " during set-up; nothing was saved"  # what a stop in set-up says
+
+
 class StopSignals:
     """While entered, STOP_SIGNALS stop the command instead of ending the process. The first one
     (its number is kept in `received`) stops it by what it is doing:
@@ -111,7 +114,7 @@ class StopSignals:
     def __init__(self):
         self.received, self.previous = None, {}
         self.safe, self.writes = False, 0
-        self.setup_stop = " during set-up; nothing was saved"
+        self.setup_stop = IN_SETUP
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
