@@ -457,7 +457,8 @@ class SiT(nn.Module):
                 x = block(x, c)
             if i + 1 in self.align_depths:
                 # REPA: align this layer's tokens with the encoder's features
-                zs[self.align_depths.index(i + 1)] = self.project(x, self.align_depths.index(i + 1))
+                aligned = self.align_depths.index(i + 1)
+                zs[aligned] = self.project(x, aligned)
         x, cls_velocity = self.final_layer(x, c, self.num_entangled)
         if cls_velocity is not None:
             cls_velocity = cls_velocity.reshape(cls_token.shape[0], *self.cls_shape)
