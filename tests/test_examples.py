@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import tiny_config
 
@@ -12,6 +13,7 @@ from regdit.storage.checkpoint import load_checkpoint
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_reg.py"
 
 
+@pytest.mark.slow
 def test_train_reg_example_steps_equal_regdit_train(tiny_data, tmp_path):
     """Three steps over two epochs (flips, label dropout, every loss term) from the same data and
     seed: the weights and EMA agree with `regdit train`'s to float32 rounding."""
