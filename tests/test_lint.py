@@ -87,6 +87,17 @@ def test_functions_fit_one_screen_and_the_optimizer_step_40_lines():
     assert lengths["regdit.commands.train.train_step"] <= 40
 
 
+def test_processes_wait_for_each_other_on_the_cpu_group_only():
+    """regdit.run.preemption's `barrier` and `main_process_first` wait on gloo, where a process that
+    has left is seen at once; accelerate's wait on NCCL on GPUs, until its timeout."""
+    calls = {f"{module}:{node.lineno}" for module, path in MODULES.items()
+             for node in ast.walk(ast.parse(path.read_text()))
+             if isinstance(node, ast.Attribute)
+             and (node.attr in ("wait_for_everyone", "main_process_first")  # accelerate's
+                  or node.attr == "barrier" and getattr(node.value, "id", None) == "dist")}
+    assert {call for call in calls if not call.startswith("regdit.run.preemption:")} == set()
+
+
 def test_the_public_api_is_importable_from_the_package_top_level():
     """`from regdit import ...` names the documented surface; `import regdit` alone loads no torch
     (the command line's --help stays fast)."""

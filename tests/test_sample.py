@@ -4,10 +4,13 @@ import functools
 import json
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from conftest import cli_error
@@ -373,3 +376,40 @@ def test_samples_that_come_out_not_finite_are_refused_and_nothing_is_written(fil
 def test_sample_steps_have_a_documented_upper_bound(capsys):
     assert cli_error(capsys, ["sample", "--ckpt", "x.pt", "--num-steps", str(2**63)]) \
         == f"regdit sample: error: --num-steps {2**63}: must be at least 1 and at most 10000"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("whole_group", [True, False], ids=["every process", "process 0"])
+def test_a_signal_while_one_process_downloads_in_set_up_ends_every_process_in_one_line(
+        files, tmp_path, whole_group):
+    """torchrun, process 0 fetching the VAE from a Hub that never answers and process 1 waiting for
+    it (one process fills the cache): a signal to every process (scancel, preemption), or to the
+    downloading one alone, ends both, each in a line or silently (one stop line a node), without
+    an internal error: process 1 waits on the CPU group, where the gone peer is seen at once."""
+    with socket.create_server(("127.0.0.1", 0)) as hub:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "0",
+               "HF_ENDPOINT": f"http://127.0.0.1:{hub.getsockname()[1]}",
+               "HF_HOME": str(tmp_path / "hf")}
+        run = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                                "2", "-m", "regdit", "sample", "--ckpt", str(files["export"]),
+                                "--vae", "hf://someone/vae/", "--num-fid-samples", "4",
+                                "--sample-dir", str(tmp_path / "out")], env=env, text=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               start_new_session=True)
+        hub.settimeout(240)
+        connection = hub.accept()[0]  # process 0 asks the Hub; process 1 waits for it
+        if whole_group:
+            os.killpg(run.pid, signal.SIGTERM)
+        else:
+            (downloading,) = [worker for worker in psutil.Process(run.pid).children()
+                              if worker.environ()["RANK"] == "0"]
+            downloading.send_signal(signal.SIGTERM)
+        stderr = run.communicate(timeout=240)[1]
+        connection.close()
+    lines = re.findall(r"regdit sample: .*", stderr)
+    assert "regdit sample: stopped by SIGTERM during set-up; nothing was saved" in lines, stderr
+    assert set(lines) <= {
+        "regdit sample: stopped by SIGTERM during set-up; nothing was saved",
+        "regdit sample: error: another process of this launch ended during set-up (its own line "
+        "says why); nothing was saved"}, stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.png"))

@@ -42,6 +42,7 @@ from regdit.files import (
     npz_headers,
     read_head,
 )
+from regdit.run.preemption import main_process_first
 from regdit.storage import downloads
 from regdit.storage.hub import is_hub_url, parse, resolve_path
 from regdit.storage.images import list_files, read_image
@@ -591,7 +592,7 @@ def evaluate(ref_npz, sample_npz, inception_weights=None, batch_size=64, num_sam
     first Inception forward."""
     state = PartialState(cpu=cpu_launch())
     # one process downloads what is missing, the others then read the cache
-    with state.main_process_first():
+    with main_process_first():
         sample_npz = resolve_path(sample_npz, "sample batch")
         check_regular_file(sample_npz, "--sample-batch")
         ref_npz = reference_batch_path(ref_npz)
@@ -601,7 +602,7 @@ def evaluate(ref_npz, sample_npz, inception_weights=None, batch_size=64, num_sam
         _check_count(sample_npz, len(sample_images))
         check_resolutions(ref_npz, ref_images.shape, sample_npz, sample_images.shape,
                           allow_resolution_mismatch, "--allow-resolution-mismatch")
-        with state.main_process_first():
+        with main_process_first():
             weights = inception_weights_path(inception_weights)
             # before the Inception work: a download that cannot be is one line at once
             dinov2 = fd_dinov2.dinov2_weights_path(dinov2_weights) if with_fd else None
@@ -678,7 +679,7 @@ def make_reference(source, output, inception_weights=None, batch_size=64, num_im
     with open_images(source, num_images) as images:
         _check_count(source, len(images))
         # one process downloads the weights if missing, the others then read them
-        with state.main_process_first():
+        with main_process_first():
             model = load_inception(inception_weights, device or state.device)
         activations = compute_activations(images, model, batch_size, desc="reference", state=state)
         if not all(np.isfinite(activations[name]).all() for name in ("pool", "spatial")):

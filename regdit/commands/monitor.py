@@ -30,6 +30,7 @@ from regdit.commands.evaluate import (
 )
 from regdit.commands.fd_dinov2 import dinov2_weights_path, load_dinov2
 from regdit.commands.sample import load_guide, sample_batch
+from regdit.run.preemption import main_process_first
 
 
 class TrainingEvaluation:
@@ -45,7 +46,7 @@ class TrainingEvaluation:
         self.config, self.state, self.vae = config, state, vae
         # one process downloads what is missing, the others then read the cache; the reference
         # first: a bad one is refused before the Inception weights are read
-        with state.main_process_first():
+        with main_process_first():
             ref_batch = reference_batch_path(config.ref_batch)  # local, hf:// or ADM's by name
             self.inception = load_inception(config.inception_weights, state.device)
             # autoguidance: --eval-guide-ckpt, of the run's (`model`'s) latents and classes

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from regdit import RegditError, Stopped, cpu_launch
 from regdit.config import FOLDER, Settings, changed_settings, flag
 from regdit.files import atomic_write, check_regular_file, remove_temp_files, writing_into
-from regdit.run.preemption import StopVote, stop_signals, worker_loader
+from regdit.run.preemption import StopVote, barrier, stop_signals, worker_loader
 from regdit.run.runlock import LOCK_NAME, RunLock, lock_run
 from regdit.storage import vae as vae_lib
 from regdit.storage.data import LAYOUTS, PROGRESS, read_json, read_labels, write_json
@@ -457,18 +457,18 @@ def prepare_latents_with(config, signals):
         vae_model = vae_lib.load_vae(config.vae, state.device)
         check_layout_norm(config, writer, vae_model)
         moments_shape = latent_moments_shape(vae_model, source, resolution)
-        state.wait_for_everyone()
+        barrier()
         if state.is_main_process:
             start_progress(writer.out, settings)
             writer.start(labels, resolution, moments_shape)
-        state.wait_for_everyone()
+        barrier()
         num_shards = -(-len(names) // shard_size)
         done_path = os.path.join(writer.out, PROGRESS, "shard-{:06d}.done").format
         stop = StopVote(signals, state.num_processes)
         stop.start_safe_points()
         encode_shards(config, writer, SourceImages(source, names, resolution), vae_model, state,
                       done_path, stop)
-        state.wait_for_everyone()
+        barrier()
 
         if state.is_main_process:
             missing = [s for s in range(num_shards) if not os.path.exists(done_path(s))]

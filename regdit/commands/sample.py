@@ -50,7 +50,7 @@ from regdit.files import (
     remove_temp_files,
 )
 from regdit.run.plugins import require_plugins
-from regdit.run.preemption import StopVote, stop_signals
+from regdit.run.preemption import StopVote, barrier, main_process_first, stop_signals
 from regdit.run.runlock import lock_run
 from regdit.storage.checkpoint import build_model_from_checkpoint, load_checkpoint, local_checkpoint
 from regdit.storage.data import load_array
@@ -235,7 +235,7 @@ def load_model_and_vae(config, device, model=None):
     # 3 channels: RGB pixels
     vae = vae or stored.get("vae") or ("none" if in_channels == 3 else "ema")
     # one process fills the Hub cache, the others then read it
-    with PartialState().main_process_first():
+    with main_process_first():
         vae_model = load_vae(vae, device)
     if ckpt is not None:
         model = build_model(checkpoint, ckpt, vae_model, config)
@@ -395,7 +395,7 @@ def sample_with(config, model, signals):
     state = PartialState(cpu=cpu_launch())
     model, vae_model, vae, ckpt, stored = load_model_and_vae(config, state.device, model)
     check_guidance(model, config.sampling)
-    with state.main_process_first():  # one process fills the Hub cache
+    with main_process_first():  # one process fills the Hub cache
         guide = load_guide(config.sampling.guide_ckpt, model, stored, state.device)
     check_class_label(config.class_label, model.num_classes)
     settings = run_settings(config, model, vae_model, vae, ckpt, stored, state)
@@ -410,7 +410,7 @@ def sample_with(config, model, signals):
         check_resumable(folder, settings)  # on every process, so that all of them stop together
         if state.is_main_process:
             start_run_folder(folder, settings, config, model.num_classes, state.device)
-        state.wait_for_everyone()
+        barrier()
         stop = StopVote(signals, state.num_processes)
         stop.start_safe_points()
         try:
@@ -497,7 +497,7 @@ def draw_pending(config, folder, model, vae, path_type, state, stop, latent_norm
               for start in range(0, num_samples, batch_size)]
     pending = [chunk for chunk in chunks if not all(png_done(png_path(folder, i)) for i in chunk)]
     # all processes listed the same finished chunks before any writes new ones
-    state.wait_for_everyone()
+    barrier()
     state.print(f"{folder}: {num_samples - sum(map(len, pending))} of {num_samples} samples done, "
                 f"sampling {sum(map(len, pending))} on {state.num_processes} process(es)")
     net = torch.compile(model) if config.compile else model
@@ -525,4 +525,4 @@ def draw_pending(config, folder, model, vae, path_type, state, stop, latent_norm
             done = sum(png_done(png_path(folder, i)) for i in range(num_samples))
             raise Stopped(f"stopped by {stop.signals.name} with {done} of {num_samples} samples "
                           f"in {folder}; run the same command to continue")
-    state.wait_for_everyone()
+    barrier()

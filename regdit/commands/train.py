@@ -436,7 +436,6 @@ def train(config: TrainConfig):
     paths, models). On SIGTERM, SIGUSR1 or SIGINT it stops after the current step, with its
     checkpoint written, by raising preemption.Stopped (in set-up: at once, nothing written)."""
     with stop_signals() as signals, setup(config, signals) as run:
-        run.stop.start_safe_points()
         try:
             return train_loop(run)
         finally:  # a stop, an error or the end: the checkpoint being written gets written
@@ -697,6 +696,10 @@ def setup(config, signals=None):
         checkpoints = Checkpoints(exp_dir)
         step, scaler_state, resumed_from = start_weights(config, checkpoints, model, ema, optimizer,
                                                          log)
+        # every process leaves set-up here, together, before the first collective on the GPU (DDP
+        # broadcasting the weights), which would wait for a process stopped in set-up until its
+        # timeout
+        stop.start_safe_points()
         prepared, optimizer = accelerator.prepare(model, optimizer)
         if scaler_state is not None and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(scaler_state)

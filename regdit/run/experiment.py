@@ -25,6 +25,7 @@ from regdit.files import (
     read_head,
 )
 from regdit.run.plugins import LOADED, require_plugins
+from regdit.run.preemption import barrier
 from regdit.storage.checkpoint import (
     check_weights,
     load_checkpoint,
@@ -166,7 +167,7 @@ class Checkpoints:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()  # the copies to pinned memory have landed
             self.writing = self.writer.submit(save_checkpoint, self.host, self.path(step))
-        accelerator.wait_for_everyone()
+        barrier()
 
     def check_written(self, accelerator, finite=None):
         """Wait for the checkpoint being written. Its failure (a full disk) stops every process at

@@ -14,6 +14,11 @@ continues the run. Further signals while stopping are said and otherwise ignored
 checkpoint being written is finished (a SIGKILL still leaves the previous one whole: every write is
 atomic), and after the stop line they are ignored: the exit stays 75, without a traceback.
 
+The processes of a command wait for each other on that CPU group too (`barrier`,
+`main_process_first`), never on NCCL: a process that has left (stopped in set-up, or failed)
+closes its connections, which gloo reports at once, so the others end with a line each
+(`peer_left`) where an NCCL barrier would wait for its timeout.
+
 The main process owns the stop. `scancel`, SLURM preemption and `kill -TERM -- -PGID` signal every
 process of the job, data-loader workers included; a worker that died of it would end the run in
 "DataLoader worker ... killed", without the stop's checkpoint. So worker processes are started by
@@ -187,6 +192,67 @@ def stop_signals():
             yield signals
 
 
+_CPU_GROUP = {}  # the default process group -> its gloo twin
+
+
+def cpu_group():
+    """The processes of this launch as a gloo group (made by the first call, which every process
+    makes at the same point), or None with one process."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() < 2:
+        return None
+    world = dist.group.WORLD
+    if world not in _CPU_GROUP:
+        _CPU_GROUP.clear()  # of a process group that has ended
+        _CPU_GROUP[world] = dist.new_group(backend="gloo")
+    return _CPU_GROUP[world]
+
+
+@contextlib.contextmanager
+def peer_left():
+    """A collective on `cpu_group` that fails because another process has left (its connection
+    closed: it stopped in set-up, or failed and said why) ends this one in one line: the set-up stop
+    when this process has a signal of its own (a signal to every process: scancel, preemption)."""
+    signals = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
+    signals = signals if isinstance(signals, StopSignals) else StopSignals()
+    in_setup = not signals.safe
+    try:
+        yield
+    except RuntimeError:
+        if in_setup and signals.received is not None:
+            raise signals.setup_stopped() from None
+        if in_setup:
+            raise RegditError("another process of this launch ended during set-up (its own line "
+                              "says why); nothing was saved") from None
+        raise RegditError("another process of this launch has ended (its own line says why)") \
+            from None
+
+
+def barrier():
+    """Wait for every process of the launch, on `cpu_group` (`peer_left`)."""
+    group = cpu_group()
+    if group is not None:
+        import torch.distributed as dist
+
+        with peer_left():
+            dist.barrier(group=group)
+
+
+@contextlib.contextmanager
+def main_process_first():
+    """The block runs on the main process first (a download into a shared cache), then on the
+    others: accelerate's `main_process_first`, waiting with `barrier`."""
+    import torch.distributed as dist
+
+    main = cpu_group() is None or dist.get_rank() == 0
+    if not main:
+        barrier()
+    yield
+    if main:
+        barrier()
+
+
 class StopVote:
     """`vote()` -> whether every process is to stop now: a signal, or `vote(True)` on one process
     (its own reason to stop: a failed checkpoint write). With several processes, each call
@@ -196,11 +262,9 @@ class StopVote:
     error. Every process must call them the same number of times."""
 
     def __init__(self, signals, num_processes):
-        import torch.distributed as dist
-
         self.signals, self.pending = signals, None
-        # a group of its own: on GPUs the training collectives run on NCCL, this one on the CPU
-        self.group = dist.new_group(backend="gloo") if num_processes > 1 else None
+        # on GPUs the training collectives run on NCCL, the votes on the CPU
+        self.group = cpu_group() if num_processes > 1 else None
 
     def __call__(self, stop_here=False):
         import torch
@@ -220,21 +284,16 @@ class StopVote:
 
     def start_safe_points(self):
         """Every process leaves set-up here, together (StopSignals.start_safe_points): a signal to
-        any of them in set-up stops all of them, with nothing saved. A process that stopped in
-        set-up has left, failing the collective: taken for that stop by a process with a signal of
-        its own (a signal to every process: scancel, preemption)."""
+        any of them in set-up stops all of them, with nothing saved. One that stopped or failed in
+        set-up has left, failing the collective (`peer_left`)."""
         import torch
         import torch.distributed as dist
 
-        self.signals.start_safe_points()
-        stopping = torch.tensor([self.signals.received is not None], dtype=torch.int32)
-        if self.group is not None:
-            try:
+        with peer_left():  # entered in set-up
+            self.signals.start_safe_points()
+            stopping = torch.tensor([self.signals.received is not None], dtype=torch.int32)
+            if self.group is not None:
                 dist.all_reduce(stopping, op=dist.ReduceOp.MAX, group=self.group)
-            except RuntimeError:
-                if self.signals.received is None:
-                    raise
-                stopping[0] = 1
         if stopping:
             raise self.signals.setup_stopped()
 
@@ -263,10 +322,7 @@ class StopVote:
 
     def barrier(self):
         """Wait for every process (on the CPU group)."""
-        if self.group is not None:
-            import torch.distributed as dist
-
-            dist.barrier(group=self.group)
+        barrier()
 
 
 def join_process_group():

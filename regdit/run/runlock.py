@@ -41,6 +41,7 @@ from pathlib import Path
 
 from regdit import RegditError
 from regdit.files import check_output
+from regdit.run.preemption import cpu_group, peer_left
 
 LOCK_NAME = ".regdit.lock"
 HEARTBEAT = 30.0  # seconds between touches of a held lock's mtime
@@ -205,10 +206,13 @@ def lock_run(folder, command, state):
                 # also an unexpected one: the other processes must not wait on the broadcast
                 error = e
         if state.num_processes > 1:
-            from accelerate.utils import broadcast_object_list
-            message = broadcast_object_list([None if error is None else str(error)])[0]
-            if message is not None and error is None:
-                error = RegditError(message)
+            import torch.distributed as dist
+
+            message = [None if error is None else str(error)]
+            with peer_left():
+                dist.broadcast_object_list(message, src=0, group=cpu_group())
+            if message[0] is not None and error is None:
+                error = RegditError(message[0])
         if error is not None:
             raise error
         yield
