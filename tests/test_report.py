@@ -15,7 +15,7 @@ from PIL import Image
 
 from regdit.commands.cli import main
 from regdit.commands.train import train
-from regdit.core.models import model_label
+from regdit.core.models import SiTConfig, model_label
 from regdit.extras.report import (
     MAX_PREVIEWS,
     NOT_LOSS_TERMS,
@@ -134,6 +134,9 @@ def test_one_model_label_for_standard_and_custom_sizes():
     assert run_model_label(dict(model="SiT-S/1", depth=3, hidden_size=128)) \
         == "SiT/1, depth 3, width 128"
     assert run_model_label(dict(model="SiT-XL/2", depth=None)) == "SiT-XL/2"
+    custom = SiTConfig(patch_size=1, depth=3, hidden_size=128, num_heads=2, encoder_depth=1)
+    assert (SiTConfig().display_name, SiTConfig().label) == ("SiT-XL/2", "SiT-XL/2")
+    assert (custom.display_name, custom.label) == ("SiT/1, depth 3, width 128", "SiT-custom/1")
 
 
 def test_many_previews_are_evenly_spaced_with_the_last(tmp_path):

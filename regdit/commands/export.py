@@ -16,7 +16,6 @@ from safetensors import safe_open
 
 from regdit import RegditError
 from regdit.config import Settings, flag
-from regdit.core.models import model_label
 from regdit.files import (
     atomic_write,
     check_output,
@@ -235,10 +234,8 @@ def export(config: ExportConfig):
         print(f"wrote {output_dir / 'README.md'} (model card)"
               + ("" if grid else "; no sample grid: pass --grid PNG"))
         if config.push_to_hub:
-            name = model_label(model_config.depth, model_config.hidden_size,
-                               model_config.patch_size)
             url = push_folder(output_dir, written, config.push_to_hub, config.private,
-                              f"{name} exported by regdit from {ckpt.name}")
+                              f"{model_config.display_name} exported by regdit from {ckpt.name}")
             print(f"pushed {', '.join(written)} of {output_dir} to {url}")
     return weights
 
@@ -249,8 +246,7 @@ def card_rows(checkpoint, model_config, latents, path_type):
     method = "reg" if model_config.use_cls_token else "repa" if model_config.z_dims else "sit"
     parameters = sum(v.numel() for v in checkpoint["ema"].values()) / 1e6
     recorded = latents or {}
-    name = model_label(model_config.depth, model_config.hidden_size, model_config.patch_size)
-    return {"model": f"{name} ({parameters:.1f}M parameters)",
+    return {"model": f"{model_config.display_name} ({parameters:.1f}M parameters)",
             "method": METHODS[method], "training steps": checkpoint.get("steps", "not recorded"),
             "classes": model_config.num_classes,
             "resolution": recorded.get("resolution") or training.get("resolution", "not recorded"),

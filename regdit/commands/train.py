@@ -34,7 +34,7 @@ from regdit import RegditError, Stopped, cpu_launch
 from regdit.config import Settings, flag, flat_settings, leaf_fields, nested, redefault
 from regdit.core.interpolants import PATH_TYPES, TIME_DISTRIBUTIONS
 from regdit.core.loss import LOSS_TERMS, REGLoss
-from regdit.core.models import SiT, SiT_models, SiTConfig, model_arguments, model_label
+from regdit.core.models import SiT, SiT_models, SiTConfig, model_arguments
 from regdit.core.sampling import Sampling
 from regdit.files import atomic_write, check_writable, remove_temp_files
 from regdit.run.experiment import (
@@ -548,10 +548,10 @@ class PeriodicWork:
         with run.stop.signals.writing():
             if step > run.step and self.saved != step:
                 self.save(step)
-            run.checkpoints.check_written(run.accelerator)  # a failed write raises everywhere
-        # every process leaves once the checkpoint is on disk: a launcher that tears the job down
-        # when one process ends would otherwise kill the write
-        run.stop.barrier()
+            # a failed write raises everywhere; the check's gather waits for the main process's
+            # write, so every process leaves once the checkpoint is on disk (a launcher that tears
+            # the job down when one process ends would otherwise kill the write)
+            run.checkpoints.check_written(run.accelerator)
         self.progress.close()
         run.accelerator.end_training()
         where = f"during the evaluation of step {step} (redone on resume)" if during else \
@@ -631,6 +631,7 @@ def build_networks(config, latent_shape, device):
                 fused_attn=config.fused_attn, grad_checkpointing=config.grad_checkpointing)
     if encoders:
         check_encoders(encoders, 1 + model.x_embedder.num_patches, model.num_entangled or 1)
+        encoders[0].entangled_tokens = model.num_entangled or 1  # REG's: the class token
     return encoders, model.to(device)
 
 
@@ -726,8 +727,7 @@ def announce(run, resumed_from):
     origin = (f", resumed from {resumed_from}" if resumed_from else
               f", initialised from {config.init_from} ({config.init_weights})" if config.init_from
               else "")
-    sit = run.raw_model.config
-    print(f"{model_label(sit.depth, sit.hidden_size, sit.patch_size)} ({parameters:.1f}M "
+    print(f"{run.raw_model.config.display_name} ({parameters:.1f}M "
           f"parameters), {len(run.dataset)} samples, {accelerator.num_processes} process(es) x "
           f"batch {run.local_batch} x {config.gradient_accumulation_steps} accumulation, mixed "
           f"precision {run.mixed_precision}{origin}")

@@ -312,17 +312,23 @@ class SiTConfig:
     @property
     def label(self):
         """`SiT-XL/2` for a standard size, else `SiT-custom/2`: the model's part of sample folder
-        names (`model_label` is the name people read)."""
-        size = next((s for s, (d, w, _) in MODEL_SIZES.items()
-                     if (d, w) == (self.depth, self.hidden_size)), "custom")
-        return f"SiT-{size}/{self.patch_size}"
+        names (`display_name` is the name people read)."""
+        return f"SiT-{standard_size(self.depth, self.hidden_size) or 'custom'}/{self.patch_size}"
+
+    @property
+    def display_name(self):
+        return model_label(self.depth, self.hidden_size, self.patch_size)
+
+
+def standard_size(depth, width):
+    """`XL` for SiT-XL's depth and width (MODEL_SIZES), None for other sizes."""
+    return next((size for size, (d, w, _) in MODEL_SIZES.items() if (d, w) == (depth, width)), None)
 
 
 def model_label(depth, width, patch_size):
     """The one name of a model on every page: `SiT-XL/2` for a standard size, else its depth and
     width spelt out (`SiT/1, depth 3, width 128`)."""
-    size = next((size for size, (d, w, _) in MODEL_SIZES.items() if (d, w) == (depth, width)),
-                None)
+    size = standard_size(depth, width)
     return f"SiT-{size}/{patch_size}" if size else f"SiT/{patch_size}, depth {depth}, width {width}"
 
 

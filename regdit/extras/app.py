@@ -42,7 +42,6 @@ from regdit.commands.sample import (
 )
 from regdit.commands.train import EvalSampling, PreviewSampling
 from regdit.config import Settings, flag
-from regdit.core.models import model_label
 from regdit.core.samplers import SAMPLERS
 from regdit.extras.demo import SAMPLE_RECIPE, TRAIN_RECIPE, DemoConfig
 from regdit.files import atomic_write
@@ -303,9 +302,7 @@ class Explorer:
         model, config = self.model, self.config
         resolution = model.input_size * vae_geometry(self.vae)[1]
         precision = ", bf16" if config.mixed_precision == "bf16" else ""
-        label = model_label(model.config.depth, model.config.hidden_size,
-                            model.config.patch_size)
-        return (f"`{config.ckpt}`: {label}, {model.num_classes} classes, "
+        return (f"`{config.ckpt}`: {model.config.display_name}, {model.num_classes} classes, "
                 f"{resolution} px, on {self.device}{precision}")
 
 

@@ -328,7 +328,6 @@ def check_encoders(encoders, num_tokens, entangled_tokens=1):
         raise RegditError(f"--entangled-tokens {entangled_tokens}: encoder {encoders[0].name} has "
                           f"{prefix} prefix token(s) (class + registers); use at most "
                           f"{max(prefix, 1)} or an encoder with registers")
-    encoders[0].entangled_tokens = entangled_tokens
     for encoder in encoders:
         if encoder.num_tokens != num_tokens:
             side = math.isqrt(encoder.num_tokens - 1)
