@@ -314,6 +314,27 @@ def test_a_signal_to_the_whole_group_in_set_up_stops_every_torchrun_process(tiny
     assert "internal error" not in stderr and "regdit train: error" not in stderr, stderr
 
 
+
+@pytest.mark.slow
+def test_a_failure_in_the_main_process_own_set_up_ends_every_process_in_one_line(tiny_data):
+    """torchrun, the main process's own set-up failing (the tracker's folder is taken by a file):
+    it says why in one line, and process 1, waiting at the end of set-up, ends too, saying that
+    another process ended, or nothing when torchrun's SIGTERM reaches it first; before, it went on
+    into the first training step and met the gone process there (an internal error; on GPUs a wait
+    for NCCL's timeout)."""
+    exp = tiny_data / "exps" / "tracker-blocked"
+    exp.mkdir(parents=True)
+    (exp / "logs").write_text("a file where the tracker's folder goes")
+    run = subprocess.run(torchrun(*train_argv(tiny_data, exp.name, "--report-to", "tensorboard")),
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    lines = re.findall(r"regdit train: .*", run.stderr)
+    assert run.returncode != 0 and "internal error" not in run.stderr, run.stderr[-3000:]
+    assert set(lines) - {"regdit train: error: another process of this launch ended during set-up "
+                         "(its own line says why); nothing was saved"} == {
+        f"regdit train: error: {exp / 'logs' / exp.name}: a file stands where one of its folders "
+        "goes; move it or pick another path"}, run.stderr[-3000:]
+    assert not list(exp.glob("checkpoints/*.pt"))
+
 def group_stop(argv, ready, env=ENV):
     """Start `argv` in a process group of its own and, once `ready()`, signal the whole group the
     way a cluster does (scancel, preemption), the data-loader workers first (the deepest

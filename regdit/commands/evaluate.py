@@ -20,6 +20,7 @@ from pathlib import PurePosixPath
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch_fidelity
 from accelerate import PartialState
 from scipy import linalg, special
@@ -29,7 +30,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import (
 )
 from tqdm import tqdm
 
-from regdit import RegditError, cpu_launch
+from regdit import RegditError
 from regdit.commands import fd_dinov2
 from regdit.commands.fd_dinov2 import DINOV2_URL
 from regdit.commands.fd_dinov2 import WEIGHTS_ENV as DINOV2_WEIGHTS_ENV
@@ -42,7 +43,7 @@ from regdit.files import (
     npz_headers,
     read_head,
 )
-from regdit.run.preemption import main_process_first
+from regdit.run.preemption import cpu_group, launch_state, main_process_first, peer_left
 from regdit.storage import downloads
 from regdit.storage.hub import is_hub_url, parse, resolve_path
 from regdit.storage.images import list_files, read_image
@@ -340,8 +341,10 @@ def gather_batches(batches, state):
     accelerate PartialState; one process: unchanged)."""
     if state is None or state.num_processes == 1:
         return batches
-    from accelerate.utils import gather_object
-    return dict(item for part in gather_object([list(batches.items())]) for item in part)
+    parts = [None] * state.num_processes
+    with peer_left():  # also in set-up (the reference of --eval-every, `regdit eval`)
+        dist.all_gather_object(parts, list(batches.items()), group=cpu_group())
+    return dict(item for part in parts for item in part)
 
 
 def compute_activations(images_nhwc_uint8, model, batch_size=64, desc="inception", state=None,
@@ -590,7 +593,7 @@ def evaluate(ref_npz, sample_npz, inception_weights=None, batch_size=64, num_sam
 
     Both files (local or `hf://`), their sizes and the reference statistics are checked before the
     first Inception forward."""
-    state = PartialState(cpu=cpu_launch())
+    state = launch_state()
     # one process downloads what is missing, the others then read the cache
     with main_process_first():
         sample_npz = resolve_path(sample_npz, "sample batch")
@@ -674,7 +677,7 @@ def make_reference(source, output, inception_weights=None, batch_size=64, num_im
     `ref_images` of them, evenly spaced (ADM's reference batches likewise pair full-dataset
     statistics with 10k images for recall)."""
     # several processes share the Inception work; the main one writes
-    state = PartialState(cpu=cpu_launch())
+    state = launch_state()
     check_regular_file(source, "--make-ref", folder=True)
     with open_images(source, num_images) as images:
         _check_count(source, len(images))

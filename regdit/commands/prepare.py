@@ -24,10 +24,16 @@ import PIL.ImageOps
 import torch
 from tqdm import tqdm
 
-from regdit import RegditError, Stopped, cpu_launch
+from regdit import RegditError, Stopped
 from regdit.config import FOLDER, Settings, changed_settings, flag
 from regdit.files import atomic_write, check_regular_file, remove_temp_files, writing_into
-from regdit.run.preemption import StopVote, barrier, stop_signals, worker_loader
+from regdit.run.preemption import (
+    StopVote,
+    barrier,
+    launch_state,
+    stop_signals,
+    worker_loader,
+)
 from regdit.run.runlock import LOCK_NAME, RunLock, lock_run
 from regdit.storage import vae as vae_lib
 from regdit.storage.data import LAYOUTS, PROGRESS, read_json, read_labels, write_json
@@ -430,11 +436,7 @@ def prepare_latents(config: PrepareLatentsConfig):
 def prepare_latents_with(config, signals):
     """`prepare_latents`, stopping when `signals` says so."""
     check_paths(config.source, config.dest, "folder")
-    from accelerate import PartialState
-
-    # accelerate picks gloo only when told the processes use the CPU: say so when launched without
-    # CUDA.
-    state = PartialState(cpu=cpu_launch())
+    state = launch_state()
     source, dest = os.path.abspath(config.source), os.path.abspath(config.dest)
     flip, shard_size = config.flip, config.shard_size
     writer = LAYOUTS[config.layout].writer(dest, flip, config.vae)

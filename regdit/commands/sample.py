@@ -33,10 +33,9 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import torch
-from accelerate import PartialState
 from tqdm import tqdm
 
-from regdit import RegditError, Stopped, __version__, cpu_launch
+from regdit import RegditError, Stopped, __version__
 from regdit.config import FOLDER, Settings, changed_setting, flag, nested
 from regdit.core.models import SiT_models, SiTConfig
 from regdit.core.samplers import SAMPLERS
@@ -50,7 +49,13 @@ from regdit.files import (
     remove_temp_files,
 )
 from regdit.run.plugins import require_plugins
-from regdit.run.preemption import StopVote, barrier, main_process_first, stop_signals
+from regdit.run.preemption import (
+    StopVote,
+    barrier,
+    launch_state,
+    main_process_first,
+    stop_signals,
+)
 from regdit.run.runlock import lock_run
 from regdit.storage.checkpoint import build_model_from_checkpoint, load_checkpoint, local_checkpoint
 from regdit.storage.data import load_array
@@ -392,7 +397,7 @@ def sample_with(config, model, signals):
     """`sample`, stopping when `signals` says so."""
     check_writable(config.sample_dir, "--sample-dir")
     torch.backends.cuda.matmul.allow_tf32 = config.tf32
-    state = PartialState(cpu=cpu_launch())
+    state = launch_state()
     model, vae_model, vae, ckpt, stored = load_model_and_vae(config, state.device, model)
     check_guidance(model, config.sampling)
     with main_process_first():  # one process fills the Hub cache
@@ -422,7 +427,7 @@ def sample_with(config, model, signals):
                 for name in (SETTINGS, LABELS):
                     (folder / name).unlink(missing_ok=True)
             raise
-        # no barrier after packing: it can outlast the collective timeout (10 min on NCCL)
+        # no barrier after packing: it can outlast the collective timeout (30 min on gloo)
         if state.is_main_process:
             with signals.writing():
                 pack_npz(folder, config.num_fid_samples, npz_path)

@@ -342,7 +342,7 @@ class Run:
     dataset: torch.utils.data.Dataset
     latent_shape: tuple
     encoders: list
-    # prepared by accelerate (and compiled with --compile); raw_model is the SiT itself
+    # prepared by accelerate (and compiled with --compile) when set-up ends; raw_model is the SiT
     model: torch.nn.Module
     raw_model: SiT
     ema: SiT
@@ -697,21 +697,20 @@ def setup(config, signals=None):
         checkpoints = Checkpoints(exp_dir)
         step, scaler_state, resumed_from = start_weights(config, checkpoints, model, ema, optimizer,
                                                          log)
-        # every process leaves set-up here, together, before the first collective on the GPU (DDP
-        # broadcasting the weights), which would wait for a process stopped in set-up until its
-        # timeout
-        stop.start_safe_points()
-        prepared, optimizer = accelerator.prepare(model, optimizer)
-        if scaler_state is not None and accelerator.scaler is not None:
-            accelerator.scaler.load_state_dict(scaler_state)
         micro_batches = accelerator.num_processes * config.gradient_accumulation_steps
-        local_batch = config.batch_size // micro_batches
-        run = Run(config, accelerator, exp_dir, dataset, latent_shape, encoders,
-                  torch.compile(prepared) if config.compile else prepared, model, ema, optimizer,
-                  loss_from_config(config), checkpoints, step, local_batch, mixed_precision, vae,
-                  evaluation, stop)
+        run = Run(config, accelerator, exp_dir, dataset, latent_shape, encoders, model, model, ema,
+                  optimizer, loss_from_config(config), checkpoints, step,
+                  config.batch_size // micro_batches, mixed_precision, vae, evaluation, stop)
         if accelerator.is_main_process:
             announce(run, resumed_from)
+        # every process leaves set-up here, together: after the main process's own set-up, before
+        # the first collective on the GPU (DDP broadcasting the weights), where the others would
+        # wait for a process gone in set-up until NCCL's timeout
+        stop.start_safe_points()
+        prepared, run.optimizer = accelerator.prepare(model, optimizer)
+        run.model = torch.compile(prepared) if config.compile else prepared
+        if scaler_state is not None and accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(scaler_state)
         yield run
 
 

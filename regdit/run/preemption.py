@@ -14,10 +14,12 @@ continues the run. Further signals while stopping are said and otherwise ignored
 checkpoint being written is finished (a SIGKILL still leaves the previous one whole: every write is
 atomic), and after the stop line they are ignored: the exit stays 75, without a traceback.
 
-The processes of a command wait for each other on that CPU group too (`barrier`,
-`main_process_first`), never on NCCL: a process that has left (stopped in set-up, or failed)
-closes its connections, which gloo reports at once, so the others end with a line each
-(`peer_left`) where an NCCL barrier would wait for its timeout.
+In set-up and between the rounds of `sample` and `prepare latents`, the processes of a command
+wait for each other on that CPU group too (`barrier`, `main_process_first`, the run lock, gathering
+evaluation features), not on NCCL: a process that has left (stopped in set-up, or failed) closes
+its connections, which gloo reports at once, so the others end with a line each (`peer_left`)
+where an NCCL collective would wait for its timeout. Only the training steps, their logs and
+checkpoint checks use NCCL, which every process reaches together.
 
 The main process owns the stop. `scancel`, SLURM preemption and `kill -TERM -- -PGID` signal every
 process of the job, data-loader workers included; a worker that died of it would end the run in
@@ -32,6 +34,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from multiprocessing import resource_tracker
 
 from regdit import RegditError, Stopped
@@ -209,17 +212,38 @@ def cpu_group():
     return _CPU_GROUP[world]
 
 
+def launch_state():
+    """accelerate's PartialState of this launch (on the CPU where `regdit.cpu_launch` says), its
+    `cpu_group` made at once, by every process, before any of them can leave."""
+    from accelerate import PartialState
+
+    from regdit import cpu_launch
+
+    state = PartialState(cpu=cpu_launch())
+    cpu_group()
+    return state
+
+
+# how gloo words a peer's closed connection
+PEER_GONE = ("connection closed", "connection reset", "broken pipe")
+PEER_GONE_GRACE = 2.0  # seconds for this process's own signal to arrive
+
+
 @contextlib.contextmanager
 def peer_left():
     """A collective on `cpu_group` that fails because another process has left (its connection
     closed: it stopped in set-up, or failed and said why) ends this one in one line: the set-up stop
-    when this process has a signal of its own (a signal to every process: scancel, preemption)."""
+    when this process has a signal of its own (a signal to every process, scancel or preemption,
+    reaches it about when the other left on it: its handler runs in the grace sleep)."""
     signals = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
     signals = signals if isinstance(signals, StopSignals) else StopSignals()
     in_setup = not signals.safe
     try:
         yield
-    except RuntimeError:
+    except RuntimeError as error:
+        if not any(words in str(error).lower() for words in PEER_GONE):
+            raise
+        time.sleep(PEER_GONE_GRACE)
         if in_setup and signals.received is not None:
             raise signals.setup_stopped() from None
         if in_setup:

@@ -208,9 +208,9 @@ def lock_run(folder, command, state):
         if state.num_processes > 1:
             import torch.distributed as dist
 
-            message = [None if error is None else str(error)]
+            message, group = [None if error is None else str(error)], cpu_group()
             with peer_left():
-                dist.broadcast_object_list(message, src=0, group=cpu_group())
+                dist.broadcast_object_list(message, src=0, group=group)
             if message[0] is not None and error is None:
                 error = RegditError(message[0])
         if error is not None:
