@@ -185,7 +185,8 @@ def describe_os_error(error):
     if error.errno == errno.ENOENT:
         return f"{where}: no such file or folder; check the path"
     if error.errno == errno.ENOTDIR:
-        return f"{where}: a file stands where one of its folders goes; move it or pick another path"
+        return (f"{where}: a file stands where a folder of this path goes; move it or pick "
+                "another path")
     fix = WRITE_ERROR_FIXES.get(error.errno)
     reason = error.strerror or os.strerror(error.errno or 0)
     if fix == FREE_SPACE and error.filename:

@@ -23,11 +23,12 @@ import torch
 from conftest import tiny_config
 from PIL import Image
 
-from regdit import EXIT_STOPPED, Stopped
+from regdit import EXIT_STOPPED, RegditError, Stopped
 from regdit.commands import monitor as monitor_module
 from regdit.commands.prepare import PrepareImagesConfig, prepare_images
 from regdit.commands.train import train
 from regdit.run import experiment as experiment_module
+from regdit.run import preemption
 from regdit.run.preemption import STOP_SIGNALS, StopSignals, worker_loader
 from regdit.storage.checkpoint import load_checkpoint
 
@@ -221,6 +222,28 @@ def test_loader_workers_are_deaf_to_stop_signals_from_birth(start_method):
     assert worker.exitcode == 0
 
 
+def test_a_peer_gone_is_one_line_and_other_collective_errors_keep_their_traceback(monkeypatch):
+    """peer_left: gloo's words for a closed connection become the line of set-up or of later; a
+    timeout is not a gone peer and stays what it is (an internal error with its traceback)."""
+    monkeypatch.setattr(preemption, "PEER_GONE_GRACE", 0)
+    closed = RuntimeError("[../gloo/transport/tcp/pair.cc:561] Connection closed by peer "
+                          "[127.0.0.1]:8600")
+    with pytest.raises(RegditError, match=r"^another process of this launch ended during set-up "
+                       r"\(its own line says why\); nothing was saved$"), preemption.peer_left():
+        raise closed
+    with StopSignals() as signals:
+        signals.start_safe_points()
+        with pytest.raises(RegditError, match=r"^another process of this launch has ended \(its "
+                           r"own line says why\)$"), preemption.peer_left():
+            raise RuntimeError("Read error [127.0.0.1]:8600: Connection reset by peer")
+        signals.received = signal.SIGTERM  # a signal of its own, after set-up: not a stop
+        with pytest.raises(RegditError, match="has ended"), preemption.peer_left():
+            raise closed
+    timeout = RuntimeError("Timed out waiting 1800000ms for recv operation to complete")
+    with pytest.raises(RuntimeError) as raised, preemption.peer_left():
+        raise timeout
+    assert raised.value is timeout
+
 def test_a_signal_stops_set_up_at_once_and_the_steps_at_a_safe_point(capsys):
     """In set-up a signal raises Stopped where the code is; a write finishes first; after the
     start of the safe points it only raises the flag; further signals are said, never raised."""
@@ -314,7 +337,6 @@ def test_a_signal_to_the_whole_group_in_set_up_stops_every_torchrun_process(tiny
     assert "internal error" not in stderr and "regdit train: error" not in stderr, stderr
 
 
-
 @pytest.mark.slow
 def test_a_failure_in_the_main_process_own_set_up_ends_every_process_in_one_line(tiny_data):
     """torchrun, the main process's own set-up failing (the tracker's folder is taken by a file):
@@ -331,9 +353,10 @@ def test_a_failure_in_the_main_process_own_set_up_ends_every_process_in_one_line
     assert run.returncode != 0 and "internal error" not in run.stderr, run.stderr[-3000:]
     assert set(lines) - {"regdit train: error: another process of this launch ended during set-up "
                          "(its own line says why); nothing was saved"} == {
-        f"regdit train: error: {exp / 'logs' / exp.name}: a file stands where one of its folders "
-        "goes; move it or pick another path"}, run.stderr[-3000:]
+        f"regdit train: error: {exp / 'logs' / exp.name}: a file stands where a folder of this "
+        "path goes; move it or pick another path"}, run.stderr[-3000:]
     assert not list(exp.glob("checkpoints/*.pt"))
+
 
 def group_stop(argv, ready, env=ENV):
     """Start `argv` in a process group of its own and, once `ready()`, signal the whole group the

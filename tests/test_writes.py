@@ -12,6 +12,7 @@ import pytest
 from conftest import FIXTURES
 
 from regdit.commands.cli import main
+from regdit.files import describe_os_error
 from regdit.run.runlock import LOCK_NAME
 from regdit.storage.checkpoint import load_checkpoint
 
@@ -120,3 +121,12 @@ def test_a_copied_run_folder_continues_from_its_new_place(tiny_data, tmp_path, c
         run(copy, [*commands[0][:3], "{P}/raw2", *commands[0][4:]])
     assert exit_info.value.code.endswith(f"{copy}/images holds a run with other settings "
                                          f"(source); use a new --dest or delete {copy}/images")
+
+
+def test_a_file_where_a_folder_goes_is_one_line(tmp_path):
+    (tmp_path / "logs").write_text("a file")
+    with pytest.raises(NotADirectoryError) as raised:
+        (tmp_path / "logs" / "run").mkdir()
+    assert describe_os_error(raised.value) == (
+        f"{tmp_path / 'logs' / 'run'}: a file stands where a folder of this path goes; move it or "
+        "pick another path")

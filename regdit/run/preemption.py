@@ -18,8 +18,8 @@ In set-up and between the rounds of `sample` and `prepare latents`, the processe
 wait for each other on that CPU group too (`barrier`, `main_process_first`, the run lock, gathering
 evaluation features), not on NCCL: a process that has left (stopped in set-up, or failed) closes
 its connections, which gloo reports at once, so the others end with a line each (`peer_left`)
-where an NCCL collective would wait for its timeout. Only the training steps, their logs and
-checkpoint checks use NCCL, which every process reaches together.
+where an NCCL collective would wait for its timeout. Only the training steps and what they share
+(logs, checkpoint checks, evaluation results) use NCCL, which every process reaches together.
 
 The main process owns the stop. `scancel`, SLURM preemption and `kill -TERM -- -PGID` signal every
 process of the job, data-loader workers included; a worker that died of it would end the run in
