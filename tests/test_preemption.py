@@ -358,6 +358,39 @@ def test_a_failure_in_the_main_process_own_set_up_ends_every_process_in_one_line
     assert not list(exp.glob("checkpoints/*.pt"))
 
 
+FAILING_PREVIEW = """
+import regdit.commands.train
+from regdit import RegditError
+
+
+class FailingPreview:  # built by the main process alone, after set-up
+    def __init__(self, *args, **kwargs):
+        raise RegditError("the preview failed")
+
+
+regdit.commands.train.SamplePreview = FailingPreview
+"""
+
+
+@pytest.mark.slow
+def test_a_failure_of_the_main_process_before_the_first_step_ends_every_process_in_one_line(
+        tiny_data, tmp_path):
+    """torchrun, the main process failing after set-up but before the first step (what it alone
+    prepares: the preview, the metrics log, best.pt): process 1 says that process 0 failed, where
+    it met the gone process in the first step's collective before (an internal error; on GPUs a
+    wait for NCCL's timeout)."""
+    plugin = tmp_path / "failing_preview.py"
+    plugin.write_text(FAILING_PREVIEW)
+    run = subprocess.run(torchrun(*train_argv(tiny_data, "preview-fails", "--plugin", str(plugin),
+                                              "--sampling-steps", "1")),
+                         env=ENV, capture_output=True, text=True, timeout=300)
+    # the two processes' lines may share a line of stderr
+    lines = re.findall(r"regdit train: (?:(?!regdit train: ).)*", run.stderr)
+    assert sorted(lines) == [
+        "regdit train: error: process 0 failed (its own line says why); what was finished before "
+        "is kept", "regdit train: error: the preview failed"], run.stderr[-3000:]
+
+
 def group_stop(argv, ready, env=ENV):
     """Start `argv` in a process group of its own and, once `ready()`, signal the whole group the
     way a cluster does (scancel, preemption), the data-loader workers first (the deepest

@@ -36,7 +36,7 @@ from regdit.core.interpolants import PATH_TYPES, TIME_DISTRIBUTIONS
 from regdit.core.loss import LOSS_TERMS, REGLoss
 from regdit.core.models import SiT, SiT_models, SiTConfig, model_arguments
 from regdit.core.sampling import Sampling
-from regdit.files import atomic_write, check_writable, remove_temp_files
+from regdit.files import atomic_write, check_writable, describe_os_error, remove_temp_files
 from regdit.run.experiment import (
     Checkpoints,
     MetricLog,
@@ -492,8 +492,27 @@ class PeriodicWork:
     steps; their time is not counted in images/s."""
 
     def __init__(self, run):
-        self.run, config, accelerator = run, run.config, run.accelerator
+        self.run, config = run, run.config
         self.preview, self.saved = None, run.step
+        failure = None
+        try:  # much of it on the main process alone: its failure ends every process here, where
+            # the others would meet the gone process in the first step's collective
+            self.open_outputs()
+        except RegditError as error:
+            failure = error
+        except OSError as error:
+            if describe_os_error(error) is None:  # a bug, with its traceback
+                raise
+            failure = RegditError(describe_os_error(error))
+        run.stop.now(failure)  # a signal meanwhile is taken by the first steps' votes
+        if run.evaluation is not None and run.step and run.step % config.eval_every == 0 \
+                and run.step not in self.metrics.fid:
+            # a run killed in this evaluation redoes it: the same numbers
+            self.metrics.exclude(self.evaluate(run.step))
+
+    def open_outputs(self):
+        """The preview, the metrics log (cut back to the resumed step) and best.pt."""
+        run, config, accelerator = self.run, self.run.config, self.run.accelerator
         if config.sampling_steps and accelerator.is_main_process:
             self.preview = SamplePreview(config, run.vae, run.latent_shape, run.cls_shape,
                                          accelerator.device, latent_norm=run.dataset.latent_norm)
@@ -512,10 +531,6 @@ class PeriodicWork:
                 and run.checkpoints.path(best).is_file():
             # after a resume from an earlier step: best of the kept lines
             run.checkpoints.keep_best(best)
-        if run.evaluation is not None and run.step and run.step % config.eval_every == 0 \
-                and run.step not in self.metrics.fid:
-            # a run killed in this evaluation redoes it: the same numbers
-            self.metrics.exclude(self.evaluate(run.step))
 
     def after_step(self, step):
         run, config = self.run, self.run.config
