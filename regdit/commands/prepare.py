@@ -466,7 +466,7 @@ def prepare_latents_with(config, signals):
         barrier()
         num_shards = -(-len(names) // shard_size)
         done_path = os.path.join(writer.out, PROGRESS, "shard-{:06d}.done").format
-        stop = StopVote(signals, state.num_processes)
+        stop = StopVote(signals)
         stop.start_safe_points()
         encode_shards(config, writer, SourceImages(source, names, resolution), vae_model, state,
                       done_path, stop)
@@ -565,7 +565,7 @@ def encode_shards(config, writer, images, vae, state, done_path, stop):
                     saved = background.submit(save, indices, batch, moments)
                 if stop():  # every process asks as often: the same rounds
                     saved.result()
-                    stop.barrier()  # every process's shards written: the count is the rerun's
+                    barrier()  # every process's shards written: the count is the rerun's
                     done = sum(os.path.exists(done_path(shard)) for shard in range(num_shards))
                     raise Stopped(f"stopped by {stop.signals.name} with {done} of {num_shards} "
                                   "shards encoded; run the same command to continue")

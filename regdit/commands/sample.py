@@ -44,7 +44,6 @@ from regdit.files import (
     atomic_write,
     check_output,
     check_writable,
-    describe_os_error,
     npz_arrays,
     remove_temp_files,
 )
@@ -416,7 +415,7 @@ def sample_with(config, model, signals):
         if state.is_main_process:
             start_run_folder(folder, settings, config, model.num_classes, state.device)
         barrier()
-        stop = StopVote(signals, state.num_processes)
+        stop = StopVote(signals)
         stop.start_safe_points()
         try:
             draw_pending(config, folder, model, vae_model, settings["path_type"], state, stop,
@@ -519,13 +518,8 @@ def draw_pending(config, folder, model, vae, path_type, state, stop, latent_norm
                     if not png_done(png_path(folder, i)):
                         with atomic_write(png_path(folder, i), sync=False) as f:
                             PIL.Image.fromarray(image).save(f, format="PNG")
-            except RegditError as error:
+            except (RegditError, OSError) as error:  # said by `now`, on every process
                 failure = error
-            except OSError as error:
-                message = describe_os_error(error)
-                if message is None:  # not the user's to fix: a bug, with its traceback
-                    raise
-                failure = RegditError(message)
         if stop.now(failure):  # every process asks as often: the same rounds
             done = sum(png_done(png_path(folder, i)) for i in range(num_samples))
             raise Stopped(f"stopped by {stop.signals.name} with {done} of {num_samples} samples "

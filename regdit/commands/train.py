@@ -36,7 +36,7 @@ from regdit.core.interpolants import PATH_TYPES, TIME_DISTRIBUTIONS
 from regdit.core.loss import LOSS_TERMS, REGLoss
 from regdit.core.models import SiT, SiT_models, SiTConfig, model_arguments
 from regdit.core.sampling import Sampling
-from regdit.files import atomic_write, check_writable, describe_os_error, remove_temp_files
+from regdit.files import atomic_write, check_writable, remove_temp_files
 from regdit.run.experiment import (
     Checkpoints,
     MetricLog,
@@ -498,12 +498,8 @@ class PeriodicWork:
         try:  # much of it on the main process alone: its failure ends every process here, where
             # the others would meet the gone process in the first step's collective
             self.open_outputs()
-        except RegditError as error:
+        except (RegditError, OSError) as error:  # said by `now`, on every process
             failure = error
-        except OSError as error:
-            if describe_os_error(error) is None:  # a bug, with its traceback
-                raise
-            failure = RegditError(describe_os_error(error))
         run.stop.now(failure)  # a signal meanwhile is taken by the first steps' votes
         if run.evaluation is not None and run.step and run.step % config.eval_every == 0 \
                 and run.step not in self.metrics.fid:
@@ -688,7 +684,7 @@ def setup(config, signals=None):
     when there is one, holding the experiment folder's lock for the run's lifetime (one writer per
     experiment). `signals` (preemption.StopSignals) are those the run stops on."""
     accelerator, mixed_precision = make_accelerator(config)
-    stop = StopVote(signals or StopSignals(), accelerator.num_processes)
+    stop = StopVote(signals or StopSignals())
     exp_dir = Path(config.output_dir) / config.exp_name
 
     def log(message):  # warnings and notes, once

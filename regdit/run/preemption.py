@@ -38,6 +38,7 @@ import time
 from multiprocessing import resource_tracker
 
 from regdit import RegditError, Stopped
+from regdit.files import describe_os_error
 
 # torch is imported where it is used: the command line enters StopSignals before anything loads
 
@@ -285,10 +286,10 @@ class StopVote:
     one check later); `now()` is the synchronous form, which also ends every process on one's
     error. Every process must call them the same number of times."""
 
-    def __init__(self, signals, num_processes):
+    def __init__(self, signals):
         self.signals, self.pending = signals, None
         # on GPUs the training collectives run on NCCL, the votes on the CPU
-        self.group = cpu_group() if num_processes > 1 else None
+        self.group = cpu_group()
 
     def __call__(self, stop_here=False):
         import torch
@@ -323,14 +324,20 @@ class StopVote:
 
     def now(self, error=None):
         """A synchronous vote, for loops whose rounds are long (sampling): raises `error` (this
-        process's, or None) on every process once any process has one, so that a failure of one
-        (samples that are not finite, a full disk) ends all of them with one line each where the
-        others would meet a dead peer in their next collective; else whether every process is to
-        stop now. One max-reduce of (the failing process's number, a signal); every process must
-        call it as often."""
+        process's RegditError, or an OSError the user can fix, as one line; or None) on every
+        process once any process has one, so that a failure of one (samples that are not finite, a
+        full disk) ends all of them with one line each where the others would meet a dead peer in
+        their next collective; else whether every process is to stop now. One max-reduce of (the
+        failing process's number, a signal); every process must call it as often. Any other
+        OSError is a bug: raised at once, with its traceback."""
         import torch
         import torch.distributed as dist
 
+        if isinstance(error, OSError):
+            message = describe_os_error(error)
+            if message is None:
+                raise error
+            error = RegditError(message)
         rank = dist.get_rank() if self.group is not None else 0
         votes = torch.tensor([0 if error is None else rank + 1, self.signals.received is not None],
                              dtype=torch.int64)
@@ -343,10 +350,6 @@ class StopVote:
             raise RegditError(f"process {failed - 1} failed (its own line says why); what was "
                               "finished before is kept")
         return bool(stopping)
-
-    def barrier(self):
-        """Wait for every process (on the CPU group)."""
-        barrier()
 
 
 def join_process_group():
